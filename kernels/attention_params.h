@@ -1,0 +1,30 @@
+// Kernel argument blocks shared by the host (mirrored as #[repr(C)] structs in
+// src/backend/gpu/params.rs) and every attention kernel. Passed by value as the
+// kernel's single argument so both vendors launch every kernel the same way.
+// Strides are in elements; the last (head_dim / key) dimension is always contiguous.
+#pragma once
+
+typedef long long fa_i64;
+
+typedef struct {
+    const void* q;          // [B, Sq, H, D] or [B, H, Sq, D] through the strides below
+    const void* k;          // [B, Sk, Hkv, D] / [B, Hkv, Sk, D]
+    const void* v;          // same shape as k
+    const float* mask;      // additive f32 mask or null; broadcast through zero strides
+    void* out;              // same shape and dtype as q
+    float* lse;             // [B, H, Sq] natural-log log-sum-exp, or null
+    float* workspace;       // traditional path: scores/probabilities [B, H, Sq, Sk] f32
+    fa_i64 q_sb, q_sh, q_ss;
+    fa_i64 k_sb, k_sh, k_ss;
+    fa_i64 v_sb, v_sh, v_ss;
+    fa_i64 o_sb, o_sh, o_ss;
+    fa_i64 m_sb, m_sh, m_sq;  // mask strides for batch, head, query row (0 = broadcast)
+    int batch;
+    int num_heads;
+    int num_kv_heads;       // num_heads % num_kv_heads == 0; head h reads kv head h / (H / Hkv)
+    int seq_q;
+    int seq_k;
+    int head_dim;           // runtime head dim, <= the variant's compile-time bucket
+    float scale;            // softmax scale (natural base)
+    int causal;             // 1: key j visible to query i iff j <= i + (seq_k - seq_q)
+} AttnParams;

@@ -1,0 +1,4 @@
+//! GPU backend (placeholder).
+/// GPU backend.
+#[derive(Debug)]
+pub struct GpuAttentionBackend;

@@ -1,0 +1,103 @@
+//! The device-resident attention API: [`DeviceAttentionBackend`] and what it reports.
+
+use crate::config::{AttentionConfig, KvCacheLayout};
+use crate::error::Result;
+use crate::problem::AttentionProblem;
+use crate::tensor::DeviceTensor;
+
+pub mod cpu;
+pub mod gpu;
+
+/// Whether a backend can run a config, and if not, why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Support {
+    /// The backend runs this config.
+    Yes,
+    /// It does not; the reason is meant for people.
+    No(String),
+}
+
+impl Support {
+    /// True for [`Support::Yes`].
+    pub fn is_yes(&self) -> bool {
+        matches!(self, Support::Yes)
+    }
+}
+
+/// Which fused kernel family a flash launch used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FlashKernel {
+    /// No mask, not causal.
+    NonCausal,
+    /// Causal (bottom-right), no additive mask.
+    Causal,
+    /// Additive mask, with or without causal.
+    Generic,
+    /// Split-KV decode for short query blocks against a long cache.
+    Decode,
+}
+
+/// The code path that computed (or would compute) an attention call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AttentionPath {
+    /// The CPU backend's tiled online-softmax loop.
+    Cpu,
+    /// The unfused device path: scores, softmax, PV in three launches.
+    Traditional,
+    /// A fused flash kernel.
+    Flash(FlashKernel),
+}
+
+impl std::fmt::Display for AttentionPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AttentionPath::Cpu => write!(f, "cpu"),
+            AttentionPath::Traditional => write!(f, "traditional"),
+            AttentionPath::Flash(k) => write!(f, "flash-{k:?}"),
+        }
+    }
+}
+
+/// Attention computed from tensors that stay on their device.
+///
+/// `forward_into` writes into a caller-owned output so a decode loop allocates nothing per
+/// step; `forward` allocates the output. Q is `[B, Sq, H, D]` (or `[B, H, Sq, D]` with
+/// `Layout::Bhsd`), K and V `[B, Sk, Hkv, D]` (resp. `[B, Hkv, Sk, D]`), the optional
+/// additive f32 mask broadcasts from `[Sq, Sk]`, `[B, Sq, Sk]` or `[B, H, Sq, Sk]`.
+pub trait DeviceAttentionBackend: Send + Sync {
+    /// Backend name, unique within a registry.
+    fn name(&self) -> &str;
+
+    /// Whether this backend runs `config` (on its device), or why not.
+    fn supports(&self, config: &AttentionConfig) -> Support;
+
+    /// The KV-cache layout this backend reads.
+    fn required_kv_layout(&self) -> KvCacheLayout;
+
+    /// Computes attention into `out` (same shape, dtype, device and layout as `q`) and
+    /// returns the path taken.
+    fn forward_into(
+        &self,
+        config: &AttentionConfig,
+        q: &DeviceTensor,
+        k: &DeviceTensor,
+        v: &DeviceTensor,
+        mask: Option<&DeviceTensor>,
+        out: &mut DeviceTensor,
+    ) -> Result<AttentionPath>;
+
+    /// Computes attention into a newly allocated output shaped like `q`.
+    fn forward(
+        &self,
+        config: &AttentionConfig,
+        q: &DeviceTensor,
+        k: &DeviceTensor,
+        v: &DeviceTensor,
+        mask: Option<&DeviceTensor>,
+    ) -> Result<DeviceTensor> {
+        AttentionProblem::new(config, q, k, v, mask)?;
+        let mut out = DeviceTensor::zeros(q.shape(), q.dtype(), q.device())?;
+        self.forward_into(config, q, k, v, mask, &mut out)?;
+        Ok(out)
+    }
+}

@@ -1,0 +1,297 @@
+//! CUDA runtime through the driver API (cudarc, loaded at run time).
+//!
+//! One primary context and one non-blocking stream per device; memory is allocated
+//! stream-ordered so that allocation and free never synchronize the host.
+
+use std::collections::HashMap;
+use std::ffi::{c_void, CString};
+use std::sync::{Mutex, OnceLock};
+
+use cudarc::driver::result::{self, DriverError};
+use cudarc::driver::sys;
+
+use super::gpu::LaunchDims;
+use crate::error::{AttentionError, Result};
+use crate::kernels::{self, KernelSpec};
+
+fn runtime_err(op: &str, e: DriverError) -> AttentionError {
+    let name = e
+        .error_name()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    AttentionError::Runtime {
+        op: op.to_string(),
+        detail: format!("{name} ({:?})", e.0),
+    }
+}
+
+/// Whether the CUDA driver library can be loaded and initialised; probed once.
+fn driver_ready() -> bool {
+    static READY: OnceLock<bool> = OnceLock::new();
+    // SAFETY: only tries to dlopen the driver library.
+    *READY.get_or_init(|| unsafe { sys::is_culib_present() } && result::init().is_ok())
+}
+
+/// Number of CUDA devices; 0 when no driver is installed.
+pub(crate) fn device_count() -> usize {
+    if !driver_ready() {
+        return 0;
+    }
+    result::device::get_count()
+        .map(|n| n.max(0) as usize)
+        .unwrap_or(0)
+}
+
+struct Function {
+    func: sys::CUfunction,
+    dynamic_smem_limit: u32,
+}
+
+pub(crate) struct CudaRuntime {
+    ordinal: usize,
+    ctx: sys::CUcontext,
+    stream: sys::CUstream,
+    name: String,
+    sm_count: u32,
+    cc: (i32, i32),
+    max_smem_optin: u32,
+    functions: Mutex<HashMap<KernelSpec, Function>>,
+}
+
+// SAFETY: the context and stream handles are usable from any thread once the context is
+// made current, which every entry point does first.
+unsafe impl Send for CudaRuntime {}
+unsafe impl Sync for CudaRuntime {}
+
+impl CudaRuntime {
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let device = format!("cuda:{ordinal}");
+        let unavailable = |reason: String| AttentionError::DeviceUnavailable {
+            device: device.clone(),
+            reason,
+        };
+        if !driver_ready() {
+            return Err(unavailable(
+                "the CUDA driver library (libcuda) was not found or did not initialise".into(),
+            ));
+        }
+        let count = device_count();
+        if ordinal >= count {
+            return Err(unavailable(format!(
+                "ordinal {ordinal} out of range: {count} CUDA device(s) present"
+            )));
+        }
+        let dev = result::device::get(ordinal as i32).map_err(|e| runtime_err("cuDeviceGet", e))?;
+        // SAFETY: `dev` came from cuDeviceGet.
+        let ctx = unsafe { result::primary_ctx::retain(dev) }
+            .map_err(|e| runtime_err("cuDevicePrimaryCtxRetain", e))?;
+        // SAFETY: ctx was just retained.
+        unsafe { result::ctx::set_current(ctx) }.map_err(|e| runtime_err("cuCtxSetCurrent", e))?;
+        let stream = result::stream::create(result::stream::StreamKind::NonBlocking)
+            .map_err(|e| runtime_err("cuStreamCreate", e))?;
+        let attr = |a| unsafe { result::device::get_attribute(dev, a) };
+        use sys::CUdevice_attribute_enum as A;
+        let get = |a| attr(a).map_err(|e| runtime_err("cuDeviceGetAttribute", e));
+        let sm_count = get(A::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
+        let cc = (
+            get(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?,
+            get(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?,
+        );
+        let max_smem_optin = get(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)? as u32;
+        let name = result::device::get_name(dev).unwrap_or_else(|_| "unknown NVIDIA GPU".into());
+        Ok(CudaRuntime {
+            ordinal,
+            ctx,
+            stream,
+            name,
+            sm_count,
+            cc,
+            max_smem_optin,
+            functions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn bind(&self) -> Result<()> {
+        // SAFETY: the context lives as long as the runtime (primary contexts are never released).
+        unsafe { result::ctx::set_current(self.ctx) }.map_err(|e| runtime_err("cuCtxSetCurrent", e))
+    }
+
+    pub fn alloc_zeroed(&self, bytes: usize) -> Result<u64> {
+        self.bind()?;
+        // SAFETY: stream-ordered allocation on our own stream; zeroed before any use.
+        let ptr = unsafe { result::malloc_async(self.stream, bytes.max(1)) }.map_err(|e| {
+            if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+                AttentionError::OutOfMemory {
+                    device: format!("cuda:{}", self.ordinal),
+                    requested_bytes: bytes as u64,
+                    detail: "cuMemAllocAsync returned CUDA_ERROR_OUT_OF_MEMORY".into(),
+                }
+            } else {
+                runtime_err("cuMemAllocAsync", e)
+            }
+        })?;
+        // SAFETY: ptr spans `bytes` bytes on this stream.
+        unsafe { result::memset_d8_async(ptr, 0, bytes, self.stream) }
+            .map_err(|e| runtime_err("cuMemsetD8Async", e))?;
+        Ok(ptr)
+    }
+
+    pub fn free(&self, ptr: u64) -> Result<()> {
+        self.bind()?;
+        // SAFETY: ptr came from alloc_zeroed and is freed once, after the queued work using it.
+        unsafe { result::free_async(ptr, self.stream) }
+            .map_err(|e| runtime_err("cuMemFreeAsync", e))
+    }
+
+    pub fn copy_htod(&self, dst: u64, src: &[u8]) -> Result<()> {
+        self.bind()?;
+        // Pageable source: the driver stages it before returning, so `src` may be reused.
+        unsafe { result::memcpy_htod_async(dst, src, self.stream) }
+            .map_err(|e| runtime_err("cuMemcpyHtoDAsync", e))
+    }
+
+    pub fn copy_dtoh(&self, src: u64, dst: &mut [u8]) -> Result<()> {
+        self.bind()?;
+        // SAFETY: src spans dst.len() bytes; the stream is synchronised before dst is read.
+        unsafe { result::memcpy_dtoh_async(dst, src, self.stream) }
+            .map_err(|e| runtime_err("cuMemcpyDtoHAsync", e))?;
+        self.synchronize()
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        self.bind()?;
+        // SAFETY: our own stream.
+        unsafe { result::stream::synchronize(self.stream) }
+            .map_err(|e| runtime_err("cuStreamSynchronize (an earlier kernel failed)", e))
+    }
+
+    pub fn name(&self) -> String {
+        format!("{}, sm_{}{}", self.name, self.cc.0, self.cc.1)
+    }
+
+    pub fn multiprocessor_count(&self) -> u32 {
+        self.sm_count
+    }
+
+    pub fn max_shared_bytes_per_block(&self) -> u32 {
+        self.max_smem_optin
+    }
+
+    fn function(&self, spec: &KernelSpec, shared_bytes: u32) -> Result<sys::CUfunction> {
+        let mut fns = self.functions.lock().map_err(|_| AttentionError::Runtime {
+            op: "kernel table".into(),
+            detail: "poisoned lock".into(),
+        })?;
+        if !fns.contains_key(spec) {
+            let ptx = kernels::compile_ptx(spec, self.cc)?;
+            let image = CString::new(ptx.as_bytes()).map_err(|_| AttentionError::KernelBuild {
+                kernel: spec.name.clone(),
+                log: "PTX contains a NUL byte".into(),
+            })?;
+            let load_err = |op: &str, e: DriverError| AttentionError::KernelBuild {
+                kernel: spec.name.clone(),
+                log: format!("{op}: {}", runtime_err(op, e)),
+            };
+            // SAFETY: a NUL-terminated PTX image.
+            let module = unsafe { result::module::load_data(image.as_ptr() as *const c_void) }
+                .map_err(|e| load_err("cuModuleLoadData", e))?;
+            let cname =
+                CString::new(spec.name.as_str()).map_err(|_| AttentionError::KernelBuild {
+                    kernel: spec.name.clone(),
+                    log: "kernel name contains a NUL byte".into(),
+                })?;
+            // SAFETY: module was just loaded and is never unloaded.
+            let func = unsafe { result::module::get_function(module, cname) }
+                .map_err(|e| load_err("cuModuleGetFunction", e))?;
+            fns.insert(
+                spec.clone(),
+                Function {
+                    func,
+                    dynamic_smem_limit: 48 * 1024,
+                },
+            );
+        }
+        let f = fns.get_mut(spec).expect("inserted above");
+        if shared_bytes > f.dynamic_smem_limit {
+            if shared_bytes > self.max_smem_optin {
+                return Err(AttentionError::NotSupported {
+                    backend: "cuda".into(),
+                    reason: format!(
+                        "kernel {} needs {shared_bytes} bytes of shared memory, the device allows {}",
+                        spec.name, self.max_smem_optin
+                    ),
+                });
+            }
+            // SAFETY: valid function handle.
+            unsafe {
+                result::function::set_function_attribute(
+                    f.func,
+                    sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                    shared_bytes as i32,
+                )
+            }
+            .map_err(|e| runtime_err("cuFuncSetAttribute", e))?;
+            f.dynamic_smem_limit = shared_bytes;
+        }
+        Ok(f.func)
+    }
+
+    pub fn launch(&self, spec: &KernelSpec, dims: LaunchDims, params: &[u8]) -> Result<()> {
+        self.bind()?;
+        let func = self.function(spec, dims.shared_bytes)?;
+        // The kernel's one by-value argument: cuLaunchKernel copies it before returning.
+        let mut arg = params.to_vec();
+        let mut args = [arg.as_mut_ptr() as *mut c_void];
+        // SAFETY: the argument block matches the kernel's parameter struct (mirrored repr(C)).
+        unsafe {
+            result::launch_kernel(
+                func,
+                dims.grid,
+                dims.block,
+                dims.shared_bytes,
+                self.stream,
+                &mut args,
+            )
+        }
+        .map_err(|e| runtime_err(&format!("cuLaunchKernel({})", spec.name), e))?;
+        if sync_after_launch() {
+            self.synchronize().map_err(|e| AttentionError::Runtime {
+                op: format!("kernel {}", spec.name),
+                detail: e.to_string(),
+            })?;
+        }
+        Ok(())
+    }
+
+    pub fn time_ms(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<f32> {
+        self.bind()?;
+        let flags = sys::CUevent_flags::CU_EVENT_DEFAULT;
+        let start = result::event::create(flags).map_err(|e| runtime_err("cuEventCreate", e))?;
+        let stop = result::event::create(flags).map_err(|e| runtime_err("cuEventCreate", e))?;
+        let run = (|| {
+            // SAFETY: events created above, recorded on our stream.
+            unsafe { result::event::record(start, self.stream) }
+                .map_err(|e| runtime_err("cuEventRecord", e))?;
+            f()?;
+            unsafe { result::event::record(stop, self.stream) }
+                .map_err(|e| runtime_err("cuEventRecord", e))?;
+            unsafe { result::event::synchronize(stop) }
+                .map_err(|e| runtime_err("cuEventSynchronize", e))?;
+            unsafe { result::event::elapsed(start, stop) }
+                .map_err(|e| runtime_err("cuEventElapsedTime", e))
+        })();
+        // SAFETY: both events are idle after the synchronize (or were never recorded).
+        unsafe {
+            let _ = result::event::destroy(start);
+            let _ = result::event::destroy(stop);
+        }
+        run
+    }
+}
+
+/// `FORGE_ATTN_SYNC_LAUNCH=1` synchronizes after every launch so a faulting kernel is
+/// reported by name (debugging aid; off by default because it stalls the pipeline).
+fn sync_after_launch() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("FORGE_ATTN_SYNC_LAUNCH").is_ok_and(|v| v == "1"))
+}

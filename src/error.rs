@@ -1,0 +1,122 @@
+//! Errors of every layer: one enum, each variant saying what was expected and what was given.
+
+use thiserror::Error;
+
+/// Every failure forge-attn reports. Bad input is always an error, never a panic.
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum AttentionError {
+    /// A configuration field is invalid.
+    #[error("invalid config: {field}: {reason}")]
+    InvalidConfig {
+        /// The offending field.
+        field: &'static str,
+        /// What is wrong with it, with the given and expected values.
+        reason: String,
+    },
+    /// A tensor has the wrong shape.
+    #[error("shape mismatch for {what}: expected {expected}, got {got}")]
+    ShapeMismatch {
+        /// Which tensor or argument.
+        what: String,
+        /// The expected shape or length.
+        expected: String,
+        /// The shape or length that was given.
+        got: String,
+    },
+    /// A tensor has the wrong element type.
+    #[error("dtype mismatch for {what}: expected {expected}, got {got}")]
+    DTypeMismatch {
+        /// Which tensor.
+        what: String,
+        /// Expected dtype.
+        expected: String,
+        /// Given dtype.
+        got: String,
+    },
+    /// A tensor lives on the wrong device.
+    #[error("device mismatch for {what}: expected {expected}, got {got}")]
+    DeviceMismatch {
+        /// Which tensor.
+        what: String,
+        /// Expected device.
+        expected: String,
+        /// Given device.
+        got: String,
+    },
+    /// A tensor's memory layout is not one the operation accepts.
+    #[error("unsupported layout for {what}: {reason}")]
+    UnsupportedLayout {
+        /// Which tensor.
+        what: String,
+        /// Why the layout is rejected.
+        reason: String,
+    },
+    /// The backend or kernel cannot run this problem.
+    #[error("not supported by {backend}: {reason}")]
+    NotSupported {
+        /// Backend name.
+        backend: String,
+        /// Why not.
+        reason: String,
+    },
+    /// No backend of that name is registered.
+    #[error("backend not found: {0}")]
+    NotFound(String),
+    /// The device is not usable (no driver, no GPU, runtime missing).
+    #[error("device {device} unavailable: {reason}")]
+    DeviceUnavailable {
+        /// The device asked for.
+        device: String,
+        /// Why it cannot be used.
+        reason: String,
+    },
+    /// A device allocation failed.
+    #[error("out of memory on {device}: requested {requested_bytes} bytes ({detail})")]
+    OutOfMemory {
+        /// The device.
+        device: String,
+        /// Bytes asked for.
+        requested_bytes: u64,
+        /// The runtime's message.
+        detail: String,
+    },
+    /// A kernel failed to compile or load; the log is included.
+    #[error("kernel build failed for {kernel}: {log}")]
+    KernelBuild {
+        /// The kernel variant.
+        kernel: String,
+        /// Compiler or loader log.
+        log: String,
+    },
+    /// A device runtime call failed.
+    #[error("device runtime error in {op}: {detail}")]
+    Runtime {
+        /// The operation that failed.
+        op: String,
+        /// The runtime's message.
+        detail: String,
+    },
+    /// A KV cache cannot take more tokens.
+    #[error("KV cache capacity exceeded: {0}")]
+    CapacityExceeded(String),
+}
+
+/// Result alias used throughout the crate.
+pub type Result<T> = std::result::Result<T, AttentionError>;
+
+/// The original result alias of the host-slice API.
+pub type AttentionBackendResult<T> = std::result::Result<T, AttentionError>;
+
+impl AttentionError {
+    pub(crate) fn shape(
+        what: impl Into<String>,
+        expected: impl ToString,
+        got: impl ToString,
+    ) -> Self {
+        AttentionError::ShapeMismatch {
+            what: what.into(),
+            expected: expected.to_string(),
+            got: got.to_string(),
+        }
+    }
+}
