@@ -12,6 +12,9 @@ impl DeviceAttentionBackend for CpuAttentionBackend {
     fn name(&self) -> &str {
         "cpu"
     }
+    fn device(&self) -> crate::device::Device {
+        crate::device::Device::Cpu
+    }
     fn supports(&self, _config: &AttentionConfig) -> Support {
         Support::Yes
     }

@@ -1,6 +1,7 @@
 //! The device-resident attention API: [`DeviceAttentionBackend`] and what it reports.
 
 use crate::config::{AttentionConfig, KvCacheLayout};
+use crate::device::Device;
 use crate::error::Result;
 use crate::problem::AttentionProblem;
 use crate::tensor::DeviceTensor;
@@ -67,6 +68,9 @@ impl std::fmt::Display for AttentionPath {
 pub trait DeviceAttentionBackend: Send + Sync {
     /// Backend name, unique within a registry.
     fn name(&self) -> &str;
+
+    /// The device whose tensors this backend computes on.
+    fn device(&self) -> Device;
 
     /// Whether this backend runs `config` (on its device), or why not.
     fn supports(&self, config: &AttentionConfig) -> Support;
