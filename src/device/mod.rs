@@ -154,6 +154,19 @@ impl Device {
         }
     }
 
+    /// Runs `f` and returns the device time it queued, in milliseconds, measured with
+    /// device events (for GPUs) or the wall clock (for the CPU).
+    pub fn elapsed_ms(&self, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+        match self {
+            Device::Cpu => {
+                let t = std::time::Instant::now();
+                f()?;
+                Ok(t.elapsed().as_secs_f64() * 1e3)
+            }
+            _ => Ok(gpu::GpuRuntime::get(*self)?.time_ms(&mut f)? as f64),
+        }
+    }
+
     /// Host<->device transfers through this device so far.
     pub fn transfer_stats(&self) -> TransferStats {
         match self.slot() {

@@ -16,6 +16,10 @@ pub enum KernelFile {
     Traditional,
     /// `tensor_ops.hip`
     TensorOps,
+    /// `flash_decode.hip`
+    Decode,
+    /// `kv_cache.hip`
+    KvCache,
 }
 
 impl KernelFile {
@@ -36,6 +40,8 @@ impl KernelFile {
             KernelFile::FlashMasked => "flash_attention.hip",
             KernelFile::Traditional => "attention_traditional.hip",
             KernelFile::TensorOps => "tensor_ops.hip",
+            KernelFile::Decode => "flash_decode.hip",
+            KernelFile::KvCache => "kv_cache.hip",
         }
     }
 }
@@ -76,4 +82,34 @@ pub(crate) fn compile_ptx(_spec: &KernelSpec, _cc: (i32, i32)) -> Result<std::sy
 #[cfg(feature = "rocm")]
 pub(crate) fn hsaco_path(_file: KernelFile) -> Result<&'static str> {
     todo!()
+}
+
+// ---- interface stubs (replaced by the build pipeline) ----
+/// A flash tile configuration.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FlashTile {
+    /// dtype
+    pub dtype: crate::dtype::DType,
+    /// head-dim bucket
+    pub head_dim: usize,
+    /// queries per block
+    pub block_m: u32,
+    /// keys per tile
+    pub block_n: u32,
+    /// threads per block
+    pub threads: u32,
+    /// dynamic shared memory
+    pub smem_bytes: u32,
+}
+/// Tile for dtype/head_dim.
+pub fn flash_tile_for(_dtype: crate::dtype::DType, _head_dim: usize) -> Option<&'static FlashTile> {
+    None
+}
+/// Flash spec.
+pub fn flash_spec(file: KernelFile, _dtype: crate::dtype::DType, _tile: &FlashTile) -> KernelSpec {
+    KernelSpec::new(file, "", vec![])
+}
+/// Traditional spec.
+pub fn traditional_spec(stem: &str, _dtype: crate::dtype::DType) -> KernelSpec {
+    KernelSpec::new(KernelFile::Traditional, stem, vec![])
 }

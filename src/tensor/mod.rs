@@ -328,6 +328,21 @@ impl DeviceTensor {
         Ok(v)
     }
 
+    /// A view repeating a size-1 dimension `n` times with stride 0 (no copy).
+    pub fn broadcast_dim(&self, dim: usize, n: usize) -> Result<DeviceTensor> {
+        if dim >= self.rank() || self.shape[dim] != 1 {
+            return Err(AttentionError::shape(
+                "broadcast_dim",
+                format!("a size-1 dimension < rank {}", self.rank()),
+                format!("dim {dim} of {:?}", self.shape),
+            ));
+        }
+        let mut v = self.clone();
+        v.shape[dim] = n;
+        v.strides[dim] = 0;
+        Ok(v)
+    }
+
     /// The device this tensor lives on.
     pub fn device(&self) -> Device {
         self.device

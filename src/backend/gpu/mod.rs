@@ -1,46 +1,306 @@
-//! GPU backend (placeholder: the real one replaces this file).
-use super::{AttentionPath, DeviceAttentionBackend, Support};
-use crate::config::{AttentionConfig, KvCacheLayout};
+//! The GPU backend: fused flash kernels where they apply, the unfused device path
+//! otherwise, on CUDA or HIP devices. Every tensor stays on the device; `forward_into`
+//! queues work on the device stream and returns without synchronizing.
+
+use std::sync::Arc;
+
+use super::{AttentionPath, DeviceAttentionBackend, FlashKernel, Support};
+use crate::config::{AttentionConfig, KvCacheLayout, Layout};
+use crate::device::gpu::GpuRuntime;
 use crate::device::Device;
-use crate::error::Result;
+use crate::dtype::DType;
+use crate::error::{AttentionError, Result};
+use crate::kv_cache::KvCache;
+use crate::problem::{AttentionProblem, HeadStrides};
 use crate::tensor::DeviceTensor;
 
-/// GPU backend.
-#[derive(Debug)]
+mod decode;
+pub mod dispatch;
+mod flash;
+mod params;
+mod traditional;
+
+pub use decode::{decode_smem_bytes, split_plan, SplitPlan, MAX_DECODE_QUERIES};
+pub use dispatch::{FlashChoice, Plan, PlanInput};
+pub use traditional::workspace_bytes;
+
+/// Environment switch read when a backend is created: `FORGE_ATTN_FLASH=0` turns the flash
+/// kernels off (for A/B runs), `1` turns them on.
+pub const FLASH_ENV: &str = "FORGE_ATTN_FLASH";
+
+/// Attention on a CUDA or HIP device.
 pub struct GpuAttentionBackend {
     device: Device,
+    runtime: Arc<GpuRuntime>,
+    use_flash_attention: bool,
+    workspace: traditional::Workspace,
+    decode_workspace: decode::DecodeWorkspace,
+}
+
+impl std::fmt::Debug for GpuAttentionBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuAttentionBackend")
+            .field("device", &self.device)
+            .field("use_flash_attention", &self.use_flash_attention)
+            .finish()
+    }
 }
 
 impl GpuAttentionBackend {
-    /// A backend on `device` (a CUDA or HIP device); fails if the device is unusable.
+    /// A backend on `device` (CUDA or HIP); fails with `DeviceUnavailable` if the device
+    /// cannot be used. Flash kernels are on unless `FORGE_ATTN_FLASH=0`.
     pub fn new(device: Device) -> Result<Self> {
-        crate::device::gpu::GpuRuntime::get(device)?;
-        Ok(GpuAttentionBackend { device })
+        if !device.is_gpu() {
+            return Err(AttentionError::DeviceUnavailable {
+                device: device.to_string(),
+                reason: "the GPU backend needs a CUDA or HIP device".into(),
+            });
+        }
+        let runtime = GpuRuntime::get(device)?;
+        let use_flash_attention = std::env::var(FLASH_ENV).map(|v| v != "0").unwrap_or(true);
+        Ok(GpuAttentionBackend {
+            device,
+            runtime,
+            use_flash_attention,
+            workspace: Default::default(),
+            decode_workspace: Default::default(),
+        })
     }
+
+    /// Turns the flash kernels on or off (off: every call takes the traditional path).
+    pub fn with_flash(mut self, use_flash_attention: bool) -> Self {
+        self.use_flash_attention = use_flash_attention;
+        self
+    }
+
+    /// Whether flash kernels may be used.
+    pub fn use_flash_attention(&self) -> bool {
+        self.use_flash_attention
+    }
+
+    /// The flash kernel that would run `input`, or the reason none can.
+    pub fn can_use_flash_attention(
+        &self,
+        input: &PlanInput,
+    ) -> std::result::Result<FlashChoice, String> {
+        dispatch::can_use_flash_attention(
+            input,
+            self.use_flash_attention,
+            self.runtime.max_shared_bytes_per_block(),
+        )
+    }
+
+    /// The path `input` would take on this backend, with the reason for any fallback.
+    pub fn plan(&self, input: &PlanInput) -> Plan {
+        dispatch::plan(
+            input,
+            self.use_flash_attention,
+            self.runtime.max_shared_bytes_per_block(),
+        )
+    }
+
+    /// The path a call of `config` in `dtype` with `seq_q` queries would take.
+    pub fn plan_for_config(
+        &self,
+        config: &AttentionConfig,
+        dtype: DType,
+        seq_q: usize,
+        has_mask: bool,
+    ) -> Plan {
+        self.plan(&PlanInput {
+            dtype,
+            head_dim: config.head_dim,
+            causal: config.is_causal,
+            has_mask,
+            seq_q,
+        })
+    }
+
+    /// Runs the unfused path regardless of the plan (for comparisons and tests).
+    pub fn forward_traditional(
+        &self,
+        config: &AttentionConfig,
+        q: &DeviceTensor,
+        k: &DeviceTensor,
+        v: &DeviceTensor,
+        mask: Option<&DeviceTensor>,
+        out: &mut DeviceTensor,
+    ) -> Result<AttentionPath> {
+        let (p, params, _) = self.prepare(config, q, k, v, mask, out)?;
+        traditional::forward_traditional(&self.runtime, &self.workspace, &p, &params)?;
+        Ok(AttentionPath::Traditional)
+    }
+
+    /// Attention of `q` (`[B, Sq, H, D]` or `[B, H, Sq, D]` per `config.layout`, Sq up to
+    /// [`MAX_DECODE_QUERIES`]) against every token held by `cache`, contiguous or paged,
+    /// with per-sequence lengths; causal aligns each sequence's queries with its last keys.
+    /// Runs the split-KV decode kernel: no host transfer, no synchronization.
+    pub fn forward_cached(
+        &self,
+        config: &AttentionConfig,
+        q: &DeviceTensor,
+        cache: &KvCache,
+        out: &mut DeviceTensor,
+    ) -> Result<AttentionPath> {
+        config.validate()?;
+        let parts = cache.raw_parts();
+        // Validate q and out through the common checks, against a dense stand-in of the
+        // cache shape (a view of K with one key per sequence: only its shape is read).
+        let stand_in = match config.layout {
+            Layout::Bshd => parts.k.narrow(0, 0, 1)?.permute(&[0, 2, 1, 3])?,
+            Layout::Bhsd => parts.k.narrow(0, 0, 1)?,
+        };
+        if cache.batch() != q.shape().first().copied().unwrap_or(0) {
+            return Err(AttentionError::shape(
+                "q batch",
+                cache.batch(),
+                format!("{:?}", q.shape()),
+            ));
+        }
+        let stand_in = expand_batch(&stand_in, cache.batch(), config.layout)?;
+        let mut p = AttentionProblem::new(config, q, &stand_in, &stand_in, None)?;
+        if p.device != self.device || cache.device() != self.device {
+            return Err(AttentionError::DeviceMismatch {
+                what: "q / cache".into(),
+                expected: self.device.to_string(),
+                got: format!("{} / {}", p.device, cache.device()),
+            });
+        }
+        if p.seq_q > MAX_DECODE_QUERIES {
+            return Err(AttentionError::NotSupported {
+                backend: self.name().into(),
+                reason: format!(
+                    "forward_cached takes up to {MAX_DECODE_QUERIES} queries per sequence, got {}; use forward_into with KvCache::views",
+                    p.seq_q
+                ),
+            });
+        }
+        if parts.max_len == 0 {
+            return Err(AttentionError::shape(
+                "kv cache",
+                "at least one cached token",
+                "an empty cache",
+            ));
+        }
+        p.seq_k = parts.max_len;
+        let out_strides = p.output_strides(config.layout, out, &[q, parts.k, parts.v])?;
+        dispatch::check_kernel_limits(&p).map_err(|reason| AttentionError::NotSupported {
+            backend: self.name().into(),
+            reason,
+        })?;
+        let view = decode::CacheView {
+            k: parts.k.device_ptr(),
+            v: parts.v.device_ptr(),
+            k_strides: parts.strides,
+            v_strides: parts.strides,
+            seq_lens: parts.seq_lens.device_ptr(),
+            block_table: parts.block_table.map_or(0, |t| t.device_ptr()),
+            max_pages: parts.max_pages,
+            page_size: parts.page_size,
+        };
+        decode::forward_decode(
+            &self.runtime,
+            &self.decode_workspace,
+            &p,
+            q,
+            out,
+            out_strides,
+            &view,
+        )?;
+        Ok(AttentionPath::Flash(FlashKernel::Decode))
+    }
+
+    fn prepare(
+        &self,
+        config: &AttentionConfig,
+        q: &DeviceTensor,
+        k: &DeviceTensor,
+        v: &DeviceTensor,
+        mask: Option<&DeviceTensor>,
+        out: &DeviceTensor,
+    ) -> Result<(AttentionProblem, params::AttnParams, HeadStrides)> {
+        let p = AttentionProblem::new(config, q, k, v, mask)?;
+        if p.device != self.device {
+            return Err(AttentionError::DeviceMismatch {
+                what: "q".into(),
+                expected: self.device.to_string(),
+                got: p.device.to_string(),
+            });
+        }
+        let mut inputs = vec![q, k, v];
+        inputs.extend(mask);
+        let out_strides = p.output_strides(config.layout, out, &inputs)?;
+        dispatch::check_kernel_limits(&p).map_err(|reason| AttentionError::NotSupported {
+            backend: self.name().into(),
+            reason,
+        })?;
+        let params = params::AttnParams::new(&p, q, k, v, mask, out, out_strides);
+        Ok((p, params, out_strides))
+    }
+}
+
+/// A zero-stride batch expansion of a one-sequence view (shape checks only).
+fn expand_batch(t: &DeviceTensor, batch: usize, _layout: Layout) -> Result<DeviceTensor> {
+    t.broadcast_dim(0, batch)
 }
 
 impl DeviceAttentionBackend for GpuAttentionBackend {
     fn name(&self) -> &str {
         "gpu"
     }
+
     fn device(&self) -> Device {
         self.device
     }
-    fn supports(&self, _config: &AttentionConfig) -> Support {
-        Support::Yes
+
+    /// Every valid config runs: flash where it applies, the traditional path otherwise.
+    fn supports(&self, config: &AttentionConfig) -> Support {
+        match config.validate() {
+            Ok(()) => Support::Yes,
+            Err(e) => Support::No(e.to_string()),
+        }
     }
+
     fn required_kv_layout(&self) -> KvCacheLayout {
         KvCacheLayout::FlashAttention
     }
+
     fn forward_into(
         &self,
-        _config: &AttentionConfig,
-        _q: &DeviceTensor,
-        _k: &DeviceTensor,
-        _v: &DeviceTensor,
-        _mask: Option<&DeviceTensor>,
-        _out: &mut DeviceTensor,
+        config: &AttentionConfig,
+        q: &DeviceTensor,
+        k: &DeviceTensor,
+        v: &DeviceTensor,
+        mask: Option<&DeviceTensor>,
+        out: &mut DeviceTensor,
     ) -> Result<AttentionPath> {
-        todo!()
+        let (p, params, out_strides) = self.prepare(config, q, k, v, mask, out)?;
+        let plan = self.plan(&PlanInput::of(&p));
+        match plan.flash {
+            Some(choice) if choice.kernel == FlashKernel::Decode => {
+                let cache = decode::CacheView {
+                    k: k.device_ptr(),
+                    v: v.device_ptr(),
+                    k_strides: p.k,
+                    v_strides: p.v,
+                    seq_lens: 0,
+                    block_table: 0,
+                    max_pages: 0,
+                    page_size: 1,
+                };
+                decode::forward_decode(
+                    &self.runtime,
+                    &self.decode_workspace,
+                    &p,
+                    q,
+                    out,
+                    out_strides,
+                    &cache,
+                )?
+            }
+            Some(choice) => flash::forward_flash(&self.runtime, &p, &params, &choice)?,
+            None => traditional::forward_traditional(&self.runtime, &self.workspace, &p, &params)?,
+        }
+        Ok(plan.path)
     }
 }

@@ -1,0 +1,29 @@
+// Argument block of the split-KV decode kernels (mirrored in src/backend/gpu/decode.rs).
+#pragma once
+
+typedef struct {
+    const void* q;            // [B, Sq, H, D] / [B, H, Sq, D] through the strides below
+    const void* k;            // contiguous cache, or the page pool when block_table != null
+    const void* v;
+    void* out;                // same shape and dtype as q
+    float* partial_o;         // [B, H, Sq, num_splits, head_dim] f32 (num_splits > 1 only)
+    float* partial_lse;       // [B, H, Sq, num_splits] base-2 log-sum-exp
+    const int* seq_lens;      // [B] keys per sequence, or null: every sequence has seq_k
+    const int* block_table;   // [B, max_pages] page ids, or null: contiguous cache
+    long long q_sb, q_sh, q_ss;
+    long long o_sb, o_sh, o_ss;
+    long long k_sb, k_sh, k_ss;  // contiguous: batch stride; paged: page stride
+    long long v_sb, v_sh, v_ss;
+    int batch;
+    int num_heads;
+    int num_kv_heads;
+    int seq_q;                // queries per sequence (<= 16 is the decode regime)
+    int seq_k;                // keys when seq_lens is null; otherwise the largest length
+    int head_dim;
+    int max_pages;            // block-table row length
+    int page_size;            // keys per page (paged caches)
+    int num_splits;           // key chunks per (sequence, kv head), one block each
+    int split_keys;           // keys per chunk, a multiple of the key tile
+    float scale;
+    int causal;
+} DecodeParams;

@@ -1,0 +1,312 @@
+// Split-KV decode ("flash-decoding"): a few queries per sequence against a long KV cache.
+// Pure memory traffic, so the design goal is that every K/V byte is read once, with many
+// loads in flight:
+//  * one block serves every query row of one KV head (all H/Hkv query heads x Sq), so K/V
+//    are read once whatever the GQA group;
+//  * the cache is cut into num_splits chunks, one block each, so even batch 1 fills the
+//    GPU; partial results are merged by log-sum-exp in flash_decode_combine;
+//  * K and V tiles are loaded together (16-byte vectors) before either is used.
+// Grid (num_splits, num_kv_heads * row_groups, batch), 128 threads, dynamic shared memory
+// from decode_smem_bytes() (the host computes the same formula).
+#include "compat.h"
+#include "decode_params.h"
+
+#define DEC_THREADS 128
+#define DEC_ROWS 16  // query rows per block: (H/Hkv) * Sq rows are split into groups of 16
+
+template <int HD> struct DecodeTile {
+    // Key tile: 64 keys up to head_dim 128, 32 beyond, to bound shared memory.
+    static constexpr int N = HD <= 128 ? 64 : 32;
+};
+
+// Shared-memory layout (bytes), identical to decode_smem_bytes in src/backend/gpu/decode.rs:
+//   K tile [N][HD + pad] and V tile [N][HD + pad] in the storage type (pad = 16 bytes),
+//   Q rows [DEC_ROWS][HD] f32, scores [DEC_ROWS][N] f32, row stats 3 x DEC_ROWS f32.
+template <typename T, int HD> FA_DEVICE constexpr int dec_row_elems() { return HD + 16 / (int)sizeof(T); }
+
+template <typename T, int HD>
+FA_DEVICE void dec_load_tile(T* s_tile, const T* base, const DecodeParams& p, int b, int kvh, int key0, int len,
+                             fa_i64 sb, fa_i64 sh, fa_i64 ss) {
+    constexpr int N = DecodeTile<HD>::N;
+    constexpr int VEC = 16 / (int)sizeof(T);  // elements per 16-byte vector
+    constexpr int VPR = HD / VEC;             // vectors per key row
+    constexpr int ROW = dec_row_elems<T, HD>();
+    for (int idx = threadIdx.x; idx < N * VPR; idx += DEC_THREADS) {
+        int n = idx / VPR, c = idx % VPR;
+        int j = key0 + n;
+        fa_u32x4 val = {0u, 0u, 0u, 0u};
+        if (j < len && c * VEC < p.head_dim) {
+            fa_i64 page, within;
+            if (p.block_table) {
+                page = p.block_table[(fa_i64)b * p.max_pages + j / p.page_size];
+                within = j % p.page_size;
+            } else {
+                page = b;
+                within = j;
+            }
+            const T* src = base + page * sb + (fa_i64)kvh * sh + within * ss + c * VEC;
+            val = *reinterpret_cast<const fa_u32x4*>(src);
+        }
+        *reinterpret_cast<fa_u32x4*>(s_tile + n * ROW + c * VEC) = val;
+    }
+}
+
+// Four consecutive elements from shared memory as one 16- or 8-byte access.
+template <typename T> FA_DEVICE void dec_load4(const T* p, float* out) {
+    fa_u32x2 u = *reinterpret_cast<const fa_u32x2*>(p);
+    out[0] = fa_half_bits_to_float<T>(u.x & 0xffffu);
+    out[1] = fa_half_bits_to_float<T>(u.x >> 16);
+    out[2] = fa_half_bits_to_float<T>(u.y & 0xffffu);
+    out[3] = fa_half_bits_to_float<T>(u.y >> 16);
+}
+template <> FA_DEVICE void dec_load4<float>(const float* p, float* out) {
+    fa_float4 f = *reinterpret_cast<const fa_float4*>(p);
+    out[0] = f.x; out[1] = f.y; out[2] = f.z; out[3] = f.w;
+}
+
+// Dot product of one 16-byte chunk of a key row with the matching query values.
+template <typename T> FA_DEVICE float dec_dot16(const T* k, const float* q) {
+    fa_u32x4 u = *reinterpret_cast<const fa_u32x4*>(k);
+    unsigned int w[4] = {u.x, u.y, u.z, u.w};
+    float a = 0.f;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        a += q[2 * i] * fa_half_bits_to_float<T>(w[i] & 0xffffu);
+        a += q[2 * i + 1] * fa_half_bits_to_float<T>(w[i] >> 16);
+    }
+    return a;
+}
+template <> FA_DEVICE float dec_dot16<float>(const float* k, const float* q) {
+    fa_float4 f = *reinterpret_cast<const fa_float4*>(k);
+    return q[0] * f.x + q[1] * f.y + q[2] * f.z + q[3] * f.w;
+}
+
+template <typename T, int HD>
+FA_DEVICE void flash_decode_body(const DecodeParams& p) {
+    constexpr int N = DecodeTile<HD>::N;
+    constexpr int ROW = dec_row_elems<T, HD>();
+    FA_DYNAMIC_SMEM(smem);
+    T* s_k = reinterpret_cast<T*>(smem);
+    T* s_v = s_k + N * ROW;
+    float* s_q = reinterpret_cast<float*>(s_v + N * ROW);
+    float* s_s = s_q + DEC_ROWS * HD;
+    float* s_m = s_s + DEC_ROWS * N;
+    float* s_l = s_m + DEC_ROWS;
+    float* s_alpha = s_l + DEC_ROWS;
+
+    const int split = blockIdx.x;
+    const int group = p.num_heads / p.num_kv_heads;
+    const int rows_total = group * p.seq_q;
+    const int row_groups = (rows_total + DEC_ROWS - 1) / DEC_ROWS;
+    const int kvh = blockIdx.y / row_groups;
+    const int row0 = (blockIdx.y % row_groups) * DEC_ROWS;
+    const int rows = min(DEC_ROWS, rows_total - row0);
+    const int b = blockIdx.z;
+    const int len = p.seq_lens ? p.seq_lens[b] : p.seq_k;
+    const int key_begin = split * p.split_keys;
+    const int key_end = min(len, key_begin + p.split_keys);
+    const int tid = threadIdx.x;
+    const float scale2 = p.scale * FA_LOG2E;
+
+    // Query rows r = (head within group) * Sq + query index, scaled into the log2 domain.
+    for (int idx = tid; idx < DEC_ROWS * HD; idx += DEC_THREADS) {
+        int r = idx / HD, d = idx % HD;
+        float val = 0.f;
+        if (r < rows && d < p.head_dim) {
+            int rr = row0 + r;
+            int h = kvh * group + rr / p.seq_q, i = rr % p.seq_q;
+            const T* q = reinterpret_cast<const T*>(p.q);
+            val = fa_load_f32(q + (fa_i64)b * p.q_sb + (fa_i64)h * p.q_sh + (fa_i64)i * p.q_ss + d) * scale2;
+        }
+        s_q[idx] = val;
+    }
+    if (tid < DEC_ROWS) {
+        s_m[tid] = FA_NEG_INF;
+        s_l[tid] = 0.f;
+    }
+
+    // Output accumulators: thread owns 4 consecutive dims of rows r0, r0 + RG, ...
+    constexpr int CHUNKS = HD / 4;
+    constexpr int RG = DEC_THREADS / CHUNKS;  // row groups across the block
+    constexpr int RPT = (DEC_ROWS + RG - 1) / RG;
+    const int dchunk = tid % CHUNKS;
+    // Threads past RG * CHUNKS own nothing (head dims whose chunk count does not divide 128).
+    const int rbase = tid < RG * CHUNKS ? tid / CHUNKS : DEC_ROWS;
+    float acc[RPT][4];
+#pragma unroll
+    for (int i = 0; i < RPT; ++i)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[i][c] = 0.f;
+
+    const T* kbase = reinterpret_cast<const T*>(p.k);
+    const T* vbase = reinterpret_cast<const T*>(p.v);
+    const int lane = tid % 32, grp = tid / 32;  // 4 groups of 32 threads (wave32 or wave64)
+    const int causal_shift = len - p.seq_q;
+
+    for (int key0 = key_begin; key0 < key_end; key0 += N) {
+        __syncthreads();  // previous tile fully consumed
+        dec_load_tile<T, HD>(s_k, kbase, p, b, kvh, key0, key_end, p.k_sb, p.k_sh, p.k_ss);
+        dec_load_tile<T, HD>(s_v, vbase, p, b, kvh, key0, key_end, p.v_sb, p.v_sh, p.v_ss);
+        __syncthreads();
+
+        // Scores: thread handles key n = tid % N for rows tid / N, + DEC_THREADS / N, ...
+        {
+            const int n = tid % N;
+            const int j = key0 + n;
+            for (int r = tid / N; r < DEC_ROWS; r += DEC_THREADS / N) {
+                float s = FA_NEG_INF;
+                if (r < rows && j < key_end) {
+                    const T* kr = s_k + n * ROW;
+                    const float* qr = s_q + r * HD;
+                    constexpr int VEC = 16 / (int)sizeof(T);
+                    float a0 = 0.f, a1 = 0.f;
+#pragma unroll
+                    for (int d = 0; d < HD; d += 2 * VEC) {
+                        a0 += dec_dot16<T>(kr + d, qr + d);
+                        if (d + VEC < HD) a1 += dec_dot16<T>(kr + d + VEC, qr + d + VEC);
+                    }
+                    s = a0 + a1;
+                    if (p.causal) {
+                        int i = (row0 + r) % p.seq_q;
+                        if (j > i + causal_shift) s = FA_NEG_INF;
+                    }
+                }
+                s_s[r * N + n] = s;
+            }
+        }
+        __syncthreads();
+
+        // Online softmax per row: group g of 32 threads handles rows g, g + 4, ...
+        for (int r = grp; r < rows; r += DEC_THREADS / 32) {
+            float mx = FA_NEG_INF;
+            for (int n = lane; n < N; n += 32) mx = fmaxf(mx, s_s[r * N + n]);
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, fa_shfl_xor(mx, o, 32));
+            const float m_old = s_m[r];
+            const float m_new = fmaxf(m_old, mx);
+            // A row that has seen no visible key keeps m = -inf; use 0 to avoid inf - inf.
+            const float m_use = m_new == FA_NEG_INF ? 0.f : m_new;
+            float sum = 0.f;
+            for (int n = lane; n < N; n += 32) {
+                float e = fa_exp2f(s_s[r * N + n] - m_use);
+                s_s[r * N + n] = e;
+                sum += e;
+            }
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) sum += fa_shfl_xor(sum, o, 32);
+            if (lane == 0) {
+                float alpha = fa_exp2f(m_old - m_use);
+                s_alpha[r] = alpha;
+                s_l[r] = s_l[r] * alpha + sum;
+                s_m[r] = m_new;
+            }
+        }
+        __syncthreads();
+
+        // O = O * alpha + P V.
+#pragma unroll
+        for (int i = 0; i < RPT; ++i) {
+            const int r = rbase + i * RG;
+            if (r < rows) {
+                const float alpha = s_alpha[r];
+                float a[4] = {acc[i][0] * alpha, acc[i][1] * alpha, acc[i][2] * alpha, acc[i][3] * alpha};
+                const float* pr = s_s + r * N;
+                const T* vcol = s_v + dchunk * 4;
+#pragma unroll 4
+                for (int n = 0; n < N; ++n) {
+                    const float pn = pr[n];
+                    float vv[4];
+                    dec_load4<T>(vcol + n * ROW, vv);
+                    a[0] += pn * vv[0];
+                    a[1] += pn * vv[1];
+                    a[2] += pn * vv[2];
+                    a[3] += pn * vv[3];
+                }
+#pragma unroll
+                for (int c = 0; c < 4; ++c) acc[i][c] = a[c];
+            }
+        }
+    }
+    __syncthreads();
+
+    // Write this split's normalized result (or the final output when there is one split).
+#pragma unroll
+    for (int i = 0; i < RPT; ++i) {
+        const int r = rbase + i * RG;
+        const int d = dchunk * 4;
+        if (r >= rows || d >= p.head_dim) continue;
+        const int rr = row0 + r;
+        const int h = kvh * group + rr / p.seq_q, qi = rr % p.seq_q;
+        const float l = s_l[r];
+        const float inv = l > 0.f ? 1.f / l : 0.f;
+        if (p.num_splits == 1) {
+            T* o = reinterpret_cast<T*>(p.out) + (fa_i64)b * p.o_sb + (fa_i64)h * p.o_sh + (fa_i64)qi * p.o_ss + d;
+#pragma unroll
+            for (int c = 0; c < 4; ++c)
+                if (d + c < p.head_dim) fa_store(o + c, acc[i][c] * inv);
+        } else {
+            const fa_i64 slot = (((fa_i64)b * p.num_heads + h) * p.seq_q + qi) * p.num_splits + split;
+            float* po = p.partial_o + slot * p.head_dim + d;
+#pragma unroll
+            for (int c = 0; c < 4; ++c)
+                if (d + c < p.head_dim) po[c] = acc[i][c] * inv;
+            if (dchunk == 0) p.partial_lse[slot] = l > 0.f ? s_m[r] + log2f(l) : FA_NEG_INF;
+        }
+    }
+}
+
+// Merges the splits of one (batch, head, query) row: weights 2^(lse_s - max lse).
+// Grid (B * H * Sq), 128 threads.
+template <typename T>
+FA_DEVICE void flash_decode_combine_body(const DecodeParams& p) {
+    const fa_i64 row = blockIdx.x;
+    const int qi = (int)(row % p.seq_q);
+    const int h = (int)((row / p.seq_q) % p.num_heads);
+    const int b = (int)(row / ((fa_i64)p.seq_q * p.num_heads));
+    const float* lse = p.partial_lse + row * p.num_splits;
+    float mx = FA_NEG_INF;
+    for (int s = 0; s < p.num_splits; ++s) mx = fmaxf(mx, lse[s]);
+    T* o = reinterpret_cast<T*>(p.out) + (fa_i64)b * p.o_sb + (fa_i64)h * p.o_sh + (fa_i64)qi * p.o_ss;
+    for (int d = threadIdx.x; d < p.head_dim; d += blockDim.x) {
+        float num = 0.f, den = 0.f;
+        if (mx != FA_NEG_INF) {
+            for (int s = 0; s < p.num_splits; ++s) {
+                float w = fa_exp2f(lse[s] - mx);
+                num += w * p.partial_o[(row * p.num_splits + s) * p.head_dim + d];
+                den += w;
+            }
+        }
+        fa_store(o + d, den > 0.f ? num / den : 0.f);
+    }
+}
+
+#define DEC_INSTANTIATE(DT, T, HD)                                                              \
+    FA_KERNEL void FA_LAUNCH_BOUNDS(DEC_THREADS) flash_decode_##DT##_hd##HD(DecodeParams p) { \
+        flash_decode_body<T, HD>(p);                                                            \
+    }
+#define DEC_COMBINE(DT, T) \
+    FA_KERNEL void flash_decode_combine_##DT(DecodeParams p) { flash_decode_combine_body<T>(p); }
+
+#define DEC_ALL_HD(DT, T)                                                                        \
+    DEC_INSTANTIATE(DT, T, 32) DEC_INSTANTIATE(DT, T, 64) DEC_INSTANTIATE(DT, T, 80)             \
+    DEC_INSTANTIATE(DT, T, 96) DEC_INSTANTIATE(DT, T, 128) DEC_INSTANTIATE(DT, T, 160)           \
+    DEC_INSTANTIATE(DT, T, 192) DEC_INSTANTIATE(DT, T, 224) DEC_INSTANTIATE(DT, T, 256)          \
+    DEC_COMBINE(DT, T)
+
+// NVRTC compiles one dtype x head-dim at a time (FA_VARIANT_*); hipcc builds them all.
+#if defined(FA_VARIANT_DT) && defined(FA_VARIANT_HD)
+#define DEC_T_f32 float
+#define DEC_T_f16 fa_f16
+#define DEC_T_bf16 fa_bf16
+#define DEC_CAT2(a, b) a##b
+#define DEC_CAT(a, b) DEC_CAT2(a, b)
+// One more expansion level so FA_VARIANT_* expand before the token pasting.
+#define DEC_INSTANTIATE_X(DT, T, HD) DEC_INSTANTIATE(DT, T, HD)
+#define DEC_COMBINE_X(DT, T) DEC_COMBINE(DT, T)
+DEC_INSTANTIATE_X(FA_VARIANT_DT, DEC_CAT(DEC_T_, FA_VARIANT_DT), FA_VARIANT_HD)
+DEC_COMBINE_X(FA_VARIANT_DT, DEC_CAT(DEC_T_, FA_VARIANT_DT))
+#else
+DEC_ALL_HD(f32, float)
+DEC_ALL_HD(f16, fa_f16)
+DEC_ALL_HD(bf16, fa_bf16)
+#endif

@@ -1,0 +1,320 @@
+//! Split-KV decode (kernels/flash_decode.hip): a few queries per sequence against a long
+//! cache, the cache cut into chunks that separate blocks stream, merged by log-sum-exp.
+
+use std::sync::{Arc, Mutex};
+
+use crate::device::gpu::{GpuRuntime, LaunchDims};
+use crate::device::Device;
+use crate::dtype::DType;
+use crate::error::{AttentionError, Result};
+use crate::kernels::{KernelFile, KernelSpec};
+use crate::problem::{AttentionProblem, HeadStrides};
+use crate::tensor::DeviceTensor;
+
+/// Longest query block the decode kernel takes.
+pub const MAX_DECODE_QUERIES: usize = 16;
+/// Query rows one decode block serves (`DEC_ROWS` in the kernel).
+const ROWS: usize = 16;
+const THREADS: u32 = 128;
+/// Fewest keys worth giving a block of their own.
+const MIN_SPLIT_KEYS: usize = 256;
+
+/// Mirrors `DecodeParams` in kernels/decode_params.h.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct DecodeParams {
+    pub q: u64,
+    pub k: u64,
+    pub v: u64,
+    pub out: u64,
+    pub partial_o: u64,
+    pub partial_lse: u64,
+    pub seq_lens: u64,
+    pub block_table: u64,
+    pub q_sb: i64,
+    pub q_sh: i64,
+    pub q_ss: i64,
+    pub o_sb: i64,
+    pub o_sh: i64,
+    pub o_ss: i64,
+    pub k_sb: i64,
+    pub k_sh: i64,
+    pub k_ss: i64,
+    pub v_sb: i64,
+    pub v_sh: i64,
+    pub v_ss: i64,
+    pub batch: i32,
+    pub num_heads: i32,
+    pub num_kv_heads: i32,
+    pub seq_q: i32,
+    pub seq_k: i32,
+    pub head_dim: i32,
+    pub max_pages: i32,
+    pub page_size: i32,
+    pub num_splits: i32,
+    pub split_keys: i32,
+    pub scale: f32,
+    pub causal: i32,
+}
+
+/// Head-dim buckets the decode kernel is instantiated for.
+const BUCKETS: [usize; 9] = [32, 64, 80, 96, 128, 160, 192, 224, 256];
+
+/// The smallest decode bucket holding `head_dim`.
+pub fn decode_bucket(head_dim: usize) -> Option<usize> {
+    BUCKETS.iter().copied().find(|&b| b >= head_dim)
+}
+
+/// Keys per shared-memory tile for a bucket (`DecodeTile<HD>::N` in the kernel).
+fn tile_keys(bucket: usize) -> usize {
+    if bucket <= 128 {
+        64
+    } else {
+        32
+    }
+}
+
+/// Dynamic shared memory of one decode block (same layout as the kernel's comment).
+pub fn decode_smem_bytes(dtype: DType, bucket: usize) -> u32 {
+    let es = dtype.size_in_bytes();
+    let row = bucket + 16 / es;
+    let n = tile_keys(bucket);
+    (2 * n * row * es + ROWS * bucket * 4 + ROWS * n * 4 + 3 * ROWS * 4) as u32
+}
+
+/// How a decode call is cut: chunks per (sequence, KV head) and keys per chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SplitPlan {
+    /// Chunks (blocks) per sequence and KV head.
+    pub num_splits: usize,
+    /// Keys per chunk (a multiple of the key tile).
+    pub split_keys: usize,
+}
+
+/// Chooses the split so the grid covers the GPU about four times over, never giving a
+/// block fewer than [`MIN_SPLIT_KEYS`] keys.
+pub fn split_plan(
+    multiprocessors: usize,
+    batch: usize,
+    kv_heads: usize,
+    row_groups: usize,
+    max_len: usize,
+    bucket: usize,
+) -> SplitPlan {
+    let base = (batch * kv_heads * row_groups).max(1);
+    let target = 4 * multiprocessors.max(1);
+    let by_occupancy = target.div_ceil(base);
+    let by_length = max_len.div_ceil(MIN_SPLIT_KEYS).max(1);
+    let mut splits = by_occupancy.min(by_length).max(1);
+    let tile = tile_keys(bucket);
+    let split_keys = max_len.div_ceil(splits).div_ceil(tile) * tile;
+    splits = max_len.div_ceil(split_keys.max(1)).max(1);
+    SplitPlan {
+        num_splits: splits,
+        split_keys: split_keys.max(tile),
+    }
+}
+
+/// The f32 scratch of the split results, reused between calls.
+#[derive(Default)]
+pub(crate) struct DecodeWorkspace {
+    buf: Mutex<Option<DeviceTensor>>,
+}
+
+impl DecodeWorkspace {
+    fn get(&self, device: Device, elems: usize) -> Result<DeviceTensor> {
+        let mut slot = self.buf.lock().map_err(|_| AttentionError::Runtime {
+            op: "decode workspace".into(),
+            detail: "poisoned lock".into(),
+        })?;
+        match &*slot {
+            Some(t) if t.numel() >= elems => Ok(t.clone()),
+            _ => {
+                *slot = None;
+                let t = DeviceTensor::zeros(&[elems], DType::F32, device)?;
+                *slot = Some(t.clone());
+                Ok(t)
+            }
+        }
+    }
+}
+
+/// Where the keys of each sequence live.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CacheView {
+    /// K base address (a contiguous cache, or the page pool).
+    pub k: u64,
+    /// V base address.
+    pub v: u64,
+    /// K strides: batch (or page), head, position.
+    pub k_strides: HeadStrides,
+    /// V strides.
+    pub v_strides: HeadStrides,
+    /// Device array of per-sequence lengths (i32), or 0: every sequence has `p.seq_k` keys.
+    pub seq_lens: u64,
+    /// Device block table (i32, `[B, max_pages]`), or 0 for a contiguous cache.
+    pub block_table: u64,
+    /// Row length of the block table.
+    pub max_pages: usize,
+    /// Keys per page.
+    pub page_size: usize,
+}
+
+fn spec(name: String, dtype: DType, bucket: usize) -> KernelSpec {
+    KernelSpec::new(
+        KernelFile::Decode,
+        name,
+        vec![
+            ("FA_VARIANT_DT", dtype.name().to_string()),
+            ("FA_VARIANT_HD", bucket.to_string()),
+        ],
+    )
+}
+
+/// Queues the decode kernel (and the merge when the cache is split).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_decode(
+    rt: &Arc<GpuRuntime>,
+    ws: &DecodeWorkspace,
+    p: &AttentionProblem,
+    q: &DeviceTensor,
+    out: &DeviceTensor,
+    out_strides: HeadStrides,
+    cache: &CacheView,
+) -> Result<()> {
+    let bucket = decode_bucket(p.head_dim).ok_or_else(|| AttentionError::NotSupported {
+        backend: "gpu (decode)".into(),
+        reason: format!("head_dim {} exceeds 256", p.head_dim),
+    })?;
+    let group = p.num_heads / p.num_kv_heads;
+    let row_groups = (group * p.seq_q).div_ceil(ROWS);
+    let split = split_plan(
+        rt.multiprocessor_count() as usize,
+        p.batch,
+        p.num_kv_heads,
+        row_groups,
+        p.seq_k,
+        bucket,
+    );
+    let mut params = DecodeParams {
+        q: q.device_ptr(),
+        k: cache.k,
+        v: cache.v,
+        out: out.device_ptr(),
+        seq_lens: cache.seq_lens,
+        block_table: cache.block_table,
+        q_sb: p.q.batch as i64,
+        q_sh: p.q.head as i64,
+        q_ss: p.q.seq as i64,
+        o_sb: out_strides.batch as i64,
+        o_sh: out_strides.head as i64,
+        o_ss: out_strides.seq as i64,
+        k_sb: cache.k_strides.batch as i64,
+        k_sh: cache.k_strides.head as i64,
+        k_ss: cache.k_strides.seq as i64,
+        v_sb: cache.v_strides.batch as i64,
+        v_sh: cache.v_strides.head as i64,
+        v_ss: cache.v_strides.seq as i64,
+        batch: p.batch as i32,
+        num_heads: p.num_heads as i32,
+        num_kv_heads: p.num_kv_heads as i32,
+        seq_q: p.seq_q as i32,
+        seq_k: p.seq_k as i32,
+        head_dim: p.head_dim as i32,
+        max_pages: cache.max_pages as i32,
+        page_size: cache.page_size.max(1) as i32,
+        num_splits: split.num_splits as i32,
+        split_keys: split.split_keys as i32,
+        scale: p.scale,
+        causal: p.causal as i32,
+        ..Default::default()
+    };
+    let rows = p.batch * p.num_heads * p.seq_q;
+    let _keep_alive;
+    if split.num_splits > 1 {
+        let n = rows * split.num_splits;
+        let buf = ws.get(p.device, n * (p.head_dim + 1))?;
+        params.partial_o = buf.device_ptr();
+        params.partial_lse = buf.device_ptr() + (n * p.head_dim * 4) as u64;
+        _keep_alive = buf;
+    }
+    let dt = p.dtype.name();
+    let grid = (
+        split.num_splits as u32,
+        (p.num_kv_heads * row_groups) as u32,
+        p.batch as u32,
+    );
+    rt.launch(
+        &spec(format!("flash_decode_{dt}_hd{bucket}"), p.dtype, bucket),
+        LaunchDims::new(grid, (THREADS, 1, 1), decode_smem_bytes(p.dtype, bucket)),
+        &params,
+    )?;
+    if split.num_splits > 1 {
+        rt.launch(
+            &spec(format!("flash_decode_combine_{dt}"), p.dtype, bucket),
+            LaunchDims::new((rows as u32, 1, 1), (128, 1, 1), 0),
+            &params,
+        )?;
+    }
+    Ok(())
+}
+
+/// Names of every decode variant, for compile checks.
+pub fn all_decode_specs() -> Vec<KernelSpec> {
+    let mut v = Vec::new();
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        for b in BUCKETS {
+            v.push(spec(
+                format!("flash_decode_{}_hd{b}", dtype.name()),
+                dtype,
+                b,
+            ));
+        }
+    }
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        v.push(spec(
+            format!("flash_decode_combine_{}", dtype.name()),
+            dtype,
+            128,
+        ));
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn params_match_the_c_struct() {
+        assert_eq!(std::mem::size_of::<DecodeParams>(), 8 * 8 + 12 * 8 + 12 * 4);
+    }
+
+    #[test]
+    fn split_plan_fills_the_gpu_and_covers_the_cache() {
+        for (b, hkv, len) in [
+            (1, 8, 32768),
+            (32, 8, 16384),
+            (1, 8, 100),
+            (8, 8, 4096),
+            (3, 1, 1),
+        ] {
+            let s = split_plan(132, b, hkv, 1, len, 128);
+            assert!(s.num_splits * s.split_keys >= len, "{b} {hkv} {len}: {s:?}");
+            assert!(
+                (s.num_splits - 1) * s.split_keys < len.max(1),
+                "{b} {hkv} {len}: empty split {s:?}"
+            );
+            assert_eq!(s.split_keys % 64, 0);
+        }
+        assert!(split_plan(132, 1, 8, 1, 32768, 128).num_splits >= 32);
+        assert_eq!(split_plan(132, 1, 8, 1, 100, 128).num_splits, 1);
+    }
+
+    #[test]
+    fn shared_memory_fits_the_default_limit_up_to_head_dim_128() {
+        assert!(decode_smem_bytes(DType::F32, 128) > 48 * 1024);
+        assert!(decode_smem_bytes(DType::BF16, 128) <= 48 * 1024);
+        assert!(decode_smem_bytes(DType::F32, 256) <= 227 * 1024);
+    }
+}

@@ -1,0 +1,170 @@
+//! The one decision of which GPU path runs a problem. `forward`, `supports` and every
+//! report ask [`plan`]; nothing else chooses.
+
+use crate::backend::{AttentionPath, FlashKernel};
+use crate::dtype::DType;
+use crate::kernels::{self, FlashTile, KernelFile};
+use crate::problem::AttentionProblem;
+
+use super::decode::{decode_bucket, decode_smem_bytes, MAX_DECODE_QUERIES};
+
+/// Largest head dimension a flash kernel is built for.
+pub const MAX_FLASH_HEAD_DIM: usize = 256;
+
+/// What [`plan`] needs to know about a problem; the same for a full problem and for a
+/// config-only question ("would a masked call of this config use flash?").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlanInput {
+    /// Element type.
+    pub dtype: DType,
+    /// Head dimension.
+    pub head_dim: usize,
+    /// Causal masking.
+    pub causal: bool,
+    /// An additive mask is given.
+    pub has_mask: bool,
+    /// Queries per sequence.
+    pub seq_q: usize,
+}
+
+impl PlanInput {
+    /// The plan input of a validated problem.
+    pub fn of(p: &AttentionProblem) -> Self {
+        PlanInput {
+            dtype: p.dtype,
+            head_dim: p.head_dim,
+            causal: p.causal,
+            has_mask: p.mask.is_some(),
+            seq_q: p.seq_q,
+        }
+    }
+}
+
+/// A flash launch: the kernel family and, for the prefill families, its tile
+/// configuration.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FlashChoice {
+    /// Kernel family.
+    pub kernel: FlashKernel,
+    /// Tile configuration from kernels/flash_config.h (prefill families only).
+    pub tile: Option<&'static FlashTile>,
+}
+
+impl FlashChoice {
+    /// Source file of the chosen family.
+    pub fn file(&self) -> KernelFile {
+        match self.kernel {
+            FlashKernel::NonCausal => KernelFile::FlashNoCausal,
+            FlashKernel::Causal => KernelFile::FlashCausal,
+            FlashKernel::Generic | FlashKernel::Decode => KernelFile::FlashMasked,
+        }
+    }
+}
+
+/// The path a problem takes, with the reason when it is not flash.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    /// The path.
+    pub path: AttentionPath,
+    /// The flash launch, when the path is flash.
+    pub flash: Option<FlashChoice>,
+    /// Why flash was not used (None when it is).
+    pub fallback_reason: Option<String>,
+}
+
+/// The flash family for a problem: Decode for short unmasked query blocks, else Causal /
+/// NonCausal without a mask and Generic with one.
+pub fn select_flash_kernel(input: &PlanInput) -> FlashKernel {
+    match (input.has_mask, input.causal) {
+        (false, _) if input.seq_q <= MAX_DECODE_QUERIES => FlashKernel::Decode,
+        (true, _) => FlashKernel::Generic,
+        (false, true) => FlashKernel::Causal,
+        (false, false) => FlashKernel::NonCausal,
+    }
+}
+
+/// The flash kernel that runs `input`, or the reason none can.
+pub fn can_use_flash_attention(
+    input: &PlanInput,
+    flash_enabled: bool,
+    max_shared_bytes: u32,
+) -> Result<FlashChoice, String> {
+    if !flash_enabled {
+        return Err(
+            "flash attention is switched off (use_flash_attention = false or FORGE_ATTN_FLASH=0)"
+                .into(),
+        );
+    }
+    if input.head_dim > MAX_FLASH_HEAD_DIM {
+        return Err(format!(
+            "head_dim {} exceeds the largest flash head_dim {MAX_FLASH_HEAD_DIM}",
+            input.head_dim
+        ));
+    }
+    if input.head_dim % 8 != 0 {
+        return Err(format!(
+            "head_dim {} is not a multiple of 8",
+            input.head_dim
+        ));
+    }
+    let kernel = select_flash_kernel(input);
+    let (tile, smem) = if kernel == FlashKernel::Decode {
+        let bucket = decode_bucket(input.head_dim)
+            .ok_or_else(|| format!("no decode kernel for head_dim {}", input.head_dim))?;
+        (None, decode_smem_bytes(input.dtype, bucket))
+    } else {
+        let tile = kernels::flash_tile_for(input.dtype, input.head_dim).ok_or_else(|| {
+            format!(
+                "no flash tile configuration for {} head_dim {}",
+                input.dtype, input.head_dim
+            )
+        })?;
+        (Some(tile), tile.smem_bytes)
+    };
+    if smem > max_shared_bytes {
+        return Err(format!(
+            "the {kernel:?} kernel for {} head_dim {} needs {smem} bytes of shared memory, the device allows {max_shared_bytes}",
+            input.dtype, input.head_dim
+        ));
+    }
+    Ok(FlashChoice { kernel, tile })
+}
+
+/// Decides the path of `input`.
+pub fn plan(input: &PlanInput, flash_enabled: bool, max_shared_bytes: u32) -> Plan {
+    match can_use_flash_attention(input, flash_enabled, max_shared_bytes) {
+        Ok(choice) => Plan {
+            path: AttentionPath::Flash(choice.kernel),
+            flash: Some(choice),
+            fallback_reason: None,
+        },
+        Err(reason) => Plan {
+            path: AttentionPath::Traditional,
+            flash: None,
+            fallback_reason: Some(reason),
+        },
+    }
+}
+
+/// Whether problem sizes fit the kernels' 32-bit size fields.
+pub fn check_kernel_limits(p: &AttentionProblem) -> Result<(), String> {
+    let limit = i32::MAX as usize;
+    for (name, v) in [
+        ("batch", p.batch),
+        ("seq_q", p.seq_q),
+        ("seq_k", p.seq_k),
+        ("num_heads", p.num_heads),
+        ("head_dim", p.head_dim),
+    ] {
+        if v > limit {
+            return Err(format!("{name} = {v} exceeds {limit}"));
+        }
+    }
+    if p.batch * p.num_heads > 65535 {
+        return Err(format!(
+            "batch * heads = {} exceeds the grid limit",
+            p.batch * p.num_heads
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,598 @@
+//! A device-resident KV cache for one attention layer, contiguous or paged.
+//!
+//! Appends run on the device (one launch per call for the whole batch and every KV head)
+//! and advance the per-sequence lengths there, so a decode loop never talks to the host.
+//! The host mirrors the lengths and the pages in use only to refuse an append that would
+//! overflow, before anything is queued.
+
+use crate::config::KvCacheLayout;
+use crate::device::gpu::LaunchDims;
+use crate::device::Device;
+use crate::dtype::DType;
+use crate::error::{AttentionError, Result};
+use crate::kernels::{KernelFile, KernelSpec};
+use crate::problem::HeadStrides;
+use crate::tensor::DeviceTensor;
+
+/// Kernel argument block of `kv_append_b2/b4` (mirrors `AppendParams` in kernels/kv_cache.hip).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
+struct AppendParams {
+    k_new: u64,
+    v_new: u64,
+    k_cache: u64,
+    v_cache: u64,
+    seq_lens: u64,
+    block_table: u64,
+    pool_next: u64,
+    counts: u64,
+    kn_sb: i64,
+    kn_ss: i64,
+    kn_sh: i64,
+    vn_sb: i64,
+    vn_ss: i64,
+    vn_sh: i64,
+    c_sb: i64,
+    c_sh: i64,
+    c_ss: i64,
+    batch: i32,
+    n: i32,
+    num_kv_heads: i32,
+    head_dim: i32,
+    max_pages: i32,
+    page_size: i32,
+}
+
+/// Paging of a [`KvCacheLayout::BlockSparse`] cache.
+#[derive(Debug, Clone)]
+struct Paging {
+    page_size: usize,
+    num_pages: usize,
+    max_pages: usize,
+    pages_used: usize,
+    /// `[B, max_pages]` i32 page ids, written by the append kernel.
+    block_table: DeviceTensor,
+    /// One i32: the next free page.
+    pool_next: DeviceTensor,
+}
+
+/// One layer's K and V for a batch of sequences, on one device.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layout: KvCacheLayout,
+    batch: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    capacity: usize,
+    /// Contiguous: `[B, Hkv, capacity, D]`; paged: `[pages, Hkv, page_size, D]`.
+    k: DeviceTensor,
+    v: DeviceTensor,
+    /// `[B]` i32 lengths on the device.
+    seq_lens: DeviceTensor,
+    lengths: Vec<usize>,
+    paging: Option<Paging>,
+}
+
+/// Sizes of a new cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvCacheSpec {
+    /// Sequences.
+    pub batch: usize,
+    /// KV heads.
+    pub num_kv_heads: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+    /// Most tokens one sequence may hold.
+    pub capacity: usize,
+    /// Element type.
+    pub dtype: DType,
+}
+
+fn bad(field: &'static str, reason: String) -> AttentionError {
+    AttentionError::InvalidConfig { field, reason }
+}
+
+impl KvCache {
+    /// A contiguous cache (`Contiguous` or `FlashAttention` layout, the same memory order).
+    pub fn contiguous(spec: KvCacheSpec, layout: KvCacheLayout, device: Device) -> Result<Self> {
+        if layout == KvCacheLayout::BlockSparse {
+            return Err(bad("layout", "use KvCache::paged for BlockSparse".into()));
+        }
+        Self::check_spec(&spec)?;
+        let shape = [spec.batch, spec.num_kv_heads, spec.capacity, spec.head_dim];
+        Ok(KvCache {
+            layout,
+            batch: spec.batch,
+            num_kv_heads: spec.num_kv_heads,
+            head_dim: spec.head_dim,
+            capacity: spec.capacity,
+            k: DeviceTensor::zeros(&shape, spec.dtype, device)?,
+            v: DeviceTensor::zeros(&shape, spec.dtype, device)?,
+            seq_lens: DeviceTensor::zeros(&[spec.batch], DType::F32, device)?,
+            lengths: vec![0; spec.batch],
+            paging: None,
+        })
+    }
+
+    /// A paged cache: a pool of `num_pages` pages of `page_size` tokens shared by the
+    /// batch, each sequence holding at most `spec.capacity` tokens.
+    pub fn paged(
+        spec: KvCacheSpec,
+        page_size: usize,
+        num_pages: usize,
+        device: Device,
+    ) -> Result<Self> {
+        Self::check_spec(&spec)?;
+        if page_size == 0 || num_pages == 0 {
+            return Err(bad(
+                "page_size / num_pages",
+                format!("both must be > 0, got {page_size} / {num_pages}"),
+            ));
+        }
+        let max_pages = spec.capacity.div_ceil(page_size);
+        let shape = [num_pages, spec.num_kv_heads, page_size, spec.head_dim];
+        Ok(KvCache {
+            layout: KvCacheLayout::BlockSparse,
+            batch: spec.batch,
+            num_kv_heads: spec.num_kv_heads,
+            head_dim: spec.head_dim,
+            capacity: spec.capacity,
+            k: DeviceTensor::zeros(&shape, spec.dtype, device)?,
+            v: DeviceTensor::zeros(&shape, spec.dtype, device)?,
+            seq_lens: DeviceTensor::zeros(&[spec.batch], DType::F32, device)?,
+            lengths: vec![0; spec.batch],
+            paging: Some(Paging {
+                page_size,
+                num_pages,
+                max_pages,
+                pages_used: 0,
+                block_table: DeviceTensor::zeros(&[spec.batch, max_pages], DType::F32, device)?,
+                pool_next: DeviceTensor::zeros(&[1], DType::F32, device)?,
+            }),
+        })
+    }
+
+    fn check_spec(s: &KvCacheSpec) -> Result<()> {
+        for (name, v) in [
+            ("batch", s.batch),
+            ("num_kv_heads", s.num_kv_heads),
+            ("head_dim", s.head_dim),
+            ("capacity", s.capacity),
+        ] {
+            if v == 0 {
+                return Err(bad("kv cache", format!("{name} must be > 0")));
+            }
+        }
+        if s.capacity > i32::MAX as usize {
+            return Err(bad(
+                "capacity",
+                format!("at most {}, got {}", i32::MAX, s.capacity),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Storage layout.
+    pub fn layout(&self) -> KvCacheLayout {
+        self.layout
+    }
+    /// Device of the cache.
+    pub fn device(&self) -> Device {
+        self.k.device()
+    }
+    /// Element type.
+    pub fn dtype(&self) -> DType {
+        self.k.dtype()
+    }
+    /// Sequences.
+    pub fn batch(&self) -> usize {
+        self.batch
+    }
+    /// KV heads.
+    pub fn num_kv_heads(&self) -> usize {
+        self.num_kv_heads
+    }
+    /// Head dimension.
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+    /// Most tokens per sequence.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+    /// Tokens held by each sequence.
+    pub fn lengths(&self) -> &[usize] {
+        &self.lengths
+    }
+    /// Pages handed out so far (paged caches; 0 otherwise).
+    pub fn pages_used(&self) -> usize {
+        self.paging.as_ref().map_or(0, |p| p.pages_used)
+    }
+    /// Page size (paged caches).
+    pub fn page_size(&self) -> Option<usize> {
+        self.paging.as_ref().map(|p| p.page_size)
+    }
+
+    /// Appends `n` tokens to every sequence: `k_new`/`v_new` are `[B, n, Hkv, D]` (any
+    /// strides, head_dim contiguous) on the cache's device. One launch; no host transfer.
+    pub fn append(&mut self, k_new: &DeviceTensor, v_new: &DeviceTensor) -> Result<()> {
+        let n = self.check_new("k_new", k_new)?;
+        if self.check_new("v_new", v_new)? != n {
+            return Err(AttentionError::shape(
+                "v_new",
+                format!("{:?}", k_new.shape()),
+                format!("{:?}", v_new.shape()),
+            ));
+        }
+        let counts = vec![n; self.batch];
+        self.reserve(&counts)?;
+        self.launch_append(k_new, v_new, n, None)?;
+        self.commit(&counts);
+        Ok(())
+    }
+
+    /// Appends `counts[b]` tokens to sequence `b` (ragged prefill): `k_new`/`v_new` are
+    /// `[B, max(counts), Hkv, D]`, rows past a sequence's count ignored. Uploads the counts
+    /// (one small host-to-device transfer).
+    pub fn append_ragged(
+        &mut self,
+        k_new: &DeviceTensor,
+        v_new: &DeviceTensor,
+        counts: &[usize],
+    ) -> Result<()> {
+        let n = self.check_new("k_new", k_new)?;
+        if self.check_new("v_new", v_new)? != n {
+            return Err(AttentionError::shape(
+                "v_new",
+                format!("{:?}", k_new.shape()),
+                format!("{:?}", v_new.shape()),
+            ));
+        }
+        if counts.len() != self.batch || counts.iter().any(|&c| c > n) {
+            return Err(AttentionError::shape(
+                "counts",
+                format!("{} values, each <= {n}", self.batch),
+                format!("{counts:?}"),
+            ));
+        }
+        self.reserve(counts)?;
+        let c: Vec<i32> = counts.iter().map(|&c| c as i32).collect();
+        let dev_counts = DeviceTensor::from_host(
+            bytemuck::cast_slice::<i32, f32>(&c),
+            &[self.batch],
+            self.device(),
+        )?;
+        self.launch_append(k_new, v_new, n, Some(&dev_counts))?;
+        self.commit(counts);
+        Ok(())
+    }
+
+    fn check_new(&self, what: &str, t: &DeviceTensor) -> Result<usize> {
+        let s = t.shape();
+        if t.rank() != 4 || s[0] != self.batch || s[2] != self.num_kv_heads || s[3] != self.head_dim
+        {
+            return Err(AttentionError::shape(
+                what,
+                format!(
+                    "[{}, n, {}, {}]",
+                    self.batch, self.num_kv_heads, self.head_dim
+                ),
+                format!("{s:?}"),
+            ));
+        }
+        if t.dtype() != self.dtype() {
+            return Err(AttentionError::DTypeMismatch {
+                what: what.into(),
+                expected: self.dtype().to_string(),
+                got: t.dtype().to_string(),
+            });
+        }
+        if t.device() != self.device() {
+            return Err(AttentionError::DeviceMismatch {
+                what: what.into(),
+                expected: self.device().to_string(),
+                got: t.device().to_string(),
+            });
+        }
+        if s[3] > 1 && t.strides()[3] != 1 {
+            return Err(AttentionError::UnsupportedLayout {
+                what: what.into(),
+                reason: "head_dim must be contiguous".into(),
+            });
+        }
+        Ok(s[1])
+    }
+
+    /// Refuses an append that would overflow a sequence or the page pool.
+    fn reserve(&self, counts: &[usize]) -> Result<()> {
+        let mut new_pages = 0;
+        for (b, (&len, &c)) in self.lengths.iter().zip(counts).enumerate() {
+            if len + c > self.capacity {
+                return Err(AttentionError::CapacityExceeded(format!(
+                    "sequence {b} holds {len} tokens, appending {c} exceeds its capacity {}",
+                    self.capacity
+                )));
+            }
+            if let Some(p) = &self.paging {
+                new_pages += (len + c).div_ceil(p.page_size) - len.div_ceil(p.page_size);
+            }
+        }
+        if let Some(p) = &self.paging {
+            if p.pages_used + new_pages > p.num_pages {
+                return Err(AttentionError::CapacityExceeded(format!(
+                    "page pool exhausted: {} of {} pages in use, the append needs {new_pages} more",
+                    p.pages_used, p.num_pages
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn commit(&mut self, counts: &[usize]) {
+        for (len, &c) in self.lengths.iter_mut().zip(counts) {
+            if let Some(p) = &mut self.paging {
+                p.pages_used += (*len + c).div_ceil(p.page_size) - len.div_ceil(p.page_size);
+            }
+            *len += c;
+        }
+    }
+
+    fn launch_append(
+        &mut self,
+        k_new: &DeviceTensor,
+        v_new: &DeviceTensor,
+        n: usize,
+        counts: Option<&DeviceTensor>,
+    ) -> Result<()> {
+        match self.device() {
+            Device::Cpu => {
+                self.append_on_host(k_new, v_new, n, counts);
+                Ok(())
+            }
+            _ => self.append_on_device(k_new, v_new, n, counts),
+        }
+    }
+
+    /// Cache strides (batch or page, head, position) in elements.
+    fn cache_strides(&self) -> HeadStrides {
+        let s = self.k.strides();
+        HeadStrides {
+            batch: s[0],
+            head: s[1],
+            seq: s[2],
+        }
+    }
+
+    fn append_on_device(
+        &mut self,
+        k_new: &DeviceTensor,
+        v_new: &DeviceTensor,
+        n: usize,
+        counts: Option<&DeviceTensor>,
+    ) -> Result<()> {
+        let rt = self
+            .k
+            .gpu_runtime()
+            .ok_or_else(|| AttentionError::DeviceUnavailable {
+                device: self.device().to_string(),
+                reason: "cache storage is not on a GPU".into(),
+            })?;
+        let (ks, vs) = (k_new.strides(), v_new.strides());
+        let c = self.cache_strides();
+        let params = AppendParams {
+            k_new: k_new.device_ptr(),
+            v_new: v_new.device_ptr(),
+            k_cache: self.k.device_ptr(),
+            v_cache: self.v.device_ptr(),
+            seq_lens: self.seq_lens.device_ptr(),
+            block_table: self
+                .paging
+                .as_ref()
+                .map_or(0, |p| p.block_table.device_ptr()),
+            pool_next: self.paging.as_ref().map_or(0, |p| p.pool_next.device_ptr()),
+            counts: counts.map_or(0, |c| c.device_ptr()),
+            kn_sb: ks[0] as i64,
+            kn_ss: ks[1] as i64,
+            kn_sh: ks[2] as i64,
+            vn_sb: vs[0] as i64,
+            vn_ss: vs[1] as i64,
+            vn_sh: vs[2] as i64,
+            c_sb: c.batch as i64,
+            c_sh: c.head as i64,
+            c_ss: c.seq as i64,
+            batch: self.batch as i32,
+            n: n as i32,
+            num_kv_heads: self.num_kv_heads as i32,
+            head_dim: self.head_dim as i32,
+            max_pages: self.paging.as_ref().map_or(0, |p| p.max_pages as i32),
+            page_size: self.paging.as_ref().map_or(1, |p| p.page_size as i32),
+        };
+        let name = if self.dtype().size_in_bytes() == 2 {
+            "kv_append_b2"
+        } else {
+            "kv_append_b4"
+        };
+        rt.launch(
+            &KernelSpec::new(KernelFile::KvCache, name, vec![]),
+            LaunchDims::new((self.batch as u32, 1, 1), (256, 1, 1), 0),
+            &params,
+        )
+    }
+
+    /// The same append on host memory (CPU device), mirroring the kernel.
+    fn append_on_host(
+        &mut self,
+        k_new: &DeviceTensor,
+        v_new: &DeviceTensor,
+        n: usize,
+        counts: Option<&DeviceTensor>,
+    ) {
+        let es = self.dtype().size_in_bytes();
+        let counts: Vec<usize> = match counts {
+            // SAFETY: a host tensor of `batch` i32 values written by append_ragged.
+            Some(c) => (0..self.batch)
+                .map(
+                    |b| unsafe { *(c.host_ptr().expect("host tensor") as *const i32).add(b) }
+                        as usize,
+                )
+                .collect(),
+            None => vec![n; self.batch],
+        };
+        let c = self.cache_strides();
+        let pages = self
+            .paging
+            .as_ref()
+            .map(|p| (p.page_size, p.max_pages, p.pages_used));
+        let mut next_page = pages.map_or(0, |p| p.2);
+        let (kc, vc) = (self.k.host_ptr(), self.v.host_ptr());
+        let (kn, vn) = (k_new.host_ptr(), v_new.host_ptr());
+        let (Some(kc), Some(vc), Some(kn), Some(vn)) = (kc, vc, kn, vn) else {
+            return;
+        };
+        let table = self
+            .paging
+            .as_ref()
+            .and_then(|p| p.block_table.host_ptr())
+            .map(|p| p as *mut i32);
+        for b in 0..self.batch {
+            let start = self.lengths[b];
+            for t in 0..counts[b] {
+                let pos = start + t;
+                let (slot, within) = match (pages, table) {
+                    (Some((ps, maxp, _)), Some(tab)) => {
+                        // SAFETY: pos < capacity, so the entry lies in row b of the table.
+                        let entry = unsafe { tab.add(b * maxp + pos / ps) };
+                        if pos % ps == 0 {
+                            unsafe { *entry = next_page as i32 };
+                            next_page += 1;
+                        }
+                        (unsafe { *entry } as usize, pos % ps)
+                    }
+                    _ => (b, pos),
+                };
+                for h in 0..self.num_kv_heads {
+                    let dst = (slot * c.batch + h * c.head + within * c.seq) * es;
+                    let (ks, vs) = (k_new.strides(), v_new.strides());
+                    let srck = (b * ks[0] + t * ks[1] + h * ks[2]) * es;
+                    let srcv = (b * vs[0] + t * vs[1] + h * vs[2]) * es;
+                    // SAFETY: both ranges lie inside their tensors (shapes checked above).
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            kn.add(srck),
+                            kc.add(dst),
+                            self.head_dim * es,
+                        );
+                        std::ptr::copy_nonoverlapping(
+                            vn.add(srcv),
+                            vc.add(dst),
+                            self.head_dim * es,
+                        );
+                    }
+                }
+            }
+            if let Some(p) = self.seq_lens.host_ptr() {
+                // SAFETY: b < batch, the tensor holds batch i32 values.
+                unsafe { *(p as *mut i32).add(b) = (start + counts[b]) as i32 };
+            }
+        }
+    }
+
+    /// Contiguous caches whose sequences all hold the same number of tokens: `[B, L, Hkv, D]`
+    /// views of K and V (in BSHD order, no copy) for [`crate::DeviceAttentionBackend::forward_into`].
+    pub fn views(&self) -> Result<(DeviceTensor, DeviceTensor)> {
+        if self.paging.is_some() {
+            return Err(AttentionError::UnsupportedLayout {
+                what: "kv cache".into(),
+                reason: "a paged cache has no dense view; use GpuAttentionBackend::forward_cached"
+                    .into(),
+            });
+        }
+        let len = self.lengths[0];
+        if self.lengths.iter().any(|&l| l != len) || len == 0 {
+            return Err(AttentionError::UnsupportedLayout {
+                what: "kv cache".into(),
+                reason: format!(
+                    "dense views need equal, non-zero lengths, got {:?}",
+                    self.lengths
+                ),
+            });
+        }
+        let view = |t: &DeviceTensor| t.narrow(2, 0, len)?.permute(&[0, 2, 1, 3]);
+        Ok((view(&self.k)?, view(&self.v)?))
+    }
+
+    /// Downloads the cache as dense host tensors `[B, L, Hkv, D]` (BSHD) on
+    /// [`Device::Cpu`], whatever the layout; every sequence must hold the same number of
+    /// tokens L. Meant for checking and debugging: it copies everything to the host.
+    pub fn to_dense(&self) -> Result<(DeviceTensor, DeviceTensor)> {
+        let len = self.lengths[0];
+        if self.lengths.iter().any(|&l| l != len) || len == 0 {
+            return Err(AttentionError::UnsupportedLayout {
+                what: "kv cache".into(),
+                reason: format!(
+                    "a dense copy needs equal, non-zero lengths, got {:?}",
+                    self.lengths
+                ),
+            });
+        }
+        let (hkv, d) = (self.num_kv_heads, self.head_dim);
+        let k = self.k.to_f32_vec()?;
+        let v = self.v.to_f32_vec()?;
+        let table: Option<Vec<i32>> = match &self.paging {
+            Some(p) => {
+                Some(bytemuck::cast_slice::<f32, i32>(&p.block_table.to_host::<f32>()?).to_vec())
+            }
+            None => None,
+        };
+        let s = self.k.shape().to_vec(); // [slots, Hkv, positions, D]
+        let mut kd = vec![0f32; self.batch * len * hkv * d];
+        let mut vd = kd.clone();
+        for b in 0..self.batch {
+            for pos in 0..len {
+                let (slot, within) = match (&table, &self.paging) {
+                    (Some(t), Some(p)) => (
+                        t[b * p.max_pages + pos / p.page_size] as usize,
+                        pos % p.page_size,
+                    ),
+                    _ => (b, pos),
+                };
+                for h in 0..hkv {
+                    let src = ((slot * s[1] + h) * s[2] + within) * d;
+                    let dst = ((b * len + pos) * hkv + h) * d;
+                    kd[dst..dst + d].copy_from_slice(&k[src..src + d]);
+                    vd[dst..dst + d].copy_from_slice(&v[src..src + d]);
+                }
+            }
+        }
+        let shape = [self.batch, len, hkv, d];
+        Ok((
+            DeviceTensor::from_f32(&kd, &shape, self.dtype(), Device::Cpu)?,
+            DeviceTensor::from_f32(&vd, &shape, self.dtype(), Device::Cpu)?,
+        ))
+    }
+
+    pub(crate) fn raw_parts(&self) -> CacheParts<'_> {
+        CacheParts {
+            k: &self.k,
+            v: &self.v,
+            strides: self.cache_strides(),
+            seq_lens: &self.seq_lens,
+            block_table: self.paging.as_ref().map(|p| &p.block_table),
+            max_pages: self.paging.as_ref().map_or(0, |p| p.max_pages),
+            page_size: self.paging.as_ref().map_or(1, |p| p.page_size),
+            max_len: self.lengths.iter().copied().max().unwrap_or(0),
+        }
+    }
+}
+
+/// What a decode kernel needs to read a cache.
+pub(crate) struct CacheParts<'a> {
+    pub k: &'a DeviceTensor,
+    pub v: &'a DeviceTensor,
+    pub strides: HeadStrides,
+    pub seq_lens: &'a DeviceTensor,
+    pub block_table: Option<&'a DeviceTensor>,
+    pub max_pages: usize,
+    pub page_size: usize,
+    pub max_len: usize,
+}
