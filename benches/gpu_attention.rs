@@ -120,12 +120,12 @@ fn measure(
     let cfg = AttentionConfig::new(h * d, h, s)
         .with_causal(causal)
         .with_layout(Layout::Bhsd);
-    let plan = backend.plan_for_config(&cfg, dtype, false);
+    let plan = backend.plan_for_config(&cfg, dtype, s, false);
     let cfgdesc = match (path, plan.flash) {
-        ("flash", Some(c)) => format!(
-            "{:?} BM={} BN={} threads={} smem={}",
-            c.kernel, c.tile.block_m, c.tile.block_n, c.tile.threads, c.tile.smem_bytes
-        ),
+        ("flash", Some(c)) => match c.tile {
+            Some(t) => format!("{:?} BM={} BN={} threads={} smem={}", c.kernel, t.block_m, t.block_n, t.threads, t.smem_bytes),
+            None => format!("{:?}", c.kernel),
+        },
         ("flash", None) => {
             return Err(forge_attn::AttentionError::NotSupported {
                 backend: "flash".into(),

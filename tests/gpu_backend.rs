@@ -174,7 +174,7 @@ fn check(backend: &GpuAttentionBackend, c: &Case, traditional: bool, seed: u64) 
         _ => {
             let naive =
                 attention_naive_in_dtype(&cfg, &x.q, &x.k, &x.v, x.mask.as_ref()).expect("naive");
-            (2.0 * relative_l2_error(&naive, &want)).clamp(1e-3, 1e-2)
+            (2.0f64 * relative_l2_error(&naive, &want)).clamp(1e-3, 1e-2)
         }
     };
     assert!(
@@ -279,7 +279,7 @@ fn dispatch_reports_fallbacks() {
     let cfg = AttentionConfig::new(4 * 300, 4, 64)
         .with_head_dim(300)
         .with_causal(true);
-    let plan = backend.plan_for_config(&cfg, DType::F32, false);
+    let plan = backend.plan_for_config(&cfg, DType::F32, 64, false);
     assert_eq!(plan.path, AttentionPath::Traditional);
     assert!(plan.fallback_reason.unwrap().contains("300"));
     // head_dim 300 still runs, on the traditional path.
@@ -293,7 +293,7 @@ fn dispatch_reports_fallbacks() {
     assert_eq!(path, AttentionPath::Traditional);
     let off = GpuAttentionBackend::new(dev).unwrap().with_flash(false);
     let cfg = AttentionConfig::new(512, 4, 64);
-    let plan = off.plan_for_config(&cfg, DType::BF16, false);
+    let plan = off.plan_for_config(&cfg, DType::BF16, 64, false);
     assert_eq!(plan.path, AttentionPath::Traditional);
     assert!(plan.fallback_reason.unwrap().contains("switched off"));
 }
