@@ -28,3 +28,28 @@ typedef struct {
     float scale;            // softmax scale (natural base)
     int causal;             // 1: key j visible to query i iff j <= i + (seq_k - seq_q)
 } AttnParams;
+
+// Strided device-to-device copy (tensor_ops.hip: copy_strided_b2 / copy_strided_b4).
+// Rank padded to 4 with leading size-1 dims; strides in elements; numel = product of shape.
+typedef struct {
+    const void* src;
+    void* dst;
+    fa_i64 shape[4];
+    fa_i64 src_strides[4];
+    fa_i64 dst_strides[4];
+    fa_i64 numel;
+} CopyParams;
+
+// Contiguous fill of numel 4-byte elements with a bit pattern (tensor_ops.hip: fill_b4).
+typedef struct {
+    void* dst;
+    unsigned int value;
+    fa_i64 numel;
+} FillParams;
+
+// Contiguous fill of numel 2-byte elements with a bit pattern (tensor_ops.hip: fill_b2).
+typedef struct {
+    void* dst;
+    unsigned short value;
+    fa_i64 numel;
+} FillParamsB2;
