@@ -123,7 +123,10 @@ fn measure(
     let plan = backend.plan_for_config(&cfg, dtype, s, false);
     let cfgdesc = match (path, plan.flash) {
         ("flash", Some(c)) => match c.tile {
-            Some(t) => format!("{:?} BM={} BN={} threads={} smem={}", c.kernel, t.block_m, t.block_n, t.threads, t.smem_bytes),
+            Some(t) => format!(
+                "{:?} BM={} BN={} threads={} smem={}",
+                c.kernel, t.block_m, t.block_n, t.threads, t.smem_bytes
+            ),
             None => format!("{:?}", c.kernel),
         },
         ("flash", None) => {

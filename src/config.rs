@@ -51,7 +51,7 @@ pub struct AttentionConfig {
 impl AttentionConfig {
     /// A config for `num_heads` heads of `dim / num_heads` each, plain multi-head, non-causal.
     pub fn new(dim: usize, num_heads: usize, max_sequence_length: usize) -> Self {
-        let head_dim = if num_heads == 0 { 0 } else { dim / num_heads };
+        let head_dim = dim.checked_div(num_heads).unwrap_or(0);
         AttentionConfig {
             dim,
             num_heads,
@@ -160,7 +160,7 @@ impl AttentionConfig {
                 ),
             );
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(
                 "num_kv_heads",
                 format!(

@@ -454,15 +454,15 @@ impl KvCache {
             .as_ref()
             .and_then(|p| p.block_table.host_ptr())
             .map(|p| p as *mut i32);
-        for b in 0..self.batch {
+        for (b, &count) in counts.iter().enumerate() {
             let start = self.lengths[b];
-            for t in 0..counts[b] {
+            for t in 0..count {
                 let pos = start + t;
                 let (slot, within) = match (pages, table) {
                     (Some((ps, maxp, _)), Some(tab)) => {
                         // SAFETY: pos < capacity, so the entry lies in row b of the table.
                         let entry = unsafe { tab.add(b * maxp + pos / ps) };
-                        if pos % ps == 0 {
+                        if pos.is_multiple_of(ps) {
                             unsafe { *entry = next_page as i32 };
                             next_page += 1;
                         }
@@ -492,7 +492,7 @@ impl KvCache {
             }
             if let Some(p) = self.seq_lens.host_ptr() {
                 // SAFETY: b < batch, the tensor holds batch i32 values.
-                unsafe { *(p as *mut i32).add(b) = (start + counts[b]) as i32 };
+                unsafe { *(p as *mut i32).add(b) = (start + count) as i32 };
             }
         }
     }

@@ -21,6 +21,8 @@ pub use device::{Device, TransferStats};
 pub use dtype::{DType, HostElement};
 pub use error::{AttentionBackendResult, AttentionError, Result};
 pub use kv_cache::{KvCache, KvCacheSpec};
-pub use legacy::{AttentionBackendRegistry, BackendImplementation, BackendPriority, HostAdapter, PathRecorder};
+pub use legacy::{
+    AttentionBackendRegistry, BackendImplementation, BackendPriority, HostAdapter, PathRecorder,
+};
 pub use problem::AttentionProblem;
 pub use tensor::DeviceTensor;

@@ -1,10 +1,13 @@
 //! KvCache on the CPU device (every layout), and on a GPU (ignored without one): appends,
 //! ragged lengths, paging, overflow errors, and decode attention against the f64 reference.
 
-use forge_attn::reference::{attention_f64, attention_naive_in_dtype, random_values, relative_l2_error};
+use forge_attn::reference::{
+    attention_f64, attention_naive_in_dtype, random_values, relative_l2_error,
+};
 use forge_attn::{
-    AttentionConfig, AttentionError, AttentionPath, CpuAttentionBackend, DType, Device, DeviceAttentionBackend,
-    DeviceTensor, FlashKernel, GpuAttentionBackend, KvCache, KvCacheLayout, KvCacheSpec,
+    AttentionConfig, AttentionError, AttentionPath, CpuAttentionBackend, DType, Device,
+    DeviceAttentionBackend, DeviceTensor, FlashKernel, GpuAttentionBackend, KvCache, KvCacheLayout,
+    KvCacheSpec,
 };
 
 fn spec(batch: usize, hkv: usize, d: usize, cap: usize, dtype: DType) -> KvCacheSpec {
@@ -17,9 +20,20 @@ fn spec(batch: usize, hkv: usize, d: usize, cap: usize, dtype: DType) -> KvCache
     }
 }
 
-fn tokens(b: usize, n: usize, hkv: usize, d: usize, dtype: DType, dev: Device, seed: u64) -> (DeviceTensor, Vec<f32>) {
+fn tokens(
+    b: usize,
+    n: usize,
+    hkv: usize,
+    d: usize,
+    dtype: DType,
+    dev: Device,
+    seed: u64,
+) -> (DeviceTensor, Vec<f32>) {
     let host = random_values(b * n * hkv * d, seed);
-    (DeviceTensor::from_f32(&host, &[b, n, hkv, d], dtype, dev).unwrap(), host)
+    (
+        DeviceTensor::from_f32(&host, &[b, n, hkv, d], dtype, dev).unwrap(),
+        host,
+    )
 }
 
 fn caches(dev: Device, s: KvCacheSpec) -> Vec<KvCache> {
@@ -47,10 +61,18 @@ fn append_round_trip(dev: Device) {
             for pos in 0..14 {
                 for x in 0..hkv * d {
                     let got = kd[(bb * 14 + pos) * hkv * d + x];
-                    let want = if pos < 13 { hk1[(bb * 13 + pos) * hkv * d + x] } else { hk2[bb * hkv * d + x] };
+                    let want = if pos < 13 {
+                        hk1[(bb * 13 + pos) * hkv * d + x]
+                    } else {
+                        hk2[bb * hkv * d + x]
+                    };
                     assert_eq!(got, want, "{:?} k b{bb} pos{pos}", cache.layout());
                     let gotv = vd[(bb * 14 + pos) * hkv * d + x];
-                    let wantv = if pos < 13 { hv1[(bb * 13 + pos) * hkv * d + x] } else { hv2[bb * hkv * d + x] };
+                    let wantv = if pos < 13 {
+                        hv1[(bb * 13 + pos) * hkv * d + x]
+                    } else {
+                        hv2[bb * hkv * d + x]
+                    };
                     assert_eq!(gotv, wantv);
                 }
             }
@@ -71,7 +93,10 @@ fn overflow_and_exhaustion_are_errors() {
     let s = spec(2, 1, 8, 10, DType::F32);
     let (k, _) = tokens(2, 11, 1, 8, DType::F32, Device::Cpu, 1);
     let mut c = KvCache::contiguous(s, KvCacheLayout::Contiguous, Device::Cpu).unwrap();
-    assert!(matches!(c.append(&k, &k), Err(AttentionError::CapacityExceeded(_))));
+    assert!(matches!(
+        c.append(&k, &k),
+        Err(AttentionError::CapacityExceeded(_))
+    ));
     assert_eq!(c.lengths(), &[0, 0], "a refused append changes nothing");
     // A pool of 2 pages of 4 tokens cannot hold 2 sequences of 5 tokens.
     let mut p = KvCache::paged(s, 4, 2, Device::Cpu).unwrap();
@@ -81,11 +106,22 @@ fn overflow_and_exhaustion_are_errors() {
         other => panic!("expected pool exhaustion, got {other:?}"),
     }
     let (bad, _) = tokens(2, 1, 2, 8, DType::F32, Device::Cpu, 3);
-    assert!(matches!(c.append(&bad, &bad), Err(AttentionError::ShapeMismatch { .. })));
+    assert!(matches!(
+        c.append(&bad, &bad),
+        Err(AttentionError::ShapeMismatch { .. })
+    ));
     let (bf, _) = tokens(2, 1, 1, 8, DType::BF16, Device::Cpu, 3);
-    assert!(matches!(c.append(&bf, &bf), Err(AttentionError::DTypeMismatch { .. })));
+    assert!(matches!(
+        c.append(&bf, &bf),
+        Err(AttentionError::DTypeMismatch { .. })
+    ));
     assert!(KvCache::paged(s, 0, 1, Device::Cpu).is_err());
-    assert!(KvCache::contiguous(spec(0, 1, 8, 1, DType::F32), KvCacheLayout::Contiguous, Device::Cpu).is_err());
+    assert!(KvCache::contiguous(
+        spec(0, 1, 8, 1, DType::F32),
+        KvCacheLayout::Contiguous,
+        Device::Cpu
+    )
+    .is_err());
     assert!(KvCache::contiguous(s, KvCacheLayout::BlockSparse, Device::Cpu).is_err());
 }
 
@@ -114,20 +150,32 @@ fn ragged_append_and_views() {
     assert_eq!(c.dtype(), DType::F32);
     assert_eq!(c.device(), Device::Cpu);
     assert_eq!(c.page_size(), None);
-    assert_eq!(KvCache::paged(s, 4, 20, Device::Cpu).unwrap().page_size(), Some(4));
+    assert_eq!(
+        KvCache::paged(s, 4, 20, Device::Cpu).unwrap().page_size(),
+        Some(4)
+    );
 }
 
 #[test]
 fn cpu_decode_through_views_matches_reference() {
     let (b, h, hkv, d) = (2, 8, 2, 32);
-    let cfg = AttentionConfig::new(h * d, h, 64).with_num_kv_heads(hkv).with_causal(true);
-    let mut c = KvCache::contiguous(spec(b, hkv, d, 64, DType::F32), KvCacheLayout::Contiguous, Device::Cpu).unwrap();
+    let cfg = AttentionConfig::new(h * d, h, 64)
+        .with_num_kv_heads(hkv)
+        .with_causal(true);
+    let mut c = KvCache::contiguous(
+        spec(b, hkv, d, 64, DType::F32),
+        KvCacheLayout::Contiguous,
+        Device::Cpu,
+    )
+    .unwrap();
     let (k, _) = tokens(b, 37, hkv, d, DType::F32, Device::Cpu, 7);
     let (v, _) = tokens(b, 37, hkv, d, DType::F32, Device::Cpu, 8);
     c.append(&k, &v).unwrap();
     let (q, _) = tokens(b, 1, h, d, DType::F32, Device::Cpu, 9);
     let (kv, vv) = c.views().unwrap();
-    let out = CpuAttentionBackend.forward(&cfg, &q, &kv, &vv, None).unwrap();
+    let out = CpuAttentionBackend
+        .forward(&cfg, &q, &kv, &vv, None)
+        .unwrap();
     let want = attention_f64(&cfg, &q, &k, &v, None).unwrap();
     assert!(relative_l2_error(&out.to_host::<f32>().unwrap(), &want) < 1e-5);
 }
@@ -164,7 +212,9 @@ fn gpu_decode_matches_reference() {
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         for (i, (b, sq, h, hkv, d, lens, causal)) in cases.iter().cloned().enumerate() {
             let cap = *lens.iter().max().unwrap() + 8;
-            let cfg = AttentionConfig::new(h * d, h, cap).with_num_kv_heads(hkv).with_causal(causal);
+            let cfg = AttentionConfig::new(h * d, h, cap)
+                .with_num_kv_heads(hkv)
+                .with_causal(causal);
             let s = spec(b, hkv, d, cap, dtype);
             for mut cache in caches(dev, s) {
                 let maxl = *lens.iter().max().unwrap();
@@ -173,7 +223,13 @@ fn gpu_decode_matches_reference() {
                 let (v, _) = tokens(b, maxl, hkv, d, dtype, dev, seed + 1);
                 cache.append_ragged(&k, &v, &lens).unwrap();
                 let (q, _) = tokens(b, sq, h, d, dtype, dev, seed + 2);
-                let mut out = DeviceTensor::from_f32(&vec![f32::NAN; b * sq * h * d], &[b, sq, h, d], dtype, dev).unwrap();
+                let mut out = DeviceTensor::from_f32(
+                    &vec![f32::NAN; b * sq * h * d],
+                    &[b, sq, h, d],
+                    dtype,
+                    dev,
+                )
+                .unwrap();
                 let path = backend.forward_cached(&cfg, &q, &cache, &mut out).unwrap();
                 assert_eq!(path, AttentionPath::Flash(FlashKernel::Decode));
                 let got = out.to_f32_vec().unwrap();
@@ -190,7 +246,8 @@ fn gpu_decode_matches_reference() {
                     let bound = match dtype {
                         DType::F32 => 1e-5,
                         _ => {
-                            let naive = attention_naive_in_dtype(&cfg, &qb, &kb, &vb, None).unwrap();
+                            let naive =
+                                attention_naive_in_dtype(&cfg, &qb, &kb, &vb, None).unwrap();
                             (2.0f64 * relative_l2_error(&naive, &want)).clamp(1e-3, 1e-2)
                         }
                     };
@@ -212,12 +269,16 @@ fn forward_into_uses_decode_for_short_queries() {
     let dev = gpu();
     let backend = GpuAttentionBackend::new(dev).unwrap();
     let (b, h, hkv, d, l) = (2, 8, 2, 128, 5000);
-    let cfg = AttentionConfig::new(h * d, h, l).with_num_kv_heads(hkv).with_causal(true);
+    let cfg = AttentionConfig::new(h * d, h, l)
+        .with_num_kv_heads(hkv)
+        .with_causal(true);
     let (q, _) = tokens(b, 3, h, d, DType::BF16, dev, 1);
     let (k, _) = tokens(b, l, hkv, d, DType::BF16, dev, 2);
     let (v, _) = tokens(b, l, hkv, d, DType::BF16, dev, 3);
     let mut out = DeviceTensor::zeros(&[b, 3, h, d], DType::BF16, dev).unwrap();
-    let path = backend.forward_into(&cfg, &q, &k, &v, None, &mut out).unwrap();
+    let path = backend
+        .forward_into(&cfg, &q, &k, &v, None, &mut out)
+        .unwrap();
     assert_eq!(path, AttentionPath::Flash(FlashKernel::Decode));
     let want = attention_f64(&cfg, &q, &k, &v, None).unwrap();
     let err = relative_l2_error(&out.to_f32_vec().unwrap(), &want);
@@ -230,7 +291,9 @@ fn gpu_decode_loop_has_no_host_transfers() {
     let dev = gpu();
     let backend = GpuAttentionBackend::new(dev).unwrap();
     let (b, h, hkv, d) = (4, 16, 4, 64);
-    let cfg = AttentionConfig::new(h * d, h, 300).with_num_kv_heads(hkv).with_causal(true);
+    let cfg = AttentionConfig::new(h * d, h, 300)
+        .with_num_kv_heads(hkv)
+        .with_causal(true);
     let mut cache = KvCache::paged(spec(b, hkv, d, 300, DType::BF16), 16, 4 * 19, dev).unwrap();
     let (k, _) = tokens(b, 200, hkv, d, DType::BF16, dev, 1);
     cache.append(&k, &k).unwrap();
@@ -238,7 +301,12 @@ fn gpu_decode_loop_has_no_host_transfers() {
     let mut out = DeviceTensor::zeros(&[b, 1, h, d], DType::BF16, dev).unwrap();
     let before = dev.transfer_stats();
     for _ in 0..50 {
-        cache.append(&x.narrow(2, 0, hkv).unwrap(), &x.narrow(2, hkv, hkv).unwrap()).unwrap();
+        cache
+            .append(
+                &x.narrow(2, 0, hkv).unwrap(),
+                &x.narrow(2, hkv, hkv).unwrap(),
+            )
+            .unwrap();
         backend.forward_cached(&cfg, &x, &cache, &mut out).unwrap();
         std::mem::swap(&mut x, &mut out);
     }
@@ -247,7 +315,13 @@ fn gpu_decode_loop_has_no_host_transfers() {
     assert_eq!(cache.lengths(), &[250; 4]);
     // After the last swap `x` holds the last result and `out` the query that produced it.
     let (kd, vd) = cache.to_dense().unwrap();
-    let q_last = DeviceTensor::from_f32(&out.to_f32_vec().unwrap(), out.shape(), DType::BF16, Device::Cpu).unwrap();
+    let q_last = DeviceTensor::from_f32(
+        &out.to_f32_vec().unwrap(),
+        out.shape(),
+        DType::BF16,
+        Device::Cpu,
+    )
+    .unwrap();
     let want = attention_f64(&cfg, &q_last, &kd, &vd, None).unwrap();
     let err = relative_l2_error(&x.to_f32_vec().unwrap(), &want);
     assert!(err < 1e-2, "last decode step error {err:.3e}");

@@ -270,7 +270,7 @@ impl DeviceTensor {
                 dim,
             ));
         }
-        let end = start.checked_add(len).unwrap_or(usize::MAX);
+        let end = start.saturating_add(len);
         if end > self.shape[dim] {
             return Err(AttentionError::shape(
                 format!("narrow range of dim {dim}"),

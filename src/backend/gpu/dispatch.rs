@@ -101,7 +101,7 @@ pub fn can_use_flash_attention(
             input.head_dim
         ));
     }
-    if input.head_dim % 8 != 0 {
+    if !input.head_dim.is_multiple_of(8) {
         return Err(format!(
             "head_dim {} is not a multiple of 8",
             input.head_dim
