@@ -1,1 +1,84 @@
-fn main() {}
+//! Throughput of the CPU backend on prefill-sized problems.
+//!
+//! f32, batch 1, 16 heads, head_dim 128, BSHD, seq 512/2048/4096, causal and not. FLOPs
+//! follow FlashAttention's convention, 4*B*S*S*H*D, halved when causal; criterion's
+//! throughput is reported in elements/s where one element is one FLOP, and each shape's
+//! GFLOP/s is printed as well.
+
+use std::time::{Duration, Instant};
+
+use criterion::{
+    criterion_group, criterion_main, BenchmarkId, Criterion, SamplingMode, Throughput,
+};
+use forge_attn::reference::random_values;
+use forge_attn::{
+    AttentionConfig, AttentionProblem, CpuAttentionBackend, DType, Device, DeviceAttentionBackend,
+    DeviceTensor,
+};
+
+const BATCH: usize = 1;
+const HEADS: usize = 16;
+const HEAD_DIM: usize = 128;
+
+fn bench_cpu(c: &mut Criterion) {
+    let backend = CpuAttentionBackend::new();
+    let mut group = c.benchmark_group("cpu_backend");
+    // One iteration at seq 4096 takes seconds on a small machine: flat sampling with few
+    // samples keeps the whole run to minutes.
+    group
+        .sampling_mode(SamplingMode::Flat)
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3));
+
+    for seq in [512usize, 2048, 4096] {
+        for causal in [false, true] {
+            let config = AttentionConfig::new(HEADS * HEAD_DIM, HEADS, seq).with_causal(causal);
+            let shape = [BATCH, seq, HEADS, HEAD_DIM];
+            let n = shape.iter().product();
+            let make = |seed| {
+                DeviceTensor::from_f32(&random_values(n, seed), &shape, DType::F32, Device::Cpu)
+            };
+            let (Ok(q), Ok(k), Ok(v), Ok(mut out)) = (
+                make(1),
+                make(2),
+                make(3),
+                DeviceTensor::zeros(&shape, DType::F32, Device::Cpu),
+            ) else {
+                eprintln!("skipping seq {seq}: could not allocate the tensors");
+                continue;
+            };
+            let flops = match AttentionProblem::new(&config, &q, &k, &v, None) {
+                Ok(p) => p.flops(),
+                Err(e) => {
+                    eprintln!("skipping seq {seq}: {e}");
+                    continue;
+                }
+            };
+
+            // A short timing of our own, so GFLOP/s is printed directly.
+            let reps = if seq >= 4096 { 2 } else { 5 };
+            let _ = backend.forward_into(&config, &q, &k, &v, None, &mut out);
+            let start = Instant::now();
+            for _ in 0..reps {
+                let _ = backend.forward_into(&config, &q, &k, &v, None, &mut out);
+            }
+            let secs = start.elapsed().as_secs_f64() / reps as f64;
+            let id = format!("seq{seq}{}", if causal { "_causal" } else { "" });
+            println!(
+                "cpu_backend/{id}: {:.2} ms, {:.1} GFLOP/s",
+                secs * 1e3,
+                flops / secs / 1e9
+            );
+
+            group.throughput(Throughput::Elements(flops as u64));
+            group.bench_function(BenchmarkId::new("f32_bshd_h16_d128", &id), |bench| {
+                bench.iter(|| backend.forward_into(&config, &q, &k, &v, None, &mut out))
+            });
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_cpu);
+criterion_main!(benches);

@@ -1,1 +1,204 @@
-//! f64 reference attention (placeholder).
+//! Plain reference attention for tests, examples and benches.
+//!
+//! [`attention_f64`] is the numerical ground truth: a direct triple loop in f64 with the
+//! crate's contract (additive broadcast mask, bottom-right causal, zeros for rows that see
+//! no key). [`attention_naive_in_dtype`] is the same loop with every intermediate rounded to
+//! the input dtype; its error against the f64 result sets the tolerance for f16/bf16
+//! backends. [`relative_l2_error`] compares results and [`random_values`] makes seeded test
+//! data without extra crates.
+
+use crate::config::{AttentionConfig, Layout};
+use crate::dtype::DType;
+use crate::error::Result;
+use crate::problem::AttentionProblem;
+use crate::tensor::DeviceTensor;
+
+/// Host copies of one call's operands, in logical (row-major) order.
+struct Operands {
+    p: AttentionProblem,
+    layout: Layout,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    mask: Option<(Vec<f32>, [usize; 3])>,
+}
+
+impl Operands {
+    fn read(
+        config: &AttentionConfig,
+        q: &DeviceTensor,
+        k: &DeviceTensor,
+        v: &DeviceTensor,
+        mask: Option<&DeviceTensor>,
+    ) -> Result<Self> {
+        let p = AttentionProblem::new(config, q, k, v, mask)?;
+        let mask = match mask {
+            None => None,
+            Some(m) => {
+                // Row-major strides of the logical mask padded to [batch, head, query];
+                // size-1 (broadcast) dimensions get stride 0.
+                let sh = m.shape();
+                let r = sh.len();
+                let (sq, sk) = (sh[r - 2], sh[r - 1]);
+                let (mb, mh) = match r {
+                    2 => (0, 0),
+                    3 => (if sh[0] == 1 { 0 } else { sq * sk }, 0),
+                    _ => (
+                        if sh[0] == 1 { 0 } else { sh[1] * sq * sk },
+                        if sh[1] == 1 { 0 } else { sq * sk },
+                    ),
+                };
+                Some((m.to_f32_vec()?, [mb, mh, sk]))
+            }
+        };
+        Ok(Operands {
+            layout: config.layout,
+            q: q.to_f32_vec()?,
+            k: k.to_f32_vec()?,
+            v: v.to_f32_vec()?,
+            mask,
+            p,
+        })
+    }
+
+    /// Row-major offset of `(batch, head, seq, 0)` in an operand with `heads` heads and
+    /// `seq` positions.
+    fn at(&self, b: usize, h: usize, s: usize, heads: usize, seq: usize) -> usize {
+        let d = self.p.head_dim;
+        match self.layout {
+            Layout::Bshd => ((b * seq + s) * heads + h) * d,
+            Layout::Bhsd => ((b * heads + h) * seq + s) * d,
+        }
+    }
+
+    /// Runs the reference loop; `round` is applied to every intermediate value.
+    fn compute(&self, round: impl Fn(f64) -> f64) -> Vec<f64> {
+        let p = &self.p;
+        let (sq, sk, h, hk, d) = (p.seq_q, p.seq_k, p.num_heads, p.num_kv_heads, p.head_dim);
+        let shift = sk as isize - sq as isize;
+        let scale = round(p.scale as f64);
+        let mut out = vec![0.0f64; p.batch * sq * h * d];
+        let mut scores = vec![0.0f64; sk];
+        for b in 0..p.batch {
+            for hh in 0..h {
+                let kvh = p.kv_head(hh);
+                for i in 0..sq {
+                    let qo = self.at(b, hh, i, h, sq);
+                    let mut max = f64::NEG_INFINITY;
+                    for (j, s) in scores.iter_mut().enumerate() {
+                        let ko = self.at(b, kvh, j, hk, sk);
+                        let dot: f64 = (0..d)
+                            .map(|x| self.q[qo + x] as f64 * self.k[ko + x] as f64)
+                            .sum();
+                        let mut v = round(round(dot) * scale);
+                        if let Some((m, [mb, mh, mq])) = &self.mask {
+                            v = round(v + m[b * mb + hh * mh + i * mq + j] as f64);
+                        }
+                        if p.causal && j as isize > i as isize + shift {
+                            v = f64::NEG_INFINITY;
+                        }
+                        *s = v;
+                        max = max.max(v);
+                    }
+                    let oo = self.at(b, hh, i, h, sq);
+                    if max == f64::NEG_INFINITY {
+                        // No visible key: zeros (already there).
+                        continue;
+                    }
+                    let mut sum = 0.0;
+                    for s in scores.iter_mut() {
+                        *s = (*s - max).exp();
+                        sum += *s;
+                    }
+                    for s in scores.iter_mut() {
+                        *s = round(*s / sum);
+                    }
+                    for x in 0..d {
+                        let acc: f64 = scores
+                            .iter()
+                            .enumerate()
+                            .map(|(j, &pj)| pj * self.v[self.at(b, kvh, j, hk, sk) + x] as f64)
+                            .sum();
+                        out[oo + x] = round(acc);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Attention in f64 on the host, the ground truth for every backend.
+///
+/// Reads the tensors (any device, any strides) with [`DeviceTensor::to_f32_vec`] after
+/// validating them like a backend would ([`AttentionProblem::new`]). The result is
+/// row-major in `q`'s logical shape: `[batch, seq_q, heads, head_dim]` for
+/// [`Layout::Bshd`], `[batch, heads, seq_q, head_dim]` for [`Layout::Bhsd`]. Rows that see no
+/// key (all masked) are zeros.
+pub fn attention_f64(
+    config: &AttentionConfig,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    mask: Option<&DeviceTensor>,
+) -> Result<Vec<f64>> {
+    Ok(Operands::read(config, q, k, v, mask)?.compute(|x| x))
+}
+
+/// The same computation done naively in `q`'s dtype: each score, the scale, each
+/// probability and each output is rounded to that dtype (dot products and sums are exact,
+/// as a matrix unit with wide accumulators would give). Its error against
+/// [`attention_f64`] is the yardstick for f16/bf16 backends: theirs must be within twice
+/// this one's (and under 1e-2). For f32 inputs it is a plain f32-rounded computation.
+pub fn attention_naive_in_dtype(
+    config: &AttentionConfig,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    mask: Option<&DeviceTensor>,
+) -> Result<Vec<f32>> {
+    let ops = Operands::read(config, q, k, v, mask)?;
+    let round = |x: f64| -> f64 {
+        match ops.p.dtype {
+            DType::F32 => x as f32 as f64,
+            DType::F16 => half::f16::from_f64(x).to_f64(),
+            DType::BF16 => half::bf16::from_f64(x).to_f64(),
+        }
+    };
+    Ok(ops.compute(round).into_iter().map(|x| x as f32).collect())
+}
+
+/// `||got - want|| / ||want||` (L2 norms). When `want` is all zeros it is the absolute norm
+/// `||got||`. A NaN in `got`, or a length mismatch, gives infinity.
+pub fn relative_l2_error(got: &[f32], want: &[f64]) -> f64 {
+    if got.len() != want.len() || got.iter().any(|x| x.is_nan()) {
+        return f64::INFINITY;
+    }
+    let (mut diff, mut norm) = (0.0f64, 0.0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        diff += (g as f64 - w) * (g as f64 - w);
+        norm += w * w;
+    }
+    if norm == 0.0 {
+        diff.sqrt()
+    } else {
+        (diff / norm).sqrt()
+    }
+}
+
+/// `n` values uniform in [-1, 1) from a seeded generator (splitmix64): reproducible test
+/// and example data with no extra dependency. The same seed always gives the same values.
+pub fn random_values(n: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed;
+    (0..n)
+        .map(|_| {
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^= z >> 31;
+            // The top 24 bits are exactly representable in f32.
+            (z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        })
+        .collect()
+}

@@ -1,35 +1,674 @@
-//! CPU backend (placeholder).
+//! The CPU backend: tiled online-softmax attention over host tensors.
+//!
+//! Work is split into tasks of (batch, kv head, query block); a task holds the query rows of
+//! every query head that shares its kv head, so each K/V tile is widened to f32 once and
+//! reused by all of them. Inside a task, keys are visited in tiles with a running max and
+//! sum per row (online softmax), so no `[Sq, Sk]` matrix is ever formed. Both matrix
+//! products run through one register-blocked micro-kernel over padded f32 scratch buffers,
+//! written so the compiler vectorizes it; on x86-64 an AVX2+FMA build of the same code is
+//! chosen at run time.
+
+use half::{bf16, f16};
+use rayon::prelude::*;
+
 use super::{AttentionPath, DeviceAttentionBackend, Support};
 use crate::config::{AttentionConfig, KvCacheLayout};
-use crate::error::Result;
+use crate::device::Device;
+use crate::dtype::{DType, HostElement};
+use crate::error::{AttentionError, Result};
+use crate::problem::{AttentionProblem, HeadStrides, MaskStrides};
 use crate::tensor::DeviceTensor;
 
-/// CPU backend.
+/// Keys per tile (a multiple of [`NR`]).
+const BLOCK_K: usize = 64;
+/// Query rows (group heads x queries) a task aims for: enough to amortise widening a K/V
+/// tile, few enough that the task's scratch stays in L2.
+const ROWS_TARGET: usize = 64;
+/// Rows of the micro-kernel's register block.
+const MR: usize = 4;
+/// Columns of the micro-kernel's register block (two AVX2 vectors).
+const NR: usize = 16;
+
+const LOG2_E: f32 = std::f32::consts::LOG2_E;
+
+/// Attention on the host: f32/f16/bf16 tensors on [`Device::Cpu`], any strides with a
+/// contiguous head_dim, GQA/MQA, additive masks and bottom-right causal masking. Spreads
+/// its tasks over rayon's global thread pool.
 #[derive(Debug, Default, Clone)]
 pub struct CpuAttentionBackend;
+
+impl CpuAttentionBackend {
+    /// A CPU backend.
+    pub fn new() -> Self {
+        CpuAttentionBackend
+    }
+}
 
 impl DeviceAttentionBackend for CpuAttentionBackend {
     fn name(&self) -> &str {
         "cpu"
     }
-    fn device(&self) -> crate::device::Device {
-        crate::device::Device::Cpu
+
+    fn device(&self) -> Device {
+        Device::Cpu
     }
-    fn supports(&self, _config: &AttentionConfig) -> Support {
-        Support::Yes
+
+    fn supports(&self, config: &AttentionConfig) -> Support {
+        match config.validate() {
+            Ok(()) => Support::Yes,
+            Err(e) => Support::No(e.to_string()),
+        }
     }
+
     fn required_kv_layout(&self) -> KvCacheLayout {
         KvCacheLayout::Contiguous
     }
+
     fn forward_into(
         &self,
-        _config: &AttentionConfig,
-        _q: &DeviceTensor,
-        _k: &DeviceTensor,
-        _v: &DeviceTensor,
-        _mask: Option<&DeviceTensor>,
-        _out: &mut DeviceTensor,
+        config: &AttentionConfig,
+        q: &DeviceTensor,
+        k: &DeviceTensor,
+        v: &DeviceTensor,
+        mask: Option<&DeviceTensor>,
+        out: &mut DeviceTensor,
     ) -> Result<AttentionPath> {
-        todo!()
+        let problem = AttentionProblem::new(config, q, k, v, mask)?;
+        let mut inputs = vec![q, k, v];
+        inputs.extend(mask);
+        let os = problem.output_strides(config.layout, out, &inputs)?;
+        if problem.device != Device::Cpu {
+            return Err(AttentionError::DeviceMismatch {
+                what: "q".into(),
+                expected: Device::Cpu.to_string(),
+                got: problem.device.to_string(),
+            });
+        }
+        // Tasks write disjoint (batch, head, query) rows in parallel; that is only sound if
+        // distinct indices never name the same element.
+        if !has_distinct_elements(out) {
+            return Err(AttentionError::UnsupportedLayout {
+                what: "out".into(),
+                reason: format!(
+                    "strides {:?} for shape {:?} map several elements to one address",
+                    out.strides(),
+                    out.shape()
+                ),
+            });
+        }
+        let host = |t: &DeviceTensor, what: &str| {
+            t.host_ptr().ok_or_else(|| AttentionError::DeviceMismatch {
+                what: what.into(),
+                expected: Device::Cpu.to_string(),
+                got: t.device().to_string(),
+            })
+        };
+        let raw = RawPtrs {
+            q: host(q, "q")?,
+            k: host(k, "k")?,
+            v: host(v, "v")?,
+            mask: match mask {
+                Some(m) => host(m, "mask")? as *const f32,
+                None => std::ptr::null(),
+            },
+            out: host(out, "out")?,
+        };
+        let plan = Plan::new(&problem, os);
+        // SAFETY: `problem` checked every operand's shape against the others and each view
+        // lies inside its buffer; `out` is on the host, overlaps no input and has distinct
+        // elements, so the parallel tasks' writes never alias a read or each other.
+        unsafe {
+            match problem.dtype {
+                DType::F32 => run::<f32>(&plan, raw),
+                DType::F16 => run::<f16>(&plan, raw),
+                DType::BF16 => run::<bf16>(&plan, raw),
+            }
+        }
+        Ok(AttentionPath::Cpu)
+    }
+}
+
+/// Whether no two indices of `t` address the same element (sufficient test: sorted by
+/// stride, each dimension steps past everything the smaller ones reach).
+fn has_distinct_elements(t: &DeviceTensor) -> bool {
+    let mut dims: Vec<(usize, usize)> = t
+        .shape()
+        .iter()
+        .zip(t.strides())
+        .filter(|(&n, _)| n > 1)
+        .map(|(&n, &s)| (n, s))
+        .collect();
+    dims.sort_by_key(|&(_, s)| s);
+    let mut reach = 0usize;
+    for (n, s) in dims {
+        if s <= reach {
+            return false;
+        }
+        reach = reach.saturating_add((n - 1).saturating_mul(s));
+    }
+    true
+}
+
+/// Host base pointers of the operands (bytes, view offsets applied).
+#[derive(Clone, Copy)]
+struct RawPtrs {
+    q: *mut u8,
+    k: *mut u8,
+    v: *mut u8,
+    mask: *const f32,
+    out: *mut u8,
+}
+
+// SAFETY: the pointers are only dereferenced inside `run`, under the aliasing rules stated
+// at its call site (inputs are read-only, every task writes its own output rows).
+unsafe impl Send for RawPtrs {}
+unsafe impl Sync for RawPtrs {}
+
+/// Everything a task needs besides the data: sizes, strides and tiling.
+struct Plan {
+    batch: usize,
+    seq_q: usize,
+    seq_k: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+    group: usize,
+    causal: bool,
+    /// Scale folded into Q on load; scores are then in log2 units for `exp2`.
+    q_scale: f32,
+    q: HeadStrides,
+    k: HeadStrides,
+    v: HeadStrides,
+    out: HeadStrides,
+    mask: Option<MaskStrides>,
+    /// Queries per task.
+    block_q: usize,
+    /// Query blocks per (batch, kv head).
+    q_blocks: usize,
+    /// head_dim rounded up to [`NR`].
+    dim_pad: usize,
+    /// Most rows a task has, rounded up to [`MR`].
+    rows_pad: usize,
+}
+
+impl Plan {
+    fn new(p: &AttentionProblem, out: HeadStrides) -> Self {
+        let group = p.num_heads / p.num_kv_heads;
+        let mut block_q = (ROWS_TARGET / group).clamp(1, p.seq_q);
+        // Small problems: trade K/V reuse for enough tasks to keep every thread busy.
+        let want_tasks = 4 * rayon::current_num_threads();
+        while block_q > 1 && p.batch * p.num_kv_heads * p.seq_q.div_ceil(block_q) < want_tasks {
+            block_q = block_q.div_ceil(2);
+        }
+        Plan {
+            batch: p.batch,
+            seq_q: p.seq_q,
+            seq_k: p.seq_k,
+            num_kv_heads: p.num_kv_heads,
+            head_dim: p.head_dim,
+            group,
+            causal: p.causal,
+            q_scale: p.scale * LOG2_E,
+            q: p.q,
+            k: p.k,
+            v: p.v,
+            out,
+            mask: p.mask,
+            block_q,
+            q_blocks: p.seq_q.div_ceil(block_q),
+            dim_pad: p.head_dim.next_multiple_of(NR),
+            rows_pad: (group * block_q).next_multiple_of(MR),
+        }
+    }
+
+    fn tasks(&self) -> usize {
+        self.batch * self.num_kv_heads * self.q_blocks
+    }
+}
+
+/// Per-thread f32 working set of a task, reused from task to task.
+struct Scratch {
+    /// Scaled queries, `[rows_pad, dim_pad]`.
+    q: Vec<f32>,
+    /// Transposed key tile, `[dim_pad, BLOCK_K]`.
+    kt: Vec<f32>,
+    /// Value tile, `[BLOCK_K, dim_pad]`.
+    v: Vec<f32>,
+    /// Scores, then probabilities, `[rows_pad, BLOCK_K]`.
+    s: Vec<f32>,
+    /// Unnormalised output, `[rows_pad, dim_pad]`.
+    o: Vec<f32>,
+    /// Running row max (log2 units).
+    m: Vec<f32>,
+    /// Running row sum.
+    l: Vec<f32>,
+}
+
+impl Scratch {
+    /// Zeroed buffers: the padding columns of Q, K and V are never written afterwards, so
+    /// they stay zero and add nothing to the products.
+    fn new(plan: &Plan) -> Self {
+        let (rows, dim) = (plan.rows_pad, plan.dim_pad);
+        Scratch {
+            q: vec![0.0; rows * dim],
+            kt: vec![0.0; dim * BLOCK_K],
+            v: vec![0.0; BLOCK_K * dim],
+            s: vec![0.0; rows * BLOCK_K],
+            o: vec![0.0; rows * dim],
+            m: vec![0.0; rows],
+            l: vec![0.0; rows],
+        }
+    }
+}
+
+/// Runs every task of `plan` on rayon's pool.
+///
+/// # Safety
+/// `raw` must point at host views of element type `T` (mask: f32) that match `plan`'s
+/// sizes and strides, the output must overlap no input and have distinct elements.
+unsafe fn run<T: Element>(plan: &Plan, raw: RawPtrs) {
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
+    let tasks = plan.tasks();
+    (0..tasks).into_par_iter().for_each_init(
+        || Scratch::new(plan),
+        |scratch, t| {
+            // Heaviest tasks first (the last query blocks see the most keys when causal),
+            // so the stragglers at the end are short ones.
+            let t = tasks - 1 - t;
+            // SAFETY: forwarded from `run`'s contract.
+            unsafe {
+                #[cfg(target_arch = "x86_64")]
+                if avx2 {
+                    return task_avx2::<T>(plan, raw, t, scratch);
+                }
+                task_portable::<T>(plan, raw, t, scratch)
+            }
+        },
+    );
+}
+
+/// [`task`] compiled with AVX2 and FMA enabled.
+///
+/// # Safety
+/// The CPU must support AVX2 and FMA; plus [`task`]'s contract.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn task_avx2<T: Element>(plan: &Plan, raw: RawPtrs, t: usize, scratch: &mut Scratch) {
+    // SAFETY: forwarded.
+    unsafe { task::<T, true>(plan, raw, t, scratch) }
+}
+
+/// [`task`] for the baseline instruction set (fused multiply-add where it is baseline).
+///
+/// # Safety
+/// See [`task`].
+unsafe fn task_portable<T: Element>(plan: &Plan, raw: RawPtrs, t: usize, scratch: &mut Scratch) {
+    // SAFETY: forwarded.
+    unsafe { task::<T, { cfg!(target_arch = "aarch64") }>(plan, raw, t, scratch) }
+}
+
+/// Computes the output rows of task `t`: one batch, one kv head with all its query heads,
+/// one block of queries.
+///
+/// # Safety
+/// See [`run`]; `t < plan.tasks()`.
+#[inline(always)]
+unsafe fn task<T: Element, const FMA: bool>(plan: &Plan, raw: RawPtrs, t: usize, sc: &mut Scratch) {
+    let qb = t % plan.q_blocks;
+    let kvh = (t / plan.q_blocks) % plan.num_kv_heads;
+    let b = t / (plan.q_blocks * plan.num_kv_heads);
+    let q0 = qb * plan.block_q;
+    let nq = plan.block_q.min(plan.seq_q - q0);
+    let (g, d, dp) = (plan.group, plan.head_dim, plan.dim_pad);
+    // Row r is query head kvh*g + r/nq, query q0 + r%nq.
+    let rows = g * nq;
+    let rows_pad = rows.next_multiple_of(MR);
+    let head_of = |r: usize| kvh * g + r / nq;
+    let query_of = |r: usize| q0 + r % nq;
+
+    let (qp, kp, vp, op) = (
+        raw.q as *const T,
+        raw.k as *const T,
+        raw.v as *const T,
+        raw.out as *mut T,
+    );
+
+    for r in 0..rows {
+        let off = b * plan.q.batch + head_of(r) * plan.q.head + query_of(r) * plan.q.seq;
+        // SAFETY: a row of q inside its view.
+        let src = unsafe { std::slice::from_raw_parts(qp.add(off), d) };
+        let dst = &mut sc.q[r * dp..r * dp + d];
+        for (x, &s) in dst.iter_mut().zip(src) {
+            *x = s.widen() * plan.q_scale;
+        }
+    }
+    sc.o[..rows_pad * dp].fill(0.0);
+    sc.m[..rows_pad].fill(f32::NEG_INFINITY);
+    sc.l[..rows_pad].fill(0.0);
+
+    // Bottom-right causal: query i sees keys j <= i + seq_k - seq_q.
+    let shift = plan.seq_k as isize - plan.seq_q as isize;
+    let visible_end = |i: usize| -> usize {
+        if plan.causal {
+            (i as isize + shift + 1).clamp(0, plan.seq_k as isize) as usize
+        } else {
+            plan.seq_k
+        }
+    };
+    // Key tiles past the last query's horizon are never loaded.
+    let kv_end = visible_end(q0 + nq - 1);
+
+    let k_base = b * plan.k.batch + kvh * plan.k.head;
+    let v_base = b * plan.v.batch + kvh * plan.v.head;
+    let mut j0 = 0;
+    while j0 < kv_end {
+        let nk = BLOCK_K.min(kv_end - j0);
+        let nk_pad = nk.next_multiple_of(NR);
+
+        for jj in 0..nk {
+            // SAFETY: key and value rows j0 + jj < seq_k inside their views.
+            let (ks, vs) = unsafe {
+                (
+                    std::slice::from_raw_parts(kp.add(k_base + (j0 + jj) * plan.k.seq), d),
+                    std::slice::from_raw_parts(vp.add(v_base + (j0 + jj) * plan.v.seq), d),
+                )
+            };
+            for (x, &s) in ks.iter().enumerate() {
+                sc.kt[x * BLOCK_K + jj] = s.widen();
+            }
+            for (x, &s) in sc.v[jj * dp..jj * dp + d].iter_mut().zip(vs) {
+                *x = s.widen();
+            }
+        }
+        // Tail of a short last tile: zero K columns and V rows so stale values from the
+        // previous tile cannot leak in (0 * inf would be NaN).
+        if nk < nk_pad {
+            for x in 0..d {
+                sc.kt[x * BLOCK_K + nk..x * BLOCK_K + nk_pad].fill(0.0);
+            }
+            sc.v[nk * dp..nk_pad * dp].fill(0.0);
+        }
+
+        // S = Q K^T (already scaled, log2 units).
+        for rb in (0..rows_pad).step_by(MR) {
+            for jb in (0..nk_pad).step_by(NR) {
+                let mut acc = [[0.0f32; NR]; MR];
+                micro_kernel::<FMA>(&sc.q[rb * dp..], dp, &sc.kt[jb..], BLOCK_K, dp, &mut acc);
+                for (r, row) in acc.iter().enumerate() {
+                    let at = (rb + r) * BLOCK_K + jb;
+                    sc.s[at..at + NR].copy_from_slice(row);
+                }
+            }
+        }
+
+        // Mask, causal cut, and the online softmax update; S becomes P.
+        for r in 0..rows {
+            let i = query_of(r);
+            let s = &mut sc.s[r * BLOCK_K..r * BLOCK_K + nk_pad];
+            if let Some(ms) = plan.mask {
+                let off = b * ms.batch + head_of(r) * ms.head + i * ms.query + j0;
+                // SAFETY: nk keys of one mask row inside the mask view.
+                let m = unsafe { std::slice::from_raw_parts(raw.mask.add(off), nk) };
+                for (x, &a) in s.iter_mut().zip(m) {
+                    *x += a * LOG2_E;
+                }
+            }
+            let valid = visible_end(i).saturating_sub(j0).min(nk);
+            s[valid..].fill(f32::NEG_INFINITY);
+
+            let m_old = sc.m[r];
+            let m_new = m_old.max(row_max(s));
+            if m_new == f32::NEG_INFINITY {
+                // Nothing visible yet: contributes nothing, keeps the zero output.
+                s.fill(0.0);
+                continue;
+            }
+            let alpha = exp2::<FMA>(m_old - m_new);
+            let sum = exp2_in_place::<FMA>(s, m_new);
+            sc.l[r] = sc.l[r] * alpha + sum;
+            sc.m[r] = m_new;
+            if alpha != 1.0 {
+                for x in &mut sc.o[r * dp..(r + 1) * dp] {
+                    *x *= alpha;
+                }
+            }
+        }
+
+        // O += P V.
+        for rb in (0..rows_pad).step_by(MR) {
+            for db in (0..dp).step_by(NR) {
+                let mut acc = [[0.0f32; NR]; MR];
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let at = (rb + r) * dp + db;
+                    row.copy_from_slice(&sc.o[at..at + NR]);
+                }
+                micro_kernel::<FMA>(
+                    &sc.s[rb * BLOCK_K..],
+                    BLOCK_K,
+                    &sc.v[db..],
+                    dp,
+                    nk_pad,
+                    &mut acc,
+                );
+                for (r, row) in acc.iter().enumerate() {
+                    let at = (rb + r) * dp + db;
+                    sc.o[at..at + NR].copy_from_slice(row);
+                }
+            }
+        }
+        j0 += BLOCK_K;
+    }
+
+    for r in 0..rows {
+        // l is 0 only when no key was visible: that row's output is zero by contract.
+        let inv = if sc.l[r] > 0.0 { 1.0 / sc.l[r] } else { 0.0 };
+        let off = b * plan.out.batch + head_of(r) * plan.out.head + query_of(r) * plan.out.seq;
+        // SAFETY: one output row inside `out`, written by this task only.
+        let dst = unsafe { std::slice::from_raw_parts_mut(op.add(off), d) };
+        for (x, &o) in dst.iter_mut().zip(&sc.o[r * dp..r * dp + d]) {
+            *x = T::from_f32(o * inv);
+        }
+    }
+}
+
+#[inline(always)]
+fn fmadd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+/// `acc[r][c] += sum_k a[r*lda + k] * b[k*ldb + c]` for an `MR x NR` block: the inner
+/// product of both matrix products (Q K^T with K transposed, and P V). Each step loads one
+/// row of `b` and reuses it for `MR` rows, with `MR*NR` independent accumulators.
+#[inline(always)]
+fn micro_kernel<const FMA: bool>(
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    k: usize,
+    acc: &mut [[f32; NR]; MR],
+) {
+    let a_rows: [&[f32]; MR] = std::array::from_fn(|r| &a[r * lda..r * lda + k]);
+    for kk in 0..k {
+        let brow = &b[kk * ldb..kk * ldb + NR];
+        for r in 0..MR {
+            let x = a_rows[r][kk];
+            for c in 0..NR {
+                acc[r][c] = fmadd::<FMA>(x, brow[c], acc[r][c]);
+            }
+        }
+    }
+}
+
+/// Largest element of `s` (length a multiple of [`NR`]), lane-wise so it vectorizes.
+#[inline(always)]
+fn row_max(s: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; NR];
+    for chunk in s.chunks_exact(NR) {
+        for c in 0..NR {
+            lanes[c] = if chunk[c] > lanes[c] {
+                chunk[c]
+            } else {
+                lanes[c]
+            };
+        }
+    }
+    lanes
+        .iter()
+        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
+}
+
+/// `s[j] = 2^(s[j] - m)` in place; returns the sum.
+#[inline(always)]
+fn exp2_in_place<const FMA: bool>(s: &mut [f32], m: f32) -> f32 {
+    let mut lanes = [0.0f32; NR];
+    for chunk in s.chunks_exact_mut(NR) {
+        for c in 0..NR {
+            chunk[c] = exp2::<FMA>(chunk[c] - m);
+            lanes[c] += chunk[c];
+        }
+    }
+    lanes.iter().sum()
+}
+
+/// `2^x` for `x <= 0`, branch-free so loops over it vectorize (libm's `exp2` would not).
+/// Below 2^-126 it returns 0, which includes `x = -inf`. Relative error about 1e-7: a
+/// degree-7 Taylor polynomial of `2^f` on `f` in [-0.5, 0.5] times `2^n` built from bits.
+#[inline(always)]
+fn exp2<const FMA: bool>(x: f32) -> f32 {
+    const C: [f32; 8] = [
+        1.0,
+        std::f32::consts::LN_2,
+        0.240_226_5,
+        0.055_504_11,
+        0.009_618_129,
+        0.001_333_355_8,
+        0.000_154_035_3,
+        0.000_015_252_734,
+    ];
+    // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    let xc = if x < -126.0 { -126.0 } else { x };
+    let t = xc + ROUND;
+    let n = t - ROUND;
+    let f = xc - n;
+    let ni = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
+    let pow2n = f32::from_bits((ni.wrapping_add(127) as u32).wrapping_shl(23));
+    let mut p = C[7];
+    for &c in C[..7].iter().rev() {
+        p = fmadd::<FMA>(p, f, c);
+    }
+    if x < -126.0 {
+        0.0
+    } else {
+        p * pow2n
+    }
+}
+
+/// Element types the kernel reads, with a branch-free widening that vectorizes.
+trait Element: HostElement {
+    fn widen(self) -> f32;
+}
+
+impl Element for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl Element for bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+}
+
+impl Element for f16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f16_bits_to_f32(self.to_bits())
+    }
+}
+
+/// IEEE half to single without branches (selects only): rebias the exponent, fix up
+/// inf/NaN, renormalise subnormals through a float subtraction.
+#[inline(always)]
+fn f16_bits_to_f32(h: u16) -> f32 {
+    const EXP_MASK: u32 = 0x7c00 << 13;
+    let h = h as u32;
+    let mut u = (h & 0x7fff) << 13;
+    let exp = u & EXP_MASK;
+    u += (127 - 15) << 23;
+    let normal_or_special = if exp == EXP_MASK {
+        u + ((128 - 16) << 23)
+    } else {
+        u
+    };
+    // Subnormal/zero: one more exponent step, then subtract the implicit bit 2^-14.
+    let sub = f32::from_bits(u + (1 << 23)) - f32::from_bits(113 << 23);
+    let mag = if exp == 0 {
+        sub.to_bits()
+    } else {
+        normal_or_special
+    };
+    f32::from_bits(mag | ((h & 0x8000) << 16))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f16_widening_matches_half_for_every_value() {
+        for bits in 0..=u16::MAX {
+            let want = f16::from_bits(bits).to_f32();
+            let got = f16_bits_to_f32(bits);
+            if want.is_nan() {
+                assert!(got.is_nan(), "{bits:#06x}");
+            } else {
+                assert_eq!(got.to_bits(), want.to_bits(), "{bits:#06x}");
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_widening_is_exact() {
+        for bits in (0..=u16::MAX).step_by(7) {
+            let x = bf16::from_bits(bits);
+            let (got, want) = (x.widen(), x.to_f32());
+            assert!(got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()));
+        }
+    }
+
+    #[test]
+    fn exp2_is_accurate_and_underflows_to_zero() {
+        let mut x = -130.0f32;
+        while x <= 0.0 {
+            let want = (x as f64).exp2();
+            for got in [exp2::<false>(x), exp2::<true>(x)] {
+                if x < -126.0 {
+                    assert_eq!(got, 0.0);
+                } else {
+                    let rel = ((got as f64 - want) / want).abs();
+                    assert!(rel < 3e-7, "x = {x}: {got} vs {want}");
+                }
+            }
+            x += 0.0137;
+        }
+        assert_eq!(exp2::<false>(f32::NEG_INFINITY), 0.0);
+        assert_eq!(exp2::<false>(0.0), 1.0);
+    }
+
+    #[test]
+    fn distinct_elements_check() {
+        let t = DeviceTensor::zeros(&[2, 3, 4], DType::F32, Device::Cpu).unwrap();
+        assert!(has_distinct_elements(&t));
+        assert!(has_distinct_elements(&t.permute(&[2, 0, 1]).unwrap()));
+        assert!(has_distinct_elements(&t.narrow(1, 1, 2).unwrap()));
     }
 }
