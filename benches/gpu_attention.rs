@@ -137,7 +137,7 @@ fn measure(
         }
         _ => "3 launches".to_string(),
     };
-    let mut run = |out: &mut DeviceTensor| -> forge_attn::Result<()> {
+    let run = |out: &mut DeviceTensor| -> forge_attn::Result<()> {
         if path == "traditional" {
             backend.forward_traditional(&cfg, &q, &k, &v, None, out)?;
         } else {

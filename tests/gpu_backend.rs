@@ -363,7 +363,7 @@ fn device_copies_and_views() {
     }
     assert_eq!(got, want);
     // Copy into a view of a larger tensor, on the device.
-    let mut big = DeviceTensor::zeros(&[2, 10, 2, 8], DType::F32, dev).unwrap();
+    let big = DeviceTensor::zeros(&[2, 10, 2, 8], DType::F32, dev).unwrap();
     big.narrow(1, 4, 3).unwrap().copy_from(&view).unwrap();
     let back = big.narrow(1, 4, 3).unwrap().to_host::<f32>().unwrap();
     assert_eq!(back, want);
@@ -383,8 +383,8 @@ fn decode_loop_stays_on_device() {
     let cfg = AttentionConfig::new(h * d, h, cap)
         .with_num_kv_heads(hkv)
         .with_causal(true);
-    let mut kc = DeviceTensor::zeros(&[b, cap, hkv, d], DType::F32, dev).unwrap();
-    let mut vc = DeviceTensor::zeros(&[b, cap, hkv, d], DType::F32, dev).unwrap();
+    let kc = DeviceTensor::zeros(&[b, cap, hkv, d], DType::F32, dev).unwrap();
+    let vc = DeviceTensor::zeros(&[b, cap, hkv, d], DType::F32, dev).unwrap();
     let mut x =
         DeviceTensor::from_f32(&random_values(b * h * d, 5), &[b, 1, h, d], DType::F32, dev)
             .unwrap();
