@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine from the repository root, with the executables staged by
+# ../shared/tools/gpu-pack in .gpu/. One call does a whole check-and-measure sequence:
+#   scripts/device-check.sh tests            GPU tests (every test, ignored ones included)
+#   scripts/device-check.sh sanitize [FILT]  compute-sanitizer memcheck + racecheck on the GPU tests
+#   scripts/device-check.sh prefill [ARGS]   prefill bench + torch SDPA side by side (+ plot)
+#   scripts/device-check.sh decode [ARGS]    decode bench + torch SDPA side by side
+#   scripts/device-check.sh example [ARGS]   examples/decode_step
+# Logs and tables go to $OUT (or ./device-out).
+set -uo pipefail
+out=${OUT:-device-out}
+mkdir -p "$out"
+mode=${1:-tests}; [ $# -gt 0 ] && shift
+export PYTHONUNBUFFERED=1
+case "$mode" in
+  tests)
+    .gpu/gpu-run tests "$@" 2>&1 | tee "$out/tests.log" | grep -E "^(test |test result|==|gpu-run|NVIDIA|.*panicked|.*error)" ;;
+  sanitize)
+    for tool in memcheck racecheck; do
+      .gpu/gpu-run sanitize "$tool" "$@" 2>&1 | tee "$out/sanitize-$tool.log" | grep -E "(ERROR SUMMARY|test result|gpu-run|Program hit|Invalid|hazard)" | sort | uniq -c
+    done ;;
+  prefill)
+    .gpu/gpu-run exec benches/gpu_attention --csv "$out/prefill.csv" "$@" 2>&1 | tee "$out/prefill.log"
+    python3 scripts/bench_torch_sdpa.py "$out/prefill.csv" --out "$out" 2>&1 | tee "$out/prefill-torch.log" ;;
+  decode)
+    .gpu/gpu-run exec benches/gpu_decode --csv "$out/decode.csv" "$@" 2>&1 | tee "$out/decode.log"
+    python3 scripts/bench_torch_decode.py "$out/decode.csv" --out "$out" 2>&1 | tee "$out/decode-torch.log" ;;
+  example)
+    .gpu/gpu-run exec examples/decode_step "$@" 2>&1 | tee "$out/decode_step.log" ;;
+  *) echo "unknown mode $mode"; exit 2 ;;
+esac
