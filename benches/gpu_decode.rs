@@ -1,0 +1,178 @@
+//! Decode benchmark: one query token per sequence against a KV cache, GQA 32 query / 8 KV
+//! heads, D = 128. Bandwidth = bytes of K and V read / time; several caches are rotated so
+//! that L2 does not hold them. Also times whole decode steps (append + attention, synced)
+//! in a Rust loop, the latency a serving loop sees.
+//!
+//! `cargo bench --bench gpu_decode -- [--dtypes bf16,f32] [--batches 1,8,32]
+//!  [--lens 1024,4096,16384,32768] [--csv FILE]`
+
+use std::io::Write;
+use std::time::Instant;
+
+use forge_attn::reference::random_values;
+use forge_attn::{
+    AttentionConfig, DType, Device, DeviceAttentionBackend, DeviceTensor, GpuAttentionBackend,
+    KvCache, KvCacheLayout, KvCacheSpec, Result,
+};
+
+const H: usize = 32;
+const HKV: usize = 8;
+const D: usize = 128;
+
+fn main() {
+    let mut dtypes = vec![DType::BF16, DType::F32];
+    let mut batches = vec![1usize, 8, 32];
+    let mut lens = vec![1024usize, 4096, 16384, 32768];
+    let mut csv_path = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut v = || args.next().unwrap_or_default();
+        match a.as_str() {
+            "--dtypes" => {
+                dtypes = v()
+                    .split(',')
+                    .filter_map(|x| match x {
+                        "f32" => Some(DType::F32),
+                        "f16" => Some(DType::F16),
+                        "bf16" => Some(DType::BF16),
+                        _ => None,
+                    })
+                    .collect()
+            }
+            "--batches" => batches = v().split(',').filter_map(|x| x.parse().ok()).collect(),
+            "--lens" => lens = v().split(',').filter_map(|x| x.parse().ok()).collect(),
+            "--csv" => csv_path = Some(v()),
+            _ => {}
+        }
+    }
+    let dev = Device::best_available();
+    if !dev.is_gpu() {
+        eprintln!("gpu_decode: no GPU available, nothing to measure");
+        return;
+    }
+    let backend = match GpuAttentionBackend::new(dev) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("gpu_decode: {e}");
+            std::process::exit(1);
+        }
+    };
+    println!("device: {}", dev.describe());
+    let mut csv = csv_path.map(|p| {
+        let mut f = std::fs::File::create(p).expect("create csv");
+        writeln!(f, "kind,dtype,batch,kv_len,us,tbps,splits").expect("csv");
+        f
+    });
+    for &dtype in &dtypes {
+        for &b in &batches {
+            for &l in &lens {
+                match attention_only(&backend, dtype, b, l) {
+                    Ok((us, tbps, splits)) => {
+                        println!("decode {dtype:5} B={b:2} L={l:5}: {us:8.1} us {tbps:5.2} TB/s (splits {splits})");
+                        if let Some(f) = csv.as_mut() {
+                            writeln!(f, "attention,{dtype},{b},{l},{us:.2},{tbps:.3},{splits}")
+                                .expect("csv");
+                        }
+                    }
+                    Err(e) => println!("decode {dtype:5} B={b:2} L={l:5}: error {e}"),
+                }
+            }
+        }
+    }
+    for &dtype in &dtypes {
+        match step_loop(&backend, dtype, 1, 4096) {
+            Ok(us) => {
+                println!("rust loop {dtype:5} B=1 L=4096: per-step (append + attention, synced) median {us:.1} us");
+                if let Some(f) = csv.as_mut() {
+                    writeln!(f, "loop,{dtype},1,4096,{us:.2},,").expect("csv");
+                }
+            }
+            Err(e) => println!("rust loop {dtype}: error {e}"),
+        }
+    }
+}
+
+fn cache_with(
+    dtype: DType,
+    b: usize,
+    l: usize,
+    extra: usize,
+    dev: Device,
+    seed: u64,
+) -> Result<KvCache> {
+    let spec = KvCacheSpec {
+        batch: b,
+        num_kv_heads: HKV,
+        head_dim: D,
+        capacity: l + extra,
+        dtype,
+    };
+    let mut c = KvCache::contiguous(spec, KvCacheLayout::FlashAttention, dev)?;
+    let n = b * l * HKV * D;
+    let k = DeviceTensor::from_f32(&random_values(n, seed), &[b, l, HKV, D], dtype, dev)?;
+    let v = DeviceTensor::from_f32(&random_values(n, seed + 1), &[b, l, HKV, D], dtype, dev)?;
+    c.append(&k, &v)?;
+    Ok(c)
+}
+
+fn attention_only(
+    backend: &GpuAttentionBackend,
+    dtype: DType,
+    b: usize,
+    l: usize,
+) -> Result<(f64, f64, usize)> {
+    let dev = backend.device();
+    let kv_bytes = 2 * b * l * HKV * D * dtype.size_in_bytes();
+    // Enough distinct caches to exceed L2 several times over.
+    let copies = (256usize << 20).div_ceil(kv_bytes).clamp(1, 16);
+    let caches: Vec<KvCache> = (0..copies)
+        .map(|i| cache_with(dtype, b, l, 0, dev, 10 * i as u64))
+        .collect::<Result<_>>()?;
+    let cfg = AttentionConfig::new(H * D, H, l)
+        .with_num_kv_heads(HKV)
+        .with_causal(true);
+    let q = DeviceTensor::from_f32(&random_values(b * H * D, 99), &[b, 1, H, D], dtype, dev)?;
+    let mut out = DeviceTensor::zeros(&[b, 1, H, D], dtype, dev)?;
+    for c in &caches {
+        backend.forward_cached(&cfg, &q, c, &mut out)?;
+    }
+    dev.synchronize()?;
+    let reps = 20 * copies;
+    let mut samples = Vec::new();
+    for _ in 0..7 {
+        let ms = dev.elapsed_ms(|| {
+            for i in 0..reps {
+                backend.forward_cached(&cfg, &q, &caches[i % copies], &mut out)?;
+            }
+            Ok(())
+        })?;
+        samples.push(ms * 1e3 / reps as f64);
+    }
+    samples.sort_by(f64::total_cmp);
+    let us = samples[samples.len() / 2];
+    let splits = forge_attn::backend::gpu::split_plan(132, b, HKV, 1, l, D).num_splits;
+    Ok((us, kv_bytes as f64 / (us * 1e-6) / 1e12, splits))
+}
+
+fn step_loop(backend: &GpuAttentionBackend, dtype: DType, b: usize, l: usize) -> Result<f64> {
+    let dev = backend.device();
+    let steps = 200;
+    let mut cache = cache_with(dtype, b, l - steps, steps, dev, 7)?;
+    let cfg = AttentionConfig::new(H * D, H, l)
+        .with_num_kv_heads(HKV)
+        .with_causal(true);
+    let mut x = DeviceTensor::from_f32(&random_values(b * H * D, 5), &[b, 1, H, D], dtype, dev)?;
+    let mut out = DeviceTensor::zeros(&[b, 1, H, D], dtype, dev)?;
+    dev.synchronize()?;
+    let mut times = Vec::with_capacity(steps);
+    for _ in 0..steps {
+        let t = Instant::now();
+        cache.append(&x.narrow(2, 0, HKV)?, &x.narrow(2, HKV, HKV)?)?;
+        backend.forward_cached(&cfg, &x, &cache, &mut out)?;
+        dev.synchronize()?;
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+        std::mem::swap(&mut x, &mut out);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
