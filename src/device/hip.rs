@@ -1,1 +1,543 @@
-//! HIP runtime (placeholder).
+//! HIP runtime (AMD ROCm) through `hip-runtime-sys`.
+//!
+//! One non-blocking stream per device. Kernels come from the HSACO code objects that
+//! build.rs compiled with hipcc: one module per kernel file, loaded on first use with
+//! `hipModuleLoad`, entry points looked up with `hipModuleGetFunction`.
+
+use std::collections::HashMap;
+use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
+use std::mem::MaybeUninit;
+use std::sync::{Mutex, OnceLock};
+
+use hip_runtime_sys::{
+    hipDeviceAttribute_t, hipDeviceProp_t, hipEvent_t, hipFunction_t, hipMemcpyKind, hipModule_t,
+    hipStream_t,
+};
+
+use super::gpu::LaunchDims;
+use crate::error::{AttentionError, Result};
+use crate::kernels::{self, KernelFile, KernelSpec};
+
+/// The HIP entry points used here, declared with a plain integer status.
+///
+/// The bindings of `hip-runtime-sys` return a Rust enum; a status code the bindings do
+/// not list (newer ROCm releases add some) would be undefined behaviour there, so the
+/// status is read as an integer and named with `hipGetErrorName`. Types come from the
+/// bindings; the library is the one `hip-runtime-sys` links (`libamdhip64`).
+mod ffi {
+    use super::*;
+
+    pub const SUCCESS: c_int = 0;
+    pub const ERROR_OUT_OF_MEMORY: c_int = 2;
+    pub const STREAM_NON_BLOCKING: c_uint = 1;
+    /// `HIP_LAUNCH_PARAM_BUFFER_POINTER` (hip_runtime_api.h).
+    pub const LAUNCH_PARAM_BUFFER_POINTER: *mut c_void = 0x01 as *mut c_void;
+    /// `HIP_LAUNCH_PARAM_BUFFER_SIZE`.
+    pub const LAUNCH_PARAM_BUFFER_SIZE: *mut c_void = 0x02 as *mut c_void;
+    /// `HIP_LAUNCH_PARAM_END`.
+    pub const LAUNCH_PARAM_END: *mut c_void = 0x03 as *mut c_void;
+
+    #[link(name = "amdhip64")]
+    extern "C" {
+        pub fn hipGetDeviceCount(count: *mut c_int) -> c_int;
+        pub fn hipSetDevice(device: c_int) -> c_int;
+        pub fn hipGetDeviceProperties(prop: *mut hipDeviceProp_t, device: c_int) -> c_int;
+        pub fn hipDeviceGetAttribute(
+            value: *mut c_int,
+            attr: hipDeviceAttribute_t,
+            device: c_int,
+        ) -> c_int;
+        pub fn hipGetErrorName(status: c_int) -> *const c_char;
+        pub fn hipStreamCreateWithFlags(stream: *mut hipStream_t, flags: c_uint) -> c_int;
+        pub fn hipStreamSynchronize(stream: hipStream_t) -> c_int;
+        pub fn hipMalloc(ptr: *mut *mut c_void, bytes: usize) -> c_int;
+        pub fn hipFree(ptr: *mut c_void) -> c_int;
+        pub fn hipMemsetAsync(
+            dst: *mut c_void,
+            value: c_int,
+            bytes: usize,
+            stream: hipStream_t,
+        ) -> c_int;
+        pub fn hipMemcpyAsync(
+            dst: *mut c_void,
+            src: *const c_void,
+            bytes: usize,
+            kind: hipMemcpyKind,
+            stream: hipStream_t,
+        ) -> c_int;
+        pub fn hipModuleLoad(module: *mut hipModule_t, path: *const c_char) -> c_int;
+        pub fn hipModuleGetFunction(
+            function: *mut hipFunction_t,
+            module: hipModule_t,
+            name: *const c_char,
+        ) -> c_int;
+        #[allow(clippy::too_many_arguments)]
+        pub fn hipModuleLaunchKernel(
+            f: hipFunction_t,
+            grid_x: c_uint,
+            grid_y: c_uint,
+            grid_z: c_uint,
+            block_x: c_uint,
+            block_y: c_uint,
+            block_z: c_uint,
+            shared_bytes: c_uint,
+            stream: hipStream_t,
+            kernel_params: *mut *mut c_void,
+            extra: *mut *mut c_void,
+        ) -> c_int;
+        pub fn hipEventCreate(event: *mut hipEvent_t) -> c_int;
+        pub fn hipEventRecord(event: hipEvent_t, stream: hipStream_t) -> c_int;
+        pub fn hipEventSynchronize(event: hipEvent_t) -> c_int;
+        pub fn hipEventElapsedTime(ms: *mut f32, start: hipEvent_t, stop: hipEvent_t) -> c_int;
+        pub fn hipEventDestroy(event: hipEvent_t) -> c_int;
+    }
+}
+
+/// The name of a HIP status code (`hipErrorNoDevice`, ...).
+fn status_name(status: c_int) -> String {
+    // SAFETY: hipGetErrorName returns a static string (or null) for any code.
+    let p = unsafe { ffi::hipGetErrorName(status) };
+    if p.is_null() {
+        return format!("hip error {status}");
+    }
+    // SAFETY: non-null, NUL-terminated, static.
+    let name = unsafe { CStr::from_ptr(p) }.to_string_lossy();
+    format!("{name} ({status})")
+}
+
+fn check(op: &str, status: c_int) -> Result<()> {
+    if status == ffi::SUCCESS {
+        Ok(())
+    } else {
+        Err(AttentionError::Runtime {
+            op: op.to_string(),
+            detail: status_name(status),
+        })
+    }
+}
+
+/// Number of HIP devices; 0 when there is none or the runtime fails in any way.
+pub(crate) fn device_count() -> usize {
+    static COUNT: OnceLock<usize> = OnceLock::new();
+    *COUNT.get_or_init(|| {
+        let mut n: c_int = 0;
+        // SAFETY: valid out-pointer. Without a GPU this returns hipErrorNoDevice.
+        let status = unsafe { ffi::hipGetDeviceCount(&mut n) };
+        if status == ffi::SUCCESS {
+            n.max(0) as usize
+        } else {
+            0
+        }
+    })
+}
+
+/// `hipDeviceProp_t` with room to spare: a runtime whose struct outgrew the bindings'
+/// writes into the padding instead of past the end.
+#[repr(C)]
+struct PaddedProps {
+    props: hipDeviceProp_t,
+    _spare: [u8; 4096],
+}
+
+fn c_text(chars: &[c_char]) -> String {
+    let bytes: Vec<u8> = chars
+        .iter()
+        .map(|&c| c as u8)
+        .take_while(|&b| b != 0)
+        .collect();
+    String::from_utf8_lossy(&bytes).trim().to_string()
+}
+
+pub(crate) struct HipRuntime {
+    ordinal: usize,
+    stream: hipStream_t,
+    name: String,
+    arch: String,
+    cu_count: u32,
+    max_smem: u32,
+    modules: Mutex<HashMap<KernelFile, hipModule_t>>,
+    functions: Mutex<HashMap<KernelSpec, hipFunction_t>>,
+}
+
+// SAFETY: HIP handles are process-wide; every entry point selects the device first.
+unsafe impl Send for HipRuntime {}
+unsafe impl Sync for HipRuntime {}
+
+impl HipRuntime {
+    pub fn new(ordinal: usize) -> Result<Self> {
+        let device = format!("hip:{ordinal}");
+        let count = device_count();
+        if ordinal >= count {
+            let reason = if count == 0 {
+                "no AMD GPU found (hipGetDeviceCount reported none or failed)".to_string()
+            } else {
+                format!("ordinal {ordinal} out of range: {count} HIP device(s) present")
+            };
+            return Err(AttentionError::DeviceUnavailable { device, reason });
+        }
+        let dev = ordinal as c_int;
+        // SAFETY: ordinal < device count.
+        check("hipSetDevice", unsafe { ffi::hipSetDevice(dev) })?;
+        let mut props = MaybeUninit::<PaddedProps>::zeroed();
+        // SAFETY: a zeroed, writable struct larger than any hipDeviceProp_t revision.
+        check("hipGetDeviceProperties", unsafe {
+            ffi::hipGetDeviceProperties(props.as_mut_ptr().cast(), dev)
+        })?;
+        // SAFETY: zero-initialised plain data, filled in by the runtime.
+        let props = unsafe { props.assume_init() }.props;
+        let attr = |a: hipDeviceAttribute_t| -> Result<u32> {
+            let mut v: c_int = 0;
+            // SAFETY: valid out-pointer and device.
+            check("hipDeviceGetAttribute", unsafe {
+                ffi::hipDeviceGetAttribute(&mut v, a, dev)
+            })?;
+            Ok(v.max(0) as u32)
+        };
+        let cu_count = attr(hipDeviceAttribute_t::hipDeviceAttributeMultiprocessorCount)?;
+        let per_block = attr(hipDeviceAttribute_t::hipDeviceAttributeMaxSharedMemoryPerBlock)?;
+        let optin =
+            attr(hipDeviceAttribute_t::hipDeviceAttributeSharedMemPerBlockOptin).unwrap_or(0);
+        let mut stream: hipStream_t = std::ptr::null_mut();
+        // SAFETY: valid out-pointer; the device is current.
+        check("hipStreamCreateWithFlags", unsafe {
+            ffi::hipStreamCreateWithFlags(&mut stream, ffi::STREAM_NON_BLOCKING)
+        })?;
+        let name = c_text(&props.name);
+        Ok(HipRuntime {
+            ordinal,
+            stream,
+            name: if name.is_empty() {
+                "unknown AMD GPU".into()
+            } else {
+                name
+            },
+            arch: c_text(&props.gcnArchName),
+            cu_count,
+            max_smem: per_block.max(optin),
+            modules: Mutex::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn bind(&self) -> Result<()> {
+        // SAFETY: the ordinal was validated in `new`.
+        check("hipSetDevice", unsafe {
+            ffi::hipSetDevice(self.ordinal as c_int)
+        })
+    }
+
+    pub fn alloc_zeroed(&self, bytes: usize) -> Result<u64> {
+        self.bind()?;
+        let mut ptr: *mut c_void = std::ptr::null_mut();
+        // SAFETY: valid out-pointer.
+        let status = unsafe { ffi::hipMalloc(&mut ptr, bytes.max(1)) };
+        if status == ffi::ERROR_OUT_OF_MEMORY {
+            return Err(AttentionError::OutOfMemory {
+                device: format!("hip:{}", self.ordinal),
+                requested_bytes: bytes as u64,
+                detail: format!("hipMalloc returned {}", status_name(status)),
+            });
+        }
+        check("hipMalloc", status)?;
+        // SAFETY: ptr spans max(bytes, 1) bytes; zeroed on our stream before any use.
+        let zeroed = check("hipMemsetAsync", unsafe {
+            ffi::hipMemsetAsync(ptr, 0, bytes, self.stream)
+        });
+        if let Err(e) = zeroed {
+            // SAFETY: allocated above, not used by any queued work.
+            let _ = unsafe { ffi::hipFree(ptr) };
+            return Err(e);
+        }
+        Ok(ptr as u64)
+    }
+
+    pub fn free(&self, ptr: u64) -> Result<()> {
+        self.bind()?;
+        // SAFETY: ptr came from alloc_zeroed and is freed once. hipFree waits for the
+        // device, so queued work that uses the buffer finishes first.
+        check("hipFree", unsafe { ffi::hipFree(ptr as *mut c_void) })
+    }
+
+    pub fn copy_htod(&self, dst: u64, src: &[u8]) -> Result<()> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: dst spans src.len() bytes.
+        check("hipMemcpyAsync(host to device)", unsafe {
+            ffi::hipMemcpyAsync(
+                dst as *mut c_void,
+                src.as_ptr().cast(),
+                src.len(),
+                hipMemcpyKind::hipMemcpyHostToDevice,
+                self.stream,
+            )
+        })?;
+        // `src` is pageable memory that the caller may reuse or free as soon as this
+        // returns; HIP does not promise to have staged it by then, so wait for the copy.
+        self.synchronize()
+    }
+
+    pub fn copy_dtoh(&self, src: u64, dst: &mut [u8]) -> Result<()> {
+        if dst.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: src spans dst.len() bytes; the stream is synchronised before dst is read.
+        check("hipMemcpyAsync(device to host)", unsafe {
+            ffi::hipMemcpyAsync(
+                dst.as_mut_ptr().cast(),
+                src as *const c_void,
+                dst.len(),
+                hipMemcpyKind::hipMemcpyDeviceToHost,
+                self.stream,
+            )
+        })?;
+        self.synchronize()
+    }
+
+    pub fn synchronize(&self) -> Result<()> {
+        self.bind()?;
+        // SAFETY: our own stream.
+        check("hipStreamSynchronize (an earlier kernel failed)", unsafe {
+            ffi::hipStreamSynchronize(self.stream)
+        })
+    }
+
+    pub fn name(&self) -> String {
+        if self.arch.is_empty() {
+            self.name.clone()
+        } else {
+            format!("{}, {}", self.name, self.arch)
+        }
+    }
+
+    pub fn multiprocessor_count(&self) -> u32 {
+        self.cu_count
+    }
+
+    pub fn max_shared_bytes_per_block(&self) -> u32 {
+        self.max_smem
+    }
+
+    fn lock_err() -> AttentionError {
+        AttentionError::Runtime {
+            op: "kernel table".into(),
+            detail: "poisoned lock".into(),
+        }
+    }
+
+    fn module(&self, file: KernelFile) -> Result<hipModule_t> {
+        let mut modules = self.modules.lock().map_err(|_| Self::lock_err())?;
+        if let Some(&m) = modules.get(&file) {
+            return Ok(m);
+        }
+        let path = kernels::hsaco_path(file)?;
+        let cpath = CString::new(path.to_string_lossy().as_bytes()).map_err(|_| {
+            AttentionError::KernelBuild {
+                kernel: file.file_name().into(),
+                log: format!("path {} contains a NUL byte", path.display()),
+            }
+        })?;
+        let mut module: hipModule_t = std::ptr::null_mut();
+        // SAFETY: NUL-terminated path, valid out-pointer; modules are never unloaded.
+        let status = unsafe { ffi::hipModuleLoad(&mut module, cpath.as_ptr()) };
+        if status != ffi::SUCCESS {
+            return Err(AttentionError::KernelBuild {
+                kernel: file.file_name().into(),
+                log: format!(
+                    "hipModuleLoad({}) failed: {}; the code object was built for [{}], \
+                     this device is {} (set FORGE_ATTN_HIP_ARCHS and rebuild)",
+                    path.display(),
+                    status_name(status),
+                    kernels::hip_archs_built().unwrap_or("?"),
+                    self.arch
+                ),
+            });
+        }
+        modules.insert(file, module);
+        Ok(module)
+    }
+
+    fn function(&self, spec: &KernelSpec) -> Result<hipFunction_t> {
+        if let Some(&f) = self
+            .functions
+            .lock()
+            .map_err(|_| Self::lock_err())?
+            .get(spec)
+        {
+            return Ok(f);
+        }
+        let module = self.module(spec.file)?;
+        let cname = CString::new(spec.name.as_str()).map_err(|_| AttentionError::KernelBuild {
+            kernel: spec.name.clone(),
+            log: "kernel name contains a NUL byte".into(),
+        })?;
+        let mut func: hipFunction_t = std::ptr::null_mut();
+        // SAFETY: loaded module, NUL-terminated name, valid out-pointer.
+        let status = unsafe { ffi::hipModuleGetFunction(&mut func, module, cname.as_ptr()) };
+        if status != ffi::SUCCESS {
+            return Err(AttentionError::KernelBuild {
+                kernel: spec.name.clone(),
+                log: format!(
+                    "hipModuleGetFunction: {} (no such entry point in {})",
+                    status_name(status),
+                    spec.file
+                ),
+            });
+        }
+        self.functions
+            .lock()
+            .map_err(|_| Self::lock_err())?
+            .insert(spec.clone(), func);
+        Ok(func)
+    }
+
+    pub fn launch(&self, spec: &KernelSpec, dims: LaunchDims, params: &[u8]) -> Result<()> {
+        self.bind()?;
+        if dims.shared_bytes > self.max_smem {
+            return Err(AttentionError::NotSupported {
+                backend: "hip".into(),
+                reason: format!(
+                    "kernel {} needs {} bytes of shared memory, the device allows {}",
+                    spec.name, dims.shared_bytes, self.max_smem
+                ),
+            });
+        }
+        let func = self.function(spec)?;
+        // The one by-value argument as a kernel-argument buffer (8-byte aligned copy).
+        let mut arg = vec![0u64; params.len().div_ceil(8).max(1)];
+        // SAFETY: `arg` holds at least params.len() bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(params.as_ptr(), arg.as_mut_ptr().cast(), params.len())
+        };
+        let mut size: usize = params.len();
+        let mut extra = [
+            ffi::LAUNCH_PARAM_BUFFER_POINTER,
+            arg.as_mut_ptr().cast::<c_void>(),
+            ffi::LAUNCH_PARAM_BUFFER_SIZE,
+            (&mut size as *mut usize).cast::<c_void>(),
+            ffi::LAUNCH_PARAM_END,
+        ];
+        let (g, b) = (dims.grid, dims.block);
+        // SAFETY: the argument buffer matches the kernel's parameter struct (mirrored
+        // repr(C)); HIP copies it before returning.
+        let status = unsafe {
+            ffi::hipModuleLaunchKernel(
+                func,
+                g.0,
+                g.1,
+                g.2,
+                b.0,
+                b.1,
+                b.2,
+                dims.shared_bytes,
+                self.stream,
+                std::ptr::null_mut(),
+                extra.as_mut_ptr(),
+            )
+        };
+        check(&format!("hipModuleLaunchKernel({})", spec.name), status)?;
+        if sync_after_launch() {
+            self.synchronize().map_err(|e| AttentionError::Runtime {
+                op: format!("kernel {}", spec.name),
+                detail: e.to_string(),
+            })?;
+        }
+        Ok(())
+    }
+
+    pub fn time_ms(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<f32> {
+        self.bind()?;
+        let mut start: hipEvent_t = std::ptr::null_mut();
+        let mut stop: hipEvent_t = std::ptr::null_mut();
+        // SAFETY: valid out-pointers.
+        check("hipEventCreate", unsafe { ffi::hipEventCreate(&mut start) })?;
+        // SAFETY: valid out-pointer.
+        if let Err(e) = check("hipEventCreate", unsafe { ffi::hipEventCreate(&mut stop) }) {
+            // SAFETY: created above, never recorded.
+            let _ = unsafe { ffi::hipEventDestroy(start) };
+            return Err(e);
+        }
+        let run = (|| {
+            // SAFETY: events created above, recorded on our stream.
+            check("hipEventRecord", unsafe {
+                ffi::hipEventRecord(start, self.stream)
+            })?;
+            f()?;
+            check("hipEventRecord", unsafe {
+                ffi::hipEventRecord(stop, self.stream)
+            })?;
+            check("hipEventSynchronize", unsafe {
+                ffi::hipEventSynchronize(stop)
+            })?;
+            let mut ms = 0f32;
+            check("hipEventElapsedTime", unsafe {
+                ffi::hipEventElapsedTime(&mut ms, start, stop)
+            })?;
+            Ok(ms)
+        })();
+        // SAFETY: both events are idle after the synchronize (or were never recorded).
+        unsafe {
+            let _ = ffi::hipEventDestroy(start);
+            let _ = ffi::hipEventDestroy(stop);
+        }
+        run
+    }
+}
+
+/// `FORGE_ATTN_SYNC_LAUNCH=1` synchronizes after every launch so a faulting kernel is
+/// reported by name (debugging aid, as on CUDA).
+fn sync_after_launch() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("FORGE_ATTN_SYNC_LAUNCH").is_ok_and(|v| v == "1"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_device_is_an_error_not_a_panic() {
+        let n = device_count();
+        if n > 0 {
+            eprintln!("{n} HIP device(s) present; skipping the no-device check");
+            return;
+        }
+        match HipRuntime::new(0) {
+            Err(AttentionError::DeviceUnavailable { device, reason }) => {
+                assert_eq!(device, "hip:0");
+                assert!(reason.contains("no AMD GPU"), "{reason}");
+            }
+            Err(e) => panic!("expected DeviceUnavailable, got {e}"),
+            Ok(_) => panic!("a runtime without a device"),
+        }
+    }
+
+    #[test]
+    fn status_names_come_from_the_runtime() {
+        assert!(
+            status_name(100).contains("hipErrorNoDevice"),
+            "{}",
+            status_name(100)
+        );
+        // A code no header knows must not crash.
+        let _ = status_name(123_456);
+    }
+
+    #[test]
+    fn hsaco_paths_exist_when_built() {
+        for file in KernelFile::ALL {
+            match kernels::hsaco_path(file) {
+                Ok(p) => assert!(p.is_file()),
+                Err(AttentionError::KernelBuild { log, .. }) => {
+                    assert!(
+                        log.contains("not built") || log.contains("not found"),
+                        "{log}"
+                    )
+                }
+                Err(e) => panic!("unexpected error {e}"),
+            }
+        }
+    }
+}

@@ -1,10 +1,55 @@
 //! Kernel sources, variant names and their compilation (NVRTC for CUDA, prebuilt HSACO
 //! for ROCm).
+//!
+//! Every file of `kernels/` is embedded in the library ([`kernel_sources`]). One kernel
+//! source serves both vendors:
+//!
+//! * ROCm: `build.rs` compiles each `.hip` file with hipcc into one HSACO code object that
+//!   holds every variant of that file (`hsaco_path`, feature `rocm`).
+//! * CUDA: NVRTC compiles one variant at a time, at run time, on first use
+//!   (`compile_ptx`, feature `cuda`); the `FA_VARIANT_*` defines of its [`KernelSpec`] make the file emit
+//!   just that variant. PTX is cached in memory and on disk.
+//!
+//! Variant names (entry points, unique across all files):
+//!
+//! | file | entry points | NVRTC defines |
+//! |---|---|---|
+//! | `flash_attention_nocausal.hip` | `flash_attention_nocausal_<dt>_hd<N>` | `FA_VARIANT_{DT,HD,BM,BN,THREADS,SMEM}` from the [`FlashTile`] |
+//! | `flash_attention_causal.hip` | `flash_attention_causal_<dt>_hd<N>` | same |
+//! | `flash_attention.hip` | `flash_attention_masked_<dt>_hd<N>` | same |
+//! | `attention_traditional.hip` | `attn_scores_<dt>`, `attn_softmax_rows`, `attn_pv_<dt>` | `FA_VARIANT_DT` |
+//! | `tensor_ops.hip` | `copy_strided_b2/_b4`, `fill_b2/_b4` | none |
+//! | `flash_decode.hip` | `flash_decode_<dt>_hd<N>`, `flash_decode_combine_<dt>` | `FA_VARIANT_{DT,HD}` |
+//! | `kv_cache.hip` | `kv_append_b2/_b4` | none |
+//!
+//! `<dt>` is `f32`, `f16` or `bf16`; `<N>` is a head-dim bucket. The flash tile table in
+//! `kernels/flash_config.h` has one row set per vendor ([`flash_table`]): `FA_TILE` rows
+//! for CUDA (NVRTC builds the variant of the row it is asked for), `FA_TILE_HIP` rows for
+//! AMD (hipcc builds all of them); a launch uses the row of its device's vendor.
 
-use crate::error::Result;
+use crate::dtype::DType;
+
+#[cfg(feature = "rocm")]
+mod hsaco;
+#[cfg(feature = "cuda")]
+mod nvrtc;
+mod source;
+#[cfg(test)]
+mod tests;
+mod tiles;
+
+#[cfg(feature = "rocm")]
+pub use hsaco::{hip_archs_built, hsaco_path};
+#[cfg(feature = "cuda")]
+pub use nvrtc::{compile_ptx, nvrtc_available};
+pub use source::{full_source, kernel_source, kernel_sources};
+pub use tiles::{
+    flash_table, flash_tile_for, flash_tile_for_vendor, flash_tiles, parse_flash_config, FlashTile,
+    TileVendor,
+};
 
 /// One kernel source file in `kernels/`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum KernelFile {
     /// `flash_attention_nocausal.hip`
     FlashNoCausal,
@@ -16,20 +61,29 @@ pub enum KernelFile {
     Traditional,
     /// `tensor_ops.hip`
     TensorOps,
-    /// `flash_decode.hip`
+    /// `flash_decode.hip` (split-KV decode: a few queries against a long KV cache)
     Decode,
-    /// `kv_cache.hip`
+    /// `kv_cache.hip` (appends new tokens to a device KV cache)
     KvCache,
 }
 
 impl KernelFile {
     /// Every kernel file.
-    pub const ALL: [KernelFile; 5] = [
+    pub const ALL: [KernelFile; 7] = [
         KernelFile::FlashNoCausal,
         KernelFile::FlashCausal,
         KernelFile::FlashMasked,
         KernelFile::Traditional,
         KernelFile::TensorOps,
+        KernelFile::Decode,
+        KernelFile::KvCache,
+    ];
+
+    /// The three flash files, one per mask mode.
+    pub const FLASH: [KernelFile; 3] = [
+        KernelFile::FlashNoCausal,
+        KernelFile::FlashCausal,
+        KernelFile::FlashMasked,
     ];
 
     /// File name under `kernels/`.
@@ -43,6 +97,23 @@ impl KernelFile {
             KernelFile::Decode => "flash_decode.hip",
             KernelFile::KvCache => "kv_cache.hip",
         }
+    }
+
+    /// The mask-mode word of a flash file's entry points (`nocausal`, `causal`, `masked`);
+    /// `None` for the other files.
+    pub fn flash_mode(self) -> Option<&'static str> {
+        match self {
+            KernelFile::FlashNoCausal => Some("nocausal"),
+            KernelFile::FlashCausal => Some("causal"),
+            KernelFile::FlashMasked => Some("masked"),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for KernelFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.file_name())
     }
 }
 
@@ -72,44 +143,95 @@ impl KernelSpec {
     }
 }
 
-/// Compiles a variant to PTX for compute capability `cc` (e.g. (9, 0)), cached.
-#[cfg(feature = "cuda")]
-pub(crate) fn compile_ptx(_spec: &KernelSpec, _cc: (i32, i32)) -> Result<std::sync::Arc<str>> {
-    todo!()
+/// Entry points of `attention_traditional.hip` that do not depend on the dtype.
+const DTYPE_FREE_TRADITIONAL: [&str; 1] = ["attn_softmax_rows"];
+
+/// Name stems of `attention_traditional.hip`, in launch order.
+pub const TRADITIONAL_STEMS: [&str; 3] = ["attn_scores", "attn_softmax_rows", "attn_pv"];
+
+/// Entry points of `tensor_ops.hip`.
+pub const TENSOR_OPS_KERNELS: [&str; 4] =
+    ["copy_strided_b2", "copy_strided_b4", "fill_b2", "fill_b4"];
+
+/// Entry points of `kv_cache.hip`.
+pub const KV_CACHE_KERNELS: [&str; 2] = ["kv_append_b2", "kv_append_b4"];
+
+/// The flash variant of `file` for `tile`: `flash_attention_<mode>_<dt>_hd<N>` with the
+/// tile's `FA_VARIANT_*` defines, `<mode>` from [`KernelFile::flash_mode`].
+///
+/// `file` should be one of [`KernelFile::FLASH`] and `dtype` the tile's dtype; otherwise
+/// the name is one no kernel file defines (`flash_attention_<file stem>_...`), so loading
+/// it fails with a [`crate::AttentionError::KernelBuild`] instead of running the wrong kernel.
+pub fn flash_spec(file: KernelFile, dtype: DType, tile: &FlashTile) -> KernelSpec {
+    let mode = file
+        .flash_mode()
+        .unwrap_or_else(|| file.file_name().trim_end_matches(".hip"));
+    let name = format!(
+        "flash_attention_{mode}_{}_hd{}",
+        dtype.name(),
+        tile.head_dim
+    );
+    let defines = vec![
+        ("FA_VARIANT_DT", dtype.name().to_string()),
+        ("FA_VARIANT_HD", tile.head_dim.to_string()),
+        ("FA_VARIANT_BM", tile.block_m.to_string()),
+        ("FA_VARIANT_BN", tile.block_n.to_string()),
+        ("FA_VARIANT_THREADS", tile.threads.to_string()),
+        ("FA_VARIANT_SMEM", tile.smem_bytes.to_string()),
+    ];
+    KernelSpec::new(file, name, defines)
 }
 
-/// Path of the prebuilt HSACO code object holding every variant of `file`.
-#[cfg(feature = "rocm")]
-pub(crate) fn hsaco_path(_file: KernelFile) -> Result<&'static str> {
-    todo!()
+/// A kernel of `attention_traditional.hip`: `<name_stem>_<dt>` selected by
+/// `-DFA_VARIANT_DT=<dt>`. Dtype-independent kernels (`attn_softmax_rows`) keep their bare
+/// name and always use the `f32` compile unit, so every dtype shares one build.
+pub fn traditional_spec(name_stem: &str, dtype: DType) -> KernelSpec {
+    if DTYPE_FREE_TRADITIONAL.contains(&name_stem) {
+        return KernelSpec::new(
+            KernelFile::Traditional,
+            name_stem,
+            vec![("FA_VARIANT_DT", DType::F32.name().to_string())],
+        );
+    }
+    KernelSpec::new(
+        KernelFile::Traditional,
+        format!("{name_stem}_{}", dtype.name()),
+        vec![("FA_VARIANT_DT", dtype.name().to_string())],
+    )
 }
 
-// ---- interface stubs (replaced by the build pipeline) ----
-/// A flash tile configuration.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct FlashTile {
-    /// dtype
-    pub dtype: crate::dtype::DType,
-    /// head-dim bucket
-    pub head_dim: usize,
-    /// queries per block
-    pub block_m: u32,
-    /// keys per tile
-    pub block_n: u32,
-    /// threads per block
-    pub threads: u32,
-    /// dynamic shared memory
-    pub smem_bytes: u32,
+/// A kernel of `tensor_ops.hip` (no defines).
+pub fn tensor_ops_spec(name: &str) -> KernelSpec {
+    KernelSpec::new(KernelFile::TensorOps, name, vec![])
 }
-/// Tile for dtype/head_dim.
-pub fn flash_tile_for(_dtype: crate::dtype::DType, _head_dim: usize) -> Option<&'static FlashTile> {
-    None
-}
-/// Flash spec.
-pub fn flash_spec(file: KernelFile, _dtype: crate::dtype::DType, _tile: &FlashTile) -> KernelSpec {
-    KernelSpec::new(file, "", vec![])
-}
-/// Traditional spec.
-pub fn traditional_spec(stem: &str, _dtype: crate::dtype::DType) -> KernelSpec {
-    KernelSpec::new(KernelFile::Traditional, stem, vec![])
+
+const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
+/// Every variant of every file, as NVRTC builds them: flash (3 files x every CUDA tile
+/// row), traditional (per dtype, plus the dtype-free softmax once), tensor ops, decode
+/// (per dtype x head-dim bucket, plus the combine kernel once per dtype) and KV cache.
+///
+/// A malformed `flash_config.h` leaves the flash variants out; [`flash_table`] reports it.
+pub fn all_nvrtc_variants() -> Vec<KernelSpec> {
+    let mut specs = Vec::new();
+    for file in KernelFile::FLASH {
+        for tile in flash_tiles() {
+            specs.push(flash_spec(file, tile.dtype, tile));
+        }
+    }
+    for stem in TRADITIONAL_STEMS {
+        if DTYPE_FREE_TRADITIONAL.contains(&stem) {
+            specs.push(traditional_spec(stem, DType::F32));
+        } else {
+            specs.extend(DTYPES.iter().map(|&dt| traditional_spec(stem, dt)));
+        }
+    }
+    specs.extend(TENSOR_OPS_KERNELS.iter().map(|n| tensor_ops_spec(n)));
+    specs.extend(crate::backend::gpu::all_decode_specs());
+    specs.extend(
+        KV_CACHE_KERNELS
+            .iter()
+            .map(|n| KernelSpec::new(KernelFile::KvCache, *n, vec![])),
+    );
+    specs
 }

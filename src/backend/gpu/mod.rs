@@ -20,6 +20,7 @@ mod flash;
 mod params;
 mod traditional;
 
+pub(crate) use decode::all_decode_specs;
 pub use decode::{decode_smem_bytes, split_plan, SplitPlan, MAX_DECODE_QUERIES};
 pub use dispatch::{FlashChoice, Plan, PlanInput};
 pub use traditional::workspace_bytes;

@@ -1,0 +1,268 @@
+//! The flash tile table of `kernels/flash_config.h`.
+//!
+//! Each row `FA_TILE(dtype, HEAD_DIM_BUCKET, BLOCK_M, BLOCK_N, THREADS, SMEM_BYTES)` (CUDA)
+//! or `FA_TILE_HIP(...)` (AMD, whose workgroups get at most 64 KiB of LDS) is one flash
+//! variant per mask mode. The kernels expand the same rows (hipcc builds every
+//! `FA_TILE_HIP` row; NVRTC builds one `FA_TILE` row with `-DFA_VARIANT_*`), so the host
+//! and the device agree on tile sizes by construction.
+
+use std::sync::OnceLock;
+
+use crate::dtype::DType;
+use crate::error::{AttentionError, Result};
+
+/// File that holds the table.
+pub const FLASH_CONFIG_FILE: &str = "flash_config.h";
+
+/// Which row set of the table: the vendor whose devices run it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TileVendor {
+    /// `FA_TILE` rows (NVIDIA, NVRTC).
+    Cuda,
+    /// `FA_TILE_HIP` rows (AMD, hipcc).
+    Hip,
+}
+
+impl TileVendor {
+    /// The row macro of this vendor.
+    pub fn macro_name(self) -> &'static str {
+        match self {
+            TileVendor::Cuda => "FA_TILE",
+            TileVendor::Hip => "FA_TILE_HIP",
+        }
+    }
+}
+
+/// One row of the flash tile table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlashTile {
+    /// Element type of Q, K, V and the output.
+    pub dtype: DType,
+    /// Head-dim bucket: the variant serves every head_dim up to this value.
+    pub head_dim: usize,
+    /// Query rows per block.
+    pub block_m: u32,
+    /// Key rows per inner tile.
+    pub block_n: u32,
+    /// Threads per block.
+    pub threads: u32,
+    /// Dynamic shared memory per block, in bytes.
+    pub smem_bytes: u32,
+}
+
+fn malformed(line_no: usize, line: &str, why: &str) -> AttentionError {
+    AttentionError::KernelBuild {
+        kernel: FLASH_CONFIG_FILE.into(),
+        log: format!(
+            "line {line_no}: {why}: {:?} (expected FA_TILE or FA_TILE_HIP(dtype, head_dim, \
+             block_m, block_n, threads, smem_bytes) with dtype f32|f16|bf16 and positive \
+             integers)",
+            line.trim()
+        ),
+    }
+}
+
+/// Replaces `/* ... */` and `// ...` comments by blanks, keeping line breaks.
+fn strip_comments(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    let mut in_block = false;
+    while let Some(c) = chars.next() {
+        if in_block {
+            if c == '*' && chars.peek() == Some(&'/') {
+                chars.next();
+                in_block = false;
+                out.push(' ');
+            } else if c == '\n' {
+                out.push('\n');
+            }
+            continue;
+        }
+        match (c, chars.peek()) {
+            ('/', Some('*')) => {
+                chars.next();
+                in_block = true;
+            }
+            ('/', Some('/')) => {
+                for c in chars.by_ref() {
+                    if c == '\n' {
+                        out.push('\n');
+                        break;
+                    }
+                }
+            }
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+fn parse_dtype(token: &str) -> Option<DType> {
+    match token {
+        "f32" => Some(DType::F32),
+        "f16" => Some(DType::F16),
+        "bf16" => Some(DType::BF16),
+        _ => None,
+    }
+}
+
+/// The two row sets of a parsed table.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) struct TileTable {
+    /// `FA_TILE` rows.
+    pub cuda: Vec<FlashTile>,
+    /// `FA_TILE_HIP` rows.
+    pub hip: Vec<FlashTile>,
+}
+
+impl TileTable {
+    fn rows(&self, vendor: TileVendor) -> &[FlashTile] {
+        match vendor {
+            TileVendor::Cuda => &self.cuda,
+            TileVendor::Hip => &self.hip,
+        }
+    }
+}
+
+/// Parses the text of `flash_config.h` into its CUDA (`FA_TILE`) and AMD
+/// (`FA_TILE_HIP`) rows.
+///
+/// Blank lines, comments and preprocessor lines are skipped; every other line must be a
+/// well-formed row, and each (vendor, dtype, head_dim) may appear once. Anything else is an
+/// [`AttentionError::KernelBuild`] naming the line. A table without `FA_TILE` rows is an
+/// error; one without `FA_TILE_HIP` rows uses the CUDA rows on AMD too.
+pub fn parse_flash_config(text: &str) -> Result<(Vec<FlashTile>, Vec<FlashTile>)> {
+    let t = parse_table(text)?;
+    Ok((t.cuda, t.hip))
+}
+
+pub(crate) fn parse_table(text: &str) -> Result<TileTable> {
+    let stripped = strip_comments(text);
+    let mut table = TileTable::default();
+    for (idx, (line, original)) in stripped.lines().zip(text.lines()).enumerate() {
+        let line_no = idx + 1;
+        let t = line.trim();
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        let (vendor, rest) = match t.strip_prefix("FA_TILE_HIP") {
+            Some(r) => (TileVendor::Hip, r),
+            None => match t.strip_prefix("FA_TILE") {
+                Some(r) => (TileVendor::Cuda, r),
+                None => return Err(malformed(line_no, original, "not an FA_TILE(...) row")),
+            },
+        };
+        let args = rest
+            .trim_start()
+            .strip_prefix('(')
+            .and_then(|r| r.strip_suffix(')'))
+            .ok_or_else(|| malformed(line_no, original, "not an FA_TILE(...) row"))?;
+        let fields: Vec<&str> = args.split(',').map(str::trim).collect();
+        let [dt, hd, bm, bn, th, smem] = fields[..] else {
+            return Err(malformed(
+                line_no,
+                original,
+                &format!("{} fields instead of 6", fields.len()),
+            ));
+        };
+        let dtype = parse_dtype(dt)
+            .ok_or_else(|| malformed(line_no, original, &format!("unknown dtype {dt:?}")))?;
+        let num = |s: &str, what: &str| -> Result<u32> {
+            match s.parse::<u32>() {
+                Ok(v) if v > 0 && s.bytes().all(|b| b.is_ascii_digit()) => Ok(v),
+                _ => Err(malformed(
+                    line_no,
+                    original,
+                    &format!("{what} {s:?} is not a positive integer"),
+                )),
+            }
+        };
+        let tile = FlashTile {
+            dtype,
+            head_dim: num(hd, "head_dim")? as usize,
+            block_m: num(bm, "block_m")?,
+            block_n: num(bn, "block_n")?,
+            threads: num(th, "threads")?,
+            smem_bytes: num(smem, "smem_bytes")?,
+        };
+        let rows = match vendor {
+            TileVendor::Cuda => &mut table.cuda,
+            TileVendor::Hip => &mut table.hip,
+        };
+        if rows
+            .iter()
+            .any(|x| x.dtype == tile.dtype && x.head_dim == tile.head_dim)
+        {
+            return Err(malformed(
+                line_no,
+                original,
+                &format!(
+                    "duplicate {} row for {} hd{}",
+                    vendor.macro_name(),
+                    tile.dtype,
+                    tile.head_dim
+                ),
+            ));
+        }
+        rows.push(tile);
+    }
+    if table.cuda.is_empty() {
+        return Err(AttentionError::KernelBuild {
+            kernel: FLASH_CONFIG_FILE.into(),
+            log: "no FA_TILE rows".into(),
+        });
+    }
+    if table.hip.is_empty() {
+        table.hip = table.cuda.clone();
+    }
+    Ok(table)
+}
+
+fn embedded_table() -> &'static Result<TileTable> {
+    static TABLE: OnceLock<Result<TileTable>> = OnceLock::new();
+    TABLE.get_or_init(|| match super::kernel_source(FLASH_CONFIG_FILE) {
+        Some(text) => parse_table(text),
+        None => Err(AttentionError::KernelBuild {
+            kernel: FLASH_CONFIG_FILE.into(),
+            log: format!("kernels/{FLASH_CONFIG_FILE} is missing from this build"),
+        }),
+    })
+}
+
+/// The rows of `vendor` in the embedded `kernels/flash_config.h`, parsed once; the parse
+/// error (malformed or missing table) on every call otherwise.
+pub fn flash_table(vendor: TileVendor) -> Result<&'static [FlashTile]> {
+    match embedded_table() {
+        Ok(t) => Ok(t.rows(vendor)),
+        Err(e) => Err(e.clone()),
+    }
+}
+
+/// The CUDA rows (`FA_TILE`) of the embedded table; empty if the table does not parse
+/// (then no flash variant is ever chosen, and [`flash_table`] says why). The unit tests
+/// make sure the shipped table parses.
+pub fn flash_tiles() -> &'static [FlashTile] {
+    flash_table(TileVendor::Cuda).unwrap_or(&[])
+}
+
+/// The CUDA tile for `dtype` with the smallest head-dim bucket `>= head_dim`; `None` when
+/// `head_dim` is 0, above every bucket of that dtype, or the table does not parse.
+pub fn flash_tile_for(dtype: DType, head_dim: usize) -> Option<&'static FlashTile> {
+    flash_tile_for_vendor(TileVendor::Cuda, dtype, head_dim)
+}
+
+/// [`flash_tile_for`] on the row set of `vendor`.
+pub fn flash_tile_for_vendor(
+    vendor: TileVendor,
+    dtype: DType,
+    head_dim: usize,
+) -> Option<&'static FlashTile> {
+    if head_dim == 0 {
+        return None;
+    }
+    flash_table(vendor)
+        .ok()?
+        .iter()
+        .filter(|t| t.dtype == dtype && t.head_dim >= head_dim)
+        .min_by_key(|t| t.head_dim)
+}
