@@ -65,7 +65,9 @@ fn parse_args() -> std::result::Result<Args, String> {
         }
     }
     if a.paged && a.device == Device::Cpu {
-        return Err("--paged reads the cache with the GPU decode kernel; pick a GPU --device".into());
+        return Err(
+            "--paged reads the cache with the GPU decode kernel; pick a GPU --device".into(),
+        );
     }
     if a.steps == 0 || a.prompt == 0 {
         return Err("--steps and --prompt must be > 0".into());

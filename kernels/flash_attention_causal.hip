@@ -1,0 +1,22 @@
+// Flash attention kernels, MASK_MODE 1: causal attention (bottom-right aligned) without a mask.
+// Kernel names: flash_attention_causal_<f32|f16|bf16>_hd<bucket>, one argument AttnParams.
+// With FA_VARIANT_* defined (run-time compilation) only that variant is emitted; otherwise
+// every row of flash_config.h for this vendor is.
+#include "compat.h"
+#include "attention_params.h"
+#include "flash_attention_core.h"
+
+#if !defined(FA_VARIANT_DT)
+#if FA_HIP
+#define FA_TILE_HIP(dt, hd, bm, bn, th, sm) FA_DEFINE_FLASH_KERNEL(causal, 1, dt, hd, bm, bn, th, sm)
+#else
+#define FA_TILE(dt, hd, bm, bn, th, sm) FA_DEFINE_FLASH_KERNEL(causal, 1, dt, hd, bm, bn, th, sm)
+#endif
+#endif
+
+#include "flash_config.h"
+
+#if defined(FA_VARIANT_DT)
+FA_DEFINE_FLASH_KERNEL(causal, 1, FA_VARIANT_DT, FA_VARIANT_HD, FA_VARIANT_BM, FA_VARIANT_BN,
+                       FA_VARIANT_THREADS, FA_VARIANT_SMEM)
+#endif

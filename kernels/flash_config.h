@@ -1,0 +1,83 @@
+// Tile table of the flash kernels: one row per (dtype, head-dim bucket).
+//   FA_TILE(dtype, HEAD_DIM_BUCKET, BLOCK_M, BLOCK_N, THREADS, SMEM_BYTES)
+// Launch: grid = (ceil(seq_q / BLOCK_M), num_heads, batch), block = THREADS,
+// dynamic shared memory = SMEM_BYTES. A runtime head_dim d runs on the smallest bucket >= d.
+//
+// Rows are parsed textually by the host: keep each on one line, literal values only.
+//
+// FA_TILE rows are for CUDA (up to 227 KiB of shared memory per block).
+// FA_TILE_HIP rows are for AMD, where a workgroup gets at most 64 KiB of LDS.
+//
+// Shared memory holds f32 for every dtype (16-bit inputs are widened once, on the way in):
+//   4 * (BLOCK_M*(DP+4) + BLOCK_N*(DP+4) + BLOCK_N*DP + BLOCK_N*(BLOCK_M+4))
+// for Q, K, V and P^T, where DP is the bucket rounded up to a multiple of 32
+// (bucket 80 computes on 96 columns). The kernel static_asserts this fits SMEM_BYTES.
+//
+// Each thread owns BLOCK_M/(THREADS/16) query rows and 1/16 of the S-tile columns and of
+// the head dim, so the per-thread register tile is 8 x 4 (S) and 8 x DP/16 (O) on the
+// BLOCK_M=128 rows, enough reuse per shared-memory load to keep FFMA the bottleneck.
+// Buckets >= 160 halve BLOCK_M so the O accumulator stays within the register file.
+#pragma once
+
+#ifndef FA_TILE
+#define FA_TILE(dt, hd, bm, bn, threads, smem)
+#endif
+#ifndef FA_TILE_HIP
+#define FA_TILE_HIP(dt, hd, bm, bn, threads, smem)
+#endif
+
+FA_TILE(f32, 32, 128, 64, 256, 69632)
+FA_TILE(f32, 64, 128, 64, 256, 102400)
+FA_TILE(f32, 80, 128, 64, 256, 135168)
+FA_TILE(f32, 96, 128, 64, 256, 135168)
+FA_TILE(f32, 128, 128, 64, 256, 167936)
+FA_TILE(f32, 160, 64, 64, 256, 142336)
+FA_TILE(f32, 192, 64, 64, 256, 166912)
+FA_TILE(f32, 224, 64, 64, 256, 191488)
+FA_TILE(f32, 256, 64, 64, 256, 216064)
+FA_TILE(f16, 32, 128, 64, 256, 69632)
+FA_TILE(f16, 64, 128, 64, 256, 102400)
+FA_TILE(f16, 80, 128, 64, 256, 135168)
+FA_TILE(f16, 96, 128, 64, 256, 135168)
+FA_TILE(f16, 128, 128, 64, 256, 167936)
+FA_TILE(f16, 160, 64, 64, 256, 142336)
+FA_TILE(f16, 192, 64, 64, 256, 166912)
+FA_TILE(f16, 224, 64, 64, 256, 191488)
+FA_TILE(f16, 256, 64, 64, 256, 216064)
+FA_TILE(bf16, 32, 128, 64, 256, 69632)
+FA_TILE(bf16, 64, 128, 64, 256, 102400)
+FA_TILE(bf16, 80, 128, 64, 256, 135168)
+FA_TILE(bf16, 96, 128, 64, 256, 135168)
+FA_TILE(bf16, 128, 128, 64, 256, 167936)
+FA_TILE(bf16, 160, 64, 64, 256, 142336)
+FA_TILE(bf16, 192, 64, 64, 256, 166912)
+FA_TILE(bf16, 224, 64, 64, 256, 191488)
+FA_TILE(bf16, 256, 64, 64, 256, 216064)
+
+FA_TILE_HIP(f32, 32, 64, 64, 256, 44032)
+FA_TILE_HIP(f32, 64, 64, 32, 256, 43008)
+FA_TILE_HIP(f32, 80, 64, 32, 256, 59392)
+FA_TILE_HIP(f32, 96, 64, 32, 256, 59392)
+FA_TILE_HIP(f32, 128, 32, 32, 128, 54784)
+FA_TILE_HIP(f32, 160, 32, 16, 128, 44032)
+FA_TILE_HIP(f32, 192, 32, 16, 128, 52224)
+FA_TILE_HIP(f32, 224, 32, 16, 128, 60416)
+FA_TILE_HIP(f32, 256, 16, 16, 64, 50944)
+FA_TILE_HIP(f16, 32, 64, 64, 256, 44032)
+FA_TILE_HIP(f16, 64, 64, 32, 256, 43008)
+FA_TILE_HIP(f16, 80, 64, 32, 256, 59392)
+FA_TILE_HIP(f16, 96, 64, 32, 256, 59392)
+FA_TILE_HIP(f16, 128, 32, 32, 128, 54784)
+FA_TILE_HIP(f16, 160, 32, 16, 128, 44032)
+FA_TILE_HIP(f16, 192, 32, 16, 128, 52224)
+FA_TILE_HIP(f16, 224, 32, 16, 128, 60416)
+FA_TILE_HIP(f16, 256, 16, 16, 64, 50944)
+FA_TILE_HIP(bf16, 32, 64, 64, 256, 44032)
+FA_TILE_HIP(bf16, 64, 64, 32, 256, 43008)
+FA_TILE_HIP(bf16, 80, 64, 32, 256, 59392)
+FA_TILE_HIP(bf16, 96, 64, 32, 256, 59392)
+FA_TILE_HIP(bf16, 128, 32, 32, 128, 54784)
+FA_TILE_HIP(bf16, 160, 32, 16, 128, 44032)
+FA_TILE_HIP(bf16, 192, 32, 16, 128, 52224)
+FA_TILE_HIP(bf16, 224, 32, 16, 128, 60416)
+FA_TILE_HIP(bf16, 256, 16, 16, 64, 50944)
