@@ -150,7 +150,7 @@ fn attention_only(
     }
     samples.sort_by(f64::total_cmp);
     let us = samples[samples.len() / 2];
-    let splits = forge_attn::backend::gpu::split_plan(132, b, HKV, 1, l, D).num_splits;
+    let splits = forge_attn::backend::gpu::split_plan(132, b, HKV, 1, l, dtype, D).num_splits;
     Ok((us, kv_bytes as f64 / (us * 1e-6) / 1e12, splits))
 }
 

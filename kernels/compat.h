@@ -59,6 +59,8 @@ struct __attribute__((aligned(8))) fa_u32x2 { unsigned int x, y; };
 FA_DEVICE float fa_bits_to_float(unsigned int u) { return __uint_as_float(u); }
 FA_DEVICE unsigned int fa_float_to_bits(float f) { return __float_as_uint(f); }
 
+// Kernels test values against -inf (fully masked rows): never build them with
+// --use_fast_math / -ffast-math, whose finite-math assumption may fold those tests away.
 #define FA_NEG_INF (__uint_as_float(0xff800000u))
 #define FA_LOG2E 1.4426950408889634f
 #define FA_LN2 0.6931471805599453f

@@ -14,9 +14,11 @@
 #define DEC_THREADS 128
 #define DEC_ROWS 16  // query rows per block: (H/Hkv) * Sq rows are split into groups of 16
 
-template <int HD> struct DecodeTile {
-    // Key tile: 64 keys up to head_dim 128, 32 beyond, to bound shared memory.
-    static constexpr int N = HD <= 128 ? 64 : 32;
+template <typename T, int HD> struct DecodeTile {
+    // Keys per tile: 16 KiB of K per tile (64 keys of bf16 x 128), between 16 and 64 keys,
+    // so every thread stages 8 vectors of K and 8 of V whatever the dtype and head dim.
+    static constexpr int BYTES = HD * (int)sizeof(T);
+    static constexpr int N = 16384 / BYTES > 64 ? 64 : (16384 / BYTES < 16 ? 16 : 16384 / BYTES);
 };
 
 // Shared-memory layout (bytes), identical to decode_smem_bytes in src/backend/gpu/decode.rs:
@@ -24,32 +26,56 @@ template <int HD> struct DecodeTile {
 //   Q rows [DEC_ROWS][HD] f32, scores [DEC_ROWS][N] f32, row stats 3 x DEC_ROWS f32.
 template <typename T, int HD> FA_DEVICE constexpr int dec_row_elems() { return HD + 16 / (int)sizeof(T); }
 
-template <typename T, int HD>
-FA_DEVICE void dec_load_tile(T* s_tile, const T* base, const DecodeParams& p, int b, int kvh, int key0, int len,
-                             fa_i64 sb, fa_i64 sh, fa_i64 ss) {
-    constexpr int N = DecodeTile<HD>::N;
-    constexpr int VEC = 16 / (int)sizeof(T);  // elements per 16-byte vector
-    constexpr int VPR = HD / VEC;             // vectors per key row
-    constexpr int ROW = dec_row_elems<T, HD>();
-    for (int idx = threadIdx.x; idx < N * VPR; idx += DEC_THREADS) {
-        int n = idx / VPR, c = idx % VPR;
-        int j = key0 + n;
-        fa_u32x4 val = {0u, 0u, 0u, 0u};
-        if (j < len && c * VEC < p.head_dim) {
-            fa_i64 page, within;
-            if (p.block_table) {
-                page = p.block_table[(fa_i64)b * p.max_pages + j / p.page_size];
-                within = j % p.page_size;
-            } else {
-                page = b;
-                within = j;
+// K and V tiles travel global -> registers -> shared memory in two steps, so the loads of
+// tile t+1 are in flight while tile t is being used (issue), and all of a thread's loads are
+// issued before any is consumed (commit): the 16-byte loads of a tile overlap instead of
+// paying the memory latency one by one.
+template <typename T, int HD> struct DecStager {
+    static constexpr int N = DecodeTile<T, HD>::N;
+    static constexpr int VEC = 16 / (int)sizeof(T);  // elements per 16-byte vector
+    static constexpr int VPR = HD / VEC;             // vectors per key row
+    static constexpr int PER = (N * VPR + DEC_THREADS - 1) / DEC_THREADS;
+    fa_u32x4 k[PER];
+    fa_u32x4 v[PER];
+
+    FA_DEVICE void issue(const DecodeParams& p, int b, int kvh, int key0, int key_end, int tid) {
+        const T* kbase = reinterpret_cast<const T*>(p.k);
+        const T* vbase = reinterpret_cast<const T*>(p.v);
+#pragma unroll
+        for (int c = 0; c < PER; ++c) {
+            const int idx = tid + c * DEC_THREADS;
+            const int n = idx / VPR, col = (idx % VPR) * VEC;
+            const int j = key0 + n;
+            fa_u32x4 kv = {0u, 0u, 0u, 0u}, vv = {0u, 0u, 0u, 0u};
+            if (idx < N * VPR && j < key_end && col < p.head_dim) {
+                fa_i64 page, within;
+                if (p.block_table) {
+                    page = p.block_table[(fa_i64)b * p.max_pages + j / p.page_size];
+                    within = j % p.page_size;
+                } else {
+                    page = b;
+                    within = j;
+                }
+                kv = *reinterpret_cast<const fa_u32x4*>(kbase + page * p.k_sb + (fa_i64)kvh * p.k_sh + within * p.k_ss + col);
+                vv = *reinterpret_cast<const fa_u32x4*>(vbase + page * p.v_sb + (fa_i64)kvh * p.v_sh + within * p.v_ss + col);
             }
-            const T* src = base + page * sb + (fa_i64)kvh * sh + within * ss + c * VEC;
-            val = *reinterpret_cast<const fa_u32x4*>(src);
+            k[c] = kv;
+            v[c] = vv;
         }
-        *reinterpret_cast<fa_u32x4*>(s_tile + n * ROW + c * VEC) = val;
     }
-}
+
+    FA_DEVICE void commit(T* s_k, T* s_v, int tid) const {
+        constexpr int ROW = dec_row_elems<T, HD>();
+#pragma unroll
+        for (int c = 0; c < PER; ++c) {
+            const int idx = tid + c * DEC_THREADS;
+            if (idx >= N * VPR) continue;
+            const int n = idx / VPR, col = (idx % VPR) * VEC;
+            *reinterpret_cast<fa_u32x4*>(s_k + n * ROW + col) = k[c];
+            *reinterpret_cast<fa_u32x4*>(s_v + n * ROW + col) = v[c];
+        }
+    }
+};
 
 // Four consecutive elements from shared memory as one 16- or 8-byte access.
 template <typename T> FA_DEVICE void dec_load4(const T* p, float* out) {
@@ -83,7 +109,7 @@ template <> FA_DEVICE float dec_dot16<float>(const float* k, const float* q) {
 
 template <typename T, int HD>
 FA_DEVICE void flash_decode_body(const DecodeParams& p) {
-    constexpr int N = DecodeTile<HD>::N;
+    constexpr int N = DecodeTile<T, HD>::N;
     constexpr int ROW = dec_row_elems<T, HD>();
     FA_DYNAMIC_SMEM(smem);
     T* s_k = reinterpret_cast<T*>(smem);
@@ -138,16 +164,16 @@ FA_DEVICE void flash_decode_body(const DecodeParams& p) {
 #pragma unroll
         for (int c = 0; c < 4; ++c) acc[i][c] = 0.f;
 
-    const T* kbase = reinterpret_cast<const T*>(p.k);
-    const T* vbase = reinterpret_cast<const T*>(p.v);
+    DecStager<T, HD> stage;
+    if (key_begin < key_end) stage.issue(p, b, kvh, key_begin, key_end, tid);
     const int lane = tid % 32, grp = tid / 32;  // 4 groups of 32 threads (wave32 or wave64)
     const int causal_shift = len - p.seq_q;
 
     for (int key0 = key_begin; key0 < key_end; key0 += N) {
         __syncthreads();  // previous tile fully consumed
-        dec_load_tile<T, HD>(s_k, kbase, p, b, kvh, key0, key_end, p.k_sb, p.k_sh, p.k_ss);
-        dec_load_tile<T, HD>(s_v, vbase, p, b, kvh, key0, key_end, p.v_sb, p.v_sh, p.v_ss);
+        stage.commit(s_k, s_v, tid);
         __syncthreads();
+        if (key0 + N < key_end) stage.issue(p, b, kvh, key0 + N, key_end, tid);
 
         // Scores: thread handles key n = tid % N for rows tid / N, + DEC_THREADS / N, ...
         {

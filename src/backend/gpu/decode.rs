@@ -17,7 +17,7 @@ pub const MAX_DECODE_QUERIES: usize = 16;
 const ROWS: usize = 16;
 const THREADS: u32 = 128;
 /// Fewest keys worth giving a block of their own.
-const MIN_SPLIT_KEYS: usize = 256;
+const MIN_SPLIT_KEYS: usize = 128;
 
 /// Mirrors `DecodeParams` in kernels/decode_params.h.
 #[repr(C)]
@@ -65,20 +65,16 @@ pub fn decode_bucket(head_dim: usize) -> Option<usize> {
     BUCKETS.iter().copied().find(|&b| b >= head_dim)
 }
 
-/// Keys per shared-memory tile for a bucket (`DecodeTile<HD>::N` in the kernel).
-fn tile_keys(bucket: usize) -> usize {
-    if bucket <= 128 {
-        64
-    } else {
-        32
-    }
+/// Keys per shared-memory tile (`DecodeTile<T, HD>::N` in the kernel): 16 KiB of K.
+fn tile_keys(dtype: DType, bucket: usize) -> usize {
+    (16384 / (bucket * dtype.size_in_bytes())).clamp(16, 64)
 }
 
 /// Dynamic shared memory of one decode block (same layout as the kernel's comment).
 pub fn decode_smem_bytes(dtype: DType, bucket: usize) -> u32 {
     let es = dtype.size_in_bytes();
     let row = bucket + 16 / es;
-    let n = tile_keys(bucket);
+    let n = tile_keys(dtype, bucket);
     (2 * n * row * es + ROWS * bucket * 4 + ROWS * n * 4 + 3 * ROWS * 4) as u32
 }
 
@@ -99,6 +95,7 @@ pub fn split_plan(
     kv_heads: usize,
     row_groups: usize,
     max_len: usize,
+    dtype: DType,
     bucket: usize,
 ) -> SplitPlan {
     let base = (batch * kv_heads * row_groups).max(1);
@@ -106,7 +103,7 @@ pub fn split_plan(
     let by_occupancy = target.div_ceil(base);
     let by_length = max_len.div_ceil(MIN_SPLIT_KEYS).max(1);
     let mut splits = by_occupancy.min(by_length).max(1);
-    let tile = tile_keys(bucket);
+    let tile = tile_keys(dtype, bucket);
     let split_keys = max_len.div_ceil(splits).div_ceil(tile) * tile;
     splits = max_len.div_ceil(split_keys.max(1)).max(1);
     SplitPlan {
@@ -194,6 +191,7 @@ pub(crate) fn forward_decode(
         p.num_kv_heads,
         row_groups,
         p.seq_k,
+        p.dtype,
         bucket,
     );
     let mut params = DecodeParams {
@@ -299,21 +297,27 @@ mod tests {
             (8, 8, 4096),
             (3, 1, 1),
         ] {
-            let s = split_plan(132, b, hkv, 1, len, 128);
+            let s = split_plan(132, b, hkv, 1, len, DType::BF16, 128);
             assert!(s.num_splits * s.split_keys >= len, "{b} {hkv} {len}: {s:?}");
             assert!(
                 (s.num_splits - 1) * s.split_keys < len.max(1),
                 "{b} {hkv} {len}: empty split {s:?}"
             );
             assert_eq!(s.split_keys % 64, 0);
+            let f = split_plan(132, b, hkv, 1, len, DType::F32, 128);
+            assert!(f.num_splits * f.split_keys >= len && f.split_keys % 32 == 0);
         }
-        assert!(split_plan(132, 1, 8, 1, 32768, 128).num_splits >= 32);
-        assert_eq!(split_plan(132, 1, 8, 1, 100, 128).num_splits, 1);
+        assert!(split_plan(132, 1, 8, 1, 32768, DType::BF16, 128).num_splits >= 32);
+        assert_eq!(
+            split_plan(132, 1, 8, 1, 100, DType::BF16, 128).num_splits,
+            1
+        );
     }
 
     #[test]
     fn shared_memory_fits_the_default_limit_up_to_head_dim_128() {
-        assert!(decode_smem_bytes(DType::F32, 128) > 48 * 1024);
+        // Tiles hold 16 KiB of K whatever the dtype, so no opt-in is needed up to 128.
+        assert!(decode_smem_bytes(DType::F32, 128) <= 48 * 1024);
         assert!(decode_smem_bytes(DType::BF16, 128) <= 48 * 1024);
         assert!(decode_smem_bytes(DType::F32, 256) <= 227 * 1024);
     }
