@@ -1,12 +1,14 @@
 //! The CPU backend: tiled online-softmax attention over host tensors.
 //!
 //! Work is split into tasks of (batch, kv head, query block); a task holds the query rows of
-//! every query head that shares its kv head, so each K/V tile is widened to f32 once and
-//! reused by all of them. Inside a task, keys are visited in tiles with a running max and
-//! sum per row (online softmax), so no `[Sq, Sk]` matrix is ever formed. Both matrix
-//! products run through one register-blocked micro-kernel over padded f32 scratch buffers,
-//! written so the compiler vectorizes it; on x86-64 an AVX2+FMA build of the same code is
-//! chosen at run time.
+//! every query head that shares its kv head (GQA), so a K/V tile serves all of them. When
+//! several query blocks read the same K/V, each tile is first widened to f32 (K transposed)
+//! once into a shared buffer; a lone query block (decode) widens the tiles it visits
+//! itself. Inside a task, keys are visited in tiles with a running max and sum per row
+//! (online softmax), so no `[Sq, Sk]` matrix is ever formed, and causal tiles past the
+//! diagonal are skipped. Both matrix products run through one register-blocked
+//! micro-kernel over padded f32 buffers, written so the compiler vectorizes it; on x86-64
+//! an AVX2+FMA build of the same code is chosen at run time.
 
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -21,7 +23,7 @@ use crate::tensor::DeviceTensor;
 
 /// Keys per tile (a multiple of [`NR`]).
 const BLOCK_K: usize = 64;
-/// Query rows (group heads x queries) a task aims for: enough to amortise widening a K/V
+/// Query rows (group heads x queries) a task aims for: enough to amortise reading a K/V
 /// tile, few enough that the task's scratch stays in L2.
 const ROWS_TARGET: usize = 64;
 /// Rows of the micro-kernel's register block.
@@ -158,7 +160,7 @@ fn forward_tuned(
             DType::F16 => run::<f16>(&plan, raw, tuning.isa),
             DType::BF16 => run::<bf16>(&plan, raw, tuning.isa),
         }
-    }
+    }?;
     Ok(AttentionPath::Cpu)
 }
 
@@ -303,33 +305,46 @@ impl Scratch {
     }
 }
 
-/// Runs every task of `plan` on rayon's pool.
+/// Runs every task of `plan` on rayon's pool. Fails only when the shared tile buffer
+/// cannot be allocated.
 ///
 /// # Safety
 /// `raw` must point at host views of element type `T` (mask: f32) that match `plan`'s
 /// sizes and strides, the output must overlap no input and have distinct elements.
-unsafe fn run<T: Element>(plan: &Plan, raw: RawPtrs, isa: Isa) {
+unsafe fn run<T: Element>(plan: &Plan, raw: RawPtrs, isa: Isa) -> Result<()> {
     let pairs = plan.batch * plan.num_kv_heads;
-    if plan.q_blocks == 1 {
-        // One task per (batch, kv head) reads its K/V once (decode): it widens each tile
-        // itself, with no extra pass over memory.
-        (0..pairs).into_par_iter().for_each_init(
+    let per_pair = plan.k_tiles() * plan.tile_floats();
+    if plan.q_blocks == 1 || per_pair.saturating_mul(4) > plan.shared_bytes {
+        // Each pair's K/V is read by one task (decode), or is too large to widen ahead:
+        // every task widens the tiles it visits into its own scratch.
+        let tasks = pairs * plan.q_blocks;
+        (0..tasks).into_par_iter().for_each_init(
             || Scratch::new(plan),
-            // SAFETY: forwarded from `run`'s contract.
-            |sc, pair| unsafe { isa.task::<T>(plan, raw, pair, 0, None, sc) },
+            |sc, t| {
+                let t = tasks - 1 - t;
+                let (pair, qb) = (t / plan.q_blocks, t % plan.q_blocks);
+                // SAFETY: forwarded from `run`'s contract.
+                unsafe { isa.task::<T>(plan, raw, pair, qb, None, sc) }
+            },
         );
-        return;
+        return Ok(());
     }
     // Several query blocks read the same K/V: widen every tile once into a shared buffer,
     // a bounded number of (batch, kv head) pairs at a time.
-    let per_pair = plan.k_tiles() * plan.tile_floats();
     let chunk = (plan.shared_bytes / 4 / per_pair).clamp(1, pairs);
     let mut tiles: Vec<f32> = Vec::new();
+    let want = chunk * per_pair;
+    tiles
+        .try_reserve_exact(want)
+        .map_err(|e| AttentionError::OutOfMemory {
+            device: Device::Cpu.to_string(),
+            requested_bytes: want as u64 * 4,
+            detail: format!("widened K/V tiles: {e}"),
+        })?;
+    // Every tile is fully written (padding included) before it is read.
+    tiles.resize(want, 0.0);
     for first in (0..pairs).step_by(chunk) {
         let n = chunk.min(pairs - first);
-        if tiles.len() < n * per_pair {
-            tiles.resize(n * per_pair, 0.0);
-        }
         let tiles = &mut tiles[..n * per_pair];
         tiles
             .par_chunks_mut(plan.tile_floats())
@@ -356,6 +371,7 @@ unsafe fn run<T: Element>(plan: &Plan, raw: RawPtrs, isa: Isa) {
             },
         );
     }
+    Ok(())
 }
 
 /// Widens keys `j0..` (at most [`BLOCK_K`]) of one (batch, kv head) pair into `kt`
@@ -837,10 +853,16 @@ mod tests {
     fn every_isa_and_shared_tile_chunking_agree_with_the_reference() {
         let mut tunings = vec![
             Tuning::detect(),
-            // One (batch, kv head) pair per chunk of shared tiles.
+            // Every task widens its own tiles.
             Tuning {
                 isa: Isa::detect(),
                 shared_bytes: 1,
+            },
+            // One (batch, kv head) pair per chunk of shared tiles: 3 key tiles of head_dim
+            // 72 padded to 80.
+            Tuning {
+                isa: Isa::detect(),
+                shared_bytes: 3 * 2 * BLOCK_K * 80 * 4,
             },
             Tuning {
                 isa: Isa::Portable,
@@ -851,6 +873,10 @@ mod tests {
         if Isa::detect() == Isa::Avx2Fma {
             tunings.push(Tuning {
                 isa: Isa::Avx2Fma,
+                shared_bytes: 1,
+            });
+            tunings.push(Tuning {
+                isa: Isa::Portable,
                 shared_bytes: 1,
             });
         }
