@@ -1,12 +1,14 @@
 //! The CPU backend: tiled online-softmax attention over host tensors.
 //!
 //! Work is split into tasks of (batch, kv head, query block); a task holds the query rows of
-//! every query head that shares its kv head, so each K/V tile is widened to f32 once and
-//! reused by all of them. Inside a task, keys are visited in tiles with a running max and
-//! sum per row (online softmax), so no `[Sq, Sk]` matrix is ever formed. Both matrix
-//! products run through one register-blocked micro-kernel over padded f32 scratch buffers,
-//! written so the compiler vectorizes it; on x86-64 an AVX2+FMA build of the same code is
-//! chosen at run time.
+//! every query head that shares its kv head (GQA), so a K/V tile serves all of them. When
+//! several query blocks read the same K/V, each tile is first widened to f32 (K transposed)
+//! once into a shared buffer; a lone query block (decode) widens the tiles it visits
+//! itself. Inside a task, keys are visited in tiles with a running max and sum per row
+//! (online softmax), so no `[Sq, Sk]` matrix is ever formed, and causal tiles past the
+//! diagonal are skipped. Both matrix products run through one register-blocked
+//! micro-kernel over padded f32 buffers, written so the compiler vectorizes it; on x86-64
+//! an AVX2+FMA build of the same code is chosen at run time.
 
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -21,13 +23,17 @@ use crate::tensor::DeviceTensor;
 
 /// Keys per tile (a multiple of [`NR`]).
 const BLOCK_K: usize = 64;
-/// Query rows (group heads x queries) a task aims for: enough to amortise widening a K/V
+/// Query rows (group heads x queries) a task aims for: enough to amortise reading a K/V
 /// tile, few enough that the task's scratch stays in L2.
 const ROWS_TARGET: usize = 64;
 /// Rows of the micro-kernel's register block.
 const MR: usize = 4;
 /// Columns of the micro-kernel's register block (two AVX2 vectors).
 const NR: usize = 16;
+
+/// Most bytes of K/V tiles widened ahead of the tasks at once; larger problems go
+/// through it a few (batch, kv head) pairs at a time.
+const SHARED_TILES_BYTES: usize = 256 << 20;
 
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
 
@@ -73,59 +79,89 @@ impl DeviceAttentionBackend for CpuAttentionBackend {
         mask: Option<&DeviceTensor>,
         out: &mut DeviceTensor,
     ) -> Result<AttentionPath> {
-        let problem = AttentionProblem::new(config, q, k, v, mask)?;
-        let mut inputs = vec![q, k, v];
-        inputs.extend(mask);
-        let os = problem.output_strides(config.layout, out, &inputs)?;
-        if problem.device != Device::Cpu {
-            return Err(AttentionError::DeviceMismatch {
-                what: "q".into(),
-                expected: Device::Cpu.to_string(),
-                got: problem.device.to_string(),
-            });
-        }
-        // Tasks write disjoint (batch, head, query) rows in parallel; that is only sound if
-        // distinct indices never name the same element.
-        if !has_distinct_elements(out) {
-            return Err(AttentionError::UnsupportedLayout {
-                what: "out".into(),
-                reason: format!(
-                    "strides {:?} for shape {:?} map several elements to one address",
-                    out.strides(),
-                    out.shape()
-                ),
-            });
-        }
-        let host = |t: &DeviceTensor, what: &str| {
-            t.host_ptr().ok_or_else(|| AttentionError::DeviceMismatch {
-                what: what.into(),
-                expected: Device::Cpu.to_string(),
-                got: t.device().to_string(),
-            })
-        };
-        let raw = RawPtrs {
-            q: host(q, "q")?,
-            k: host(k, "k")?,
-            v: host(v, "v")?,
-            mask: match mask {
-                Some(m) => host(m, "mask")? as *const f32,
-                None => std::ptr::null(),
-            },
-            out: host(out, "out")?,
-        };
-        let plan = Plan::new(&problem, os);
-        // SAFETY: `problem` checked every operand's shape against the others and each view
-        // lies inside its buffer; `out` is on the host, overlaps no input and has distinct
-        // elements, so the parallel tasks' writes never alias a read or each other.
-        unsafe {
-            match problem.dtype {
-                DType::F32 => run::<f32>(&plan, raw),
-                DType::F16 => run::<f16>(&plan, raw),
-                DType::BF16 => run::<bf16>(&plan, raw),
-            }
-        }
-        Ok(AttentionPath::Cpu)
+        forward_tuned(config, q, k, v, mask, out, Tuning::detect())
     }
+}
+
+/// How a call runs: the instruction set and the budget for shared K/V tiles. Tests set
+/// them to reach the paths this machine would not take.
+#[derive(Debug, Clone, Copy)]
+struct Tuning {
+    isa: Isa,
+    shared_bytes: usize,
+}
+
+impl Tuning {
+    fn detect() -> Self {
+        Tuning {
+            isa: Isa::detect(),
+            shared_bytes: SHARED_TILES_BYTES,
+        }
+    }
+}
+
+/// `forward_into` under an explicit [`Tuning`].
+fn forward_tuned(
+    config: &AttentionConfig,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    mask: Option<&DeviceTensor>,
+    out: &mut DeviceTensor,
+    tuning: Tuning,
+) -> Result<AttentionPath> {
+    let problem = AttentionProblem::new(config, q, k, v, mask)?;
+    let mut inputs = vec![q, k, v];
+    inputs.extend(mask);
+    let os = problem.output_strides(config.layout, out, &inputs)?;
+    if problem.device != Device::Cpu {
+        return Err(AttentionError::DeviceMismatch {
+            what: "q".into(),
+            expected: Device::Cpu.to_string(),
+            got: problem.device.to_string(),
+        });
+    }
+    // Tasks write disjoint (batch, head, query) rows in parallel; that is only sound if
+    // distinct indices never name the same element.
+    if !has_distinct_elements(out) {
+        return Err(AttentionError::UnsupportedLayout {
+            what: "out".into(),
+            reason: format!(
+                "strides {:?} for shape {:?} map several elements to one address",
+                out.strides(),
+                out.shape()
+            ),
+        });
+    }
+    let host = |t: &DeviceTensor, what: &str| {
+        t.host_ptr().ok_or_else(|| AttentionError::DeviceMismatch {
+            what: what.into(),
+            expected: Device::Cpu.to_string(),
+            got: t.device().to_string(),
+        })
+    };
+    let raw = RawPtrs {
+        q: host(q, "q")?,
+        k: host(k, "k")?,
+        v: host(v, "v")?,
+        mask: match mask {
+            Some(m) => host(m, "mask")? as *const f32,
+            None => std::ptr::null(),
+        },
+        out: host(out, "out")?,
+    };
+    let plan = Plan::new(&problem, os, tuning.shared_bytes);
+    // SAFETY: `problem` checked every operand's shape against the others and each view
+    // lies inside its buffer; `out` is on the host, overlaps no input and has distinct
+    // elements, so the parallel tasks' writes never alias a read or each other.
+    unsafe {
+        match problem.dtype {
+            DType::F32 => run::<f32>(&plan, raw, tuning.isa),
+            DType::F16 => run::<f16>(&plan, raw, tuning.isa),
+            DType::BF16 => run::<bf16>(&plan, raw, tuning.isa),
+        }
+    }?;
+    Ok(AttentionPath::Cpu)
 }
 
 /// Whether no two indices of `t` address the same element (sufficient test: sorted by
@@ -188,10 +224,12 @@ struct Plan {
     dim_pad: usize,
     /// Most rows a task has, rounded up to [`MR`].
     rows_pad: usize,
+    /// Budget for K/V tiles widened ahead of the tasks.
+    shared_bytes: usize,
 }
 
 impl Plan {
-    fn new(p: &AttentionProblem, out: HeadStrides) -> Self {
+    fn new(p: &AttentionProblem, out: HeadStrides, shared_bytes: usize) -> Self {
         let group = p.num_heads / p.num_kv_heads;
         let mut block_q = (ROWS_TARGET / group).clamp(1, p.seq_q);
         // Small problems: trade K/V reuse for enough tasks to keep every thread busy.
@@ -217,11 +255,18 @@ impl Plan {
             q_blocks: p.seq_q.div_ceil(block_q),
             dim_pad: p.head_dim.next_multiple_of(NR),
             rows_pad: (group * block_q).next_multiple_of(MR),
+            shared_bytes,
         }
     }
 
-    fn tasks(&self) -> usize {
-        self.batch * self.num_kv_heads * self.q_blocks
+    /// Key tiles per (batch, kv head).
+    fn k_tiles(&self) -> usize {
+        self.seq_k.div_ceil(BLOCK_K)
+    }
+
+    /// f32 values of one widened K/V tile: K transposed, then V.
+    fn tile_floats(&self) -> usize {
+        2 * BLOCK_K * self.dim_pad
     }
 }
 
@@ -244,8 +289,8 @@ struct Scratch {
 }
 
 impl Scratch {
-    /// Zeroed buffers: the padding columns of Q, K and V are never written afterwards, so
-    /// they stay zero and add nothing to the products.
+    /// Zeroed buffers: the padding columns of Q are never written afterwards, so they stay
+    /// zero and add nothing to the products.
     fn new(plan: &Plan) -> Self {
         let (rows, dim) = (plan.rows_pad, plan.dim_pad);
         Scratch {
@@ -260,31 +305,164 @@ impl Scratch {
     }
 }
 
-/// Runs every task of `plan` on rayon's pool.
+/// Runs every task of `plan` on rayon's pool. Fails only when the shared tile buffer
+/// cannot be allocated.
 ///
 /// # Safety
 /// `raw` must point at host views of element type `T` (mask: f32) that match `plan`'s
 /// sizes and strides, the output must overlap no input and have distinct elements.
-unsafe fn run<T: Element>(plan: &Plan, raw: RawPtrs) {
+unsafe fn run<T: Element>(plan: &Plan, raw: RawPtrs, isa: Isa) -> Result<()> {
+    let pairs = plan.batch * plan.num_kv_heads;
+    let per_pair = plan.k_tiles() * plan.tile_floats();
+    if plan.q_blocks == 1 || per_pair.saturating_mul(4) > plan.shared_bytes {
+        // Each pair's K/V is read by one task (decode), or is too large to widen ahead:
+        // every task widens the tiles it visits into its own scratch.
+        let tasks = pairs * plan.q_blocks;
+        (0..tasks).into_par_iter().for_each_init(
+            || Scratch::new(plan),
+            |sc, t| {
+                let t = tasks - 1 - t;
+                let (pair, qb) = (t / plan.q_blocks, t % plan.q_blocks);
+                // SAFETY: forwarded from `run`'s contract.
+                unsafe { isa.task::<T>(plan, raw, pair, qb, None, sc) }
+            },
+        );
+        return Ok(());
+    }
+    // Several query blocks read the same K/V: widen every tile once into a shared buffer,
+    // a bounded number of (batch, kv head) pairs at a time.
+    let chunk = (plan.shared_bytes / 4 / per_pair).clamp(1, pairs);
+    let mut tiles: Vec<f32> = Vec::new();
+    let want = chunk * per_pair;
+    tiles
+        .try_reserve_exact(want)
+        .map_err(|e| AttentionError::OutOfMemory {
+            device: Device::Cpu.to_string(),
+            requested_bytes: want as u64 * 4,
+            detail: format!("widened K/V tiles: {e}"),
+        })?;
+    // Every tile is fully written (padding included) before it is read.
+    tiles.resize(want, 0.0);
+    for first in (0..pairs).step_by(chunk) {
+        let n = chunk.min(pairs - first);
+        let tiles = &mut tiles[..n * per_pair];
+        tiles
+            .par_chunks_mut(plan.tile_floats())
+            .enumerate()
+            .for_each(|(i, tile)| {
+                let (kt, v) = tile.split_at_mut(BLOCK_K * plan.dim_pad);
+                let pair = first + i / plan.k_tiles();
+                let j0 = (i % plan.k_tiles()) * BLOCK_K;
+                // SAFETY: forwarded from `run`'s contract.
+                unsafe { widen_tile::<T>(plan, raw, pair, j0, kt, v) };
+            });
+        let tiles = &*tiles;
+        let tasks = n * plan.q_blocks;
+        (0..tasks).into_par_iter().for_each_init(
+            || Scratch::new(plan),
+            |sc, t| {
+                // Heaviest tasks first (the last query blocks see the most keys when
+                // causal), so the stragglers at the end are short ones.
+                let t = tasks - 1 - t;
+                let (p, qb) = (t / plan.q_blocks, t % plan.q_blocks);
+                let shared = &tiles[p * per_pair..(p + 1) * per_pair];
+                // SAFETY: forwarded from `run`'s contract.
+                unsafe { isa.task::<T>(plan, raw, first + p, qb, Some(shared), sc) }
+            },
+        );
+    }
+    Ok(())
+}
+
+/// Widens keys `j0..` (at most [`BLOCK_K`]) of one (batch, kv head) pair into `kt`
+/// (transposed, `[dim_pad, BLOCK_K]`) and `v` (`[BLOCK_K, dim_pad]`), zeroing the padding so
+/// it adds nothing (and no stale value meets a zero weight: 0 * inf is NaN). Returns the
+/// number of keys.
+///
+/// # Safety
+/// See [`run`]; `pair < batch * num_kv_heads`, `j0 < seq_k`.
+#[inline(always)]
+unsafe fn widen_tile<T: Element>(
+    plan: &Plan,
+    raw: RawPtrs,
+    pair: usize,
+    j0: usize,
+    kt: &mut [f32],
+    v: &mut [f32],
+) -> usize {
+    let (b, kvh) = (pair / plan.num_kv_heads, pair % plan.num_kv_heads);
+    let (d, dp) = (plan.head_dim, plan.dim_pad);
+    let nk = BLOCK_K.min(plan.seq_k - j0);
+    let k_base = b * plan.k.batch + kvh * plan.k.head;
+    let v_base = b * plan.v.batch + kvh * plan.v.head;
+    let (kp, vp) = (raw.k as *const T, raw.v as *const T);
+    for jj in 0..nk {
+        // SAFETY: key and value rows j0 + jj < seq_k inside their views.
+        let (ks, vs) = unsafe {
+            (
+                std::slice::from_raw_parts(kp.add(k_base + (j0 + jj) * plan.k.seq), d),
+                std::slice::from_raw_parts(vp.add(v_base + (j0 + jj) * plan.v.seq), d),
+            )
+        };
+        for (x, &s) in ks.iter().enumerate() {
+            kt[x * BLOCK_K + jj] = s.widen();
+        }
+        let row = &mut v[jj * dp..(jj + 1) * dp];
+        for (x, &s) in row.iter_mut().zip(vs) {
+            *x = s.widen();
+        }
+        row[d..].fill(0.0);
+    }
+    if nk < BLOCK_K {
+        for x in 0..d {
+            kt[x * BLOCK_K + nk..(x + 1) * BLOCK_K].fill(0.0);
+        }
+        v[nk * dp..].fill(0.0);
+    }
+    kt[d * BLOCK_K..].fill(0.0);
+    nk
+}
+
+/// The instruction set the task loop is compiled for, picked once per call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    Portable,
     #[cfg(target_arch = "x86_64")]
-    let avx2 = is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma");
-    let tasks = plan.tasks();
-    (0..tasks).into_par_iter().for_each_init(
-        || Scratch::new(plan),
-        |scratch, t| {
-            // Heaviest tasks first (the last query blocks see the most keys when causal),
-            // so the stragglers at the end are short ones.
-            let t = tasks - 1 - t;
-            // SAFETY: forwarded from `run`'s contract.
-            unsafe {
+    Avx2Fma,
+}
+
+impl Isa {
+    fn detect() -> Isa {
+        #[cfg(target_arch = "x86_64")]
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            return Isa::Avx2Fma;
+        }
+        Isa::Portable
+    }
+
+    /// Runs [`task`] in this instruction set.
+    ///
+    /// # Safety
+    /// See [`task`].
+    #[inline(always)]
+    unsafe fn task<T: Element>(
+        self,
+        plan: &Plan,
+        raw: RawPtrs,
+        pair: usize,
+        qb: usize,
+        shared: Option<&[f32]>,
+        sc: &mut Scratch,
+    ) {
+        // SAFETY: forwarded; Avx2Fma is only chosen when the CPU has both.
+        unsafe {
+            match self {
+                Isa::Portable => task_portable::<T>(plan, raw, pair, qb, shared, sc),
                 #[cfg(target_arch = "x86_64")]
-                if avx2 {
-                    return task_avx2::<T>(plan, raw, t, scratch);
-                }
-                task_portable::<T>(plan, raw, t, scratch)
+                Isa::Avx2Fma => task_avx2::<T>(plan, raw, pair, qb, shared, sc),
             }
-        },
-    );
+        }
+    }
 }
 
 /// [`task`] compiled with AVX2 and FMA enabled.
@@ -293,30 +471,50 @@ unsafe fn run<T: Element>(plan: &Plan, raw: RawPtrs) {
 /// The CPU must support AVX2 and FMA; plus [`task`]'s contract.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn task_avx2<T: Element>(plan: &Plan, raw: RawPtrs, t: usize, scratch: &mut Scratch) {
+unsafe fn task_avx2<T: Element>(
+    plan: &Plan,
+    raw: RawPtrs,
+    pair: usize,
+    qb: usize,
+    shared: Option<&[f32]>,
+    sc: &mut Scratch,
+) {
     // SAFETY: forwarded.
-    unsafe { task::<T, true>(plan, raw, t, scratch) }
+    unsafe { task::<T, true>(plan, raw, pair, qb, shared, sc) }
 }
 
 /// [`task`] for the baseline instruction set (fused multiply-add where it is baseline).
 ///
 /// # Safety
 /// See [`task`].
-unsafe fn task_portable<T: Element>(plan: &Plan, raw: RawPtrs, t: usize, scratch: &mut Scratch) {
+unsafe fn task_portable<T: Element>(
+    plan: &Plan,
+    raw: RawPtrs,
+    pair: usize,
+    qb: usize,
+    shared: Option<&[f32]>,
+    sc: &mut Scratch,
+) {
     // SAFETY: forwarded.
-    unsafe { task::<T, { cfg!(target_arch = "aarch64") }>(plan, raw, t, scratch) }
+    unsafe { task::<T, { cfg!(target_arch = "aarch64") }>(plan, raw, pair, qb, shared, sc) }
 }
 
-/// Computes the output rows of task `t`: one batch, one kv head with all its query heads,
-/// one block of queries.
+/// Computes the output rows of one (batch, kv head) pair's query block `qb`, for every
+/// query head of the group. `shared` holds the pair's K/V tiles already widened (see
+/// [`run`]); without it each tile is widened into the scratch.
 ///
 /// # Safety
-/// See [`run`]; `t < plan.tasks()`.
+/// See [`run`]; `pair < batch * num_kv_heads`, `qb < q_blocks`.
 #[inline(always)]
-unsafe fn task<T: Element, const FMA: bool>(plan: &Plan, raw: RawPtrs, t: usize, sc: &mut Scratch) {
-    let qb = t % plan.q_blocks;
-    let kvh = (t / plan.q_blocks) % plan.num_kv_heads;
-    let b = t / (plan.q_blocks * plan.num_kv_heads);
+unsafe fn task<T: Element, const FMA: bool>(
+    plan: &Plan,
+    raw: RawPtrs,
+    pair: usize,
+    qb: usize,
+    shared: Option<&[f32]>,
+    sc: &mut Scratch,
+) {
+    let (b, kvh) = (pair / plan.num_kv_heads, pair % plan.num_kv_heads);
     let q0 = qb * plan.block_q;
     let nq = plan.block_q.min(plan.seq_q - q0);
     let (g, d, dp) = (plan.group, plan.head_dim, plan.dim_pad);
@@ -325,26 +523,29 @@ unsafe fn task<T: Element, const FMA: bool>(plan: &Plan, raw: RawPtrs, t: usize,
     let rows_pad = rows.next_multiple_of(MR);
     let head_of = |r: usize| kvh * g + r / nq;
     let query_of = |r: usize| q0 + r % nq;
+    let Scratch {
+        q: qs,
+        kt: kt_own,
+        v: v_own,
+        s: ss,
+        o: os,
+        m: ms,
+        l: ls,
+    } = sc;
 
-    let (qp, kp, vp, op) = (
-        raw.q as *const T,
-        raw.k as *const T,
-        raw.v as *const T,
-        raw.out as *mut T,
-    );
-
+    let qp = raw.q as *const T;
     for r in 0..rows {
         let off = b * plan.q.batch + head_of(r) * plan.q.head + query_of(r) * plan.q.seq;
         // SAFETY: a row of q inside its view.
         let src = unsafe { std::slice::from_raw_parts(qp.add(off), d) };
-        let dst = &mut sc.q[r * dp..r * dp + d];
+        let dst = &mut qs[r * dp..r * dp + d];
         for (x, &s) in dst.iter_mut().zip(src) {
             *x = s.widen() * plan.q_scale;
         }
     }
-    sc.o[..rows_pad * dp].fill(0.0);
-    sc.m[..rows_pad].fill(f32::NEG_INFINITY);
-    sc.l[..rows_pad].fill(0.0);
+    os[..rows_pad * dp].fill(0.0);
+    ms[..rows_pad].fill(f32::NEG_INFINITY);
+    ls[..rows_pad].fill(0.0);
 
     // Bottom-right causal: query i sees keys j <= i + seq_k - seq_q.
     let shift = plan.seq_k as isize - plan.seq_q as isize;
@@ -355,48 +556,35 @@ unsafe fn task<T: Element, const FMA: bool>(plan: &Plan, raw: RawPtrs, t: usize,
             plan.seq_k
         }
     };
-    // Key tiles past the last query's horizon are never loaded.
+    // Key tiles past the last query's horizon are never touched.
     let kv_end = visible_end(q0 + nq - 1);
 
-    let k_base = b * plan.k.batch + kvh * plan.k.head;
-    let v_base = b * plan.v.batch + kvh * plan.v.head;
     let mut j0 = 0;
     while j0 < kv_end {
+        let (kt, vt): (&[f32], &[f32]) = match shared {
+            Some(tiles) => {
+                let at = (j0 / BLOCK_K) * plan.tile_floats();
+                let (kt, vt) = tiles[at..at + plan.tile_floats()].split_at(BLOCK_K * dp);
+                (kt, vt)
+            }
+            None => {
+                // SAFETY: forwarded; j0 < kv_end <= seq_k.
+                unsafe { widen_tile::<T>(plan, raw, pair, j0, kt_own, v_own) };
+                (kt_own, v_own)
+            }
+        };
+        // Only the keys this block may see; the rest of the tile is cut below.
         let nk = BLOCK_K.min(kv_end - j0);
         let nk_pad = nk.next_multiple_of(NR);
-
-        for jj in 0..nk {
-            // SAFETY: key and value rows j0 + jj < seq_k inside their views.
-            let (ks, vs) = unsafe {
-                (
-                    std::slice::from_raw_parts(kp.add(k_base + (j0 + jj) * plan.k.seq), d),
-                    std::slice::from_raw_parts(vp.add(v_base + (j0 + jj) * plan.v.seq), d),
-                )
-            };
-            for (x, &s) in ks.iter().enumerate() {
-                sc.kt[x * BLOCK_K + jj] = s.widen();
-            }
-            for (x, &s) in sc.v[jj * dp..jj * dp + d].iter_mut().zip(vs) {
-                *x = s.widen();
-            }
-        }
-        // Tail of a short last tile: zero K columns and V rows so stale values from the
-        // previous tile cannot leak in (0 * inf would be NaN).
-        if nk < nk_pad {
-            for x in 0..d {
-                sc.kt[x * BLOCK_K + nk..x * BLOCK_K + nk_pad].fill(0.0);
-            }
-            sc.v[nk * dp..nk_pad * dp].fill(0.0);
-        }
 
         // S = Q K^T (already scaled, log2 units).
         for rb in (0..rows_pad).step_by(MR) {
             for jb in (0..nk_pad).step_by(NR) {
                 let mut acc = [[0.0f32; NR]; MR];
-                micro_kernel::<FMA>(&sc.q[rb * dp..], dp, &sc.kt[jb..], BLOCK_K, dp, &mut acc);
+                micro_kernel::<FMA>(&qs[rb * dp..], dp, &kt[jb..], BLOCK_K, dp, &mut acc);
                 for (r, row) in acc.iter().enumerate() {
                     let at = (rb + r) * BLOCK_K + jb;
-                    sc.s[at..at + NR].copy_from_slice(row);
+                    ss[at..at + NR].copy_from_slice(row);
                 }
             }
         }
@@ -404,9 +592,9 @@ unsafe fn task<T: Element, const FMA: bool>(plan: &Plan, raw: RawPtrs, t: usize,
         // Mask, causal cut, and the online softmax update; S becomes P.
         for r in 0..rows {
             let i = query_of(r);
-            let s = &mut sc.s[r * BLOCK_K..r * BLOCK_K + nk_pad];
-            if let Some(ms) = plan.mask {
-                let off = b * ms.batch + head_of(r) * ms.head + i * ms.query + j0;
+            let s = &mut ss[r * BLOCK_K..r * BLOCK_K + nk_pad];
+            if let Some(mst) = plan.mask {
+                let off = b * mst.batch + head_of(r) * mst.head + i * mst.query + j0;
                 // SAFETY: nk keys of one mask row inside the mask view.
                 let m = unsafe { std::slice::from_raw_parts(raw.mask.add(off), nk) };
                 for (x, &a) in s.iter_mut().zip(m) {
@@ -416,7 +604,7 @@ unsafe fn task<T: Element, const FMA: bool>(plan: &Plan, raw: RawPtrs, t: usize,
             let valid = visible_end(i).saturating_sub(j0).min(nk);
             s[valid..].fill(f32::NEG_INFINITY);
 
-            let m_old = sc.m[r];
+            let m_old = ms[r];
             let m_new = m_old.max(row_max(s));
             if m_new == f32::NEG_INFINITY {
                 // Nothing visible yet: contributes nothing, keeps the zero output.
@@ -425,10 +613,10 @@ unsafe fn task<T: Element, const FMA: bool>(plan: &Plan, raw: RawPtrs, t: usize,
             }
             let alpha = exp2::<FMA>(m_old - m_new);
             let sum = exp2_in_place::<FMA>(s, m_new);
-            sc.l[r] = sc.l[r] * alpha + sum;
-            sc.m[r] = m_new;
+            ls[r] = ls[r] * alpha + sum;
+            ms[r] = m_new;
             if alpha != 1.0 {
-                for x in &mut sc.o[r * dp..(r + 1) * dp] {
+                for x in &mut os[r * dp..(r + 1) * dp] {
                     *x *= alpha;
                 }
             }
@@ -440,32 +628,33 @@ unsafe fn task<T: Element, const FMA: bool>(plan: &Plan, raw: RawPtrs, t: usize,
                 let mut acc = [[0.0f32; NR]; MR];
                 for (r, row) in acc.iter_mut().enumerate() {
                     let at = (rb + r) * dp + db;
-                    row.copy_from_slice(&sc.o[at..at + NR]);
+                    row.copy_from_slice(&os[at..at + NR]);
                 }
                 micro_kernel::<FMA>(
-                    &sc.s[rb * BLOCK_K..],
+                    &ss[rb * BLOCK_K..],
                     BLOCK_K,
-                    &sc.v[db..],
+                    &vt[db..],
                     dp,
                     nk_pad,
                     &mut acc,
                 );
                 for (r, row) in acc.iter().enumerate() {
                     let at = (rb + r) * dp + db;
-                    sc.o[at..at + NR].copy_from_slice(row);
+                    os[at..at + NR].copy_from_slice(row);
                 }
             }
         }
         j0 += BLOCK_K;
     }
 
+    let op = raw.out as *mut T;
     for r in 0..rows {
         // l is 0 only when no key was visible: that row's output is zero by contract.
-        let inv = if sc.l[r] > 0.0 { 1.0 / sc.l[r] } else { 0.0 };
+        let inv = if ls[r] > 0.0 { 1.0 / ls[r] } else { 0.0 };
         let off = b * plan.out.batch + head_of(r) * plan.out.head + query_of(r) * plan.out.seq;
         // SAFETY: one output row inside `out`, written by this task only.
         let dst = unsafe { std::slice::from_raw_parts_mut(op.add(off), d) };
-        for (x, &o) in dst.iter_mut().zip(&sc.o[r * dp..r * dp + d]) {
+        for (x, &o) in dst.iter_mut().zip(&os[r * dp..r * dp + d]) {
             *x = T::from_f32(o * inv);
         }
     }
@@ -492,13 +681,20 @@ fn micro_kernel<const FMA: bool>(
     k: usize,
     acc: &mut [[f32; NR]; MR],
 ) {
-    let a_rows: [&[f32]; MR] = std::array::from_fn(|r| &a[r * lda..r * lda + k]);
+    if k == 0 {
+        return;
+    }
+    // One check up front keeps bounds checks (and their registers) out of the loop.
+    assert!((MR - 1) * lda + k <= a.len() && (k - 1) * ldb + NR <= b.len());
+    let (a, b) = (a.as_ptr(), b.as_ptr());
     for kk in 0..k {
-        let brow = &b[kk * ldb..kk * ldb + NR];
-        for r in 0..MR {
-            let x = a_rows[r][kk];
+        // SAFETY: kk < k, so both reads are inside the slices checked above.
+        let brow = unsafe { &*(b.add(kk * ldb) as *const [f32; NR]) };
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            // SAFETY: as above.
+            let x = unsafe { *a.add(r * lda + kk) };
             for c in 0..NR {
-                acc[r][c] = fmadd::<FMA>(x, brow[c], acc[r][c]);
+                acc_r[c] = fmadd::<FMA>(x, brow[c], acc_r[c]);
             }
         }
     }
@@ -622,6 +818,80 @@ fn f16_bits_to_f32(h: u16) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Layout;
+    use crate::reference::{attention_f64, random_values, relative_l2_error};
+
+    /// Runs one problem under `tuning` and returns its error against the reference.
+    fn error_under(tuning: Tuning, dtype: DType, layout: Layout, sq: usize, sk: usize) -> f64 {
+        let (b, h, hk, d) = (2, 4, 2, 72);
+        let shape = |s: usize, heads: usize| match layout {
+            Layout::Bshd => [b, s, heads, d],
+            Layout::Bhsd => [b, heads, s, d],
+        };
+        let make = |s: usize, heads: usize, seed: u64| {
+            let sh = shape(s, heads);
+            let n = sh.iter().product();
+            DeviceTensor::from_f32(&random_values(n, seed), &sh, dtype, Device::Cpu).unwrap()
+        };
+        let (q, k, v) = (make(sq, h, 1), make(sk, hk, 2), make(sk, hk, 3));
+        let mask_values: Vec<f32> = random_values(sq * sk, 4)
+            .into_iter()
+            .map(|x| if x > 0.7 { f32::NEG_INFINITY } else { x })
+            .collect();
+        let mask = DeviceTensor::from_host(&mask_values, &[sq, sk], Device::Cpu).unwrap();
+        let config = AttentionConfig::new(h * d, h, 512)
+            .with_num_kv_heads(hk)
+            .with_causal(true)
+            .with_layout(layout);
+        let mut out = DeviceTensor::zeros(&shape(sq, h), dtype, Device::Cpu).unwrap();
+        forward_tuned(&config, &q, &k, &v, Some(&mask), &mut out, tuning).unwrap();
+        let want = attention_f64(&config, &q, &k, &v, Some(&mask)).unwrap();
+        relative_l2_error(&out.to_f32_vec().unwrap(), &want)
+    }
+
+    #[test]
+    fn every_isa_and_shared_tile_chunking_agree_with_the_reference() {
+        let mut tunings = vec![
+            Tuning::detect(),
+            // Every task widens its own tiles.
+            Tuning {
+                isa: Isa::detect(),
+                shared_bytes: 1,
+            },
+            // One (batch, kv head) pair per chunk of shared tiles: 3 key tiles of head_dim
+            // 72 padded to 80.
+            Tuning {
+                isa: Isa::detect(),
+                shared_bytes: 3 * 2 * BLOCK_K * 80 * 4,
+            },
+            Tuning {
+                isa: Isa::Portable,
+                shared_bytes: SHARED_TILES_BYTES,
+            },
+        ];
+        #[cfg(target_arch = "x86_64")]
+        if Isa::detect() == Isa::Avx2Fma {
+            tunings.push(Tuning {
+                isa: Isa::Avx2Fma,
+                shared_bytes: 1,
+            });
+            tunings.push(Tuning {
+                isa: Isa::Portable,
+                shared_bytes: 1,
+            });
+        }
+        for tuning in tunings {
+            for layout in [Layout::Bshd, Layout::Bhsd] {
+                // 150 queries: several query blocks (shared tiles); 1 query: private tiles.
+                for (sq, sk) in [(150, 170), (1, 130), (170, 150)] {
+                    let err = error_under(tuning, DType::F32, layout, sq, sk);
+                    assert!(err < 1e-5, "{tuning:?} {layout:?} {sq}x{sk}: {err:e}");
+                    let err = error_under(tuning, DType::F16, layout, sq, sk);
+                    assert!(err < 2e-3, "{tuning:?} {layout:?} {sq}x{sk} f16: {err:e}");
+                }
+            }
+        }
+    }
 
     #[test]
     fn f16_widening_matches_half_for_every_value() {
