@@ -5,10 +5,10 @@
 //!
 //! With the `rocm` feature: compiles every `kernels/*.hip` to an HSACO code object with
 //! `hipcc --genco` for the targets in `FORGE_ATTN_HIP_ARCHS` (comma separated, default
-//! `gfx1100`) and exports each object's path in a `*_HSACO` environment variable read by
-//! `src/kernels/hsaco.rs`. Without hipcc the build warns and exports nothing; the ROCm
-//! backend then reports "kernels not built" at run time. A kernel that fails to compile
-//! fails the build with hipcc's log.
+//! `gfx1100`; `FORGE_ATTN_HIPCC_FLAGS` adds flags) and exports each object's path in a
+//! `*_HSACO` environment variable read by `src/kernels/hsaco.rs`. Without hipcc the build
+//! warns and exports nothing; the ROCm backend then reports "kernels not built" at run
+//! time. A kernel that fails to compile fails the build with hipcc's log.
 
 use std::env;
 use std::fmt::Write as _;
@@ -109,6 +109,7 @@ fn hsaco_env_var(file_name: &str) -> String {
         "attention_traditional.hip" => "FLASH_ATTENTION_TRADITIONAL_HSACO".into(),
         "tensor_ops.hip" => "FLASH_ATTENTION_TENSOR_OPS_HSACO".into(),
         "flash_decode.hip" => "FLASH_ATTENTION_DECODE_HSACO".into(),
+        "kv_cache.hip" => "FLASH_ATTENTION_KV_CACHE_HSACO".into(),
         other => {
             let stem = other.trim_end_matches(".hip");
             let upper: String = stem
@@ -175,7 +176,13 @@ fn find_hipcc() -> Option<PathBuf> {
 type Outcome = (String, PathBuf, Result<(), String>);
 
 fn build_hsaco(kernel_dir: &Path, sources: &[PathBuf], out_dir: &Path) {
-    for var in ["FORGE_ATTN_HIP_ARCHS", "HIPCC", "HIP_PATH", "ROCM_PATH"] {
+    for var in [
+        "FORGE_ATTN_HIP_ARCHS",
+        "FORGE_ATTN_HIPCC_FLAGS",
+        "HIPCC",
+        "HIP_PATH",
+        "ROCM_PATH",
+    ] {
         println!("cargo:rerun-if-env-changed={var}");
     }
     let archs = hip_archs();
@@ -242,6 +249,14 @@ fn build_hsaco(kernel_dir: &Path, sources: &[PathBuf], out_dir: &Path) {
     );
 }
 
+/// Extra hipcc flags from `FORGE_ATTN_HIPCC_FLAGS` (whitespace separated), e.g.
+/// `--rocm-device-lib-path=DIR` where the distribution lacks a target's device library.
+fn extra_hipcc_flags() -> Vec<String> {
+    env::var("FORGE_ATTN_HIPCC_FLAGS")
+        .map(|f| f.split_whitespace().map(String::from).collect())
+        .unwrap_or_default()
+}
+
 fn run_hipcc(
     hipcc: &Path,
     archs: &[String],
@@ -256,6 +271,7 @@ fn run_hipcc(
     }
     cmd.args(["-O3", "-std=c++17", "-I"])
         .arg(kernel_dir)
+        .args(extra_hipcc_flags())
         .arg("-o")
         .arg(out)
         .arg(src);

@@ -31,11 +31,11 @@ mod ffi {
     pub const ERROR_OUT_OF_MEMORY: c_int = 2;
     pub const STREAM_NON_BLOCKING: c_uint = 1;
     /// `HIP_LAUNCH_PARAM_BUFFER_POINTER` (hip_runtime_api.h).
-    pub const LAUNCH_PARAM_BUFFER_POINTER: *mut c_void = 0x01 as *mut c_void;
+    pub const LAUNCH_PARAM_BUFFER_POINTER: *mut c_void = std::ptr::without_provenance_mut(0x01);
     /// `HIP_LAUNCH_PARAM_BUFFER_SIZE`.
-    pub const LAUNCH_PARAM_BUFFER_SIZE: *mut c_void = 0x02 as *mut c_void;
+    pub const LAUNCH_PARAM_BUFFER_SIZE: *mut c_void = std::ptr::without_provenance_mut(0x02);
     /// `HIP_LAUNCH_PARAM_END`.
-    pub const LAUNCH_PARAM_END: *mut c_void = 0x03 as *mut c_void;
+    pub const LAUNCH_PARAM_END: *mut c_void = std::ptr::without_provenance_mut(0x03);
 
     #[link(name = "amdhip64")]
     extern "C" {

@@ -213,9 +213,17 @@ const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 ///
 /// A malformed `flash_config.h` leaves the flash variants out; [`flash_table`] reports it.
 pub fn all_nvrtc_variants() -> Vec<KernelSpec> {
+    all_variants(TileVendor::Cuda)
+}
+
+/// Every entry point a build for `vendor` must provide: [`all_nvrtc_variants`] for CUDA;
+/// for AMD the flash variants follow the `FA_TILE_HIP` rows (the defines do not matter
+/// there: hipcc builds every variant of a file into one code object).
+pub fn all_variants(vendor: TileVendor) -> Vec<KernelSpec> {
     let mut specs = Vec::new();
+    let tiles = flash_table(vendor).unwrap_or(&[]);
     for file in KernelFile::FLASH {
-        for tile in flash_tiles() {
+        for tile in tiles {
             specs.push(flash_spec(file, tile.dtype, tile));
         }
     }

@@ -205,6 +205,13 @@ impl PtxCompiler for Nvrtc {
     }
 
     fn compile(&self, job: &Job<'_>) -> Result<String> {
+        self.compile_with_log(job).map(|(ptx, _)| ptx)
+    }
+}
+
+impl Nvrtc {
+    /// Compiles `job`, returning the PTX and NVRTC's log (warnings; empty when clean).
+    pub(crate) fn compile_with_log(&self, job: &Job<'_>) -> Result<(String, String)> {
         if !nvrtc_available() {
             return Err(nvrtc_missing());
         }
@@ -230,7 +237,7 @@ impl PtxCompiler for Nvrtc {
         let ptx = match compiled {
             // SAFETY: as above; the program compiled.
             Ok(()) => unsafe { result::get_ptx(prog) }
-                .map(|p| c_chars_to_string(&p))
+                .map(|p| (c_chars_to_string(&p), log.trim_end().to_string()))
                 .map_err(|e| build_err(format!("nvrtcGetPTX: {e:?}\n{log}"))),
             Err(e) => Err(build_err(format!(
                 "{} ({e:?}) with options [{}]\n{}",
