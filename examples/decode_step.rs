@@ -101,21 +101,21 @@ fn cache_contents(cache: &KvCache) -> Result<(DeviceTensor, DeviceTensor)> {
 
 enum Backend {
     Cpu(CpuAttentionBackend),
-    Gpu(GpuAttentionBackend),
+    Gpu(Box<GpuAttentionBackend>),
 }
 
 impl Backend {
     fn new(device: Device) -> Result<Self> {
         Ok(match device {
             Device::Cpu => Backend::Cpu(CpuAttentionBackend),
-            gpu => Backend::Gpu(GpuAttentionBackend::new(gpu)?),
+            gpu => Backend::Gpu(Box::new(GpuAttentionBackend::new(gpu)?)),
         })
     }
 
     fn as_dyn(&self) -> &dyn DeviceAttentionBackend {
         match self {
             Backend::Cpu(b) => b,
-            Backend::Gpu(b) => b,
+            Backend::Gpu(b) => b.as_ref(),
         }
     }
 }

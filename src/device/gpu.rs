@@ -3,6 +3,13 @@
 //! Every GPU operation in the crate goes through [`GpuRuntime`], which forwards to the
 //! CUDA or HIP implementation of the device.
 
+// Built with neither `cuda` nor `rocm`, the runtime enum is empty and every path below
+// ends at an uninhabited match; that is the intended "no GPU support" build.
+#![cfg_attr(
+    not(any(feature = "cuda", feature = "rocm")),
+    allow(unreachable_code, unused_variables, unused_mut)
+)]
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -103,11 +110,11 @@ impl GpuRuntime {
 
     /// Allocates `bytes` (at least one byte) and zeroes them on the stream.
     pub fn alloc_zeroed(self: &Arc<Self>, bytes: usize) -> Result<GpuBuffer> {
-        let ptr = match &**self {
+        let ptr = match **self {
             #[cfg(feature = "cuda")]
-            GpuRuntime::Cuda(c) => c.alloc_zeroed(bytes)?,
+            GpuRuntime::Cuda(ref c) => c.alloc_zeroed(bytes)?,
             #[cfg(feature = "rocm")]
-            GpuRuntime::Hip(h) => h.alloc_zeroed(bytes)?,
+            GpuRuntime::Hip(ref h) => h.alloc_zeroed(bytes)?,
         };
         Ok(GpuBuffer {
             ptr,
@@ -117,71 +124,71 @@ impl GpuRuntime {
     }
 
     fn free(&self, ptr: u64) -> Result<()> {
-        match self {
+        match *self {
             #[cfg(feature = "cuda")]
-            GpuRuntime::Cuda(c) => c.free(ptr),
+            GpuRuntime::Cuda(ref c) => c.free(ptr),
             #[cfg(feature = "rocm")]
-            GpuRuntime::Hip(h) => h.free(ptr),
+            GpuRuntime::Hip(ref h) => h.free(ptr),
         }
     }
 
     /// Queues a host-to-device copy; `src` may be reused when this returns.
     pub fn copy_htod(&self, dst: u64, src: &[u8]) -> Result<()> {
-        match self {
+        match *self {
             #[cfg(feature = "cuda")]
-            GpuRuntime::Cuda(c) => c.copy_htod(dst, src),
+            GpuRuntime::Cuda(ref c) => c.copy_htod(dst, src),
             #[cfg(feature = "rocm")]
-            GpuRuntime::Hip(h) => h.copy_htod(dst, src),
+            GpuRuntime::Hip(ref h) => h.copy_htod(dst, src),
         }
     }
 
     /// Copies device memory to the host, waiting for the stream first.
     pub fn copy_dtoh(&self, src: u64, dst: &mut [u8]) -> Result<()> {
-        match self {
+        match *self {
             #[cfg(feature = "cuda")]
-            GpuRuntime::Cuda(c) => c.copy_dtoh(src, dst),
+            GpuRuntime::Cuda(ref c) => c.copy_dtoh(src, dst),
             #[cfg(feature = "rocm")]
-            GpuRuntime::Hip(h) => h.copy_dtoh(src, dst),
+            GpuRuntime::Hip(ref h) => h.copy_dtoh(src, dst),
         }
     }
 
     /// Waits for all queued work.
     pub fn synchronize(&self) -> Result<()> {
-        match self {
+        match *self {
             #[cfg(feature = "cuda")]
-            GpuRuntime::Cuda(c) => c.synchronize(),
+            GpuRuntime::Cuda(ref c) => c.synchronize(),
             #[cfg(feature = "rocm")]
-            GpuRuntime::Hip(h) => h.synchronize(),
+            GpuRuntime::Hip(ref h) => h.synchronize(),
         }
     }
 
     /// Device name.
     pub fn name(&self) -> String {
-        match self {
+        match *self {
             #[cfg(feature = "cuda")]
-            GpuRuntime::Cuda(c) => c.name(),
+            GpuRuntime::Cuda(ref c) => c.name(),
             #[cfg(feature = "rocm")]
-            GpuRuntime::Hip(h) => h.name(),
+            GpuRuntime::Hip(ref h) => h.name(),
         }
     }
 
     /// Number of multiprocessors (CUs on AMD).
     pub fn multiprocessor_count(&self) -> u32 {
-        match self {
+        match *self {
             #[cfg(feature = "cuda")]
-            GpuRuntime::Cuda(c) => c.multiprocessor_count(),
+            GpuRuntime::Cuda(ref c) => c.multiprocessor_count(),
             #[cfg(feature = "rocm")]
-            GpuRuntime::Hip(h) => h.multiprocessor_count(),
+            GpuRuntime::Hip(ref h) => h.multiprocessor_count(),
         }
     }
 
     /// Largest dynamic shared memory a block may opt into.
     pub fn max_shared_bytes_per_block(&self) -> u32 {
-        match self {
+        match *self {
             #[cfg(feature = "cuda")]
-            GpuRuntime::Cuda(c) => c.max_shared_bytes_per_block(),
+            GpuRuntime::Cuda(ref c) => c.max_shared_bytes_per_block(),
             #[cfg(feature = "rocm")]
-            GpuRuntime::Hip(h) => h.max_shared_bytes_per_block(),
+            GpuRuntime::Hip(ref h) => h.max_shared_bytes_per_block(),
         }
     }
 
@@ -193,21 +200,21 @@ impl GpuRuntime {
         params: &P,
     ) -> Result<()> {
         let bytes = bytemuck::bytes_of(params);
-        match self {
+        match *self {
             #[cfg(feature = "cuda")]
-            GpuRuntime::Cuda(c) => c.launch(spec, dims, bytes),
+            GpuRuntime::Cuda(ref c) => c.launch(spec, dims, bytes),
             #[cfg(feature = "rocm")]
-            GpuRuntime::Hip(h) => h.launch(spec, dims, bytes),
+            GpuRuntime::Hip(ref h) => h.launch(spec, dims, bytes),
         }
     }
 
     /// Device-side event timer: runs `f`, returns the elapsed device milliseconds.
     pub fn time_ms(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<f32> {
-        match self {
+        match *self {
             #[cfg(feature = "cuda")]
-            GpuRuntime::Cuda(c) => c.time_ms(f),
+            GpuRuntime::Cuda(ref c) => c.time_ms(f),
             #[cfg(feature = "rocm")]
-            GpuRuntime::Hip(h) => h.time_ms(f),
+            GpuRuntime::Hip(ref h) => h.time_ms(f),
         }
     }
 }
