@@ -4,15 +4,21 @@
 //!
 //! `cargo bench --bench gpu_attention -- [--dtypes f32,bf16] [--dims 64,128] [--seqs 512,1024]
 //!  [--paths flash,traditional] [--csv FILE]`
-//! Prints one line per measurement and writes a CSV for scripts/bench_torch_sdpa.py.
+//! Paths: `flash` and `traditional` on the GPU, `cpu` (the CPU backend on this machine's
+//! cores, up to `--max-cpu-seq`). Prints one line per measurement and writes a CSV for
+//! scripts/bench_torch_sdpa.py.
 
 use std::io::Write;
 
 use forge_attn::reference::random_values;
 use forge_attn::{
-    AttentionConfig, DType, Device, DeviceAttentionBackend, DeviceTensor, GpuAttentionBackend,
-    Layout,
+    AttentionConfig, CpuAttentionBackend, DType, Device, DeviceAttentionBackend, DeviceTensor,
+    GpuAttentionBackend, Layout,
 };
+
+fn rayon_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
 
 fn list<T>(s: &str, f: impl Fn(&str) -> Option<T>) -> Vec<T> {
     s.split(',').filter_map(|x| f(x.trim())).collect()
@@ -34,6 +40,7 @@ fn main() {
     let mut paths = vec!["flash".to_string(), "traditional".to_string()];
     let mut csv_path = None;
     let mut max_traditional_seq = 8192usize;
+    let mut max_cpu_seq = 2048usize;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut v = || args.next().unwrap_or_default();
@@ -44,6 +51,7 @@ fn main() {
             "--paths" => paths = list(&v(), |x| Some(x.to_string())),
             "--csv" => csv_path = Some(v()),
             "--max-traditional-seq" => max_traditional_seq = v().parse().unwrap_or(8192),
+            "--max-cpu-seq" => max_cpu_seq = v().parse().unwrap_or(2048),
             _ => {} // `--bench` and other harness flags
         }
     }
@@ -74,7 +82,9 @@ fn main() {
             for &s in &seqs {
                 for causal in [false, true] {
                     for path in &paths {
-                        if path == "traditional" && s > max_traditional_seq {
+                        if (path == "traditional" && s > max_traditional_seq)
+                            || (path == "cpu" && s > max_cpu_seq)
+                        {
                             continue;
                         }
                         match measure(&backend, path, dtype, d, s, causal) {
@@ -109,7 +119,12 @@ fn measure(
     s: usize,
     causal: bool,
 ) -> forge_attn::Result<(f64, f64, String)> {
-    let dev = backend.device();
+    // The CPU path runs the CPU backend on this machine's cores, on host copies.
+    let dev = if path == "cpu" {
+        Device::Cpu
+    } else {
+        backend.device()
+    };
     let (b, h) = (16384 / s, 2048 / d);
     let shape = [b, h, s, d];
     let n = b * h * s * d;
@@ -135,11 +150,14 @@ fn measure(
                 reason: plan.fallback_reason.unwrap_or_default(),
             })
         }
+        ("cpu", _) => format!("{} threads", rayon_threads()),
         _ => "3 launches".to_string(),
     };
     let run = |out: &mut DeviceTensor| -> forge_attn::Result<()> {
         if path == "traditional" {
             backend.forward_traditional(&cfg, &q, &k, &v, None, out)?;
+        } else if path == "cpu" {
+            CpuAttentionBackend.forward_into(&cfg, &q, &k, &v, None, out)?;
         } else {
             backend.forward_into(&cfg, &q, &k, &v, None, out)?;
         }
@@ -150,7 +168,11 @@ fn measure(
     let flops = 4.0 * (b * s * s * h * d) as f64 * if causal { 0.5 } else { 1.0 };
     // Enough repetitions for ~0.3 s, at least 5; each timed with device events.
     let once = dev.elapsed_ms(|| run(&mut out))?;
-    let reps = ((300.0 / once) as usize).clamp(5, 50);
+    let reps = if path == "cpu" {
+        2
+    } else {
+        ((300.0 / once) as usize).clamp(5, 50)
+    };
     let mut times = Vec::with_capacity(reps);
     for _ in 0..reps {
         times.push(dev.elapsed_ms(|| run(&mut out))?);
