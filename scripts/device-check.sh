@@ -16,8 +16,15 @@ case "$mode" in
   tests)
     .gpu/gpu-run tests "$@" 2>&1 | tee "$out/tests.log" | grep -E "^(test |test result|==|gpu-run|NVIDIA|.*panicked|.*error)" ;;
   sanitize)
+    # The GPU test binaries under memcheck and racecheck, on the small cases only.
+    export FORGE_ATTN_SANITIZE=1
     for tool in memcheck racecheck; do
-      .gpu/gpu-run sanitize "$tool" "$@" 2>&1 | tee "$out/sanitize-$tool.log" | grep -E "(ERROR SUMMARY|test result|gpu-run|Program hit|Invalid|hazard)" | sort | uniq -c
+      for t in gpu_backend kv_cache zero_transfers; do
+        echo "== compute-sanitizer --tool $tool $t"
+        compute-sanitizer --tool "$tool" --error-exitcode 9 ".gpu/tests/$t" --include-ignored --test-threads 1 "$@" 2>&1 \
+          | tee -a "$out/sanitize-$tool.log" | grep -E "(ERROR SUMMARY|RACECHECK SUMMARY|test result|Invalid|hazard)"
+        echo "exit ${PIPESTATUS[0]}"
+      done
     done ;;
   prefill)
     .gpu/gpu-run exec benches/gpu_attention --csv "$out/prefill.csv" "$@" 2>&1 | tee "$out/prefill.log"

@@ -209,8 +209,12 @@ fn gpu_decode_matches_reference() {
         (1, 1, 4, 2, 256, vec![999], false),
         (4, 2, 6, 3, 80, vec![5, 64, 65, 129], true),
     ];
+    let small = std::env::var_os("FORGE_ATTN_SANITIZE").is_some();
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         for (i, (b, sq, h, hkv, d, lens, causal)) in cases.iter().cloned().enumerate() {
+            if small && lens.iter().sum::<usize>() > 1500 {
+                continue;
+            }
             let cap = *lens.iter().max().unwrap() + 8;
             let cfg = AttentionConfig::new(h * d, h, cap)
                 .with_num_kv_heads(hkv)
