@@ -604,6 +604,110 @@ mod nvrtc_tests {
         }
     }
 
+    /// On a CUDA device: every variant compiles through [`compile_ptx`] (memory and disk
+    /// cache included) for the device's architecture, and the driver loads it (PTX -> SASS,
+    /// so ptxas limits such as shared memory and registers are checked too). Prints the
+    /// variants that spill to local memory.
+    #[test]
+    #[ignore = "needs a GPU"]
+    fn every_variant_loads_on_the_cuda_device() {
+        use cudarc::driver::{result, sys};
+        use std::ffi::CString;
+
+        // SAFETY: probing the driver library, then plain driver calls on device 0.
+        assert!(unsafe { sys::is_culib_present() }, "no CUDA driver");
+        result::init().unwrap();
+        let dev = result::device::get(0).unwrap();
+        let ctx = unsafe { result::primary_ctx::retain(dev) }.unwrap();
+        unsafe { result::ctx::set_current(ctx) }.unwrap();
+        use sys::CUdevice_attribute_enum as A;
+        let attr = |a| unsafe { result::device::get_attribute(dev, a) }.unwrap();
+        let cc = (
+            attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR),
+            attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR),
+        );
+        let specs = all_nvrtc_variants();
+        eprintln!(
+            "device sm_{}{}, NVRTC target {}, cache {:?}",
+            cc.0,
+            cc.1,
+            target_arch(cc).unwrap(),
+            cache_dir_from_env()
+        );
+
+        let start = Instant::now();
+        let next = AtomicUsize::new(0);
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let ptx: Vec<std::sync::Mutex<Option<crate::error::Result<std::sync::Arc<str>>>>> =
+            specs.iter().map(|_| std::sync::Mutex::new(None)).collect();
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| loop {
+                    let i = next.fetch_add(1, Ordering::SeqCst);
+                    let Some(spec) = specs.get(i) else { break };
+                    *ptx[i].lock().unwrap() = Some(compile_ptx(spec, cc));
+                });
+            }
+        });
+        eprintln!(
+            "compile_ptx: {} variants in {:.1}s",
+            specs.len(),
+            start.elapsed().as_secs_f64()
+        );
+
+        let start = Instant::now();
+        let mut failures = Vec::new();
+        let mut spills = Vec::new();
+        for (spec, p) in specs.iter().zip(&ptx) {
+            let p = p.lock().unwrap().take().unwrap();
+            let p = match p {
+                Ok(p) => p,
+                Err(e) => {
+                    failures.push(format!("{}: {e}", spec.name));
+                    continue;
+                }
+            };
+            let image = CString::new(p.as_bytes()).unwrap();
+            let module = match unsafe { result::module::load_data(image.as_ptr().cast()) } {
+                Ok(m) => m,
+                Err(e) => {
+                    failures.push(format!("{}: cuModuleLoadData: {e:?}", spec.name));
+                    continue;
+                }
+            };
+            let name = CString::new(spec.name.as_str()).unwrap();
+            match unsafe { result::module::get_function(module, name) } {
+                Ok(f) => {
+                    use sys::CUfunction_attribute_enum as F;
+                    let fattr = |a| unsafe { result::function::get_function_attribute(f, a) };
+                    let regs = fattr(F::CU_FUNC_ATTRIBUTE_NUM_REGS).unwrap_or(-1);
+                    let local = fattr(F::CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES).unwrap_or(-1);
+                    if local != 0 {
+                        spills.push(format!("{} regs={regs} local={local}B", spec.name));
+                    }
+                }
+                Err(e) => failures.push(format!("{}: cuModuleGetFunction: {e:?}", spec.name)),
+            }
+            let _ = unsafe { result::module::unload(module) };
+        }
+        eprintln!(
+            "loaded {} variants in {:.1}s",
+            specs.len(),
+            start.elapsed().as_secs_f64()
+        );
+        if !spills.is_empty() {
+            eprintln!(
+                "{} variant(s) use local memory:\n  {}",
+                spills.len(),
+                spills.join("\n  ")
+            );
+        }
+        for f in &failures {
+            eprintln!("{}\n", truncate(f, 3000));
+        }
+        assert!(failures.is_empty(), "{} variant(s) failed", failures.len());
+    }
+
     fn truncate(s: &str, max: usize) -> &str {
         match s.char_indices().nth(max) {
             Some((i, _)) => &s[..i],
