@@ -3,7 +3,7 @@
 
 use crate::backend::{AttentionPath, FlashKernel};
 use crate::dtype::DType;
-use crate::kernels::{self, FlashTile, KernelFile};
+use crate::kernels::{self, FlashTile, KernelFile, TileVendor};
 use crate::problem::AttentionProblem;
 
 use super::decode::{decode_bucket, decode_smem_bytes, MAX_DECODE_QUERIES};
@@ -88,6 +88,7 @@ pub fn can_use_flash_attention(
     input: &PlanInput,
     flash_enabled: bool,
     max_shared_bytes: u32,
+    vendor: TileVendor,
 ) -> Result<FlashChoice, String> {
     if !flash_enabled {
         return Err(
@@ -113,12 +114,14 @@ pub fn can_use_flash_attention(
             .ok_or_else(|| format!("no decode kernel for head_dim {}", input.head_dim))?;
         (None, decode_smem_bytes(input.dtype, bucket))
     } else {
-        let tile = kernels::flash_tile_for(input.dtype, input.head_dim).ok_or_else(|| {
-            format!(
-                "no flash tile configuration for {} head_dim {}",
-                input.dtype, input.head_dim
-            )
-        })?;
+        let tile = kernels::flash_tile_for_vendor(vendor, input.dtype, input.head_dim).ok_or_else(
+            || {
+                format!(
+                    "no flash tile configuration for {} head_dim {}",
+                    input.dtype, input.head_dim
+                )
+            },
+        )?;
         (Some(tile), tile.smem_bytes)
     };
     if smem > max_shared_bytes {
@@ -131,8 +134,13 @@ pub fn can_use_flash_attention(
 }
 
 /// Decides the path of `input`.
-pub fn plan(input: &PlanInput, flash_enabled: bool, max_shared_bytes: u32) -> Plan {
-    match can_use_flash_attention(input, flash_enabled, max_shared_bytes) {
+pub fn plan(
+    input: &PlanInput,
+    flash_enabled: bool,
+    max_shared_bytes: u32,
+    vendor: TileVendor,
+) -> Plan {
+    match can_use_flash_attention(input, flash_enabled, max_shared_bytes, vendor) {
         Ok(choice) => Plan {
             path: AttentionPath::Flash(choice.kernel),
             flash: Some(choice),

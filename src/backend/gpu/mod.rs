@@ -10,6 +10,7 @@ use crate::device::gpu::GpuRuntime;
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{AttentionError, Result};
+use crate::kernels::TileVendor;
 use crate::kv_cache::KvCache;
 use crate::problem::{AttentionProblem, HeadStrides};
 use crate::tensor::DeviceTensor;
@@ -88,7 +89,16 @@ impl GpuAttentionBackend {
             input,
             self.use_flash_attention,
             self.runtime.max_shared_bytes_per_block(),
+            self.tile_vendor(),
         )
+    }
+
+    /// Which rows of the tile table this device launches with.
+    fn tile_vendor(&self) -> TileVendor {
+        match self.device {
+            Device::Hip(_) => TileVendor::Hip,
+            _ => TileVendor::Cuda,
+        }
     }
 
     /// The path `input` would take on this backend, with the reason for any fallback.
@@ -97,6 +107,7 @@ impl GpuAttentionBackend {
             input,
             self.use_flash_attention,
             self.runtime.max_shared_bytes_per_block(),
+            self.tile_vendor(),
         )
     }
 

@@ -1,0 +1,97 @@
+//! The GPU dispatch decision, checked without a GPU: which kernel runs which problem, and
+//! the reason given when none can.
+
+use forge_attn::backend::gpu::dispatch::{
+    can_use_flash_attention, plan, select_flash_kernel, PlanInput,
+};
+use forge_attn::kernels::TileVendor;
+use forge_attn::{AttentionPath, DType, FlashKernel};
+
+const H100_SMEM: u32 = 227 * 1024;
+const AMD_SMEM: u32 = 64 * 1024;
+
+fn input(dtype: DType, head_dim: usize, causal: bool, has_mask: bool, seq_q: usize) -> PlanInput {
+    PlanInput {
+        dtype,
+        head_dim,
+        causal,
+        has_mask,
+        seq_q,
+    }
+}
+
+#[test]
+fn families_follow_mask_causal_and_query_length() {
+    for dtype in [DType::F32, DType::F16, DType::BF16] {
+        let cases = [
+            (false, false, 512, FlashKernel::NonCausal),
+            (true, false, 512, FlashKernel::Causal),
+            (false, true, 512, FlashKernel::Generic),
+            (true, true, 512, FlashKernel::Generic),
+            (true, false, 1, FlashKernel::Decode),
+            (false, false, 16, FlashKernel::Decode),
+            (true, false, 17, FlashKernel::Causal),
+            // A mask is read only by the generic prefill kernel, even for one query.
+            (true, true, 1, FlashKernel::Generic),
+        ];
+        for (causal, mask, sq, want) in cases {
+            let i = input(dtype, 128, causal, mask, sq);
+            assert_eq!(select_flash_kernel(&i), want, "{i:?}");
+            let p = plan(&i, true, H100_SMEM, TileVendor::Cuda);
+            assert_eq!(p.path, AttentionPath::Flash(want), "{i:?}");
+            assert!(p.fallback_reason.is_none());
+            assert_eq!(p.flash.unwrap().tile.is_some(), want != FlashKernel::Decode);
+        }
+    }
+}
+
+#[test]
+fn every_head_dim_multiple_of_8_up_to_256_has_a_flash_kernel() {
+    for vendor in [TileVendor::Cuda, TileVendor::Hip] {
+        let smem = if vendor == TileVendor::Cuda {
+            H100_SMEM
+        } else {
+            AMD_SMEM
+        };
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            for d in (8..=256).step_by(8) {
+                for sq in [1, 4096] {
+                    let c = can_use_flash_attention(
+                        &input(dtype, d, true, false, sq),
+                        true,
+                        smem,
+                        vendor,
+                    )
+                    .unwrap_or_else(|e| panic!("{vendor:?} {dtype} d={d} sq={sq}: {e}"));
+                    if let Some(t) = c.tile {
+                        assert!(
+                            t.head_dim >= d && t.smem_bytes <= smem,
+                            "{vendor:?} {dtype} d={d}: {t:?}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn fallbacks_name_their_reason() {
+    let why = |i: PlanInput, on: bool, smem: u32| {
+        let p = plan(&i, on, smem, TileVendor::Cuda);
+        assert_eq!(p.path, AttentionPath::Traditional, "{i:?}");
+        assert!(p.flash.is_none());
+        p.fallback_reason.expect("a reason")
+    };
+    assert!(why(input(DType::F32, 300, false, false, 64), true, H100_SMEM).contains("300"));
+    assert!(why(input(DType::F32, 300, false, false, 1), true, H100_SMEM).contains("300"));
+    assert!(
+        why(input(DType::BF16, 100, false, false, 64), true, H100_SMEM).contains("multiple of 8")
+    );
+    assert!(
+        why(input(DType::BF16, 128, false, false, 64), false, H100_SMEM).contains("switched off")
+    );
+    // A device with less shared memory than the tile needs falls back and says how much.
+    let r = why(input(DType::F32, 256, false, true, 64), true, 16 * 1024);
+    assert!(r.contains("shared memory") && r.contains("16384"), "{r}");
+}
