@@ -1,5 +1,9 @@
 // FlashAttention-2 style forward pass (SIMT, f32 accumulation for every dtype).
 //
+// This is the kernel of every f32 variant and of every AMD variant. f16/bf16 on CUDA sm_80+
+// run the tensor-core kernel of flash_attention_mma.h instead (see FaEntry at the end), which
+// falls back to this one, split into smaller tiles, for unaligned inputs.
+//
 // One block owns BLOCK_M queries of one (batch, head). K/V tiles of BLOCK_N keys stream
 // through shared memory; the softmax is computed online (running max and sum in registers,
 // base-2 exponentials with scale*log2(e) folded into Q), and O is written once at the end.
@@ -377,8 +381,10 @@ template <> struct FaStoreVec<fa_bf16, 2> : FaStoreHalf2<fa_bf16> {};
 // MODE 0: no mask, not causal. MODE 1: causal, no mask. MODE 2: additive f32 mask (nullable)
 // and causal when p.causal != 0. blockDim.x must equal THREADS and the dynamic shared memory
 // must be SMEM bytes.
+// fa_flash_tile computes the BM queries starting at q0; fa_flash_forward picks q0 from the block
+// index (causal grids run in reverse so the blocks with the most keys start first).
 template <typename T, int HD, int BM, int BN, int THREADS, int SMEM, int MODE>
-FA_DEVICE void fa_flash_forward(const AttnParams& p) {
+FA_DEVICE void fa_flash_tile(const AttnParams& p, const int q0) {
     typedef FaShape<HD, BM, BN, THREADS> SH;
     static_assert(SH::SMEM_BYTES <= SMEM, "shared-memory layout exceeds the tile row's SMEM_BYTES");
     static_assert(MODE >= 0 && MODE <= 2, "MASK_MODE is 0, 1 or 2");
@@ -404,9 +410,6 @@ FA_DEVICE void fa_flash_forward(const AttnParams& p) {
     const int seq_q = p.seq_q;
     const int seq_k = p.seq_k;
     const bool causal = (MODE == 1) || (MODE == 2 && p.causal != 0);
-    // Causal blocks with more queries have more keys: start those first.
-    const int qblk = causal ? (int)(gridDim.x - 1u - blockIdx.x) : (int)blockIdx.x;
-    const int q0 = qblk * BM;
     if (q0 >= seq_q) return;  // block-uniform, before any barrier
     const int h = (int)blockIdx.y;
     const int b = (int)blockIdx.z;
@@ -509,6 +512,63 @@ FA_DEVICE void fa_flash_forward(const AttnParams& p) {
     }
 }
 
+// Causal blocks with more queries have more keys: start those first.
+FA_DEVICE int fa_block_q0(const AttnParams& p, int bm, int mode) {
+    const bool causal = (mode == 1) || (mode == 2 && p.causal != 0);
+    const int qblk = causal ? (int)(gridDim.x - 1u - blockIdx.x) : (int)blockIdx.x;
+    return qblk * bm;
+}
+
+template <typename T, int HD, int BM, int BN, int THREADS, int SMEM, int MODE>
+FA_DEVICE void fa_flash_forward(const AttnParams& p) {
+    fa_flash_tile<T, HD, BM, BN, THREADS, SMEM, MODE>(p, fa_block_q0(p, BM, MODE));
+}
+
+// The SIMT kernel on a row whose (BLOCK_M, BLOCK_N, SMEM_BYTES) were sized for another
+// implementation: the block's BM queries are done as BM/BMS consecutive SIMT tiles of
+// BMS = THREADS/4 queries and 32 keys, which fit the smaller shared-memory budget.
+template <int HD, int THREADS>
+struct FaSplitShape {
+    static constexpr int BMS = THREADS / 4;
+    static constexpr int BNS = 32;
+    typedef FaShape<HD, BMS, BNS, THREADS> SH;
+    static constexpr int SMEM_BYTES = SH::SMEM_BYTES;
+};
+
+template <typename T, int HD, int BM, int THREADS, int SMEM, int MODE>
+FA_DEVICE void fa_flash_forward_split(const AttnParams& p, const int q0) {
+    typedef FaSplitShape<HD, THREADS> SP;
+    static_assert(BM % SP::BMS == 0, "BLOCK_M must be a multiple of THREADS/4");
+    for (int s = 0; s < BM / SP::BMS; ++s) {
+        if (s > 0) fa_syncthreads();  // the previous tile's shared memory is free again
+        fa_flash_tile<T, HD, SP::BMS, SP::BNS, THREADS, SMEM, MODE>(p, q0 + s * SP::BMS);
+    }
+}
+
+#include "flash_attention_mma.h"
+
+// Which implementation a (dtype, target) runs. f32 always, and every dtype on AMD, run the
+// SIMT kernel on the row's own tile; f16/bf16 rows on CUDA are sized for the tensor-core
+// kernel, which CUDA sm_80+ runs and older CUDA targets replace by the split SIMT kernel.
+template <typename T> struct FaEntry {
+    template <int HD, int BM, int BN, int THREADS, int SMEM, int MODE>
+    FA_DEVICE static void run(const AttnParams& p) {
+#if FA_HAS_MMA
+        fa_mma_forward<T, HD, BM, BN, THREADS, SMEM, MODE>(p);
+#elif FA_CUDA
+        fa_flash_forward_split<T, HD, BM, THREADS, SMEM, MODE>(p, fa_block_q0(p, BM, MODE));
+#else
+        fa_flash_forward<T, HD, BM, BN, THREADS, SMEM, MODE>(p);
+#endif
+    }
+};
+template <> struct FaEntry<float> {
+    template <int HD, int BM, int BN, int THREADS, int SMEM, int MODE>
+    FA_DEVICE static void run(const AttnParams& p) {
+        fa_flash_forward<float, HD, BM, BN, THREADS, SMEM, MODE>(p);
+    }
+};
+
 // ------------------------------------------------------------------ kernel definitions
 #define FA_ELEM_f32 float
 #define FA_ELEM_f16 fa_f16
@@ -523,7 +583,7 @@ FA_DEVICE void fa_flash_forward(const AttnParams& p) {
 #define FA_DEFINE_FLASH_KERNEL_I(name, mode, dt, hd, bm, bn, th, sm)                           \
     FA_KERNEL void FA_LAUNCH_BOUNDS_MIN(th, FA_FLASH_MIN_BLOCKS)                          \
         flash_attention_##name##_##dt##_hd##hd(AttnParams p) {                                \
-        fa_flash_forward<FA_ELEM_##dt, hd, bm, bn, th, sm, mode>(p);                           \
+        FaEntry<FA_ELEM_##dt>::run<hd, bm, bn, th, sm, mode>(p);                     \
     }
 #define FA_DEFINE_FLASH_KERNEL(name, mode, dt, hd, bm, bn, th, sm) \
     FA_DEFINE_FLASH_KERNEL_I(name, mode, dt, hd, bm, bn, th, sm)

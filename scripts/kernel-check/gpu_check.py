@@ -220,6 +220,25 @@ def reference(q, k, v, mask, scale, causal):
     return o, lse
 
 
+def naive_in_dtype(q, k, v, mask, scale, causal):
+    """The same attention done plainly in q's dtype (FlashAttention's yardstick for f16/bf16)."""
+    B, Sq, H, D = q.shape
+    Sk, Hkv = k.shape[1], k.shape[2]
+    g = H // Hkv
+    qd = q.permute(0, 2, 1, 3)
+    kd = k.permute(0, 2, 1, 3).repeat_interleave(g, dim=1)
+    vd = v.permute(0, 2, 1, 3).repeat_interleave(g, dim=1)
+    s = torch.matmul(qd, kd.transpose(-1, -2)) * scale
+    if mask is not None:
+        s = s + mask.to(s.dtype)
+    if causal:
+        i = torch.arange(Sq, device=q.device).view(-1, 1)
+        j = torch.arange(Sk, device=q.device).view(1, -1)
+        s = s.masked_fill(j > i + (Sk - Sq), float("-inf"))
+    pr = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)
+    return torch.matmul(pr, vd).permute(0, 2, 1, 3)
+
+
 def rel_err(a, ref):
     a = a.double()
     if torch.isnan(a).any():
@@ -236,6 +255,9 @@ def poison(t):
 
 
 # ---------------------------------------------------------------------------- tests
+STATS = []  # f16/bf16: kernel error / naive-in-dtype error, per case
+
+
 class Results:
     def __init__(self):
         self.fails = []
@@ -284,6 +306,11 @@ def run_flash_case(K, R, mode, dt, D, B, Sq, Sk, H, Hkv, layout, mask_kind, caus
     lab = "flash m%d %s D%d B%d Sq%d Sk%d H%d/%d %s mask=%s causal=%d %s" % (
         mode, dt, D, B, Sq, Sk, H, Hkv, layout, mask_kind, int(eff_causal), label_extra)
     R.check(lab, not math.isnan(e) and e < TOL[dt], "out rel err %.3g" % e)
+    if dt != "f32":
+        en = rel_err(naive_in_dtype(q, k, v, mask if mode == 2 else None, scale, eff_causal), ref_o)
+        STATS.append(e / en if en > 0 else 0.0)
+        R.check(lab + " vs naive", e <= 2.0 * en + 1e-6 and e < 1e-2,
+                "rel err %.3g, naive-in-%s %.3g" % (e, dt, en))
     R.check(lab + " written", not torch.isnan(out).any().item(), "NaN left in output")
     # lse: -inf rows must match exactly; finite rows closely
     inf_ref = torch.isinf(ref_lse)
@@ -317,8 +344,10 @@ def test_race_subset(K, R):
     R.check("traditional race subset", rel_err(out, ref) < 1e-5, "")
 
 
-def test_flash(K, R, quick, small=False):
-    dts = ["f32", "bf16", "f16"] if not small else ["f32", "bf16"]
+def test_flash(K, R, quick, small=False, only=None):
+    dts = ["f32", "bf16", "f16"] if not small else ["f32", "bf16", "f16"]
+    if only:
+        dts = [d for d in dts if d in only]
     buckets = [32, 64, 80, 96, 128, 160, 192, 224, 256] if not small else [64, 80, 128]
     items = [K.flash_item(m, dt, hd) for m in range(3) for dt in dts for hd in buckets]
     t0 = time.time()
@@ -528,14 +557,17 @@ def bench_flash(K, dt, D, S, causal, reps=20, with_peer=True):
         times.append(a.elapsed_time(b))
     ms = sorted(times)[len(times) // 2]
     flops = 4.0 * B * S * S * H * D / (2 if causal else 1)
-    # SDPA efficient kernel (f32 / bf16) on the same tensors, for a same-run comparison
+    # SDPA's memory-efficient kernel and (f16/bf16) its FlashAttention-2 kernel on the same
+    # tensors, for a same-run comparison
     peer = float("nan")
+    peer_fa = float("nan")
     if not with_peer:
-        return ms, flops / (ms * 1e-3) / 1e12, peer, K.drv.regs(f)
-    try:
-        from torch.nn.attention import sdpa_kernel, SDPBackend
-        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):
+        return ms, flops / (ms * 1e-3) / 1e12, peer, peer_fa, K.drv.regs(f)
+    from torch.nn.attention import sdpa_kernel, SDPBackend
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+
+    def time_sdpa(backend):
+        with sdpa_kernel([backend]):
             for _ in range(3):
                 torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
             torch.cuda.synchronize()
@@ -547,10 +579,17 @@ def bench_flash(K, dt, D, S, causal, reps=20, with_peer=True):
                 b.record()
                 b.synchronize()
                 ts.append(a.elapsed_time(b))
-            peer = flops / (sorted(ts)[len(ts) // 2] * 1e-3) / 1e12
+            return flops / (sorted(ts)[len(ts) // 2] * 1e-3) / 1e12
+    if dt != "f32":
+        try:
+            peer_fa = time_sdpa(SDPBackend.FLASH_ATTENTION)
+        except Exception as e:  # noqa: BLE001
+            print("sdpa flash peer failed:", e)
+    try:
+        peer = time_sdpa(SDPBackend.EFFICIENT_ATTENTION)
     except Exception as e:  # noqa: BLE001
         print("sdpa peer failed:", e)
-    return ms, flops / (ms * 1e-3) / 1e12, peer, K.drv.regs(f)
+    return ms, flops / (ms * 1e-3) / 1e12, peer, peer_fa, K.drv.regs(f)
 
 
 def main():
@@ -560,6 +599,7 @@ def main():
     ap.add_argument("--race", action="store_true", help="a handful of cases (for racecheck)")
     ap.add_argument("--no-bench", action="store_true")
     ap.add_argument("--bench-only", action="store_true")
+    ap.add_argument("--dtypes", default="", help="comma list: flash correctness dtypes (default all)")
     ap.add_argument("--bench", default="", help="comma list dt:D:S:causal")
     ap.add_argument("--bench-opts", default="", help="';'-separated extra NVRTC option sets to time")
     args = ap.parse_args()
@@ -575,7 +615,8 @@ def main():
     if not args.bench_only:
         for name, fn in (("tensor_ops", lambda: test_tensor_ops(K, R)),
                          ("traditional", lambda: test_traditional(K, R)),
-                         ("flash", lambda: test_flash(K, R, args.quick, args.small)),
+                         ("flash", lambda: test_flash(K, R, args.quick, args.small,
+                                                      args.dtypes.split(",") if args.dtypes else None)),
                          ("misaligned", lambda: test_misaligned(K, R)),
                          ("large offsets", lambda: None if args.small else test_large_offsets(K, R))):
             t0 = time.time()
@@ -585,6 +626,9 @@ def main():
                 traceback.print_exc()
                 R.fails.append(name + " raised")
             print("%s done in %.1fs" % (name, time.time() - t0), flush=True)
+        if STATS:
+            print("f16/bf16 error / naive-in-dtype error: max %.2f, median %.2f over %d cases" %
+                  (max(STATS), sorted(STATS)[len(STATS) // 2], len(STATS)))
         print("\n%d checks, %d failed" % (R.n, len(R.fails)))
         for f in R.fails[:50]:
             print("  FAIL", f)
@@ -598,15 +642,15 @@ def main():
             cfgs = [(dt, D, S, cz) for dt in ("f32", "bf16") for D in (64, 128)
                     for S in (512, 2048, 8192) for cz in (False, True)]
         optsets = [""] + [o for o in args.bench_opts.split(";") if o.strip()]
-        print("\n%-44s %-5s %4s %6s %6s %9s %8s %8s %5s" % ("opts", "dt", "D", "S", "causal", "ms",
-                                                          "TFLOP/s", "sdpa-eff", "regs"))
+        print("\n%-44s %-5s %4s %6s %6s %9s %8s %8s %8s %5s" % ("opts", "dt", "D", "S", "causal", "ms",
+                                                               "TFLOP/s", "sdpa-eff", "sdpa-fa", "regs"))
         for opts in optsets:
             Kb = K if not opts else Kernels(K.arch, opts.split(), nv=K.nv, drv=K.drv)
             for dt, D, S, cz in cfgs:
                 try:
-                    ms, tf, peer, regs = bench_flash(Kb, dt, D, S, cz, with_peer=(opts == ""))
-                    print("%-44s %-5s %4d %6d %6d %9.3f %8.1f %8.1f %5d" % (
-                        opts or "(default)", dt, D, S, cz, ms, tf, peer, regs), flush=True)
+                    ms, tf, peer, peer_fa, regs = bench_flash(Kb, dt, D, S, cz, with_peer=(opts == ""))
+                    print("%-44s %-5s %4d %6d %6d %9.3f %8.1f %8.1f %8.1f %5d" % (
+                        opts or "(default)", dt, D, S, cz, ms, tf, peer, peer_fa, regs), flush=True)
                 except Exception:  # noqa: BLE001
                     traceback.print_exc()
     return 1 if R.fails else 0

@@ -1,0 +1,514 @@
+// FlashAttention-2 forward pass on tensor cores: f16/bf16 inputs, CUDA sm_80 and newer.
+//
+// flash_attention_core.h includes this file and dispatches f16/bf16 to it; inputs whose
+// pointers or strides are not 16-byte aligned (or head_dim not a multiple of 8) go to the
+// SIMT kernel inside the same entry point.
+//
+// Same contract as the SIMT kernel in flash_attention_core.h: bottom-right causal, additive
+// f32 mask (MODE 2), GQA, any head_dim <= bucket (zero padded), rows with no visible key give
+// zeros and lse = -inf, 64-bit offsets.
+//
+// Work split. A block of THREADS = 32 * NWARPS threads owns BLOCK_M = WR * NWARPS queries of
+// one (batch, head); warp w owns query rows [WR w, WR w + WR) of the block, WR = 16 * MT with
+// MT = 1 or 2 m-tiles of 16 rows. Two m-tiles use every K/V fragment loaded from shared
+// memory twice, which is what makes D <= 128 fast; for D > 128 the O accumulator leaves no
+// registers for it. K/V tiles of BLOCK_N keys stream through shared memory: cp.async copies,
+// two buffers each for K and V, so the copy of tile t+1 overlaps the math on tile t. Causal
+// tiles above the diagonal are never visited, and a warp whose rows see no key of a tile
+// skips its math. Per tile a warp computes
+//   S (WR x BLOCK_N) = Q (WR x D) K^T            mma m16n8k16, f32 accumulate
+//   online softmax on the S fragments in registers (exp2 domain, scale*log2(e) applied to S)
+//   O (WR x D) += P (WR x BLOCK_N) V              P packed to f16/bf16 in registers
+// and writes O once at the end (staged through its own rows of the Q buffer so that global
+// stores are 16-byte wide).
+//
+// Fragment layouts of mma.sync.m16n8k16 (lane = 4 * g + c, g = lane / 4, c = lane % 4); each
+// 32-bit register holds two consecutive 16-bit elements along k (A, B) or two f32 along n:
+//   A (16 x 16, row major):  a0 = (row g,   k 2c..2c+1)   a1 = (row g+8, k 2c..2c+1)
+//                            a2 = (row g,   k 2c+8..+9)   a3 = (row g+8, k 2c+8..+9)
+//   B (16 x 8, "col"):       b0 = (k 2c..2c+1, col g)     b1 = (k 2c+8..+9, col g)
+//   C (16 x 8, f32):         c0, c1 = (row g, cols 2c, 2c+1)   c2, c3 = (row g+8, same cols)
+// ldmatrix.x4 loads four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i
+// and register i of lane l receives row l/4, elements 2(l%4), 2(l%4)+1 of matrix i (with
+// .trans: column l/4, rows 2(l%4), 2(l%4)+1).
+//   Q (A operand): matrices (rows 0-7 | 8-15) x (k 0-7 | 8-15): lane l points at row l%16,
+//     column 8 * (l/16); registers come out as a0..a3.
+//   K (B operand of Q K^T, stored [key][d], i.e. already "col" for B): matrices cover keys
+//     0-7 / 8-15 and d 0-7 / 8-15; lane l points at key (l%8) + 8 * (l/16), d 8 * ((l/8)%2);
+//     registers are b0, b1 of key group 0 and b0, b1 of key group 1.
+//   V (B operand of P V, stored [key][d] = row-major B, hence .trans): lane l points at
+//     key l%16, d 8 * (l/16); registers are b0, b1 of d group 0 and b0, b1 of d group 1.
+//   P (A operand of P V): the C fragments of S n-tiles 2j and 2j+1 are exactly the A
+//     fragment of k-step j (a0 = S[2j].c0c1, a1 = S[2j].c2c3, a2 = S[2j+1].c0c1,
+//     a3 = S[2j+1].c2c3), so P never leaves the registers.
+// A thread therefore owns two query rows (g and g+8) of each m-tile of its warp; row max and
+// row sum are reduced over the 4 lanes of a quad.
+//
+// Shared memory (16-bit elements): Q [BM][STR], K [2][BN][STR], V [2][BN][STR] with
+// STR = DP + 8 (DP = head-dim bucket rounded up to 16). A row is then an odd multiple of
+// 16 bytes long modulo 128, so the 8 rows one ldmatrix phase reads fall in 8 distinct
+// 16-byte bank groups: no bank conflicts, and every row stays 16-byte aligned for cp.async.
+//
+// Pipeline per tile t (cp.async groups are committed in the order Q+K_0, V_0, K_1, V_1, ...;
+// an empty group is committed when there is no next tile so that counting stays uniform):
+//   wait K_t, barrier -> issue K_{t+1} into the other K buffer -> S, softmax
+//   -> wait V_t, barrier -> issue V_{t+1} into the other V buffer -> O += P V_t
+// Buffer reuse: K_{t+1} overwrites K_{t-1}, last read before the second barrier of tile t-1;
+// V_{t+1} overwrites V_{t-1}, last read before the first barrier of tile t.
+#pragma once
+
+#if FA_CUDA && defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 800)
+#define FA_HAS_MMA 1
+
+template <int HD, int BM, int BN, int THREADS>
+struct FaMmaShape {
+    static constexpr int NWARPS = THREADS / 32;
+    static constexpr int MT = BM / (16 * NWARPS);  // 16-row m-tiles per warp
+    static constexpr int WR = 16 * MT;             // query rows per warp
+    static constexpr int DP = (HD + 15) / 16 * 16;  // computed head dim (zero padded)
+    static constexpr int STR = DP + 8;              // shared row stride, elements
+    static constexpr int CPR = DP / 8;              // 16-byte chunks per row
+    static constexpr int Q_OFF = 0;
+    static constexpr int K_OFF = Q_OFF + BM * STR;
+    static constexpr int V_OFF = K_OFF + 2 * BN * STR;
+    static constexpr int SMEM_BYTES = (V_OFF + 2 * BN * STR) * 2;
+    static constexpr int NT = BN / 8;   // S n-tiles (8 keys each)
+    static constexpr int DT = DP / 8;   // O n-tiles (8 head-dim columns each)
+    static constexpr int KQ = DP / 16;  // k-steps of Q K^T
+    static constexpr int KP = BN / 16;  // k-steps of P V
+    // Q fragments (4 * KQ * MT registers) stay in registers while they take at most 32;
+    // beyond, they are re-read with ldmatrix so that the O accumulator (MT * D / 2
+    // registers) keeps the rest of the register file.
+    static constexpr bool QREG = DP * MT <= 128;
+    static constexpr int QF = QREG ? KQ : 1;
+
+    static_assert(THREADS % 32 == 0 && (MT == 1 || MT == 2) && BM == WR * NWARPS,
+                  "BLOCK_M must be 16 or 32 rows per warp");
+    static_assert(BN % 16 == 0, "BLOCK_N must be a multiple of 16");
+    static_assert(HD <= 256 && HD % 8 == 0, "head-dim bucket must be a multiple of 8, <= 256");
+};
+
+// ------------------------------------------------------------------ PTX wrappers
+FA_DEVICE unsigned int fa_smem_u32(const void* p) {
+    return (unsigned int)__cvta_generic_to_shared(p);
+}
+FA_DEVICE void fa_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N> FA_DEVICE void fa_cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+FA_DEVICE void fa_ldsm_x4(unsigned int addr, unsigned int (&r)[4]) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+FA_DEVICE void fa_ldsm_x4_trans(unsigned int addr, unsigned int (&r)[4]) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+template <typename T> struct FaMma;
+template <> struct FaMma<fa_f16> {
+    FA_DEVICE static void mma(float (&d)[4], const unsigned int (&a)[4], unsigned int b0,
+                              unsigned int b1) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    // lo in bits 0-15, hi in bits 16-31, round to nearest even.
+    FA_DEVICE static unsigned int pack(float lo, float hi) {
+        unsigned int r;
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+        return r;
+    }
+};
+template <> struct FaMma<fa_bf16> {
+    FA_DEVICE static void mma(float (&d)[4], const unsigned int (&a)[4], unsigned int b0,
+                              unsigned int b1) {
+        asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+            "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+            : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    FA_DEVICE static unsigned int pack(float lo, float hi) {
+        unsigned int r;
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+        return r;
+    }
+};
+
+// ------------------------------------------------------------------ tile copy
+// ROWS x DP elements from global rows row0.. (stride in elements) into shared [ROWS][STR],
+// 16-byte chunks by cp.async. Rows >= row_end and columns >= head_dim are zero filled (the
+// source is then not read), so padded keys meet exp2(-inf) * 0, never 0 * garbage.
+template <int ROWS, int CPR, int STR, int THREADS,
+          bool BY_ROWS = (THREADS % CPR == 0) && (ROWS % (THREADS / CPR) == 0)>
+struct FaMmaCopy {
+    FA_DEVICE static void run(unsigned short* dst, const unsigned short* src, fa_i64 stride,
+                              int row0, int row_end, int head_dim, int tid) {
+        constexpr int NCH = ROWS * CPR;
+#pragma unroll
+        for (int c = 0; c < (NCH + THREADS - 1) / THREADS; ++c) {
+            const int idx = tid + c * THREADS;
+            if (NCH % THREADS != 0 && idx >= NCH) break;
+            const int r = idx / CPR;
+            const int col = (idx % CPR) * 8;
+            const bool valid = (row0 + r < row_end) && (col < head_dim);
+            const unsigned short* s = valid ? src + (fa_i64)(row0 + r) * stride + col : src;
+            fa_cp_async16(dst + r * STR + col, s, valid);
+        }
+    }
+};
+// Each thread copies one column chunk of every RS-th row through one running pointer, so no
+// per-chunk 64-bit address stays live across the tile loop (measured ~8% faster).
+template <int ROWS, int CPR, int STR, int THREADS>
+struct FaMmaCopy<ROWS, CPR, STR, THREADS, true> {
+    FA_DEVICE static void run(unsigned short* dst, const unsigned short* src, fa_i64 stride,
+                              int row0, int row_end, int head_dim, int tid) {
+        constexpr int RS = THREADS / CPR;
+        const int r0 = tid / CPR;
+        const int col = (tid % CPR) * 8;
+        const unsigned short* s = src + (fa_i64)(row0 + r0) * stride + col;
+        const fa_i64 step = (fa_i64)RS * stride;
+        const bool col_ok = col < head_dim;
+#pragma unroll
+        for (int c = 0; c < ROWS / RS; ++c) {
+            const bool valid = col_ok && (row0 + r0 + c * RS < row_end);
+            fa_cp_async16(dst + (r0 + c * RS) * STR + col, valid ? s : src, valid);
+            s += step;
+        }
+    }
+};
+template <int ROWS, int CPR, int STR, int THREADS>
+FA_DEVICE void fa_mma_copy_tile(unsigned short* dst, const unsigned short* src, fa_i64 stride,
+                                int row0, int row_end, int head_dim, int tid) {
+    FaMmaCopy<ROWS, CPR, STR, THREADS>::run(dst, src, stride, row0, row_end, head_dim, tid);
+}
+
+// ------------------------------------------------------------------ the kernel body
+template <typename T, int HD, int BM, int BN, int THREADS, int SMEM, int MODE>
+FA_DEVICE void fa_mma_forward(const AttnParams& p) {
+    typedef FaMmaShape<HD, BM, BN, THREADS> MS;
+    typedef FaMma<T> MM;
+    static_assert(MS::SMEM_BYTES <= SMEM, "tensor-core layout exceeds the tile row's SMEM_BYTES");
+    static_assert(FaSplitShape<HD, THREADS>::SMEM_BYTES <= SMEM,
+                  "SIMT fallback layout exceeds the tile row's SMEM_BYTES");
+    static_assert(MODE >= 0 && MODE <= 2, "MASK_MODE is 0, 1 or 2");
+    constexpr int STR = MS::STR;
+
+    const int q0 = fa_block_q0(p, BM, MODE);
+    const int seq_q = p.seq_q;
+    const int seq_k = p.seq_k;
+    if (q0 >= seq_q) return;  // block-uniform, before any barrier
+
+    // 16-byte copies need 16-byte aligned bases, strides of whole chunks and whole chunks of
+    // head_dim; anything else takes the SIMT kernel (block-uniform decision).
+    const fa_u64 in_addr = reinterpret_cast<fa_u64>(p.q) | reinterpret_cast<fa_u64>(p.k) |
+                           reinterpret_cast<fa_u64>(p.v);
+    const fa_i64 in_strides = p.q_sb | p.q_sh | p.q_ss | p.k_sb | p.k_sh | p.k_ss | p.v_sb |
+                              p.v_sh | p.v_ss;
+    if ((in_addr & 15u) != 0 || (in_strides & 7) != 0 || (p.head_dim & 7) != 0) {
+        fa_flash_forward_split<T, HD, BM, THREADS, SMEM, MODE>(p, q0);
+        return;
+    }
+
+    FA_DYNAMIC_SMEM(fa_smem);
+    unsigned short* smem = reinterpret_cast<unsigned short*>(fa_smem);
+    unsigned short* Qs = smem + MS::Q_OFF;
+    unsigned short* Ks = smem + MS::K_OFF;
+    unsigned short* Vs = smem + MS::V_OFF;
+
+    const int tid = (int)threadIdx.x;
+    const int warp = tid >> 5;
+    const int lane = tid & 31;
+    const int g = lane >> 2;
+    const int c4 = lane & 3;
+    const int h = (int)blockIdx.y;
+    const int b = (int)blockIdx.z;
+    const int kvh = h / (p.num_heads / p.num_kv_heads);
+    const int diag = seq_k - seq_q;
+    const bool causal = (MODE == 1) || (MODE == 2 && p.causal != 0);
+    const bool has_mask = (MODE == 2) && (p.mask != nullptr);
+    const int head_dim = p.head_dim;
+
+    int kend = seq_k;
+    if (causal) {
+        const int qlast = ((q0 + BM < seq_q) ? q0 + BM : seq_q) - 1;
+        const int lim = qlast + diag + 1;
+        kend = lim < seq_k ? lim : seq_k;
+        if (kend < 0) kend = 0;
+    }
+    const int ntiles = (kend + BN - 1) / BN;
+
+    const unsigned short* qg = static_cast<const unsigned short*>(p.q) + (fa_i64)b * p.q_sb +
+                               (fa_i64)h * p.q_sh;
+    const unsigned short* kg = static_cast<const unsigned short*>(p.k) + (fa_i64)b * p.k_sb +
+                               (fa_i64)kvh * p.k_sh;
+    const unsigned short* vg = static_cast<const unsigned short*>(p.v) + (fa_i64)b * p.v_sb +
+                               (fa_i64)kvh * p.v_sh;
+
+    if (ntiles > 0) {
+        fa_mma_copy_tile<BM, MS::CPR, STR, THREADS>(Qs, qg, p.q_ss, q0, seq_q, head_dim, tid);
+        fa_mma_copy_tile<BN, MS::CPR, STR, THREADS>(Ks, kg, p.k_ss, 0, seq_k, head_dim, tid);
+        fa_cp_async_commit();
+        fa_mma_copy_tile<BN, MS::CPR, STR, THREADS>(Vs, vg, p.v_ss, 0, seq_k, head_dim, tid);
+        fa_cp_async_commit();
+    }
+
+    // Rows of this warp: wrow0 .. wrow0 + WR - 1 (queries); this thread's, in m-tile mt:
+    // wrow0 + 16 * mt + g and + 8.
+    constexpr int MT = MS::MT;
+    constexpr int WR = MS::WR;
+    const int wrow0 = q0 + WR * warp;
+    const float sl2 = p.scale * FA_LOG2E;
+
+    float o[MT][MS::DT][4];
+    float m_i[MT][2];
+    float l_i[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int j = 0; j < MS::DT; ++j) o[mt][j][0] = o[mt][j][1] = o[mt][j][2] = o[mt][j][3] = 0.0f;
+        m_i[mt][0] = m_i[mt][1] = FA_NEG_INF;
+        l_i[mt][0] = l_i[mt][1] = 0.0f;
+    }
+    unsigned int qf[MT][MS::QF][4];
+
+    // Per-lane ldmatrix addresses (bytes, shared window), see the layout notes above.
+    const unsigned int q_addr =
+        fa_smem_u32(Qs + (WR * warp + (lane & 15)) * STR + (lane >> 4) * 8);
+    const unsigned int k_addr =
+        fa_smem_u32(Ks + ((lane & 7) + ((lane >> 4) << 3)) * STR + ((lane >> 3) & 1) * 8);
+    const unsigned int v_addr = fa_smem_u32(Vs + (lane & 15) * STR + (lane >> 4) * 8);
+    constexpr unsigned int KV_BUF_BYTES = BN * STR * 2;
+
+    for (int t = 0; t < ntiles; ++t) {
+        const int kv0 = t * BN;
+        const unsigned int buf = (unsigned int)(t & 1) * KV_BUF_BYTES;
+        fa_cp_async_wait<1>();
+        fa_syncthreads();  // K_t (and Q) visible; every warp is done with K_{t-1}'s buffer
+        if (t + 1 < ntiles)
+            fa_mma_copy_tile<BN, MS::CPR, STR, THREADS>(Ks + ((t + 1) & 1) * BN * STR, kg, p.k_ss,
+                                                        kv0 + BN, seq_k, head_dim, tid);
+        fa_cp_async_commit();
+
+        if (MS::QREG && t == 0) {
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int kk = 0; kk < MS::QF; ++kk)
+                    fa_ldsm_x4(q_addr + mt * 16 * STR * 2 + kk * 32, qf[mt][kk]);
+        }
+
+        // A warp whose rows are past seq_q, or whose rows see no key of this tile (causal),
+        // has nothing to add: its m, l and O are what a fully masked tile would leave.
+        const bool active = (wrow0 < seq_q) && (!causal || kv0 <= wrow0 + WR - 1 + diag);
+
+        float s[MT][MS::NT][4];
+        unsigned int pf[MT][MS::KP][4];  // P as the A operand of P V, k-step by k-step
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int j = 0; j < MS::NT; ++j) s[mt][j][0] = s[mt][j][1] = s[mt][j][2] = s[mt][j][3] = 0.0f;
+
+        if (active) {
+            // S = Q K_t^T
+#pragma unroll
+            for (int kk = 0; kk < MS::KQ; ++kk) {
+                unsigned int a[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    if (MS::QREG) {
+                        a[mt][0] = qf[mt][kk % MS::QF][0]; a[mt][1] = qf[mt][kk % MS::QF][1];
+                        a[mt][2] = qf[mt][kk % MS::QF][2]; a[mt][3] = qf[mt][kk % MS::QF][3];
+                    } else {
+                        fa_ldsm_x4(q_addr + mt * 16 * STR * 2 + kk * 32, a[mt]);
+                    }
+                }
+#pragma unroll
+                for (int np = 0; np < MS::NT / 2; ++np) {
+                    unsigned int kb[4];
+                    fa_ldsm_x4(k_addr + buf + np * 16 * STR * 2 + kk * 32, kb);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        MM::mma(s[mt][2 * np], a[mt], kb[0], kb[1]);
+                        MM::mma(s[mt][2 * np + 1], a[mt], kb[2], kb[3]);
+                    }
+                }
+            }
+
+            // Tiles that need masking are scaled into the exp2 domain first, then masked: keys
+            // past seq_k, above the bottom-right causal diagonal, and the additive mask (log2
+            // units). Other tiles stay raw and the scale is folded into the exponent below
+            // (mul = scale*log2(e) > 0 keeps the row max where it is).
+            const bool need_mask = has_mask || (kv0 + BN > seq_k) ||
+                                   (causal && kv0 + BN - 1 > wrow0 + diag);
+            float mul = sl2;
+            if (need_mask || !(sl2 > 0.0f)) {
+                mul = 1.0f;
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                    for (int j = 0; j < MS::NT; ++j)
+#pragma unroll
+                        for (int e = 0; e < 4; ++e) s[mt][j][e] *= sl2;
+            }
+            if (need_mask) {
+#pragma unroll
+                for (int rr = 0; rr < 2 * MT; ++rr) {
+                    const int mt = rr >> 1;
+                    const int r = rr & 1;
+                    const int qi = wrow0 + 16 * mt + g + 8 * r;
+                    const int lim = qi + diag;
+                    const bool row_ok = qi < seq_q;
+                    const float* mrow = nullptr;
+                    if (has_mask && row_ok)
+                        mrow = p.mask + (fa_i64)b * p.m_sb + (fa_i64)h * p.m_sh +
+                               (fa_i64)qi * p.m_sq;
+#pragma unroll
+                    for (int j = 0; j < MS::NT; ++j)
+#pragma unroll
+                        for (int e = 0; e < 2; ++e) {
+                            const int kj = kv0 + 8 * j + 2 * c4 + e;
+                            const bool vis = (kj < seq_k) && (!causal || kj <= lim);
+                            float x = s[mt][j][2 * r + e];
+                            if (mrow != nullptr && vis) x = fmaf(mrow[kj], FA_LOG2E, x);
+                            s[mt][j][2 * r + e] = vis ? x : FA_NEG_INF;
+                        }
+                }
+            }
+
+            // Online softmax. A row with no visible key so far keeps m = -inf, l = 0; its
+            // exponentials are taken against 0 so that -inf - -inf never happens.
+#pragma unroll
+            for (int rr = 0; rr < 2 * MT; ++rr) {
+                const int mt = rr >> 1;
+                const int r = rr & 1;
+                float mx = s[mt][0][2 * r];
+#pragma unroll
+                for (int j = 0; j < MS::NT; ++j)
+                    mx = fmaxf(mx, fmaxf(s[mt][j][2 * r], s[mt][j][2 * r + 1]));
+                mx = fmaxf(mx, fa_shfl_xor(mx, 1, 32));
+                mx = fmaxf(mx, fa_shfl_xor(mx, 2, 32));
+                const float m_new = fmaxf(m_i[mt][r], mx * mul);
+                const float m_use = (m_new == FA_NEG_INF) ? 0.0f : m_new;
+                const float alpha = fa_exp2f(m_i[mt][r] - m_use);
+                m_i[mt][r] = m_new;
+                float rs = 0.0f;
+#pragma unroll
+                for (int j = 0; j < MS::NT; ++j) {
+                    const float e0 = fa_exp2f(fmaf(s[mt][j][2 * r], mul, -m_use));
+                    const float e1 = fa_exp2f(fmaf(s[mt][j][2 * r + 1], mul, -m_use));
+                    s[mt][j][2 * r] = e0;
+                    s[mt][j][2 * r + 1] = e1;
+                    rs += e0 + e1;
+                }
+                l_i[mt][r] = fmaf(l_i[mt][r], alpha, rs);  // per-lane partial; quad-reduced at the end
+#pragma unroll
+                for (int j = 0; j < MS::DT; ++j) {
+                    o[mt][j][2 * r] *= alpha;
+                    o[mt][j][2 * r + 1] *= alpha;
+                }
+            }
+            // P to 16 bits now: half the registers of S across the V copy and P V.
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int kk = 0; kk < MS::KP; ++kk) {
+                    pf[mt][kk][0] = MM::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+                    pf[mt][kk][1] = MM::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+                    pf[mt][kk][2] = MM::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+                    pf[mt][kk][3] = MM::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+                }
+        }
+
+        fa_cp_async_wait<1>();
+        fa_syncthreads();  // V_t visible; every warp is done with V_{t-1}'s buffer
+        if (t + 1 < ntiles)
+            fa_mma_copy_tile<BN, MS::CPR, STR, THREADS>(Vs + ((t + 1) & 1) * BN * STR, vg, p.v_ss,
+                                                        kv0 + BN, seq_k, head_dim, tid);
+        fa_cp_async_commit();
+
+        if (active) {
+            // O += P V_t, P straight from the S accumulators.
+#pragma unroll
+            for (int kk = 0; kk < MS::KP; ++kk) {
+#pragma unroll
+                for (int np = 0; np < MS::DT / 2; ++np) {
+                    unsigned int vb[4];
+                    fa_ldsm_x4_trans(v_addr + buf + kk * 16 * STR * 2 + np * 32, vb);
+#pragma unroll
+                    for (int mt = 0; mt < MT; ++mt) {
+                        MM::mma(o[mt][2 * np], pf[mt][kk], vb[0], vb[1]);
+                        MM::mma(o[mt][2 * np + 1], pf[mt][kk], vb[2], vb[3]);
+                    }
+                }
+            }
+        }
+    }
+
+    // Epilogue: O / l through this warp's rows of the Q buffer, then 16-byte stores.
+    fa_cp_async_wait<0>();
+    fa_syncthreads();  // no copy in flight anywhere; Q rows are only reused by their own warp
+    float inv[MT][2];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            float l = l_i[mt][r];
+            l += fa_shfl_xor(l, 1, 32);
+            l += fa_shfl_xor(l, 2, 32);
+            l_i[mt][r] = l;
+            inv[mt][r] = l > 0.0f ? 1.0f / l : 0.0f;
+        }
+    unsigned short* ow = Qs + WR * warp * STR;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int j = 0; j < MS::DT; ++j) {
+            *reinterpret_cast<unsigned int*>(ow + (16 * mt + g) * STR + 8 * j + 2 * c4) =
+                MM::pack(o[mt][j][0] * inv[mt][0], o[mt][j][1] * inv[mt][0]);
+            *reinterpret_cast<unsigned int*>(ow + (16 * mt + g + 8) * STR + 8 * j + 2 * c4) =
+                MM::pack(o[mt][j][2] * inv[mt][1], o[mt][j][3] * inv[mt][1]);
+        }
+    __syncwarp();
+
+    unsigned short* og = static_cast<unsigned short*>(p.out) + (fa_i64)b * p.o_sb +
+                         (fa_i64)h * p.o_sh;
+    const bool out_vec = ((reinterpret_cast<fa_u64>(p.out) & 15u) == 0) &&
+                         (((p.o_sb | p.o_sh | p.o_ss) & 7) == 0);
+#pragma unroll
+    for (int it = 0; it < (WR * MS::CPR + 31) / 32; ++it) {
+        const int idx = lane + 32 * it;
+        if (idx >= WR * MS::CPR) break;
+        const int r = idx / MS::CPR;
+        const int col = (idx % MS::CPR) * 8;
+        const int qi = wrow0 + r;
+        if (qi < seq_q && col < head_dim) {
+            unsigned short* dst = og + (fa_i64)qi * p.o_ss + col;
+            const unsigned short* src = ow + r * STR + col;
+            if (out_vec) {
+                *reinterpret_cast<fa_u32x4*>(dst) = *reinterpret_cast<const fa_u32x4*>(src);
+            } else {
+                for (int e = 0; e < 8 && col + e < head_dim; ++e) dst[e] = src[e];
+            }
+        }
+    }
+
+    if (p.lse != nullptr && c4 == 0) {
+#pragma unroll
+        for (int rr = 0; rr < 2 * MT; ++rr) {
+            const int mt = rr >> 1;
+            const int r = rr & 1;
+            const int qi = wrow0 + 16 * mt + g + 8 * r;
+            if (qi < seq_q)
+                p.lse[((fa_i64)b * p.num_heads + h) * seq_q + qi] =
+                    l_i[mt][r] > 0.0f ? fmaf(m_i[mt][r], FA_LN2, fa_logf(l_i[mt][r])) : FA_NEG_INF;
+        }
+    }
+}
+
+#else
+#define FA_HAS_MMA 0
+#endif
