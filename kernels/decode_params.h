@@ -10,6 +10,8 @@ typedef struct {
     float* partial_lse;       // [B, H, Sq, num_splits] base-2 log-sum-exp
     const int* seq_lens;      // [B] keys per sequence, or null: every sequence has seq_k
     const int* block_table;   // [B, max_pages] page ids, or null: contiguous cache
+    int* counters;            // finished splits per (sequence, kv head, row group), or null:
+                              // flash_decode_combine merges; zero between launches
     long long q_sb, q_sh, q_ss;
     long long o_sb, o_sh, o_ss;
     long long k_sb, k_sh, k_ss;  // contiguous: batch stride; paged: page stride

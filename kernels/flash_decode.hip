@@ -6,8 +6,11 @@
 //  * the cache is cut into num_splits chunks, one block each, so even batch 1 fills the
 //    GPU; partial results are merged by log-sum-exp in flash_decode_combine;
 //  * K and V tiles are loaded together (16-byte vectors) before either is used.
-// Grid (num_splits, num_kv_heads * row_groups, batch), 128 threads, dynamic shared memory
-// from decode_smem_bytes() (the host computes the same formula).
+// Two bodies behind one entry point per dtype x head dim: the register path (below,
+// DecReg<T, HD>::OK) for head dims that split into a power-of-two number of 16-byte lane
+// chunks, and the shared-memory path for the others. Shared-memory path grid (num_splits,
+// num_kv_heads * row_groups, batch); 128 threads; dynamic shared memory from
+// decode_smem_bytes() (the host computes the same formulas).
 #include "compat.h"
 #include "decode_params.h"
 
@@ -281,6 +284,386 @@ FA_DEVICE void flash_decode_body(const DecodeParams& p) {
     }
 }
 
+// ------------------------------------------------------------------ register path
+// Head dims whose row is a power-of-two number (<= 32) of 16-byte vectors (32, 64, 128 and
+// 256 in 16-bit types, 32, 64 and 128 in f32) never share K or V between threads:
+//  * lane `lane` of a key group of VPR = HD / VEC consecutive threads owns the 16-byte column
+//    chunk `lane` of every key the group loads, and keeps the same chunk of the query rows
+//    in registers; a tile is PER keys per group;
+//  * each thread copies its own vectors into its own slots of a ring of DEC_STAGES tiles in
+//    shared memory (cp.async where available), so DEC_STAGES - 1 tiles are in flight while one
+//    is used, without holding registers and without any barrier: a thread only ever reads
+//    what it copied;
+//  * a score is the sum of the VPR partial dots of a key row (xor shuffles within the group,
+//    width <= 32, so wave64 is fine); every lane of the group then holds every score;
+//  * each key group runs its own online softmax and accumulates P V for its column chunk in
+//    registers. The groups are merged once at the end (shared memory), and the splits either
+//    by the last block of the (sequence, kv head, row group) (counters != null) or by
+//    flash_decode_combine.
+// Grid (num_splits * row_groups, num_kv_heads, batch), row groups of DEC_RROWS query rows.
+#define DEC_RROWS 4
+#define DEC_STAGES 3
+#define DEC_REG_BLOCKS 4  // blocks per multiprocessor the register budget allows
+
+template <typename T, int HD> struct DecReg {
+    static constexpr int VEC = 16 / (int)sizeof(T);
+    static constexpr int VPR = HD / VEC;
+    static constexpr bool OK = HD % VEC == 0 && VPR >= 2 && VPR <= 32 && (VPR & (VPR - 1)) == 0;
+    static constexpr int GROUPS = OK ? DEC_THREADS / VPR : 1;
+    static constexpr int PER = 4;  // keys per group per tile
+    static constexpr int N = PER * GROUPS;
+};
+
+// 16 bytes of T as floats (8 for 16-bit types, 4 for f32).
+template <typename T> FA_DEVICE void dec_unpack16(const fa_u32x4& u, float* f) {
+    const unsigned int w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f[2 * i] = fa_half_bits_to_float<T>(w[i] & 0xffffu);
+        f[2 * i + 1] = fa_half_bits_to_float<T>(w[i] >> 16);
+    }
+}
+template <> FA_DEVICE void dec_unpack16<float>(const fa_u32x4& u, float* f) {
+    f[0] = fa_bits_to_float(u.x);
+    f[1] = fa_bits_to_float(u.y);
+    f[2] = fa_bits_to_float(u.z);
+    f[3] = fa_bits_to_float(u.w);
+}
+
+// One 16-byte global -> shared copy (zero-filled when !valid), and the grouping of copies:
+// asynchronous with cp.async, a plain load and store elsewhere (then commit/wait are no-ops).
+FA_DEVICE void dec_copy16(void* dst, const void* src, bool valid) {
+#if FA_HAS_CP_ASYNC
+    fa_cp_async16(dst, src, valid);
+#else
+    fa_u32x4 v = {0u, 0u, 0u, 0u};
+    if (valid) v = *reinterpret_cast<const fa_u32x4*>(src);
+    *reinterpret_cast<fa_u32x4*>(dst) = v;
+#endif
+}
+FA_DEVICE void dec_commit() {
+#if FA_HAS_CP_ASYNC
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+template <int PENDING> FA_DEVICE void dec_wait() {
+#if FA_HAS_CP_ASYNC
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(PENDING) : "memory");
+#endif
+}
+
+// L1-bypassing reads of the split results other blocks wrote during this launch.
+FA_DEVICE float dec_load_cg(const float* p) {
+#if FA_CUDA
+    float v;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p));
+    return v;
+#else
+    return *reinterpret_cast<const volatile float*>(p);
+#endif
+}
+FA_DEVICE fa_float4 dec_load_cg4(const float* p) {
+    fa_float4 v;
+#if FA_CUDA
+    asm volatile("ld.global.cg.v4.f32 {%0, %1, %2, %3}, [%4];"
+                 : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+                 : "l"(p));
+#else
+    const volatile float* q = p;
+    v.x = q[0];
+    v.y = q[1];
+    v.z = q[2];
+    v.w = q[3];
+#endif
+    return v;
+}
+
+// Ring slot of this thread's vector c (K: kv 0, V: kv 1) of stage st, in 16-byte units:
+// consecutive threads use consecutive 16 bytes, so every access is conflict-free.
+FA_DEVICE int dec_slot(int st, int c, int kv, int per, int tid) {
+    return ((st * per + c) * 2 + kv) * DEC_THREADS + tid;
+}
+
+// Starts the copies of keys key0 + kg + c * GROUPS (c < PER), column chunk `col`, into stage st.
+template <typename T, int HD>
+FA_DEVICE void dec_reg_issue(const DecodeParams& p, fa_u32x4* ring, int st, int b, int kvh, int key0,
+                             int key_end, int kg, int col, bool col_ok, int tid) {
+    using R = DecReg<T, HD>;
+    const T* kbase = reinterpret_cast<const T*>(p.k);
+    const T* vbase = reinterpret_cast<const T*>(p.v);
+#pragma unroll
+    for (int c = 0; c < R::PER; ++c) {
+        const int j = key0 + kg + c * R::GROUPS;
+        const bool valid = j < key_end && col_ok;
+        const T* ks = kbase;
+        const T* vs = vbase;
+        if (valid) {
+            fa_i64 page, within;
+            if (p.block_table) {
+                page = p.block_table[(fa_i64)b * p.max_pages + j / p.page_size];
+                within = j % p.page_size;
+            } else {
+                page = b;
+                within = j;
+            }
+            ks = kbase + page * p.k_sb + (fa_i64)kvh * p.k_sh + within * p.k_ss + col;
+            vs = vbase + page * p.v_sb + (fa_i64)kvh * p.v_sh + within * p.v_ss + col;
+        }
+        dec_copy16(ring + dec_slot(st, c, 0, R::PER, tid), ks, valid);
+        dec_copy16(ring + dec_slot(st, c, 1, R::PER, tid), vs, valid);
+    }
+}
+
+// Shared memory of the register path (decode_smem_bytes on the host): the ring,
+// DEC_STAGES x PER x 2 x DEC_THREADS x 16 bytes. After the key loop the same bytes hold the
+// group accumulators [GROUPS][DEC_RROWS][HD] f32 and the group max and sum
+// [GROUPS][DEC_RROWS] f32, then the split weights [DEC_RROWS][num_splits] f32.
+template <typename T, int HD>
+FA_DEVICE void flash_decode_reg_body(const DecodeParams& p) {
+    using R = DecReg<T, HD>;
+    constexpr int VEC = R::VEC, VPR = R::VPR, G = R::GROUPS, PER = R::PER, N = R::N;
+    constexpr int RB = DEC_RROWS;
+    FA_DYNAMIC_SMEM(smem);
+    fa_u32x4* ring = reinterpret_cast<fa_u32x4*>(smem);
+    float* s_acc = reinterpret_cast<float*>(smem);
+    float* s_m = s_acc + G * RB * HD;
+    float* s_l = s_m + G * RB;
+
+    const int group = p.num_heads / p.num_kv_heads;
+    const int rows_total = group * p.seq_q;
+    const int row_groups = (rows_total + RB - 1) / RB;
+    const int split = blockIdx.x / row_groups;
+    const int rg = blockIdx.x % row_groups;
+    const int row0 = rg * RB;
+    const int rows = min(RB, rows_total - row0);
+    const int kvh = blockIdx.y;
+    const int b = blockIdx.z;
+    const int len = p.seq_lens ? p.seq_lens[b] : p.seq_k;
+    const int key_begin = split * p.split_keys;
+    const int key_end = min(len, key_begin + p.split_keys);
+    const int tid = threadIdx.x;
+    const int lane = tid % VPR;
+    const int kg = tid / VPR;
+    const int col = lane * VEC;
+    const bool col_ok = col < p.head_dim;
+    const float scale2 = p.scale * FA_LOG2E;
+    const int causal_shift = len - p.seq_q;
+
+    // The first tiles' copies go out before anything else.
+#pragma unroll
+    for (int st = 0; st < DEC_STAGES - 1; ++st) {
+        const int k0 = key_begin + st * N;
+        if (k0 < key_end) dec_reg_issue<T, HD>(p, ring, st, b, kvh, k0, key_end, kg, col, col_ok, tid);
+        dec_commit();
+    }
+
+    // This lane's chunk of each query row (log2 domain), and the last key each row sees.
+    float q[RB][VEC];
+    int last_key[RB];
+#pragma unroll
+    for (int r = 0; r < RB; ++r) {
+        const int rr = row0 + r;
+        const int h = kvh * group + rr / p.seq_q, i = rr % p.seq_q;
+        const bool live = r < rows;
+        last_key[r] = !live ? -1 : (p.causal ? i + causal_shift : 0x7fffffff);
+        const T* qp = reinterpret_cast<const T*>(p.q) + (fa_i64)b * p.q_sb + (fa_i64)h * p.q_sh + (fa_i64)i * p.q_ss + col;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e)
+            q[r][e] = live && col_ok ? fa_load_f32(qp + e) * scale2 : 0.f;
+    }
+
+    float m[RB], l[RB], acc[RB][VEC];
+#pragma unroll
+    for (int r = 0; r < RB; ++r) {
+        m[r] = FA_NEG_INF;
+        l[r] = 0.f;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[r][e] = 0.f;
+    }
+
+    int st = 0;
+    for (int key0 = key_begin; key0 < key_end; key0 += N) {
+        // Refill the slot this thread emptied last iteration, then wait for the current tile.
+        const int k_ahead = key0 + (DEC_STAGES - 1) * N;
+        const int st_ahead = st == 0 ? DEC_STAGES - 1 : st - 1;
+        if (k_ahead < key_end) dec_reg_issue<T, HD>(p, ring, st_ahead, b, kvh, k_ahead, key_end, kg, col, col_ok, tid);
+        dec_commit();
+        dec_wait<DEC_STAGES - 1>();
+
+        // Partial dots of this lane's chunk, then the sum over the group's lanes.
+        float s[PER][RB];
+#pragma unroll
+        for (int c = 0; c < PER; ++c) {
+            float kf[VEC];
+            dec_unpack16<T>(ring[dec_slot(st, c, 0, PER, tid)], kf);
+#pragma unroll
+            for (int r = 0; r < RB; ++r) {
+                float a = 0.f;
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) a += q[r][e] * kf[e];
+                s[c][r] = a;
+            }
+        }
+#pragma unroll
+        for (int o = VPR / 2; o > 0; o >>= 1)
+#pragma unroll
+            for (int c = 0; c < PER; ++c)
+#pragma unroll
+                for (int r = 0; r < RB; ++r) s[c][r] += fa_shfl_xor(s[c][r], o, VPR);
+
+        // Online softmax of this group's keys, and P V into the accumulators.
+#pragma unroll
+        for (int c = 0; c < PER; ++c) {
+            const int j = key0 + kg + c * G;
+#pragma unroll
+            for (int r = 0; r < RB; ++r)
+                if (j >= key_end || j > last_key[r]) s[c][r] = FA_NEG_INF;
+        }
+#pragma unroll
+        for (int r = 0; r < RB; ++r) {
+            float mt = s[0][r];
+#pragma unroll
+            for (int c = 1; c < PER; ++c) mt = fmaxf(mt, s[c][r]);
+            const float m_new = fmaxf(m[r], mt);
+            // A row that has seen no visible key keeps m = -inf; use 0 to avoid inf - inf.
+            const float m_use = m_new == FA_NEG_INF ? 0.f : m_new;
+            const float alpha = fa_exp2f(m[r] - m_use);
+            m[r] = m_new;
+            l[r] *= alpha;
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) acc[r][e] *= alpha;
+#pragma unroll
+            for (int c = 0; c < PER; ++c) {
+                s[c][r] = fa_exp2f(s[c][r] - m_use);
+                l[r] += s[c][r];
+            }
+        }
+#pragma unroll
+        for (int c = 0; c < PER; ++c) {
+            float vf[VEC];
+            dec_unpack16<T>(ring[dec_slot(st, c, 1, PER, tid)], vf);
+#pragma unroll
+            for (int r = 0; r < RB; ++r)
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) acc[r][e] += s[c][r] * vf[e];
+        }
+        st = st == DEC_STAGES - 1 ? 0 : st + 1;
+    }
+    dec_wait<0>();
+    __syncthreads();  // the ring's bytes are reused below
+
+    // Merge the key groups: group g's rows scale by 2^(m_g - max m).
+#pragma unroll
+    for (int r = 0; r < RB; ++r) {
+        float* dst = s_acc + (kg * RB + r) * HD + col;
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) dst[e] = acc[r][e];
+        if (lane == 0) {
+            s_m[kg * RB + r] = m[r];
+            s_l[kg * RB + r] = l[r];
+        }
+    }
+    __syncthreads();
+    for (int idx = tid; idx < RB * HD; idx += DEC_THREADS) {
+        const int r = idx / HD, d = idx % HD;
+        if (r >= rows || d >= p.head_dim) continue;
+        float mx = FA_NEG_INF;
+#pragma unroll
+        for (int g = 0; g < G; ++g) mx = fmaxf(mx, s_m[g * RB + r]);
+        float num = 0.f, den = 0.f;
+        if (mx != FA_NEG_INF) {
+#pragma unroll
+            for (int g = 0; g < G; ++g) {
+                const float w = fa_exp2f(s_m[g * RB + r] - mx);
+                num += w * s_acc[(g * RB + r) * HD + d];
+                den += w * s_l[g * RB + r];
+            }
+        }
+        const int rr = row0 + r;
+        const int h = kvh * group + rr / p.seq_q, qi = rr % p.seq_q;
+        const float val = den > 0.f ? num / den : 0.f;
+        if (p.num_splits == 1) {
+            T* o = reinterpret_cast<T*>(p.out) + (fa_i64)b * p.o_sb + (fa_i64)h * p.o_sh + (fa_i64)qi * p.o_ss + d;
+            fa_store(o, val);
+        } else {
+            const fa_i64 slot = (((fa_i64)b * p.num_heads + h) * p.seq_q + qi) * p.num_splits + split;
+            p.partial_o[slot * p.head_dim + d] = val;
+            if (d == 0) p.partial_lse[slot] = den > 0.f ? mx + log2f(den) : FA_NEG_INF;
+        }
+    }
+    if (p.num_splits == 1 || !p.counters) return;
+
+    // The last split of this (sequence, kv head, row group) to finish merges all of them.
+    const fa_i64 counter = ((fa_i64)b * p.num_kv_heads + kvh) * row_groups + rg;
+    __threadfence();
+    __syncthreads();
+    bool last = false;
+    if (tid == 0) last = atomicAdd(p.counters + counter, 1) == p.num_splits - 1;
+    if (!__syncthreads_or(last)) return;
+    __threadfence();
+    const int S = p.num_splits;
+    float* s_w = s_acc;          // [RB][S] weights 2^(lse - max)
+    float* s_den = s_w + RB * S;  // [RB] their sums
+    // Row r's weights: 32 consecutive threads (width-32 shuffles) per row.
+    for (int r = tid / 32; r < rows; r += DEC_THREADS / 32) {
+        const int rr = row0 + r;
+        const int h = kvh * group + rr / p.seq_q, qi = rr % p.seq_q;
+        const float* lse = p.partial_lse + (((fa_i64)b * p.num_heads + h) * p.seq_q + qi) * S;
+        float mx = FA_NEG_INF;
+        for (int sp = tid % 32; sp < S; sp += 32) {
+            const float x = dec_load_cg(lse + sp);
+            s_w[r * S + sp] = x;
+            mx = fmaxf(mx, x);
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, fa_shfl_xor(mx, o, 32));
+        float den = 0.f;
+        for (int sp = tid % 32; sp < S; sp += 32) {
+            const float w = mx == FA_NEG_INF ? 0.f : fa_exp2f(s_w[r * S + sp] - mx);
+            s_w[r * S + sp] = w;
+            den += w;
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) den += fa_shfl_xor(den, o, 32);
+        if (tid % 32 == 0) s_den[r] = den;
+    }
+    __syncthreads();
+    // Four consecutive dims of one row per thread (head_dim is a multiple of 8).
+    for (int idx = tid; idx < RB * (HD / 4); idx += DEC_THREADS) {
+        const int r = idx / (HD / 4), d = (idx % (HD / 4)) * 4;
+        if (r >= rows || d >= p.head_dim) continue;
+        const int rr = row0 + r;
+        const int h = kvh * group + rr / p.seq_q, qi = rr % p.seq_q;
+        const fa_i64 base = (((fa_i64)b * p.num_heads + h) * p.seq_q + qi) * S;
+        const float* po = p.partial_o + base * p.head_dim + d;
+        float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+#pragma unroll 16
+        for (int sp = 0; sp < S; ++sp) {
+            const float w = s_w[r * S + sp];
+            const fa_float4 v = dec_load_cg4(po + (fa_i64)sp * p.head_dim);
+            a0 += w * v.x;
+            a1 += w * v.y;
+            a2 += w * v.z;
+            a3 += w * v.w;
+        }
+        const float den = s_den[r];
+        const float inv = den > 0.f ? 1.f / den : 0.f;
+        T* o = reinterpret_cast<T*>(p.out) + (fa_i64)b * p.o_sb + (fa_i64)h * p.o_sh + (fa_i64)qi * p.o_ss + d;
+        fa_store(o, a0 * inv);
+        fa_store(o + 1, a1 * inv);
+        fa_store(o + 2, a2 * inv);
+        fa_store(o + 3, a3 * inv);
+    }
+    if (tid == 0) p.counters[counter] = 0;
+}
+
+template <typename T, int HD, bool REG> struct DecPath {
+    static FA_DEVICE void run(const DecodeParams& p) { flash_decode_body<T, HD>(p); }
+};
+template <typename T, int HD> struct DecPath<T, HD, true> {
+    static FA_DEVICE void run(const DecodeParams& p) { flash_decode_reg_body<T, HD>(p); }
+};
+
 // Merges the splits of one (batch, head, query) row: weights 2^(lse_s - max lse).
 // Grid (B * H * Sq), 128 threads.
 template <typename T>
@@ -307,8 +690,9 @@ FA_DEVICE void flash_decode_combine_body(const DecodeParams& p) {
 }
 
 #define DEC_INSTANTIATE(DT, T, HD)                                                              \
-    FA_KERNEL void FA_LAUNCH_BOUNDS(DEC_THREADS) flash_decode_##DT##_hd##HD(DecodeParams p) { \
-        flash_decode_body<T, HD>(p);                                                            \
+    FA_KERNEL void FA_LAUNCH_BOUNDS_MIN(DEC_THREADS, (DecReg<T, HD>::OK ? DEC_REG_BLOCKS : 1))   \
+        flash_decode_##DT##_hd##HD(DecodeParams p) {                                            \
+        DecPath<T, HD, DecReg<T, HD>::OK>::run(p);                                              \
     }
 #define DEC_COMBINE(DT, T) \
     FA_KERNEL void flash_decode_combine_##DT(DecodeParams p) { flash_decode_combine_body<T>(p); }

@@ -13,8 +13,14 @@ use crate::tensor::DeviceTensor;
 
 /// Longest query block the decode kernel takes.
 pub const MAX_DECODE_QUERIES: usize = 16;
-/// Query rows one decode block serves (`DEC_ROWS` in the kernel).
+/// Query rows one decode block serves on the shared-memory path (`DEC_ROWS` in the kernel).
 const ROWS: usize = 16;
+/// Query rows one decode block serves on the register path (`DEC_RROWS` in the kernel).
+const REG_ROWS: usize = 4;
+/// Keys each lane group loads per tile on the register path (`DecReg::PER`).
+const REG_PER: usize = 4;
+/// Tiles in the register path's copy ring (`DEC_STAGES`).
+const REG_STAGES: usize = 3;
 const THREADS: u32 = 128;
 /// Fewest keys worth giving a block of their own.
 const MIN_SPLIT_KEYS: usize = 128;
@@ -31,6 +37,7 @@ pub(crate) struct DecodeParams {
     pub partial_lse: u64,
     pub seq_lens: u64,
     pub block_table: u64,
+    pub counters: u64,
     pub q_sb: i64,
     pub q_sh: i64,
     pub q_ss: i64,
@@ -70,9 +77,41 @@ fn tile_keys(dtype: DType, bucket: usize) -> usize {
     (16384 / (bucket * dtype.size_in_bytes())).clamp(16, 64)
 }
 
-/// Dynamic shared memory of one decode block (same layout as the kernel's comment).
+/// Lanes per key row on the register path (`DecReg::VPR`), or `None` when `bucket` takes the
+/// shared-memory path (`DecReg::OK` false).
+fn reg_lanes(dtype: DType, bucket: usize) -> Option<usize> {
+    let vec = 16 / dtype.size_in_bytes();
+    let vpr = bucket / vec;
+    (bucket.is_multiple_of(vec) && (2..=32).contains(&vpr) && vpr.is_power_of_two()).then_some(vpr)
+}
+
+/// Key granularity of a split: a whole number of tiles of whichever path runs.
+fn split_granularity(dtype: DType, bucket: usize) -> usize {
+    let smem = tile_keys(dtype, bucket);
+    match reg_lanes(dtype, bucket) {
+        // Both are powers of two, so the larger is a multiple of the smaller.
+        Some(vpr) => smem.max(REG_PER * THREADS as usize / vpr),
+        None => smem,
+    }
+}
+
+/// Query rows per block for this dtype and head-dim bucket.
+fn block_rows(dtype: DType, bucket: usize) -> usize {
+    if reg_lanes(dtype, bucket).is_some() {
+        REG_ROWS
+    } else {
+        ROWS
+    }
+}
+
+/// Dynamic shared memory of one decode block (same layouts as the kernel's comments).
 pub fn decode_smem_bytes(dtype: DType, bucket: usize) -> u32 {
     let es = dtype.size_in_bytes();
+    if reg_lanes(dtype, bucket).is_some() {
+        // The ring of DEC_STAGES tiles, 2 x REG_PER 16-byte vectors per thread each; the
+        // group merge and the split weights reuse it (both smaller).
+        return (REG_STAGES * REG_PER * 2 * THREADS as usize * 16) as u32;
+    }
     let row = bucket + 16 / es;
     let n = tile_keys(dtype, bucket);
     (2 * n * row * es + ROWS * bucket * 4 + ROWS * n * 4 + 3 * ROWS * 4) as u32
@@ -87,8 +126,14 @@ pub struct SplitPlan {
     pub split_keys: usize,
 }
 
-/// Chooses the split so the grid covers the GPU about four times over, never giving a
-/// block fewer than [`MIN_SPLIT_KEYS`] keys.
+/// Decode blocks one multiprocessor holds at once (register path: 48 KiB of shared memory
+/// and at most 128 registers a thread, `DEC_REG_BLOCKS`).
+const BLOCKS_PER_SM: usize = 4;
+
+/// Chooses the split so the grid fills whole waves of resident blocks (a last, partly
+/// filled wave costs about as much as a full one), with at least one wave's worth of blocks
+/// where the cache is long enough, never giving a block fewer than [`MIN_SPLIT_KEYS`] keys;
+/// among equally good cuts, the one with the fewest splits.
 pub fn split_plan(
     multiprocessors: usize,
     batch: usize,
@@ -99,28 +144,54 @@ pub fn split_plan(
     bucket: usize,
 ) -> SplitPlan {
     let base = (batch * kv_heads * row_groups).max(1);
-    let target = 4 * multiprocessors.max(1);
-    let by_occupancy = target.div_ceil(base);
+    let slots = BLOCKS_PER_SM * multiprocessors.max(1);
+    let by_occupancy = slots.div_ceil(base);
     let by_length = max_len.div_ceil(MIN_SPLIT_KEYS).max(1);
-    let mut splits = by_occupancy.min(by_length).max(1);
-    let tile = tile_keys(dtype, bucket);
-    let split_keys = max_len.div_ceil(splits).div_ceil(tile) * tile;
-    splits = max_len.div_ceil(split_keys.max(1)).max(1);
-    SplitPlan {
-        num_splits: splits,
-        split_keys: split_keys.max(tile),
+    let tile = split_granularity(dtype, bucket);
+    let cut = |want: usize| {
+        let split_keys = (max_len.div_ceil(want).div_ceil(tile) * tile).max(tile);
+        SplitPlan {
+            num_splits: max_len.div_ceil(split_keys).max(1),
+            split_keys,
+        }
+    };
+    let efficiency = |s: &SplitPlan| {
+        let blocks = base * s.num_splits;
+        blocks as f64 / (blocks.div_ceil(slots) * slots) as f64
+    };
+    let mut best = cut(1);
+    for want in 2..=(2 * by_occupancy).min(by_length) {
+        let c = cut(want);
+        if efficiency(&c) > efficiency(&best) + 0.02 {
+            best = c;
+        }
     }
+    best
 }
 
-/// The f32 scratch of the split results, reused between calls.
+/// The f32 scratch of the split results and the split counters (zero between launches:
+/// the kernel resets each one it uses), reused between calls.
 #[derive(Default)]
 pub(crate) struct DecodeWorkspace {
     buf: Mutex<Option<DeviceTensor>>,
+    counters: Mutex<Option<DeviceTensor>>,
 }
 
 impl DecodeWorkspace {
     fn get(&self, device: Device, elems: usize) -> Result<DeviceTensor> {
-        let mut slot = self.buf.lock().map_err(|_| AttentionError::Runtime {
+        Self::grow(&self.buf, device, elems)
+    }
+
+    fn get_counters(&self, device: Device, elems: usize) -> Result<DeviceTensor> {
+        Self::grow(&self.counters, device, elems)
+    }
+
+    fn grow(
+        buf: &Mutex<Option<DeviceTensor>>,
+        device: Device,
+        elems: usize,
+    ) -> Result<DeviceTensor> {
+        let mut slot = buf.lock().map_err(|_| AttentionError::Runtime {
             op: "decode workspace".into(),
             detail: "poisoned lock".into(),
         })?;
@@ -184,7 +255,8 @@ pub(crate) fn forward_decode(
         reason: format!("head_dim {} exceeds 256", p.head_dim),
     })?;
     let group = p.num_heads / p.num_kv_heads;
-    let row_groups = (group * p.seq_q).div_ceil(ROWS);
+    let reg = reg_lanes(p.dtype, bucket).is_some();
+    let row_groups = (group * p.seq_q).div_ceil(block_rows(p.dtype, bucket));
     let split = split_plan(
         rt.multiprocessor_count() as usize,
         p.batch,
@@ -234,20 +306,36 @@ pub(crate) fn forward_decode(
         let buf = ws.get(p.device, n * (p.head_dim + 1))?;
         params.partial_o = buf.device_ptr();
         params.partial_lse = buf.device_ptr() + (n * p.head_dim * 4) as u64;
-        _keep_alive = buf;
+        // The register path merges the splits itself (the last block of each row group).
+        let counters = if reg {
+            let c = ws.get_counters(p.device, p.batch * p.num_kv_heads * row_groups)?;
+            params.counters = c.device_ptr();
+            Some(c)
+        } else {
+            None
+        };
+        _keep_alive = (buf, counters);
     }
     let dt = p.dtype.name();
-    let grid = (
-        split.num_splits as u32,
-        (p.num_kv_heads * row_groups) as u32,
-        p.batch as u32,
-    );
+    let grid = if reg {
+        (
+            (split.num_splits * row_groups) as u32,
+            p.num_kv_heads as u32,
+            p.batch as u32,
+        )
+    } else {
+        (
+            split.num_splits as u32,
+            (p.num_kv_heads * row_groups) as u32,
+            p.batch as u32,
+        )
+    };
     rt.launch(
         &spec(format!("flash_decode_{dt}_hd{bucket}"), p.dtype, bucket),
         LaunchDims::new(grid, (THREADS, 1, 1), decode_smem_bytes(p.dtype, bucket)),
         &params,
     )?;
-    if split.num_splits > 1 {
+    if split.num_splits > 1 && !reg {
         rt.launch(
             &spec(format!("flash_decode_combine_{dt}"), p.dtype, bucket),
             LaunchDims::new((rows as u32, 1, 1), (128, 1, 1), 0),
@@ -285,7 +373,7 @@ mod tests {
 
     #[test]
     fn params_match_the_c_struct() {
-        assert_eq!(std::mem::size_of::<DecodeParams>(), 8 * 8 + 12 * 8 + 12 * 4);
+        assert_eq!(std::mem::size_of::<DecodeParams>(), 9 * 8 + 12 * 8 + 12 * 4);
     }
 
     #[test]
@@ -305,12 +393,33 @@ mod tests {
             );
             assert_eq!(s.split_keys % 64, 0);
             let f = split_plan(132, b, hkv, 1, len, DType::F32, 128);
-            assert!(f.num_splits * f.split_keys >= len && f.split_keys % 32 == 0);
+            assert!(f.num_splits * f.split_keys >= len && f.split_keys.is_multiple_of(32));
         }
         assert!(split_plan(132, 1, 8, 1, 32768, DType::BF16, 128).num_splits >= 32);
         assert_eq!(
             split_plan(132, 1, 8, 1, 100, DType::BF16, 128).num_splits,
             1
+        );
+    }
+
+    #[test]
+    fn split_plan_fills_whole_waves() {
+        let slots = BLOCKS_PER_SM * 132;
+        for (b, len, dtype) in [
+            (8, 16384, DType::BF16),
+            (32, 16384, DType::BF16),
+            (8, 16384, DType::F32),
+            (32, 16384, DType::F32),
+            (1, 32768, DType::BF16),
+        ] {
+            let s = split_plan(132, b, 8, 1, len, dtype, 128);
+            let blocks = b * 8 * s.num_splits;
+            let waves = blocks.div_ceil(slots);
+            assert!(blocks * 10 >= waves * slots * 9, "{b} {len} {dtype}: {s:?}");
+        }
+        assert_eq!(
+            split_plan(132, 32, 8, 1, 16384, DType::BF16, 128).num_splits,
+            2
         );
     }
 
