@@ -1,8 +1,9 @@
 //! Split-KV decode (kernels/flash_decode.hip): a few queries per sequence against a long
 //! cache, the cache cut into chunks that separate blocks stream, merged by log-sum-exp.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
+use super::workspace::DeviceScratch;
 use crate::device::gpu::{GpuRuntime, LaunchDims};
 use crate::device::Device;
 use crate::dtype::DType;
@@ -173,37 +174,17 @@ pub fn split_plan(
 /// the kernel resets each one it uses), reused between calls.
 #[derive(Default)]
 pub(crate) struct DecodeWorkspace {
-    buf: Mutex<Option<DeviceTensor>>,
-    counters: Mutex<Option<DeviceTensor>>,
+    buf: DeviceScratch,
+    counters: DeviceScratch,
 }
 
 impl DecodeWorkspace {
     fn get(&self, device: Device, elems: usize) -> Result<DeviceTensor> {
-        Self::grow(&self.buf, device, elems)
+        self.buf.get(device, elems)
     }
 
     fn get_counters(&self, device: Device, elems: usize) -> Result<DeviceTensor> {
-        Self::grow(&self.counters, device, elems)
-    }
-
-    fn grow(
-        buf: &Mutex<Option<DeviceTensor>>,
-        device: Device,
-        elems: usize,
-    ) -> Result<DeviceTensor> {
-        let mut slot = buf.lock().map_err(|_| AttentionError::Runtime {
-            op: "decode workspace".into(),
-            detail: "poisoned lock".into(),
-        })?;
-        match &*slot {
-            Some(t) if t.numel() >= elems => Ok(t.clone()),
-            _ => {
-                *slot = None;
-                let t = DeviceTensor::zeros(&[elems], DType::F32, device)?;
-                *slot = Some(t.clone());
-                Ok(t)
-            }
-        }
+        self.counters.get(device, elems)
     }
 }
 

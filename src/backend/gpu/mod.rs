@@ -20,6 +20,7 @@ pub mod dispatch;
 mod flash;
 mod params;
 mod traditional;
+mod workspace;
 
 pub(crate) use decode::all_decode_specs;
 pub use decode::{decode_smem_bytes, split_plan, SplitPlan, MAX_DECODE_QUERIES};
@@ -35,7 +36,7 @@ pub struct GpuAttentionBackend {
     device: Device,
     runtime: Arc<GpuRuntime>,
     use_flash_attention: bool,
-    workspace: traditional::Workspace,
+    workspace: workspace::DeviceScratch,
     decode_workspace: decode::DecodeWorkspace,
 }
 

@@ -1,41 +1,14 @@
 //! The unfused device path: scores, softmax and PV in three launches, whatever the batch
 //! and head count, through an f32 workspace of `[B, H, Sq, Sk]`.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use super::params::AttnParams;
+use super::workspace::DeviceScratch;
 use crate::device::gpu::{GpuRuntime, LaunchDims};
-use crate::device::Device;
-use crate::dtype::DType;
 use crate::error::{AttentionError, Result};
 use crate::kernels;
 use crate::problem::AttentionProblem;
-use crate::tensor::DeviceTensor;
-
-/// A scores buffer kept between calls, grown on demand; stream order makes reuse safe.
-#[derive(Default)]
-pub(crate) struct Workspace {
-    buf: Mutex<Option<DeviceTensor>>,
-}
-
-impl Workspace {
-    fn get(&self, device: Device, elems: usize) -> Result<DeviceTensor> {
-        let mut slot = self.buf.lock().map_err(|_| AttentionError::Runtime {
-            op: "workspace".into(),
-            detail: "poisoned lock".into(),
-        })?;
-        match &*slot {
-            Some(t) if t.numel() >= elems => Ok(t.clone()),
-            _ => {
-                // Drop the old buffer first so peak memory is the new size only.
-                *slot = None;
-                let t = DeviceTensor::zeros(&[elems], DType::F32, device)?;
-                *slot = Some(t.clone());
-                Ok(t)
-            }
-        }
-    }
-}
 
 /// Bytes of workspace the traditional path needs for `p`.
 pub fn workspace_bytes(p: &AttentionProblem) -> u64 {
@@ -45,7 +18,7 @@ pub fn workspace_bytes(p: &AttentionProblem) -> u64 {
 /// Queues the three launches.
 pub(crate) fn forward_traditional(
     rt: &Arc<GpuRuntime>,
-    ws: &Workspace,
+    ws: &DeviceScratch,
     p: &AttentionProblem,
     params: &AttnParams,
 ) -> Result<()> {
