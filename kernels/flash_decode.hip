@@ -149,9 +149,14 @@ FA_DEVICE void flash_decode_body(const DecodeParams& p) {
         }
         s_q[idx] = val;
     }
-    if (tid < DEC_ROWS) {
-        s_m[tid] = FA_NEG_INF;
-        s_l[tid] = 0.f;
+    // Row max and sum stay in the registers of the warp that owns the row (every lane holds
+    // them), so no lane ever writes a value its neighbours are still reading.
+    constexpr int ROWS_PER_GRP = DEC_ROWS / (DEC_THREADS / 32);
+    float m_run[ROWS_PER_GRP], l_run[ROWS_PER_GRP];
+#pragma unroll
+    for (int k = 0; k < ROWS_PER_GRP; ++k) {
+        m_run[k] = FA_NEG_INF;
+        l_run[k] = 0.f;
     }
 
     // Output accumulators: thread owns 4 consecutive dims of rows r0, r0 + RG, ...
@@ -206,12 +211,15 @@ FA_DEVICE void flash_decode_body(const DecodeParams& p) {
         __syncthreads();
 
         // Online softmax per row: group g of 32 threads handles rows g, g + 4, ...
-        for (int r = grp; r < rows; r += DEC_THREADS / 32) {
+#pragma unroll
+        for (int k = 0; k < ROWS_PER_GRP; ++k) {
+            const int r = grp + k * (DEC_THREADS / 32);
+            if (r >= rows) continue;
             float mx = FA_NEG_INF;
             for (int n = lane; n < N; n += 32) mx = fmaxf(mx, s_s[r * N + n]);
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, fa_shfl_xor(mx, o, 32));
-            const float m_old = s_m[r];
+            const float m_old = m_run[k];
             const float m_new = fmaxf(m_old, mx);
             // A row that has seen no visible key keeps m = -inf; use 0 to avoid inf - inf.
             const float m_use = m_new == FA_NEG_INF ? 0.f : m_new;
@@ -223,12 +231,10 @@ FA_DEVICE void flash_decode_body(const DecodeParams& p) {
             }
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1) sum += fa_shfl_xor(sum, o, 32);
-            if (lane == 0) {
-                float alpha = fa_exp2f(m_old - m_use);
-                s_alpha[r] = alpha;
-                s_l[r] = s_l[r] * alpha + sum;
-                s_m[r] = m_new;
-            }
+            const float alpha = fa_exp2f(m_old - m_use);
+            l_run[k] = l_run[k] * alpha + sum;
+            m_run[k] = m_new;
+            if (lane == 0) s_alpha[r] = alpha;
         }
         __syncthreads();
 
@@ -254,6 +260,13 @@ FA_DEVICE void flash_decode_body(const DecodeParams& p) {
 #pragma unroll
                 for (int c = 0; c < 4; ++c) acc[i][c] = a[c];
             }
+        }
+    }
+    if (lane == 0) {
+#pragma unroll
+        for (int k = 0; k < ROWS_PER_GRP; ++k) {
+            s_m[grp + k * (DEC_THREADS / 32)] = m_run[k];
+            s_l[grp + k * (DEC_THREADS / 32)] = l_run[k];
         }
     }
     __syncthreads();

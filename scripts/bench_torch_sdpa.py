@@ -48,7 +48,7 @@ def torch_peers(dtype, d, s, causal):
     for name, backend in PEERS.items():
         try:
             with sdpa_kernel([backend]):
-                ms = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal))
+                ms = time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=bool(causal)))
             out[name] = (ms, flops / ms / 1e9)
         except RuntimeError:
             pass  # backend does not take this dtype/shape

@@ -24,7 +24,7 @@ const REG_PER: usize = 4;
 const REG_STAGES: usize = 3;
 const THREADS: u32 = 128;
 /// Fewest keys worth giving a block of their own.
-const MIN_SPLIT_KEYS: usize = 128;
+const MIN_SPLIT_KEYS: usize = 64;
 
 /// Mirrors `DecodeParams` in kernels/decode_params.h.
 #[repr(C)]
@@ -149,13 +149,7 @@ pub fn split_plan(
     let by_occupancy = slots.div_ceil(base);
     let by_length = max_len.div_ceil(MIN_SPLIT_KEYS).max(1);
     let tile = split_granularity(dtype, bucket);
-    let cut = |want: usize| {
-        let split_keys = (max_len.div_ceil(want).div_ceil(tile) * tile).max(tile);
-        SplitPlan {
-            num_splits: max_len.div_ceil(split_keys).max(1),
-            split_keys,
-        }
-    };
+    let cut = |want: usize| cut_into(want, max_len, tile);
     let efficiency = |s: &SplitPlan| {
         let blocks = base * s.num_splits;
         blocks as f64 / (blocks.div_ceil(slots) * slots) as f64
@@ -168,6 +162,26 @@ pub fn split_plan(
         }
     }
     best
+}
+
+/// About `want` chunks of whole tiles covering `max_len` keys.
+fn cut_into(want: usize, max_len: usize, tile: usize) -> SplitPlan {
+    let split_keys = (max_len.div_ceil(want.max(1)).div_ceil(tile) * tile).max(tile);
+    SplitPlan {
+        num_splits: max_len.div_ceil(split_keys).max(1),
+        split_keys,
+    }
+}
+
+/// `FORGE_ATTN_DECODE_SPLITS=N` fixes the number of chunks per sequence (tuning runs).
+fn splits_override() -> Option<usize> {
+    static N: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("FORGE_ATTN_DECODE_SPLITS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n| n > 0)
+    })
 }
 
 /// The f32 scratch of the split results and the split counters (zero between launches:
@@ -238,15 +252,18 @@ pub(crate) fn forward_decode(
     let group = p.num_heads / p.num_kv_heads;
     let reg = reg_lanes(p.dtype, bucket).is_some();
     let row_groups = (group * p.seq_q).div_ceil(block_rows(p.dtype, bucket));
-    let split = split_plan(
-        rt.multiprocessor_count() as usize,
-        p.batch,
-        p.num_kv_heads,
-        row_groups,
-        p.seq_k,
-        p.dtype,
-        bucket,
-    );
+    let split = match splits_override() {
+        Some(n) => cut_into(n, p.seq_k, split_granularity(p.dtype, bucket)),
+        None => split_plan(
+            rt.multiprocessor_count() as usize,
+            p.batch,
+            p.num_kv_heads,
+            row_groups,
+            p.seq_k,
+            p.dtype,
+            bucket,
+        ),
+    };
     let mut params = DecodeParams {
         q: q.device_ptr(),
         k: cache.k,
