@@ -4,7 +4,8 @@
 //!
 //! `cargo bench --bench gpu_attention -- [--dtypes f32,bf16] [--dims 64,128] [--seqs 512,1024]
 //!  [--paths flash,traditional] [--csv FILE]`
-//! Paths: `flash` and `traditional` on the GPU, `cpu` (the CPU backend on this machine's
+//! Paths: `flash` and `traditional` on the GPU, `tf32` (flash with f32 inputs in TF32 on
+//! the tensor cores; f32 only), `cpu` (the CPU backend on this machine's
 //! cores, up to `--max-cpu-seq`). Prints one line per measurement and writes a CSV for
 //! scripts/bench_torch_sdpa.py.
 
@@ -60,6 +61,13 @@ fn main() {
         eprintln!("gpu_attention: no GPU available, nothing to measure");
         return;
     }
+    let tf32_backend = match GpuAttentionBackend::new(device) {
+        Ok(b) => b.with_tf32(true),
+        Err(e) => {
+            eprintln!("gpu_attention: {e}");
+            std::process::exit(1);
+        }
+    };
     let backend = match GpuAttentionBackend::new(device) {
         Ok(b) => b,
         Err(e) => {
@@ -87,7 +95,15 @@ fn main() {
                         {
                             continue;
                         }
-                        match measure(&backend, path, dtype, d, s, causal) {
+                        if path == "tf32" && dtype != DType::F32 {
+                            continue;
+                        }
+                        let b = if path == "tf32" {
+                            &tf32_backend
+                        } else {
+                            &backend
+                        };
+                        match measure(b, path, dtype, d, s, causal) {
                             Ok((ms, tflops, cfgdesc)) => {
                                 let (b, h) = (16384 / s, 2048 / d);
                                 println!(
@@ -137,14 +153,19 @@ fn measure(
         .with_layout(Layout::Bhsd);
     let plan = backend.plan_for_config(&cfg, dtype, s, false);
     let cfgdesc = match (path, plan.flash) {
-        ("flash", Some(c)) => match c.tile {
+        ("flash" | "tf32", Some(c)) => match c.tile {
             Some(t) => format!(
-                "{:?} BM={} BN={} threads={} smem={}",
-                c.kernel, t.block_m, t.block_n, t.threads, t.smem_bytes
+                "{:?}{} BM={} BN={} threads={} smem={}",
+                c.kernel,
+                if t.tf32 { " tf32" } else { "" },
+                t.block_m,
+                t.block_n,
+                t.threads,
+                t.smem_bytes
             ),
             None => format!("{:?}", c.kernel),
         },
-        ("flash", None) => {
+        ("flash" | "tf32", None) => {
             return Err(forge_attn::AttentionError::NotSupported {
                 backend: "flash".into(),
                 reason: plan.fallback_reason.unwrap_or_default(),

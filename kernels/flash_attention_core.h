@@ -546,6 +546,7 @@ FA_DEVICE void fa_flash_forward_split(const AttnParams& p, const int q0) {
 }
 
 #include "flash_attention_mma.h"
+#include "flash_attention_tf32.h"
 
 // Which implementation a (dtype, target) runs. f32 always, and every dtype on AMD, run the
 // SIMT kernel on the row's own tile; f16/bf16 rows on CUDA are sized for the tensor-core
@@ -562,6 +563,18 @@ template <typename T> struct FaEntry {
 #endif
     }
 };
+// f32 in TF32 on the tensor cores (opt-in rows `tf32` of the CUDA table); the split SIMT
+// kernel where there are no tensor cores.
+template <> struct FaEntry<fa_tf32> {
+    template <int HD, int BM, int BN, int THREADS, int SMEM, int MODE>
+    FA_DEVICE static void run(const AttnParams& p) {
+#if FA_HAS_MMA
+        fa_tf32_forward<HD, BM, BN, THREADS, SMEM, MODE>(p);
+#else
+        fa_flash_forward_split<float, HD, BM, THREADS, SMEM, MODE>(p, fa_block_q0(p, BM, MODE));
+#endif
+    }
+};
 template <> struct FaEntry<float> {
     template <int HD, int BM, int BN, int THREADS, int SMEM, int MODE>
     FA_DEVICE static void run(const AttnParams& p) {
@@ -573,6 +586,7 @@ template <> struct FaEntry<float> {
 #define FA_ELEM_f32 float
 #define FA_ELEM_f16 fa_f16
 #define FA_ELEM_bf16 fa_bf16
+#define FA_ELEM_tf32 fa_tf32
 
 // Occupancy hint. One block per SM: a 2-block cap (128 registers) makes the hd32/hd64 tiles
 // spill and measured no faster on H100.

@@ -65,6 +65,17 @@ FA_TILE(bf16, 160, 64, 32, 128, 67072)
 FA_TILE(bf16, 192, 64, 32, 128, 79360)
 FA_TILE(bf16, 224, 64, 32, 128, 91648)
 FA_TILE(bf16, 256, 64, 32, 128, 103936)
+// TF32 rows: f32 inputs on the tensor cores (opt-in, sm_80+): 16 query rows per warp,
+// SMEM_BYTES = (BLOCK_M + 4 * BLOCK_N) * (bucket + 4) * 4 (flash_attention_tf32.h).
+FA_TILE(tf32, 32, 64, 32, 128, 27648)
+FA_TILE(tf32, 64, 64, 32, 128, 52224)
+FA_TILE(tf32, 80, 64, 32, 128, 64512)
+FA_TILE(tf32, 96, 64, 32, 128, 76800)
+FA_TILE(tf32, 128, 64, 32, 128, 101376)
+FA_TILE(tf32, 160, 64, 32, 128, 125952)
+FA_TILE(tf32, 192, 64, 32, 128, 150528)
+FA_TILE(tf32, 224, 64, 32, 128, 175104)
+FA_TILE(tf32, 256, 64, 32, 128, 199680)
 
 FA_TILE_HIP(f32, 32, 64, 64, 256, 44032)
 FA_TILE_HIP(f32, 64, 64, 32, 256, 43008)

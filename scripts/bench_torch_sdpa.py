@@ -69,8 +69,8 @@ def main():
             cfgs[key] = r["config"]
     print(f"device: {torch.cuda.get_device_name()} torch {torch.__version__}")
     lines = [
-        "| dtype | D | S | causal | flash | traditional | cpu | torch flash | torch cudnn | torch efficient | flash/best torch | flash/traditional |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| dtype | D | S | causal | flash | tf32 | traditional | cpu | torch flash | torch cudnn | torch efficient | flash/best torch | tf32/best torch | flash/traditional |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     series = defaultdict(list)
     for key in sorted(ours):
@@ -78,6 +78,7 @@ def main():
         peers = torch_peers(dtype, d, s, causal)
         mine = ours[key]
         fl = mine.get("flash", (None, None))[1]
+        tf = mine.get("tf32", (None, None))[1]
         tr = mine.get("traditional", (None, None))[1]
         cp = mine.get("cpu", (None, None))[1]
         best = max((t for _, t in peers.values()), default=None)
@@ -85,9 +86,9 @@ def main():
         fmt3 = lambda x: "-" if x is None else f"{x:.3f}"
         ratio = lambda a, b: "-" if a is None or not b else f"{a / b:.2f}x"
         lines.append(
-            f"| {dtype} | {d} | {s} | {causal} | {fmt(fl)} | {fmt(tr)} | {fmt3(cp)} | "
+            f"| {dtype} | {d} | {s} | {causal} | {fmt(fl)} | {fmt(tf)} | {fmt(tr)} | {fmt3(cp)} | "
             + " | ".join(fmt(peers.get(p, (None, None))[1]) for p in PEERS)
-            + f" | {ratio(fl, best)} | {ratio(fl, tr)} |"
+            + f" | {ratio(fl, best)} | {ratio(tf, best)} | {ratio(fl, tr)} |"
         )
         for path, (_, t) in mine.items():
             if path == "cpu":

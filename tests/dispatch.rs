@@ -17,6 +17,7 @@ fn input(dtype: DType, head_dim: usize, causal: bool, has_mask: bool, seq_q: usi
         causal,
         has_mask,
         seq_q,
+        tf32: false,
     }
 }
 
@@ -94,4 +95,43 @@ fn fallbacks_name_their_reason() {
     // A device with less shared memory than the tile needs falls back and says how much.
     let r = why(input(DType::F32, 256, false, true, 64), true, 16 * 1024);
     assert!(r.contains("shared memory") && r.contains("16384"), "{r}");
+}
+
+#[test]
+fn tf32_picks_the_tf32_rows_for_f32_only() {
+    for hd in [32, 64, 72, 128, 200, 256] {
+        let mut i = input(DType::F32, hd, true, false, 512);
+        i.tf32 = true;
+        let t = plan(&i, true, H100_SMEM, TileVendor::Cuda)
+            .flash
+            .and_then(|f| f.tile)
+            .expect("tf32 tile");
+        assert!(t.tf32 && t.dtype == DType::F32 && t.head_dim >= hd, "{t:?}");
+        assert_eq!(t.kernel_dtype_name(), "tf32");
+        // Not asked for: the f32 SIMT row.
+        i.tf32 = false;
+        let t = plan(&i, true, H100_SMEM, TileVendor::Cuda)
+            .flash
+            .unwrap()
+            .tile
+            .unwrap();
+        assert!(!t.tf32);
+        // 16-bit inputs and the decode kernel ignore the switch.
+        for (dtype, sq) in [(DType::BF16, 512), (DType::F16, 512), (DType::F32, 1)] {
+            let mut j = input(dtype, hd, true, false, sq);
+            j.tf32 = true;
+            let p = plan(&j, true, H100_SMEM, TileVendor::Cuda);
+            assert!(p.flash.unwrap().tile.is_none_or(|t| !t.tf32), "{j:?}");
+        }
+        // AMD has no TF32 rows: the f32 kernel runs, never the unfused path.
+        let mut a = input(DType::F32, hd, false, false, 512);
+        a.tf32 = true;
+        let p = plan(&a, true, AMD_SMEM, TileVendor::Hip);
+        assert_eq!(
+            p.path,
+            AttentionPath::Flash(FlashKernel::NonCausal),
+            "{p:?}"
+        );
+        assert!(!p.flash.unwrap().tile.unwrap().tf32);
+    }
 }

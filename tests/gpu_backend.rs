@@ -141,6 +141,10 @@ fn poisoned(shape: &[usize], dtype: DType, dev: Device) -> DeviceTensor {
     DeviceTensor::from_f32(&vec![f32::NAN; n], shape, dtype, dev).expect("poisoned output")
 }
 
+/// Relative L2 error allowed for f32 inputs computed in TF32 (10 mantissa bits, like f16,
+/// with f32 sums and no f16 range limits).
+const TF32_TOLERANCE: f64 = 2e-3;
+
 /// Runs one case on the given path and checks it against the reference; returns the error.
 fn check(backend: &GpuAttentionBackend, c: &Case, traditional: bool, seed: u64) -> f64 {
     let dev = backend.device();
@@ -173,6 +177,7 @@ fn check(backend: &GpuAttentionBackend, c: &Case, traditional: bool, seed: u64) 
     let want = attention_f64(&cfg, &x.q, &x.k, &x.v, x.mask.as_ref()).expect("reference");
     let err = relative_l2_error(&got, &want);
     let bound = match c.dtype {
+        DType::F32 if backend.tf32_enabled() && !traditional => TF32_TOLERANCE,
         DType::F32 => 1e-5,
         _ => {
             let naive =
@@ -238,6 +243,60 @@ fn flash_matches_reference_over_shape_matrix() {
         let err = check(&backend, c, false, seed);
         println!("flash {c:?}: err {err:.2e}");
     }
+}
+
+#[test]
+#[ignore = "needs a GPU"]
+fn tf32_flash_matches_reference_within_its_tolerance() {
+    let backend = GpuAttentionBackend::new(gpu())
+        .expect("backend")
+        .with_flash(true)
+        .with_tf32(true);
+    assert!(backend.tf32_enabled(), "TF32 needs CUDA sm_80 or newer");
+    let mut worst = 0.0f64;
+    for (i, c) in shape_matrix()
+        .iter()
+        .filter(|c| c.dtype == DType::F32)
+        .enumerate()
+    {
+        let plan = backend.plan_for_config(&c.config(), c.dtype, c.sq, c.mask != MaskKind::None);
+        let tile = plan.flash.and_then(|f| f.tile);
+        if c.sq > forge_attn::backend::gpu::MAX_DECODE_QUERIES || c.mask != MaskKind::None {
+            assert!(tile.is_some_and(|t| t.tf32), "{c:?}: {plan:?}");
+        }
+        let err = check(&backend, c, false, 9000 + i as u64);
+        worst = worst.max(err);
+        println!("tf32 {c:?}: err {err:.2e}");
+    }
+    println!("tf32 worst relative L2 error {worst:.2e} (tolerance {TF32_TOLERANCE:.0e})");
+
+    // Inputs whose rows are not 16-byte aligned take the f32 SIMT kernel inside the same
+    // launch: f32 accuracy.
+    let dev = backend.device();
+    let (b, s, h, d) = (1, 70, 2, 64);
+    let wide = |seed| {
+        DeviceTensor::from_f32(
+            &random_values(b * s * h * (d + 1), seed),
+            &[b, s, h, d + 1],
+            DType::F32,
+            dev,
+        )
+        .unwrap()
+        .narrow(3, 1, d)
+        .unwrap()
+    };
+    let (q, k, v) = (wide(1), wide(2), wide(3));
+    let cfg = AttentionConfig::new(h * d, h, s).with_causal(true);
+    let mut out = poisoned(&[b, s, h, d], DType::F32, dev);
+    backend
+        .forward_into(&cfg, &q, &k, &v, None, &mut out)
+        .unwrap();
+    let want = attention_f64(&cfg, &q, &k, &v, None).unwrap();
+    let err = relative_l2_error(&out.to_f32_vec().unwrap(), &want);
+    assert!(
+        err <= 1e-5,
+        "unaligned TF32 fallback: relative L2 error {err:.3e}"
+    );
 }
 
 #[test]

@@ -236,6 +236,11 @@ impl CudaRuntime {
         Ok(f.func)
     }
 
+    /// (major, minor) compute capability.
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.cc
+    }
+
     pub fn launch(&self, spec: &KernelSpec, dims: LaunchDims, params: &[u8]) -> Result<()> {
         self.bind()?;
         let func = self.function(spec, dims.shared_bytes)?;

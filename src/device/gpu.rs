@@ -182,6 +182,16 @@ impl GpuRuntime {
         }
     }
 
+    /// Whether the device runs the `mma.sync` tensor-core kernels (CUDA sm_80 and newer).
+    pub fn has_mma(&self) -> bool {
+        match *self {
+            #[cfg(feature = "cuda")]
+            GpuRuntime::Cuda(ref c) => c.compute_capability().0 >= 8,
+            #[cfg(feature = "rocm")]
+            GpuRuntime::Hip(_) => false,
+        }
+    }
+
     /// Largest dynamic shared memory a block may opt into.
     pub fn max_shared_bytes_per_block(&self) -> u32 {
         match *self {

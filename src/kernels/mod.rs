@@ -44,8 +44,8 @@ pub use hsaco::{hip_archs_built, hsaco_path};
 pub use nvrtc::{compile_ptx, nvrtc_available};
 pub use source::{full_source, kernel_source, kernel_sources};
 pub use tiles::{
-    flash_table, flash_tile_for, flash_tile_for_vendor, flash_tiles, parse_flash_config, FlashTile,
-    TileVendor,
+    flash_table, flash_tile_for, flash_tile_for_vendor, flash_tile_tf32, flash_tiles,
+    parse_flash_config, FlashTile, TileVendor,
 };
 
 /// One kernel source file in `kernels/`.
@@ -159,20 +159,18 @@ pub const KV_CACHE_KERNELS: [&str; 2] = ["kv_append_b2", "kv_append_b4"];
 /// The flash variant of `file` for `tile`: `flash_attention_<mode>_<dt>_hd<N>` with the
 /// tile's `FA_VARIANT_*` defines, `<mode>` from [`KernelFile::flash_mode`].
 ///
-/// `file` should be one of [`KernelFile::FLASH`] and `dtype` the tile's dtype; otherwise
+/// `<dt>` is the tile's dtype, or `tf32` for a TF32 row. `file` should be one of
+/// [`KernelFile::FLASH`]; otherwise
 /// the name is one no kernel file defines (`flash_attention_<file stem>_...`), so loading
 /// it fails with a [`crate::AttentionError::KernelBuild`] instead of running the wrong kernel.
-pub fn flash_spec(file: KernelFile, dtype: DType, tile: &FlashTile) -> KernelSpec {
+pub fn flash_spec(file: KernelFile, tile: &FlashTile) -> KernelSpec {
     let mode = file
         .flash_mode()
         .unwrap_or_else(|| file.file_name().trim_end_matches(".hip"));
-    let name = format!(
-        "flash_attention_{mode}_{}_hd{}",
-        dtype.name(),
-        tile.head_dim
-    );
+    let dt = tile.kernel_dtype_name();
+    let name = format!("flash_attention_{mode}_{dt}_hd{}", tile.head_dim);
     let defines = vec![
-        ("FA_VARIANT_DT", dtype.name().to_string()),
+        ("FA_VARIANT_DT", dt.to_string()),
         ("FA_VARIANT_HD", tile.head_dim.to_string()),
         ("FA_VARIANT_BM", tile.block_m.to_string()),
         ("FA_VARIANT_BN", tile.block_n.to_string()),
@@ -224,7 +222,7 @@ pub fn all_variants(vendor: TileVendor) -> Vec<KernelSpec> {
     let tiles = flash_table(vendor).unwrap_or(&[]);
     for file in KernelFile::FLASH {
         for tile in tiles {
-            specs.push(flash_spec(file, tile.dtype, tile));
+            specs.push(flash_spec(file, tile));
         }
     }
     for stem in TRADITIONAL_STEMS {

@@ -75,6 +75,7 @@ fn table_accepts_comments_directives_and_both_vendors() {
         cuda[0],
         FlashTile {
             dtype: DType::BF16,
+            tf32: false,
             head_dim: 128,
             block_m: 64,
             block_n: 32,
@@ -83,6 +84,19 @@ fn table_accepts_comments_directives_and_both_vendors() {
         }
     );
     assert_eq!(cuda.len(), 2);
+    // `tf32` rows are f32 rows of their own, named tf32, next to the f32 row of a bucket.
+    let (cuda, _) = parse_flash_config(
+        "FA_TILE(f32, 64, 64, 64, 128, 1024)\nFA_TILE(tf32, 64, 64, 32, 128, 2048)\n",
+    )
+    .unwrap();
+    assert_eq!(cuda.len(), 2);
+    assert!(cuda[1].tf32 && cuda[1].dtype == DType::F32 && !cuda[0].tf32);
+    assert_eq!(cuda[1].kernel_dtype_name(), "tf32");
+    assert_eq!(cuda[0].kernel_dtype_name(), "f32");
+    assert!(parse_flash_config(
+        "FA_TILE(tf32, 64, 64, 32, 128, 2048)\nFA_TILE(tf32, 64, 64, 32, 128, 2048)\n"
+    )
+    .is_err());
     assert_eq!(hip.len(), 1);
     assert_eq!(hip[0].block_m, 32);
     // Without FA_TILE_HIP rows, AMD uses the CUDA rows.
@@ -128,11 +142,11 @@ fn variant_names_are_unique_and_follow_the_convention() {
     }
     for file in KernelFile::FLASH {
         for t in tiles {
-            let s = flash_spec(file, t.dtype, t);
+            let s = flash_spec(file, t);
             let expect = format!(
                 "flash_attention_{}_{}_hd{}",
                 file.flash_mode().unwrap(),
-                t.dtype,
+                t.kernel_dtype_name(),
                 t.head_dim
             );
             assert_eq!(s.name, expect);
@@ -141,7 +155,7 @@ fn variant_names_are_unique_and_follow_the_convention() {
             assert_eq!(
                 d,
                 [
-                    format!("FA_VARIANT_DT={}", t.dtype),
+                    format!("FA_VARIANT_DT={}", t.kernel_dtype_name()),
                     format!("FA_VARIANT_HD={}", t.head_dim),
                     format!("FA_VARIANT_BM={}", t.block_m),
                     format!("FA_VARIANT_BN={}", t.block_n),
@@ -183,7 +197,7 @@ fn variant_names_are_unique_and_follow_the_convention() {
 #[test]
 fn spec_builders_share_dtype_free_units_and_never_alias_a_wrong_file() {
     let t = flash_tile_for(DType::F16, 64).unwrap();
-    let odd = flash_spec(KernelFile::Traditional, DType::F16, t);
+    let odd = flash_spec(KernelFile::Traditional, t);
     assert!(!all_nvrtc_variants().iter().any(|s| s.name == odd.name));
     let a = traditional_spec("attn_softmax_rows", DType::F16);
     let b = traditional_spec("attn_softmax_rows", DType::BF16);
@@ -346,7 +360,7 @@ mod nvrtc_tests {
     #[test]
     fn options_pin_the_architecture_and_carry_the_defines() {
         let t = flash_tile_for(DType::BF16, 128).unwrap();
-        let spec = flash_spec(KernelFile::FlashCausal, DType::BF16, t);
+        let spec = flash_spec(KernelFile::FlashCausal, t);
         let opts = nvrtc_options(&spec, "compute_90");
         assert_eq!(opts[0], "--gpu-architecture=compute_90");
         assert!(opts.contains(&"-std=c++17".to_string()));

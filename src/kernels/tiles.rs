@@ -38,6 +38,8 @@ impl TileVendor {
 pub struct FlashTile {
     /// Element type of Q, K, V and the output.
     pub dtype: DType,
+    /// An f32 row that computes in TF32 on the tensor cores (dtype token `tf32`, opt-in).
+    pub tf32: bool,
     /// Head-dim bucket: the variant serves every head_dim up to this value.
     pub head_dim: usize,
     /// Query rows per block.
@@ -55,7 +57,7 @@ fn malformed(line_no: usize, line: &str, why: &str) -> AttentionError {
         kernel: FLASH_CONFIG_FILE.into(),
         log: format!(
             "line {line_no}: {why}: {:?} (expected FA_TILE or FA_TILE_HIP(dtype, head_dim, \
-             block_m, block_n, threads, smem_bytes) with dtype f32|f16|bf16 and positive \
+             block_m, block_n, threads, smem_bytes) with dtype f32|f16|bf16|tf32 and positive \
              integers)",
             line.trim()
         ),
@@ -97,12 +99,26 @@ fn strip_comments(text: &str) -> String {
     out
 }
 
-fn parse_dtype(token: &str) -> Option<DType> {
+/// A row's dtype token: the element type, and whether it is the TF32 form of f32.
+fn parse_dtype(token: &str) -> Option<(DType, bool)> {
     match token {
-        "f32" => Some(DType::F32),
-        "f16" => Some(DType::F16),
-        "bf16" => Some(DType::BF16),
+        "f32" => Some((DType::F32, false)),
+        "tf32" => Some((DType::F32, true)),
+        "f16" => Some((DType::F16, false)),
+        "bf16" => Some((DType::BF16, false)),
         _ => None,
+    }
+}
+
+impl FlashTile {
+    /// The dtype part of the kernel names and of `FA_VARIANT_DT`: `tf32` for TF32 rows,
+    /// else the element type's name.
+    pub fn kernel_dtype_name(&self) -> &'static str {
+        if self.tf32 {
+            "tf32"
+        } else {
+            self.dtype.name()
+        }
     }
 }
 
@@ -165,7 +181,7 @@ pub(crate) fn parse_table(text: &str) -> Result<TileTable> {
                 &format!("{} fields instead of 6", fields.len()),
             ));
         };
-        let dtype = parse_dtype(dt)
+        let (dtype, tf32) = parse_dtype(dt)
             .ok_or_else(|| malformed(line_no, original, &format!("unknown dtype {dt:?}")))?;
         let num = |s: &str, what: &str| -> Result<u32> {
             match s.parse::<u32>() {
@@ -179,6 +195,7 @@ pub(crate) fn parse_table(text: &str) -> Result<TileTable> {
         };
         let tile = FlashTile {
             dtype,
+            tf32,
             head_dim: num(hd, "head_dim")? as usize,
             block_m: num(bm, "block_m")?,
             block_n: num(bn, "block_n")?,
@@ -191,7 +208,7 @@ pub(crate) fn parse_table(text: &str) -> Result<TileTable> {
         };
         if rows
             .iter()
-            .any(|x| x.dtype == tile.dtype && x.head_dim == tile.head_dim)
+            .any(|x| x.dtype == tile.dtype && x.tf32 == tile.tf32 && x.head_dim == tile.head_dim)
         {
             return Err(malformed(
                 line_no,
@@ -199,7 +216,7 @@ pub(crate) fn parse_table(text: &str) -> Result<TileTable> {
                 &format!(
                     "duplicate {} row for {} hd{}",
                     vendor.macro_name(),
-                    tile.dtype,
+                    tile.kernel_dtype_name(),
                     tile.head_dim
                 ),
             ));
@@ -251,11 +268,24 @@ pub fn flash_tile_for(dtype: DType, head_dim: usize) -> Option<&'static FlashTil
     flash_tile_for_vendor(TileVendor::Cuda, dtype, head_dim)
 }
 
-/// [`flash_tile_for`] on the row set of `vendor`.
+/// [`flash_tile_for`] on the row set of `vendor` (TF32 rows excluded).
 pub fn flash_tile_for_vendor(
     vendor: TileVendor,
     dtype: DType,
     head_dim: usize,
+) -> Option<&'static FlashTile> {
+    smallest_bucket(vendor, head_dim, |t| t.dtype == dtype && !t.tf32)
+}
+
+/// The TF32 row (f32 inputs on the tensor cores) of `vendor` for `head_dim`, if any.
+pub fn flash_tile_tf32(vendor: TileVendor, head_dim: usize) -> Option<&'static FlashTile> {
+    smallest_bucket(vendor, head_dim, |t| t.tf32)
+}
+
+fn smallest_bucket(
+    vendor: TileVendor,
+    head_dim: usize,
+    keep: impl Fn(&FlashTile) -> bool,
 ) -> Option<&'static FlashTile> {
     if head_dim == 0 {
         return None;
@@ -263,6 +293,6 @@ pub fn flash_tile_for_vendor(
     flash_table(vendor)
         .ok()?
         .iter()
-        .filter(|t| t.dtype == dtype && t.head_dim >= head_dim)
+        .filter(|t| keep(t) && t.head_dim >= head_dim)
         .min_by_key(|t| t.head_dim)
 }

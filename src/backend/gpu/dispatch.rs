@@ -25,6 +25,8 @@ pub struct PlanInput {
     pub has_mask: bool,
     /// Queries per sequence.
     pub seq_q: usize,
+    /// f32 may run in TF32 on the tensor cores (opt-in; only where the device has them).
+    pub tf32: bool,
 }
 
 impl PlanInput {
@@ -36,6 +38,7 @@ impl PlanInput {
             causal: p.causal,
             has_mask: p.mask.is_some(),
             seq_q: p.seq_q,
+            tf32: false,
         }
     }
 }
@@ -113,6 +116,12 @@ pub fn can_use_flash_attention(
         let bucket = decode_bucket(input.head_dim)
             .ok_or_else(|| format!("no decode kernel for head_dim {}", input.head_dim))?;
         (None, decode_smem_bytes(input.dtype, bucket))
+    } else if let Some(tile) = (input.tf32 && input.dtype == DType::F32)
+        .then(|| kernels::flash_tile_tf32(vendor, input.head_dim))
+        .flatten()
+    {
+        // TF32 where the vendor's table has a row for it, the f32 kernel otherwise.
+        (Some(tile), tile.smem_bytes)
     } else {
         let tile = kernels::flash_tile_for_vendor(vendor, input.dtype, input.head_dim).ok_or_else(
             || {

@@ -22,7 +22,7 @@ pub(crate) fn forward_flash(
             backend: "gpu (flash)".into(),
             reason: format!("{:?} has no prefill tile", choice.kernel),
         })?;
-    let spec = kernels::flash_spec(choice.file(), p.dtype, tile);
+    let spec = kernels::flash_spec(choice.file(), tile);
     let grid = (
         p.seq_q.div_ceil(tile.block_m as usize) as u32,
         p.num_heads as u32,

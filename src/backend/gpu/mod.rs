@@ -31,11 +31,16 @@ pub use traditional::workspace_bytes;
 /// kernels off (for A/B runs), `1` turns them on.
 pub const FLASH_ENV: &str = "FORGE_ATTN_FLASH";
 
+/// Environment switch read when a backend is created: `FORGE_ATTN_TF32=1` lets f32 inputs
+/// run in TF32 on the tensor cores (see [`GpuAttentionBackend::with_tf32`]).
+pub const TF32_ENV: &str = "FORGE_ATTN_TF32";
+
 /// Attention on a CUDA or HIP device.
 pub struct GpuAttentionBackend {
     device: Device,
     runtime: Arc<GpuRuntime>,
     use_flash_attention: bool,
+    allow_tf32: bool,
     workspace: workspace::DeviceScratch,
     decode_workspace: decode::DecodeWorkspace,
 }
@@ -45,6 +50,7 @@ impl std::fmt::Debug for GpuAttentionBackend {
         f.debug_struct("GpuAttentionBackend")
             .field("device", &self.device)
             .field("use_flash_attention", &self.use_flash_attention)
+            .field("allow_tf32", &self.allow_tf32)
             .finish()
     }
 }
@@ -61,10 +67,12 @@ impl GpuAttentionBackend {
         }
         let runtime = GpuRuntime::get(device)?;
         let use_flash_attention = std::env::var(FLASH_ENV).map(|v| v != "0").unwrap_or(true);
+        let allow_tf32 = std::env::var(TF32_ENV).is_ok_and(|v| v == "1");
         Ok(GpuAttentionBackend {
             device,
             runtime,
             use_flash_attention,
+            allow_tf32,
             workspace: Default::default(),
             decode_workspace: Default::default(),
         })
@@ -81,13 +89,33 @@ impl GpuAttentionBackend {
         self.use_flash_attention
     }
 
+    /// Lets f32 prefill run in TF32 on the tensor cores (CUDA sm_80 and newer): Q, K, V and
+    /// the probabilities are rounded to 10 mantissa bits before each product, sums stay
+    /// f32. Several times faster than the f32 kernel, with errors near those of bf16 inputs
+    /// instead of f32's 1e-5 contract (BENCHMARKS.md gives the measured error). Off by
+    /// default; `FORGE_ATTN_TF32=1` turns it on. Ignored where the device has no tensor
+    /// cores, and by the decode kernel (memory-bound either way).
+    pub fn with_tf32(mut self, allow_tf32: bool) -> Self {
+        self.allow_tf32 = allow_tf32;
+        self
+    }
+
+    /// Whether f32 prefill may run in TF32 on this backend (asked for and supported).
+    pub fn tf32_enabled(&self) -> bool {
+        self.allow_tf32 && self.runtime.has_mma()
+    }
+
     /// The flash kernel that would run `input`, or the reason none can.
     pub fn can_use_flash_attention(
         &self,
         input: &PlanInput,
     ) -> std::result::Result<FlashChoice, String> {
+        let input = PlanInput {
+            tf32: input.tf32 && self.runtime.has_mma(),
+            ..*input
+        };
         dispatch::can_use_flash_attention(
-            input,
+            &input,
             self.use_flash_attention,
             self.runtime.max_shared_bytes_per_block(),
             self.tile_vendor(),
@@ -103,9 +131,14 @@ impl GpuAttentionBackend {
     }
 
     /// The path `input` would take on this backend, with the reason for any fallback.
+    /// `input.tf32` is ignored where the device cannot run TF32.
     pub fn plan(&self, input: &PlanInput) -> Plan {
+        let input = PlanInput {
+            tf32: input.tf32 && self.runtime.has_mma(),
+            ..*input
+        };
         dispatch::plan(
-            input,
+            &input,
             self.use_flash_attention,
             self.runtime.max_shared_bytes_per_block(),
             self.tile_vendor(),
@@ -126,6 +159,7 @@ impl GpuAttentionBackend {
             causal: config.is_causal,
             has_mask,
             seq_q,
+            tf32: self.allow_tf32,
         })
     }
 
@@ -288,7 +322,10 @@ impl DeviceAttentionBackend for GpuAttentionBackend {
         out: &mut DeviceTensor,
     ) -> Result<AttentionPath> {
         let (p, params, out_strides) = self.prepare(config, q, k, v, mask, out)?;
-        let plan = self.plan(&PlanInput::of(&p));
+        let plan = self.plan(&PlanInput {
+            tf32: self.allow_tf32,
+            ..PlanInput::of(&p)
+        });
         match plan.flash {
             Some(choice) if choice.kernel == FlashKernel::Decode => {
                 let cache = decode::CacheView {
