@@ -427,6 +427,109 @@ FA_DEVICE void dec_reg_issue(const DecodeParams& p, fa_u32x4* ring, int st, int 
     }
 }
 
+// After the key loop of a block: s_acc [G][RB][HD] holds each key group's unnormalized
+// output rows, s_m and s_l [G][RB] their running max and sum (log2 domain), visible to the
+// whole block. Merges the groups and writes the output (one split) or this split's partial
+// result; the last split of a (sequence, kv head, row group) to finish then merges all
+// splits (counters != null), else flash_decode_combine does.
+template <typename T, int HD, int G, int RB>
+FA_DEVICE void dec_finish(const DecodeParams& p, float* s_acc, const float* s_m, const float* s_l,
+                          int rows, int row0, int kvh, int b, int split, int rg, int row_groups,
+                          int tid) {
+    const int group = p.num_heads / p.num_kv_heads;
+    for (int idx = tid; idx < RB * HD; idx += DEC_THREADS) {
+        const int r = idx / HD, d = idx % HD;
+        if (r >= rows || d >= p.head_dim) continue;
+        float mx = FA_NEG_INF;
+#pragma unroll
+        for (int g = 0; g < G; ++g) mx = fmaxf(mx, s_m[g * RB + r]);
+        float num = 0.f, den = 0.f;
+        if (mx != FA_NEG_INF) {
+#pragma unroll
+            for (int g = 0; g < G; ++g) {
+                const float w = fa_exp2f(s_m[g * RB + r] - mx);
+                num += w * s_acc[(g * RB + r) * HD + d];
+                den += w * s_l[g * RB + r];
+            }
+        }
+        const int rr = row0 + r;
+        const int h = kvh * group + rr / p.seq_q, qi = rr % p.seq_q;
+        const float val = den > 0.f ? num / den : 0.f;
+        if (p.num_splits == 1) {
+            T* o = reinterpret_cast<T*>(p.out) + (fa_i64)b * p.o_sb + (fa_i64)h * p.o_sh + (fa_i64)qi * p.o_ss + d;
+            fa_store(o, val);
+        } else {
+            const fa_i64 slot = (((fa_i64)b * p.num_heads + h) * p.seq_q + qi) * p.num_splits + split;
+            p.partial_o[slot * p.head_dim + d] = val;
+            if (d == 0) p.partial_lse[slot] = den > 0.f ? mx + log2f(den) : FA_NEG_INF;
+        }
+    }
+    if (p.num_splits == 1 || !p.counters) return;
+
+    // The last split of this (sequence, kv head, row group) to finish merges all of them.
+    const fa_i64 counter = ((fa_i64)b * p.num_kv_heads + kvh) * row_groups + rg;
+    __threadfence();
+    __syncthreads();
+    bool last = false;
+    if (tid == 0) last = atomicAdd(p.counters + counter, 1) == p.num_splits - 1;
+    if (!__syncthreads_or(last)) return;
+    __threadfence();
+    const int S = p.num_splits;
+    float* s_w = s_acc;          // [RB][S] weights 2^(lse - max)
+    float* s_den = s_w + RB * S;  // [RB] their sums
+    // Row r's weights: 32 consecutive threads (width-32 shuffles) per row.
+    for (int r = tid / 32; r < rows; r += DEC_THREADS / 32) {
+        const int rr = row0 + r;
+        const int h = kvh * group + rr / p.seq_q, qi = rr % p.seq_q;
+        const float* lse = p.partial_lse + (((fa_i64)b * p.num_heads + h) * p.seq_q + qi) * S;
+        float mx = FA_NEG_INF;
+        for (int sp = tid % 32; sp < S; sp += 32) {
+            const float x = dec_load_cg(lse + sp);
+            s_w[r * S + sp] = x;
+            mx = fmaxf(mx, x);
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, fa_shfl_xor(mx, o, 32));
+        float den = 0.f;
+        for (int sp = tid % 32; sp < S; sp += 32) {
+            const float w = mx == FA_NEG_INF ? 0.f : fa_exp2f(s_w[r * S + sp] - mx);
+            s_w[r * S + sp] = w;
+            den += w;
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) den += fa_shfl_xor(den, o, 32);
+        if (tid % 32 == 0) s_den[r] = den;
+    }
+    __syncthreads();
+    // Four consecutive dims of one row per thread (head_dim is a multiple of 8).
+    for (int idx = tid; idx < RB * (HD / 4); idx += DEC_THREADS) {
+        const int r = idx / (HD / 4), d = (idx % (HD / 4)) * 4;
+        if (r >= rows || d >= p.head_dim) continue;
+        const int rr = row0 + r;
+        const int h = kvh * group + rr / p.seq_q, qi = rr % p.seq_q;
+        const fa_i64 base = (((fa_i64)b * p.num_heads + h) * p.seq_q + qi) * S;
+        const float* po = p.partial_o + base * p.head_dim + d;
+        float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
+#pragma unroll 16
+        for (int sp = 0; sp < S; ++sp) {
+            const float w = s_w[r * S + sp];
+            const fa_float4 v = dec_load_cg4(po + (fa_i64)sp * p.head_dim);
+            a0 += w * v.x;
+            a1 += w * v.y;
+            a2 += w * v.z;
+            a3 += w * v.w;
+        }
+        const float den = s_den[r];
+        const float inv = den > 0.f ? 1.f / den : 0.f;
+        T* o = reinterpret_cast<T*>(p.out) + (fa_i64)b * p.o_sb + (fa_i64)h * p.o_sh + (fa_i64)qi * p.o_ss + d;
+        fa_store(o, a0 * inv);
+        fa_store(o + 1, a1 * inv);
+        fa_store(o + 2, a2 * inv);
+        fa_store(o + 3, a3 * inv);
+    }
+    if (tid == 0) p.counters[counter] = 0;
+}
+
 // Shared memory of the register path (decode_smem_bytes on the host): the ring,
 // DEC_STAGES x PER x 2 x DEC_THREADS x 16 bytes. After the key loop the same bytes hold the
 // group accumulators [GROUPS][DEC_RROWS][HD] f32 and the group max and sum
@@ -577,98 +680,10 @@ FA_DEVICE void flash_decode_reg_body(const DecodeParams& p) {
         }
     }
     __syncthreads();
-    for (int idx = tid; idx < RB * HD; idx += DEC_THREADS) {
-        const int r = idx / HD, d = idx % HD;
-        if (r >= rows || d >= p.head_dim) continue;
-        float mx = FA_NEG_INF;
-#pragma unroll
-        for (int g = 0; g < G; ++g) mx = fmaxf(mx, s_m[g * RB + r]);
-        float num = 0.f, den = 0.f;
-        if (mx != FA_NEG_INF) {
-#pragma unroll
-            for (int g = 0; g < G; ++g) {
-                const float w = fa_exp2f(s_m[g * RB + r] - mx);
-                num += w * s_acc[(g * RB + r) * HD + d];
-                den += w * s_l[g * RB + r];
-            }
-        }
-        const int rr = row0 + r;
-        const int h = kvh * group + rr / p.seq_q, qi = rr % p.seq_q;
-        const float val = den > 0.f ? num / den : 0.f;
-        if (p.num_splits == 1) {
-            T* o = reinterpret_cast<T*>(p.out) + (fa_i64)b * p.o_sb + (fa_i64)h * p.o_sh + (fa_i64)qi * p.o_ss + d;
-            fa_store(o, val);
-        } else {
-            const fa_i64 slot = (((fa_i64)b * p.num_heads + h) * p.seq_q + qi) * p.num_splits + split;
-            p.partial_o[slot * p.head_dim + d] = val;
-            if (d == 0) p.partial_lse[slot] = den > 0.f ? mx + log2f(den) : FA_NEG_INF;
-        }
-    }
-    if (p.num_splits == 1 || !p.counters) return;
-
-    // The last split of this (sequence, kv head, row group) to finish merges all of them.
-    const fa_i64 counter = ((fa_i64)b * p.num_kv_heads + kvh) * row_groups + rg;
-    __threadfence();
-    __syncthreads();
-    bool last = false;
-    if (tid == 0) last = atomicAdd(p.counters + counter, 1) == p.num_splits - 1;
-    if (!__syncthreads_or(last)) return;
-    __threadfence();
-    const int S = p.num_splits;
-    float* s_w = s_acc;          // [RB][S] weights 2^(lse - max)
-    float* s_den = s_w + RB * S;  // [RB] their sums
-    // Row r's weights: 32 consecutive threads (width-32 shuffles) per row.
-    for (int r = tid / 32; r < rows; r += DEC_THREADS / 32) {
-        const int rr = row0 + r;
-        const int h = kvh * group + rr / p.seq_q, qi = rr % p.seq_q;
-        const float* lse = p.partial_lse + (((fa_i64)b * p.num_heads + h) * p.seq_q + qi) * S;
-        float mx = FA_NEG_INF;
-        for (int sp = tid % 32; sp < S; sp += 32) {
-            const float x = dec_load_cg(lse + sp);
-            s_w[r * S + sp] = x;
-            mx = fmaxf(mx, x);
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, fa_shfl_xor(mx, o, 32));
-        float den = 0.f;
-        for (int sp = tid % 32; sp < S; sp += 32) {
-            const float w = mx == FA_NEG_INF ? 0.f : fa_exp2f(s_w[r * S + sp] - mx);
-            s_w[r * S + sp] = w;
-            den += w;
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) den += fa_shfl_xor(den, o, 32);
-        if (tid % 32 == 0) s_den[r] = den;
-    }
-    __syncthreads();
-    // Four consecutive dims of one row per thread (head_dim is a multiple of 8).
-    for (int idx = tid; idx < RB * (HD / 4); idx += DEC_THREADS) {
-        const int r = idx / (HD / 4), d = (idx % (HD / 4)) * 4;
-        if (r >= rows || d >= p.head_dim) continue;
-        const int rr = row0 + r;
-        const int h = kvh * group + rr / p.seq_q, qi = rr % p.seq_q;
-        const fa_i64 base = (((fa_i64)b * p.num_heads + h) * p.seq_q + qi) * S;
-        const float* po = p.partial_o + base * p.head_dim + d;
-        float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-#pragma unroll 16
-        for (int sp = 0; sp < S; ++sp) {
-            const float w = s_w[r * S + sp];
-            const fa_float4 v = dec_load_cg4(po + (fa_i64)sp * p.head_dim);
-            a0 += w * v.x;
-            a1 += w * v.y;
-            a2 += w * v.z;
-            a3 += w * v.w;
-        }
-        const float den = s_den[r];
-        const float inv = den > 0.f ? 1.f / den : 0.f;
-        T* o = reinterpret_cast<T*>(p.out) + (fa_i64)b * p.o_sb + (fa_i64)h * p.o_sh + (fa_i64)qi * p.o_ss + d;
-        fa_store(o, a0 * inv);
-        fa_store(o + 1, a1 * inv);
-        fa_store(o + 2, a2 * inv);
-        fa_store(o + 3, a3 * inv);
-    }
-    if (tid == 0) p.counters[counter] = 0;
+    dec_finish<T, HD, G, RB>(p, s_acc, s_m, s_l, rows, row0, kvh, b, split, rg, row_groups, tid);
 }
+
+
 
 template <typename T, int HD, bool REG> struct DecPath {
     static FA_DEVICE void run(const DecodeParams& p) { flash_decode_body<T, HD>(p); }

@@ -208,6 +208,9 @@ fn gpu_decode_matches_reference() {
         (2, 16, 4, 4, 96, vec![300, 20], true),
         (1, 1, 4, 2, 256, vec![999], false),
         (4, 2, 6, 3, 80, vec![5, 64, 65, 129], true),
+        // Query rows (group x Sq) beyond one block: several row groups per KV head.
+        (1, 8, 16, 2, 64, vec![777], true),
+        (2, 3, 12, 2, 32, vec![50, 2000], false),
     ];
     let small = std::env::var_os("FORGE_ATTN_SANITIZE").is_some();
     for dtype in [DType::F32, DType::F16, DType::BF16] {
