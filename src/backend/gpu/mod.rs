@@ -91,7 +91,7 @@ impl GpuAttentionBackend {
 
     /// Lets f32 prefill run in TF32 on the tensor cores (CUDA sm_80 and newer): Q, K, V and
     /// the probabilities are rounded to 10 mantissa bits before each product, sums stay
-    /// f32. About 2.3x - 2.9x faster than the f32 kernel on an H100, with relative L2 errors
+    /// f32. About 2x - 3x faster than the f32 kernel on an H100, with relative L2 errors
     /// around 3e-4 (like f16 inputs) instead of f32's 1e-5 contract; BENCHMARKS.md has the
     /// measurements. Off by
     /// default; `FORGE_ATTN_TF32=1` turns it on. Ignored where the device has no tensor
