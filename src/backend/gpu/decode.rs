@@ -139,7 +139,7 @@ const BLOCKS_PER_SM: usize = 4;
 
 /// Chooses the split so the grid fills whole waves of resident blocks (a last, partly
 /// filled wave costs about as much as a full one), with at least one wave's worth of blocks
-/// where the cache is long enough, never giving a block fewer than [`MIN_SPLIT_KEYS`] keys;
+/// where the cache is long enough, never giving a block fewer than 128 keys (64 in short caches);
 /// among equally good cuts, the one with the fewest splits.
 pub fn split_plan(
     multiprocessors: usize,
