@@ -19,14 +19,14 @@ const ROWS: usize = 16;
 /// Query rows one decode block serves on the register path (`DEC_RROWS` in the kernel).
 const REG_ROWS: usize = 4;
 /// Keys each lane group loads per tile on the register path (`DecReg::PER`).
-const REG_PER: usize = 4;
+const REG_PER: usize = 2;
 /// Tiles in the register path's copy ring (`DEC_STAGES`).
 const REG_STAGES: usize = 3;
-const THREADS: u32 = 128;
+const THREADS: u32 = 256;
 /// Fewest keys worth giving a block of their own...
 const MIN_SPLIT_KEYS: usize = 128;
 /// ...except in short caches, where up to [`SHORT_CACHE_SPLITS`] chunks of at least this
-/// many keys still pay off (measured on the H100: B=1, L=1024 runs in 10.9 us with 16
+/// many keys still pay off (measured on the H100 with 128-thread blocks: B=1, L=1024 ran in 10.9 us with 16
 /// chunks of 64 keys, 14.1 us with 8 of 128; at L=4096, 64 chunks of 64 keys lose to 32
 /// of 128 because the merge grows with the chunk count).
 const MIN_SHORT_SPLIT_KEYS: usize = 64;
@@ -133,9 +133,9 @@ pub struct SplitPlan {
     pub split_keys: usize,
 }
 
-/// Decode blocks one multiprocessor holds at once (register path: 48 KiB of shared memory
-/// and at most 128 registers a thread, `DEC_REG_BLOCKS`).
-const BLOCKS_PER_SM: usize = 4;
+/// Decode blocks one multiprocessor holds at once (register path: 256 threads of at most
+/// 128 registers, `DEC_REG_BLOCKS`).
+const BLOCKS_PER_SM: usize = 2;
 
 /// Chooses the split so the grid fills whole waves of resident blocks (a last, partly
 /// filled wave costs about as much as a full one), with at least one wave's worth of blocks
@@ -416,9 +416,10 @@ mod tests {
             split_plan(132, 1, 8, 1, 4096, DType::BF16, 128).num_splits,
             32
         );
+        // A short cache still gets two blocks per head when they fit in the first wave.
         assert_eq!(
             split_plan(132, 1, 8, 1, 100, DType::BF16, 128).num_splits,
-            1
+            2
         );
     }
 
@@ -437,9 +438,10 @@ mod tests {
             let waves = blocks.div_ceil(slots);
             assert!(blocks * 10 >= waves * slots * 9, "{b} {len} {dtype}: {s:?}");
         }
+        // 32 x 8 heads already fill one wave of 2 x 132 blocks.
         assert_eq!(
             split_plan(132, 32, 8, 1, 16384, DType::BF16, 128).num_splits,
-            2
+            1
         );
     }
 
