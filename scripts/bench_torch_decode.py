@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Times torch SDPA decode (one query token, GQA 32/8, D=128) on the shapes of the
-forge-attn decode bench (from its CSV), in the same device session, and prints the ratios.
+forge-attn decode bench (from its CSV), on the same GPU right after it, and prints the ratios.
 
 usage: bench_torch_decode.py OURS.csv [--out DIR]   (writes DIR/decode.md)
 """

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Times torch.nn.functional.scaled_dot_product_attention on the shapes of the forge-attn
-prefill bench (read from its CSV), in the same device session, and prints the ratios.
+prefill bench (read from its CSV), on the same GPU right after it, and prints the ratios.
 
 usage: bench_torch_sdpa.py OURS.csv [--out DIR]
 Writes DIR/prefill.md (table) and DIR/prefill.png (TFLOP/s against S, one line per path
