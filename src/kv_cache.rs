@@ -100,6 +100,17 @@ impl KvCache {
         }
         Self::check_spec(&spec)?;
         let shape = [spec.batch, spec.num_kv_heads, spec.capacity, spec.head_dim];
+        Self::with_storage(spec, layout, shape, None, device)
+    }
+
+    /// An empty cache of `layout` whose K and V storage has `shape`.
+    fn with_storage(
+        spec: KvCacheSpec,
+        layout: KvCacheLayout,
+        shape: [usize; 4],
+        paging: Option<Paging>,
+        device: Device,
+    ) -> Result<Self> {
         Ok(KvCache {
             layout,
             batch: spec.batch,
@@ -110,7 +121,7 @@ impl KvCache {
             v: DeviceTensor::zeros(&shape, spec.dtype, device)?,
             seq_lens: DeviceTensor::zeros(&[spec.batch], DType::F32, device)?,
             lengths: vec![0; spec.batch],
-            paging: None,
+            paging,
         })
     }
 
@@ -131,25 +142,21 @@ impl KvCache {
         }
         let max_pages = spec.capacity.div_ceil(page_size);
         let shape = [num_pages, spec.num_kv_heads, page_size, spec.head_dim];
-        Ok(KvCache {
-            layout: KvCacheLayout::BlockSparse,
-            batch: spec.batch,
-            num_kv_heads: spec.num_kv_heads,
-            head_dim: spec.head_dim,
-            capacity: spec.capacity,
-            k: DeviceTensor::zeros(&shape, spec.dtype, device)?,
-            v: DeviceTensor::zeros(&shape, spec.dtype, device)?,
-            seq_lens: DeviceTensor::zeros(&[spec.batch], DType::F32, device)?,
-            lengths: vec![0; spec.batch],
-            paging: Some(Paging {
-                page_size,
-                num_pages,
-                max_pages,
-                pages_used: 0,
-                block_table: DeviceTensor::zeros(&[spec.batch, max_pages], DType::F32, device)?,
-                pool_next: DeviceTensor::zeros(&[1], DType::F32, device)?,
-            }),
-        })
+        let paging = Paging {
+            page_size,
+            num_pages,
+            max_pages,
+            pages_used: 0,
+            block_table: DeviceTensor::zeros(&[spec.batch, max_pages], DType::F32, device)?,
+            pool_next: DeviceTensor::zeros(&[1], DType::F32, device)?,
+        };
+        Self::with_storage(
+            spec,
+            KvCacheLayout::BlockSparse,
+            shape,
+            Some(paging),
+            device,
+        )
     }
 
     fn check_spec(s: &KvCacheSpec) -> Result<()> {

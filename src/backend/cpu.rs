@@ -13,7 +13,7 @@
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::{AttentionPath, DeviceAttentionBackend, Support};
+use super::{AttentionPath, DeviceAttentionBackend};
 use crate::config::{AttentionConfig, KvCacheLayout};
 use crate::device::Device;
 use crate::dtype::{DType, HostElement};
@@ -57,13 +57,6 @@ impl DeviceAttentionBackend for CpuAttentionBackend {
 
     fn device(&self) -> Device {
         Device::Cpu
-    }
-
-    fn supports(&self, config: &AttentionConfig) -> Support {
-        match config.validate() {
-            Ok(()) => Support::Yes,
-            Err(e) => Support::No(e.to_string()),
-        }
     }
 
     fn required_kv_layout(&self) -> KvCacheLayout {

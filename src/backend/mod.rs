@@ -72,8 +72,14 @@ pub trait DeviceAttentionBackend: Send + Sync {
     /// The device whose tensors this backend computes on.
     fn device(&self) -> Device;
 
-    /// Whether this backend runs `config` (on its device), or why not.
-    fn supports(&self, config: &AttentionConfig) -> Support;
+    /// Whether this backend runs `config` (on its device), or why not. The default runs
+    /// every config that validates; backends with narrower coverage override it.
+    fn supports(&self, config: &AttentionConfig) -> Support {
+        match config.validate() {
+            Ok(()) => Support::Yes,
+            Err(e) => Support::No(e.to_string()),
+        }
+    }
 
     /// The KV-cache layout this backend reads.
     fn required_kv_layout(&self) -> KvCacheLayout;

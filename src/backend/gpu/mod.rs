@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use super::{AttentionPath, DeviceAttentionBackend, FlashKernel, Support};
+use super::{AttentionPath, DeviceAttentionBackend, FlashKernel};
 use crate::config::{AttentionConfig, KvCacheLayout, Layout};
 use crate::device::gpu::GpuRuntime;
 use crate::device::Device;
@@ -93,9 +93,8 @@ impl GpuAttentionBackend {
     /// the probabilities are rounded to 10 mantissa bits before each product, sums stay
     /// f32. About 2x - 3x faster than the f32 kernel on an H100, with relative L2 errors
     /// around 3e-4 (like f16 inputs) instead of f32's 1e-5 contract; BENCHMARKS.md has the
-    /// measurements. Off by
-    /// default; `FORGE_ATTN_TF32=1` turns it on. Ignored where the device has no tensor
-    /// cores, and by the decode kernel (memory-bound either way).
+    /// measurements. Off by default; `FORGE_ATTN_TF32=1` turns it on. Ignored where the
+    /// device has no tensor cores, and by the decode kernel (memory-bound either way).
     pub fn with_tf32(mut self, allow_tf32: bool) -> Self {
         self.allow_tf32 = allow_tf32;
         self
@@ -111,16 +110,20 @@ impl GpuAttentionBackend {
         &self,
         input: &PlanInput,
     ) -> std::result::Result<FlashChoice, String> {
-        let input = PlanInput {
-            tf32: input.tf32 && self.runtime.has_mma(),
-            ..*input
-        };
         dispatch::can_use_flash_attention(
-            &input,
+            &self.on_this_device(input),
             self.use_flash_attention,
             self.runtime.max_shared_bytes_per_block(),
             self.tile_vendor(),
         )
+    }
+
+    /// `input` with TF32 dropped where this device cannot run it.
+    fn on_this_device(&self, input: &PlanInput) -> PlanInput {
+        PlanInput {
+            tf32: input.tf32 && self.runtime.has_mma(),
+            ..*input
+        }
     }
 
     /// Which rows of the tile table this device launches with.
@@ -134,12 +137,8 @@ impl GpuAttentionBackend {
     /// The path `input` would take on this backend, with the reason for any fallback.
     /// `input.tf32` is ignored where the device cannot run TF32.
     pub fn plan(&self, input: &PlanInput) -> Plan {
-        let input = PlanInput {
-            tf32: input.tf32 && self.runtime.has_mma(),
-            ..*input
-        };
         dispatch::plan(
-            &input,
+            &self.on_this_device(input),
             self.use_flash_attention,
             self.runtime.max_shared_bytes_per_block(),
             self.tile_vendor(),
@@ -299,14 +298,6 @@ impl DeviceAttentionBackend for GpuAttentionBackend {
 
     fn device(&self) -> Device {
         self.device
-    }
-
-    /// Every valid config runs: flash where it applies, the traditional path otherwise.
-    fn supports(&self, config: &AttentionConfig) -> Support {
-        match config.validate() {
-            Ok(()) => Support::Yes,
-            Err(e) => Support::No(e.to_string()),
-        }
     }
 
     fn required_kv_layout(&self) -> KvCacheLayout {
