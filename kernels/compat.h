@@ -137,6 +137,26 @@ FA_DEVICE float fa_shfl_xor(float v, int lane_mask, int width) {
 #endif
 }
 
+// Orders this thread's earlier memory operations (and, after a block barrier, the block's)
+// before its later ones at device scope: the release before and the acquire after an
+// atomic flag. Lighter than __threadfence's sequentially consistent fence on CUDA.
+FA_DEVICE void fa_fence_acq_rel_device() {
+#if FA_CUDA
+    asm volatile("fence.acq_rel.gpu;" ::: "memory");
+#else
+    __threadfence();
+#endif
+}
+
+// Value of lane `src` of this lane's group of `width` lanes.
+FA_DEVICE float fa_shfl(float v, int src, int width) {
+#if FA_CUDA
+    return __shfl_sync(0xffffffffu, v, src, width);
+#else
+    return __shfl(v, src, width);
+#endif
+}
+
 // Fast 2^x; exp2(-inf) is +0 on both vendors, which the softmax relies on.
 FA_DEVICE float fa_exp2f(float x) {
 #if FA_CUDA

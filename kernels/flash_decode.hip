@@ -298,8 +298,8 @@ FA_DEVICE void flash_decode_body(const DecodeParams& p) {
 }
 
 // ------------------------------------------------------------------ register path
-// Head dims whose row is a power-of-two number (<= 32) of 16-byte vectors (32, 64, 128 and
-// 256 in 16-bit types, 32, 64 and 128 in f32) never share K or V between threads:
+// Head dims whose row is a power-of-two number of 16-byte vectors, from 8 to 32 (64, 128
+// and 256 in 16-bit types, 32, 64 and 128 in f32), never share K or V between threads:
 //  * lane `lane` of a key group of VPR = HD / VEC consecutive threads owns the 16-byte column
 //    chunk `lane` of every key the group loads, and keeps the same chunk of the query rows
 //    in registers; a tile is PER keys per group;
@@ -307,12 +307,14 @@ FA_DEVICE void flash_decode_body(const DecodeParams& p) {
 //    shared memory (cp.async where available), so DEC_STAGES - 1 tiles are in flight while one
 //    is used, without holding registers and without any barrier: a thread only ever reads
 //    what it copied;
-//  * a score is the sum of the VPR partial dots of a key row (xor shuffles within the group,
-//    width <= 32, so wave64 is fine); every lane of the group then holds every score;
-//  * each key group runs its own online softmax and accumulates P V for its column chunk in
-//    registers. The groups are merged once at the end (shared memory), and the splits either
-//    by the last block of the (sequence, kv head, row group) (counters != null) or by
-//    flash_decode_combine.
+//  * the PER x DEC_RROWS = 8 scores of a tile are summed over the group's lanes by a
+//    reduce-scatter (each xor step halves the values a lane keeps), so each lane ends with
+//    one score (key c, row r) and runs the online softmax of that row for that key alone:
+//    a third of the shuffles and a sixth of the exponentials of an all-reduce; the
+//    probabilities and rescale factors then go back to every lane for P V;
+//  * each key group accumulates P V for its column chunk in registers. The groups are
+//    merged once at the end (shared memory), and the splits either by the last block of the
+//    (sequence, kv head, row group) (counters != null) or by flash_decode_combine.
 // Grid (num_splits * row_groups, num_kv_heads, batch), row groups of DEC_RROWS query rows.
 #define DEC_RROWS 4
 #define DEC_STAGES 3
@@ -321,10 +323,12 @@ FA_DEVICE void flash_decode_body(const DecodeParams& p) {
 template <typename T, int HD> struct DecReg {
     static constexpr int VEC = 16 / (int)sizeof(T);
     static constexpr int VPR = HD / VEC;
-    static constexpr bool OK = HD % VEC == 0 && VPR >= 2 && VPR <= 32 && (VPR & (VPR - 1)) == 0;
-    static constexpr int GROUPS = OK ? DEC_THREADS / VPR : 1;
     static constexpr int PER = 2;  // keys per group per tile
+    static constexpr int NV = PER * DEC_RROWS;  // scores per lane before the reduce-scatter
+    static constexpr bool OK = HD % VEC == 0 && VPR >= NV && VPR <= 32 && (VPR & (VPR - 1)) == 0;
+    static constexpr int GROUPS = OK ? DEC_THREADS / VPR : 1;
     static constexpr int N = PER * GROUPS;
+    static constexpr int SUB = OK ? VPR / NV : 1;  // lanes holding one score afterwards
 };
 
 // 16 bytes of T as floats (8 for 16-bit types, 4 for f32).
@@ -427,118 +431,193 @@ FA_DEVICE void dec_reg_issue(const DecodeParams& p, fa_u32x4* ring, int st, int 
     }
 }
 
+// Group rows in shared memory are stored in 16-byte chunks, chunk h * VPR + lane holding
+// dims lane * VEC + 4h .. + 3 (h < VEC / 4), so that the lanes of a group write consecutive
+// chunks (no bank conflicts) and the merge reads them back in order.
+template <int VPR, int VEC> FA_DEVICE int dec_chunk_dim(int c4) { return (c4 % VPR) * VEC + (c4 / VPR) * 4; }
+
+// Splits merged per thread of the last block, loaded together before any is used.
+#define DEC_MERGE_BATCH 16
+
 // After the key loop of a block: s_acc [G][RB][HD] holds each key group's unnormalized
 // output rows, s_m and s_l [G][RB] their running max and sum (log2 domain), visible to the
 // whole block. Merges the groups and writes the output (one split) or this split's partial
 // result; the last split of a (sequence, kv head, row group) to finish then merges all
 // splits (counters != null), else flash_decode_combine does.
-template <typename T, int HD, int G, int RB>
-FA_DEVICE void dec_finish(const DecodeParams& p, float* s_acc, const float* s_m, const float* s_l,
+template <typename T, int HD, int VPR, int G, int RB>
+FA_DEVICE void dec_finish(const DecodeParams& p, float* s_acc, float* s_m, const float* s_l,
                           int rows, int row0, int kvh, int b, int split, int rg, int row_groups,
                           int tid) {
     const int group = p.num_heads / p.num_kv_heads;
-    for (int idx = tid; idx < RB * HD; idx += DEC_THREADS) {
-        const int r = idx / HD, d = idx % HD;
-        if (r >= rows || d >= p.head_dim) continue;
+    // Group weights 2^(m_g - max_g m) once per (group, row), in place of the group maxima,
+    // and each row's sum; the max is read by every thread of a row before any writes.
+    float* s_den = s_acc + G * RB * HD + 2 * G * RB;  // [RB], after s_m and s_l
+    float w = 0.f;
+    if (tid < G * RB) {
+        const int r = tid % RB;
         float mx = FA_NEG_INF;
 #pragma unroll
         for (int g = 0; g < G; ++g) mx = fmaxf(mx, s_m[g * RB + r]);
-        float num = 0.f, den = 0.f;
-        if (mx != FA_NEG_INF) {
+        w = mx == FA_NEG_INF ? 0.f : fa_exp2f(s_m[tid] - mx);
+        if (tid < RB) s_den[RB + tid] = mx;  // the row max, for the split's lse
+    }
+    __syncthreads();
+    if (tid < G * RB) s_m[tid] = w;
+    __syncthreads();
+    if (tid < RB) {
+        float den = 0.f;
 #pragma unroll
-            for (int g = 0; g < G; ++g) {
-                const float w = fa_exp2f(s_m[g * RB + r] - mx);
-                num += w * s_acc[(g * RB + r) * HD + d];
-                den += w * s_l[g * RB + r];
-            }
+        for (int g = 0; g < G; ++g) den += s_m[g * RB + tid] * s_l[g * RB + tid];
+        s_den[tid] = den;
+    }
+    __syncthreads();
+    // Four dims per thread: 16-byte chunk c4 of a group row holds dims dec_chunk_dim(c4).
+    for (int idx = tid; idx < RB * (HD / 4); idx += DEC_THREADS) {
+        const int r = idx / (HD / 4), c4 = idx % (HD / 4);
+        const int d = dec_chunk_dim<VPR, HD / VPR>(c4);
+        if (r >= rows || d >= p.head_dim) continue;
+        fa_float4 num = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+            const float w = s_m[g * RB + r];
+            const fa_float4 a = *reinterpret_cast<const fa_float4*>(s_acc + (g * RB + r) * HD + c4 * 4);
+            num.x += w * a.x;
+            num.y += w * a.y;
+            num.z += w * a.z;
+            num.w += w * a.w;
         }
+        const float den = s_den[r];
+        const float inv = den > 0.f ? 1.f / den : 0.f;
         const int rr = row0 + r;
         const int h = kvh * group + rr / p.seq_q, qi = rr % p.seq_q;
-        const float val = den > 0.f ? num / den : 0.f;
         if (p.num_splits == 1) {
             T* o = reinterpret_cast<T*>(p.out) + (fa_i64)b * p.o_sb + (fa_i64)h * p.o_sh + (fa_i64)qi * p.o_ss + d;
-            fa_store(o, val);
+            fa_store(o, num.x * inv);
+            fa_store(o + 1, num.y * inv);
+            fa_store(o + 2, num.z * inv);
+            fa_store(o + 3, num.w * inv);
         } else {
             const fa_i64 slot = (((fa_i64)b * p.num_heads + h) * p.seq_q + qi) * p.num_splits + split;
-            p.partial_o[slot * p.head_dim + d] = val;
-            if (d == 0) p.partial_lse[slot] = den > 0.f ? mx + log2f(den) : FA_NEG_INF;
+            *reinterpret_cast<fa_float4*>(p.partial_o + slot * p.head_dim + d) =
+                fa_float4{num.x * inv, num.y * inv, num.z * inv, num.w * inv};
+            if (d == 0) p.partial_lse[slot] = den > 0.f ? s_den[RB + r] + log2f(den) : FA_NEG_INF;
         }
     }
     if (p.num_splits == 1 || !p.counters) return;
 
     // The last split of this (sequence, kv head, row group) to finish merges all of them.
+    // The barrier orders the block's partial writes before thread 0's release fence and
+    // atomic; the last block's acquire fence then orders its reads after every release.
     const fa_i64 counter = ((fa_i64)b * p.num_kv_heads + kvh) * row_groups + rg;
-    __threadfence();
     __syncthreads();
     bool last = false;
-    if (tid == 0) last = atomicAdd(p.counters + counter, 1) == p.num_splits - 1;
-    if (!__syncthreads_or(last)) return;
-    __threadfence();
-    const int S = p.num_splits;
-    float* s_w = s_acc;          // [RB][S] weights 2^(lse - max)
-    float* s_den = s_w + RB * S;  // [RB] their sums
-    // Row r's weights: 32 consecutive threads (width-32 shuffles) per row.
-    for (int r = tid / 32; r < rows; r += DEC_THREADS / 32) {
-        const int rr = row0 + r;
-        const int h = kvh * group + rr / p.seq_q, qi = rr % p.seq_q;
-        const float* lse = p.partial_lse + (((fa_i64)b * p.num_heads + h) * p.seq_q + qi) * S;
-        float mx = FA_NEG_INF;
-        for (int sp = tid % 32; sp < S; sp += 32) {
-            const float x = dec_load_cg(lse + sp);
-            s_w[r * S + sp] = x;
-            mx = fmaxf(mx, x);
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, fa_shfl_xor(mx, o, 32));
-        float den = 0.f;
-        for (int sp = tid % 32; sp < S; sp += 32) {
-            const float w = mx == FA_NEG_INF ? 0.f : fa_exp2f(s_w[r * S + sp] - mx);
-            s_w[r * S + sp] = w;
-            den += w;
-        }
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) den += fa_shfl_xor(den, o, 32);
-        if (tid % 32 == 0) s_den[r] = den;
+    if (tid == 0) {
+        fa_fence_acq_rel_device();
+        last = atomicAdd(p.counters + counter, 1) == p.num_splits - 1;
+        if (last) fa_fence_acq_rel_device();
     }
-    __syncthreads();
-    // Four consecutive dims of one row per thread (head_dim is a multiple of 8).
-    for (int idx = tid; idx < RB * (HD / 4); idx += DEC_THREADS) {
-        const int r = idx / (HD / 4), d = (idx % (HD / 4)) * 4;
-        if (r >= rows || d >= p.head_dim) continue;
+    if (!__syncthreads_or(last)) return;
+    // CPR threads per (row, 4 dims); thread `part` of them takes splits part, part + CPR, ...
+    // Each batch's partial rows and log-sum-exps are loaded together (one round trip to L2),
+    // then folded into a running max, sum and weighted sum.
+    constexpr int COLS = RB * (HD / 4);
+    constexpr int CPR = DEC_THREADS / COLS > 0 ? DEC_THREADS / COLS : 1;
+    const int S = p.num_splits;
+    const int cidx = tid % COLS, part = tid / COLS;
+    const int r = cidx / (HD / 4), d = (cidx % (HD / 4)) * 4;
+    const bool active = part < CPR && r < rows && d < p.head_dim;
+    float mx = FA_NEG_INF, den = 0.f;
+    fa_float4 a = {0.f, 0.f, 0.f, 0.f};
+    int h = 0, qi = 0;
+    if (active) {
         const int rr = row0 + r;
-        const int h = kvh * group + rr / p.seq_q, qi = rr % p.seq_q;
+        h = kvh * group + rr / p.seq_q;
+        qi = rr % p.seq_q;
         const fa_i64 base = (((fa_i64)b * p.num_heads + h) * p.seq_q + qi) * S;
+        const float* lse = p.partial_lse + base;
         const float* po = p.partial_o + base * p.head_dim + d;
-        float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;
-#pragma unroll 16
-        for (int sp = 0; sp < S; ++sp) {
-            const float w = s_w[r * S + sp];
-            const fa_float4 v = dec_load_cg4(po + (fa_i64)sp * p.head_dim);
-            a0 += w * v.x;
-            a1 += w * v.y;
-            a2 += w * v.z;
-            a3 += w * v.w;
+        for (int s0 = part; s0 < S; s0 += CPR * DEC_MERGE_BATCH) {
+            float x[DEC_MERGE_BATCH];
+            fa_float4 v[DEC_MERGE_BATCH];
+#pragma unroll
+            for (int u = 0; u < DEC_MERGE_BATCH; ++u) {
+                const int sp = s0 + u * CPR;
+                x[u] = sp < S ? dec_load_cg(lse + sp) : FA_NEG_INF;
+                v[u] = sp < S ? dec_load_cg4(po + (fa_i64)sp * p.head_dim) : fa_float4{0.f, 0.f, 0.f, 0.f};
+            }
+            float bm = mx;
+#pragma unroll
+            for (int u = 0; u < DEC_MERGE_BATCH; ++u) bm = fmaxf(bm, x[u]);
+            if (bm == FA_NEG_INF) continue;
+            const float rescale = fa_exp2f(mx - bm);
+            den *= rescale;
+            a.x *= rescale;
+            a.y *= rescale;
+            a.z *= rescale;
+            a.w *= rescale;
+#pragma unroll
+            for (int u = 0; u < DEC_MERGE_BATCH; ++u) {
+                const float wu = fa_exp2f(x[u] - bm);
+                den += wu;
+                a.x += wu * v[u].x;
+                a.y += wu * v[u].y;
+                a.z += wu * v[u].z;
+                a.w += wu * v[u].w;
+            }
+            mx = bm;
         }
-        const float den = s_den[r];
+    }
+    if (CPR > 1) {
+        // Fold the parts of each column through shared memory (the group buffers are free).
+        float* s_part = s_acc;  // [CPR][COLS][6]: max, sum, 4 dims
+        __syncthreads();
+        if (part < CPR) {
+            float* e = s_part + ((fa_i64)part * COLS + cidx) * 6;
+            e[0] = mx;
+            e[1] = den;
+            e[2] = a.x;
+            e[3] = a.y;
+            e[4] = a.z;
+            e[5] = a.w;
+        }
+        __syncthreads();
+        if (part == 0 && active) {
+            for (int q = 1; q < CPR; ++q) {
+                const float* e = s_part + ((fa_i64)q * COLS + cidx) * 6;
+                const float m2 = fmaxf(mx, e[0]);
+                if (m2 == FA_NEG_INF) continue;
+                const float w1 = fa_exp2f(mx - m2), w2 = fa_exp2f(e[0] - m2);
+                den = den * w1 + e[1] * w2;
+                a.x = a.x * w1 + e[2] * w2;
+                a.y = a.y * w1 + e[3] * w2;
+                a.z = a.z * w1 + e[4] * w2;
+                a.w = a.w * w1 + e[5] * w2;
+                mx = m2;
+            }
+        }
+    }
+    if (part == 0 && active) {
         const float inv = den > 0.f ? 1.f / den : 0.f;
         T* o = reinterpret_cast<T*>(p.out) + (fa_i64)b * p.o_sb + (fa_i64)h * p.o_sh + (fa_i64)qi * p.o_ss + d;
-        fa_store(o, a0 * inv);
-        fa_store(o + 1, a1 * inv);
-        fa_store(o + 2, a2 * inv);
-        fa_store(o + 3, a3 * inv);
+        fa_store(o, a.x * inv);
+        fa_store(o + 1, a.y * inv);
+        fa_store(o + 2, a.z * inv);
+        fa_store(o + 3, a.w * inv);
     }
     if (tid == 0) p.counters[counter] = 0;
 }
 
 // Shared memory of the register path (decode_smem_bytes on the host): the ring,
 // DEC_STAGES x PER x 2 x DEC_THREADS x 16 bytes. After the key loop the same bytes hold the
-// group accumulators [GROUPS][DEC_RROWS][HD] f32 and the group max and sum
-// [GROUPS][DEC_RROWS] f32, then the split weights [DEC_RROWS][num_splits] f32.
+// group accumulators [GROUPS][DEC_RROWS][HD] f32, the group max (then weight) and sum
+// [GROUPS][DEC_RROWS] f32 and the row sums and maxima [2][DEC_RROWS]; then the split merge's
+// per-part results.
 template <typename T, int HD>
 FA_DEVICE void flash_decode_reg_body(const DecodeParams& p) {
     using R = DecReg<T, HD>;
-    constexpr int VEC = R::VEC, VPR = R::VPR, G = R::GROUPS, PER = R::PER, N = R::N;
+    constexpr int VEC = R::VEC, VPR = R::VPR, G = R::GROUPS, PER = R::PER, N = R::N, SUB = R::SUB;
     constexpr int RB = DEC_RROWS;
+    static_assert(R::NV == 8, "the reduce-scatter below takes 8 scores to 1 in three steps");
     FA_DYNAMIC_SMEM(smem);
     fa_u32x4* ring = reinterpret_cast<fa_u32x4*>(smem);
     float* s_acc = reinterpret_cast<float*>(smem);
@@ -564,6 +643,9 @@ FA_DEVICE void flash_decode_reg_body(const DecodeParams& p) {
     const bool col_ok = col < p.head_dim;
     const float scale2 = p.scale * FA_LOG2E;
     const int causal_shift = len - p.seq_q;
+    // The score this lane keeps after the reduce-scatter: key c, row r of the tile.
+    const int mine = lane / SUB;
+    const int my_c = mine / RB, my_r = mine % RB;
 
     // The first tiles' copies go out before anything else.
 #pragma unroll
@@ -573,29 +655,35 @@ FA_DEVICE void flash_decode_reg_body(const DecodeParams& p) {
         dec_commit();
     }
 
-    // This lane's chunk of each query row (log2 domain), and the last key each row sees.
+    // This lane's chunk of each query row (log2 domain), one 16-byte load where aligned.
     float q[RB][VEC];
-    int last_key[RB];
 #pragma unroll
     for (int r = 0; r < RB; ++r) {
         const int rr = row0 + r;
         const int h = kvh * group + rr / p.seq_q, i = rr % p.seq_q;
-        const bool live = r < rows;
-        last_key[r] = !live ? -1 : (p.causal ? i + causal_shift : 0x7fffffff);
         const T* qp = reinterpret_cast<const T*>(p.q) + (fa_i64)b * p.q_sb + (fa_i64)h * p.q_sh + (fa_i64)i * p.q_ss + col;
+        if (r < rows && col_ok && ((unsigned long long)qp & 15u) == 0) {
+            dec_unpack16<T>(*reinterpret_cast<const fa_u32x4*>(qp), q[r]);
 #pragma unroll
-        for (int e = 0; e < VEC; ++e)
-            q[r][e] = live && col_ok ? fa_load_f32(qp + e) * scale2 : 0.f;
+            for (int e = 0; e < VEC; ++e) q[r][e] *= scale2;
+        } else {
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) q[r][e] = r < rows && col_ok ? fa_load_f32(qp + e) * scale2 : 0.f;
+        }
+    }
+    // The last key this lane's row sees (-1: a padding row).
+    int my_last = -1;
+    if (my_r < rows) {
+        const int qi = (row0 + my_r) % p.seq_q;
+        my_last = p.causal ? qi + causal_shift : 0x7fffffff;
     }
 
-    float m[RB], l[RB], acc[RB][VEC];
+    // Online softmax state of this lane's row (over its key c of each tile), and P V.
+    float m = FA_NEG_INF, l = 0.f, acc[RB][VEC];
 #pragma unroll
-    for (int r = 0; r < RB; ++r) {
-        m[r] = FA_NEG_INF;
-        l[r] = 0.f;
+    for (int r = 0; r < RB; ++r)
 #pragma unroll
         for (int e = 0; e < VEC; ++e) acc[r][e] = 0.f;
-    }
 
     int st = 0;
     for (int key0 = key_begin; key0 < key_end; key0 += N) {
@@ -606,8 +694,8 @@ FA_DEVICE void flash_decode_reg_body(const DecodeParams& p) {
         dec_commit();
         dec_wait<DEC_STAGES - 1>();
 
-        // Partial dots of this lane's chunk, then the sum over the group's lanes.
-        float s[PER][RB];
+        // Partial dots of this lane's chunk: s[c * RB + r].
+        float s[PER * RB];
 #pragma unroll
         for (int c = 0; c < PER; ++c) {
             float kf[VEC];
@@ -617,73 +705,80 @@ FA_DEVICE void flash_decode_reg_body(const DecodeParams& p) {
                 float a = 0.f;
 #pragma unroll
                 for (int e = 0; e < VEC; ++e) a += q[r][e] * kf[e];
-                s[c][r] = a;
+                s[c * RB + r] = a;
+            }
+        }
+        // Reduce-scatter over the group: at step k the lanes with bit VPR >> (k + 1) set keep
+        // the upper half of their values and add their partner's copy of it.
+#pragma unroll
+        for (int k = 0; k < 3; ++k) {
+            const int o = VPR >> (k + 1);
+            const int half = 4 >> k;
+            const bool hi = (lane & o) != 0;
+#pragma unroll
+            for (int i = 0; i < half; ++i) {
+                const float send = hi ? s[i] : s[half + i];
+                const float keep = hi ? s[half + i] : s[i];
+                s[i] = keep + fa_shfl_xor(send, o, VPR);
             }
         }
 #pragma unroll
-        for (int o = VPR / 2; o > 0; o >>= 1)
-#pragma unroll
-            for (int c = 0; c < PER; ++c)
-#pragma unroll
-                for (int r = 0; r < RB; ++r) s[c][r] += fa_shfl_xor(s[c][r], o, VPR);
+        for (int o = SUB / 2; o > 0; o >>= 1) s[0] += fa_shfl_xor(s[0], o, VPR);
 
-        // Online softmax of this group's keys, and P V into the accumulators.
+        // This lane's key c of row r: mask, max with the row's other key (lane ^ VPR / 2),
+        // rescale and probability.
+        const int j = key0 + kg + my_c * G;
+        const float sc = j >= key_end || j > my_last ? FA_NEG_INF : s[0];
+        const float mt = fmaxf(sc, fa_shfl_xor(sc, VPR / 2, VPR));
+        const float m_new = fmaxf(m, mt);
+        // A row that has seen no visible key keeps m = -inf; use 0 to avoid inf - inf.
+        const float m_use = m_new == FA_NEG_INF ? 0.f : m_new;
+        const float alpha = fa_exp2f(m - m_use);
+        const float pr = fa_exp2f(sc - m_use);
+        l = l * alpha + pr;
+        m = m_new;
+
+        // Every lane rescales and accumulates all rows: the factors come from the lanes
+        // holding them.
+        float al[RB];
 #pragma unroll
-        for (int c = 0; c < PER; ++c) {
-            const int j = key0 + kg + c * G;
+        for (int r = 0; r < RB; ++r) al[r] = fa_shfl(alpha, r * SUB, VPR);
 #pragma unroll
-            for (int r = 0; r < RB; ++r)
-                if (j >= key_end || j > last_key[r]) s[c][r] = FA_NEG_INF;
-        }
+        for (int r = 0; r < RB; ++r)
 #pragma unroll
-        for (int r = 0; r < RB; ++r) {
-            float mt = s[0][r];
-#pragma unroll
-            for (int c = 1; c < PER; ++c) mt = fmaxf(mt, s[c][r]);
-            const float m_new = fmaxf(m[r], mt);
-            // A row that has seen no visible key keeps m = -inf; use 0 to avoid inf - inf.
-            const float m_use = m_new == FA_NEG_INF ? 0.f : m_new;
-            const float alpha = fa_exp2f(m[r] - m_use);
-            m[r] = m_new;
-            l[r] *= alpha;
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) acc[r][e] *= alpha;
-#pragma unroll
-            for (int c = 0; c < PER; ++c) {
-                s[c][r] = fa_exp2f(s[c][r] - m_use);
-                l[r] += s[c][r];
-            }
-        }
+            for (int e = 0; e < VEC; ++e) acc[r][e] *= al[r];
 #pragma unroll
         for (int c = 0; c < PER; ++c) {
             float vf[VEC];
             dec_unpack16<T>(ring[dec_slot(st, c, 1, PER, tid)], vf);
 #pragma unroll
-            for (int r = 0; r < RB; ++r)
+            for (int r = 0; r < RB; ++r) {
+                const float pc = fa_shfl(pr, (c * RB + r) * SUB, VPR);
 #pragma unroll
-                for (int e = 0; e < VEC; ++e) acc[r][e] += s[c][r] * vf[e];
+                for (int e = 0; e < VEC; ++e) acc[r][e] += pc * vf[e];
+            }
         }
         st = st == DEC_STAGES - 1 ? 0 : st + 1;
     }
     dec_wait<0>();
+    // The row's sum over both keys of each tile (the two lanes share m).
+    l += fa_shfl_xor(l, VPR / 2, VPR);
     __syncthreads();  // the ring's bytes are reused below
 
     // Merge the key groups: group g's rows scale by 2^(m_g - max m).
 #pragma unroll
-    for (int r = 0; r < RB; ++r) {
-        float* dst = s_acc + (kg * RB + r) * HD + col;
+    for (int r = 0; r < RB; ++r)
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) dst[e] = acc[r][e];
-        if (lane == 0) {
-            s_m[kg * RB + r] = m[r];
-            s_l[kg * RB + r] = l[r];
-        }
+        for (int hh = 0; hh < VEC / 4; ++hh)
+            *reinterpret_cast<fa_float4*>(s_acc + (kg * RB + r) * HD + (hh * VPR + lane) * 4) =
+                fa_float4{acc[r][4 * hh], acc[r][4 * hh + 1], acc[r][4 * hh + 2], acc[r][4 * hh + 3]};
+    if (my_c == 0 && lane % SUB == 0) {
+        s_m[kg * RB + my_r] = m;
+        s_l[kg * RB + my_r] = l;
     }
     __syncthreads();
-    dec_finish<T, HD, G, RB>(p, s_acc, s_m, s_l, rows, row0, kvh, b, split, rg, row_groups, tid);
+    dec_finish<T, HD, VPR, G, RB>(p, s_acc, s_m, s_l, rows, row0, kvh, b, split, rg, row_groups, tid);
 }
-
-
 
 template <typename T, int HD, bool REG> struct DecPath {
     static FA_DEVICE void run(const DecodeParams& p) { flash_decode_body<T, HD>(p); }
