@@ -58,6 +58,7 @@
 #pragma once
 
 #include "mma_ops.h"
+#include "mma_softmax.h"
 
 #if FA_HAS_MMA
 
@@ -305,63 +306,15 @@ FA_DEVICE void fa_mma_forward(const AttnParams& p) {
 #pragma unroll
                         for (int e = 0; e < 4; ++e) s[mt][j][e] *= sl2;
             }
-            if (need_mask) {
+            if (need_mask)
 #pragma unroll
-                for (int rr = 0; rr < 2 * MT; ++rr) {
-                    const int mt = rr >> 1;
-                    const int r = rr & 1;
-                    const int qi = wrow0 + 16 * mt + g + 8 * r;
-                    const int lim = qi + diag;
-                    const bool row_ok = qi < seq_q;
-                    const float* mrow = nullptr;
-                    if (has_mask && row_ok)
-                        mrow = p.mask + (fa_i64)b * p.m_sb + (fa_i64)h * p.m_sh +
-                               (fa_i64)qi * p.m_sq;
-#pragma unroll
-                    for (int j = 0; j < MS::NT; ++j)
-#pragma unroll
-                        for (int e = 0; e < 2; ++e) {
-                            const int kj = kv0 + 8 * j + 2 * c4 + e;
-                            const bool vis = (kj < seq_k) && (!causal || kj <= lim);
-                            float x = s[mt][j][2 * r + e];
-                            if (mrow != nullptr && vis) x = fmaf(mrow[kj], FA_LOG2E, x);
-                            s[mt][j][2 * r + e] = vis ? x : FA_NEG_INF;
-                        }
-                }
-            }
+                for (int mt = 0; mt < MT; ++mt)
+                    fa_mma_mask_tile<MS::NT>(s[mt], p, b, h, wrow0 + 16 * mt, g, c4, kv0, seq_q, seq_k, diag,
+                                             causal, has_mask);
 
-            // Online softmax. A row with no visible key so far keeps m = -inf, l = 0; its
-            // exponentials are taken against 0 so that -inf - -inf never happens.
+            // Online softmax (mma_softmax.h), one m-tile at a time.
 #pragma unroll
-            for (int rr = 0; rr < 2 * MT; ++rr) {
-                const int mt = rr >> 1;
-                const int r = rr & 1;
-                float mx = s[mt][0][2 * r];
-#pragma unroll
-                for (int j = 0; j < MS::NT; ++j)
-                    mx = fmaxf(mx, fmaxf(s[mt][j][2 * r], s[mt][j][2 * r + 1]));
-                mx = fmaxf(mx, fa_shfl_xor(mx, 1, 32));
-                mx = fmaxf(mx, fa_shfl_xor(mx, 2, 32));
-                const float m_new = fmaxf(m_i[mt][r], mx * mul);
-                const float m_use = (m_new == FA_NEG_INF) ? 0.0f : m_new;
-                const float alpha = fa_exp2f(m_i[mt][r] - m_use);
-                m_i[mt][r] = m_new;
-                float rs = 0.0f;
-#pragma unroll
-                for (int j = 0; j < MS::NT; ++j) {
-                    const float e0 = fa_exp2f(fmaf(s[mt][j][2 * r], mul, -m_use));
-                    const float e1 = fa_exp2f(fmaf(s[mt][j][2 * r + 1], mul, -m_use));
-                    s[mt][j][2 * r] = e0;
-                    s[mt][j][2 * r + 1] = e1;
-                    rs += e0 + e1;
-                }
-                l_i[mt][r] = fmaf(l_i[mt][r], alpha, rs);  // per-lane partial; quad-reduced at the end
-#pragma unroll
-                for (int j = 0; j < MS::DT; ++j) {
-                    o[mt][j][2 * r] *= alpha;
-                    o[mt][j][2 * r + 1] *= alpha;
-                }
-            }
+            for (int mt = 0; mt < MT; ++mt) fa_mma_online_softmax<MS::NT, MS::DT>(s[mt], o[mt], m_i[mt], l_i[mt], mul);
             // P to 16 bits now: half the registers of S across the V copy and P V.
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)

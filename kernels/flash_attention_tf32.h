@@ -21,6 +21,9 @@
 // B fragment then is V[2c][g] and V[2c + 1][g], two scalar shared loads per lane.
 #pragma once
 
+#include "mma_ops.h"
+#include "mma_softmax.h"
+
 struct fa_tf32 {};  // kernel element tag: f32 storage, TF32 tensor-core math
 
 #if FA_HAS_MMA
@@ -207,56 +210,11 @@ FA_DEVICE void fa_tf32_forward(const AttnParams& p) {
 #pragma unroll
                     for (int e = 0; e < 4; ++e) s[j][e] *= sl2;
             }
-            if (need_mask) {
-#pragma unroll
-                for (int r = 0; r < 2; ++r) {
-                    const int qi = wrow0 + g + 8 * r;
-                    const int lim = qi + diag;
-                    const bool row_ok = qi < seq_q;
-                    const float* mrow = nullptr;
-                    if (has_mask && row_ok)
-                        mrow = p.mask + (fa_i64)b * p.m_sb + (fa_i64)h * p.m_sh + (fa_i64)qi * p.m_sq;
-#pragma unroll
-                    for (int j = 0; j < MS::NT; ++j)
-#pragma unroll
-                        for (int e = 0; e < 2; ++e) {
-                            const int kj = kv0 + 8 * j + 2 * c4 + e;
-                            const bool vis = (kj < seq_k) && (!causal || kj <= lim);
-                            float x = s[j][2 * r + e];
-                            if (mrow != nullptr && vis) x = fmaf(mrow[kj], FA_LOG2E, x);
-                            s[j][2 * r + e] = vis ? x : FA_NEG_INF;
-                        }
-                }
-            }
+            if (need_mask)
+                fa_mma_mask_tile<MS::NT>(s, p, b, h, wrow0, g, c4, kv0, seq_q, seq_k, diag, causal, has_mask);
 
-            // Online softmax (see flash_attention_mma.h).
-#pragma unroll
-            for (int r = 0; r < 2; ++r) {
-                float mx = s[0][2 * r];
-#pragma unroll
-                for (int j = 0; j < MS::NT; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
-                mx = fmaxf(mx, fa_shfl_xor(mx, 1, 32));
-                mx = fmaxf(mx, fa_shfl_xor(mx, 2, 32));
-                const float m_new = fmaxf(m_i[r], mx * mul);
-                const float m_use = (m_new == FA_NEG_INF) ? 0.0f : m_new;
-                const float alpha = fa_exp2f(m_i[r] - m_use);
-                m_i[r] = m_new;
-                float rs = 0.0f;
-#pragma unroll
-                for (int j = 0; j < MS::NT; ++j) {
-                    const float e0 = fa_exp2f(fmaf(s[j][2 * r], mul, -m_use));
-                    const float e1 = fa_exp2f(fmaf(s[j][2 * r + 1], mul, -m_use));
-                    s[j][2 * r] = e0;
-                    s[j][2 * r + 1] = e1;
-                    rs += e0 + e1;
-                }
-                l_i[r] = fmaf(l_i[r], alpha, rs);
-#pragma unroll
-                for (int j = 0; j < MS::DT; ++j) {
-                    o[j][2 * r] *= alpha;
-                    o[j][2 * r + 1] *= alpha;
-                }
-            }
+            // Online softmax (mma_softmax.h).
+            fa_mma_online_softmax<MS::NT, MS::DT>(s, o, m_i, l_i, mul);
         }
 
         fa_cp_async_wait<1>();
