@@ -81,16 +81,24 @@ fn main() {
     }
     for &dtype in &dtypes {
         match step_loop(&backend, dtype, 1, 4096) {
-            Ok((synced, queued, attn)) => {
+            Ok(t) => {
                 println!(
-                    "rust loop {dtype:5} B=1 L=4096: per step (append + attention) {queued:.1} us queued back to back, \
-                     {synced:.1} us when the host waits for every step (median); attention alone on the \
-                     loop's cache (warm in L2) {attn:.1} us"
+                    "rust loop {dtype:5} B=1 L=4096: per step (append + attention) {:.1} us queued back to back, \
+                     {:.1} us when the host waits for every step (median); as one call \
+                     (forward_cached_append) {:.1} us queued, {:.1} us host-synchronized; attention \
+                     alone on the loop's cache (warm in L2) {:.1} us",
+                    t.queued, t.synced, t.fused_queued, t.fused_synced, t.attention_warm
                 );
                 if let Some(f) = csv.as_mut() {
-                    writeln!(f, "loop_queued,{dtype},1,4096,{queued:.2},,").expect("csv");
-                    writeln!(f, "loop_synced,{dtype},1,4096,{synced:.2},,").expect("csv");
-                    writeln!(f, "loop_attention_warm,{dtype},1,4096,{attn:.2},,").expect("csv");
+                    for (kind, us) in [
+                        ("loop_queued", t.queued),
+                        ("loop_synced", t.synced),
+                        ("loop_fused_queued", t.fused_queued),
+                        ("loop_fused_synced", t.fused_synced),
+                        ("loop_attention_warm", t.attention_warm),
+                    ] {
+                        writeln!(f, "{kind},{dtype},1,4096,{us:.2},,").expect("csv");
+                    }
                 }
             }
             Err(e) => println!("rust loop {dtype}: error {e}"),
@@ -173,16 +181,13 @@ fn attention_only(
 /// A decode loop's step (append the token's K/V, attend over the cache), timed two ways:
 /// the host waiting for each step (wall clock, median), and steps queued back to back as a
 /// GPU-resident loop runs them (device time over the whole loop / steps); then the
-/// attention call alone, queued, on the same cache.
-fn step_loop(
-    backend: &GpuAttentionBackend,
-    dtype: DType,
-    b: usize,
-    l: usize,
-) -> Result<(f64, f64, f64)> {
+/// attention call alone, queued, on the same cache; then the step as one
+/// `forward_cached_append` call, both ways. The cache grows from L - 800 to L tokens.
+fn step_loop(backend: &GpuAttentionBackend, dtype: DType, b: usize, l: usize) -> Result<StepTimes> {
     let dev = backend.device();
     let steps = 200;
-    let mut cache = cache_with(dtype, b, l - 2 * steps, 2 * steps, dev, 7)?;
+    // Four passes of `steps` appends end at length l.
+    let mut cache = cache_with(dtype, b, l - 4 * steps, 4 * steps, dev, 7)?;
     let cfg = AttentionConfig::new(H * D, H, l)
         .with_num_kv_heads(HKV)
         .with_causal(true);
@@ -217,9 +222,39 @@ fn step_loop(
         }
         Ok(())
     })?;
-    Ok((
+    // The same step as one call, `forward_cached_append` (one launch here), both ways.
+    let mut fused_times = Vec::with_capacity(steps);
+    for _ in 0..steps {
+        let t = Instant::now();
+        let (k_new, v_new) = (x.narrow(2, 0, HKV)?, x.narrow(2, HKV, HKV)?);
+        backend.forward_cached_append(&cfg, &x, &k_new, &v_new, &mut cache, &mut out)?;
+        dev.synchronize()?;
+        fused_times.push(t.elapsed().as_secs_f64() * 1e6);
+        std::mem::swap(&mut x, &mut out);
+    }
+    fused_times.sort_by(f64::total_cmp);
+    let fused_ms = dev.elapsed_ms(|| {
+        for _ in 0..steps {
+            let (k_new, v_new) = (x.narrow(2, 0, HKV)?, x.narrow(2, HKV, HKV)?);
+            backend.forward_cached_append(&cfg, &x, &k_new, &v_new, &mut cache, &mut out)?;
+            std::mem::swap(&mut x, &mut out);
+        }
+        Ok(())
+    })?;
+    Ok(StepTimes {
         synced,
-        ms * 1e3 / steps as f64,
-        attn_ms * 1e3 / steps as f64,
-    ))
+        queued: ms * 1e3 / steps as f64,
+        attention_warm: attn_ms * 1e3 / steps as f64,
+        fused_synced: fused_times[fused_times.len() / 2],
+        fused_queued: fused_ms * 1e3 / steps as f64,
+    })
+}
+
+/// Per-step times of [`step_loop`], microseconds.
+struct StepTimes {
+    synced: f64,
+    queued: f64,
+    attention_warm: f64,
+    fused_synced: f64,
+    fused_queued: f64,
 }

@@ -1,7 +1,8 @@
 //! A GPU-resident decode loop: the prompt's K/V are uploaded once and prefilled with one
 //! causal attention call; then every step appends the new token's K/V to the cache, runs
-//! attention of that token against the whole cache, and feeds the output into the next
-//! step. Nothing crosses to the host inside the loop; the transfer counters prove it.
+//! attention of that token against the whole cache (on a GPU both in one
+//! `forward_cached_append` call, one launch), and feeds the output into the next step.
+//! Nothing crosses to the host inside the loop; the transfer counters prove it.
 //!
 //! Run: `cargo run --release --example decode_step [-- --device cuda:0 --steps 64 ...]`
 
@@ -75,18 +76,21 @@ fn parse_args() -> std::result::Result<Args, String> {
     Ok(a)
 }
 
-/// One decode step's attention: the split-KV kernel straight from the cache on a GPU,
-/// dense views of the cache elsewhere.
-fn step_attention(
+/// One decode step: append the new token's K/V and attend over the cache. On a GPU one
+/// call (the split-KV kernel appends and attends in one launch where it can); elsewhere an
+/// append and attention over dense views of the cache.
+fn decode_step(
     backend: &Backend,
     config: &AttentionConfig,
     x: &DeviceTensor,
-    cache: &KvCache,
+    (k_new, v_new): (&DeviceTensor, &DeviceTensor),
+    cache: &mut KvCache,
     out: &mut DeviceTensor,
 ) -> Result<AttentionPath> {
     match backend {
-        Backend::Gpu(gpu) => gpu.forward_cached(config, x, cache, out),
+        Backend::Gpu(gpu) => gpu.forward_cached_append(config, x, k_new, v_new, cache, out),
         Backend::Cpu(cpu) => {
+            cache.append(k_new, v_new)?;
             let (k, v) = cache.views()?;
             cpu.forward_into(config, x, &k, &v, None, out)
         }
@@ -232,8 +236,8 @@ fn run(a: &Args) -> Result<f64> {
     for step in 0..a.steps {
         let t = Instant::now();
         // The new token's K and V are derived from the previous output on the device.
-        cache.append(&x.narrow(2, 0, hkv)?, &x.narrow(2, h - hkv, hkv)?)?;
-        path = step_attention(&backend, &config, &x, &cache, &mut out)?;
+        let new_kv = (&x.narrow(2, 0, hkv)?, &x.narrow(2, h - hkv, hkv)?);
+        path = decode_step(&backend, &config, &x, new_kv, &mut cache, &mut out)?;
         dev.synchronize()?;
         step_ms.push(t.elapsed().as_secs_f64() * 1e3);
         if step + 1 < a.steps {

@@ -12,15 +12,23 @@ typedef struct {
     const int* block_table;   // [B, max_pages] page ids, or null: contiguous cache
     int* counters;            // finished splits per (sequence, kv head, row group), or null:
                               // flash_decode_combine merges; zero between launches
+    const void* k_new;        // fused append (register path only): n_new tokens per sequence,
+    const void* v_new;        // [B, n_new, Hkv, D] through the kn_/vn_ strides, or null
+    int* pool_next;           // fused append into a paged cache: the pool's next free page
+    int* arrivals;            // fused append: [B] blocks that have read seq_lens; zero
+                              // between launches
     long long q_sb, q_sh, q_ss;
     long long o_sb, o_sh, o_ss;
     long long k_sb, k_sh, k_ss;  // contiguous: batch stride; paged: page stride
     long long v_sb, v_sh, v_ss;
+    long long kn_sb, kn_ss, kn_sh;  // fused append: new tokens' batch, token, head strides
+    long long vn_sb, vn_ss, vn_sh;
     int batch;
     int num_heads;
     int num_kv_heads;
     int seq_q;                // queries per sequence (<= 16 is the decode regime)
     int seq_k;                // keys when seq_lens is null; otherwise the largest length
+                              // (after the fused append, if any)
     int head_dim;
     int max_pages;            // block-table row length
     int page_size;            // keys per page (paged caches)
@@ -28,4 +36,6 @@ typedef struct {
     int split_keys;           // keys per chunk, a multiple of the key tile
     float scale;
     int causal;
+    int n_new;                // fused append: tokens appended per sequence (0: none)
+    int pad_;
 } DecodeParams;

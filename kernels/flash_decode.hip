@@ -13,6 +13,7 @@
 // decode_smem_bytes() (the host computes the same formulas).
 #include "compat.h"
 #include "decode_params.h"
+#include "kv_append.h"
 
 #define DEC_THREADS 256  // measured on H100: 256 threads with 2 keys per lane group per tile beat 128 with 4 by 0-16%
 #define DEC_ROWS 16  // query rows per block: (H/Hkv) * Sq rows are split into groups of 16
@@ -404,7 +405,7 @@ FA_DEVICE int dec_slot(int st, int c, int kv, int per, int tid) {
 // Starts the copies of keys key0 + kg + c * GROUPS (c < PER), column chunk `col`, into stage st.
 template <typename T, int HD>
 FA_DEVICE void dec_reg_issue(const DecodeParams& p, fa_u32x4* ring, int st, int b, int kvh, int key0,
-                             int key_end, int kg, int col, bool col_ok, int tid) {
+                             int key_end, int len_old, int kg, int col, bool col_ok, int tid) {
     using R = DecReg<T, HD>;
     const T* kbase = reinterpret_cast<const T*>(p.k);
     const T* vbase = reinterpret_cast<const T*>(p.v);
@@ -414,7 +415,12 @@ FA_DEVICE void dec_reg_issue(const DecodeParams& p, fa_u32x4* ring, int st, int 
         const bool valid = j < key_end && col_ok;
         const T* ks = kbase;
         const T* vs = vbase;
-        if (valid) {
+        if (valid && j >= len_old) {
+            // A token this launch appends: read from the new rows, not the cache.
+            const fa_i64 t = j - len_old;
+            ks = reinterpret_cast<const T*>(p.k_new) + (fa_i64)b * p.kn_sb + t * p.kn_ss + (fa_i64)kvh * p.kn_sh + col;
+            vs = reinterpret_cast<const T*>(p.v_new) + (fa_i64)b * p.vn_sb + t * p.vn_ss + (fa_i64)kvh * p.vn_sh + col;
+        } else if (valid) {
             fa_i64 page, within;
             if (p.block_table) {
                 page = p.block_table[(fa_i64)b * p.max_pages + j / p.page_size];
@@ -429,6 +435,38 @@ FA_DEVICE void dec_reg_issue(const DecodeParams& p, fa_u32x4* ring, int st, int 
         dec_copy16(ring + dec_slot(st, c, 0, R::PER, tid), ks, valid);
         dec_copy16(ring + dec_slot(st, c, 1, R::PER, tid), vs, valid);
     }
+}
+
+// The fused append of sequence b (kv_append.h), with this launch's arguments.
+template <typename T> struct DecBits { typedef unsigned short type; };
+template <> struct DecBits<float> { typedef unsigned int type; };
+template <typename T>
+FA_DEVICE void dec_append(const DecodeParams& p, int b, int len_old, fa_i64* s_page) {
+    AppendParams a;
+    a.k_new = p.k_new;
+    a.v_new = p.v_new;
+    a.k_cache = const_cast<void*>(p.k);
+    a.v_cache = const_cast<void*>(p.v);
+    a.seq_lens = const_cast<int*>(p.seq_lens);
+    a.block_table = const_cast<int*>(p.block_table);
+    a.pool_next = p.pool_next;
+    a.counts = nullptr;
+    a.kn_sb = p.kn_sb;
+    a.kn_ss = p.kn_ss;
+    a.kn_sh = p.kn_sh;
+    a.vn_sb = p.vn_sb;
+    a.vn_ss = p.vn_ss;
+    a.vn_sh = p.vn_sh;
+    a.c_sb = p.k_sb;  // a KvCache's K and V share their strides
+    a.c_sh = p.k_sh;
+    a.c_ss = p.k_ss;
+    a.batch = p.batch;
+    a.n = p.n_new;
+    a.num_kv_heads = p.num_kv_heads;
+    a.head_dim = p.head_dim;
+    a.max_pages = p.max_pages;
+    a.page_size = p.page_size;
+    kv_append_sequence<typename DecBits<T>::type>(a, b, len_old, false, s_page);
 }
 
 // Group rows in shared memory are stored in 16-byte chunks, chunk h * VPR + lane holding
@@ -633,7 +671,9 @@ FA_DEVICE void flash_decode_reg_body(const DecodeParams& p) {
     const int rows = min(RB, rows_total - row0);
     const int kvh = blockIdx.y;
     const int b = blockIdx.z;
-    const int len = p.seq_lens ? p.seq_lens[b] : p.seq_k;
+    // With a fused append the sequence is len_old cached tokens plus n_new new ones.
+    const int len_old = p.seq_lens ? p.seq_lens[b] : p.seq_k;
+    const int len = len_old + p.n_new;
     const int key_begin = split * p.split_keys;
     const int key_end = min(len, key_begin + p.split_keys);
     const int tid = threadIdx.x;
@@ -651,9 +691,14 @@ FA_DEVICE void flash_decode_reg_body(const DecodeParams& p) {
 #pragma unroll
     for (int st = 0; st < DEC_STAGES - 1; ++st) {
         const int k0 = key_begin + st * N;
-        if (k0 < key_end) dec_reg_issue<T, HD>(p, ring, st, b, kvh, k0, key_end, kg, col, col_ok, tid);
+        if (k0 < key_end) dec_reg_issue<T, HD>(p, ring, st, b, kvh, k0, key_end, len_old, kg, col, col_ok, tid);
         dec_commit();
     }
+    // Fused append: the first block of each sequence writes its new tokens into the cache
+    // (positions no block of this launch reads there: the new rows are read directly).
+    // Its page scratch is the ring's last stage, not yet in use.
+    if (p.n_new > 0 && blockIdx.x == 0 && blockIdx.y == 0)
+        dec_append<T>(p, b, len_old, reinterpret_cast<fa_i64*>(ring + dec_slot(DEC_STAGES - 1, 0, 0, PER, 0)));
 
     // This lane's chunk of each query row (log2 domain), one 16-byte load where aligned.
     float q[RB][VEC];
@@ -690,7 +735,7 @@ FA_DEVICE void flash_decode_reg_body(const DecodeParams& p) {
         // Refill the slot this thread emptied last iteration, then wait for the current tile.
         const int k_ahead = key0 + (DEC_STAGES - 1) * N;
         const int st_ahead = st == 0 ? DEC_STAGES - 1 : st - 1;
-        if (k_ahead < key_end) dec_reg_issue<T, HD>(p, ring, st_ahead, b, kvh, k_ahead, key_end, kg, col, col_ok, tid);
+        if (k_ahead < key_end) dec_reg_issue<T, HD>(p, ring, st_ahead, b, kvh, k_ahead, key_end, len_old, kg, col, col_ok, tid);
         dec_commit();
         dec_wait<DEC_STAGES - 1>();
 
@@ -764,6 +809,15 @@ FA_DEVICE void flash_decode_reg_body(const DecodeParams& p) {
     // The row's sum over both keys of each tile (the two lanes share m).
     l += fa_shfl_xor(l, VPR / 2, VPR);
     __syncthreads();  // the ring's bytes are reused below
+    // Fused append: the last block of the sequence to get here (every thread of every block
+    // read seq_lens[b] before its barrier above) advances the length.
+    if (p.n_new > 0 && tid == 0) {
+        fa_fence_acq_rel_device();
+        if (atomicAdd(p.arrivals + b, 1) == (int)(gridDim.x * gridDim.y) - 1) {
+            const_cast<int*>(p.seq_lens)[b] = len;
+            p.arrivals[b] = 0;
+        }
+    }
 
     // Merge the key groups: group g's rows scale by 2^(m_g - max m).
 #pragma unroll

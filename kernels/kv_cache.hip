@@ -3,64 +3,11 @@
 // Grid (batch), 256 threads. A block walks its sequence's new tokens in order, so a page
 // is taken from the pool (device-side counter) exactly when a token starts one, and the
 // host never has to send a block-table update.
-#include "compat.h"
+#include "kv_append.h"
 
-typedef struct {
-    const void* k_new;        // [B, n, Hkv, D] through the strides below
-    const void* v_new;
-    void* k_cache;            // contiguous [B, Hkv, capacity, D] or pool [pages, Hkv, page_size, D]
-    void* v_cache;
-    int* seq_lens;            // [B] tokens already cached; advanced by this kernel
-    int* block_table;         // [B, max_pages] page ids (paged), or null
-    int* pool_next;           // next free page of the pool (paged), or null
-    const int* counts;        // [B] new tokens per sequence, or null: every sequence gets n
-    long long kn_sb, kn_ss, kn_sh;
-    long long vn_sb, vn_ss, vn_sh;
-    long long c_sb, c_sh, c_ss;  // cache strides: batch (or page), head, position
-    int batch;
-    int n;                    // new tokens per sequence (the largest when counts != null)
-    int num_kv_heads;
-    int head_dim;
-    int max_pages;
-    int page_size;
-} AppendParams;
-
-template <typename E>
-FA_DEVICE void kv_append_body(const AppendParams& p) {
-    const int b = blockIdx.x;
-    const int count = p.counts ? p.counts[b] : p.n;
-    const int start = p.seq_lens[b];
+template <typename E> FA_DEVICE void kv_append_body(const AppendParams& p) {
     __shared__ fa_i64 s_page;
-    const E* kn = reinterpret_cast<const E*>(p.k_new);
-    const E* vn = reinterpret_cast<const E*>(p.v_new);
-    E* kc = reinterpret_cast<E*>(p.k_cache);
-    E* vc = reinterpret_cast<E*>(p.v_cache);
-    const int per_token = p.num_kv_heads * p.head_dim;
-    for (int t = 0; t < count; ++t) {
-        const int pos = start + t;
-        fa_i64 slot, within;
-        if (p.block_table) {
-            if (threadIdx.x == 0) {
-                int* entry = p.block_table + (fa_i64)b * p.max_pages + pos / p.page_size;
-                if (pos % p.page_size == 0) *entry = atomicAdd(p.pool_next, 1);
-                s_page = *entry;
-            }
-            __syncthreads();
-            slot = s_page;
-            within = pos % p.page_size;
-        } else {
-            slot = b;
-            within = pos;
-        }
-        for (int i = threadIdx.x; i < per_token; i += blockDim.x) {
-            const int h = i / p.head_dim, d = i % p.head_dim;
-            const fa_i64 dst = slot * p.c_sb + (fa_i64)h * p.c_sh + within * p.c_ss + d;
-            kc[dst] = kn[(fa_i64)b * p.kn_sb + (fa_i64)t * p.kn_ss + (fa_i64)h * p.kn_sh + d];
-            vc[dst] = vn[(fa_i64)b * p.vn_sb + (fa_i64)t * p.vn_ss + (fa_i64)h * p.vn_sh + d];
-        }
-        __syncthreads();  // s_page is rewritten for the next token
-    }
-    if (threadIdx.x == 0) p.seq_lens[b] = start + count;
+    kv_append_sequence<E>(p, blockIdx.x, p.seq_lens[blockIdx.x], true, &s_page);
 }
 
 FA_KERNEL void FA_LAUNCH_BOUNDS(256) kv_append_b2(AppendParams p) { kv_append_body<unsigned short>(p); }

@@ -14,7 +14,7 @@ use crate::kernels::{KernelFile, KernelSpec};
 use crate::problem::HeadStrides;
 use crate::tensor::DeviceTensor;
 
-/// Kernel argument block of `kv_append_b2/b4` (mirrors `AppendParams` in kernels/kv_cache.hip).
+/// Kernel argument block of `kv_append_b2/b4` (mirrors `AppendParams` in kernels/kv_append.h).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
 struct AppendParams {
@@ -223,14 +223,7 @@ impl KvCache {
     /// Appends `n` tokens to every sequence: `k_new`/`v_new` are `[B, n, Hkv, D]` (any
     /// strides, head_dim contiguous) on the cache's device. One launch; no host transfer.
     pub fn append(&mut self, k_new: &DeviceTensor, v_new: &DeviceTensor) -> Result<()> {
-        let n = self.check_new("k_new", k_new)?;
-        if self.check_new("v_new", v_new)? != n {
-            return Err(AttentionError::shape(
-                "v_new",
-                format!("{:?}", k_new.shape()),
-                format!("{:?}", v_new.shape()),
-            ));
-        }
+        let n = self.check_append(k_new, v_new)?;
         let counts = vec![n; self.batch];
         self.reserve(&counts)?;
         self.launch_append(k_new, v_new, n, None)?;
@@ -274,6 +267,20 @@ impl KvCache {
         Ok(())
     }
 
+    /// Checks `k_new`/`v_new` as [`append`](Self::append) takes them; returns the tokens
+    /// per sequence.
+    pub(crate) fn check_append(&self, k_new: &DeviceTensor, v_new: &DeviceTensor) -> Result<usize> {
+        let n = self.check_new("k_new", k_new)?;
+        if self.check_new("v_new", v_new)? != n {
+            return Err(AttentionError::shape(
+                "v_new",
+                format!("{:?}", k_new.shape()),
+                format!("{:?}", v_new.shape()),
+            ));
+        }
+        Ok(n)
+    }
+
     fn check_new(&self, what: &str, t: &DeviceTensor) -> Result<usize> {
         let s = t.shape();
         if t.rank() != 4 || s[0] != self.batch || s[2] != self.num_kv_heads || s[3] != self.head_dim
@@ -311,7 +318,7 @@ impl KvCache {
     }
 
     /// Refuses an append that would overflow a sequence or the page pool.
-    fn reserve(&self, counts: &[usize]) -> Result<()> {
+    pub(crate) fn reserve(&self, counts: &[usize]) -> Result<()> {
         let mut new_pages = 0;
         for (b, (&len, &c)) in self.lengths.iter().zip(counts).enumerate() {
             if len + c > self.capacity {
@@ -335,7 +342,8 @@ impl KvCache {
         Ok(())
     }
 
-    fn commit(&mut self, counts: &[usize]) {
+    /// Advances the host mirror of the lengths and pages after an append was queued.
+    pub(crate) fn commit(&mut self, counts: &[usize]) {
         for (len, &c) in self.lengths.iter_mut().zip(counts) {
             if let Some(p) = &mut self.paging {
                 p.pages_used += (*len + c).div_ceil(p.page_size) - len.div_ceil(p.page_size);
@@ -588,6 +596,7 @@ impl KvCache {
             max_pages: self.paging.as_ref().map_or(0, |p| p.max_pages),
             page_size: self.paging.as_ref().map_or(1, |p| p.page_size),
             max_len: self.lengths.iter().copied().max().unwrap_or(0),
+            pool_next: self.paging.as_ref().map(|p| &p.pool_next),
         }
     }
 }
@@ -602,4 +611,5 @@ pub(crate) struct CacheParts<'a> {
     pub max_pages: usize,
     pub page_size: usize,
     pub max_len: usize,
+    pub pool_next: Option<&'a DeviceTensor>,
 }

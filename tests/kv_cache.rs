@@ -293,3 +293,126 @@ fn forward_into_uses_decode_for_short_queries() {
     let err = relative_l2_error(&out.to_f32_vec().unwrap(), &want);
     assert!(err < 1e-2, "{err}");
 }
+
+fn max_abs_diff(a: &DeviceTensor, b: &DeviceTensor) -> f32 {
+    let (a, b) = (a.to_f32_vec().unwrap(), b.to_f32_vec().unwrap());
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max)
+}
+
+/// A fused step (`forward_cached_append`: one launch where the register path runs) gives
+/// what `append` then `forward_cached` gives, step after step, for every layout (pages
+/// filled and started mid-step), ragged lengths, GQA and MQA, several new tokens per step,
+/// and a head_dim that takes the two-launch route; the caches end up identical.
+#[test]
+#[ignore = "needs a GPU"]
+fn fused_append_step_matches_append_then_attention() {
+    let dev = gpu();
+    let backend = GpuAttentionBackend::new(dev).unwrap();
+    let cases = [
+        // (b, new tokens per step, h, hkv, d, prompt lengths)
+        (3, 1, 8, 2, 128, vec![1, 30, 300]),
+        (2, 3, 4, 4, 64, vec![7, 100]),
+        (1, 1, 4, 1, 256, vec![500]),
+        // head_dim 80 runs the shared-memory body: append and attention, two launches.
+        (2, 2, 4, 2, 80, vec![9, 40]),
+    ];
+    for dtype in [DType::F32, DType::BF16] {
+        for (i, (b, n, h, hkv, d, lens)) in cases.iter().cloned().enumerate() {
+            let steps = 5;
+            let maxl = *lens.iter().max().unwrap();
+            let cap = maxl + steps * n + 8;
+            let cfg = AttentionConfig::new(h * d, h, cap)
+                .with_num_kv_heads(hkv)
+                .with_causal(true);
+            let s = spec(b, hkv, d, cap, dtype);
+            for (mut fused, mut split) in caches(dev, s).into_iter().zip(caches(dev, s)) {
+                let seed = 1000 * i as u64;
+                let (k, _) = tokens(b, maxl, hkv, d, dtype, dev, seed);
+                let (v, _) = tokens(b, maxl, hkv, d, dtype, dev, seed + 1);
+                fused.append_ragged(&k, &v, &lens).unwrap();
+                split.append_ragged(&k, &v, &lens).unwrap();
+                for step in 0..steps as u64 {
+                    let (kn, _) = tokens(b, n, hkv, d, dtype, dev, seed + 10 + step);
+                    let (vn, _) = tokens(b, n, hkv, d, dtype, dev, seed + 20 + step);
+                    let (q, _) = tokens(b, n, h, d, dtype, dev, seed + 30 + step);
+                    let mut out_f = DeviceTensor::zeros(&[b, n, h, d], dtype, dev).unwrap();
+                    let mut out_s = DeviceTensor::zeros(&[b, n, h, d], dtype, dev).unwrap();
+                    let path = backend
+                        .forward_cached_append(&cfg, &q, &kn, &vn, &mut fused, &mut out_f)
+                        .unwrap();
+                    assert_eq!(path, AttentionPath::Flash(FlashKernel::Decode));
+                    split.append(&kn, &vn).unwrap();
+                    backend
+                        .forward_cached(&cfg, &q, &split, &mut out_s)
+                        .unwrap();
+                    assert_eq!(fused.lengths(), split.lengths());
+                    assert_eq!(fused.pages_used(), split.pages_used());
+                    let diff = max_abs_diff(&out_f, &out_s);
+                    assert!(
+                        diff <= 1e-6,
+                        "{dtype} case {i} {:?} step {step}: fused and split steps differ by {diff:e}",
+                        fused.layout()
+                    );
+                }
+                // Same cache contents and device-side lengths: a plain call agrees.
+                let (q, _) = tokens(b, 1, h, d, dtype, dev, seed + 99);
+                let mut out_f = DeviceTensor::zeros(&[b, 1, h, d], dtype, dev).unwrap();
+                let mut out_s = DeviceTensor::zeros(&[b, 1, h, d], dtype, dev).unwrap();
+                backend
+                    .forward_cached(&cfg, &q, &fused, &mut out_f)
+                    .unwrap();
+                backend
+                    .forward_cached(&cfg, &q, &split, &mut out_s)
+                    .unwrap();
+                let diff = max_abs_diff(&out_f, &out_s);
+                assert!(
+                    diff <= 1e-6,
+                    "{dtype} case {i} {:?}: caches differ after the steps ({diff:e})",
+                    fused.layout()
+                );
+            }
+        }
+    }
+}
+
+/// A fused step that cannot run changes nothing: a full cache, a bad query, bad new rows.
+#[test]
+#[ignore = "needs a GPU"]
+fn fused_append_step_errors_leave_the_cache_alone() {
+    let dev = gpu();
+    let backend = GpuAttentionBackend::new(dev).unwrap();
+    let (b, h, hkv, d) = (2, 4, 2, 64);
+    let cfg = AttentionConfig::new(h * d, h, 8)
+        .with_num_kv_heads(hkv)
+        .with_causal(true);
+    for mut cache in caches(dev, spec(b, hkv, d, 8, DType::F32)) {
+        let (k, _) = tokens(b, 8, hkv, d, DType::F32, dev, 1);
+        let (v, _) = tokens(b, 8, hkv, d, DType::F32, dev, 2);
+        cache.append_ragged(&k, &v, &[8, 5]).unwrap();
+        let (kn, _) = tokens(b, 1, hkv, d, DType::F32, dev, 3);
+        let (vn, _) = tokens(b, 1, hkv, d, DType::F32, dev, 4);
+        let (q, _) = tokens(b, 1, h, d, DType::F32, dev, 5);
+        let mut out = DeviceTensor::zeros(&[b, 1, h, d], DType::F32, dev).unwrap();
+        let full = backend.forward_cached_append(&cfg, &q, &kn, &vn, &mut cache, &mut out);
+        assert!(
+            matches!(full, Err(AttentionError::CapacityExceeded(_))),
+            "{full:?}"
+        );
+        let (bad_q, _) = tokens(b, 1, h + 1, d, DType::F32, dev, 6);
+        let mut cache2 = cache.clone();
+        assert!(backend
+            .forward_cached_append(&cfg, &bad_q, &kn, &vn, &mut cache2, &mut out)
+            .is_err());
+        let (bad_k, _) = tokens(b, 1, hkv + 1, d, DType::F32, dev, 7);
+        assert!(matches!(
+            backend.forward_cached_append(&cfg, &q, &bad_k, &vn, &mut cache2, &mut out),
+            Err(AttentionError::ShapeMismatch { .. })
+        ));
+        assert_eq!(cache.lengths(), &[8, 5]);
+        assert_eq!(cache2.lengths(), &[8, 5]);
+    }
+}

@@ -45,6 +45,10 @@ pub(crate) struct DecodeParams {
     pub seq_lens: u64,
     pub block_table: u64,
     pub counters: u64,
+    pub k_new: u64,
+    pub v_new: u64,
+    pub pool_next: u64,
+    pub arrivals: u64,
     pub q_sb: i64,
     pub q_sh: i64,
     pub q_ss: i64,
@@ -57,6 +61,12 @@ pub(crate) struct DecodeParams {
     pub v_sb: i64,
     pub v_sh: i64,
     pub v_ss: i64,
+    pub kn_sb: i64,
+    pub kn_ss: i64,
+    pub kn_sh: i64,
+    pub vn_sb: i64,
+    pub vn_ss: i64,
+    pub vn_sh: i64,
     pub batch: i32,
     pub num_heads: i32,
     pub num_kv_heads: i32,
@@ -69,6 +79,8 @@ pub(crate) struct DecodeParams {
     pub split_keys: i32,
     pub scale: f32,
     pub causal: i32,
+    pub n_new: i32,
+    pub pad_: i32,
 }
 
 /// Head-dim buckets the decode kernel is instantiated for.
@@ -91,6 +103,12 @@ fn reg_lanes(dtype: DType, bucket: usize) -> Option<usize> {
     let vpr = bucket / vec;
     // At least 8 lanes: the kernel's reduce-scatter takes 8 scores to one per lane.
     (bucket.is_multiple_of(vec) && (8..=32).contains(&vpr) && vpr.is_power_of_two()).then_some(vpr)
+}
+
+/// Whether the decode kernel can append new tokens itself in the same launch (the register
+/// path, see [`GpuAttentionBackend::forward_cached_append`](super::GpuAttentionBackend::forward_cached_append)).
+pub(crate) fn fuses_append(dtype: DType, head_dim: usize) -> bool {
+    decode_bucket(head_dim).is_some_and(|b| reg_lanes(dtype, b).is_some())
 }
 
 /// Key granularity of a split: a whole number of tiles of whichever path runs.
@@ -209,6 +227,7 @@ fn splits_override() -> Option<usize> {
 pub(crate) struct DecodeWorkspace {
     buf: DeviceScratch,
     counters: DeviceScratch,
+    arrivals: DeviceScratch,
 }
 
 impl DecodeWorkspace {
@@ -218,6 +237,10 @@ impl DecodeWorkspace {
 
     fn get_counters(&self, device: Device, elems: usize) -> Result<DeviceTensor> {
         self.counters.get(device, elems)
+    }
+
+    fn get_arrivals(&self, device: Device, elems: usize) -> Result<DeviceTensor> {
+        self.arrivals.get(device, elems)
     }
 }
 
@@ -240,6 +263,27 @@ pub(crate) struct CacheView {
     pub max_pages: usize,
     /// Keys per page.
     pub page_size: usize,
+    /// Tokens the kernel appends to every sequence in the same launch, or `None`.
+    pub append: Option<NewTokens>,
+}
+
+/// New tokens a decode launch appends to the cache it reads (register path only): read from
+/// here for this launch's attention, written into the cache by one block per sequence, and
+/// the device-side lengths advanced by `n`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct NewTokens {
+    /// `[B, n, Hkv, D]` K rows.
+    pub k: u64,
+    /// V rows, same shape.
+    pub v: u64,
+    /// K strides in elements: batch, token, head.
+    pub k_strides: [i64; 3],
+    /// V strides.
+    pub v_strides: [i64; 3],
+    /// Tokens per sequence.
+    pub n: usize,
+    /// The page pool's next-free counter (paged caches), or 0.
+    pub pool_next: u64,
 }
 
 fn spec(name: String, dtype: DType, bucket: usize) -> KernelSpec {
@@ -316,6 +360,28 @@ pub(crate) fn forward_decode(
         causal: p.causal as i32,
         ..Default::default()
     };
+    let mut arrivals = None;
+    if let Some(a) = &cache.append {
+        if !reg {
+            return Err(AttentionError::NotSupported {
+                backend: "gpu (decode)".into(),
+                reason: format!(
+                    "a fused append needs the register path, {} head_dim {} takes the other",
+                    p.dtype, p.head_dim
+                ),
+            });
+        }
+        let t = ws.get_arrivals(p.device, p.batch)?;
+        params.k_new = a.k;
+        params.v_new = a.v;
+        params.pool_next = a.pool_next;
+        params.arrivals = t.device_ptr();
+        [params.kn_sb, params.kn_ss, params.kn_sh] = a.k_strides;
+        [params.vn_sb, params.vn_ss, params.vn_sh] = a.v_strides;
+        params.n_new = a.n as i32;
+        arrivals = Some(t);
+    }
+    let _arrivals = arrivals;
     let rows = p.batch * p.num_heads * p.seq_q;
     let _keep_alive;
     if split.num_splits > 1 {
@@ -390,7 +456,10 @@ mod tests {
 
     #[test]
     fn params_match_the_c_struct() {
-        assert_eq!(std::mem::size_of::<DecodeParams>(), 9 * 8 + 12 * 8 + 12 * 4);
+        assert_eq!(
+            std::mem::size_of::<DecodeParams>(),
+            13 * 8 + 18 * 8 + 14 * 4
+        );
     }
 
     #[test]

@@ -189,6 +189,61 @@ impl GpuAttentionBackend {
         cache: &KvCache,
         out: &mut DeviceTensor,
     ) -> Result<AttentionPath> {
+        let (p, out_strides) = self.prepare_cached(config, q, cache, out, 0)?;
+        self.launch_cached(&p, q, cache, out, out_strides, None)
+    }
+
+    /// One decode step: appends `k_new`/`v_new` (`[B, n, Hkv, D]`, head_dim contiguous) to
+    /// every sequence of `cache`, then runs [`forward_cached`](Self::forward_cached) over the
+    /// grown cache. Where the decode kernel's register path runs (head_dim 64, 128, 256 in
+    /// f16/bf16, 32, 64, 128 in f32, with 16-byte aligned new rows) this is one launch: the
+    /// kernel reads the new tokens straight from `k_new`/`v_new`, one block per sequence
+    /// writes them into the cache and the device-side lengths advance at the end. Elsewhere
+    /// it is [`KvCache::append`] and the attention call, two launches. The results are the
+    /// same either way; on an error nothing is appended.
+    pub fn forward_cached_append(
+        &self,
+        config: &AttentionConfig,
+        q: &DeviceTensor,
+        k_new: &DeviceTensor,
+        v_new: &DeviceTensor,
+        cache: &mut KvCache,
+        out: &mut DeviceTensor,
+    ) -> Result<AttentionPath> {
+        let n = cache.check_append(k_new, v_new)?;
+        let (p, out_strides) = self.prepare_cached(config, q, cache, out, n)?;
+        let counts = vec![n; cache.batch()];
+        cache.reserve(&counts)?;
+        if !(decode::fuses_append(p.dtype, p.head_dim)
+            && rows_aligned(k_new)
+            && rows_aligned(v_new))
+        {
+            cache.append(k_new, v_new)?;
+            return self.launch_cached(&p, q, cache, out, out_strides, None);
+        }
+        let (ks, vs) = (k_new.strides(), v_new.strides());
+        let new = decode::NewTokens {
+            k: k_new.device_ptr(),
+            v: v_new.device_ptr(),
+            k_strides: [ks[0] as i64, ks[1] as i64, ks[2] as i64],
+            v_strides: [vs[0] as i64, vs[1] as i64, vs[2] as i64],
+            n,
+            pool_next: cache.raw_parts().pool_next.map_or(0, |t| t.device_ptr()),
+        };
+        let path = self.launch_cached(&p, q, cache, out, out_strides, Some(new))?;
+        cache.commit(&counts);
+        Ok(path)
+    }
+
+    /// The checks of a cached call whose cache will hold `extra` more tokens per sequence.
+    fn prepare_cached(
+        &self,
+        config: &AttentionConfig,
+        q: &DeviceTensor,
+        cache: &KvCache,
+        out: &DeviceTensor,
+        extra: usize,
+    ) -> Result<(AttentionProblem, HeadStrides)> {
         config.validate()?;
         let parts = cache.raw_parts();
         // Validate q and out through the common checks, against a dense stand-in of the
@@ -222,19 +277,33 @@ impl GpuAttentionBackend {
                 ),
             });
         }
-        if parts.max_len == 0 {
+        if parts.max_len + extra == 0 {
             return Err(AttentionError::shape(
                 "kv cache",
                 "at least one cached token",
                 "an empty cache",
             ));
         }
-        p.seq_k = parts.max_len;
+        p.seq_k = parts.max_len + extra;
         let out_strides = p.output_strides(config.layout, out, &[q, parts.k, parts.v])?;
         dispatch::check_kernel_limits(&p).map_err(|reason| AttentionError::NotSupported {
             backend: self.name().into(),
             reason,
         })?;
+        Ok((p, out_strides))
+    }
+
+    /// Queues the decode kernel over `cache` (and the new tokens it appends, if any).
+    fn launch_cached(
+        &self,
+        p: &AttentionProblem,
+        q: &DeviceTensor,
+        cache: &KvCache,
+        out: &DeviceTensor,
+        out_strides: HeadStrides,
+        append: Option<decode::NewTokens>,
+    ) -> Result<AttentionPath> {
+        let parts = cache.raw_parts();
         let view = decode::CacheView {
             k: parts.k.device_ptr(),
             v: parts.v.device_ptr(),
@@ -244,11 +313,12 @@ impl GpuAttentionBackend {
             block_table: parts.block_table.map_or(0, |t| t.device_ptr()),
             max_pages: parts.max_pages,
             page_size: parts.page_size,
+            append,
         };
         decode::forward_decode(
             &self.runtime,
             &self.decode_workspace,
-            &p,
+            p,
             q,
             out,
             out_strides,
@@ -284,6 +354,17 @@ impl GpuAttentionBackend {
         let params = params::AttnParams::new(&p, q, k, v, mask, out, out_strides);
         Ok((p, params, out_strides))
     }
+}
+
+/// Whether every row of `t` starts on a 16-byte boundary (the decode kernel reads new tokens
+/// in 16-byte vectors).
+fn rows_aligned(t: &DeviceTensor) -> bool {
+    let es = t.dtype().size_in_bytes();
+    t.device_ptr().is_multiple_of(16)
+        && t.strides()
+            .iter()
+            .take(3)
+            .all(|&s| (s * es).is_multiple_of(16))
 }
 
 /// A zero-stride batch expansion of a one-sequence view (shape checks only).
@@ -329,6 +410,7 @@ impl DeviceAttentionBackend for GpuAttentionBackend {
                     block_table: 0,
                     max_pages: 0,
                     page_size: 1,
+                    append: None,
                 };
                 decode::forward_decode(
                     &self.runtime,
