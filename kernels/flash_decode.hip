@@ -4,8 +4,12 @@
 //  * one block serves every query row of one KV head (all H/Hkv query heads x Sq), so K/V
 //    are read once whatever the GQA group;
 //  * the cache is cut into num_splits chunks, one block each, so even batch 1 fills the
-//    GPU; partial results are merged by log-sum-exp in flash_decode_combine;
-//  * K and V tiles are loaded together (16-byte vectors) before either is used.
+//    GPU; partial results are merged by log-sum-exp (the last block of a row group on the
+//    register path, flash_decode_combine on the other);
+//  * K and V tiles are loaded together (16-byte vectors) before either is used;
+//  * the register path can also append this step's tokens (n_new > 0): it reads them from
+//    the new rows, the first block of each sequence writes them into the cache, and the
+//    last block to finish its key loop advances the sequence's length, all in one launch.
 // Two bodies behind one entry point per dtype x head dim: the register path (below,
 // DecReg<T, HD>::OK) for head dims that split into a power-of-two number of 16-byte lane
 // chunks, and the shared-memory path for the others. Shared-memory path grid (num_splits,
