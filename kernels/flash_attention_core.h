@@ -32,6 +32,20 @@
 #pragma once
 
 #define FA_TX 16
+
+// Key tiles of BN keys a block of queries q0 .. q0 + BM - 1 visits: with bottom-right causal
+// alignment, keys past the last row's limit are invisible to every row of the block. Shared
+// by the SIMT, mma.sync and TF32 kernels.
+FA_DEVICE int fa_key_tiles(int q0, int BM, int BN, int seq_q, int seq_k, bool causal) {
+    int kend = seq_k;
+    if (causal) {
+        const int qlast = ((q0 + BM < seq_q) ? q0 + BM : seq_q) - 1;
+        const int lim = qlast + (seq_k - seq_q) + 1;
+        kend = lim < seq_k ? lim : seq_k;
+        if (kend < 0) kend = 0;
+    }
+    return (kend + BN - 1) / BN;
+}
 // Partial unrolling of the two reduction loops. On H100, 1 and 2 were 2-10% slower than 4;
 // 8 was within noise of 4.
 #ifndef FA_QK_UNROLL
@@ -416,15 +430,7 @@ FA_DEVICE void fa_flash_tile(const AttnParams& p, const int q0) {
     const int kvh = h / (p.num_heads / p.num_kv_heads);
     const int diag = seq_k - seq_q;
 
-    // Keys past kend are invisible to every row of this block: those tiles are never visited.
-    int kend = seq_k;
-    if (causal) {
-        const int qlast = ((q0 + BM < seq_q) ? q0 + BM : seq_q) - 1;
-        const int lim = qlast + diag + 1;
-        kend = lim < seq_k ? lim : seq_k;
-        if (kend < 0) kend = 0;
-    }
-    const int ntiles = (kend + BN - 1) / BN;
+    const int ntiles = fa_key_tiles(q0, BM, BN, seq_q, seq_k, causal);
     const bool has_mask = (MODE == 2) && (p.mask != nullptr);
 
     const T* qg = static_cast<const T*>(p.q) + (fa_i64)b * p.q_sb + (fa_i64)h * p.q_sh;

@@ -113,14 +113,7 @@ FA_DEVICE void fa_tf32_forward(const AttnParams& p) {
     const bool has_mask = (MODE == 2) && (p.mask != nullptr);
     const int head_dim = p.head_dim;
 
-    int kend = seq_k;
-    if (causal) {
-        const int qlast = ((q0 + BM < seq_q) ? q0 + BM : seq_q) - 1;
-        const int lim = qlast + diag + 1;
-        kend = lim < seq_k ? lim : seq_k;
-        if (kend < 0) kend = 0;
-    }
-    const int ntiles = (kend + BN - 1) / BN;
+    const int ntiles = fa_key_tiles(q0, BM, BN, seq_q, seq_k, causal);
 
     const float* qg = static_cast<const float*>(p.q) + (fa_i64)b * p.q_sb + (fa_i64)h * p.q_sh;
     const float* kg = static_cast<const float*>(p.k) + (fa_i64)b * p.k_sb + (fa_i64)kvh * p.k_sh;

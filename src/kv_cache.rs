@@ -240,14 +240,7 @@ impl KvCache {
         v_new: &DeviceTensor,
         counts: &[usize],
     ) -> Result<()> {
-        let n = self.check_new("k_new", k_new)?;
-        if self.check_new("v_new", v_new)? != n {
-            return Err(AttentionError::shape(
-                "v_new",
-                format!("{:?}", k_new.shape()),
-                format!("{:?}", v_new.shape()),
-            ));
-        }
+        let n = self.check_append(k_new, v_new)?;
         if counts.len() != self.batch || counts.iter().any(|&c| c > n) {
             return Err(AttentionError::shape(
                 "counts",
