@@ -157,7 +157,13 @@ fn measure(
             Some(t) => format!(
                 "{:?}{} BM={} BN={} threads={} smem={}",
                 c.kernel,
-                if t.tf32 { " tf32" } else { "" },
+                if t.tf32 {
+                    " tf32"
+                } else if t.wgmma {
+                    " wgmma"
+                } else {
+                    ""
+                },
                 t.block_m,
                 t.block_n,
                 t.threads,

@@ -1,5 +1,5 @@
 // Flash attention kernels, MASK_MODE 1: causal attention (bottom-right aligned) without a mask.
-// Kernel names: flash_attention_causal_<f32|f16|bf16>_hd<bucket>, one argument AttnParams.
+// Kernel names: flash_attention_causal_<f32|f16|bf16|tf32>_hd<bucket>[_sm90], one argument AttnParams.
 // With FA_VARIANT_* defined (run-time compilation) only that variant is emitted; otherwise
 // every row of flash_config.h for this vendor is.
 #include "compat.h"
@@ -11,12 +11,12 @@
 #define FA_TILE_HIP(dt, hd, bm, bn, th, sm) FA_DEFINE_FLASH_KERNEL(causal, 1, dt, hd, bm, bn, th, sm)
 #else
 #define FA_TILE(dt, hd, bm, bn, th, sm) FA_DEFINE_FLASH_KERNEL(causal, 1, dt, hd, bm, bn, th, sm)
+#define FA_TILE_SM90(dt, hd, bm, bn, th, sm) FA_DEFINE_FLASH_KERNEL_SM90(causal, 1, dt, hd, bm, bn, th, sm)
 #endif
 #endif
 
 #include "flash_config.h"
 
 #if defined(FA_VARIANT_DT)
-FA_DEFINE_FLASH_KERNEL(causal, 1, FA_VARIANT_DT, FA_VARIANT_HD, FA_VARIANT_BM, FA_VARIANT_BN,
-                       FA_VARIANT_THREADS, FA_VARIANT_SMEM)
+FA_DEFINE_FLASH_VARIANT(causal, 1)
 #endif

@@ -553,6 +553,7 @@ FA_DEVICE void fa_flash_forward_split(const AttnParams& p, const int q0) {
 
 #include "flash_attention_mma.h"
 #include "flash_attention_tf32.h"
+#include "flash_attention_wgmma.h"
 
 // Which implementation a (dtype, target) runs. f32 always, and every dtype on AMD, run the
 // SIMT kernel on the row's own tile; f16/bf16 rows on CUDA are sized for the tensor-core
@@ -588,6 +589,20 @@ template <> struct FaEntry<float> {
     }
 };
 
+// FA_TILE_SM90 rows (f16/bf16): Hopper's wgmma kernel where the target is compute_90a; on
+// any other target the row's tile runs on that target's f16/bf16 kernel (the row's
+// SMEM_BYTES covers both).
+template <typename T> struct FaEntrySm90 {
+    template <int HD, int BM, int BN, int THREADS, int SMEM, int MODE>
+    FA_DEVICE static void run(const AttnParams& p) {
+#if FA_HAS_WGMMA
+        fa_wgmma_forward<T, HD, BM, BN, THREADS, SMEM, MODE>(p);
+#else
+        FaEntry<T>::template run<HD, BM, BN, THREADS, SMEM, MODE>(p);
+#endif
+    }
+};
+
 // ------------------------------------------------------------------ kernel definitions
 #define FA_ELEM_f32 float
 #define FA_ELEM_f16 fa_f16
@@ -607,3 +622,21 @@ template <> struct FaEntry<float> {
     }
 #define FA_DEFINE_FLASH_KERNEL(name, mode, dt, hd, bm, bn, th, sm) \
     FA_DEFINE_FLASH_KERNEL_I(name, mode, dt, hd, bm, bn, th, sm)
+#define FA_DEFINE_FLASH_KERNEL_SM90_I(name, mode, dt, hd, bm, bn, th, sm)                      \
+    FA_KERNEL void FA_LAUNCH_BOUNDS_MIN(th, 1) flash_attention_##name##_##dt##_hd##hd##_sm90(   \
+        AttnParams p) {                                                                       \
+        FaEntrySm90<FA_ELEM_##dt>::run<hd, bm, bn, th, sm, mode>(p);                          \
+    }
+#define FA_DEFINE_FLASH_KERNEL_SM90(name, mode, dt, hd, bm, bn, th, sm) \
+    FA_DEFINE_FLASH_KERNEL_SM90_I(name, mode, dt, hd, bm, bn, th, sm)
+
+// The one variant the FA_VARIANT_* defines name (run-time compilation of a single row).
+#if defined(FA_VARIANT_WGMMA)
+#define FA_DEFINE_FLASH_VARIANT(name, mode)                                                    \
+    FA_DEFINE_FLASH_KERNEL_SM90(name, mode, FA_VARIANT_DT, FA_VARIANT_HD, FA_VARIANT_BM,        \
+                                FA_VARIANT_BN, FA_VARIANT_THREADS, FA_VARIANT_SMEM)
+#else
+#define FA_DEFINE_FLASH_VARIANT(name, mode)                                                    \
+    FA_DEFINE_FLASH_KERNEL(name, mode, FA_VARIANT_DT, FA_VARIANT_HD, FA_VARIANT_BM,             \
+                           FA_VARIANT_BN, FA_VARIANT_THREADS, FA_VARIANT_SMEM)
+#endif

@@ -37,6 +37,9 @@
 #ifndef FA_TILE_HIP
 #define FA_TILE_HIP(dt, hd, bm, bn, threads, smem)
 #endif
+#ifndef FA_TILE_SM90
+#define FA_TILE_SM90(dt, hd, bm, bn, threads, smem)
+#endif
 
 FA_TILE(f32, 32, 128, 64, 256, 69632)
 FA_TILE(f32, 64, 128, 64, 256, 102400)
@@ -76,6 +79,20 @@ FA_TILE(tf32, 160, 64, 32, 128, 125952)
 FA_TILE(tf32, 192, 64, 32, 128, 150528)
 FA_TILE(tf32, 224, 64, 32, 128, 175104)
 FA_TILE(tf32, 256, 64, 32, 128, 199680)
+// FA_TILE_SM90 rows: f16/bf16 on Hopper (compute capability 9.0 exactly), where each replaces
+// the FA_TILE row of its dtype and bucket. Hopper's warpgroup MMA kernel
+// (flash_attention_wgmma.h, built for compute_90a): 64 query rows per 128-thread warpgroup,
+// shared memory for the kernel is
+//   2 * DP * (BLOCK_M + 4 * BLOCK_N) + 1024      (DP = bucket rounded up to 64)
+// and SMEM_BYTES is the largest of that and what the row's tile needs on the mma.sync kernel
+// (a build for another target) and its SIMT fallback. On H100 (bf16, B*S = 16384), D = 256:
+// 128 x 64 measured 434-461 TFLOP/s non-causal against 128 x 32 327-337 and 64 x 64
+// 308-329 (the mma.sync kernel 254-260); D = 128: 128 x 128 395-415 against 128 x 64
+// 344-361 and 192 x 128 367-383 (mma.sync 348-367).
+FA_TILE_SM90(f16, 128, 128, 128, 256, 174080)
+FA_TILE_SM90(f16, 256, 128, 64, 256, 202752)
+FA_TILE_SM90(bf16, 128, 128, 128, 256, 174080)
+FA_TILE_SM90(bf16, 256, 128, 64, 256, 202752)
 
 FA_TILE_HIP(f32, 32, 64, 64, 256, 44032)
 FA_TILE_HIP(f32, 64, 64, 32, 256, 43008)

@@ -218,6 +218,9 @@ fn shape_matrix() -> Vec<Case> {
             .layout(Layout::Bhsd)
             .mask(Rank2),
         Case::new(1, 20, 20, 2, 2, 224),
+        Case::new(2, 200, 333, 8, 2, 256).causal(true),
+        Case::new(1, 130, 190, 2, 1, 248).layout(Layout::Bhsd),
+        Case::new(1, 150, 150, 4, 4, 120).mask(Rank4).causal(true),
     ];
     let extra: Vec<Case> = cases
         .iter()

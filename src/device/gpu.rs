@@ -192,6 +192,17 @@ impl GpuRuntime {
         }
     }
 
+    /// Whether the device runs Hopper's warpgroup MMA (wgmma) kernels: CUDA sm_90 exactly
+    /// (they are built for the architecture-specific target compute_90a).
+    pub fn has_wgmma(&self) -> bool {
+        match *self {
+            #[cfg(feature = "cuda")]
+            GpuRuntime::Cuda(ref c) => c.compute_capability() == (9, 0),
+            #[cfg(feature = "rocm")]
+            GpuRuntime::Hip(_) => false,
+        }
+    }
+
     /// Largest dynamic shared memory a block may opt into.
     pub fn max_shared_bytes_per_block(&self) -> u32 {
         match *self {

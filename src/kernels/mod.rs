@@ -14,7 +14,7 @@
 //!
 //! | file | entry points | NVRTC defines |
 //! |---|---|---|
-//! | `flash_attention_nocausal.hip` | `flash_attention_nocausal_<dt>_hd<N>` | `FA_VARIANT_{DT,HD,BM,BN,THREADS,SMEM}` from the [`FlashTile`] |
+//! | `flash_attention_nocausal.hip` | `flash_attention_nocausal_<dt>_hd<N>[_sm90]` | `FA_VARIANT_{DT,HD,BM,BN,THREADS,SMEM}` from the [`FlashTile`] (and `FA_VARIANT_WGMMA` for `_sm90`) |
 //! | `flash_attention_causal.hip` | `flash_attention_causal_<dt>_hd<N>` | same |
 //! | `flash_attention.hip` | `flash_attention_masked_<dt>_hd<N>` | same |
 //! | `attention_traditional.hip` | `attn_scores_<dt>`, `attn_softmax_rows`, `attn_pv_<dt>` | `FA_VARIANT_DT` |
@@ -24,8 +24,10 @@
 //!
 //! `<dt>` is `f32`, `f16` or `bf16`; `<N>` is a head-dim bucket. The flash tile table in
 //! `kernels/flash_config.h` has one row set per vendor ([`flash_table`]): `FA_TILE` rows
-//! for CUDA (NVRTC builds the variant of the row it is asked for), `FA_TILE_HIP` rows for
-//! AMD (hipcc builds all of them); a launch uses the row of its device's vendor.
+//! for CUDA (NVRTC builds the variant of the row it is asked for), `FA_TILE_SM90` rows that
+//! replace some of them on sm_90 (Hopper's wgmma kernel, built for `compute_90a`, names
+//! ending in `_sm90`), `FA_TILE_HIP` rows for AMD (hipcc builds all of them); a launch uses
+//! the row of its device's vendor and architecture.
 
 use crate::dtype::DType;
 
@@ -126,6 +128,9 @@ pub struct KernelSpec {
     pub name: String,
     /// `-D` defines that make the file emit only this variant (NVRTC path).
     pub defines: Vec<(&'static str, String)>,
+    /// Built for the architecture-specific target on sm_90 (`compute_90a`, which has
+    /// wgmma); other targets build it as usual, and it falls back to their kernels.
+    pub arch_specific: bool,
 }
 
 impl KernelSpec {
@@ -139,6 +144,7 @@ impl KernelSpec {
             file,
             name: name.into(),
             defines,
+            arch_specific: false,
         }
     }
 }
@@ -159,7 +165,8 @@ pub const KV_CACHE_KERNELS: [&str; 2] = ["kv_append_b2", "kv_append_b4"];
 /// The flash variant of `file` for `tile`: `flash_attention_<mode>_<dt>_hd<N>` with the
 /// tile's `FA_VARIANT_*` defines, `<mode>` from [`KernelFile::flash_mode`].
 ///
-/// `<dt>` is the tile's dtype, or `tf32` for a TF32 row. `file` should be one of
+/// `<dt>` is the tile's dtype, or `tf32` for a TF32 row. An `FA_TILE_SM90` row's name ends
+/// in `_sm90`; it also defines `FA_VARIANT_WGMMA=1` and is [`KernelSpec::arch_specific`]. `file` should be one of
 /// [`KernelFile::FLASH`]; otherwise
 /// the name is one no kernel file defines (`flash_attention_<file stem>_...`), so loading
 /// it fails with a [`crate::AttentionError::KernelBuild`] instead of running the wrong kernel.
@@ -168,8 +175,9 @@ pub fn flash_spec(file: KernelFile, tile: &FlashTile) -> KernelSpec {
         .flash_mode()
         .unwrap_or_else(|| file.file_name().trim_end_matches(".hip"));
     let dt = tile.kernel_dtype_name();
-    let name = format!("flash_attention_{mode}_{dt}_hd{}", tile.head_dim);
-    let defines = vec![
+    let suffix = if tile.wgmma { "_sm90" } else { "" };
+    let name = format!("flash_attention_{mode}_{dt}_hd{}{suffix}", tile.head_dim);
+    let mut defines = vec![
         ("FA_VARIANT_DT", dt.to_string()),
         ("FA_VARIANT_HD", tile.head_dim.to_string()),
         ("FA_VARIANT_BM", tile.block_m.to_string()),
@@ -177,7 +185,13 @@ pub fn flash_spec(file: KernelFile, tile: &FlashTile) -> KernelSpec {
         ("FA_VARIANT_THREADS", tile.threads.to_string()),
         ("FA_VARIANT_SMEM", tile.smem_bytes.to_string()),
     ];
-    KernelSpec::new(file, name, defines)
+    if tile.wgmma {
+        defines.push(("FA_VARIANT_WGMMA", "1".to_string()));
+    }
+    KernelSpec {
+        arch_specific: tile.wgmma,
+        ..KernelSpec::new(file, name, defines)
+    }
 }
 
 /// A kernel of `attention_traditional.hip`: `<name_stem>_<dt>` selected by
@@ -205,8 +219,8 @@ pub fn tensor_ops_spec(name: &str) -> KernelSpec {
 
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
-/// Every variant of every file, as NVRTC builds them: flash (3 files x every CUDA tile
-/// row), traditional (per dtype, plus the dtype-free softmax once), tensor ops, decode
+/// Every variant of every file, as NVRTC builds them: flash (3 files x every `FA_TILE` and
+/// `FA_TILE_SM90` row), traditional (per dtype, plus the dtype-free softmax once), tensor ops, decode
 /// (per dtype x head-dim bucket, plus the combine kernel once per dtype) and KV cache.
 ///
 /// A malformed `flash_config.h` leaves the flash variants out; [`flash_table`] reports it.
@@ -219,9 +233,12 @@ pub fn all_nvrtc_variants() -> Vec<KernelSpec> {
 /// there: hipcc builds every variant of a file into one code object).
 pub fn all_variants(vendor: TileVendor) -> Vec<KernelSpec> {
     let mut specs = Vec::new();
-    let tiles = flash_table(vendor).unwrap_or(&[]);
+    let mut tiles = flash_table(vendor).unwrap_or(&[]).to_vec();
+    if vendor == TileVendor::Cuda {
+        tiles.extend_from_slice(flash_table(TileVendor::CudaSm90).unwrap_or(&[]));
+    }
     for file in KernelFile::FLASH {
-        for tile in tiles {
+        for tile in &tiles {
             specs.push(flash_spec(file, tile));
         }
     }

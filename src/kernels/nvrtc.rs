@@ -138,8 +138,14 @@ pub(crate) fn choose_arch(cc: (i32, i32), supported: &[i32]) -> Result<String> {
     }
 }
 
-/// NVRTC options of a variant for `arch`.
+/// NVRTC options of a variant for `arch`; an [arch-specific](KernelSpec::arch_specific)
+/// variant is built for `compute_90a` where `arch` is `compute_90`.
 pub(crate) fn nvrtc_options(spec: &KernelSpec, arch: &str) -> Vec<String> {
+    let arch = if spec.arch_specific && arch == "compute_90" {
+        "compute_90a"
+    } else {
+        arch
+    };
     let mut opts = vec![
         format!("--gpu-architecture={arch}"),
         "-std=c++17".to_string(),

@@ -70,12 +70,14 @@ fn table_accepts_comments_directives_and_both_vendors() {
                   FA_TILE( bf16 ,128,64,32,128,32768 ) // x\n\
                 FA_TILE(f32, 32, 64, 64, 64, 16384) /* y */\n\
                 FA_TILE_HIP(f32, 32, 32, 32, 64, 8192)\n";
-    let (cuda, hip) = parse_flash_config(text).expect("valid");
+    let (cuda, sm90, hip) = parse_flash_config(text).expect("valid");
+    assert!(sm90.is_empty());
     assert_eq!(
         cuda[0],
         FlashTile {
             dtype: DType::BF16,
             tf32: false,
+            wgmma: false,
             head_dim: 128,
             block_m: 64,
             block_n: 32,
@@ -85,7 +87,7 @@ fn table_accepts_comments_directives_and_both_vendors() {
     );
     assert_eq!(cuda.len(), 2);
     // `tf32` rows are f32 rows of their own, named tf32, next to the f32 row of a bucket.
-    let (cuda, _) = parse_flash_config(
+    let (cuda, _, _) = parse_flash_config(
         "FA_TILE(f32, 64, 64, 64, 128, 1024)\nFA_TILE(tf32, 64, 64, 32, 128, 2048)\n",
     )
     .unwrap();
@@ -100,8 +102,84 @@ fn table_accepts_comments_directives_and_both_vendors() {
     assert_eq!(hip.len(), 1);
     assert_eq!(hip[0].block_m, 32);
     // Without FA_TILE_HIP rows, AMD uses the CUDA rows.
-    let (cuda, hip) = parse_flash_config("FA_TILE(f16, 64, 64, 64, 128, 1024)\n").unwrap();
+    let (cuda, _, hip) = parse_flash_config("FA_TILE(f16, 64, 64, 64, 128, 1024)\n").unwrap();
     assert_eq!(cuda, hip);
+}
+
+#[test]
+fn sm90_rows_replace_their_bucket_and_are_checked() {
+    let text = "FA_TILE(bf16, 64, 128, 64, 128, 1024)\nFA_TILE(bf16, 128, 128, 64, 128, 2048)\n\
+                FA_TILE_SM90(bf16, 128, 128, 128, 256, 4096)\n";
+    let (cuda, sm90, hip) = parse_flash_config(text).expect("valid");
+    assert_eq!(cuda.len(), 2);
+    assert_eq!(hip, cuda);
+    assert_eq!(sm90.len(), 1);
+    assert!(sm90[0].wgmma && !cuda[1].wgmma);
+    assert_eq!((sm90[0].block_m, sm90[0].threads), (128, 256));
+    let bad = [
+        ("FA_TILE_SM90(f32, 128, 128, 128, 256, 4096)", "f16 or bf16"),
+        (
+            "FA_TILE_SM90(bf16, 128, 128, 128, 128, 4096)",
+            "64 query rows per 128-thread",
+        ),
+        (
+            "FA_TILE_SM90(bf16, 128, 96, 64, 192, 4096)",
+            "64 query rows per 128-thread",
+        ),
+        (
+            "FA_TILE_SM90(bf16, 128, 128, 64, 256, 4096)",
+            "duplicate FA_TILE_SM90 row",
+        ),
+        (
+            "FA_TILE_SM90(f16, 128, 128, 64, 256, 4096)",
+            "no FA_TILE row",
+        ),
+        (
+            "FA_TILE_SM90(bf16, 96, 128, 64, 256, 4096)",
+            "no FA_TILE row",
+        ),
+    ];
+    for (row, why) in bad {
+        match parse_flash_config(&format!("{text}{row}\n")) {
+            Err(AttentionError::KernelBuild { log, .. }) => {
+                assert!(log.contains(why), "{row}: {log}")
+            }
+            other => panic!("{row}: expected KernelBuild, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn sm90_lookup_uses_the_hopper_row_of_the_same_bucket() {
+    let sm90 = flash_table(TileVendor::CudaSm90).expect("table parses");
+    assert!(!sm90.is_empty());
+    for dt in DTYPES {
+        for hd in 1..=256 {
+            let base = flash_tile_for_vendor(TileVendor::Cuda, dt, hd).unwrap();
+            let got = flash_tile_for_vendor(TileVendor::CudaSm90, dt, hd).unwrap();
+            let row = sm90
+                .iter()
+                .find(|t| t.dtype == dt && t.head_dim == base.head_dim);
+            match row {
+                Some(r) => assert_eq!(got, r, "{dt} hd{hd}"),
+                None => assert_eq!(got, base, "{dt} hd{hd}"),
+            }
+            assert_eq!(got.head_dim, base.head_dim);
+            assert_eq!(got.wgmma, row.is_some());
+        }
+        assert!(flash_tile_for_vendor(TileVendor::CudaSm90, dt, 0).is_none());
+        assert!(flash_tile_for_vendor(TileVendor::CudaSm90, dt, 257).is_none());
+    }
+    // Every Hopper row covers f16 and bf16 alike, and TF32 stays on the FA_TILE rows.
+    for t in sm90 {
+        assert!(t.wgmma && t.dtype != DType::F32 && t.threads == 2 * t.block_m);
+    }
+    for hd in [32, 64, 128, 256] {
+        assert_eq!(
+            flash_tile_tf32(TileVendor::CudaSm90, hd),
+            flash_tile_tf32(TileVendor::Cuda, hd)
+        );
+    }
 }
 
 #[test]
@@ -130,7 +208,8 @@ fn tile_lookup_takes_the_smallest_bucket_that_fits() {
 #[test]
 fn variant_names_are_unique_and_follow_the_convention() {
     let specs = all_nvrtc_variants();
-    let tiles = flash_tiles();
+    let sm90 = flash_table(TileVendor::CudaSm90).unwrap();
+    let tiles: Vec<FlashTile> = flash_tiles().iter().chain(sm90).copied().collect();
     assert_eq!(specs.len(), 3 * tiles.len() + 7 + 4 + (27 + 3) + 2);
     let mut names = HashSet::new();
     for s in &specs {
@@ -141,28 +220,31 @@ fn variant_names_are_unique_and_follow_the_convention() {
         );
     }
     for file in KernelFile::FLASH {
-        for t in tiles {
+        for t in &tiles {
             let s = flash_spec(file, t);
             let expect = format!(
-                "flash_attention_{}_{}_hd{}",
+                "flash_attention_{}_{}_hd{}{}",
                 file.flash_mode().unwrap(),
                 t.kernel_dtype_name(),
-                t.head_dim
+                t.head_dim,
+                if t.wgmma { "_sm90" } else { "" }
             );
             assert_eq!(s.name, expect);
             assert!(names.contains(&expect));
+            assert_eq!(s.arch_specific, t.wgmma);
             let d: Vec<String> = s.defines.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            assert_eq!(
-                d,
-                [
-                    format!("FA_VARIANT_DT={}", t.kernel_dtype_name()),
-                    format!("FA_VARIANT_HD={}", t.head_dim),
-                    format!("FA_VARIANT_BM={}", t.block_m),
-                    format!("FA_VARIANT_BN={}", t.block_n),
-                    format!("FA_VARIANT_THREADS={}", t.threads),
-                    format!("FA_VARIANT_SMEM={}", t.smem_bytes),
-                ]
-            );
+            let mut want = vec![
+                format!("FA_VARIANT_DT={}", t.kernel_dtype_name()),
+                format!("FA_VARIANT_HD={}", t.head_dim),
+                format!("FA_VARIANT_BM={}", t.block_m),
+                format!("FA_VARIANT_BN={}", t.block_n),
+                format!("FA_VARIANT_THREADS={}", t.threads),
+                format!("FA_VARIANT_SMEM={}", t.smem_bytes),
+            ];
+            if t.wgmma {
+                want.push("FA_VARIANT_WGMMA=1".to_string());
+            }
+            assert_eq!(d, want);
         }
     }
     for dt in DTYPES {
@@ -368,6 +450,17 @@ mod nvrtc_tests {
         assert!(opts.contains(&"-DFA_VARIANT_DT=bf16".to_string()));
         assert!(opts.contains(&"-DFA_VARIANT_HD=128".to_string()));
         assert!(opts.contains(&format!("-DFA_VARIANT_SMEM={}", t.smem_bytes)));
+        // Arch-specific (FA_TILE_SM90) variants build for compute_90a on sm_90 and as usual
+        // for any other target.
+        for t in flash_table(TileVendor::CudaSm90).unwrap() {
+            let spec = flash_spec(KernelFile::FlashNoCausal, t);
+            assert!(spec.arch_specific);
+            let arch_of = |a: &str| nvrtc_options(&spec, a)[0].clone();
+            assert_eq!(arch_of("compute_90"), "--gpu-architecture=compute_90a");
+            assert_eq!(arch_of("compute_90a"), "--gpu-architecture=compute_90a");
+            assert_eq!(arch_of("compute_80"), "--gpu-architecture=compute_80");
+            assert!(nvrtc_options(&spec, "compute_90").contains(&"-DFA_VARIANT_WGMMA=1".into()));
+        }
     }
 
     #[test]

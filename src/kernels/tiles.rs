@@ -1,7 +1,8 @@
 //! The flash tile table of `kernels/flash_config.h`.
 //!
-//! Each row `FA_TILE(dtype, HEAD_DIM_BUCKET, BLOCK_M, BLOCK_N, THREADS, SMEM_BYTES)` (CUDA)
-//! or `FA_TILE_HIP(...)` (AMD, whose workgroups get at most 64 KiB of LDS) is one flash
+//! Each row `FA_TILE(dtype, HEAD_DIM_BUCKET, BLOCK_M, BLOCK_N, THREADS, SMEM_BYTES)` (CUDA),
+//! `FA_TILE_SM90(...)` (CUDA sm_90, Hopper's wgmma kernel, built for compute_90a) or
+//! `FA_TILE_HIP(...)` (AMD, whose workgroups get at most 64 KiB of LDS) is one flash
 //! variant per mask mode. The kernels expand the same rows (hipcc builds every
 //! `FA_TILE_HIP` row; NVRTC builds one `FA_TILE` row with `-DFA_VARIANT_*`), so the host
 //! and the device agree on tile sizes by construction.
@@ -19,6 +20,9 @@ pub const FLASH_CONFIG_FILE: &str = "flash_config.h";
 pub enum TileVendor {
     /// `FA_TILE` rows (NVIDIA, NVRTC).
     Cuda,
+    /// NVIDIA sm_90 (Hopper): its `FA_TILE_SM90` rows replace the `FA_TILE` row of the same
+    /// dtype and head-dim bucket; everything else as [`TileVendor::Cuda`].
+    CudaSm90,
     /// `FA_TILE_HIP` rows (AMD, hipcc).
     Hip,
 }
@@ -28,6 +32,7 @@ impl TileVendor {
     pub fn macro_name(self) -> &'static str {
         match self {
             TileVendor::Cuda => "FA_TILE",
+            TileVendor::CudaSm90 => "FA_TILE_SM90",
             TileVendor::Hip => "FA_TILE_HIP",
         }
     }
@@ -40,6 +45,8 @@ pub struct FlashTile {
     pub dtype: DType,
     /// An f32 row that computes in TF32 on the tensor cores (dtype token `tf32`, opt-in).
     pub tf32: bool,
+    /// An `FA_TILE_SM90` row: Hopper's warpgroup MMA kernel, built for compute_90a.
+    pub wgmma: bool,
     /// Head-dim bucket: the variant serves every head_dim up to this value.
     pub head_dim: usize,
     /// Query rows per block.
@@ -56,9 +63,9 @@ fn malformed(line_no: usize, line: &str, why: &str) -> AttentionError {
     AttentionError::KernelBuild {
         kernel: FLASH_CONFIG_FILE.into(),
         log: format!(
-            "line {line_no}: {why}: {:?} (expected FA_TILE or FA_TILE_HIP(dtype, head_dim, \
-             block_m, block_n, threads, smem_bytes) with dtype f32|f16|bf16|tf32 and positive \
-             integers)",
+            "line {line_no}: {why}: {:?} (expected FA_TILE, FA_TILE_SM90 or FA_TILE_HIP(dtype, \
+             head_dim, block_m, block_n, threads, smem_bytes) with dtype f32|f16|bf16|tf32 and \
+             positive integers; FA_TILE_SM90 rows f16|bf16 with threads = 2 * block_m)",
             line.trim()
         ),
     }
@@ -127,6 +134,8 @@ impl FlashTile {
 pub(crate) struct TileTable {
     /// `FA_TILE` rows.
     pub cuda: Vec<FlashTile>,
+    /// `FA_TILE_SM90` rows.
+    pub sm90: Vec<FlashTile>,
     /// `FA_TILE_HIP` rows.
     pub hip: Vec<FlashTile>,
 }
@@ -135,21 +144,24 @@ impl TileTable {
     fn rows(&self, vendor: TileVendor) -> &[FlashTile] {
         match vendor {
             TileVendor::Cuda => &self.cuda,
+            TileVendor::CudaSm90 => &self.sm90,
             TileVendor::Hip => &self.hip,
         }
     }
 }
 
-/// Parses the text of `flash_config.h` into its CUDA (`FA_TILE`) and AMD
-/// (`FA_TILE_HIP`) rows.
+/// Parses the text of `flash_config.h` into its CUDA (`FA_TILE`), Hopper (`FA_TILE_SM90`)
+/// and AMD (`FA_TILE_HIP`) rows, in that order.
 ///
 /// Blank lines, comments and preprocessor lines are skipped; every other line must be a
-/// well-formed row, and each (vendor, dtype, head_dim) may appear once. Anything else is an
-/// [`AttentionError::KernelBuild`] naming the line. A table without `FA_TILE` rows is an
+/// well-formed row, and each (row set, dtype, head_dim) may appear once. `FA_TILE_SM90` rows
+/// are f16/bf16 with 64 query rows per 128-thread warpgroup, and their head-dim bucket must
+/// have an `FA_TILE` row of the same dtype (the row they replace on sm_90). Anything else is
+/// an [`AttentionError::KernelBuild`] naming the line. A table without `FA_TILE` rows is an
 /// error; one without `FA_TILE_HIP` rows uses the CUDA rows on AMD too.
-pub fn parse_flash_config(text: &str) -> Result<(Vec<FlashTile>, Vec<FlashTile>)> {
+pub fn parse_flash_config(text: &str) -> Result<(Vec<FlashTile>, Vec<FlashTile>, Vec<FlashTile>)> {
     let t = parse_table(text)?;
-    Ok((t.cuda, t.hip))
+    Ok((t.cuda, t.sm90, t.hip))
 }
 
 pub(crate) fn parse_table(text: &str) -> Result<TileTable> {
@@ -161,12 +173,14 @@ pub(crate) fn parse_table(text: &str) -> Result<TileTable> {
         if t.is_empty() || t.starts_with('#') {
             continue;
         }
-        let (vendor, rest) = match t.strip_prefix("FA_TILE_HIP") {
-            Some(r) => (TileVendor::Hip, r),
-            None => match t.strip_prefix("FA_TILE") {
-                Some(r) => (TileVendor::Cuda, r),
-                None => return Err(malformed(line_no, original, "not an FA_TILE(...) row")),
-            },
+        let (vendor, rest) = if let Some(r) = t.strip_prefix("FA_TILE_HIP") {
+            (TileVendor::Hip, r)
+        } else if let Some(r) = t.strip_prefix("FA_TILE_SM90") {
+            (TileVendor::CudaSm90, r)
+        } else if let Some(r) = t.strip_prefix("FA_TILE") {
+            (TileVendor::Cuda, r)
+        } else {
+            return Err(malformed(line_no, original, "not an FA_TILE(...) row"));
         };
         let args = rest
             .trim_start()
@@ -201,9 +215,27 @@ pub(crate) fn parse_table(text: &str) -> Result<TileTable> {
             block_n: num(bn, "block_n")?,
             threads: num(th, "threads")?,
             smem_bytes: num(smem, "smem_bytes")?,
+            wgmma: vendor == TileVendor::CudaSm90,
         };
+        if tile.wgmma {
+            if tile.dtype == DType::F32 {
+                return Err(malformed(
+                    line_no,
+                    original,
+                    "FA_TILE_SM90 rows are f16 or bf16",
+                ));
+            }
+            if tile.threads != 2 * tile.block_m || !tile.threads.is_multiple_of(128) {
+                return Err(malformed(
+                    line_no,
+                    original,
+                    "FA_TILE_SM90 rows have 64 query rows per 128-thread warpgroup",
+                ));
+            }
+        }
         let rows = match vendor {
             TileVendor::Cuda => &mut table.cuda,
+            TileVendor::CudaSm90 => &mut table.sm90,
             TileVendor::Hip => &mut table.hip,
         };
         if rows
@@ -227,6 +259,21 @@ pub(crate) fn parse_table(text: &str) -> Result<TileTable> {
         return Err(AttentionError::KernelBuild {
             kernel: FLASH_CONFIG_FILE.into(),
             log: "no FA_TILE rows".into(),
+        });
+    }
+    if let Some(orphan) = table.sm90.iter().find(|w| {
+        !table
+            .cuda
+            .iter()
+            .any(|c| !c.tf32 && c.dtype == w.dtype && c.head_dim == w.head_dim)
+    }) {
+        return Err(AttentionError::KernelBuild {
+            kernel: FLASH_CONFIG_FILE.into(),
+            log: format!(
+                "FA_TILE_SM90 row {} hd{} has no FA_TILE row of the same dtype and head-dim \
+                 bucket to replace",
+                orphan.dtype, orphan.head_dim
+            ),
         });
     }
     if table.hip.is_empty() {
@@ -268,17 +315,33 @@ pub fn flash_tile_for(dtype: DType, head_dim: usize) -> Option<&'static FlashTil
     flash_tile_for_vendor(TileVendor::Cuda, dtype, head_dim)
 }
 
-/// [`flash_tile_for`] on the row set of `vendor` (TF32 rows excluded).
+/// [`flash_tile_for`] on the row set of `vendor` (TF32 rows excluded). For
+/// [`TileVendor::CudaSm90`] the `FA_TILE` row that would be chosen is replaced by the
+/// `FA_TILE_SM90` row of the same dtype and bucket, where there is one.
 pub fn flash_tile_for_vendor(
     vendor: TileVendor,
     dtype: DType,
     head_dim: usize,
 ) -> Option<&'static FlashTile> {
-    smallest_bucket(vendor, head_dim, |t| t.dtype == dtype && !t.tf32)
+    let keep = |t: &FlashTile| t.dtype == dtype && !t.tf32;
+    if vendor != TileVendor::CudaSm90 {
+        return smallest_bucket(vendor, head_dim, keep);
+    }
+    let base = smallest_bucket(TileVendor::Cuda, head_dim, keep)?;
+    let hopper = flash_table(TileVendor::CudaSm90)
+        .ok()?
+        .iter()
+        .find(|t| keep(t) && t.head_dim == base.head_dim);
+    Some(hopper.unwrap_or(base))
 }
 
-/// The TF32 row (f32 inputs on the tensor cores) of `vendor` for `head_dim`, if any.
+/// The TF32 row (f32 inputs on the tensor cores) of `vendor` for `head_dim`, if any
+/// (sm_90 uses the `FA_TILE` TF32 rows).
 pub fn flash_tile_tf32(vendor: TileVendor, head_dim: usize) -> Option<&'static FlashTile> {
+    let vendor = match vendor {
+        TileVendor::CudaSm90 => TileVendor::Cuda,
+        v => v,
+    };
     smallest_bucket(vendor, head_dim, |t| t.tf32)
 }
 

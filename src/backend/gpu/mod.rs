@@ -130,6 +130,7 @@ impl GpuAttentionBackend {
     fn tile_vendor(&self) -> TileVendor {
         match self.device {
             Device::Hip(_) => TileVendor::Hip,
+            _ if self.runtime.has_wgmma() => TileVendor::CudaSm90,
             _ => TileVendor::Cuda,
         }
     }

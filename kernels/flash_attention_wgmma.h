@@ -1,0 +1,309 @@
+// FlashAttention forward pass on Hopper's warpgroup MMA (wgmma): f16/bf16 inputs, CUDA sm_90a.
+//
+// flash_attention_core.h dispatches the FA_TILE_SM90 rows of flash_config.h here (built with
+// FA_VARIANT_WGMMA for compute_90a); inputs whose pointers or strides are not 16-byte aligned
+// (or head_dim not a multiple of 8) take the SIMT kernel inside the same entry point. Same
+// contract as the other flash kernels: bottom-right causal, additive f32 mask (MODE 2), GQA,
+// any head_dim <= bucket (zero padded), rows with no visible key give zeros and lse = -inf,
+// 64-bit offsets.
+//
+// Work split. THREADS = 128 * NWG: warpgroup w owns query rows [64 w, 64 w + 64) of the
+// block's BLOCK_M = 64 * NWG. Per key tile of BLOCK_N keys a warpgroup computes
+//   S (64 x BN)  = Q (64 x D) K^T    wgmma, Q and K straight from shared memory
+//   online softmax on S in registers  (mma_softmax.h: each warp holds 16 rows in the
+//                                      mma.sync accumulator layout)
+//   O (64 x D)  += P (64 x BN) V      wgmma, P from registers, V from shared memory
+// Neither operand passes through registers on the way to the tensor cores (no ldmatrix), and
+// one instruction covers 64 rows and up to 256 columns; that is what the mma.sync kernel
+// lacks at D = 256, where its O accumulator leaves no room for larger tiles.
+//
+// Shared memory: Q [BM], K [2][BN], V [2][BN] rows, each tile stored as 128-byte swizzled
+// column atoms (wgmma_ops.h), so wgmma reads them without bank conflicts and cp.async writes
+// whole 16-byte chunks. The pipeline is that of flash_attention_mma.h: cp.async groups
+// Q+K_0, V_0, K_1, V_1, ..., the copy of tile t+1 overlapping the math on tile t; a
+// proxy fence after each wait makes the copied tile visible to wgmma.
+#pragma once
+
+#include "mma_ops.h"
+#include "mma_softmax.h"
+#include "wgmma_ops.h"
+
+// Layout of a tile row on this kernel (plain constants: the host side of a build sees them too).
+template <int HD, int BM, int BN, int THREADS>
+struct FaWgShape {
+    static constexpr int NWG = THREADS / 128;
+    static constexpr int DP = (HD + 63) / 64 * 64;  // computed head dim: whole 64-column atoms
+    static constexpr int KA = DP / 64;              // atoms per row
+    static constexpr int CPR = DP / 8;              // 16-byte chunks per row
+    static constexpr int Q_BYTES = BM * DP * 2;
+    static constexpr int KV_BYTES = BN * DP * 2;    // one K or V buffer
+    static constexpr int Q_OFF = 0;
+    static constexpr int K_OFF = Q_OFF + Q_BYTES;
+    static constexpr int V_OFF = K_OFF + 2 * KV_BYTES;
+    static constexpr int END = V_OFF + 2 * KV_BYTES;
+    static constexpr int SMEM_BYTES = END + 1024;   // slack to align the atoms to 1024 bytes
+    static constexpr int OSTR = DP + 8;             // epilogue staging row, elements
+    static constexpr int NT = BN / 8;               // S n-tiles per warp
+    static constexpr int DT = DP / 8;               // O n-tiles per warp
+    static constexpr int KQ = DP / 16;              // k-steps of Q K^T
+    static constexpr int KP = BN / 16;              // k-steps of P V
+
+    static_assert(THREADS % 128 == 0 && BM == 64 * NWG, "BLOCK_M must be 64 rows per warpgroup");
+    static_assert(BN % 16 == 0 && BN <= 256, "BLOCK_N must be a multiple of 16, <= 256");
+    static_assert(DP <= 256, "head-dim bucket must be <= 256");
+    static_assert(BM * OSTR * 2 <= END, "epilogue staging must fit the tile buffers");
+};
+
+#if FA_HAS_WGMMA
+
+
+// ROWS x DP elements from global rows row0.. (stride in elements) into a swizzled tile of
+// ROWS-row atoms, 16-byte chunks by cp.async; rows >= row_end and columns >= head_dim are
+// zero filled (the source is then not read).
+template <int ROWS, int CPR, int THREADS>
+FA_DEVICE void fa_wgmma_copy_tile(unsigned char* dst, const unsigned short* src, fa_i64 stride,
+                                  int row0, int row_end, int head_dim, int tid) {
+    if constexpr (THREADS % CPR == 0 && ROWS % (THREADS / CPR) == 0) {
+        // One column chunk of every RS-th row through one running pointer; RS is a multiple
+        // of 8 here, so the swizzled offset only moves by whole rows.
+        constexpr int RS = THREADS / CPR;
+        const int r0 = tid / CPR;
+        const int ch = tid % CPR;
+        const bool col_ok = ch * 8 < head_dim;
+        const unsigned short* s = src + (fa_i64)(row0 + r0) * stride + ch * 8;
+        const fa_i64 step = (fa_i64)RS * stride;
+        unsigned char* d = dst + (ch >> 3) * (ROWS * 128) + fa_wgmma_swz(r0, ch & 7);
+#pragma unroll
+        for (int c = 0; c < ROWS / RS; ++c) {
+            const bool valid = col_ok && (row0 + r0 + c * RS < row_end);
+            fa_cp_async16(d + (RS % 8 == 0 ? c * RS * 128 : fa_wgmma_swz(r0 + c * RS, ch & 7) -
+                                                               fa_wgmma_swz(r0, ch & 7)),
+                          valid ? s : src, valid);
+            s += step;
+        }
+    } else {
+        constexpr int NCH = ROWS * CPR;
+#pragma unroll
+        for (int c = 0; c < (NCH + THREADS - 1) / THREADS; ++c) {
+            const int idx = tid + c * THREADS;
+            if (NCH % THREADS != 0 && idx >= NCH) break;
+            const int r = idx / CPR;
+            const int ch = idx % CPR;
+            const bool valid = (row0 + r < row_end) && (ch * 8 < head_dim);
+            const unsigned short* s = valid ? src + (fa_i64)(row0 + r) * stride + ch * 8 : src;
+            fa_cp_async16(dst + (ch >> 3) * (ROWS * 128) + fa_wgmma_swz(r, ch & 7), s, valid);
+        }
+    }
+}
+
+template <typename T, int HD, int BM, int BN, int THREADS, int SMEM, int MODE>
+FA_DEVICE void fa_wgmma_forward(const AttnParams& p) {
+    typedef FaWgShape<HD, BM, BN, THREADS> WS;
+    typedef FaMma<T> MM;
+    static_assert(WS::SMEM_BYTES <= SMEM, "wgmma layout exceeds the tile row's SMEM_BYTES");
+    static_assert(FaSplitShape<HD, THREADS>::SMEM_BYTES <= SMEM,
+                  "SIMT fallback layout exceeds the tile row's SMEM_BYTES");
+    static_assert(MODE >= 0 && MODE <= 2, "MASK_MODE is 0, 1 or 2");
+
+    const int q0 = fa_block_q0(p, BM, MODE);
+    const int seq_q = p.seq_q;
+    const int seq_k = p.seq_k;
+    if (q0 >= seq_q) return;  // block-uniform, before any barrier
+
+    const fa_u64 in_addr = reinterpret_cast<fa_u64>(p.q) | reinterpret_cast<fa_u64>(p.k) |
+                           reinterpret_cast<fa_u64>(p.v);
+    const fa_i64 in_strides = p.q_sb | p.q_sh | p.q_ss | p.k_sb | p.k_sh | p.k_ss | p.v_sb |
+                              p.v_sh | p.v_ss;
+    if ((in_addr & 15u) != 0 || (in_strides & 7) != 0 || (p.head_dim & 7) != 0) {
+        fa_flash_forward_split<T, HD, BM, THREADS, SMEM, MODE>(p, q0);
+        return;
+    }
+
+    FA_DYNAMIC_SMEM(fa_smem);
+    const unsigned int raw = fa_smem_u32(fa_smem);
+    const unsigned int pad = (1024u - (raw & 1023u)) & 1023u;
+    unsigned char* sm = fa_smem + pad;
+    const unsigned int sbase = raw + pad;
+
+    const int tid = (int)threadIdx.x;
+    const int wg = tid >> 7;
+    const int warp = tid >> 5;
+    const int lane = tid & 31;
+    const int g = lane >> 2;
+    const int c4 = lane & 3;
+    const int h = (int)blockIdx.y;
+    const int b = (int)blockIdx.z;
+    const int kvh = h / (p.num_heads / p.num_kv_heads);
+    const int diag = seq_k - seq_q;
+    const bool causal = (MODE == 1) || (MODE == 2 && p.causal != 0);
+    const bool has_mask = (MODE == 2) && (p.mask != nullptr);
+    const int head_dim = p.head_dim;
+    const int ntiles = fa_key_tiles(q0, BM, BN, seq_q, seq_k, causal);
+
+    const unsigned short* qg = static_cast<const unsigned short*>(p.q) + (fa_i64)b * p.q_sb +
+                               (fa_i64)h * p.q_sh;
+    const unsigned short* kg = static_cast<const unsigned short*>(p.k) + (fa_i64)b * p.k_sb +
+                               (fa_i64)kvh * p.k_sh;
+    const unsigned short* vg = static_cast<const unsigned short*>(p.v) + (fa_i64)b * p.v_sb +
+                               (fa_i64)kvh * p.v_sh;
+
+    if (ntiles > 0) {
+        fa_wgmma_copy_tile<BM, WS::CPR, THREADS>(sm + WS::Q_OFF, qg, p.q_ss, q0, seq_q, head_dim, tid);
+        fa_wgmma_copy_tile<BN, WS::CPR, THREADS>(sm + WS::K_OFF, kg, p.k_ss, 0, seq_k, head_dim, tid);
+        fa_cp_async_commit();
+        fa_wgmma_copy_tile<BN, WS::CPR, THREADS>(sm + WS::V_OFF, vg, p.v_ss, 0, seq_k, head_dim, tid);
+        fa_cp_async_commit();
+    }
+
+    const int wg_row0 = q0 + 64 * wg;          // this warpgroup's first query
+    const int wrow0 = q0 + 16 * warp;          // this warp's first query
+    const float sl2 = p.scale * FA_LOG2E;
+
+    float o[WS::DT][4];
+#pragma unroll
+    for (int j = 0; j < WS::DT; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+    float m_i[2] = {FA_NEG_INF, FA_NEG_INF};
+    float l_i[2] = {0.0f, 0.0f};
+
+    // Descriptors (wgmma_ops.h). Q: this warpgroup's 64 rows of every atom; k-step kk is
+    // atom kk / 4, bytes 32 * (kk % 4). K likewise over BN rows. V: k-step kk is keys
+    // 16 kk .. 16 kk + 15, i.e. 16 rows of 128 bytes further.
+    const fa_u64 q_desc = fa_wgmma_desc(sbase + WS::Q_OFF + wg * 64 * 128, 16, 1024);
+    const fa_u64 k_desc = fa_wgmma_desc(sbase + WS::K_OFF, 16, 1024);
+    const fa_u64 v_desc = fa_wgmma_desc(sbase + WS::V_OFF, BN * 128, 1024);
+    constexpr fa_u64 KV_BUF_UNITS = WS::KV_BYTES >> 4;  // descriptor address units
+
+    for (int t = 0; t < ntiles; ++t) {
+        const int kv0 = t * BN;
+        const fa_u64 buf = (fa_u64)(t & 1) * KV_BUF_UNITS;
+        fa_cp_async_wait<1>();
+        fa_fence_proxy_async();
+        fa_syncthreads();  // K_t (and Q) visible to wgmma; every warpgroup is done with K_{t-1}
+        if (t + 1 < ntiles)
+            fa_wgmma_copy_tile<BN, WS::CPR, THREADS>(sm + WS::K_OFF + ((t + 1) & 1) * WS::KV_BYTES, kg,
+                                                     p.k_ss, kv0 + BN, seq_k, head_dim, tid);
+        fa_cp_async_commit();
+
+        // Warpgroup-uniform: a group whose rows are past seq_q or see no key of this tile
+        // (causal) skips the tile; its m, l and O are what a fully masked tile would leave.
+        const bool active = (wg_row0 < seq_q) && (!causal || kv0 <= wg_row0 + 63 + diag);
+
+        float s[WS::NT][4];
+        unsigned int pf[WS::KP][4];
+        if (active) {
+#pragma unroll
+            for (int j = 0; j < WS::NT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+            fa_wgmma_hold(s);
+            fa_wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < WS::KQ; ++kk) {
+                const fa_u64 atom = (fa_u64)(kk >> 2);
+                const fa_u64 off = (fa_u64)((kk & 3) * 2);  // 32 bytes
+                FaWgmma<T, BN>::ss(s, q_desc + atom * (BM * 128 / 16) + off,
+                                   k_desc + buf + atom * (BN * 128 / 16) + off, kk > 0 ? 1 : 0);
+            }
+            fa_wgmma_commit();
+            fa_wgmma_wait<0>();
+            fa_wgmma_hold(s);
+
+            const bool need_mask = has_mask || (kv0 + BN > seq_k) ||
+                                   (causal && kv0 + BN - 1 > wrow0 + diag);
+            float mul = sl2;
+            if (need_mask || !(sl2 > 0.0f)) {
+                mul = 1.0f;
+#pragma unroll
+                for (int j = 0; j < WS::NT; ++j)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) s[j][e] *= sl2;
+            }
+            if (need_mask)
+                fa_mma_mask_tile<WS::NT>(s, p, b, h, wrow0, g, c4, kv0, seq_q, seq_k, diag, causal,
+                                         has_mask);
+            fa_mma_online_softmax<WS::NT, WS::DT>(s, o, m_i, l_i, mul);
+#pragma unroll
+            for (int kk = 0; kk < WS::KP; ++kk) {
+                pf[kk][0] = MM::pack(s[2 * kk][0], s[2 * kk][1]);
+                pf[kk][1] = MM::pack(s[2 * kk][2], s[2 * kk][3]);
+                pf[kk][2] = MM::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+                pf[kk][3] = MM::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            }
+        }
+
+        fa_cp_async_wait<1>();
+        fa_fence_proxy_async();
+        fa_syncthreads();  // V_t visible to wgmma; every warpgroup is done with V_{t-1}
+        if (t + 1 < ntiles)
+            fa_wgmma_copy_tile<BN, WS::CPR, THREADS>(sm + WS::V_OFF + ((t + 1) & 1) * WS::KV_BYTES, vg,
+                                                     p.v_ss, kv0 + BN, seq_k, head_dim, tid);
+        fa_cp_async_commit();
+
+        if (active) {
+            fa_wgmma_hold(o);
+            fa_wgmma_hold(pf);
+            fa_wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < WS::KP; ++kk)
+                FaWgmma<T, WS::DP>::rs(o, pf[kk], v_desc + buf + (fa_u64)(kk * 16 * 128 / 16), 1);
+            fa_wgmma_commit();
+            fa_wgmma_wait<0>();
+            fa_wgmma_hold(o);
+        }
+    }
+
+    // Epilogue: O / l staged through shared memory (every buffer is free now), then 16-byte
+    // stores; each warp stages and stores its own 16 rows.
+    fa_cp_async_wait<0>();
+    fa_syncthreads();
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float l = l_i[r];
+        l += fa_shfl_xor(l, 1, 32);
+        l += fa_shfl_xor(l, 2, 32);
+        l_i[r] = l;
+        inv[r] = l > 0.0f ? 1.0f / l : 0.0f;
+    }
+    unsigned short* ow = reinterpret_cast<unsigned short*>(sm) + 16 * warp * WS::OSTR;
+#pragma unroll
+    for (int j = 0; j < WS::DT; ++j) {
+        *reinterpret_cast<unsigned int*>(ow + g * WS::OSTR + 8 * j + 2 * c4) =
+            MM::pack(o[j][0] * inv[0], o[j][1] * inv[0]);
+        *reinterpret_cast<unsigned int*>(ow + (g + 8) * WS::OSTR + 8 * j + 2 * c4) =
+            MM::pack(o[j][2] * inv[1], o[j][3] * inv[1]);
+    }
+    __syncwarp();
+
+    unsigned short* og = static_cast<unsigned short*>(p.out) + (fa_i64)b * p.o_sb +
+                         (fa_i64)h * p.o_sh;
+    const bool out_vec = ((reinterpret_cast<fa_u64>(p.out) & 15u) == 0) &&
+                         (((p.o_sb | p.o_sh | p.o_ss) & 7) == 0);
+#pragma unroll
+    for (int it = 0; it < (16 * WS::CPR + 31) / 32; ++it) {
+        const int idx = lane + 32 * it;
+        if (idx >= 16 * WS::CPR) break;
+        const int r = idx / WS::CPR;
+        const int col = (idx % WS::CPR) * 8;
+        const int qi = wrow0 + r;
+        if (qi < seq_q && col < head_dim) {
+            unsigned short* dst = og + (fa_i64)qi * p.o_ss + col;
+            const unsigned short* src = ow + r * WS::OSTR + col;
+            if (out_vec) {
+                *reinterpret_cast<fa_u32x4*>(dst) = *reinterpret_cast<const fa_u32x4*>(src);
+            } else {
+                for (int e = 0; e < 8 && col + e < head_dim; ++e) dst[e] = src[e];
+            }
+        }
+    }
+
+    if (p.lse != nullptr && c4 == 0) {
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            const int qi = wrow0 + g + 8 * r;
+            if (qi < seq_q)
+                p.lse[((fa_i64)b * p.num_heads + h) * seq_q + qi] =
+                    l_i[r] > 0.0f ? fmaf(m_i[r], FA_LN2, fa_logf(l_i[r])) : FA_NEG_INF;
+        }
+    }
+}
+
+#endif  // FA_HAS_WGMMA
