@@ -85,13 +85,27 @@ FA_TILE(tf32, 256, 64, 32, 128, 199680)
 // shared memory for the kernel is
 //   2 * DP * (BLOCK_M + 4 * BLOCK_N) + 1024      (DP = bucket rounded up to 64)
 // and SMEM_BYTES is the largest of that and what the row's tile needs on the mma.sync kernel
-// (a build for another target) and its SIMT fallback. On H100 (bf16, B*S = 16384), D = 256:
-// 128 x 64 measured 434-461 TFLOP/s non-causal against 128 x 32 327-337 and 64 x 64
-// 308-329 (the mma.sync kernel 254-260); D = 128: 128 x 128 395-415 against 128 x 64
-// 344-361 and 192 x 128 367-383 (mma.sync 348-367).
+// (a build for another target) and its SIMT fallback. Measured on H100 with
+// scripts/wgmma-probe.sh (bf16, B*S = 16384, H = 2048/D, S = 512..8192, TFLOP/s non-causal):
+//   D = 64:  128 x 128: 244-323; 192 x 128 (384 threads): 254-337 but slower causal;
+//            128 x 64: 214-271; the mma.sync row 248-305
+//   D = 128: 128 x 128: 395-415; 128 x 64: 344-361; 192 x 128: 367-383 (mma.sync 348-367)
+//   D = 192: 128 x 96: 293-410; 128 x 64: 306-393 (mma.sync 199-233)
+//   D = 256: 128 x 64: 343-461; 128 x 32: 277-337; 64 x 64 (128 threads): 244-329
+//            (mma.sync 221-260)
+// Buckets 160 and 224 take the rows of 192 and 256 (their DP); 80 and 96 would compute 128
+// columns and stay on the mma.sync kernel.
+FA_TILE_SM90(f16, 64, 128, 128, 256, 92160)
 FA_TILE_SM90(f16, 128, 128, 128, 256, 174080)
+FA_TILE_SM90(f16, 160, 128, 96, 256, 197632)
+FA_TILE_SM90(f16, 192, 128, 96, 256, 204800)
+FA_TILE_SM90(f16, 224, 128, 64, 256, 197632)
 FA_TILE_SM90(f16, 256, 128, 64, 256, 202752)
+FA_TILE_SM90(bf16, 64, 128, 128, 256, 92160)
 FA_TILE_SM90(bf16, 128, 128, 128, 256, 174080)
+FA_TILE_SM90(bf16, 160, 128, 96, 256, 197632)
+FA_TILE_SM90(bf16, 192, 128, 96, 256, 204800)
+FA_TILE_SM90(bf16, 224, 128, 64, 256, 197632)
 FA_TILE_SM90(bf16, 256, 128, 64, 256, 202752)
 
 FA_TILE_HIP(f32, 32, 64, 64, 256, 44032)

@@ -153,7 +153,7 @@ void bench(int D, int S) {
         timeit("wgmma 128x128 t256", WG(64, 128, 128, 256, MODE), pr, bf, bf.o2, flop);
     } else if (D == 192) {
         timeit("mma 64x32 t128", MMA(192, 64, 32, 128, 79360, MODE), pr, bf, bf.o, flop);
-        timeit("wgmma 128x128 t256", WG(192, 128, 128, 256, MODE), pr, bf, bf.o2, flop);
+        timeit("wgmma 128x96 t256", WG(192, 128, 96, 256, MODE), pr, bf, bf.o2, flop);
         timeit("wgmma 128x64 t256", WG(192, 128, 64, 256, MODE), pr, bf, bf.o2, flop);
     } else if (D == 256) {
         timeit("mma 64x32 t128", MMA(256, 64, 32, 128, 103936, MODE), pr, bf, bf.o, flop);
@@ -186,7 +186,7 @@ int main(int argc, char** argv) {
     check("wg128 128x64 nc", WG(128, 128, 64, 256, 0), Prob{1, 3, 3, 129, 77, 128, false});
     check("wg128 128x128 hd72", WG(128, 128, 128, 256, 0), Prob{1, 2, 2, 64, 200, 72, false});
     check("wg64 128x128 causal", WG(64, 128, 128, 256, 1), Prob{1, 2, 2, 333, 333, 64, true});
-    check("wg192 128x128 causal", WG(192, 128, 128, 256, 1), Prob{1, 2, 2, 200, 200, 192, true});
+    check("wg192 128x64 causal", WG(192, 128, 64, 256, 1), Prob{1, 2, 2, 200, 200, 192, true});
     check("mma256 ref", MMA(256, 64, 32, 128, 103936, 1), Prob{2, 4, 2, 300, 333, 256, true});
     if (argc > 1 && atoi(argv[1]) == 0) return 0;
     const int only = argc > 1 ? atoi(argv[1]) : 1;
