@@ -369,6 +369,44 @@ fn dispatch_reports_fallbacks() {
 
 #[test]
 #[ignore = "needs a GPU"]
+fn hopper_runs_its_own_tile_rows() {
+    use forge_attn::kernels::TileVendor;
+    let backend = GpuAttentionBackend::new(gpu()).expect("backend");
+    let desc = backend.device().describe();
+    let vendor = backend.tile_vendor();
+    println!("{desc}: {vendor:?}");
+    assert_eq!(
+        vendor == TileVendor::CudaSm90,
+        desc.contains("sm_90"),
+        "{desc}"
+    );
+    for (dtype, hd, causal) in [
+        (DType::BF16, 128, false),
+        (DType::F16, 256, true),
+        (DType::BF16, 64, true),
+        (DType::F16, 200, false),
+    ] {
+        let cfg = AttentionConfig::new(4 * hd, 4, 512)
+            .with_head_dim(hd)
+            .with_causal(causal);
+        let plan = backend.plan_for_config(&cfg, dtype, 512, false);
+        let tile = plan.flash.and_then(|c| c.tile).expect("a flash tile");
+        assert_eq!(tile.wgmma, vendor == TileVendor::CudaSm90, "{dtype} hd{hd}");
+        // f32 and buckets without a Hopper row stay on the FA_TILE rows.
+        let f32_tile = backend
+            .plan_for_config(&cfg, DType::F32, 512, false)
+            .flash
+            .and_then(|c| c.tile)
+            .expect("an f32 flash tile");
+        assert!(!f32_tile.wgmma);
+    }
+    let cfg = AttentionConfig::new(4 * 96, 4, 512).with_head_dim(96);
+    let plan = backend.plan_for_config(&cfg, DType::BF16, 512, false);
+    assert!(!plan.flash.and_then(|c| c.tile).expect("tile").wgmma);
+}
+
+#[test]
+#[ignore = "needs a GPU"]
 fn out_of_memory_is_an_error() {
     let dev = gpu();
     match DeviceTensor::zeros(&[1 << 20, 1 << 20, 64], DType::F32, dev) {

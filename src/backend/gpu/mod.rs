@@ -126,8 +126,9 @@ impl GpuAttentionBackend {
         }
     }
 
-    /// Which rows of the tile table this device launches with.
-    fn tile_vendor(&self) -> TileVendor {
+    /// Which rows of the tile table this device launches with: AMD's, Hopper's (sm_90, the
+    /// wgmma kernel) or the other CUDA devices'.
+    pub fn tile_vendor(&self) -> TileVendor {
         match self.device {
             Device::Hip(_) => TileVendor::Hip,
             _ if self.runtime.has_wgmma() => TileVendor::CudaSm90,
