@@ -148,6 +148,19 @@ FA_DEVICE void fa_fence_acq_rel_device() {
 #endif
 }
 
+// Atomic add at device scope that is both a release of this thread's earlier writes (and,
+// after a block barrier, the block's) and an acquire of what other releasers wrote: one
+// instruction where a fence, the atomic and a second fence would wait on memory twice.
+FA_DEVICE int fa_atomic_add_acq_rel_device(int* p, int v) {
+#if FA_CUDA
+    int old;
+    asm volatile("atom.acq_rel.gpu.global.add.s32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
+    return old;
+#else
+    return __hip_atomic_fetch_add(p, v, __ATOMIC_ACQ_REL, __HIP_MEMORY_SCOPE_AGENT);
+#endif
+}
+
 // Value of lane `src` of this lane's group of `width` lanes.
 FA_DEVICE float fa_shfl(float v, int src, int width) {
 #if FA_CUDA

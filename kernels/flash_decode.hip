@@ -19,6 +19,12 @@
 #include "decode_params.h"
 #include "kv_append.h"
 
+// Timeline hook of scripts/decode_probe.cu (thread 0 of each block records phase n there);
+// nothing in the library.
+#ifndef DEC_MARK
+#define DEC_MARK(n)
+#endif
+
 #define DEC_THREADS 256  // measured on H100: 256 threads with 2 keys per lane group per tile beat 128 with 4 by 0-16%
 #define DEC_ROWS 16  // query rows per block: (H/Hkv) * Sq rows are split into groups of 16
 
@@ -322,7 +328,9 @@ FA_DEVICE void flash_decode_body(const DecodeParams& p) {
 //    (sequence, kv head, row group) (counters != null) or by flash_decode_combine.
 // Grid (num_splits * row_groups, num_kv_heads, batch), row groups of DEC_RROWS query rows.
 #define DEC_RROWS 4
+#ifndef DEC_STAGES
 #define DEC_STAGES 3
+#endif
 #define DEC_REG_BLOCKS 2  // blocks per multiprocessor the register budget allows
 
 template <typename T, int HD> struct DecReg {
@@ -479,111 +487,130 @@ FA_DEVICE void dec_append(const DecodeParams& p, int b, int len_old, fa_i64* s_p
 template <int VPR, int VEC> FA_DEVICE int dec_chunk_dim(int c4) { return (c4 % VPR) * VEC + (c4 / VPR) * 4; }
 
 // Splits merged per thread of the last block, loaded together before any is used.
-#define DEC_MERGE_BATCH 16
+#define DEC_MERGE_BATCH 8
+
+// Folds (m2, l2, a2) into the running (m, l, a): max, sum and weighted dims, log2 domain.
+FA_DEVICE void dec_fold(float& m, float& l, fa_float4& a, float m2, float l2, fa_float4 a2) {
+    const float mn = fmaxf(m, m2);
+    if (mn == FA_NEG_INF) return;
+    const float w1 = fa_exp2f(m - mn), w2 = fa_exp2f(m2 - mn);
+    l = l * w1 + l2 * w2;
+    a.x = a.x * w1 + a2.x * w2;
+    a.y = a.y * w1 + a2.y * w2;
+    a.z = a.z * w1 + a2.z * w2;
+    a.w = a.w * w1 + a2.w * w2;
+    m = mn;
+}
+
+// Folds the running (m, l, a) of `parts` adjacent lanes (a power of two up to 32) into each.
+FA_DEVICE void dec_fold_lanes(float& m, float& l, fa_float4& a, int parts) {
+    for (int o = 1; o < parts; o <<= 1) {
+        const float m2 = fa_shfl_xor(m, o, 32), l2 = fa_shfl_xor(l, o, 32);
+        const fa_float4 a2 = {fa_shfl_xor(a.x, o, 32), fa_shfl_xor(a.y, o, 32), fa_shfl_xor(a.z, o, 32),
+                              fa_shfl_xor(a.w, o, 32)};
+        dec_fold(m, l, a, m2, l2, a2);
+    }
+}
 
 // After the key loop of a block: s_acc [G][RB][HD] holds each key group's unnormalized
 // output rows, s_m and s_l [G][RB] their running max and sum (log2 domain), visible to the
 // whole block. Merges the groups and writes the output (one split) or this split's partial
 // result; the last split of a (sequence, kv head, row group) to finish then merges all
 // splits (counters != null), else flash_decode_combine does.
+// Both merges give each (row, 4 dims) PARTS adjacent threads, so every thread of the block
+// works and the parts meet through shuffles, not shared memory and barriers: at B=1 these
+// merges run on one block per multiprocessor, bound by the latency of one thread's chain.
 template <typename T, int HD, int VPR, int G, int RB>
-FA_DEVICE void dec_finish(const DecodeParams& p, float* s_acc, float* s_m, const float* s_l,
+FA_DEVICE void dec_finish(const DecodeParams& p, const float* s_acc, const float* s_m, const float* s_l,
                           int rows, int row0, int kvh, int b, int split, int rg, int row_groups,
                           int tid) {
+    constexpr int ITEMS = RB * (HD / 4);
+    constexpr int PARTS = DEC_THREADS / ITEMS;
+    static_assert(ITEMS * PARTS == DEC_THREADS && PARTS <= 32 && (PARTS & (PARTS - 1)) == 0 && G % PARTS == 0,
+                  "the merges give each (row, 4 dims) a power-of-two number of adjacent threads");
     const int group = p.num_heads / p.num_kv_heads;
-    // Group weights 2^(m_g - max_g m) once per (group, row), in place of the group maxima,
-    // and each row's sum; the max is read by every thread of a row before any writes.
-    float* s_den = s_acc + G * RB * HD + 2 * G * RB;  // [RB], after s_m and s_l
-    float w = 0.f;
-    if (tid < G * RB) {
-        const int r = tid % RB;
+    const int idx = tid / PARTS, part = tid % PARTS;
+    const int r = idx / (HD / 4);
+    const int rr = row0 + r;
+    const int h = kvh * group + rr / p.seq_q, qi = rr % p.seq_q;
+    {
+        // Key groups part, part + PARTS, ... weighed by 2^(m_g - row max). Padding rows and
+        // dims hold zeros (m = -inf), so every thread computes and only the stores are guarded.
+        // Chunk c4 of a group row holds dims dec_chunk_dim(c4).
+        const int c4 = idx % (HD / 4);
+        const int d = dec_chunk_dim<VPR, HD / VPR>(c4);
         float mx = FA_NEG_INF;
 #pragma unroll
-        for (int g = 0; g < G; ++g) mx = fmaxf(mx, s_m[g * RB + r]);
-        w = mx == FA_NEG_INF ? 0.f : fa_exp2f(s_m[tid] - mx);
-        if (tid < RB) s_den[RB + tid] = mx;  // the row max, for the split's lse
-    }
-    __syncthreads();
-    if (tid < G * RB) s_m[tid] = w;
-    __syncthreads();
-    if (tid < RB) {
+        for (int k = 0; k < G / PARTS; ++k) mx = fmaxf(mx, s_m[(k * PARTS + part) * RB + r]);
+        for (int o = 1; o < PARTS; o <<= 1) mx = fmaxf(mx, fa_shfl_xor(mx, o, 32));
         float den = 0.f;
-#pragma unroll
-        for (int g = 0; g < G; ++g) den += s_m[g * RB + tid] * s_l[g * RB + tid];
-        s_den[tid] = den;
-    }
-    __syncthreads();
-    // Four dims per thread: 16-byte chunk c4 of a group row holds dims dec_chunk_dim(c4).
-    for (int idx = tid; idx < RB * (HD / 4); idx += DEC_THREADS) {
-        const int r = idx / (HD / 4), c4 = idx % (HD / 4);
-        const int d = dec_chunk_dim<VPR, HD / VPR>(c4);
-        if (r >= rows || d >= p.head_dim) continue;
         fa_float4 num = {0.f, 0.f, 0.f, 0.f};
+        if (mx != FA_NEG_INF) {
 #pragma unroll
-        for (int g = 0; g < G; ++g) {
-            const float w = s_m[g * RB + r];
-            const fa_float4 a = *reinterpret_cast<const fa_float4*>(s_acc + (g * RB + r) * HD + c4 * 4);
-            num.x += w * a.x;
-            num.y += w * a.y;
-            num.z += w * a.z;
-            num.w += w * a.w;
+            for (int k = 0; k < G / PARTS; ++k) {
+                const int g = k * PARTS + part;
+                const float w = fa_exp2f(s_m[g * RB + r] - mx);
+                const fa_float4 a = *reinterpret_cast<const fa_float4*>(s_acc + (g * RB + r) * HD + c4 * 4);
+                den += w * s_l[g * RB + r];
+                num.x += w * a.x;
+                num.y += w * a.y;
+                num.z += w * a.z;
+                num.w += w * a.w;
+            }
         }
-        const float den = s_den[r];
+        for (int o = 1; o < PARTS; o <<= 1) {
+            den += fa_shfl_xor(den, o, 32);
+            num.x += fa_shfl_xor(num.x, o, 32);
+            num.y += fa_shfl_xor(num.y, o, 32);
+            num.z += fa_shfl_xor(num.z, o, 32);
+            num.w += fa_shfl_xor(num.w, o, 32);
+        }
         const float inv = den > 0.f ? 1.f / den : 0.f;
-        const int rr = row0 + r;
-        const int h = kvh * group + rr / p.seq_q, qi = rr % p.seq_q;
-        if (p.num_splits == 1) {
-            T* o = reinterpret_cast<T*>(p.out) + (fa_i64)b * p.o_sb + (fa_i64)h * p.o_sh + (fa_i64)qi * p.o_ss + d;
-            fa_store(o, num.x * inv);
-            fa_store(o + 1, num.y * inv);
-            fa_store(o + 2, num.z * inv);
-            fa_store(o + 3, num.w * inv);
-        } else {
-            const fa_i64 slot = (((fa_i64)b * p.num_heads + h) * p.seq_q + qi) * p.num_splits + split;
-            *reinterpret_cast<fa_float4*>(p.partial_o + slot * p.head_dim + d) =
-                fa_float4{num.x * inv, num.y * inv, num.z * inv, num.w * inv};
-            if (d == 0) p.partial_lse[slot] = den > 0.f ? s_den[RB + r] + log2f(den) : FA_NEG_INF;
+        if (part == 0 && r < rows && d < p.head_dim) {
+            if (p.num_splits == 1) {
+                T* o = reinterpret_cast<T*>(p.out) + (fa_i64)b * p.o_sb + (fa_i64)h * p.o_sh + (fa_i64)qi * p.o_ss + d;
+                fa_store(o, num.x * inv);
+                fa_store(o + 1, num.y * inv);
+                fa_store(o + 2, num.z * inv);
+                fa_store(o + 3, num.w * inv);
+            } else {
+                const fa_i64 slot = (((fa_i64)b * p.num_heads + h) * p.seq_q + qi) * p.num_splits + split;
+                *reinterpret_cast<fa_float4*>(p.partial_o + slot * p.head_dim + d) =
+                    fa_float4{num.x * inv, num.y * inv, num.z * inv, num.w * inv};
+                if (d == 0) p.partial_lse[slot] = den > 0.f ? mx + log2f(den) : FA_NEG_INF;
+            }
         }
     }
+    DEC_MARK(3);
     if (p.num_splits == 1 || !p.counters) return;
 
     // The last split of this (sequence, kv head, row group) to finish merges all of them.
-    // The barrier orders the block's partial writes before thread 0's release fence and
-    // atomic; the last block's acquire fence then orders its reads after every release.
+    // The barrier orders the block's partial writes before thread 0's acquire-release
+    // atomic, which also orders the last block's reads after every other block's release.
     const fa_i64 counter = ((fa_i64)b * p.num_kv_heads + kvh) * row_groups + rg;
     __syncthreads();
     bool last = false;
-    if (tid == 0) {
-        fa_fence_acq_rel_device();
-        last = atomicAdd(p.counters + counter, 1) == p.num_splits - 1;
-        if (last) fa_fence_acq_rel_device();
-    }
+    if (tid == 0) last = fa_atomic_add_acq_rel_device(p.counters + counter, 1) == p.num_splits - 1;
+    DEC_MARK(4);
     if (!__syncthreads_or(last)) return;
-    // CPR threads per (row, 4 dims); thread `part` of them takes splits part, part + CPR, ...
-    // Each batch's partial rows and log-sum-exps are loaded together (one round trip to L2),
-    // then folded into a running max, sum and weighted sum.
-    constexpr int COLS = RB * (HD / 4);
-    constexpr int CPR = DEC_THREADS / COLS > 0 ? DEC_THREADS / COLS : 1;
+    // Splits part, part + PARTS, ... of the row's 4 dims (natural order in the partial rows):
+    // each batch's partial rows and log-sum-exps are loaded together (one round trip to L2),
+    // then folded into a running max, sum and weighted sum; then the parts are folded.
     const int S = p.num_splits;
-    const int cidx = tid % COLS, part = tid / COLS;
-    const int r = cidx / (HD / 4), d = (cidx % (HD / 4)) * 4;
-    const bool active = part < CPR && r < rows && d < p.head_dim;
+    const int d = (idx % (HD / 4)) * 4;
+    const bool active = r < rows && d < p.head_dim;
     float mx = FA_NEG_INF, den = 0.f;
     fa_float4 a = {0.f, 0.f, 0.f, 0.f};
-    int h = 0, qi = 0;
     if (active) {
-        const int rr = row0 + r;
-        h = kvh * group + rr / p.seq_q;
-        qi = rr % p.seq_q;
         const fa_i64 base = (((fa_i64)b * p.num_heads + h) * p.seq_q + qi) * S;
         const float* lse = p.partial_lse + base;
         const float* po = p.partial_o + base * p.head_dim + d;
-        for (int s0 = part; s0 < S; s0 += CPR * DEC_MERGE_BATCH) {
+        for (int s0 = part; s0 < S; s0 += PARTS * DEC_MERGE_BATCH) {
             float x[DEC_MERGE_BATCH];
             fa_float4 v[DEC_MERGE_BATCH];
 #pragma unroll
             for (int u = 0; u < DEC_MERGE_BATCH; ++u) {
-                const int sp = s0 + u * CPR;
+                const int sp = s0 + u * PARTS;
                 x[u] = sp < S ? dec_load_cg(lse + sp) : FA_NEG_INF;
                 v[u] = sp < S ? dec_load_cg4(po + (fa_i64)sp * p.head_dim) : fa_float4{0.f, 0.f, 0.f, 0.f};
             }
@@ -609,35 +636,8 @@ FA_DEVICE void dec_finish(const DecodeParams& p, float* s_acc, float* s_m, const
             mx = bm;
         }
     }
-    if (CPR > 1) {
-        // Fold the parts of each column through shared memory (the group buffers are free).
-        float* s_part = s_acc;  // [CPR][COLS][6]: max, sum, 4 dims
-        __syncthreads();
-        if (part < CPR) {
-            float* e = s_part + ((fa_i64)part * COLS + cidx) * 6;
-            e[0] = mx;
-            e[1] = den;
-            e[2] = a.x;
-            e[3] = a.y;
-            e[4] = a.z;
-            e[5] = a.w;
-        }
-        __syncthreads();
-        if (part == 0 && active) {
-            for (int q = 1; q < CPR; ++q) {
-                const float* e = s_part + ((fa_i64)q * COLS + cidx) * 6;
-                const float m2 = fmaxf(mx, e[0]);
-                if (m2 == FA_NEG_INF) continue;
-                const float w1 = fa_exp2f(mx - m2), w2 = fa_exp2f(e[0] - m2);
-                den = den * w1 + e[1] * w2;
-                a.x = a.x * w1 + e[2] * w2;
-                a.y = a.y * w1 + e[3] * w2;
-                a.z = a.z * w1 + e[4] * w2;
-                a.w = a.w * w1 + e[5] * w2;
-                mx = m2;
-            }
-        }
-    }
+    dec_fold_lanes(mx, den, a, PARTS);
+    DEC_MARK(5);
     if (part == 0 && active) {
         const float inv = den > 0.f ? 1.f / den : 0.f;
         T* o = reinterpret_cast<T*>(p.out) + (fa_i64)b * p.o_sb + (fa_i64)h * p.o_sh + (fa_i64)qi * p.o_ss + d;
@@ -647,13 +647,13 @@ FA_DEVICE void dec_finish(const DecodeParams& p, float* s_acc, float* s_m, const
         fa_store(o + 3, a.w * inv);
     }
     if (tid == 0) p.counters[counter] = 0;
+    DEC_MARK(6);
 }
 
 // Shared memory of the register path (decode_smem_bytes on the host): the ring,
 // DEC_STAGES x PER x 2 x DEC_THREADS x 16 bytes. After the key loop the same bytes hold the
-// group accumulators [GROUPS][DEC_RROWS][HD] f32, the group max (then weight) and sum
-// [GROUPS][DEC_RROWS] f32 and the row sums and maxima [2][DEC_RROWS]; then the split merge's
-// per-part results.
+// group accumulators [GROUPS][DEC_RROWS][HD] f32 and the group max and sum
+// [GROUPS][DEC_RROWS] f32; then the split merge's per-part results.
 template <typename T, int HD>
 FA_DEVICE void flash_decode_reg_body(const DecodeParams& p) {
     using R = DecReg<T, HD>;
@@ -675,6 +675,7 @@ FA_DEVICE void flash_decode_reg_body(const DecodeParams& p) {
     const int rows = min(RB, rows_total - row0);
     const int kvh = blockIdx.y;
     const int b = blockIdx.z;
+    DEC_MARK(0);
     // With a fused append the sequence is len_old cached tokens plus n_new new ones.
     const int len_old = p.seq_lens ? p.seq_lens[b] : p.seq_k;
     const int len = len_old + p.n_new;
@@ -691,31 +692,46 @@ FA_DEVICE void flash_decode_reg_body(const DecodeParams& p) {
     const int mine = lane / SUB;
     const int my_c = mine / RB, my_r = mine % RB;
 
-    // The first tiles' copies go out before anything else.
+    // This lane's chunk of each query row, one 16-byte load where aligned, loaded before the
+    // first tiles' copies go out: behind them it would wait for the block's whole ring, and the
+    // first tile's scores with it (measured: the query arrived 1.1 - 1.8 us after the copies
+    // were issued at B=1, L=4096).
+    fa_u32x4 q_raw[RB];
+    bool q_vec[RB];
+#pragma unroll
+    for (int r = 0; r < RB; ++r) {
+        const int rr = row0 + r;
+        const int h = kvh * group + rr / p.seq_q, i = rr % p.seq_q;
+        const T* qp = reinterpret_cast<const T*>(p.q) + (fa_i64)b * p.q_sb + (fa_i64)h * p.q_sh + (fa_i64)i * p.q_ss + col;
+        q_vec[r] = r < rows && col_ok && ((unsigned long long)qp & 15u) == 0;
+        q_raw[r] = q_vec[r] ? *reinterpret_cast<const fa_u32x4*>(qp) : fa_u32x4{0u, 0u, 0u, 0u};
+    }
+    // Then the first tiles' copies.
 #pragma unroll
     for (int st = 0; st < DEC_STAGES - 1; ++st) {
         const int k0 = key_begin + st * N;
         if (k0 < key_end) dec_reg_issue<T, HD>(p, ring, st, b, kvh, k0, key_end, len_old, kg, col, col_ok, tid);
         dec_commit();
     }
+    DEC_MARK(8);
     // Fused append: the first block of each sequence writes its new tokens into the cache
     // (positions no block of this launch reads there: the new rows are read directly).
     // Its page scratch is the ring's last stage, not yet in use.
     if (p.n_new > 0 && blockIdx.x == 0 && blockIdx.y == 0)
         dec_append<T>(p, b, len_old, reinterpret_cast<fa_i64*>(ring + dec_slot(DEC_STAGES - 1, 0, 0, PER, 0)));
 
-    // This lane's chunk of each query row (log2 domain), one 16-byte load where aligned.
+    // The query chunk in the log2 domain (unaligned rows element by element).
     float q[RB][VEC];
 #pragma unroll
     for (int r = 0; r < RB; ++r) {
-        const int rr = row0 + r;
-        const int h = kvh * group + rr / p.seq_q, i = rr % p.seq_q;
-        const T* qp = reinterpret_cast<const T*>(p.q) + (fa_i64)b * p.q_sb + (fa_i64)h * p.q_sh + (fa_i64)i * p.q_ss + col;
-        if (r < rows && col_ok && ((unsigned long long)qp & 15u) == 0) {
-            dec_unpack16<T>(*reinterpret_cast<const fa_u32x4*>(qp), q[r]);
+        if (q_vec[r]) {
+            dec_unpack16<T>(q_raw[r], q[r]);
 #pragma unroll
             for (int e = 0; e < VEC; ++e) q[r][e] *= scale2;
         } else {
+            const int rr = row0 + r;
+            const int h = kvh * group + rr / p.seq_q, i = rr % p.seq_q;
+            const T* qp = reinterpret_cast<const T*>(p.q) + (fa_i64)b * p.q_sb + (fa_i64)h * p.q_sh + (fa_i64)i * p.q_ss + col;
 #pragma unroll
             for (int e = 0; e < VEC; ++e) q[r][e] = r < rows && col_ok ? fa_load_f32(qp + e) * scale2 : 0.f;
         }
@@ -742,6 +758,7 @@ FA_DEVICE void flash_decode_reg_body(const DecodeParams& p) {
         if (k_ahead < key_end) dec_reg_issue<T, HD>(p, ring, st_ahead, b, kvh, k_ahead, key_end, len_old, kg, col, col_ok, tid);
         dec_commit();
         dec_wait<DEC_STAGES - 1>();
+        if (key0 == key_begin) DEC_MARK(1);
 
         // Partial dots of this lane's chunk: s[c * RB + r].
         float s[PER * RB];
@@ -810,6 +827,7 @@ FA_DEVICE void flash_decode_reg_body(const DecodeParams& p) {
         st = st == DEC_STAGES - 1 ? 0 : st + 1;
     }
     dec_wait<0>();
+    DEC_MARK(2);
     // The row's sum over both keys of each tile (the two lanes share m).
     l += fa_shfl_xor(l, VPR / 2, VPR);
     __syncthreads();  // the ring's bytes are reused below
@@ -835,6 +853,7 @@ FA_DEVICE void flash_decode_reg_body(const DecodeParams& p) {
         s_l[kg * RB + my_r] = l;
     }
     __syncthreads();
+    DEC_MARK(7);
     dec_finish<T, HD, VPR, G, RB>(p, s_acc, s_m, s_l, rows, row0, kvh, b, split, rg, row_groups, tid);
 }
 

@@ -7,7 +7,26 @@
 // floor for this grid), and an empty kernel; then the decode result's max abs error against
 // a host reference. Build and run on the GPU machine with scripts/decode-probe.sh.
 // Arguments: cache length, chunks (splits), distinct caches rotated (1: stays in L2).
+// -DDEC_PROBE_KERNEL="path" builds another copy of the kernel source (A/B runs).
+// -DDEC_PROBE_MARKS: thread 0 of every block records %globaltimer at the kernel's DEC_MARK
+// points, and a timeline of one launch is printed (us after the first block starts).
+#ifdef DEC_PROBE_MARKS
+#define DEC_NMARKS 9
+__device__ unsigned long long* g_dec_marks;
+#define DEC_MARK(n)                                                                           \
+    do {                                                                                      \
+        if (threadIdx.x == 0) {                                                               \
+            unsigned long long t_;                                                            \
+            asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_) :: "memory");                    \
+            g_dec_marks[((blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) * DEC_NMARKS + (n)] = t_; \
+        }                                                                                     \
+    } while (0)
+#endif
+#ifdef DEC_PROBE_KERNEL
+#include DEC_PROBE_KERNEL
+#else
 #include "../kernels/flash_decode.hip"
+#endif
 #include <cstdio>
 #include <cstring>
 #include <cmath>
@@ -74,9 +93,14 @@ int main(int argc, char** argv) {
     p.max_pages = 0; p.page_size = 1; p.num_splits = splits; p.split_keys = (L + splits - 1) / splits;
     p.split_keys = (p.split_keys + 31) / 32 * 32;
     p.scale = 0.08838834764f; p.causal = 1;
-    const size_t smem = 3 * 2 * 2 * DEC_THREADS * 16;  // decode_smem_bytes(bf16, 128)
+    const size_t smem = (size_t)DEC_STAGES * 2 * 2 * DEC_THREADS * 16;  // decode_smem_bytes(bf16, 128)
     cudaStream_t s;
     CK(cudaStreamCreate(&s));
+#ifdef DEC_PROBE_MARKS
+    unsigned long long* dm;  // every launch records its marks here
+    CK(cudaMalloc(&dm, (size_t)splits * HKV * DEC_NMARKS * 8));
+    CK(cudaMemcpyToSymbol(g_dec_marks, &dm, sizeof(dm)));
+#endif
     struct K { const char* name; void (*f)(DecodeParams); dim3 grid; size_t smem; };
     K kernels[] = {
         {"decode", flash_decode_bf16_hd128, dim3(splits, HKV, 1), smem},
@@ -124,6 +148,46 @@ int main(int argc, char** argv) {
         printf("L=%d splits=%d copies=%d %-10s graph %6.2f us (%.2f TB/s)  stream %6.2f us\n", L, splits, COPIES, k.name, best_graph,
                bytes / (best_graph * 1e-6) / 1e12, best_stream);
     }
+#ifdef DEC_PROBE_MARKS
+    {
+        const int nb = splits * HKV;
+        std::vector<unsigned long long> h((size_t)nb * DEC_NMARKS);
+        const char* names[DEC_NMARKS] = {"block start", "first tile", "key loop (thread 0)", "partial written",
+                                         "counter", "last: splits merged", "last: output", "group rows in smem",
+                                         "first copies issued"};
+        const int order[DEC_NMARKS] = {0, 8, 1, 2, 7, 3, 4, 5, 6};
+        // Median over 9 launches of each mark's median and latest block.
+        std::vector<std::vector<double>> med(DEC_NMARKS), last(DEC_NMARKS);
+        for (int t = 0; t < 9 + 4; ++t) {
+            CK(cudaMemset(dm, 0, (size_t)nb * DEC_NMARKS * 8));
+            DecodeParams pp = p;
+            pp.k = ks[t % COPIES];
+            pp.v = vs[t % COPIES];
+            flash_decode_bf16_hd128<<<dim3(splits, HKV, 1), DEC_THREADS, smem, s>>>(pp);
+            CK(cudaStreamSynchronize(s));
+            if (t < 4) continue;
+            CK(cudaMemcpy(h.data(), dm, h.size() * 8, cudaMemcpyDeviceToHost));
+            unsigned long long t0 = ~0ull;
+            for (int bk = 0; bk < nb; ++bk) t0 = std::min(t0, h[bk * DEC_NMARKS]);
+            for (int m = 0; m < DEC_NMARKS; ++m) {
+                std::vector<double> v;
+                for (int bk = 0; bk < nb; ++bk)
+                    if (h[bk * DEC_NMARKS + m]) v.push_back((h[bk * DEC_NMARKS + m] - t0) * 1e-3);
+                if (v.empty()) continue;
+                std::sort(v.begin(), v.end());
+                med[m].push_back(v[v.size() / 2]);
+                last[m].push_back(v.back());
+            }
+        }
+        printf("L=%d splits=%d copies=%d timeline (us after the first block starts; median block / last block):\n", L, splits, COPIES);
+        for (int m : order) {
+            if (med[m].empty()) continue;
+            std::sort(med[m].begin(), med[m].end());
+            std::sort(last[m].begin(), last[m].end());
+            printf("  %-22s %6.2f / %6.2f\n", names[m], med[m][med[m].size() / 2], last[m][last[m].size() / 2]);
+        }
+    }
+#endif
     // Check the decode result against a host reference for head 0.
     {
         DecodeParams pp = p;
