@@ -67,11 +67,21 @@ fn main() {
         for &b in &batches {
             for &l in &lens {
                 match attention_only(&backend, dtype, b, l) {
-                    Ok((us, tbps, splits)) => {
-                        println!("decode {dtype:5} B={b:2} L={l:5}: {us:8.1} us {tbps:5.2} TB/s (splits {splits})");
+                    Ok(t) => {
+                        let (us, tbps, splits) = (t.us, t.tbps, t.splits);
+                        let (gus, gtbps) = (t.graph_us, t.graph_tbps);
+                        println!(
+                            "decode {dtype:5} B={b:2} L={l:5}: {us:8.1} us {tbps:5.2} TB/s (splits {splits}); \
+                             replayed from a device graph {gus:8.1} us {gtbps:5.2} TB/s"
+                        );
                         if let Some(f) = csv.as_mut() {
                             writeln!(f, "attention,{dtype},{b},{l},{us:.2},{tbps:.3},{splits}")
                                 .expect("csv");
+                            writeln!(
+                                f,
+                                "attention_graph,{dtype},{b},{l},{gus:.2},{gtbps:.3},{splits}"
+                            )
+                            .expect("csv");
                         }
                     }
                     Err(e) => println!("decode {dtype:5} B={b:2} L={l:5}: error {e}"),
@@ -86,8 +96,9 @@ fn main() {
                     "rust loop {dtype:5} B=1 L=4096: per step (append + attention) {:.1} us queued back to back, \
                      {:.1} us when the host waits for every step (median); as one call \
                      (forward_cached_append) {:.1} us queued, {:.1} us host-synchronized; attention \
-                     alone on the loop's cache (warm in L2) {:.1} us",
-                    t.queued, t.synced, t.fused_queued, t.fused_synced, t.attention_warm
+                     alone on the loop's cache (warm in L2) {:.1} us, replayed from a device graph {:.1} us",
+                    t.queued, t.synced, t.fused_queued, t.fused_synced, t.attention_warm,
+                    t.attention_warm_graph
                 );
                 if let Some(f) = csv.as_mut() {
                     for (kind, us) in [
@@ -96,6 +107,7 @@ fn main() {
                         ("loop_fused_queued", t.fused_queued),
                         ("loop_fused_synced", t.fused_synced),
                         ("loop_attention_warm", t.attention_warm),
+                        ("loop_attention_warm_graph", t.attention_warm_graph),
                     ] {
                         writeln!(f, "{kind},{dtype},1,4096,{us:.2},,").expect("csv");
                     }
@@ -129,12 +141,23 @@ fn cache_with(
     Ok(c)
 }
 
+/// Per-call times of [`attention_only`].
+struct AttentionTimes {
+    us: f64,
+    tbps: f64,
+    splits: usize,
+    graph_us: f64,
+    graph_tbps: f64,
+}
+
+/// The decode call over rotated caches, queued back to back on the stream, then the same
+/// calls (one rotation) recorded once with `Device::capture_graph` and replayed.
 fn attention_only(
     backend: &GpuAttentionBackend,
     dtype: DType,
     b: usize,
     l: usize,
-) -> Result<(f64, f64, usize)> {
+) -> Result<AttentionTimes> {
     let dev = backend.device();
     let kv_bytes = 2 * b * l * HKV * D * dtype.size_in_bytes();
     // Enough distinct caches to exceed L2 several times over.
@@ -175,7 +198,34 @@ fn attention_only(
         host[host.len() / 2]
     );
     let splits = forge_attn::backend::gpu::split_plan(132, b, HKV, 1, l, dtype, D).num_splits;
-    Ok((us, kv_bytes as f64 / (us * 1e-6) / 1e12, splits))
+    let graph = dev.capture_graph(|| {
+        for c in &caches {
+            backend.forward_cached(&cfg, &q, c, &mut out)?;
+        }
+        Ok(())
+    })?;
+    graph.launch()?;
+    dev.synchronize()?;
+    let mut graph_samples = Vec::new();
+    for _ in 0..7 {
+        let ms = dev.elapsed_ms(|| {
+            for _ in 0..20 {
+                graph.launch()?;
+            }
+            Ok(())
+        })?;
+        graph_samples.push(ms * 1e3 / (20 * copies) as f64);
+    }
+    graph_samples.sort_by(f64::total_cmp);
+    let graph_us = graph_samples[graph_samples.len() / 2];
+    let tbps = |us: f64| kv_bytes as f64 / (us * 1e-6) / 1e12;
+    Ok(AttentionTimes {
+        us,
+        tbps: tbps(us),
+        splits,
+        graph_us,
+        graph_tbps: tbps(graph_us),
+    })
 }
 
 /// A decode loop's step (append the token's K/V, attend over the cache), timed two ways:
@@ -222,6 +272,20 @@ fn step_loop(backend: &GpuAttentionBackend, dtype: DType, b: usize, l: usize) ->
         }
         Ok(())
     })?;
+    // The attention call recorded once as a device graph and replayed, on the same cache.
+    let graph = dev.capture_graph(|| {
+        backend
+            .forward_cached(&cfg, &x, &cache, &mut out)
+            .map(|_| ())
+    })?;
+    graph.launch()?;
+    let attn_graph_ms = dev.elapsed_ms(|| {
+        for _ in 0..steps {
+            graph.launch()?;
+        }
+        Ok(())
+    })?;
+    drop(graph);
     // The same step as one call, `forward_cached_append` (one launch here), both ways.
     let mut fused_times = Vec::with_capacity(steps);
     for _ in 0..steps {
@@ -245,6 +309,7 @@ fn step_loop(backend: &GpuAttentionBackend, dtype: DType, b: usize, l: usize) ->
         synced,
         queued: ms * 1e3 / steps as f64,
         attention_warm: attn_ms * 1e3 / steps as f64,
+        attention_warm_graph: attn_graph_ms * 1e3 / steps as f64,
         fused_synced: fused_times[fused_times.len() / 2],
         fused_queued: fused_ms * 1e3 / steps as f64,
     })
@@ -255,6 +320,7 @@ struct StepTimes {
     synced: f64,
     queued: f64,
     attention_warm: f64,
+    attention_warm_graph: f64,
     fused_synced: f64,
     fused_queued: f64,
 }

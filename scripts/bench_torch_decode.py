@@ -16,7 +16,9 @@ H, HKV, D = 32, 8, 128
 DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
-def bench(dtype, b, l, backend):
+def bench(dtype, b, l, backend, graph=False):
+    """Median us per call: calls queued back to back, or (graph=True) one rotation of the
+    caches recorded as a CUDA graph and replayed."""
     dt = DTYPES[dtype]
     kv_bytes = 2 * b * l * HKV * D * torch.finfo(dt).bits // 8
     copies = max(1, min(16, -(-(256 << 20) // kv_bytes)))
@@ -31,12 +33,30 @@ def bench(dtype, b, l, backend):
             run(i)
         torch.cuda.synchronize()
         reps = 20 * copies
+        g = None
+        if graph:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for i in range(copies):
+                    run(i)
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                for i in range(copies):
+                    run(i)
+            g.replay()
+            torch.cuda.synchronize()
         samples = []
         for _ in range(7):
             a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
-            for i in range(reps):
-                run(i)
+            if g is not None:
+                for _ in range(reps // copies):
+                    g.replay()
+            else:
+                for i in range(reps):
+                    run(i)
             e.record()
             e.synchronize()
             samples.append(a.elapsed_time(e) * 1e3 / reps)
@@ -72,6 +92,29 @@ def main():
         us, tb = peers[best]
         ours = float(r["us"])
         lines.append(f"| {dtype} | {b} | {l} | {ours:.1f} | {float(r['tbps']):.2f} | {best} | {us:.1f} | {tb:.2f} | {us / ours:.2f}x |")
+    graphs = [r for r in csv.DictReader(open(args.csv)) if r["kind"] == "attention_graph"]
+    if graphs:
+        lines += ["", "Recorded once and replayed as a graph (forge: `Device::capture_graph`; torch: "
+                  "`torch.cuda.CUDAGraph` of its fastest backend for the shape above):", "",
+                  "| dtype | B | L | forge us | forge TB/s | torch backend | torch us | torch TB/s | speedup |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for r in graphs:
+            dtype, b, l = r["dtype"], int(r["batch"]), int(r["kv_len"])
+            best = None
+            for name, be in {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}.items():
+                if name == "math" and dtype != "f32":
+                    continue
+                try:
+                    us, tb = bench(dtype, b, l, be, graph=True)
+                except RuntimeError:
+                    continue
+                if best is None or us < best[1]:
+                    best = (name, us, tb)
+            if best is None:
+                continue
+            ours = float(r["us"])
+            lines.append(f"| {dtype} | {b} | {l} | {ours:.1f} | {float(r['tbps']):.2f} | {best[0]} | {best[1]:.1f} | {best[2]:.2f} | {best[1] / ours:.2f}x |")
     table = "\n".join(lines)
     print(table)
     if args.out:

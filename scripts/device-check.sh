@@ -20,7 +20,7 @@ case "$mode" in
     # out-of-memory test is skipped: the failed allocation it provokes is an API error there.
     export FORGE_ATTN_SANITIZE=1
     for tool in memcheck racecheck; do
-      for t in gpu_backend kv_cache zero_transfers; do
+      for t in gpu_backend kv_cache zero_transfers device_graph; do
         echo "== compute-sanitizer --tool $tool $t"
         compute-sanitizer --tool "$tool" --error-exitcode 9 ".gpu/tests/$t" --include-ignored --test-threads 1 --skip out_of_memory_is_an_error "$@" 2>&1 \
           | tee -a "$out/sanitize-$tool.log" | grep -E "(ERROR SUMMARY|RACECHECK SUMMARY|test result|Invalid|hazard)"

@@ -99,6 +99,17 @@ pub enum AttentionError {
     /// A KV cache cannot take more tokens.
     #[error("KV cache capacity exceeded: {0}")]
     CapacityExceeded(String),
+    /// An operation that a device graph cannot record was called while recording one
+    /// ([`Device::capture_graph`](crate::Device::capture_graph)).
+    #[error("{op} is not allowed while recording a device graph on {device}: {reason}")]
+    GraphCapture {
+        /// The device being recorded.
+        device: String,
+        /// The refused operation.
+        op: String,
+        /// Why it cannot be recorded, and what to do instead.
+        reason: String,
+    },
 }
 
 /// Result alias used throughout the crate.

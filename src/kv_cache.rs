@@ -310,8 +310,16 @@ impl KvCache {
         Ok(s[1])
     }
 
-    /// Refuses an append that would overflow a sequence or the page pool.
+    /// Refuses an append that would overflow a sequence or the page pool, or that a device
+    /// graph is recording.
     pub(crate) fn reserve(&self, counts: &[usize]) -> Result<()> {
+        if self.device().is_capturing() {
+            return Err(AttentionError::GraphCapture {
+                device: self.device().to_string(),
+                op: "appending to a KvCache".into(),
+                reason: "its host-side lengths would advance once, not on every replay; record attention over the cache and append outside the graph".into(),
+            });
+        }
         let mut new_pages = 0;
         for (b, (&len, &c)) in self.lengths.iter().zip(counts).enumerate() {
             if len + c > self.capacity {

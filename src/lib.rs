@@ -57,7 +57,7 @@ pub use backend::cpu::CpuAttentionBackend;
 pub use backend::gpu::GpuAttentionBackend;
 pub use backend::{AttentionPath, DeviceAttentionBackend, FlashKernel, Support};
 pub use config::{AttentionConfig, KvCacheLayout, Layout};
-pub use device::{Device, TransferStats};
+pub use device::{Device, DeviceGraph, TransferStats};
 pub use dtype::{DType, HostElement};
 pub use error::{AttentionBackendResult, AttentionError, Result};
 pub use kv_cache::{KvCache, KvCacheSpec};

@@ -294,6 +294,63 @@ impl CudaRuntime {
     }
 }
 
+/// An instantiated CUDA graph (the recording itself is destroyed once instantiated).
+pub(crate) struct CudaGraph {
+    exec: sys::CUgraphExec,
+}
+
+// SAFETY: an executable graph handle may be launched and destroyed from any thread with the
+// context current, which every entry point below makes it first.
+unsafe impl Send for CudaGraph {}
+unsafe impl Sync for CudaGraph {}
+
+impl CudaRuntime {
+    /// Starts recording the stream's work instead of running it. Relaxed mode: module loads
+    /// and attribute changes made while recording (first use of a kernel) are allowed.
+    pub fn begin_capture(&self) -> Result<()> {
+        self.bind()?;
+        // SAFETY: our own stream, not already capturing (the caller tracks that).
+        unsafe {
+            result::stream::begin_capture(
+                self.stream,
+                sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED,
+            )
+        }
+        .map_err(|e| runtime_err("cuStreamBeginCapture", e))
+    }
+
+    /// Stops recording and instantiates what was recorded.
+    pub fn end_capture(&self) -> Result<CudaGraph> {
+        self.bind()?;
+        // SAFETY: our own stream, capturing since begin_capture.
+        let graph = unsafe { result::stream::end_capture(self.stream) }
+            .map_err(|e| runtime_err("cuStreamEndCapture", e))?;
+        // SAFETY: a graph just recorded; destroyed once instantiated (the instance is
+        // independent of it).
+        let exec = unsafe { result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) }
+            .map_err(|e| runtime_err("cuGraphInstantiateWithFlags", e));
+        // SAFETY: not used after this point.
+        let _ = unsafe { result::graph::destroy(graph) };
+        Ok(CudaGraph { exec: exec? })
+    }
+
+    /// Queues one replay of `g` on the stream.
+    pub fn launch_graph(&self, g: &CudaGraph) -> Result<()> {
+        self.bind()?;
+        // SAFETY: an instantiated graph of this context, launched on its stream.
+        unsafe { result::graph::launch(g.exec, self.stream) }
+            .map_err(|e| runtime_err("cuGraphLaunch", e))
+    }
+
+    /// Destroys `g` (replays already queued still run).
+    pub fn destroy_graph(&self, g: &CudaGraph) {
+        if self.bind().is_ok() {
+            // SAFETY: destroyed once, by the owner's drop.
+            let _ = unsafe { result::graph::exec_destroy(g.exec) };
+        }
+    }
+}
+
 /// `FORGE_ATTN_SYNC_LAUNCH=1` synchronizes after every launch so a faulting kernel is
 /// reported by name (debugging aid; off by default because it stalls the pipeline).
 fn sync_after_launch() -> bool {

@@ -90,7 +90,20 @@ mod ffi {
         pub fn hipEventSynchronize(event: hipEvent_t) -> c_int;
         pub fn hipEventElapsedTime(ms: *mut f32, start: hipEvent_t, stop: hipEvent_t) -> c_int;
         pub fn hipEventDestroy(event: hipEvent_t) -> c_int;
+        pub fn hipStreamBeginCapture(stream: hipStream_t, mode: c_int) -> c_int;
+        pub fn hipStreamEndCapture(stream: hipStream_t, graph: *mut *mut c_void) -> c_int;
+        pub fn hipGraphInstantiateWithFlags(
+            exec: *mut *mut c_void,
+            graph: *mut c_void,
+            flags: u64,
+        ) -> c_int;
+        pub fn hipGraphLaunch(exec: *mut c_void, stream: hipStream_t) -> c_int;
+        pub fn hipGraphExecDestroy(exec: *mut c_void) -> c_int;
+        pub fn hipGraphDestroy(graph: *mut c_void) -> c_int;
     }
+
+    /// `hipStreamCaptureModeRelaxed` (hip_runtime_api.h).
+    pub const STREAM_CAPTURE_MODE_RELAXED: c_int = 2;
 }
 
 /// The name of a HIP status code (`hipErrorNoDevice`, ...).
@@ -483,6 +496,62 @@ impl HipRuntime {
             let _ = ffi::hipEventDestroy(stop);
         }
         run
+    }
+}
+
+/// An instantiated HIP graph (`hipGraphExec_t`; the recording is destroyed once instantiated).
+pub(crate) struct HipGraph {
+    exec: *mut c_void,
+}
+
+// SAFETY: an executable graph handle may be launched and destroyed from any thread once the
+// device is current, which every entry point below makes it first.
+unsafe impl Send for HipGraph {}
+unsafe impl Sync for HipGraph {}
+
+impl HipRuntime {
+    /// Starts recording the stream's work instead of running it (relaxed mode, as on CUDA).
+    pub fn begin_capture(&self) -> Result<()> {
+        self.bind()?;
+        // SAFETY: our own stream, not already capturing (the caller tracks that).
+        check("hipStreamBeginCapture", unsafe {
+            ffi::hipStreamBeginCapture(self.stream, ffi::STREAM_CAPTURE_MODE_RELAXED)
+        })
+    }
+
+    /// Stops recording and instantiates what was recorded.
+    pub fn end_capture(&self) -> Result<HipGraph> {
+        self.bind()?;
+        let mut graph: *mut c_void = std::ptr::null_mut();
+        // SAFETY: our own stream, capturing since begin_capture; valid out-pointer.
+        check("hipStreamEndCapture", unsafe {
+            ffi::hipStreamEndCapture(self.stream, &mut graph)
+        })?;
+        let mut exec: *mut c_void = std::ptr::null_mut();
+        // SAFETY: a graph just recorded; valid out-pointer.
+        let made = check("hipGraphInstantiateWithFlags", unsafe {
+            ffi::hipGraphInstantiateWithFlags(&mut exec, graph, 0)
+        });
+        // SAFETY: the instance is independent of the recording, which is not used again.
+        let _ = unsafe { ffi::hipGraphDestroy(graph) };
+        made.map(|_| HipGraph { exec })
+    }
+
+    /// Queues one replay of `g` on the stream.
+    pub fn launch_graph(&self, g: &HipGraph) -> Result<()> {
+        self.bind()?;
+        // SAFETY: an instantiated graph of this device, launched on its stream.
+        check("hipGraphLaunch", unsafe {
+            ffi::hipGraphLaunch(g.exec, self.stream)
+        })
+    }
+
+    /// Destroys `g` once the replays queued so far have run.
+    pub fn destroy_graph(&self, g: &HipGraph) {
+        if self.synchronize().is_ok() {
+            // SAFETY: destroyed once, by the owner's drop, with no replay in flight.
+            let _ = unsafe { ffi::hipGraphExecDestroy(g.exec) };
+        }
     }
 }
 

@@ -7,10 +7,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::error::{AttentionError, Result};
 
+pub use graph::DeviceGraph;
+
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
 pub(crate) mod gpu;
+mod graph;
 #[cfg(feature = "rocm")]
 pub(crate) mod hip;
 

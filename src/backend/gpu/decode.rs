@@ -265,6 +265,8 @@ pub(crate) struct CacheView {
     pub page_size: usize,
     /// Tokens the kernel appends to every sequence in the same launch, or `None`.
     pub append: Option<NewTokens>,
+    /// The most keys a sequence of the cache can hold.
+    pub capacity: usize,
 }
 
 /// New tokens a decode launch appends to the cache it reads (register path only): read from
@@ -315,18 +317,28 @@ pub(crate) fn forward_decode(
     let group = p.num_heads / p.num_kv_heads;
     let reg = reg_lanes(p.dtype, bucket).is_some();
     let row_groups = (group * p.seq_q).div_ceil(block_rows(p.dtype, bucket));
-    let split = match splits_override() {
-        Some(n) => cut_into(n, p.seq_k, split_granularity(p.dtype, bucket)),
+    let plan = |len: usize| match splits_override() {
+        Some(n) => cut_into(n, len, split_granularity(p.dtype, bucket)),
         None => split_plan(
             rt.multiprocessor_count() as usize,
             p.batch,
             p.num_kv_heads,
             row_groups,
-            p.seq_k,
+            len,
             p.dtype,
             bucket,
         ),
     };
+    // A recorded call is replayed while the cache grows (the kernel reads the lengths from
+    // the device): it is cut for the longest cache it may see. The workspace always fits
+    // that cut too, so recording never needs more than the calls before it had.
+    let full = plan(cache.capacity.max(p.seq_k));
+    let split = if rt.is_capturing() {
+        full
+    } else {
+        plan(p.seq_k)
+    };
+    let workspace_splits = split.num_splits.max(full.num_splits);
     let mut params = DecodeParams {
         q: q.device_ptr(),
         k: cache.k,
@@ -386,7 +398,7 @@ pub(crate) fn forward_decode(
     let _keep_alive;
     if split.num_splits > 1 {
         let n = rows * split.num_splits;
-        let buf = ws.get(p.device, n * (p.head_dim + 1))?;
+        let buf = ws.get(p.device, rows * workspace_splits * (p.head_dim + 1))?;
         params.partial_o = buf.device_ptr();
         params.partial_lse = buf.device_ptr() + (n * p.head_dim * 4) as u64;
         // The register path merges the splits itself (the last block of each row group).

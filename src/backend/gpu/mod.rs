@@ -316,6 +316,7 @@ impl GpuAttentionBackend {
             max_pages: parts.max_pages,
             page_size: parts.page_size,
             append,
+            capacity: cache.capacity(),
         };
         decode::forward_decode(
             &self.runtime,
@@ -413,6 +414,8 @@ impl DeviceAttentionBackend for GpuAttentionBackend {
                     max_pages: 0,
                     page_size: 1,
                     append: None,
+                    // Dense K/V: every replay has the same keys.
+                    capacity: p.seq_k,
                 };
                 decode::forward_decode(
                     &self.runtime,
