@@ -68,6 +68,35 @@ impl Device {
     /// every replay. No other thread may use the device while `f` runs: the device has one
     /// stream, so their launches would be recorded too, and the rest refused. The CPU has nothing
     /// to record: [`Device::Cpu`] gives [`AttentionError::NotSupported`].
+    ///
+    /// A decode step's attention over every layer's cache, recorded once and replayed each
+    /// step (the caches grow outside the graph; the recording reads their lengths on the
+    /// device and is cut for their capacity):
+    ///
+    /// ```no_run
+    /// # use forge_attn::*;
+    /// # fn step(backend: &GpuAttentionBackend, cfg: &AttentionConfig, q: &DeviceTensor,
+    /// #         caches: &mut [KvCache], outs: &mut [DeviceTensor],
+    /// #         k_new: &DeviceTensor, v_new: &DeviceTensor) -> Result<()> {
+    /// let dev = backend.device();
+    /// // Run once first: the calls' workspaces are made then, not while recording.
+    /// for (c, o) in caches.iter().zip(outs.iter_mut()) {
+    ///     backend.forward_cached(cfg, q, c, o)?;
+    /// }
+    /// let graph = dev.capture_graph(|| {
+    ///     for (c, o) in caches.iter().zip(outs.iter_mut()) {
+    ///         backend.forward_cached(cfg, q, c, o)?;
+    ///     }
+    ///     Ok(())
+    /// })?;
+    /// for _token in 0..64 {
+    ///     graph.launch()?;
+    ///     for c in caches.iter_mut() {
+    ///         c.append(k_new, v_new)?;
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn capture_graph(&self, mut f: impl FnMut() -> Result<()>) -> Result<DeviceGraph> {
         if !self.is_gpu() {
             return Err(AttentionError::NotSupported {
