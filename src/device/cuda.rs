@@ -259,12 +259,6 @@ impl CudaRuntime {
             )
         }
         .map_err(|e| runtime_err(&format!("cuLaunchKernel({})", spec.name), e))?;
-        if sync_after_launch() {
-            self.synchronize().map_err(|e| AttentionError::Runtime {
-                op: format!("kernel {}", spec.name),
-                detail: e.to_string(),
-            })?;
-        }
         Ok(())
     }
 
@@ -349,11 +343,4 @@ impl CudaRuntime {
             let _ = unsafe { result::graph::exec_destroy(g.exec) };
         }
     }
-}
-
-/// `FORGE_ATTN_SYNC_LAUNCH=1` synchronizes after every launch so a faulting kernel is
-/// reported by name (debugging aid; off by default because it stalls the pipeline).
-fn sync_after_launch() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("FORGE_ATTN_SYNC_LAUNCH").is_ok_and(|v| v == "1"))
 }

@@ -283,7 +283,15 @@ impl GpuRuntime {
             Vendor::Cuda(ref c) => c.launch(spec, dims, bytes),
             #[cfg(feature = "rocm")]
             Vendor::Hip(ref h) => h.launch(spec, dims, bytes),
+        }?;
+        // A recorded launch runs later, at the graph's launch.
+        if sync_after_launch() && !self.is_capturing() {
+            self.synchronize().map_err(|e| AttentionError::Runtime {
+                op: format!("kernel {}", spec.name),
+                detail: e.to_string(),
+            })?;
         }
+        Ok(())
     }
 
     /// Device-side event timer: runs `f`, returns the elapsed device milliseconds.
@@ -438,4 +446,11 @@ impl GpuRuntime {
     pub fn device(&self) -> Device {
         self.device
     }
+}
+
+/// `FORGE_ATTN_SYNC_LAUNCH=1` synchronizes after every launch so a faulting kernel is
+/// reported by name (debugging aid; off by default because it stalls the pipeline).
+fn sync_after_launch() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("FORGE_ATTN_SYNC_LAUNCH").is_ok_and(|v| v == "1"))
 }

@@ -451,12 +451,6 @@ impl HipRuntime {
             )
         };
         check(&format!("hipModuleLaunchKernel({})", spec.name), status)?;
-        if sync_after_launch() {
-            self.synchronize().map_err(|e| AttentionError::Runtime {
-                op: format!("kernel {}", spec.name),
-                detail: e.to_string(),
-            })?;
-        }
         Ok(())
     }
 
@@ -553,13 +547,6 @@ impl HipRuntime {
             let _ = unsafe { ffi::hipGraphExecDestroy(g.exec) };
         }
     }
-}
-
-/// `FORGE_ATTN_SYNC_LAUNCH=1` synchronizes after every launch so a faulting kernel is
-/// reported by name (debugging aid, as on CUDA).
-fn sync_after_launch() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("FORGE_ATTN_SYNC_LAUNCH").is_ok_and(|v| v == "1"))
 }
 
 #[cfg(test)]
