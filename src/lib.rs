@@ -8,7 +8,8 @@
 //! [`AttentionPath`] it took and, through [`GpuAttentionBackend::plan`], the reason for any
 //! fallback. [`CpuAttentionBackend`] runs everything on the host. The original host-slice
 //! API ([`BackendImplementation`], [`AttentionBackendRegistry`]) keeps working through
-//! [`HostAdapter`].
+//! [`HostAdapter`]. A decode step's launches can be recorded once with
+//! [`Device::capture_graph`] and replayed as one [`DeviceGraph`] launch per step.
 //!
 //! ```
 //! use forge_attn::{AttentionConfig, DType, Device, DeviceAttentionBackend, DeviceTensor};

@@ -180,7 +180,8 @@ fn tensors_dropped_while_a_graph_exists_stay_valid_for_it() {
 
 /// What a recording refuses, each with a GraphCapture error and without breaking the
 /// device: allocating, reading back to the host, synchronizing, appending to a cache (also as a fused
-/// step), a nested recording and launching a graph; and the closure's own error.
+/// step), a nested recording and launching a graph; the closure's own error, and a panic
+/// in it.
 #[test]
 #[ignore = "needs a GPU"]
 fn recording_refuses_what_a_replay_cannot_repeat() {
@@ -241,6 +242,19 @@ fn recording_refuses_what_a_replay_cannot_repeat() {
         matches!(mine, AttentionError::InvalidConfig { field: "test", .. }),
         "{mine}"
     );
+    // A panic inside the closure ends the recording too.
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        dev.capture_graph(|| -> forge_attn::Result<()> {
+            backend.forward_cached(&config(64), &q, &c, &mut out)?;
+            panic!("inside a recording")
+        })
+    }));
+    assert!(panicked.is_err());
+    assert!(!dev.is_capturing());
+    backend
+        .forward_cached(&config(64), &q, &c, &mut out)
+        .unwrap();
+    dev.synchronize().unwrap();
     // Appending outside a recording still works.
     c.append(&k, &v).unwrap();
     assert_eq!(c.lengths(), &[65]);

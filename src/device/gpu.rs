@@ -62,6 +62,31 @@ struct GraphUse {
     dropped: Vec<GraphExec>,
 }
 
+/// Ends the recording of [`GpuRuntime::capture`] once: through [`end`](Self::end), or on
+/// drop when the closure panicked (the graph is then discarded with its hold on buffers).
+struct EndCapture<'a> {
+    rt: &'a GpuRuntime,
+    done: bool,
+}
+
+impl EndCapture<'_> {
+    fn end(&mut self) -> Result<GraphExec> {
+        self.done = true;
+        self.rt.end_capture()
+    }
+}
+
+impl Drop for EndCapture<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            match self.rt.end_capture() {
+                Ok(exec) => self.rt.release_graph(exec),
+                Err(_) => self.rt.release_holder(),
+            }
+        }
+    }
+}
+
 /// An instantiated graph of the vendor runtime.
 pub(crate) enum GraphExec {
     #[cfg(feature = "cuda")]
@@ -354,8 +379,29 @@ impl GpuRuntime {
             #[cfg(feature = "rocm")]
             Vendor::Hip(ref h) => h.begin_capture(),
         };
+        // End the recording whatever happens, a panic in `f` included, so the stream runs
+        // work again.
+        let mut ending = EndCapture {
+            rt: self,
+            done: false,
+        };
         let ran = begun.and_then(|_| f());
-        // End the recording whatever happened, so the stream runs work again.
+        let ended = ending.end();
+        match (ran, ended) {
+            (Ok(()), Ok(exec)) => Ok(exec),
+            (Err(e), Ok(exec)) => {
+                self.release_graph(exec);
+                Err(e)
+            }
+            (Err(e), Err(_)) | (Ok(()), Err(e)) => {
+                self.release_holder();
+                Err(e)
+            }
+        }
+    }
+
+    /// Ends a recording: the vendor's end-of-capture, then the runtime's state.
+    fn end_capture(&self) -> Result<GraphExec> {
         let ended = match self.vendor {
             #[cfg(feature = "cuda")]
             Vendor::Cuda(ref c) => c.end_capture().map(GraphExec::Cuda),
@@ -372,17 +418,7 @@ impl GpuRuntime {
         for exec in dropped {
             self.release_graph(exec);
         }
-        match (ran, ended) {
-            (Ok(()), Ok(exec)) => Ok(exec),
-            (Err(e), Ok(exec)) => {
-                self.release_graph(exec);
-                Err(e)
-            }
-            (Err(e), Err(_)) | (Ok(()), Err(e)) => {
-                self.release_holder();
-                Err(e)
-            }
-        }
+        ended
     }
 
     /// Queues one replay of `exec`.
