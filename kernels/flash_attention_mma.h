@@ -59,6 +59,7 @@
 
 #include "mma_ops.h"
 #include "mma_softmax.h"
+#include "mma_block_io.h"
 
 #if FA_HAS_MMA
 
@@ -154,13 +155,7 @@ FA_DEVICE void fa_mma_forward(const AttnParams& p) {
     const int seq_k = p.seq_k;
     if (q0 >= seq_q) return;  // block-uniform, before any barrier
 
-    // 16-byte copies need 16-byte aligned bases, strides of whole chunks and whole chunks of
-    // head_dim; anything else takes the SIMT kernel (block-uniform decision).
-    const fa_u64 in_addr = reinterpret_cast<fa_u64>(p.q) | reinterpret_cast<fa_u64>(p.k) |
-                           reinterpret_cast<fa_u64>(p.v);
-    const fa_i64 in_strides = p.q_sb | p.q_sh | p.q_ss | p.k_sb | p.k_sh | p.k_ss | p.v_sb |
-                              p.v_sh | p.v_ss;
-    if ((in_addr & 15u) != 0 || (in_strides & 7) != 0 || (p.head_dim & 7) != 0) {
+    if (!fa_mma_inputs_vectorizable<unsigned short>(p)) {
         fa_flash_forward_split<T, HD, BM, THREADS, SMEM, MODE>(p, q0);
         return;
     }
@@ -352,13 +347,7 @@ FA_DEVICE void fa_mma_forward(const AttnParams& p) {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            float l = l_i[mt][r];
-            l += fa_shfl_xor(l, 1, 32);
-            l += fa_shfl_xor(l, 2, 32);
-            l_i[mt][r] = l;
-            inv[mt][r] = l > 0.0f ? 1.0f / l : 0.0f;
-        }
+        for (int r = 0; r < 2; ++r) inv[mt][r] = fa_mma_quad_sum_inv(l_i[mt][r]);
     unsigned short* ow = Qs + WR * warp * STR;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
@@ -371,39 +360,9 @@ FA_DEVICE void fa_mma_forward(const AttnParams& p) {
         }
     __syncwarp();
 
-    unsigned short* og = static_cast<unsigned short*>(p.out) + (fa_i64)b * p.o_sb +
-                         (fa_i64)h * p.o_sh;
-    const bool out_vec = ((reinterpret_cast<fa_u64>(p.out) & 15u) == 0) &&
-                         (((p.o_sb | p.o_sh | p.o_ss) & 7) == 0);
+    fa_mma_store_rows16<WR, MS::CPR>(p, ow, STR, wrow0, b, h, lane);
 #pragma unroll
-    for (int it = 0; it < (WR * MS::CPR + 31) / 32; ++it) {
-        const int idx = lane + 32 * it;
-        if (idx >= WR * MS::CPR) break;
-        const int r = idx / MS::CPR;
-        const int col = (idx % MS::CPR) * 8;
-        const int qi = wrow0 + r;
-        if (qi < seq_q && col < head_dim) {
-            unsigned short* dst = og + (fa_i64)qi * p.o_ss + col;
-            const unsigned short* src = ow + r * STR + col;
-            if (out_vec) {
-                *reinterpret_cast<fa_u32x4*>(dst) = *reinterpret_cast<const fa_u32x4*>(src);
-            } else {
-                for (int e = 0; e < 8 && col + e < head_dim; ++e) dst[e] = src[e];
-            }
-        }
-    }
-
-    if (p.lse != nullptr && c4 == 0) {
-#pragma unroll
-        for (int rr = 0; rr < 2 * MT; ++rr) {
-            const int mt = rr >> 1;
-            const int r = rr & 1;
-            const int qi = wrow0 + 16 * mt + g + 8 * r;
-            if (qi < seq_q)
-                p.lse[((fa_i64)b * p.num_heads + h) * seq_q + qi] =
-                    l_i[mt][r] > 0.0f ? fmaf(m_i[mt][r], FA_LN2, fa_logf(l_i[mt][r])) : FA_NEG_INF;
-        }
-    }
+    for (int mt = 0; mt < MT; ++mt) fa_mma_store_lse(p, b, h, wrow0 + 16 * mt, g, c4, m_i[mt], l_i[mt]);
 }
 
 #endif  // FA_HAS_MMA

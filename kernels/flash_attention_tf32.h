@@ -23,6 +23,7 @@
 
 #include "mma_ops.h"
 #include "mma_softmax.h"
+#include "mma_block_io.h"
 
 struct fa_tf32 {};  // kernel element tag: f32 storage, TF32 tensor-core math
 
@@ -84,12 +85,7 @@ FA_DEVICE void fa_tf32_forward(const AttnParams& p) {
     const int seq_k = p.seq_k;
     if (q0 >= seq_q) return;
 
-    // 16-byte copies need 16-byte aligned bases and strides, head_dim a multiple of 4.
-    const fa_u64 in_addr = reinterpret_cast<fa_u64>(p.q) | reinterpret_cast<fa_u64>(p.k) |
-                           reinterpret_cast<fa_u64>(p.v);
-    const fa_i64 in_strides = p.q_sb | p.q_sh | p.q_ss | p.k_sb | p.k_sh | p.k_ss | p.v_sb |
-                              p.v_sh | p.v_ss;
-    if ((in_addr & 15u) != 0 || (in_strides & 3) != 0 || (p.head_dim & 3) != 0) {
+    if (!fa_mma_inputs_vectorizable<float>(p)) {
         fa_flash_forward_split<float, HD, BM, THREADS, SMEM, MODE>(p, q0);
         return;
     }
@@ -238,13 +234,7 @@ FA_DEVICE void fa_tf32_forward(const AttnParams& p) {
     fa_cp_async_wait<0>();
     float inv[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        float l = l_i[r];
-        l += fa_shfl_xor(l, 1, 32);
-        l += fa_shfl_xor(l, 2, 32);
-        l_i[r] = l;
-        inv[r] = l > 0.0f ? 1.0f / l : 0.0f;
-    }
+    for (int r = 0; r < 2; ++r) inv[r] = fa_mma_quad_sum_inv(l_i[r]);
 
     // Each lane owns two consecutive columns of rows g and g + 8 of every 8-column tile.
     float* og = static_cast<float*>(p.out) + (fa_i64)b * p.o_sb + (fa_i64)h * p.o_sh;
@@ -272,15 +262,7 @@ FA_DEVICE void fa_tf32_forward(const AttnParams& p) {
         }
     }
 
-    if (p.lse != nullptr && c4 == 0) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            const int qi = wrow0 + g + 8 * r;
-            if (qi < seq_q)
-                p.lse[((fa_i64)b * p.num_heads + h) * seq_q + qi] =
-                    l_i[r] > 0.0f ? fmaf(m_i[r], FA_LN2, fa_logf(l_i[r])) : FA_NEG_INF;
-        }
-    }
+    fa_mma_store_lse(p, b, h, wrow0, g, c4, m_i, l_i);
 }
 
 #endif  // FA_HAS_MMA

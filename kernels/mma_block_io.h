@@ -1,0 +1,69 @@
+// The two ends of a tensor-core flash block (flash_attention_mma.h, _tf32.h, _wgmma.h):
+// whether its inputs allow 16-byte copies, and its output: the quad-reduced row sums, the
+// stores of staged 16-bit rows and the log-sum-exp. Fragment rows as in mma_softmax.h: a
+// thread holds rows row0 + g + 8r (r = 0, 1) of its quad.
+#pragma once
+
+#include "compat.h"
+#include "attention_params.h"
+
+// 16-byte copies of Q, K and V need 16-byte aligned bases, strides of whole 16-byte chunks
+// and head_dim in whole chunks; a block that sees anything else takes the SIMT kernel (the
+// decision is block-uniform).
+template <typename E>
+FA_DEVICE bool fa_mma_inputs_vectorizable(const AttnParams& p) {
+    constexpr long long PER = 16 / (long long)sizeof(E);  // elements per chunk
+    const fa_u64 addr = reinterpret_cast<fa_u64>(p.q) | reinterpret_cast<fa_u64>(p.k) |
+                        reinterpret_cast<fa_u64>(p.v);
+    const fa_i64 strides = p.q_sb | p.q_sh | p.q_ss | p.k_sb | p.k_sh | p.k_ss | p.v_sb | p.v_sh | p.v_ss;
+    return (addr & 15u) == 0 && (strides & (PER - 1)) == 0 && (p.head_dim & (PER - 1)) == 0;
+}
+
+// A row's sum over the four lanes of its quad (each holds a quarter of the columns); returns
+// 1 / sum, or 0 for a row that saw no visible key.
+FA_DEVICE float fa_mma_quad_sum_inv(float& l) {
+    l += fa_shfl_xor(l, 1, 32);
+    l += fa_shfl_xor(l, 2, 32);
+    return l > 0.0f ? 1.0f / l : 0.0f;
+}
+
+// Copies ROWS rows of 16-bit output staged in shared memory (row stride str elements, CPR
+// 16-byte chunks per row) to the output rows row0 .., one chunk per lane at a time; 16-byte
+// stores where the output allows them.
+template <int ROWS, int CPR>
+FA_DEVICE void fa_mma_store_rows16(const AttnParams& p, const unsigned short* ow, int str, int row0, int b,
+                                   int h, int lane) {
+    unsigned short* og = static_cast<unsigned short*>(p.out) + (fa_i64)b * p.o_sb + (fa_i64)h * p.o_sh;
+    const bool out_vec = ((reinterpret_cast<fa_u64>(p.out) & 15u) == 0) && (((p.o_sb | p.o_sh | p.o_ss) & 7) == 0);
+#pragma unroll
+    for (int it = 0; it < (ROWS * CPR + 31) / 32; ++it) {
+        const int idx = lane + 32 * it;
+        if (idx >= ROWS * CPR) break;
+        const int r = idx / CPR;
+        const int col = (idx % CPR) * 8;
+        const int qi = row0 + r;
+        if (qi < p.seq_q && col < p.head_dim) {
+            unsigned short* dst = og + (fa_i64)qi * p.o_ss + col;
+            const unsigned short* src = ow + r * str + col;
+            if (out_vec) {
+                *reinterpret_cast<fa_u32x4*>(dst) = *reinterpret_cast<const fa_u32x4*>(src);
+            } else {
+                for (int e = 0; e < 8 && col + e < p.head_dim; ++e) dst[e] = src[e];
+            }
+        }
+    }
+}
+
+// The natural-log log-sum-exp of the thread's rows row0 + g + 8r from their running max
+// (log2 domain) and sum, written by one lane of each quad when the caller asked for it.
+FA_DEVICE void fa_mma_store_lse(const AttnParams& p, int b, int h, int row0, int g, int c4, const float (&m)[2],
+                                const float (&l)[2]) {
+    if (p.lse == nullptr || c4 != 0) return;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int qi = row0 + g + 8 * r;
+        if (qi < p.seq_q)
+            p.lse[((fa_i64)b * p.num_heads + h) * p.seq_q + qi] =
+                l[r] > 0.0f ? fmaf(m[r], FA_LN2, fa_logf(l[r])) : FA_NEG_INF;
+    }
+}
