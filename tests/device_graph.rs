@@ -179,9 +179,9 @@ fn tensors_dropped_while_a_graph_exists_stay_valid_for_it() {
 }
 
 /// What a recording refuses, each with a GraphCapture error and without breaking the
-/// device: allocating, reading back to the host, synchronizing, appending to a cache (also as a fused
-/// step), a nested recording and launching a graph; the closure's own error, and a panic
-/// in it.
+/// device: allocating, reading back to the host, synchronizing, timing with events,
+/// appending to a cache (also as a fused step), a nested recording and launching a graph;
+/// the closure's own error, and a panic in it.
 #[test]
 #[ignore = "needs a GPU"]
 fn recording_refuses_what_a_replay_cannot_repeat() {
@@ -204,7 +204,7 @@ fn recording_refuses_what_a_replay_cannot_repeat() {
         e => panic!("{what}: expected GraphCapture, got {e}"),
     };
     let ops = [
-        "alloc", "dtoh", "sync", "append", "fused", "nested", "launch",
+        "alloc", "dtoh", "sync", "time", "append", "fused", "nested", "launch",
     ];
     for what in ops {
         let err = dev
@@ -212,6 +212,7 @@ fn recording_refuses_what_a_replay_cannot_repeat() {
                 "alloc" => DeviceTensor::zeros(&[4], DType::F32, dev).map(|_| ()),
                 "dtoh" => out.to_f32_vec().map(|_| ()),
                 "sync" => dev.synchronize(),
+                "time" => dev.elapsed_ms(|| Ok(())).map(|_| ()),
                 "append" => c.append(&k, &v),
                 "fused" => backend
                     .forward_cached_append(&config(65), &q, &k, &v, &mut c, &mut out)
