@@ -197,7 +197,7 @@ fn attention_only(
         "  host queues one call in {:.1} us (median)",
         host[host.len() / 2]
     );
-    let splits = forge_attn::backend::gpu::split_plan(132, b, HKV, 1, l, dtype, D).num_splits;
+    let splits = backend.decode_split(&cfg, &q, &caches[0], &out)?.num_splits;
     let graph = dev.capture_graph(|| {
         for c in &caches {
             backend.forward_cached(&cfg, &q, c, &mut out)?;

@@ -78,8 +78,10 @@ FA_DEVICE void fa_attn_scores(const AttnParams& p) {
                 for (int c = 0; c < 4; ++c) {
                     const int kj = j0 + tx * 4 + c;
                     if (kj >= seq_k) continue;
+                    // Natural units here; the same rule as fa_mask_log2: -inf removes the
+                    // key whatever its score, finite values are added.
                     float x = acc[a][c] * p.scale;
-                    if (mrow != nullptr) x += mrow[kj];
+                    if (mrow != nullptr) x = mrow[kj] == FA_NEG_INF ? FA_NEG_INF : x + mrow[kj];
                     if (p.causal != 0 && kj > qi + diag) x = FA_NEG_INF;
                     srow[kj] = x;
                 }
@@ -120,12 +122,12 @@ FA_KERNEL void FA_LAUNCH_BOUNDS(256) attn_softmax_rows(AttnParams p) {
             for (int j = tid; j < n; j += nt) x[j] = 0.0f;
             continue;
         }
-        const float mx2 = mx * FA_LOG2E;
+        // x - mx before the log2 scaling: mx * log2(e) overflows for scores near -FLT_MAX.
         float sum = 0.0f;
-        for (int j = tid; j < n; j += nt) sum += fa_exp2f(fmaf(x[j], FA_LOG2E, -mx2));
+        for (int j = tid; j < n; j += nt) sum += fa_exp2f((x[j] - mx) * FA_LOG2E);
         sum = fa_block_reduce(sum, red, false);
         const float inv = 1.0f / sum;
-        for (int j = tid; j < n; j += nt) x[j] = fa_exp2f(fmaf(x[j], FA_LOG2E, -mx2)) * inv;
+        for (int j = tid; j < n; j += nt) x[j] = fa_exp2f((x[j] - mx) * FA_LOG2E) * inv;
     }
 }
 

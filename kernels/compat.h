@@ -65,6 +65,17 @@ FA_DEVICE unsigned int fa_float_to_bits(float f) { return __float_as_uint(f); }
 #define FA_LOG2E 1.4426950408889634f
 #define FA_LN2 0.6931471805599453f
 
+// Scores of keys an additive mask leaves in, in the log2 domain: x + m * log2(e). A mask value
+// of -inf removes the key whatever x holds (so NaN or inf in a removed key's K cannot reach
+// the row, the same as the causal cut); finite values, however negative, are added as in
+// f32 torch (-FLT_MAX on every key of a row gives its plain average), clamped first so that
+// m * log2(e) cannot overflow to -inf. NaN in the mask stays NaN.
+#define FA_MASK_FLOOR (-2.3587e38f)  // just above -FLT_MAX / log2(e)
+FA_DEVICE float fa_mask_log2(float x, float m) {
+    if (m == FA_NEG_INF) return FA_NEG_INF;
+    return fmaf(m < FA_MASK_FLOOR ? FA_MASK_FLOOR : m, FA_LOG2E, x);
+}
+
 // ---------------------------------------------------------------- 16-bit storage types
 struct fa_f16 {
     unsigned short bits;

@@ -37,5 +37,5 @@ typedef struct {
     float scale;
     int causal;
     int n_new;                // fused append: tokens appended per sequence (0: none)
-    int pad_;
+    int num_pages;            // fused append into a paged cache: pages in the pool
 } DecodeParams;

@@ -306,7 +306,7 @@ FA_DEVICE void fa_mask_tile(float (&s)[SH::RM][SH::SN], const AttnParams& p, int
             const int kj = kv0 + tx + SH::TX * j;
             const bool vis = (kj < seq_k) && (!causal || kj <= lim);
             float x = s[i][j];
-            if (has_mask && vis && row_ok) x = fmaf(mrow[kj], FA_LOG2E, x);
+            if (has_mask && vis && row_ok) x = fa_mask_log2(x, mrow[kj]);
             s[i][j] = vis ? x : FA_NEG_INF;
         }
     }

@@ -12,9 +12,13 @@
 //    last block to finish its key loop advances the sequence's length, all in one launch.
 // Two bodies behind one entry point per dtype x head dim: the register path (below,
 // DecReg<T, HD>::OK) for head dims that split into a power-of-two number of 16-byte lane
-// chunks, and the shared-memory path for the others. Shared-memory path grid (num_splits,
-// num_kv_heads * row_groups, batch); DEC_THREADS threads; dynamic shared memory from
-// decode_smem_bytes() (the host computes the same formulas).
+// chunks, and the shared-memory path for the others. Both take the grid (num_splits *
+// row_groups, num_kv_heads, batch) (the host launches batches and KV heads past the y / z
+// limit in slices); DEC_THREADS threads; dynamic shared memory from decode_smem_bytes() (the
+// host computes the same formulas). K/V rows are read in 16-byte vectors: the host only
+// sends 16-byte aligned caches here (bases, strides and head_dim in whole vectors).
+// Keys past a sequence's length are never read (zero-filled), nor are block-table entries
+// past it; a negative entry (a page the pool could not give) reads as zeros.
 #include "compat.h"
 #include "decode_params.h"
 #include "kv_append.h"
@@ -40,6 +44,26 @@ template <typename T, int HD> struct DecodeTile {
 //   Q rows [DEC_ROWS][HD] f32, scores [DEC_ROWS][N] f32, row stats 3 x DEC_ROWS f32.
 template <typename T, int HD> FA_DEVICE constexpr int dec_row_elems() { return HD + 16 / (int)sizeof(T); }
 
+// First key of split `split`, in 64-bit so that split * split_keys cannot wrap near the
+// largest capacities (a split past the sequence starts at its end: no keys).
+FA_DEVICE int dec_key_begin(const DecodeParams& p, int split, int len) {
+    const fa_i64 k0 = (fa_i64)split * p.split_keys;
+    return k0 < (fa_i64)len ? (int)k0 : len;
+}
+
+// Page (or sequence, for a contiguous cache) and position within it of key j of sequence b;
+// false for a page the block table does not hold (a negative entry).
+FA_DEVICE bool dec_locate(const DecodeParams& p, int b, int j, fa_i64& page, fa_i64& within) {
+    if (p.block_table) {
+        page = p.block_table[(fa_i64)b * p.max_pages + j / p.page_size];
+        within = j % p.page_size;
+        return page >= 0;
+    }
+    page = b;
+    within = j;
+    return true;
+}
+
 // K and V tiles travel global -> registers -> shared memory in two steps, so the loads of
 // tile t+1 are in flight while tile t is being used (issue), and all of a thread's loads are
 // issued before any is consumed (commit): the 16-byte loads of a tile overlap instead of
@@ -61,15 +85,8 @@ template <typename T, int HD> struct DecStager {
             const int n = idx / VPR, col = (idx % VPR) * VEC;
             const int j = key0 + n;
             fa_u32x4 kv = {0u, 0u, 0u, 0u}, vv = {0u, 0u, 0u, 0u};
-            if (idx < N * VPR && j < key_end && col < p.head_dim) {
-                fa_i64 page, within;
-                if (p.block_table) {
-                    page = p.block_table[(fa_i64)b * p.max_pages + j / p.page_size];
-                    within = j % p.page_size;
-                } else {
-                    page = b;
-                    within = j;
-                }
+            fa_i64 page, within;
+            if (idx < N * VPR && j < key_end && col < p.head_dim && dec_locate(p, b, j, page, within)) {
                 kv = *reinterpret_cast<const fa_u32x4*>(kbase + page * p.k_sb + (fa_i64)kvh * p.k_sh + within * p.k_ss + col);
                 vv = *reinterpret_cast<const fa_u32x4*>(vbase + page * p.v_sb + (fa_i64)kvh * p.v_sh + within * p.v_ss + col);
             }
@@ -134,17 +151,17 @@ FA_DEVICE void flash_decode_body(const DecodeParams& p) {
     float* s_l = s_m + DEC_ROWS;
     float* s_alpha = s_l + DEC_ROWS;
 
-    const int split = blockIdx.x;
     const int group = p.num_heads / p.num_kv_heads;
     const int rows_total = group * p.seq_q;
     const int row_groups = (rows_total + DEC_ROWS - 1) / DEC_ROWS;
-    const int kvh = blockIdx.y / row_groups;
-    const int row0 = (blockIdx.y % row_groups) * DEC_ROWS;
+    const int split = (int)(blockIdx.x / (unsigned)row_groups);
+    const int row0 = (int)(blockIdx.x % (unsigned)row_groups) * DEC_ROWS;
     const int rows = min(DEC_ROWS, rows_total - row0);
+    const int kvh = blockIdx.y;
     const int b = blockIdx.z;
     const int len = p.seq_lens ? p.seq_lens[b] : p.seq_k;
-    const int key_begin = split * p.split_keys;
-    const int key_end = min(len, key_begin + p.split_keys);
+    const int key_begin = dec_key_begin(p, split, len);
+    const int key_end = (int)min((fa_i64)len, (fa_i64)key_begin + p.split_keys);
     const int tid = threadIdx.x;
     const float scale2 = p.scale * FA_LOG2E;
 
@@ -424,23 +441,17 @@ FA_DEVICE void dec_reg_issue(const DecodeParams& p, fa_u32x4* ring, int st, int 
 #pragma unroll
     for (int c = 0; c < R::PER; ++c) {
         const int j = key0 + kg + c * R::GROUPS;
-        const bool valid = j < key_end && col_ok;
+        bool valid = j < key_end && col_ok;
         const T* ks = kbase;
         const T* vs = vbase;
+        fa_i64 page = 0, within = 0;
+        if (valid && j < len_old) valid = dec_locate(p, b, j, page, within);
         if (valid && j >= len_old) {
             // A token this launch appends: read from the new rows, not the cache.
             const fa_i64 t = j - len_old;
             ks = reinterpret_cast<const T*>(p.k_new) + (fa_i64)b * p.kn_sb + t * p.kn_ss + (fa_i64)kvh * p.kn_sh + col;
             vs = reinterpret_cast<const T*>(p.v_new) + (fa_i64)b * p.vn_sb + t * p.vn_ss + (fa_i64)kvh * p.vn_sh + col;
         } else if (valid) {
-            fa_i64 page, within;
-            if (p.block_table) {
-                page = p.block_table[(fa_i64)b * p.max_pages + j / p.page_size];
-                within = j % p.page_size;
-            } else {
-                page = b;
-                within = j;
-            }
             ks = kbase + page * p.k_sb + (fa_i64)kvh * p.k_sh + within * p.k_ss + col;
             vs = vbase + page * p.v_sb + (fa_i64)kvh * p.v_sh + within * p.v_ss + col;
         }
@@ -478,6 +489,7 @@ FA_DEVICE void dec_append(const DecodeParams& p, int b, int len_old, fa_i64* s_p
     a.head_dim = p.head_dim;
     a.max_pages = p.max_pages;
     a.page_size = p.page_size;
+    a.num_pages = p.num_pages;
     kv_append_sequence<typename DecBits<T>::type>(a, b, len_old, false, s_page);
 }
 
@@ -679,8 +691,8 @@ FA_DEVICE void flash_decode_reg_body(const DecodeParams& p) {
     // With a fused append the sequence is len_old cached tokens plus n_new new ones.
     const int len_old = p.seq_lens ? p.seq_lens[b] : p.seq_k;
     const int len = len_old + p.n_new;
-    const int key_begin = split * p.split_keys;
-    const int key_end = min(len, key_begin + p.split_keys);
+    const int key_begin = dec_key_begin(p, split, len);
+    const int key_end = (int)min((fa_i64)len, (fa_i64)key_begin + p.split_keys);
     const int tid = threadIdx.x;
     const int lane = tid % VPR;
     const int kg = tid / VPR;
@@ -865,10 +877,9 @@ template <typename T, int HD> struct DecPath<T, HD, true> {
 };
 
 // Merges the splits of one (batch, head, query) row: weights 2^(lse_s - max lse).
-// Grid (B * H * Sq), 128 threads.
+// Grid (min(B * H * Sq, 2^31 - 1)), 128 threads, each block striding over the rows.
 template <typename T>
-FA_DEVICE void flash_decode_combine_body(const DecodeParams& p) {
-    const fa_i64 row = blockIdx.x;
+FA_DEVICE void flash_decode_combine_row(const DecodeParams& p, fa_i64 row) {
     const int qi = (int)(row % p.seq_q);
     const int h = (int)((row / p.seq_q) % p.num_heads);
     const int b = (int)(row / ((fa_i64)p.seq_q * p.num_heads));
@@ -887,6 +898,13 @@ FA_DEVICE void flash_decode_combine_body(const DecodeParams& p) {
         }
         fa_store(o + d, den > 0.f ? num / den : 0.f);
     }
+}
+
+template <typename T>
+FA_DEVICE void flash_decode_combine_body(const DecodeParams& p) {
+    const fa_i64 rows_total = (fa_i64)p.batch * p.num_heads * p.seq_q;
+    for (fa_i64 row = blockIdx.x; row < rows_total; row += gridDim.x)
+        flash_decode_combine_row<T>(p, row);
 }
 
 #define DEC_INSTANTIATE(DT, T, HD)                                                              \

@@ -10,7 +10,7 @@
 
 // Masks one m-tile of scores that are already in the log2 domain: keys past seq_k and above
 // the bottom-right causal diagonal (key > query + diag) become -inf, visible ones get the
-// additive mask (log2 units) when there is one. row0 is the m-tile's first query row; the
+// additive mask (fa_mask_log2) when there is one. row0 is the m-tile's first query row; the
 // thread's rows are row0 + g + 8r, its keys kv0 + 8j + 2 * c4 + e.
 template <int NT>
 FA_DEVICE void fa_mma_mask_tile(float (&s)[NT][4], const AttnParams& p, int b, int h, int row0, int g,
@@ -30,7 +30,7 @@ FA_DEVICE void fa_mma_mask_tile(float (&s)[NT][4], const AttnParams& p, int b, i
                 const int kj = kv0 + 8 * j + 2 * c4 + e;
                 const bool vis = (kj < seq_k) && (!causal || kj <= lim);
                 float x = s[j][2 * r + e];
-                if (mrow != nullptr && vis) x = fmaf(mrow[kj], FA_LOG2E, x);
+                if (mrow != nullptr && vis) x = fa_mask_log2(x, mrow[kj]);
                 s[j][2 * r + e] = vis ? x : FA_NEG_INF;
             }
     }

@@ -41,6 +41,8 @@ struct AppendParams {
     head_dim: i32,
     max_pages: i32,
     page_size: i32,
+    num_pages: i32,
+    pad_: i32,
 }
 
 /// Paging of a [`KvCacheLayout::BlockSparse`] cache.
@@ -422,6 +424,8 @@ impl KvCache {
             head_dim: self.head_dim as i32,
             max_pages: self.paging.as_ref().map_or(0, |p| p.max_pages as i32),
             page_size: self.paging.as_ref().map_or(1, |p| p.page_size as i32),
+            num_pages: self.paging.as_ref().map_or(0, |p| p.num_pages as i32),
+            pad_: 0,
         };
         let name = if self.dtype().size_in_bytes() == 2 {
             "kv_append_b2"
@@ -598,6 +602,7 @@ impl KvCache {
             page_size: self.paging.as_ref().map_or(1, |p| p.page_size),
             max_len: self.lengths.iter().copied().max().unwrap_or(0),
             pool_next: self.paging.as_ref().map(|p| &p.pool_next),
+            num_pages: self.paging.as_ref().map_or(0, |p| p.num_pages),
         }
     }
 }
@@ -613,4 +618,6 @@ pub(crate) struct CacheParts<'a> {
     pub page_size: usize,
     pub max_len: usize,
     pub pool_next: Option<&'a DeviceTensor>,
+    /// Pages in the pool (0: contiguous).
+    pub num_pages: usize,
 }

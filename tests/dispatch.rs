@@ -18,6 +18,7 @@ fn input(dtype: DType, head_dim: usize, causal: bool, has_mask: bool, seq_q: usi
         has_mask,
         seq_q,
         tf32: false,
+        kv_aligned: true,
     }
 }
 

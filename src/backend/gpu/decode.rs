@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use super::grid::{for_each_slice, offset_ptr, HeadAxis, MAX_GRID_X};
 use super::workspace::DeviceScratch;
 use crate::device::gpu::{GpuRuntime, LaunchDims};
 use crate::device::Device;
@@ -80,7 +81,7 @@ pub(crate) struct DecodeParams {
     pub scale: f32,
     pub causal: i32,
     pub n_new: i32,
-    pub pad_: i32,
+    pub num_pages: i32,
 }
 
 /// Head-dim buckets the decode kernel is instantiated for.
@@ -130,8 +131,9 @@ fn block_rows(dtype: DType, bucket: usize) -> usize {
     }
 }
 
-/// Dynamic shared memory of one decode block (same layouts as the kernel's comments).
-pub fn decode_smem_bytes(dtype: DType, bucket: usize) -> u32 {
+/// Dynamic shared memory of one decode block (same layouts as the kernel's comments);
+/// `bucket` is one of the decode head-dim buckets ([`decode_bucket`]).
+pub(crate) fn decode_smem_bytes(dtype: DType, bucket: usize) -> u32 {
     let es = dtype.size_in_bytes();
     if reg_lanes(dtype, bucket).is_some() {
         // The ring of DEC_STAGES tiles, 2 x REG_PER 16-byte vectors per thread each; the
@@ -165,7 +167,7 @@ const BLOCKS_PER_SM: usize = 1;
 /// least one wave's worth of blocks where the cache is long enough, never giving a block
 /// fewer than 128 keys (64 in short caches); among equally good cuts, the one with the
 /// fewest splits.
-pub fn split_plan(
+pub(crate) fn split_plan(
     multiprocessors: usize,
     batch: usize,
     kv_heads: usize,
@@ -267,6 +269,8 @@ pub(crate) struct CacheView {
     pub append: Option<NewTokens>,
     /// The most keys a sequence of the cache can hold.
     pub capacity: usize,
+    /// Pages in the pool of a paged cache (0 for a contiguous one).
+    pub num_pages: usize,
 }
 
 /// New tokens a decode launch appends to the cache it reads (register path only): read from
@@ -299,6 +303,44 @@ fn spec(name: String, dtype: DType, bucket: usize) -> KernelSpec {
     )
 }
 
+/// The split a launch over `len` keys uses: `FORGE_ATTN_DECODE_SPLITS` when set, else
+/// [`split_plan`].
+fn chosen_split(
+    multiprocessors: usize,
+    p: &AttentionProblem,
+    bucket: usize,
+    row_groups: usize,
+    len: usize,
+) -> SplitPlan {
+    match splits_override() {
+        Some(n) => cut_into(n, len, split_granularity(p.dtype, bucket)),
+        None => split_plan(
+            multiprocessors,
+            p.batch,
+            p.num_kv_heads,
+            row_groups,
+            len,
+            p.dtype,
+            bucket,
+        ),
+    }
+}
+
+/// The split a decode launch of `p` (its `seq_k` keys) would use on a device with
+/// `multiprocessors` SMs, or `None` when the decode kernel does not take `p.head_dim`.
+pub(crate) fn split_for(multiprocessors: usize, p: &AttentionProblem) -> Option<SplitPlan> {
+    let bucket = decode_bucket(p.head_dim)?;
+    let group = p.num_heads / p.num_kv_heads.max(1);
+    let row_groups = (group * p.seq_q).div_ceil(block_rows(p.dtype, bucket));
+    Some(chosen_split(
+        multiprocessors,
+        p,
+        bucket,
+        row_groups,
+        p.seq_k,
+    ))
+}
+
 /// Queues the decode kernel (and the merge when the cache is split).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn forward_decode(
@@ -317,26 +359,35 @@ pub(crate) fn forward_decode(
     let group = p.num_heads / p.num_kv_heads;
     let reg = reg_lanes(p.dtype, bucket).is_some();
     let row_groups = (group * p.seq_q).div_ceil(block_rows(p.dtype, bucket));
-    let plan = |len: usize| match splits_override() {
-        Some(n) => cut_into(n, len, split_granularity(p.dtype, bucket)),
-        None => split_plan(
-            rt.multiprocessor_count() as usize,
-            p.batch,
-            p.num_kv_heads,
-            row_groups,
-            len,
-            p.dtype,
-            bucket,
-        ),
-    };
+    let sms = rt.multiprocessor_count() as usize;
+    let plan = |len: usize| chosen_split(sms, p, bucket, row_groups, len);
     // A recorded call is replayed while the cache grows (the kernel reads the lengths from
     // the device): it is cut for the longest cache it may see. The workspace always fits
     // that cut too, so recording never needs more than the calls before it had.
-    let full = plan(cache.capacity.max(p.seq_k));
+    // Grid x holds splits x row groups.
+    if row_groups > MAX_GRID_X {
+        return Err(AttentionError::NotSupported {
+            backend: "gpu (decode)".into(),
+            reason: format!(
+                "{} query rows per KV head need {row_groups} row groups, grid x allows {MAX_GRID_X}",
+                group * p.seq_q
+            ),
+        });
+    }
+    let max_splits = MAX_GRID_X / row_groups;
+    let capped = |s: SplitPlan, len: usize| {
+        if s.num_splits <= max_splits {
+            s
+        } else {
+            cut_into(max_splits, len, split_granularity(p.dtype, bucket))
+        }
+    };
+    let full_len = cache.capacity.max(p.seq_k);
+    let full = capped(plan(full_len), full_len);
     let split = if rt.is_capturing() {
         full
     } else {
-        plan(p.seq_k)
+        capped(plan(p.seq_k), p.seq_k)
     };
     let workspace_splits = split.num_splits.max(full.num_splits);
     let mut params = DecodeParams {
@@ -370,6 +421,7 @@ pub(crate) fn forward_decode(
         split_keys: split.split_keys as i32,
         scale: p.scale,
         causal: p.causal as i32,
+        num_pages: cache.num_pages as i32,
         ..Default::default()
     };
     let mut arrivals = None;
@@ -394,13 +446,30 @@ pub(crate) fn forward_decode(
         arrivals = Some(t);
     }
     let _arrivals = arrivals;
-    let rows = p.batch * p.num_heads * p.seq_q;
     let _keep_alive;
     if split.num_splits > 1 {
-        let n = rows * split.num_splits;
-        let buf = ws.get(p.device, rows * workspace_splits * (p.head_dim + 1))?;
+        let too_big = || {
+            AttentionError::NotSupported {
+            backend: "gpu (decode)".into(),
+            reason: format!(
+                "split workspace of {} x {} x {} rows x {workspace_splits} splits x (head_dim {} + 1) overflows",
+                p.batch, p.num_heads, p.seq_q, p.head_dim
+            ),
+        }
+        };
+        let rows = p
+            .batch
+            .checked_mul(p.num_heads)
+            .and_then(|x| x.checked_mul(p.seq_q))
+            .ok_or_else(too_big)?;
+        let elems = rows
+            .checked_mul(workspace_splits)
+            .and_then(|x| x.checked_mul(p.head_dim + 1))
+            .ok_or_else(too_big)?;
+        let buf = ws.get(p.device, elems)?;
         params.partial_o = buf.device_ptr();
-        params.partial_lse = buf.device_ptr() + (n * p.head_dim * 4) as u64;
+        // The partial rows of this cut, then their log-sum-exps (within `elems`).
+        params.partial_lse = buf.device_ptr() + (rows * split.num_splits * p.head_dim * 4) as u64;
         // The register path merges the splits itself (the last block of each row group).
         let counters = if reg {
             let c = ws.get_counters(p.device, p.batch * p.num_kv_heads * row_groups)?;
@@ -412,32 +481,65 @@ pub(crate) fn forward_decode(
         _keep_alive = (buf, counters);
     }
     let dt = p.dtype.name();
-    let grid = if reg {
-        (
+    let main = spec(format!("flash_decode_{dt}_hd{bucket}"), p.dtype, bucket);
+    let combine = spec(format!("flash_decode_combine_{dt}"), p.dtype, bucket);
+    let smem = decode_smem_bytes(p.dtype, bucket);
+    let es = p.dtype.size_in_bytes();
+    let paged = cache.block_table != 0;
+    for_each_slice(p.batch, p.num_heads, p.num_kv_heads, HeadAxis::Kv, |sl| {
+        let mut sp = params;
+        if !sl.is_whole(p.batch, p.num_heads) {
+            if cache.append.is_some() && sl.kv_heads != p.num_kv_heads {
+                // Every block of a sequence must be in one launch for the fused append.
+                return Err(AttentionError::NotSupported {
+                    backend: "gpu (decode)".into(),
+                    reason: format!(
+                        "a fused append over {} KV heads (more than one launch holds)",
+                        p.num_kv_heads
+                    ),
+                });
+            }
+            let at = |sb: i64, sh: i64, h: usize| (sl.batch0 as i64 * sb + h as i64 * sh) as usize;
+            sp.q = offset_ptr(sp.q, at(sp.q_sb, sp.q_sh, sl.head0), es);
+            sp.out = offset_ptr(sp.out, at(sp.o_sb, sp.o_sh, sl.head0), es);
+            // A paged pool is indexed by page, not by sequence.
+            let kb = if paged { 0 } else { sl.batch0 as i64 };
+            sp.k = offset_ptr(
+                sp.k,
+                (kb * sp.k_sb + sl.kv_head0 as i64 * sp.k_sh) as usize,
+                es,
+            );
+            sp.v = offset_ptr(
+                sp.v,
+                (kb * sp.v_sb + sl.kv_head0 as i64 * sp.v_sh) as usize,
+                es,
+            );
+            sp.k_new = offset_ptr(sp.k_new, at(sp.kn_sb, sp.kn_sh, sl.kv_head0), es);
+            sp.v_new = offset_ptr(sp.v_new, at(sp.vn_sb, sp.vn_sh, sl.kv_head0), es);
+            sp.seq_lens = offset_ptr(sp.seq_lens, sl.batch0, 4);
+            sp.arrivals = offset_ptr(sp.arrivals, sl.batch0, 4);
+            sp.block_table = offset_ptr(sp.block_table, sl.batch0 * cache.max_pages, 4);
+            sp.batch = sl.batch as i32;
+            sp.num_heads = sl.heads as i32;
+            sp.num_kv_heads = sl.kv_heads as i32;
+        }
+        // Splits and row groups share grid x (splits outer), the same on both paths.
+        let grid = (
             (split.num_splits * row_groups) as u32,
-            p.num_kv_heads as u32,
-            p.batch as u32,
-        )
-    } else {
-        (
-            split.num_splits as u32,
-            (p.num_kv_heads * row_groups) as u32,
-            p.batch as u32,
-        )
-    };
-    rt.launch(
-        &spec(format!("flash_decode_{dt}_hd{bucket}"), p.dtype, bucket),
-        LaunchDims::new(grid, (THREADS, 1, 1), decode_smem_bytes(p.dtype, bucket)),
-        &params,
-    )?;
-    if split.num_splits > 1 && !reg {
-        rt.launch(
-            &spec(format!("flash_decode_combine_{dt}"), p.dtype, bucket),
-            LaunchDims::new((rows as u32, 1, 1), (128, 1, 1), 0),
-            &params,
-        )?;
-    }
-    Ok(())
+            sl.kv_heads as u32,
+            sl.batch as u32,
+        );
+        rt.launch(&main, LaunchDims::new(grid, (THREADS, 1, 1), smem), &sp)?;
+        if split.num_splits > 1 && !reg {
+            let slice_rows = (sl.batch * sl.heads * p.seq_q).min(MAX_GRID_X);
+            rt.launch(
+                &combine,
+                LaunchDims::new((slice_rows as u32, 1, 1), (128, 1, 1), 0),
+                &sp,
+            )?;
+        }
+        Ok(())
+    })
 }
 
 /// Names of every decode variant, for compile checks.

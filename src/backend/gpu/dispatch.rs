@@ -5,6 +5,7 @@ use crate::backend::{AttentionPath, FlashKernel};
 use crate::dtype::DType;
 use crate::kernels::{self, FlashTile, KernelFile, TileVendor};
 use crate::problem::AttentionProblem;
+use crate::tensor::DeviceTensor;
 
 use super::decode::{decode_bucket, decode_smem_bytes, MAX_DECODE_QUERIES};
 
@@ -27,6 +28,10 @@ pub struct PlanInput {
     pub seq_q: usize,
     /// f32 may run in TF32 on the tensor cores (opt-in; only where the device has them).
     pub tf32: bool,
+    /// K and V rows can be read in 16-byte vectors (base addresses, strides and head_dim in
+    /// whole 16-byte units, see [`vectors_aligned`]); the decode kernel needs that, the
+    /// prefill kernels check it themselves and copy element-wise otherwise.
+    pub kv_aligned: bool,
 }
 
 impl PlanInput {
@@ -39,8 +44,32 @@ impl PlanInput {
             has_mask: p.mask.is_some(),
             seq_q: p.seq_q,
             tf32: false,
+            kv_aligned: true,
         }
     }
+
+    /// The plan input of a validated problem over these K and V tensors.
+    pub fn of_call(p: &AttentionProblem, k: &DeviceTensor, v: &DeviceTensor) -> Self {
+        PlanInput {
+            kv_aligned: vectors_aligned(k) && vectors_aligned(v),
+            ..Self::of(p)
+        }
+    }
+}
+
+/// Whether every row of `t` (dims before the last) starts on a 16-byte boundary and its
+/// last dim is a whole number of 16-byte vectors: what 16-byte vector loads need.
+pub fn vectors_aligned(t: &DeviceTensor) -> bool {
+    let es = t.dtype().size_in_bytes();
+    let rank = t.rank();
+    t.device_ptr().is_multiple_of(16)
+        && t.shape()
+            .last()
+            .is_some_and(|&d| (d * es).is_multiple_of(16))
+        && t.strides()[..rank.saturating_sub(1)]
+            .iter()
+            .zip(t.shape())
+            .all(|(&s, &n)| n == 1 || (s * es).is_multiple_of(16))
 }
 
 /// A flash launch: the kernel family and, for the prefill families, its tile
@@ -75,11 +104,11 @@ pub struct Plan {
     pub fallback_reason: Option<String>,
 }
 
-/// The flash family for a problem: Decode for short unmasked query blocks, else Causal /
-/// NonCausal without a mask and Generic with one.
+/// The flash family for a problem: Decode for short unmasked query blocks over K/V it can
+/// read in 16-byte vectors, else Causal / NonCausal without a mask and Generic with one.
 pub fn select_flash_kernel(input: &PlanInput) -> FlashKernel {
     match (input.has_mask, input.causal) {
-        (false, _) if input.seq_q <= MAX_DECODE_QUERIES => FlashKernel::Decode,
+        (false, _) if input.seq_q <= MAX_DECODE_QUERIES && input.kv_aligned => FlashKernel::Decode,
         (true, _) => FlashKernel::Generic,
         (false, true) => FlashKernel::Causal,
         (false, false) => FlashKernel::NonCausal,
@@ -163,25 +192,76 @@ pub fn plan(
     }
 }
 
-/// Whether problem sizes fit the kernels' 32-bit size fields.
+/// Longest query or key sequence the GPU kernels take: their 32-bit tile and key indices
+/// stay clear of `i32::MAX` by a margin of 2^23 (a grid row of 64-key tiles).
+pub const MAX_KERNEL_SEQ: usize = i32::MAX as usize - (1 << 23);
+
+/// Whether problem sizes fit the kernels' 32-bit size fields. Batch and heads have no
+/// limit of their own: calls past the grid's y / z limit run in slices (`grid.rs`).
 pub fn check_kernel_limits(p: &AttentionProblem) -> Result<(), String> {
-    let limit = i32::MAX as usize;
-    for (name, v) in [
-        ("batch", p.batch),
-        ("seq_q", p.seq_q),
-        ("seq_k", p.seq_k),
-        ("num_heads", p.num_heads),
-        ("head_dim", p.head_dim),
+    check_sizes(p.batch, p.seq_q, p.seq_k, p.num_heads, p.head_dim)
+}
+
+/// [`check_kernel_limits`] on bare sizes (also what `supports` asks of a config).
+pub fn check_sizes(
+    batch: usize,
+    seq_q: usize,
+    seq_k: usize,
+    num_heads: usize,
+    head_dim: usize,
+) -> Result<(), String> {
+    let int = i32::MAX as usize;
+    for (name, v, limit) in [
+        ("batch", batch, int),
+        ("seq_q", seq_q, MAX_KERNEL_SEQ),
+        ("seq_k", seq_k, MAX_KERNEL_SEQ),
+        ("num_heads", num_heads, int),
+        ("head_dim", head_dim, int),
     ] {
         if v > limit {
-            return Err(format!("{name} = {v} exceeds {limit}"));
+            return Err(format!(
+                "{name} = {v} exceeds the GPU kernels' limit {limit}"
+            ));
         }
     }
-    if p.batch * p.num_heads > 65535 {
-        return Err(format!(
-            "batch * heads = {} exceeds the grid limit",
-            p.batch * p.num_heads
-        ));
-    }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input(seq_q: usize, kv_aligned: bool) -> PlanInput {
+        PlanInput {
+            dtype: DType::F16,
+            head_dim: 128,
+            causal: false,
+            has_mask: false,
+            seq_q,
+            tf32: false,
+            kv_aligned,
+        }
+    }
+
+    #[test]
+    fn unaligned_kv_never_takes_the_decode_kernel() {
+        assert_eq!(select_flash_kernel(&input(1, true)), FlashKernel::Decode);
+        assert_eq!(
+            select_flash_kernel(&input(1, false)),
+            FlashKernel::NonCausal
+        );
+        let causal = PlanInput {
+            causal: true,
+            ..input(16, false)
+        };
+        assert_eq!(select_flash_kernel(&causal), FlashKernel::Causal);
+    }
+
+    #[test]
+    fn large_batches_and_heads_fit_sequence_limits_do_not() {
+        assert!(check_sizes(2048 * 1024, 1, 4096, 64 * 1024, 128).is_ok());
+        let e = check_sizes(1, 1, MAX_KERNEL_SEQ + 1, 1, 8).unwrap_err();
+        assert!(e.contains(&(MAX_KERNEL_SEQ + 1).to_string()), "{e}");
+        assert!(check_sizes(1, MAX_KERNEL_SEQ, MAX_KERNEL_SEQ, 1, 8).is_ok());
+    }
 }

@@ -3,34 +3,55 @@
 use std::sync::Arc;
 
 use super::dispatch::FlashChoice;
+use super::grid::{for_each_slice, offset_ptr, HeadAxis, Slice};
 use super::params::AttnParams;
 use crate::device::gpu::{GpuRuntime, LaunchDims};
-use crate::error::Result;
+use crate::error::{AttentionError, Result};
 use crate::kernels;
 use crate::problem::AttentionProblem;
 
-/// Queues one flash launch: grid (ceil(Sq / BLOCK_M), H, B).
+/// Queues the flash launches: grid (ceil(Sq / BLOCK_M), H, B), one launch per slice of the
+/// batch and heads that fits the grid's y / z limits (one launch for any usual call).
 pub(crate) fn forward_flash(
     rt: &Arc<GpuRuntime>,
     p: &AttentionProblem,
     params: &AttnParams,
     choice: &FlashChoice,
 ) -> Result<()> {
-    let tile = choice
-        .tile
-        .ok_or_else(|| crate::error::AttentionError::NotSupported {
-            backend: "gpu (flash)".into(),
-            reason: format!("{:?} has no prefill tile", choice.kernel),
-        })?;
+    let tile = choice.tile.ok_or_else(|| AttentionError::NotSupported {
+        backend: "gpu (flash)".into(),
+        reason: format!("{:?} has no prefill tile", choice.kernel),
+    })?;
     let spec = kernels::flash_spec(choice.file(), tile);
-    let grid = (
-        p.seq_q.div_ceil(tile.block_m as usize) as u32,
-        p.num_heads as u32,
-        p.batch as u32,
-    );
-    rt.launch(
-        &spec,
-        LaunchDims::new(grid, (tile.threads, 1, 1), tile.smem_bytes),
-        params,
-    )
+    let tiles = p.seq_q.div_ceil(tile.block_m as usize) as u32;
+    for_each_slice(p.batch, p.num_heads, p.num_kv_heads, HeadAxis::Query, |s| {
+        let sliced = slice_params(params, p, &s);
+        let grid = (tiles, s.heads as u32, s.batch as u32);
+        rt.launch(
+            &spec,
+            LaunchDims::new(grid, (tile.threads, 1, 1), tile.smem_bytes),
+            &sliced,
+        )
+    })
+}
+
+/// `params` narrowed to one slice: base pointers advanced to its first sequence and heads,
+/// sizes cut to it (strides stay: they are the whole tensors').
+pub(crate) fn slice_params(params: &AttnParams, p: &AttentionProblem, s: &Slice) -> AttnParams {
+    if s.is_whole(p.batch, p.num_heads) {
+        return *params;
+    }
+    let es = p.dtype.size_in_bytes();
+    let at = |sb: i64, sh: i64, h: usize| (s.batch0 as i64 * sb + h as i64 * sh) as usize;
+    AttnParams {
+        q: offset_ptr(params.q, at(params.q_sb, params.q_sh, s.head0), es),
+        k: offset_ptr(params.k, at(params.k_sb, params.k_sh, s.kv_head0), es),
+        v: offset_ptr(params.v, at(params.v_sb, params.v_sh, s.kv_head0), es),
+        out: offset_ptr(params.out, at(params.o_sb, params.o_sh, s.head0), es),
+        mask: offset_ptr(params.mask, at(params.m_sb, params.m_sh, s.head0), 4),
+        batch: s.batch as i32,
+        num_heads: s.heads as i32,
+        num_kv_heads: s.kv_heads as i32,
+        ..*params
+    }
 }

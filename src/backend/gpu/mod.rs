@@ -18,14 +18,14 @@ use crate::tensor::DeviceTensor;
 mod decode;
 pub mod dispatch;
 mod flash;
+mod grid;
 mod params;
 mod traditional;
 mod workspace;
 
 pub(crate) use decode::all_decode_specs;
-pub use decode::{decode_smem_bytes, split_plan, SplitPlan, MAX_DECODE_QUERIES};
-pub use dispatch::{FlashChoice, Plan, PlanInput};
-pub use traditional::workspace_bytes;
+pub use decode::{SplitPlan, MAX_DECODE_QUERIES};
+pub use dispatch::{FlashChoice, Plan, PlanInput, MAX_KERNEL_SEQ};
 
 /// Environment switch read when a backend is created: `FORGE_ATTN_FLASH=0` turns the flash
 /// kernels off (for A/B runs), `1` turns them on.
@@ -162,6 +162,26 @@ impl GpuAttentionBackend {
             has_mask,
             seq_q,
             tf32: self.allow_tf32,
+            kv_aligned: true,
+        })
+    }
+
+    /// How the decode kernel would cut `cache` for `q` right now (the chunks per sequence
+    /// and KV head, `FORGE_ATTN_DECODE_SPLITS` included): what [`forward_cached`](Self::forward_cached)
+    /// launches. Errors as `forward_cached` would refuse the call.
+    pub fn decode_split(
+        &self,
+        config: &AttentionConfig,
+        q: &DeviceTensor,
+        cache: &KvCache,
+        out: &DeviceTensor,
+    ) -> Result<SplitPlan> {
+        let (p, _) = self.prepare_cached(config, q, cache, out, 0)?;
+        decode::split_for(self.runtime.multiprocessor_count() as usize, &p).ok_or_else(|| {
+            AttentionError::NotSupported {
+                backend: self.name().into(),
+                reason: format!("no decode kernel for head_dim {}", p.head_dim),
+            }
         })
     }
 
@@ -212,13 +232,15 @@ impl GpuAttentionBackend {
         cache: &mut KvCache,
         out: &mut DeviceTensor,
     ) -> Result<AttentionPath> {
+        // Everything is checked before the cache changes: a refused call appends nothing.
         let n = cache.check_append(k_new, v_new)?;
         let (p, out_strides) = self.prepare_cached(config, q, cache, out, n)?;
         let counts = vec![n; cache.batch()];
         cache.reserve(&counts)?;
         if !(decode::fuses_append(p.dtype, p.head_dim)
-            && rows_aligned(k_new)
-            && rows_aligned(v_new))
+            && p.num_kv_heads <= grid::MAX_GRID_YZ
+            && dispatch::vectors_aligned(k_new)
+            && dispatch::vectors_aligned(v_new))
         {
             cache.append(k_new, v_new)?;
             return self.launch_cached(&p, q, cache, out, out_strides, None);
@@ -232,6 +254,8 @@ impl GpuAttentionBackend {
             n,
             pool_next: cache.raw_parts().pool_next.map_or(0, |t| t.device_ptr()),
         };
+        // Same-stream order makes the launch below see the appended rows only on the
+        // two-launch route; here the kernel reads them from k_new / v_new.
         let path = self.launch_cached(&p, q, cache, out, out_strides, Some(new))?;
         cache.commit(&counts);
         Ok(path)
@@ -286,12 +310,34 @@ impl GpuAttentionBackend {
                 "an empty cache",
             ));
         }
-        p.seq_k = parts.max_len + extra;
+        p.seq_k = parts.max_len.checked_add(extra).ok_or_else(|| {
+            AttentionError::CapacityExceeded(format!(
+                "{} cached tokens + {extra} new ones overflow usize",
+                parts.max_len
+            ))
+        })?;
         let out_strides = p.output_strides(config.layout, out, &[q, parts.k, parts.v])?;
-        dispatch::check_kernel_limits(&p).map_err(|reason| AttentionError::NotSupported {
+        let unsupported = |reason: String| AttentionError::NotSupported {
             backend: self.name().into(),
             reason,
-        })?;
+        };
+        dispatch::check_kernel_limits(&p).map_err(unsupported)?;
+        // What the decode kernel itself would refuse, refused here, before any append.
+        if decode::decode_bucket(p.head_dim).is_none() {
+            return Err(unsupported(format!(
+                "cached attention runs the decode kernel, built for head_dim up to 256; got {}",
+                p.head_dim
+            )));
+        }
+        if !(dispatch::vectors_aligned(parts.k) && dispatch::vectors_aligned(parts.v)) {
+            return Err(unsupported(format!(
+                "the decode kernel reads cache rows in 16-byte vectors: {} head_dim {} rows are {} bytes; use a head_dim that is a multiple of {}",
+                p.dtype,
+                p.head_dim,
+                p.head_dim * p.dtype.size_in_bytes(),
+                16 / p.dtype.size_in_bytes()
+            )));
+        }
         Ok((p, out_strides))
     }
 
@@ -317,6 +363,7 @@ impl GpuAttentionBackend {
             page_size: parts.page_size,
             append,
             capacity: cache.capacity(),
+            num_pages: parts.num_pages,
         };
         decode::forward_decode(
             &self.runtime,
@@ -359,17 +406,6 @@ impl GpuAttentionBackend {
     }
 }
 
-/// Whether every row of `t` starts on a 16-byte boundary (the decode kernel reads new tokens
-/// in 16-byte vectors).
-fn rows_aligned(t: &DeviceTensor) -> bool {
-    let es = t.dtype().size_in_bytes();
-    t.device_ptr().is_multiple_of(16)
-        && t.strides()
-            .iter()
-            .take(3)
-            .all(|&s| (s * es).is_multiple_of(16))
-}
-
 /// A zero-stride batch expansion of a one-sequence view (shape checks only).
 fn expand_batch(t: &DeviceTensor, batch: usize, _layout: Layout) -> Result<DeviceTensor> {
     t.broadcast_dim(0, batch)
@@ -388,6 +424,26 @@ impl DeviceAttentionBackend for GpuAttentionBackend {
         KvCacheLayout::FlashAttention
     }
 
+    /// Every config that validates and whose sizes (batch_size, max_sequence_length,
+    /// heads, head_dim) fit the kernels' limits, the same check `forward_into` makes
+    /// ([`dispatch::check_sizes`]); some path (flash or unfused) runs each of them.
+    fn supports(&self, config: &AttentionConfig) -> super::Support {
+        use super::Support;
+        if let Err(e) = config.validate() {
+            return Support::No(e.to_string());
+        }
+        match dispatch::check_sizes(
+            config.batch_size,
+            config.max_sequence_length,
+            config.max_sequence_length,
+            config.num_heads,
+            config.head_dim,
+        ) {
+            Ok(()) => Support::Yes,
+            Err(reason) => Support::No(reason),
+        }
+    }
+
     fn forward_into(
         &self,
         config: &AttentionConfig,
@@ -400,7 +456,7 @@ impl DeviceAttentionBackend for GpuAttentionBackend {
         let (p, params, out_strides) = self.prepare(config, q, k, v, mask, out)?;
         let plan = self.plan(&PlanInput {
             tf32: self.allow_tf32,
-            ..PlanInput::of(&p)
+            ..PlanInput::of_call(&p, k, v)
         });
         match plan.flash {
             Some(choice) if choice.kernel == FlashKernel::Decode => {
@@ -416,6 +472,7 @@ impl DeviceAttentionBackend for GpuAttentionBackend {
                     append: None,
                     // Dense K/V: every replay has the same keys.
                     capacity: p.seq_k,
+                    num_pages: 0,
                 };
                 decode::forward_decode(
                     &self.runtime,

@@ -3,17 +3,13 @@
 
 use std::sync::Arc;
 
+use super::grid::{MAX_GRID_X, MAX_GRID_YZ};
 use super::params::AttnParams;
 use super::workspace::DeviceScratch;
 use crate::device::gpu::{GpuRuntime, LaunchDims};
 use crate::error::{AttentionError, Result};
 use crate::kernels;
 use crate::problem::AttentionProblem;
-
-/// Bytes of workspace the traditional path needs for `p`.
-pub fn workspace_bytes(p: &AttentionProblem) -> u64 {
-    (p.batch * p.num_heads) as u64 * p.seq_q as u64 * p.seq_k as u64 * 4
-}
 
 /// Queues the three launches.
 pub(crate) fn forward_traditional(
@@ -22,41 +18,39 @@ pub(crate) fn forward_traditional(
     p: &AttentionProblem,
     params: &AttnParams,
 ) -> Result<()> {
-    let elems = (p.batch * p.num_heads)
-        .checked_mul(p.seq_q)
+    let elems = p
+        .batch
+        .checked_mul(p.num_heads)
+        .and_then(|x| x.checked_mul(p.seq_q))
         .and_then(|x| x.checked_mul(p.seq_k))
-        .ok_or_else(|| {
-            AttentionError::shape(
-                "traditional workspace",
-                "B*H*Sq*Sk that fits in usize",
-                format!("{p:?}"),
-            )
-        })?;
-    let rows = (p.batch * p.num_heads * p.seq_q) as u64;
-    if rows > i32::MAX as u64 {
-        return Err(AttentionError::NotSupported {
+        .ok_or_else(|| AttentionError::NotSupported {
             backend: "gpu (traditional)".into(),
-            reason: format!("B*H*Sq = {rows} rows exceed the grid limit {}", i32::MAX),
-        });
-    }
+            reason: format!(
+                "the score workspace of B*H*Sq*Sk = {} * {} * {} * {} f32 overflows usize",
+                p.batch, p.num_heads, p.seq_q, p.seq_k
+            ),
+        })?;
     let scores = ws.get(p.device, elems)?;
     let mut params = *params;
     params.workspace = scores.device_ptr();
-    let bh = (p.batch * p.num_heads) as u32;
+    // Every kernel strides over what the clamped grid leaves (64-bit row and (b, h) indices).
+    let rows = (p.batch * p.num_heads * p.seq_q).min(MAX_GRID_X) as u32;
+    let bh = (p.batch * p.num_heads).min(MAX_GRID_YZ) as u32;
     let tiles = |n: usize| n.div_ceil(64) as u32;
+    let q_tiles = p.seq_q.div_ceil(64).min(MAX_GRID_YZ) as u32;
     rt.launch(
         &kernels::traditional_spec("attn_scores", p.dtype),
-        LaunchDims::new((tiles(p.seq_k), tiles(p.seq_q), bh), (256, 1, 1), 0),
+        LaunchDims::new((tiles(p.seq_k), q_tiles, bh), (256, 1, 1), 0),
         &params,
     )?;
     rt.launch(
         &kernels::traditional_spec("attn_softmax_rows", p.dtype),
-        LaunchDims::new((rows as u32, 1, 1), (256, 1, 1), 0),
+        LaunchDims::new((rows, 1, 1), (256, 1, 1), 0),
         &params,
     )?;
     rt.launch(
         &kernels::traditional_spec("attn_pv", p.dtype),
-        LaunchDims::new((tiles(p.head_dim), tiles(p.seq_q), bh), (256, 1, 1), 0),
+        LaunchDims::new((tiles(p.head_dim), q_tiles, bh), (256, 1, 1), 0),
         &params,
     )
 }
