@@ -181,6 +181,7 @@ fn large_grid_case(b: usize, sq: usize, sk: usize, h: usize, hkv: usize, d: usiz
         .unwrap_or_else(|e| panic!("B={b} H={h} Sq={sq}: {e}"));
     dev.synchronize()
         .unwrap_or_else(|e| panic!("B={b} H={h} Sq={sq} faulted: {e}"));
+    #[allow(clippy::default_constructed_unit_structs)]
     let cpu = CpuAttentionBackend::default();
     let (qc, kc, vc) = (cpu_copy(&q), cpu_copy(&k), cpu_copy(&v));
     let want = cpu.forward(&cfg, &qc, &kc, &vc, None).unwrap();
