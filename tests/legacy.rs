@@ -8,7 +8,7 @@ use forge_attn::legacy::{BackendPriority, Dispatch, PathRecorder, SkipReason, Sk
 use forge_attn::{
     AttentionBackendRegistry, AttentionConfig, AttentionError, AttentionPath, AttentionProblem,
     BackendImplementation, CpuAttentionBackend, Device, DeviceAttentionBackend, DeviceTensor,
-    FlashKernel, HostAdapter, KvCacheLayout, Layout, Result, Support,
+    FlashKernel, GpuAttentionBackend, HostAdapter, KvCacheLayout, Layout, Result, Support,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -1460,4 +1460,57 @@ fn adapter_supports_asks_the_device_backend_with_the_bshd_layout() {
         ad.check_support(&config(1, 2, 2, 8)),
         Support::No("head_dim 8 is above 4".into())
     );
+}
+
+/// On a GPU: an ordinary call runs on the GPU backend; a call that backend cannot run
+/// (batch * heads past one grid axis, refused in `forward` or, once `supports()` asks the
+/// same plan, there) still gives the right result, on whichever backend accepted it, and
+/// the report says why the GPU was passed over when it was.
+#[test]
+#[ignore = "needs a GPU"]
+fn gpu_registry_runs_on_the_gpu_and_falls_back_when_it_refuses() {
+    let device = Device::best_available();
+    assert!(
+        device.is_gpu(),
+        "no usable GPU: {:?}",
+        Device::best_available_with_reason()
+    );
+    let mut reg = AttentionBackendRegistry::new();
+    reg.register_adapter(
+        HostAdapter::new(GpuAttentionBackend::new(device).unwrap()),
+        BackendPriority::GPU,
+    )
+    .unwrap();
+    reg.register_adapter(
+        HostAdapter::new(CpuAttentionBackend),
+        BackendPriority::FALLBACK,
+    )
+    .unwrap();
+
+    let (cfg, q, k, v) = small_case(400);
+    let (out, dispatch) = reg.forward_with_report(&cfg, &q, &k, &v, None).unwrap();
+    assert_eq!(dispatch.backend, "gpu", "{dispatch}");
+    assert!(dispatch.skipped.is_empty(), "{dispatch}");
+    assert!(
+        matches!(dispatch.path, Some(p) if p != AttentionPath::Cpu),
+        "{dispatch}"
+    );
+    let err = relative_l2(&out, &reference_attention(&cfg, 3, 5, &q, &k, &v, None));
+    assert!(err <= 1e-5, "relative L2 error {err:e}");
+
+    // 4096 sequences x 17 heads = 69632 (batch, head) pairs, one query and two keys each.
+    let (b, h, d) = (4096, 17, 8);
+    let cfg = config(b, h, h, d);
+    let q = random(401, b * h * d);
+    let kv = random(402, b * 2 * h * d);
+    let (out, dispatch) = reg.forward_with_report(&cfg, &q, &kv, &kv, None).unwrap();
+    println!("{dispatch}");
+    if dispatch.backend == "cpu" {
+        assert_eq!(dispatch.skipped.len(), 1, "{dispatch}");
+        assert_eq!(dispatch.skipped[0].backend, "gpu");
+    } else {
+        assert_eq!(dispatch.backend, "gpu");
+    }
+    let err = relative_l2(&out, &reference_attention(&cfg, 1, 2, &q, &kv, &kv, None));
+    assert!(err <= 1e-5, "relative L2 error {err:e} on {dispatch}");
 }
