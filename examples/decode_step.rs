@@ -16,6 +16,8 @@ use forge_attn::{
 
 struct Args {
     device: Device,
+    /// Why no GPU was chosen, when the device was picked automatically and is the CPU.
+    no_gpu: Option<String>,
     batch: usize,
     heads: usize,
     kv_heads: usize,
@@ -27,8 +29,10 @@ struct Args {
 }
 
 fn parse_args() -> std::result::Result<Args, String> {
+    let (device, no_gpu) = Device::best_available_with_reason();
     let mut a = Args {
-        device: Device::best_available(),
+        device,
+        no_gpu,
         batch: 8,
         heads: 32,
         kv_heads: 8,
@@ -43,7 +47,13 @@ fn parse_args() -> std::result::Result<Args, String> {
         let mut val = || it.next().ok_or(format!("{flag} needs a value"));
         let num = |s: String| s.parse::<usize>().map_err(|e| format!("{flag}: {e}"));
         match flag.as_str() {
-            "--device" => a.device = val()?.parse().map_err(|e| format!("{e}"))?,
+            "--device" => match val()?.as_str() {
+                "auto" => (a.device, a.no_gpu) = Device::best_available_with_reason(),
+                name => {
+                    a.device = name.parse().map_err(|e| format!("--device: {e}"))?;
+                    a.no_gpu = None;
+                }
+            },
             "--batch" => a.batch = num(val()?)?,
             "--heads" => a.heads = num(val()?)?,
             "--kv-heads" => a.kv_heads = num(val()?)?,
@@ -155,6 +165,19 @@ fn tolerance(dtype: DType) -> f64 {
     }
 }
 
+/// The device with its model, and when it was picked automatically and is the CPU, why
+/// no GPU was taken: `cpu (2 threads; no GPU: ...)`.
+fn describe_device(a: &Args) -> String {
+    let described = a.device.describe();
+    match &a.no_gpu {
+        None => described,
+        Some(why) => match described.strip_suffix(')') {
+            Some(open) => format!("{open}; no GPU: {why})"),
+            None => format!("{described} (no GPU: {why})"),
+        },
+    }
+}
+
 fn run(a: &Args) -> Result<f64> {
     let (b, h, hkv, d) = (a.batch, a.heads, a.kv_heads, a.head_dim);
     let capacity = a.prompt + a.steps;
@@ -165,7 +188,7 @@ fn run(a: &Args) -> Result<f64> {
     config.validate()?;
     println!(
         "decode_step: device {} | backend {} | {} | B={b} H={h} Hkv={hkv} D={d} prompt={} steps={}",
-        a.device.describe(),
+        describe_device(a),
         backend.as_dyn().name(),
         a.dtype,
         a.prompt,

@@ -1,13 +1,22 @@
-//! Attention through the original host-slice API: the registry picks the best backend
-//! (a GPU when one is usable, else the CPU), the adapter uploads, computes and downloads,
-//! and the result is checked against a plain f64 attention computed here.
+//! Attention through the original host-slice API: the registry runs the call on the best
+//! backend that accepts it (a GPU when one is usable, else the CPU), the adapter uploads,
+//! computes and downloads, and the result is checked against a plain f64 attention
+//! computed here. It prints which backend ran and why the others did not.
 //!
-//! Run with `cargo run --release --example legacy_host [seed]`. Exits non-zero when the
+//! Run with `cargo run --release --example legacy_host [-- --device cpu|cuda:N|hip:N|auto]
+//! [--seed N]` (a bare number is also taken as the seed). Without `--device` (or with
+//! `auto`) the GPU backend is registered when a GPU is usable, with the CPU backend as the
+//! fallback; `cpu` registers only the CPU backend; a GPU device registers its backend and
+//! the CPU fallback, and fails if that GPU cannot be used. Exits non-zero when the
 //! relative L2 error exceeds 1e-5.
 
 use std::process::ExitCode;
 
-use forge_attn::{AttentionBackendRegistry, AttentionConfig};
+use forge_attn::legacy::BackendPriority;
+use forge_attn::{
+    AttentionBackendRegistry, AttentionConfig, CpuAttentionBackend, Device, GpuAttentionBackend,
+    HostAdapter,
+};
 
 const BATCH: usize = 2;
 const SEQ: usize = 64;
@@ -94,15 +103,78 @@ fn attention_f64(
     out
 }
 
+struct Args {
+    /// `None`: the best available device.
+    device: Option<Device>,
+    seed: u64,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut a = Args {
+        device: None,
+        seed: 0x5EED,
+    };
+    let seed = |s: &str| {
+        s.parse::<u64>()
+            .map_err(|e| format!("the seed must be an unsigned integer, got {s:?}: {e}"))
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        let mut val = || it.next().ok_or(format!("{arg} needs a value"));
+        match arg.as_str() {
+            "--device" => {
+                a.device = match val()?.as_str() {
+                    "auto" => None,
+                    name => Some(name.parse().map_err(|e| format!("--device: {e}"))?),
+                }
+            }
+            "--seed" => a.seed = seed(&val()?)?,
+            other if !other.starts_with('-') => a.seed = seed(other)?,
+            other => return Err(format!("unknown flag {other}")),
+        }
+    }
+    Ok(a)
+}
+
+/// The registry for `--device`: see the crate-level comment of this example.
+// `default()` keeps this right whatever settings the CPU backend carries.
+#[allow(clippy::default_constructed_unit_structs)]
+fn registry_for(device: Option<Device>) -> Result<AttentionBackendRegistry, String> {
+    let Some(device) = device else {
+        let (best, no_gpu) = Device::best_available_with_reason();
+        match no_gpu {
+            Some(why) => println!("device: cpu (no GPU: {why})"),
+            None => println!("device: {}", best.describe()),
+        }
+        return Ok(AttentionBackendRegistry::with_default_backends());
+    };
+    let mut registry = AttentionBackendRegistry::new();
+    if device.is_gpu() {
+        // A GPU asked for by name is not replaced by the CPU when it cannot start.
+        let gpu = GpuAttentionBackend::new(device).map_err(|e| e.to_string())?;
+        registry
+            .register_adapter(HostAdapter::new(gpu), BackendPriority::GPU)
+            .map_err(|e| e.to_string())?;
+    }
+    registry
+        .register_adapter(
+            HostAdapter::new(CpuAttentionBackend::default()),
+            BackendPriority::FALLBACK,
+        )
+        .map_err(|e| e.to_string())?;
+    println!("device: {}", device.describe());
+    Ok(registry)
+}
+
 fn main() -> ExitCode {
-    let seed = match std::env::args().nth(1).map(|s| s.parse::<u64>()) {
-        None => 0x5EED,
-        Some(Ok(s)) => s,
-        Some(Err(e)) => {
-            eprintln!("seed must be an unsigned integer: {e}");
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("legacy_host: {e}");
             return ExitCode::from(2);
         }
     };
+    let seed = args.seed;
     let config = AttentionConfig::new(HEADS * HEAD_DIM, HEADS, SEQ)
         .with_num_kv_heads(KV_HEADS)
         .with_batch_size(BATCH)
@@ -116,26 +188,28 @@ fn main() -> ExitCode {
     let k = rng.values(BATCH * SEQ * KV_HEADS * HEAD_DIM);
     let v = rng.values(BATCH * SEQ * KV_HEADS * HEAD_DIM);
 
-    let registry = AttentionBackendRegistry::with_default_backends();
-    println!("registered backends: {:?}", registry.list_backends());
-    let backend = match registry.select_backend(&config) {
-        Ok(b) => b,
+    let registry = match registry_for(args.device) {
+        Ok(r) => r,
         Err(e) => {
-            eprintln!("no backend: {e}");
+            eprintln!("legacy_host: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let out = match backend.forward(&config, &q, &k, &v, None) {
-        Ok(out) => out,
+    println!("registered backends: {:?}", registry.list_backends());
+    let (out, dispatch) = match registry.forward_with_report(&config, &q, &k, &v, None) {
+        Ok(done) => done,
         Err(e) => {
-            eprintln!("{} failed: {e}", backend.name());
+            eprintln!("legacy_host: {e}");
             return ExitCode::FAILURE;
         }
     };
 
-    println!("backend: {}", backend.name());
-    if let Some(path) = registry.last_path(backend.name()) {
-        println!("path: {path}");
+    match dispatch.path {
+        Some(path) => println!("backend: {} (path {path})", dispatch.backend),
+        None => println!("backend: {}", dispatch.backend),
+    }
+    for skipped in &dispatch.skipped {
+        println!("skipped {skipped}");
     }
     let checksum: f64 = out.iter().map(|&x| x as f64).sum();
     println!("output: {} values, checksum {checksum:.6}", out.len());

@@ -4,7 +4,10 @@
 //! returns a fresh `Vec<f32>`. [`HostAdapter`] implements it for any
 //! [`DeviceAttentionBackend`] by uploading the slices to the backend's device, running it
 //! and downloading the result. [`AttentionBackendRegistry`] holds named backends in
-//! priority order (GPU before CPU) and picks one for a config.
+//! priority order (GPU before CPU), picks one for a config, and
+//! [`forward`](AttentionBackendRegistry::forward) runs a call on the first backend that
+//! accepts it, moving on when a backend refuses (a [`Dispatch`] says which ran and why the
+//! others did not).
 //!
 //! Host slices are always `[batch, seq, heads, head_dim]` (BSHD), row-major f32:
 //! q is `[batch, seq_q, num_heads, head_dim]`, k and v are
@@ -37,6 +40,18 @@ pub trait BackendImplementation: Send + Sync {
 
     /// Whether this backend runs `config`.
     fn supports(&self, config: &AttentionConfig) -> bool;
+
+    /// Whether this backend runs `config`, and if not, why. Must agree with
+    /// [`supports`](Self::supports); the default derives it from there with a generic
+    /// reason. The registry asks this one, so that its errors and [`Dispatch`] reports
+    /// can say why a backend was passed over.
+    fn check_support(&self, config: &AttentionConfig) -> Support {
+        if self.supports(config) {
+            Support::Yes
+        } else {
+            Support::No("supports() is false for this config".into())
+        }
+    }
 
     /// The KV-cache layout this backend reads.
     fn required_kv_layout(&self) -> KvCacheLayout;
@@ -189,6 +204,15 @@ impl HostShapes {
     }
 }
 
+/// The config a [`HostAdapter`] hands its device backend: host slices are BSHD by
+/// definition, so the device call must read them that way whatever `config.layout` says.
+/// `supports` and `forward` both ask with this config, so they agree.
+fn device_config(config: &AttentionConfig) -> AttentionConfig {
+    let mut device_config = config.clone();
+    device_config.layout = Layout::Bshd;
+    device_config
+}
+
 impl<B: DeviceAttentionBackend> HostAdapter<B> {
     /// Wraps a device backend.
     pub fn new(backend: B) -> Self {
@@ -246,9 +270,7 @@ impl<B: DeviceAttentionBackend> HostAdapter<B> {
         let shapes = HostShapes::derive(config, q.len(), k.len(), v.len())?;
         let mask_shape = mask.map(|m| shapes.mask_shape(m.len())).transpose()?;
 
-        // Host slices are BSHD by definition; the device call must read them that way.
-        let mut device_config = config.clone();
-        device_config.layout = Layout::Bshd;
+        let device_config = device_config(config);
         if let Support::No(reason) = self.inner.supports(&device_config) {
             return Err(AttentionError::NotSupported {
                 backend: self.inner.name().to_string(),
@@ -278,7 +300,12 @@ impl<B: DeviceAttentionBackend> BackendImplementation for HostAdapter<B> {
     }
 
     fn supports(&self, config: &AttentionConfig) -> bool {
-        self.inner.supports(config).is_yes()
+        self.check_support(config).is_yes()
+    }
+
+    /// The device backend's own answer (and reason) for the config it would be handed.
+    fn check_support(&self, config: &AttentionConfig) -> Support {
+        self.inner.supports(&device_config(config))
     }
 
     fn required_kv_layout(&self) -> KvCacheLayout {
@@ -312,6 +339,79 @@ impl BackendPriority {
     pub const FALLBACK: BackendPriority = BackendPriority(i32::MIN);
 }
 
+/// Why [`AttentionBackendRegistry::forward_with_report`] passed over a backend.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SkipReason {
+    /// Its [`check_support`](BackendImplementation::check_support) said no, with this
+    /// reason; it was not called.
+    Unsupported(String),
+    /// It supported the config but refused the call with this error, one of the kinds
+    /// that let the next backend try (see [`AttentionBackendRegistry::forward`]).
+    Refused(AttentionError),
+}
+
+/// A backend that did not run a call, and why.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Skipped {
+    /// The backend's name.
+    pub backend: String,
+    /// Why it did not run the call.
+    pub reason: SkipReason,
+}
+
+impl fmt::Display for Skipped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.reason {
+            SkipReason::Unsupported(reason) => write!(f, "{}: unsupported: {reason}", self.backend),
+            SkipReason::Refused(err) => write!(f, "{}: refused: {err}", self.backend),
+        }
+    }
+}
+
+/// Which backend ran a call of [`AttentionBackendRegistry::forward_with_report`], and
+/// why each backend before it in priority order did not.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dispatch {
+    /// The backend that computed the output.
+    pub backend: String,
+    /// Its path, for backends registered through
+    /// [`register_adapter`](AttentionBackendRegistry::register_adapter); `None` otherwise.
+    pub path: Option<AttentionPath>,
+    /// The backends passed over before it, in the order they were tried.
+    pub skipped: Vec<Skipped>,
+}
+
+impl fmt::Display for Dispatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ran on {}", self.backend)?;
+        if let Some(path) = self.path {
+            write!(f, " (path {path})")?;
+        }
+        for (i, s) in self.skipped.iter().enumerate() {
+            f.write_str(if i == 0 { "; skipped " } else { "; " })?;
+            write!(f, "{s}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether `err` from a backend's `forward` is a refusal that the next backend may not
+/// share: the backend cannot run this call here (kernel, layout, device, memory), and the
+/// host-slice call has no side effect to undo. Errors about the input (config, shapes,
+/// dtypes) would come back from every backend; runtime failures, capacity and graph-
+/// recording errors mean something went wrong while running or in the caller's setup, and
+/// running elsewhere would hide that.
+fn falls_through(err: &AttentionError) -> bool {
+    matches!(
+        err,
+        AttentionError::NotSupported { .. }
+            | AttentionError::UnsupportedLayout { .. }
+            | AttentionError::DeviceUnavailable { .. }
+            | AttentionError::OutOfMemory { .. }
+            | AttentionError::KernelBuild { .. }
+    )
+}
+
 struct Entry {
     backend: Box<dyn BackendImplementation>,
     priority: BackendPriority,
@@ -321,7 +421,8 @@ struct Entry {
 /// Named host-slice backends in priority order, with an optional default.
 ///
 /// Without a default, [`select_backend`](Self::select_backend) takes the first backend in
-/// priority order that supports the config. With a default, it takes the default or fails:
+/// priority order that supports the config, and [`forward`](Self::forward) runs the call
+/// on the first one that also accepts it. With a default, both take the default or fail:
 /// a default is a promise about where the work runs, so it is never silently replaced.
 #[derive(Default)]
 pub struct AttentionBackendRegistry {
@@ -477,7 +578,7 @@ impl AttentionBackendRegistry {
             let backend = self
                 .get_backend(name)
                 .ok_or_else(|| AttentionError::NotFound(name.clone()))?;
-            if backend.supports(config) {
+            if backend.check_support(config).is_yes() {
                 return Ok(backend);
             }
             return Err(AttentionError::NotSupported {
@@ -497,15 +598,132 @@ impl AttentionBackendRegistry {
                     .into(),
             });
         }
-        if let Some(e) = self.entries.iter().find(|e| e.backend.supports(config)) {
+        if let Some(e) = self
+            .entries
+            .iter()
+            .find(|e| e.backend.check_support(config).is_yes())
+        {
             return Ok(e.backend.as_ref());
         }
-        Err(AttentionError::NotSupported {
+        Err(self.none_supports(config))
+    }
+
+    fn none_supports(&self, config: &AttentionConfig) -> AttentionError {
+        AttentionError::NotSupported {
             backend: format!(
                 "any registered backend (tried {})",
                 self.list_backends().join(", ")
             ),
             reason: format!("none supports this {}", describe_config(config)),
+        }
+    }
+
+    /// Attention over host slices (shapes as in [`BackendImplementation::forward`]) on the
+    /// first backend that can run it.
+    ///
+    /// With a default set, only the default runs: its refusal is returned as is.
+    /// Otherwise backends are tried in priority order, skipping those whose
+    /// [`check_support`](BackendImplementation::check_support) says no. A backend that
+    /// supports the config may still refuse the call (a shape its kernels cannot take, a
+    /// device limit); the next one is then tried when the error is one of
+    /// - [`NotSupported`](AttentionError::NotSupported),
+    ///   [`UnsupportedLayout`](AttentionError::UnsupportedLayout),
+    ///   [`KernelBuild`](AttentionError::KernelBuild): this backend has no kernel for it;
+    /// - [`DeviceUnavailable`](AttentionError::DeviceUnavailable),
+    ///   [`OutOfMemory`](AttentionError::OutOfMemory): its device cannot take it now.
+    ///
+    /// Any other error is returned at once, without trying further backends: errors about
+    /// the input ([`InvalidConfig`](AttentionError::InvalidConfig),
+    /// [`ShapeMismatch`](AttentionError::ShapeMismatch), ...) would come back from every
+    /// backend, and a [`Runtime`](AttentionError::Runtime) failure must be seen, not
+    /// covered by another backend's result. Host-slice calls have no side effect (the
+    /// inputs are borrowed, the output is new), so moving on leaves nothing behind.
+    ///
+    /// When every backend is passed over, the error is
+    /// [`NotSupported`](AttentionError::NotSupported) naming each backend and why it did
+    /// not run the call.
+    pub fn forward(
+        &self,
+        config: &AttentionConfig,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        mask: Option<&[f32]>,
+    ) -> Result<Vec<f32>> {
+        self.forward_with_report(config, q, k, v, mask)
+            .map(|(out, _)| out)
+    }
+
+    /// Like [`forward`](Self::forward), and also says which backend ran and why the ones
+    /// before it did not. The path comes from the backend's [`PathRecorder`]; with several
+    /// threads calling one backend it is the path of the call that finished last.
+    pub fn forward_with_report(
+        &self,
+        config: &AttentionConfig,
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        mask: Option<&[f32]>,
+    ) -> Result<(Vec<f32>, Dispatch)> {
+        if let Some(name) = &self.default {
+            let backend = self.select_backend(config)?;
+            let out = backend.forward(config, q, k, v, mask)?;
+            let dispatch = Dispatch {
+                backend: name.clone(),
+                path: self.last_path(name),
+                skipped: Vec::new(),
+            };
+            return Ok((out, dispatch));
+        }
+        if self.entries.is_empty() {
+            // The empty registry's error, with its remedy.
+            self.select_backend(config)?;
+        }
+        let mut skipped = Vec::new();
+        let mut any_supported = false;
+        for e in &self.entries {
+            let name = e.backend.name().to_string();
+            if let Support::No(reason) = e.backend.check_support(config) {
+                skipped.push(Skipped {
+                    backend: name,
+                    reason: SkipReason::Unsupported(reason),
+                });
+                continue;
+            }
+            any_supported = true;
+            match e.backend.forward(config, q, k, v, mask) {
+                Ok(out) => {
+                    let path = e.path.as_ref().and_then(PathRecorder::get);
+                    let dispatch = Dispatch {
+                        backend: name,
+                        path,
+                        skipped,
+                    };
+                    return Ok((out, dispatch));
+                }
+                Err(err) if falls_through(&err) => skipped.push(Skipped {
+                    backend: name,
+                    reason: SkipReason::Refused(err),
+                }),
+                Err(err) => return Err(err),
+            }
+        }
+        let listed = skipped
+            .iter()
+            .map(Skipped::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
+        let reason = if any_supported {
+            format!("every backend refused the call: {listed}")
+        } else {
+            format!("none supports this {}: {listed}", describe_config(config))
+        };
+        Err(AttentionError::NotSupported {
+            backend: format!(
+                "any registered backend (tried {})",
+                self.list_backends().join(", ")
+            ),
+            reason,
         })
     }
 

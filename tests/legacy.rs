@@ -1,13 +1,14 @@
 //! The legacy host-slice API: registry rules, the adapter's length checks, what the
 //! adapter hands a device backend, and end-to-end results through the CPU backend.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
-use forge_attn::legacy::{BackendPriority, PathRecorder};
+use forge_attn::legacy::{BackendPriority, Dispatch, PathRecorder, SkipReason, Skipped};
 use forge_attn::{
     AttentionBackendRegistry, AttentionConfig, AttentionError, AttentionPath, AttentionProblem,
     BackendImplementation, CpuAttentionBackend, Device, DeviceAttentionBackend, DeviceTensor,
-    FlashKernel, HostAdapter, KvCacheLayout, Layout, Result, Support,
+    FlashKernel, GpuAttentionBackend, HostAdapter, KvCacheLayout, Layout, Result, Support,
 };
 
 // ---------------------------------------------------------------------------------------
@@ -907,4 +908,609 @@ fn cpu_end_to_end_full_mask_per_head() {
     let cfg = config(b, h, 1, 8);
     let mask = random(170, b * h * sq * sk);
     cpu_end_to_end_case(171, &cfg, sq, sk, Some(&mask));
+}
+
+// ---------------------------------------------------------------------------------------
+// Registry forward: falling back past backends that refuse the call
+// ---------------------------------------------------------------------------------------
+
+/// A device backend on the CPU that says it supports every config and then refuses every
+/// call in `forward_into` with `error`, before touching `out`: what a GPU backend does for
+/// a shape its kernels cannot run.
+struct RefusingDevice {
+    name: &'static str,
+    error: AttentionError,
+    calls: AtomicUsize,
+    seen_layouts: Mutex<Vec<Layout>>,
+}
+
+impl RefusingDevice {
+    fn not_supported(name: &'static str) -> Self {
+        RefusingDevice {
+            name,
+            error: AttentionError::NotSupported {
+                backend: name.to_string(),
+                reason: format!("{name} has no kernel for batch * heads above 65535"),
+            },
+            calls: AtomicUsize::new(0),
+            seen_layouts: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl DeviceAttentionBackend for RefusingDevice {
+    fn name(&self) -> &str {
+        self.name
+    }
+    fn device(&self) -> Device {
+        Device::Cpu
+    }
+    fn supports(&self, config: &AttentionConfig) -> Support {
+        self.seen_layouts.lock().unwrap().push(config.layout);
+        if config.layout == Layout::Bshd {
+            Support::Yes
+        } else {
+            Support::No(format!("{} reads BSHD only", self.name))
+        }
+    }
+    fn required_kv_layout(&self) -> KvCacheLayout {
+        KvCacheLayout::Contiguous
+    }
+    fn forward_into(
+        &self,
+        _config: &AttentionConfig,
+        _q: &DeviceTensor,
+        _k: &DeviceTensor,
+        _v: &DeviceTensor,
+        _mask: Option<&DeviceTensor>,
+        _out: &mut DeviceTensor,
+    ) -> Result<AttentionPath> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        Err(self.error.clone())
+    }
+}
+
+/// A host-slice backend that logs each call into a shared log and answers with a fixed
+/// result (`Ok` gives `q` scaled by `factor`).
+struct Scripted {
+    name: String,
+    supports: bool,
+    error: Option<AttentionError>,
+    factor: f32,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Scripted {
+    fn boxed(
+        name: &str,
+        supports: bool,
+        error: Option<AttentionError>,
+        log: &Arc<Mutex<Vec<String>>>,
+    ) -> Box<dyn BackendImplementation> {
+        Box::new(Scripted {
+            name: name.to_string(),
+            supports,
+            error,
+            factor: 3.0,
+            log: log.clone(),
+        })
+    }
+}
+
+impl BackendImplementation for Scripted {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn supports(&self, _config: &AttentionConfig) -> bool {
+        self.supports
+    }
+    fn required_kv_layout(&self) -> KvCacheLayout {
+        KvCacheLayout::Contiguous
+    }
+    fn forward(
+        &self,
+        _config: &AttentionConfig,
+        q: &[f32],
+        _k: &[f32],
+        _v: &[f32],
+        _mask: Option<&[f32]>,
+    ) -> Result<Vec<f32>> {
+        self.log.lock().unwrap().push(self.name.clone());
+        match &self.error {
+            Some(e) => Err(e.clone()),
+            None => Ok(q.iter().map(|x| x * self.factor).collect()),
+        }
+    }
+}
+
+fn log() -> Arc<Mutex<Vec<String>>> {
+    Arc::new(Mutex::new(Vec::new()))
+}
+
+fn logged(log: &Arc<Mutex<Vec<String>>>) -> Vec<String> {
+    log.lock().unwrap().clone()
+}
+
+/// Small GQA causal inputs: (config, q, k, v) for seq_q = 3, seq_k = 5.
+fn small_case(seed: u64) -> (AttentionConfig, Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (b, sq, sk, h, hkv, d) = (2, 3, 5, 4, 2, 8);
+    let cfg = config(b, h, hkv, d).with_causal(true);
+    let q = random(seed, b * sq * h * d);
+    let k = random(seed + 1, b * sk * hkv * d);
+    let v = random(seed + 2, b * sk * hkv * d);
+    (cfg, q, k, v)
+}
+
+fn not_supported(name: &str) -> AttentionError {
+    AttentionError::NotSupported {
+        backend: name.into(),
+        reason: format!("{name} cannot run this shape"),
+    }
+}
+
+#[test]
+fn refusal_in_forward_falls_back_to_the_cpu_backend() {
+    let mut reg = AttentionBackendRegistry::new();
+    reg.register_adapter(
+        HostAdapter::new(CpuAttentionBackend),
+        BackendPriority::FALLBACK,
+    )
+    .unwrap();
+    let gpu = HostAdapter::new(RefusingDevice::not_supported("fake-gpu"));
+    let gpu_recorder = gpu.path_recorder();
+    reg.register_adapter(gpu, BackendPriority::GPU).unwrap();
+    assert_eq!(reg.list_backends(), ["fake-gpu", "cpu"]);
+
+    let (cfg, q, k, v) = small_case(300);
+    // select_backend only asks supports(), which the fake answers yes.
+    assert_eq!(reg.select_backend(&cfg).unwrap().name(), "fake-gpu");
+
+    let (out, dispatch) = reg.forward_with_report(&cfg, &q, &k, &v, None).unwrap();
+    assert_eq!(dispatch.backend, "cpu");
+    assert_eq!(dispatch.path, Some(AttentionPath::Cpu));
+    assert_eq!(reg.last_path("cpu"), Some(AttentionPath::Cpu));
+    assert_eq!(gpu_recorder.get(), None);
+    assert_eq!(dispatch.skipped.len(), 1, "{dispatch}");
+    let skipped = &dispatch.skipped[0];
+    assert_eq!(skipped.backend, "fake-gpu");
+    match &skipped.reason {
+        SkipReason::Refused(AttentionError::NotSupported { backend, reason }) => {
+            assert_eq!(backend, "fake-gpu");
+            assert!(reason.contains("65535"), "{reason}");
+        }
+        other => panic!("expected a NotSupported refusal, got {other:?}"),
+    }
+    let text = dispatch.to_string();
+    assert!(text.starts_with("ran on cpu (path cpu)"), "{text}");
+    assert!(text.contains("skipped fake-gpu: refused: "), "{text}");
+
+    // The CPU result, bit for bit, and correct.
+    let direct = HostAdapter::new(CpuAttentionBackend)
+        .forward(&cfg, &q, &k, &v, None)
+        .unwrap();
+    assert_eq!(out, direct);
+    let want = reference_attention(&cfg, 3, 5, &q, &k, &v, None);
+    let err = relative_l2(&out, &want);
+    assert!(err <= 1e-5, "relative L2 error {err:e}");
+    // Plain forward takes the same route.
+    assert_eq!(reg.forward(&cfg, &q, &k, &v, None).unwrap(), direct);
+}
+
+#[test]
+fn refusing_device_backend_is_called_once_per_call() {
+    let refusing = Arc::new(RefusingDevice::not_supported("fake-gpu"));
+    // The adapter owns its backend, so count through a second handle on the same state.
+    struct Shared(Arc<RefusingDevice>);
+    impl DeviceAttentionBackend for Shared {
+        fn name(&self) -> &str {
+            self.0.name()
+        }
+        fn device(&self) -> Device {
+            self.0.device()
+        }
+        fn supports(&self, config: &AttentionConfig) -> Support {
+            self.0.supports(config)
+        }
+        fn required_kv_layout(&self) -> KvCacheLayout {
+            self.0.required_kv_layout()
+        }
+        fn forward_into(
+            &self,
+            config: &AttentionConfig,
+            q: &DeviceTensor,
+            k: &DeviceTensor,
+            v: &DeviceTensor,
+            mask: Option<&DeviceTensor>,
+            out: &mut DeviceTensor,
+        ) -> Result<AttentionPath> {
+            self.0.forward_into(config, q, k, v, mask, out)
+        }
+    }
+    let mut reg = AttentionBackendRegistry::new();
+    reg.register_adapter(
+        HostAdapter::new(Shared(refusing.clone())),
+        BackendPriority::GPU,
+    )
+    .unwrap();
+    reg.register_adapter(
+        HostAdapter::new(CpuAttentionBackend),
+        BackendPriority::FALLBACK,
+    )
+    .unwrap();
+    let (cfg, q, k, v) = small_case(310);
+    for n in 1..=2 {
+        assert_eq!(
+            reg.forward_with_report(&cfg, &q, &k, &v, None)
+                .unwrap()
+                .1
+                .backend,
+            "cpu"
+        );
+        assert_eq!(refusing.calls.load(Ordering::SeqCst), n);
+    }
+}
+
+#[test]
+fn every_backend_refusing_names_each_and_why() {
+    let log = log();
+    let mut reg = AttentionBackendRegistry::new();
+    reg.register_adapter(
+        HostAdapter::new(RefusingDevice::not_supported("fake-gpu")),
+        BackendPriority::GPU,
+    )
+    .unwrap();
+    reg.register(Scripted::boxed(
+        "tiny-device",
+        true,
+        Some(AttentionError::OutOfMemory {
+            device: "tiny:0".into(),
+            requested_bytes: 4096,
+            detail: "pool exhausted".into(),
+        }),
+        &log,
+    ))
+    .unwrap();
+    reg.register_with_priority(
+        Scripted::boxed("never", false, None, &log),
+        BackendPriority::FALLBACK,
+    )
+    .unwrap();
+    let (cfg, q, k, v) = small_case(320);
+    match reg.forward(&cfg, &q, &k, &v, None) {
+        Err(e @ AttentionError::NotSupported { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains("fake-gpu, tiny-device, never"), "{text}");
+            assert!(text.contains("every backend refused"), "{text}");
+            assert!(text.contains("fake-gpu: refused: "), "{text}");
+            assert!(text.contains("65535"), "{text}");
+            assert!(
+                text.contains("tiny-device: refused: out of memory"),
+                "{text}"
+            );
+            assert!(text.contains("4096"), "{text}");
+            assert!(text.contains("never: unsupported: "), "{text}");
+        }
+        other => panic!("expected NotSupported, got {other:?}"),
+    }
+    // The unsupported backend was never called.
+    assert_eq!(logged(&log), ["tiny-device"]);
+}
+
+#[test]
+fn no_backend_supporting_the_config_names_each_reason() {
+    let mut reg = AttentionBackendRegistry::new();
+    let mut small = MockDevice::new(FLASH_CAUSAL);
+    small.max_head_dim = 16;
+    reg.register_adapter(HostAdapter::new(small), BackendPriority::GPU)
+        .unwrap();
+    reg.register(MockImpl::boxed("plain", 16)).unwrap();
+    let cfg = config(1, 2, 2, 32);
+    let q = random(330, 2 * 32);
+    match reg.forward_with_report(&cfg, &q, &q, &q, None) {
+        Err(e @ AttentionError::NotSupported { .. }) => {
+            let text = e.to_string();
+            assert!(text.contains("mock-device, plain"), "{text}");
+            assert!(text.contains("none supports this config"), "{text}");
+            assert!(text.contains("head_dim 32"), "{text}");
+            // The device backend's own reason, through the adapter.
+            assert!(
+                text.contains("mock-device: unsupported: head_dim 32 is above 16"),
+                "{text}"
+            );
+            assert!(
+                text.contains("plain: unsupported: supports() is false"),
+                "{text}"
+            );
+        }
+        other => panic!("expected NotSupported, got {other:?}"),
+    }
+}
+
+#[test]
+fn only_backend_kinds_of_errors_fall_through() {
+    let refusals = [
+        not_supported("first"),
+        AttentionError::UnsupportedLayout {
+            what: "q".into(),
+            reason: "rows not contiguous".into(),
+        },
+        AttentionError::DeviceUnavailable {
+            device: "cuda:0".into(),
+            reason: "no CUDA driver library".into(),
+        },
+        AttentionError::OutOfMemory {
+            device: "cuda:0".into(),
+            requested_bytes: 1 << 40,
+            detail: "CUDA_ERROR_OUT_OF_MEMORY".into(),
+        },
+        AttentionError::KernelBuild {
+            kernel: "flash_fwd".into(),
+            log: "nvrtc missing".into(),
+        },
+    ];
+    let failures = [
+        AttentionError::InvalidConfig {
+            field: "head_dim",
+            reason: "must be > 0, got 0".into(),
+        },
+        AttentionError::ShapeMismatch {
+            what: "q length".into(),
+            expected: "a multiple of 64".into(),
+            got: "100".into(),
+        },
+        AttentionError::DTypeMismatch {
+            what: "k".into(),
+            expected: "f32".into(),
+            got: "f16".into(),
+        },
+        AttentionError::DeviceMismatch {
+            what: "v".into(),
+            expected: "cpu".into(),
+            got: "cuda:0".into(),
+        },
+        AttentionError::NotFound("x".into()),
+        AttentionError::Runtime {
+            op: "cuLaunchKernel".into(),
+            detail: "CUDA_ERROR_ILLEGAL_ADDRESS".into(),
+        },
+        AttentionError::CapacityExceeded("len 10 + 1 > capacity 10".into()),
+        AttentionError::GraphCapture {
+            device: "cuda:0".into(),
+            op: "copy to host".into(),
+            reason: "recording".into(),
+        },
+    ];
+    let (cfg, q, k, v) = small_case(340);
+    for (err, falls) in refusals
+        .iter()
+        .map(|e| (e, true))
+        .chain(failures.iter().map(|e| (e, false)))
+    {
+        let log = log();
+        let mut reg = AttentionBackendRegistry::new();
+        reg.register_with_priority(
+            Scripted::boxed("first", true, Some(err.clone()), &log),
+            BackendPriority::GPU,
+        )
+        .unwrap();
+        reg.register(Scripted::boxed("second", true, None, &log))
+            .unwrap();
+        let got = reg.forward_with_report(&cfg, &q, &k, &v, None);
+        if falls {
+            let (out, dispatch) =
+                got.unwrap_or_else(|e| panic!("{err:?} did not fall through: {e}"));
+            assert_eq!(out, q.iter().map(|x| x * 3.0).collect::<Vec<_>>());
+            assert_eq!(dispatch.backend, "second");
+            assert_eq!(dispatch.path, None);
+            assert_eq!(
+                dispatch.skipped,
+                [Skipped {
+                    backend: "first".into(),
+                    reason: SkipReason::Refused(err.clone()),
+                }]
+            );
+            assert_eq!(logged(&log), ["first", "second"]);
+        } else {
+            assert_eq!(got.map(|(_, d)| d), Err(err.clone()), "{err:?} was retried");
+            assert_eq!(logged(&log), ["first"], "{err:?}");
+        }
+    }
+}
+
+#[test]
+fn user_error_from_the_adapter_is_not_retried() {
+    let log = log();
+    let mut reg = AttentionBackendRegistry::new();
+    reg.register_adapter(
+        HostAdapter::new(MockDevice::new(FLASH_CAUSAL)),
+        BackendPriority::GPU,
+    )
+    .unwrap();
+    reg.register(Scripted::boxed("second", true, None, &log))
+        .unwrap();
+    let cfg = config(2, 4, 2, 8); // q row = 64 elements
+    let kv = random(350, 32 * 5);
+    match reg.forward(&cfg, &random(351, 100), &kv, &kv, None) {
+        Err(e @ AttentionError::ShapeMismatch { .. }) => {
+            assert!(e.to_string().contains("100"), "{e}");
+        }
+        other => panic!("expected ShapeMismatch, got {other:?}"),
+    }
+    assert!(logged(&log).is_empty());
+}
+
+#[test]
+fn forward_tries_backends_in_priority_order() {
+    let log = log();
+    let mut reg = AttentionBackendRegistry::new();
+    // Registered out of order; the search order is by priority, ties by registration.
+    reg.register_with_priority(
+        Scripted::boxed("last", true, None, &log),
+        BackendPriority::FALLBACK,
+    )
+    .unwrap();
+    reg.register(Scripted::boxed("normal-b", true, None, &log))
+        .unwrap();
+    reg.register_with_priority(
+        Scripted::boxed("top", true, Some(not_supported("top")), &log),
+        BackendPriority::GPU,
+    )
+    .unwrap();
+    reg.register_with_priority(
+        Scripted::boxed("above-normal", false, None, &log),
+        BackendPriority(5),
+    )
+    .unwrap();
+    reg.register_with_priority(
+        Scripted::boxed("normal-a", true, Some(not_supported("normal-a")), &log),
+        BackendPriority::NORMAL,
+    )
+    .unwrap();
+    assert_eq!(
+        reg.list_backends(),
+        ["top", "above-normal", "normal-b", "normal-a", "last"]
+    );
+    let (cfg, q, k, v) = small_case(360);
+    let (_, dispatch) = reg.forward_with_report(&cfg, &q, &k, &v, None).unwrap();
+    assert_eq!(dispatch.backend, "normal-b");
+    assert_eq!(logged(&log), ["top", "normal-b"]);
+    let skipped: Vec<&str> = dispatch
+        .skipped
+        .iter()
+        .map(|s| s.backend.as_str())
+        .collect();
+    assert_eq!(skipped, ["top", "above-normal"]);
+    assert!(matches!(
+        dispatch.skipped[1].reason,
+        SkipReason::Unsupported(_)
+    ));
+}
+
+#[test]
+fn default_backend_that_refuses_is_not_replaced() {
+    let log = log();
+    let mut reg = AttentionBackendRegistry::new();
+    reg.register_with_priority(
+        Scripted::boxed("pinned", true, Some(not_supported("pinned")), &log),
+        BackendPriority::FALLBACK,
+    )
+    .unwrap();
+    reg.register(Scripted::boxed("other", true, None, &log))
+        .unwrap();
+    reg.set_default("pinned").unwrap();
+    let (cfg, q, k, v) = small_case(370);
+    assert_eq!(
+        reg.forward(&cfg, &q, &k, &v, None),
+        Err(not_supported("pinned"))
+    );
+    assert_eq!(logged(&log), ["pinned"]);
+    // A default that runs reports itself, with nothing skipped.
+    reg.set_default("other").unwrap();
+    let (_, dispatch) = reg.forward_with_report(&cfg, &q, &k, &v, None).unwrap();
+    assert_eq!(
+        dispatch,
+        Dispatch {
+            backend: "other".into(),
+            path: None,
+            skipped: vec![],
+        }
+    );
+}
+
+#[test]
+fn forward_on_an_empty_registry_says_so() {
+    let reg = AttentionBackendRegistry::new();
+    let (cfg, q, k, v) = small_case(380);
+    match reg.forward(&cfg, &q, &k, &v, None) {
+        Err(AttentionError::NotSupported { reason, .. }) => {
+            assert!(reason.contains("empty"), "{reason}")
+        }
+        other => panic!("expected NotSupported, got {other:?}"),
+    }
+}
+
+#[test]
+fn default_backends_run_through_forward() {
+    let reg = AttentionBackendRegistry::with_default_backends();
+    let (cfg, q, k, v) = small_case(390);
+    let (out, dispatch) = reg.forward_with_report(&cfg, &q, &k, &v, None).unwrap();
+    assert_eq!(reg.list_backends().first(), Some(&dispatch.backend));
+    let want = reference_attention(&cfg, 3, 5, &q, &k, &v, None);
+    let err = relative_l2(&out, &want);
+    assert!(err <= 1e-5, "relative L2 error {err:e} on {dispatch}");
+}
+
+#[test]
+fn adapter_supports_asks_the_device_backend_with_the_bshd_layout() {
+    let ad = HostAdapter::new(RefusingDevice::not_supported("fake-gpu"));
+    let bhsd = config(1, 2, 2, 8).with_layout(Layout::Bhsd);
+    // The fake supports BSHD only; the adapter always hands it BSHD.
+    assert!(BackendImplementation::supports(&ad, &bhsd));
+    assert_eq!(ad.check_support(&bhsd), Support::Yes);
+    assert_eq!(
+        *ad.inner().seen_layouts.lock().unwrap(),
+        [Layout::Bshd, Layout::Bshd]
+    );
+    // A device backend's refusal reaches supports() with its reason.
+    let mut small = MockDevice::new(FLASH_CAUSAL);
+    small.max_head_dim = 4;
+    let ad = HostAdapter::new(small);
+    assert!(!BackendImplementation::supports(&ad, &config(1, 2, 2, 8)));
+    assert_eq!(
+        ad.check_support(&config(1, 2, 2, 8)),
+        Support::No("head_dim 8 is above 4".into())
+    );
+}
+
+/// On a GPU: an ordinary call runs on the GPU backend; a call that backend cannot run
+/// (batch * heads past one grid axis, refused in `forward` or, once `supports()` asks the
+/// same plan, there) still gives the right result, on whichever backend accepted it, and
+/// the report says why the GPU was passed over when it was.
+#[test]
+#[ignore = "needs a GPU"]
+fn gpu_registry_runs_on_the_gpu_and_falls_back_when_it_refuses() {
+    let device = Device::best_available();
+    assert!(
+        device.is_gpu(),
+        "no usable GPU: {:?}",
+        Device::best_available_with_reason()
+    );
+    let mut reg = AttentionBackendRegistry::new();
+    reg.register_adapter(
+        HostAdapter::new(GpuAttentionBackend::new(device).unwrap()),
+        BackendPriority::GPU,
+    )
+    .unwrap();
+    reg.register_adapter(
+        HostAdapter::new(CpuAttentionBackend),
+        BackendPriority::FALLBACK,
+    )
+    .unwrap();
+
+    let (cfg, q, k, v) = small_case(400);
+    let (out, dispatch) = reg.forward_with_report(&cfg, &q, &k, &v, None).unwrap();
+    assert_eq!(dispatch.backend, "gpu", "{dispatch}");
+    assert!(dispatch.skipped.is_empty(), "{dispatch}");
+    assert!(
+        matches!(dispatch.path, Some(p) if p != AttentionPath::Cpu),
+        "{dispatch}"
+    );
+    let err = relative_l2(&out, &reference_attention(&cfg, 3, 5, &q, &k, &v, None));
+    assert!(err <= 1e-5, "relative L2 error {err:e}");
+
+    // 4096 sequences x 17 heads = 69632 (batch, head) pairs, one query and two keys each.
+    let (b, h, d) = (4096, 17, 8);
+    let cfg = config(b, h, h, d);
+    let q = random(401, b * h * d);
+    let kv = random(402, b * 2 * h * d);
+    let (out, dispatch) = reg.forward_with_report(&cfg, &q, &kv, &kv, None).unwrap();
+    println!("{dispatch}");
+    if dispatch.backend == "cpu" {
+        assert_eq!(dispatch.skipped.len(), 1, "{dispatch}");
+        assert_eq!(dispatch.skipped[0].backend, "gpu");
+    } else {
+        assert_eq!(dispatch.backend, "gpu");
+    }
+    let err = relative_l2(&out, &reference_attention(&cfg, 1, 2, &q, &kv, &kv, None));
+    assert!(err <= 1e-5, "relative L2 error {err:e} on {dispatch}");
 }

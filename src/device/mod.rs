@@ -41,21 +41,28 @@ impl std::fmt::Display for Device {
 impl std::str::FromStr for Device {
     type Err = AttentionError;
 
-    /// Parses `cpu`, `cuda`, `cuda:N`, `hip`, `hip:N` and `auto` (best available).
+    /// Parses `cpu`, `cuda`, `cuda:N`, `hip`, `hip:N` (`rocm` and `rocm:N` also name HIP
+    /// devices) and `auto` ([`Device::best_available`]); the inverse of `Display`. `N` is
+    /// decimal digits only. Anything else is [`AttentionError::InvalidConfig`] with field
+    /// `device` and a reason quoting the given string.
     fn from_str(s: &str) -> Result<Self> {
         let bad = || AttentionError::InvalidConfig {
             field: "device",
             reason: format!("expected cpu, cuda[:N], hip[:N] or auto, got {s:?}"),
         };
         let (kind, ord) = match s.split_once(':') {
-            Some((k, n)) => (k, n.parse::<usize>().map_err(|_| bad())?),
-            None => (s, 0),
+            // `usize::from_str` takes a leading `+`; an ordinal is plain digits.
+            Some((k, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
+                (k, Some(n.parse::<usize>().map_err(|_| bad())?))
+            }
+            Some(_) => return Err(bad()),
+            None => (s, None),
         };
-        match kind {
-            "cpu" => Ok(Device::Cpu),
-            "cuda" => Ok(Device::Cuda(ord)),
-            "hip" | "rocm" => Ok(Device::Hip(ord)),
-            "auto" => Ok(Device::best_available()),
+        match (kind, ord) {
+            ("cpu", None) => Ok(Device::Cpu),
+            ("cuda", n) => Ok(Device::Cuda(n.unwrap_or(0))),
+            ("hip" | "rocm", n) => Ok(Device::Hip(n.unwrap_or(0))),
+            ("auto", None) => Ok(Device::best_available()),
             _ => Err(bad()),
         }
     }
@@ -110,19 +117,126 @@ const COUNTER: Counter = Counter {
 };
 static COUNTERS: [Counter; SLOTS] = [COUNTER; SLOTS];
 
+fn gpu_unavailable(device: Device, reason: String) -> AttentionError {
+    AttentionError::DeviceUnavailable {
+        device: device.to_string(),
+        reason,
+    }
+}
+
+/// Whether the CUDA driver reports a device, and if not, the step that failed.
+fn probe_cuda() -> Result<()> {
+    #[cfg(feature = "cuda")]
+    {
+        use std::sync::OnceLock;
+        static PROBE: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+        PROBE
+            .get_or_init(cuda_driver_state)
+            .clone()
+            .map_err(|reason| gpu_unavailable(Device::Cuda(0), reason))
+    }
+    #[cfg(not(feature = "cuda"))]
+    Err(gpu_unavailable(
+        Device::Cuda(0),
+        "built without the `cuda` feature".into(),
+    ))
+}
+
+/// The steps `cuda::device_count` takes, each failure named: the driver library loads,
+/// `cuInit` succeeds, at least one device is counted.
+#[cfg(feature = "cuda")]
+fn cuda_driver_state() -> std::result::Result<(), String> {
+    use cudarc::driver::result::{self, DriverError};
+    use cudarc::driver::sys;
+    let name = |e: DriverError| {
+        e.error_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| format!("{:?}", e.0))
+    };
+    // SAFETY: only tries to dlopen the driver library.
+    if !unsafe { sys::is_culib_present() } {
+        let lib = format!(
+            "{}cuda{}",
+            std::env::consts::DLL_PREFIX,
+            std::env::consts::DLL_SUFFIX
+        );
+        return Err(format!("CUDA driver library {lib} not found"));
+    }
+    match result::init() {
+        Err(e) if e.0 == sys::CUresult::CUDA_ERROR_NO_DEVICE => {
+            return Err(
+                "CUDA driver found but no CUDA device (cuInit: CUDA_ERROR_NO_DEVICE)".into(),
+            )
+        }
+        Err(e) => return Err(format!("CUDA driver found but cuInit failed: {}", name(e))),
+        Ok(()) => {}
+    }
+    match result::device::get_count() {
+        Ok(n) if n > 0 => Ok(()),
+        Ok(_) => Err("CUDA driver found but it reports no CUDA device".into()),
+        Err(e) => Err(format!(
+            "CUDA driver found but cuDeviceGetCount failed: {}",
+            name(e)
+        )),
+    }
+}
+
+/// Whether the HIP runtime reports a device.
+fn probe_hip() -> Result<()> {
+    #[cfg(feature = "rocm")]
+    if hip::device_count() > 0 {
+        return Ok(());
+    }
+    #[cfg(feature = "rocm")]
+    let reason = "HIP runtime found no AMD GPU (hipGetDeviceCount reported none or failed)";
+    #[cfg(not(feature = "rocm"))]
+    let reason = "built without the `rocm` feature";
+    Err(gpu_unavailable(Device::Hip(0), reason.into()))
+}
+
 impl Device {
     /// The first usable GPU (CUDA, then HIP), else [`Device::Cpu`]. Never panics, also
-    /// when no driver is installed.
+    /// when no driver is installed. [`Device::best_available_with_reason`] also says why
+    /// no GPU was chosen.
     pub fn best_available() -> Device {
-        #[cfg(feature = "cuda")]
-        if cuda::device_count() > 0 {
+        if probe_cuda().is_ok() {
             return Device::Cuda(0);
         }
-        #[cfg(feature = "rocm")]
-        if hip::device_count() > 0 {
+        if probe_hip().is_ok() {
             return Device::Hip(0);
         }
         Device::Cpu
+    }
+
+    /// Like [`Device::best_available`], and when that is the CPU, why no GPU was chosen:
+    /// one reason per GPU runtime, in the order they were tried, joined by `"; "` (for
+    /// example "CUDA driver library libcuda.so not found; built without the `rocm`
+    /// feature"). `None` when a GPU was chosen.
+    pub fn best_available_with_reason() -> (Device, Option<String>) {
+        let mut reasons = Vec::new();
+        for (device, probe) in Self::probe_gpus() {
+            match probe {
+                Ok(()) => return (device, None),
+                Err(AttentionError::DeviceUnavailable { reason, .. }) => reasons.push(reason),
+                Err(other) => reasons.push(other.to_string()),
+            }
+        }
+        (Device::Cpu, Some(reasons.join("; ")))
+    }
+
+    /// Asks each GPU runtime, in the order [`Device::best_available`] tries them (CUDA,
+    /// then HIP), whether it has a device: `Ok(())` with ordinal 0 of that kind when it
+    /// has at least one, else [`AttentionError::DeviceUnavailable`] saying why (built
+    /// without the feature, driver library not found, driver found but no device, ...).
+    /// Probes are made once per process and never panic.
+    ///
+    /// `Ok` means the driver reports a device; creating its runtime
+    /// ([`Device::is_available`], a backend) can still fail, with its own reason.
+    pub fn probe_gpus() -> Vec<(Device, Result<()>)> {
+        vec![
+            (Device::Cuda(0), probe_cuda()),
+            (Device::Hip(0), probe_hip()),
+        ]
     }
 
     /// Whether this device can be used now (driver present, ordinal in range).
@@ -211,5 +325,91 @@ impl Device {
                 .d2h_bytes
                 .fetch_add(bytes as u64, Ordering::Relaxed);
         }
+    }
+}
+
+#[cfg(test)]
+mod selection_tests {
+    use super::*;
+
+    #[test]
+    fn from_str_round_trips_display() {
+        for d in [
+            Device::Cpu,
+            Device::Cuda(0),
+            Device::Cuda(15),
+            Device::Hip(0),
+            Device::Hip(3),
+        ] {
+            assert_eq!(d.to_string().parse::<Device>(), Ok(d), "{d}");
+        }
+        assert_eq!("cuda".parse::<Device>(), Ok(Device::Cuda(0)));
+        assert_eq!("rocm:2".parse::<Device>(), Ok(Device::Hip(2)));
+        assert_eq!("auto".parse::<Device>(), Ok(Device::best_available()));
+    }
+
+    #[test]
+    fn bad_device_strings_are_invalid_config_quoting_the_string() {
+        for bad in [
+            "", "gpu", "CPU", "cpu:0", "auto:1", "cuda:", "cuda:+1", "cuda:-1", "cuda: 1",
+            "hip:1:2", "cuda:x", "tpu:0", " cpu",
+        ] {
+            match bad.parse::<Device>() {
+                Err(AttentionError::InvalidConfig { field, reason }) => {
+                    assert_eq!(field, "device");
+                    assert!(reason.contains(&format!("{bad:?}")), "{bad:?}: {reason}");
+                }
+                other => panic!("{bad:?} parsed as {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn probe_agrees_with_best_available_and_says_why() {
+        let probes = Device::probe_gpus();
+        assert_eq!(
+            probes.iter().map(|(d, _)| *d).collect::<Vec<_>>(),
+            [Device::Cuda(0), Device::Hip(0)]
+        );
+        let (device, reason) = Device::best_available_with_reason();
+        assert_eq!(device, Device::best_available());
+        match probes.iter().find(|(_, p)| p.is_ok()) {
+            Some((first, _)) => {
+                assert_eq!(device, *first);
+                assert_eq!(reason, None);
+            }
+            None => {
+                assert_eq!(device, Device::Cpu);
+                let reason = reason.expect("a reason when no GPU is chosen");
+                // One reason per runtime, each the probe's own words.
+                for (d, p) in &probes {
+                    match p {
+                        Err(AttentionError::DeviceUnavailable { device, reason: r }) => {
+                            assert_eq!(device, &d.to_string());
+                            assert!(!r.is_empty());
+                            assert!(reason.contains(r.as_str()), "{reason} lacks {r}");
+                        }
+                        other => panic!("{d}: expected DeviceUnavailable, got {other:?}"),
+                    }
+                }
+            }
+        }
+        // Probing twice gives the same answers.
+        assert_eq!(Device::probe_gpus(), probes);
+    }
+
+    #[cfg(not(feature = "rocm"))]
+    #[test]
+    fn missing_feature_is_named() {
+        match &Device::probe_gpus()[1].1 {
+            Err(e) => assert!(e.to_string().contains("`rocm` feature"), "{e}"),
+            Ok(()) => panic!("HIP reported usable without the rocm feature"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn cuda_probe_matches_the_runtime_count() {
+        assert_eq!(probe_cuda().is_ok(), cuda::device_count() > 0);
     }
 }
