@@ -63,7 +63,8 @@ pub use dtype::{DType, HostElement};
 pub use error::{AttentionBackendResult, AttentionError, Result};
 pub use kv_cache::{KvCache, KvCacheSpec};
 pub use legacy::{
-    AttentionBackendRegistry, BackendImplementation, BackendPriority, HostAdapter, PathRecorder,
+    AttentionBackendRegistry, BackendImplementation, BackendPriority, Dispatch, HostAdapter,
+    PathRecorder, SkipReason, Skipped,
 };
 pub use problem::AttentionProblem;
 pub use tensor::DeviceTensor;
