@@ -328,7 +328,7 @@ fn case_strategy(align: usize) -> impl Strategy<Value = Case> {
         any::<bool>(),
         prop_oneof![
             2 => Just(None),
-            1 => prop_oneof![Just(0.05f32), Just(0.5), Just(1.0), Just(2.0)].prop_map(Some),
+            1 => prop_oneof![Just(0.05f32), Just(0.5), Just(1.0), Just(2.0), Just(8.0)].prop_map(Some),
         ],
         prop::option::weighted(0.6, mask_strategy()),
         prop::bool::weighted(0.2),
@@ -368,9 +368,10 @@ fn case_strategy(align: usize) -> impl Strategy<Value = Case> {
 }
 
 impl Case {
-    /// Shrinks the sequence lengths until every tensor (padding included) is small.
+    /// Shrinks the sequence lengths until every view holds at most [`MAX_ELEMS`] elements
+    /// (its padded allocation at most a few times that).
     fn fit(&mut self) {
-        let padded = |n: usize, d: usize, h: usize, b: usize| (b + 2) * (n + 2) * (h + 2) * (d + 8);
+        let padded = |n: usize, d: usize, h: usize, b: usize| b * n * h * d;
         while padded(
             self.seq_q.max(self.seq_k),
             self.head_dim,
@@ -666,7 +667,7 @@ fn valid_call(c: &Case, target: Target) -> Outcome {
 #[test]
 fn valid_calls_match_the_reference() {
     let targets = default_targets();
-    check(96, case_strategy(1), |c| {
+    check(256, case_strategy(1), |c| {
         for &t in &targets {
             valid_call(&c, t)?;
         }
@@ -1303,7 +1304,7 @@ fn cache_call(c: &CacheCase, target: Target) -> Outcome {
 #[test]
 fn kv_cache_holds_what_was_appended_and_attends_to_it() {
     let targets = default_targets();
-    check(48, cache_case_strategy(1), |c| {
+    check(96, cache_case_strategy(1), |c| {
         for &t in &targets {
             cache_call(&c, t)?;
         }
@@ -1399,7 +1400,7 @@ fn legacy_call(c: &Case, target: Target) -> Outcome {
 #[test]
 fn host_slice_calls_match_the_reference() {
     let targets = default_targets();
-    check(48, legacy_case_strategy(), |c| {
+    check(96, legacy_case_strategy(), |c| {
         for &t in &targets {
             legacy_call(&c, t)?;
         }
@@ -1472,7 +1473,7 @@ fn garbage_call(g: &GarbageCase, target: Target) -> Outcome {
     // every third key under the mask (masked for every row).
     let removed: Vec<bool> = (0..sk)
         .map(|j| match g.removal {
-            Removal::Causal => j >= sk / 2 + 1,
+            Removal::Causal => j > sk / 2,
             Removal::Mask => j % 3 == 1,
         })
         .collect();
@@ -1541,12 +1542,9 @@ fn garbage_call(g: &GarbageCase, target: Target) -> Outcome {
         hq(&kd, &ks)?,
         hq(&vd, &ks)?,
     );
-    let mh = match &mask {
-        Some(m) => {
-            Some(DeviceTensor::from_f32(m, &[sq, sk], DType::F32, Device::Cpu).expect("host"))
-        }
-        None => None,
-    };
+    let mh = mask
+        .as_ref()
+        .map(|m| DeviceTensor::from_f32(m, &[sq, sk], DType::F32, Device::Cpu).expect("host"));
     let want =
         attention_f64(&config, &qh, &kh, &vh, mh.as_ref()).map_err(|e| fail(format!("{e}")))?;
     let naive = attention_naive_in_dtype(&config, &qh, &kh, &vh, mh.as_ref())
