@@ -276,10 +276,18 @@ impl AttentionProblem {
                 got: out.device().to_string(),
             });
         }
-        if inputs.iter().any(|t| out.may_overlap(t)) {
+        if let Some(i) = inputs.iter().position(|t| out.may_overlap(t)) {
             return Err(AttentionError::UnsupportedLayout {
                 what: "out".into(),
-                reason: "the output overlaps an input; give it its own memory".into(),
+                reason: format!(
+                    "the output (shape {:?}, strides {:?}, offset {}) overlaps input {i} (shape {:?}, strides {:?}, offset {}); give it its own memory",
+                    out.shape(),
+                    out.strides(),
+                    out.offset(),
+                    inputs[i].shape(),
+                    inputs[i].strides(),
+                    inputs[i].offset()
+                ),
             });
         }
         Ok(st)
