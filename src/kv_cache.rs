@@ -732,3 +732,85 @@ pub(crate) struct CacheParts<'a> {
     pub max_len: usize,
     pub pool_next: Option<&'a DeviceTensor>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache(layout: Option<usize>) -> KvCache {
+        let spec = KvCacheSpec {
+            batch: 2,
+            num_kv_heads: 1,
+            head_dim: 4,
+            capacity: 16,
+            dtype: DType::F32,
+        };
+        match layout {
+            None => KvCache::contiguous(spec, KvCacheLayout::Contiguous, Device::Cpu).unwrap(),
+            Some(page) => KvCache::paged(spec, page, 8, Device::Cpu).unwrap(),
+        }
+    }
+
+    /// Counts no public view can reach (every view holds at most isize::MAX bytes) still
+    /// cannot wrap `len + n` past the capacity test.
+    #[test]
+    fn reserve_refuses_counts_that_would_wrap() {
+        for layout in [None, Some(4)] {
+            let mut c = cache(layout);
+            c.commit(&[3, 5]);
+            let pages = c.pages_used();
+            for counts in [[usize::MAX, 0], [0, usize::MAX - 4], [1, usize::MAX]] {
+                let err = c.reserve(&counts).unwrap_err();
+                let AttentionError::CapacityExceeded(msg) = &err else {
+                    panic!("{err:?}");
+                };
+                let b = counts.iter().position(|&n| n > 1).unwrap();
+                assert!(
+                    msg.contains(&format!("holds {} tokens", [3, 5][b]))
+                        && msg.contains(&counts[b].to_string())
+                        && msg.contains("capacity 16"),
+                    "{msg}"
+                );
+            }
+            assert!(matches!(
+                c.reserve(&[1]),
+                Err(AttentionError::ShapeMismatch { .. })
+            ));
+            assert_eq!(c.lengths(), &[3, 5]);
+            assert_eq!(c.pages_used(), pages);
+            c.reserve(&[13, 11]).unwrap();
+        }
+    }
+
+    #[test]
+    fn device_lengths_stay_in_i32() {
+        let spec = |batch, num_kv_heads, head_dim| KvCacheSpec {
+            batch,
+            num_kv_heads,
+            head_dim,
+            capacity: 1,
+            dtype: DType::F16,
+        };
+        let big = i32::MAX as usize + 1;
+        for (s, field) in [
+            (spec(big, 1, 1), "batch"),
+            (spec(1, big, 1), "num_kv_heads"),
+            (spec(1, 1, big), "head_dim"),
+        ] {
+            let err = KvCache::paged(s, 1, 1, Device::Cpu).unwrap_err();
+            assert!(
+                matches!(&err, AttentionError::InvalidConfig { field: f, reason }
+                    if *f == field && reason.contains(&big.to_string())),
+                "{err:?}"
+            );
+        }
+        for (page, pages, field) in [(big, 1, "page_size"), (1, big, "num_pages")] {
+            let err = KvCache::paged(spec(1, 1, 1), page, pages, Device::Cpu).unwrap_err();
+            assert!(
+                matches!(&err, AttentionError::InvalidConfig { field: f, reason }
+                    if *f == field && reason.contains(&big.to_string())),
+                "{err:?}"
+            );
+        }
+    }
+}

@@ -332,6 +332,17 @@ impl DeviceTensor {
                 got: src.device.to_string(),
             });
         }
+        if !self.has_distinct_elements() {
+            // A stride-0 destination would be written many times per element (a race on
+            // a GPU, and a loop over every repeat on the host).
+            return Err(AttentionError::UnsupportedLayout {
+                what: "copy_from destination".into(),
+                reason: format!(
+                    "strides {:?} for shape {:?} map several elements to one address",
+                    self.strides, self.shape
+                ),
+            });
+        }
         match (&*self.storage, &*src.storage) {
             (Storage::Host(d), Storage::Host(s)) => {
                 let _access = HostAccess::acquire(&[src], &[self])?;
@@ -498,6 +509,27 @@ impl DeviceTensor {
         }
         true
     }
+    /// Whether no two indices address the same element (sufficient test: sorted by stride,
+    /// each dimension steps past everything the smaller ones reach).
+    pub(crate) fn has_distinct_elements(&self) -> bool {
+        let mut dims: SmallVec<[(usize, usize); 4]> = self
+            .shape
+            .iter()
+            .zip(&self.strides)
+            .filter(|(&n, _)| n > 1)
+            .map(|(&n, &s)| (n, s))
+            .collect();
+        dims.sort_by_key(|&(_, s)| s);
+        let mut reach = 0usize;
+        for (n, s) in dims {
+            if s <= reach {
+                return false;
+            }
+            reach = reach.saturating_add((n - 1).saturating_mul(s));
+        }
+        true
+    }
+
     /// Whether two tensors share an allocation (for example a cache and its views).
     pub fn shares_storage_with(&self, other: &DeviceTensor) -> bool {
         Arc::ptr_eq(&self.storage, &other.storage)
@@ -561,5 +593,83 @@ impl DeviceTensor {
     #[allow(dead_code)]
     pub(crate) fn storage_bytes(&self) -> usize {
         self.storage.bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cpu(values: &[f32], shape: &[usize]) -> DeviceTensor {
+        DeviceTensor::from_host(values, shape, Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn a_write_in_progress_refuses_overlapping_access_from_clones() {
+        let a = cpu(&[1.0; 8], &[8]);
+        let mut b = a.clone();
+        let src = cpu(&[2.0; 8], &[8]);
+        let held = HostAccess::acquire(&[], &[&a]).unwrap();
+        let err = b.copy_from(&src).unwrap_err();
+        assert!(
+            matches!(&err, AttentionError::StorageBusy { reason, .. }
+                if reason.contains("writing bytes 0..32") && reason.contains("writes (bytes 0..32)")),
+            "{err}"
+        );
+        assert!(matches!(
+            a.to_host::<f32>(),
+            Err(AttentionError::StorageBusy { .. })
+        ));
+        // A disjoint range of the same buffer stays usable.
+        let mut tail = cpu(&[0.0; 16], &[16]);
+        let mut tail_view = tail.narrow(0, 8, 8).unwrap();
+        let tail_hold = HostAccess::acquire(&[], &[&tail.narrow(0, 0, 8).unwrap()]).unwrap();
+        tail_view.copy_from(&src).unwrap();
+        drop(tail_hold);
+        assert_eq!(&tail.to_host::<f32>().unwrap()[8..], &[2.0; 8]);
+        drop(held);
+        b.copy_from(&src).unwrap();
+        assert_eq!(a.to_host::<f32>().unwrap(), vec![2.0; 8]);
+        tail.copy_from(&cpu(&[3.0; 16], &[16])).unwrap();
+    }
+
+    #[test]
+    fn readers_share_and_a_refused_acquire_holds_nothing() {
+        let a = cpu(&[1.0; 4], &[4]);
+        let other = cpu(&[1.0; 4], &[4]);
+        let r1 = HostAccess::acquire(&[&a], &[]).unwrap();
+        let r2 = HostAccess::acquire(&[&a, &a], &[]).unwrap();
+        assert_eq!(a.to_host::<f32>().unwrap(), vec![1.0; 4]);
+        // `other` is registered first, then `a` conflicts: `other` must be released again.
+        let refused = HostAccess::acquire(&[], &[&other, &a]);
+        assert!(matches!(
+            refused,
+            Err(AttentionError::StorageBusy { ref reason, .. }) if reason.contains("reading")
+        ));
+        HostAccess::acquire(&[], &[&other]).unwrap();
+        drop((r1, r2));
+        HostAccess::acquire(&[], &[&a]).unwrap();
+    }
+
+    #[test]
+    fn one_call_may_read_and_write_the_same_buffer() {
+        let mut t = cpu(&[0.0, 1.0, 2.0, 3.0, 4.0, 5.0], &[6]);
+        let src = t.narrow(0, 0, 4).unwrap();
+        let mut dst = t.narrow(0, 2, 4).unwrap();
+        dst.copy_from(&src).unwrap();
+        // Element by element in order, as documented for overlapping views.
+        assert_eq!(t.to_host::<f32>().unwrap(), vec![0.0, 1.0, 0.0, 1.0, 0.0, 1.0]);
+        let whole = t.clone();
+        t.copy_from(&whole).unwrap();
+    }
+
+    #[test]
+    fn distinct_elements() {
+        let t = cpu(&[0.0; 6], &[2, 3]);
+        assert!(t.has_distinct_elements());
+        assert!(t.permute(&[1, 0]).unwrap().has_distinct_elements());
+        let one = cpu(&[0.0; 3], &[1, 3]);
+        assert!(!one.broadcast_dim(0, 2).unwrap().has_distinct_elements());
+        assert!(one.broadcast_dim(0, 1).unwrap().has_distinct_elements());
     }
 }
