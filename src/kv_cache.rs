@@ -131,7 +131,11 @@ impl KvCache {
         }
         Self::check_spec(&spec)?;
         let shape = [spec.batch, spec.num_kv_heads, spec.capacity, spec.head_dim];
-        check_storage("batch * num_kv_heads * capacity * head_dim", shape, spec.dtype)?;
+        check_storage(
+            "batch * num_kv_heads * capacity * head_dim",
+            shape,
+            spec.dtype,
+        )?;
         Self::with_storage(spec, layout, shape, None, device)
     }
 
@@ -180,7 +184,11 @@ impl KvCache {
         }
         let max_pages = spec.capacity.div_ceil(page_size);
         let shape = [num_pages, spec.num_kv_heads, page_size, spec.head_dim];
-        check_storage("num_pages * num_kv_heads * page_size * head_dim", shape, spec.dtype)?;
+        check_storage(
+            "num_pages * num_kv_heads * page_size * head_dim",
+            shape,
+            spec.dtype,
+        )?;
         check_storage(
             "batch * max_pages (block table)",
             [spec.batch, max_pages, 1, 1],
@@ -538,7 +546,12 @@ impl KvCache {
             return Err(AttentionError::DeviceMismatch {
                 what: "k_new / v_new / cache".into(),
                 expected: Device::Cpu.to_string(),
-                got: format!("{} / {} / {}", k_new.device(), v_new.device(), self.device()),
+                got: format!(
+                    "{} / {} / {}",
+                    k_new.device(),
+                    v_new.device(),
+                    self.device()
+                ),
             });
         };
         let table = self
@@ -631,7 +644,7 @@ impl KvCache {
             None => None,
         };
         let s = self.k.shape().to_vec(); // [slots, Hkv, positions, D]
-        // len <= capacity, so this is at most the cache's own (allocated) size.
+                                         // len <= capacity, so this is at most the cache's own (allocated) size.
         let n = self.batch * len * hkv * d;
         let mut kd = try_host_vec(n, 0f32, "KvCache::to_dense")?;
         let mut vd = try_host_vec(n, 0f32, "KvCache::to_dense")?;

@@ -60,8 +60,8 @@ impl HostBuffer {
             let size = bytes
                 .checked_next_multiple_of(ALIGN)
                 .ok_or_else(|| oom("size overflows usize"))?;
-            let layout = Layout::from_size_align(size, ALIGN)
-                .map_err(|_| oom("size exceeds isize::MAX"))?;
+            let layout =
+                Layout::from_size_align(size, ALIGN).map_err(|_| oom("size exceeds isize::MAX"))?;
             // SAFETY: the layout has a non-zero size.
             let raw = unsafe { std::alloc::alloc_zeroed(layout) };
             let ptr = NonNull::new(raw).ok_or_else(|| oom("the allocator refused"))?;

@@ -658,7 +658,10 @@ mod tests {
         let mut dst = t.narrow(0, 2, 4).unwrap();
         dst.copy_from(&src).unwrap();
         // Element by element in order, as documented for overlapping views.
-        assert_eq!(t.to_host::<f32>().unwrap(), vec![0.0, 1.0, 0.0, 1.0, 0.0, 1.0]);
+        assert_eq!(
+            t.to_host::<f32>().unwrap(),
+            vec![0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+        );
         let whole = t.clone();
         t.copy_from(&whole).unwrap();
     }
