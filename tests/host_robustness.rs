@@ -472,7 +472,7 @@ fn kv_cache_is_not_clone() {
     impl<T: ?Sized> AmbiguousIfClone<()> for T {}
     #[allow(dead_code)]
     struct IsClone;
-    impl<T: ?Sized + Clone> AmbiguousIfClone<IsClone> for T {}
+    impl<T: Clone> AmbiguousIfClone<IsClone> for T {}
     assert!(<KvCache as AmbiguousIfClone<_>>::probe());
 }
 
