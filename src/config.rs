@@ -2,6 +2,13 @@
 
 use crate::error::{AttentionError, Result};
 
+/// Largest softmax scale [`AttentionConfig::validate`] accepts. Models use
+/// `1/sqrt(head_dim)` (at most 1) or a small multiple of it; a scale far above that makes
+/// `scale * q.k` overflow f32 to infinity for ordinary activations, so the softmax of such
+/// scores is NaN or zero instead of a number. 65536 (2^16) leaves ample room for unusual
+/// models while keeping f16-range scores finite in f32.
+pub const MAX_SCALE: f32 = 65536.0;
+
 /// Memory order of the four attention dimensions of Q, K, V and the output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Layout {
@@ -148,17 +155,26 @@ impl AttentionConfig {
         if self.max_sequence_length == 0 {
             return bad("max_sequence_length", "must be > 0, got 0".into());
         }
-        if self.dim != self.num_heads * self.head_dim {
-            return bad(
-                "dim",
-                format!(
-                    "expected num_heads * head_dim = {} * {} = {}, got {}",
-                    self.num_heads,
-                    self.head_dim,
-                    self.num_heads * self.head_dim,
-                    self.dim
-                ),
-            );
+        match self.num_heads.checked_mul(self.head_dim) {
+            None => {
+                return bad(
+                    "dim",
+                    format!(
+                        "num_heads * head_dim = {} * {} overflows usize (dim given: {})",
+                        self.num_heads, self.head_dim, self.dim
+                    ),
+                )
+            }
+            Some(product) if product != self.dim => {
+                return bad(
+                    "dim",
+                    format!(
+                        "expected num_heads * head_dim = {} * {} = {product}, got {}",
+                        self.num_heads, self.head_dim, self.dim
+                    ),
+                )
+            }
+            Some(_) => {}
         }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(
@@ -176,8 +192,11 @@ impl AttentionConfig {
             );
         }
         if let Some(s) = self.scale {
-            if !s.is_finite() || s <= 0.0 {
-                return bad("scale", format!("expected a finite value > 0, got {s}"));
+            if !s.is_finite() || s <= 0.0 || s > MAX_SCALE {
+                return bad(
+                    "scale",
+                    format!("expected a finite value > 0 and <= {MAX_SCALE} (MAX_SCALE), got {s}"),
+                );
             }
         }
         Ok(())

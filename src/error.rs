@@ -96,6 +96,17 @@ pub enum AttentionError {
         /// The runtime's message.
         detail: String,
     },
+    /// Host memory of a tensor is being written (or, for a write, read) by another thread
+    /// in an overlapping range at this moment; the call did nothing. Tensors that share
+    /// storage (clones and views) may be used from several threads as long as one thread's
+    /// writes never overlap another's reads or writes.
+    #[error("storage of {what} is busy: {reason}")]
+    StorageBusy {
+        /// The tensor whose memory is in use.
+        what: String,
+        /// Which access conflicts, with the byte ranges.
+        reason: String,
+    },
     /// A KV cache cannot take more tokens.
     #[error("KV cache capacity exceeded: {0}")]
     CapacityExceeded(String),
@@ -128,6 +139,15 @@ impl AttentionError {
             what: what.into(),
             expected: expected.to_string(),
             got: got.to_string(),
+        }
+    }
+
+    /// A failed host allocation of `bytes` bytes for `what`.
+    pub(crate) fn host_oom(what: &str, bytes: u64, detail: impl std::fmt::Display) -> Self {
+        AttentionError::OutOfMemory {
+            device: "cpu".into(),
+            requested_bytes: bytes,
+            detail: format!("{what}: {detail}"),
         }
     }
 }

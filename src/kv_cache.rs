@@ -12,7 +12,7 @@ use crate::dtype::DType;
 use crate::error::{AttentionError, Result};
 use crate::kernels::{KernelFile, KernelSpec};
 use crate::problem::HeadStrides;
-use crate::tensor::DeviceTensor;
+use crate::tensor::{try_host_vec, DeviceTensor, HostAccess};
 
 /// Kernel argument block of `kv_append_b2/b4` (mirrors `AppendParams` in kernels/kv_append.h).
 #[repr(C)]
@@ -46,7 +46,7 @@ struct AppendParams {
 }
 
 /// Paging of a [`KvCacheLayout::BlockSparse`] cache.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Paging {
     page_size: usize,
     num_pages: usize,
@@ -59,7 +59,11 @@ struct Paging {
 }
 
 /// One layer's K and V for a batch of sequences, on one device.
-#[derive(Debug, Clone)]
+///
+/// Not `Clone`: a shallow copy would share K/V storage (and on a GPU the device lengths,
+/// block table and page counter) while keeping its own host lengths, so appending to one
+/// would overwrite the other's tokens. [`KvCache::try_clone`] makes a deep copy.
+#[derive(Debug)]
 pub struct KvCache {
     layout: KvCacheLayout,
     batch: usize,
@@ -94,14 +98,46 @@ fn bad(field: &'static str, reason: String) -> AttentionError {
     AttentionError::InvalidConfig { field, reason }
 }
 
+/// Refuses K/V storage of `shape` whose byte size overflows or exceeds `isize::MAX`,
+/// naming the factors (`what` lists them in order).
+fn check_storage(what: &'static str, shape: [usize; 4], dtype: DType) -> Result<()> {
+    let bytes = shape
+        .iter()
+        .try_fold(dtype.size_in_bytes(), |acc, &d| acc.checked_mul(d))
+        .filter(|&b| b <= isize::MAX as usize);
+    if bytes.is_none() {
+        return Err(bad(
+            "kv cache size",
+            format!(
+                "{what} = {} x {} x {} x {} elements of {} bytes exceeds isize::MAX ({}) bytes",
+                shape[0],
+                shape[1],
+                shape[2],
+                shape[3],
+                dtype.size_in_bytes(),
+                isize::MAX
+            ),
+        ));
+    }
+    Ok(())
+}
+
 impl KvCache {
     /// A contiguous cache (`Contiguous` or `FlashAttention` layout, the same memory order).
     pub fn contiguous(spec: KvCacheSpec, layout: KvCacheLayout, device: Device) -> Result<Self> {
         if layout == KvCacheLayout::BlockSparse {
-            return Err(bad("layout", "use KvCache::paged for BlockSparse".into()));
+            return Err(bad(
+                "layout",
+                format!("KvCache::contiguous takes Contiguous or FlashAttention, got {layout:?}; use KvCache::paged for BlockSparse"),
+            ));
         }
         Self::check_spec(&spec)?;
         let shape = [spec.batch, spec.num_kv_heads, spec.capacity, spec.head_dim];
+        check_storage(
+            "batch * num_kv_heads * capacity * head_dim",
+            shape,
+            spec.dtype,
+        )?;
         Self::with_storage(spec, layout, shape, None, device)
     }
 
@@ -142,8 +178,24 @@ impl KvCache {
                 format!("both must be > 0, got {page_size} / {num_pages}"),
             ));
         }
+        // Page ids and in-page positions are i32 on the device.
+        for (name, v) in [("page_size", page_size), ("num_pages", num_pages)] {
+            if v > i32::MAX as usize {
+                return Err(bad(name, format!("at most {}, got {v}", i32::MAX)));
+            }
+        }
         let max_pages = spec.capacity.div_ceil(page_size);
         let shape = [num_pages, spec.num_kv_heads, page_size, spec.head_dim];
+        check_storage(
+            "num_pages * num_kv_heads * page_size * head_dim",
+            shape,
+            spec.dtype,
+        )?;
+        check_storage(
+            "batch * max_pages (block table)",
+            [spec.batch, max_pages, 1, 1],
+            DType::F32,
+        )?;
         let paging = Paging {
             page_size,
             num_pages,
@@ -169,14 +221,15 @@ impl KvCache {
             ("capacity", s.capacity),
         ] {
             if v == 0 {
-                return Err(bad("kv cache", format!("{name} must be > 0")));
+                return Err(bad(name, format!("kv cache {name} must be > 0, got {v}")));
             }
-        }
-        if s.capacity > i32::MAX as usize {
-            return Err(bad(
-                "capacity",
-                format!("at most {}, got {}", i32::MAX, s.capacity),
-            ));
+            // Lengths, positions, heads and the batch index are i32 on the device.
+            if v > i32::MAX as usize {
+                return Err(bad(
+                    name,
+                    format!("kv cache {name} must be at most {}, got {v}", i32::MAX),
+                ));
+            }
         }
         Ok(())
     }
@@ -244,6 +297,7 @@ impl KvCache {
     ) -> Result<()> {
         let n = self.check_append(k_new, v_new)?;
         if counts.len() != self.batch || counts.iter().any(|&c| c > n) {
+            // Refused before anything is queued; the cache is unchanged.
             return Err(AttentionError::shape(
                 "counts",
                 format!("{} values, each <= {n}", self.batch),
@@ -306,7 +360,10 @@ impl KvCache {
         if s[3] > 1 && t.strides()[3] != 1 {
             return Err(AttentionError::UnsupportedLayout {
                 what: what.into(),
-                reason: "head_dim must be contiguous".into(),
+                reason: format!(
+                    "head_dim must be contiguous (stride 1), got stride {}",
+                    t.strides()[3]
+                ),
             });
         }
         Ok(s[1])
@@ -322,20 +379,31 @@ impl KvCache {
                 reason: "its host-side lengths would advance once, not on every replay; record attention over the cache and append outside the graph".into(),
             });
         }
-        let mut new_pages = 0;
+        if counts.len() != self.batch {
+            return Err(AttentionError::shape(
+                "append counts",
+                format!("{} values (one per sequence)", self.batch),
+                counts.len(),
+            ));
+        }
+        // Checked: `c` may come from a broadcast view of any length, and `len + c` must
+        // not wrap past the capacity test.
+        let mut new_pages = 0usize;
         for (b, (&len, &c)) in self.lengths.iter().zip(counts).enumerate() {
-            if len + c > self.capacity {
+            let end = len.checked_add(c);
+            if end.is_none_or(|e| e > self.capacity) {
                 return Err(AttentionError::CapacityExceeded(format!(
                     "sequence {b} holds {len} tokens, appending {c} exceeds its capacity {}",
                     self.capacity
                 )));
             }
-            if let Some(p) = &self.paging {
-                new_pages += (len + c).div_ceil(p.page_size) - len.div_ceil(p.page_size);
+            if let (Some(p), Some(end)) = (&self.paging, end) {
+                // end <= capacity <= i32::MAX: these sums cannot overflow.
+                new_pages += end.div_ceil(p.page_size) - len.div_ceil(p.page_size);
             }
         }
         if let Some(p) = &self.paging {
-            if p.pages_used + new_pages > p.num_pages {
+            if p.pages_used.saturating_add(new_pages) > p.num_pages {
                 return Err(AttentionError::CapacityExceeded(format!(
                     "page pool exhausted: {} of {} pages in use, the append needs {new_pages} more",
                     p.pages_used, p.num_pages
@@ -345,7 +413,8 @@ impl KvCache {
         Ok(())
     }
 
-    /// Advances the host mirror of the lengths and pages after an append was queued.
+    /// Advances the host mirror of the lengths and pages after an append was queued;
+    /// `counts` passed [`reserve`](Self::reserve), so no sum here can exceed the capacity.
     pub(crate) fn commit(&mut self, counts: &[usize]) {
         for (len, &c) in self.lengths.iter_mut().zip(counts) {
             if let Some(p) = &mut self.paging {
@@ -363,10 +432,7 @@ impl KvCache {
         counts: Option<&DeviceTensor>,
     ) -> Result<()> {
         match self.device() {
-            Device::Cpu => {
-                self.append_on_host(k_new, v_new, n, counts);
-                Ok(())
-            }
+            Device::Cpu => self.append_on_host(k_new, v_new, n, counts),
             _ => self.append_on_device(k_new, v_new, n, counts),
         }
     }
@@ -419,7 +485,10 @@ impl KvCache {
             c_sh: c.head as i64,
             c_ss: c.seq as i64,
             batch: self.batch as i32,
-            n: n as i32,
+            // Read only when `counts` is null (a plain append, where n passed the capacity
+            // check); a ragged append's rows past the largest count are never read, so
+            // clamping keeps a broadcast view of any length from wrapping.
+            n: n.min(self.capacity) as i32,
             num_kv_heads: self.num_kv_heads as i32,
             head_dim: self.head_dim as i32,
             max_pages: self.paging.as_ref().map_or(0, |p| p.max_pages as i32),
@@ -446,16 +515,27 @@ impl KvCache {
         v_new: &DeviceTensor,
         n: usize,
         counts: Option<&DeviceTensor>,
-    ) {
+    ) -> Result<()> {
         let es = self.dtype().size_in_bytes();
+        let mut reads = vec![k_new, v_new];
+        reads.extend(counts);
+        let mut writes = vec![&self.k, &self.v, &self.seq_lens];
+        writes.extend(self.paging.as_ref().map(|p| &p.block_table));
+        // The new tokens may be views of this cache (self-aliasing is allowed within one
+        // access); other threads are kept off every range read or written below.
+        let _access = HostAccess::acquire(&reads, &writes)?;
         let counts: Vec<usize> = match counts {
-            // SAFETY: a host tensor of `batch` i32 values written by append_ragged.
-            Some(c) => (0..self.batch)
-                .map(
-                    |b| unsafe { *(c.host_ptr().expect("host tensor") as *const i32).add(b) }
-                        as usize,
-                )
-                .collect(),
+            Some(c) => {
+                let p = c.host_ptr().ok_or_else(|| AttentionError::DeviceMismatch {
+                    what: "append counts".into(),
+                    expected: Device::Cpu.to_string(),
+                    got: c.device().to_string(),
+                })? as *const i32;
+                // SAFETY: a host tensor of `batch` i32 values written by append_ragged.
+                (0..self.batch)
+                    .map(|b| unsafe { *p.add(b) } as usize)
+                    .collect()
+            }
             None => vec![n; self.batch],
         };
         let c = self.cache_strides();
@@ -467,7 +547,16 @@ impl KvCache {
         let (kc, vc) = (self.k.host_ptr(), self.v.host_ptr());
         let (kn, vn) = (k_new.host_ptr(), v_new.host_ptr());
         let (Some(kc), Some(vc), Some(kn), Some(vn)) = (kc, vc, kn, vn) else {
-            return;
+            return Err(AttentionError::DeviceMismatch {
+                what: "k_new / v_new / cache".into(),
+                expected: Device::Cpu.to_string(),
+                got: format!(
+                    "{} / {} / {}",
+                    k_new.device(),
+                    v_new.device(),
+                    self.device()
+                ),
+            });
         };
         let table = self
             .paging
@@ -495,18 +584,11 @@ impl KvCache {
                     let (ks, vs) = (k_new.strides(), v_new.strides());
                     let srck = (b * ks[0] + t * ks[1] + h * ks[2]) * es;
                     let srcv = (b * vs[0] + t * vs[1] + h * vs[2]) * es;
-                    // SAFETY: both ranges lie inside their tensors (shapes checked above).
+                    // SAFETY: both ranges lie inside their tensors (shapes checked above);
+                    // `copy` because a new row may be a view of the cache itself.
                     unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            kn.add(srck),
-                            kc.add(dst),
-                            self.head_dim * es,
-                        );
-                        std::ptr::copy_nonoverlapping(
-                            vn.add(srcv),
-                            vc.add(dst),
-                            self.head_dim * es,
-                        );
+                        std::ptr::copy(kn.add(srck), kc.add(dst), self.head_dim * es);
+                        std::ptr::copy(vn.add(srcv), vc.add(dst), self.head_dim * es);
                     }
                 }
             }
@@ -515,6 +597,7 @@ impl KvCache {
                 unsafe { *(p as *mut i32).add(b) = (start + count) as i32 };
             }
         }
+        Ok(())
     }
 
     /// Contiguous caches whose sequences all hold the same number of tokens: `[B, L, Hkv, D]`
@@ -565,15 +648,28 @@ impl KvCache {
             None => None,
         };
         let s = self.k.shape().to_vec(); // [slots, Hkv, positions, D]
-        let mut kd = vec![0f32; self.batch * len * hkv * d];
-        let mut vd = kd.clone();
+                                         // len <= capacity, so this is at most the cache's own (allocated) size.
+        let n = self.batch * len * hkv * d;
+        let mut kd = try_host_vec(n, 0f32, "KvCache::to_dense")?;
+        let mut vd = try_host_vec(n, 0f32, "KvCache::to_dense")?;
         for b in 0..self.batch {
             for pos in 0..len {
                 let (slot, within) = match (&table, &self.paging) {
-                    (Some(t), Some(p)) => (
-                        t[b * p.max_pages + pos / p.page_size] as usize,
-                        pos % p.page_size,
-                    ),
+                    (Some(t), Some(p)) => {
+                        let entry = t[b * p.max_pages + pos / p.page_size];
+                        // A page id outside the pool would index past K/V: report it.
+                        let slot = usize::try_from(entry)
+                            .ok()
+                            .filter(|&s| s < p.num_pages)
+                            .ok_or_else(|| AttentionError::Runtime {
+                                op: "KvCache::to_dense".into(),
+                                detail: format!(
+                                    "block table entry of sequence {b}, position {pos} is page {entry}, outside the pool of {} pages",
+                                    p.num_pages
+                                ),
+                            })?;
+                        (slot, pos % p.page_size)
+                    }
                     _ => (b, pos),
                 };
                 for h in 0..hkv {
@@ -589,6 +685,41 @@ impl KvCache {
             DeviceTensor::from_f32(&kd, &shape, self.dtype(), Device::Cpu)?,
             DeviceTensor::from_f32(&vd, &shape, self.dtype(), Device::Cpu)?,
         ))
+    }
+
+    /// A deep copy in new storage on the same device: K, V, the lengths (host and device)
+    /// and, for a paged cache, the block table and page counter. Appending to the copy
+    /// leaves this cache as it is. Fails with [`AttentionError::OutOfMemory`] when the
+    /// device cannot hold a second cache.
+    pub fn try_clone(&self) -> Result<KvCache> {
+        let copy = |t: &DeviceTensor| -> Result<DeviceTensor> {
+            let mut c = DeviceTensor::zeros(t.shape(), t.dtype(), t.device())?;
+            c.copy_from(t)?;
+            Ok(c)
+        };
+        let paging = match &self.paging {
+            Some(p) => Some(Paging {
+                page_size: p.page_size,
+                num_pages: p.num_pages,
+                max_pages: p.max_pages,
+                pages_used: p.pages_used,
+                block_table: copy(&p.block_table)?,
+                pool_next: copy(&p.pool_next)?,
+            }),
+            None => None,
+        };
+        Ok(KvCache {
+            layout: self.layout,
+            batch: self.batch,
+            num_kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+            capacity: self.capacity,
+            k: copy(&self.k)?,
+            v: copy(&self.v)?,
+            seq_lens: copy(&self.seq_lens)?,
+            lengths: self.lengths.clone(),
+            paging,
+        })
     }
 
     pub(crate) fn raw_parts(&self) -> CacheParts<'_> {
@@ -620,4 +751,86 @@ pub(crate) struct CacheParts<'a> {
     pub pool_next: Option<&'a DeviceTensor>,
     /// Pages in the pool (0: contiguous).
     pub num_pages: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cache(layout: Option<usize>) -> KvCache {
+        let spec = KvCacheSpec {
+            batch: 2,
+            num_kv_heads: 1,
+            head_dim: 4,
+            capacity: 16,
+            dtype: DType::F32,
+        };
+        match layout {
+            None => KvCache::contiguous(spec, KvCacheLayout::Contiguous, Device::Cpu).unwrap(),
+            Some(page) => KvCache::paged(spec, page, 8, Device::Cpu).unwrap(),
+        }
+    }
+
+    /// Counts no public view can reach (every view holds at most isize::MAX bytes) still
+    /// cannot wrap `len + n` past the capacity test.
+    #[test]
+    fn reserve_refuses_counts_that_would_wrap() {
+        for layout in [None, Some(4)] {
+            let mut c = cache(layout);
+            c.commit(&[3, 5]);
+            let pages = c.pages_used();
+            for counts in [[usize::MAX, 0], [0, usize::MAX - 4], [1, usize::MAX]] {
+                let err = c.reserve(&counts).unwrap_err();
+                let AttentionError::CapacityExceeded(msg) = &err else {
+                    panic!("{err:?}");
+                };
+                let b = counts.iter().position(|&n| n > 1).unwrap();
+                assert!(
+                    msg.contains(&format!("holds {} tokens", [3, 5][b]))
+                        && msg.contains(&counts[b].to_string())
+                        && msg.contains("capacity 16"),
+                    "{msg}"
+                );
+            }
+            assert!(matches!(
+                c.reserve(&[1]),
+                Err(AttentionError::ShapeMismatch { .. })
+            ));
+            assert_eq!(c.lengths(), &[3, 5]);
+            assert_eq!(c.pages_used(), pages);
+            c.reserve(&[13, 11]).unwrap();
+        }
+    }
+
+    #[test]
+    fn device_lengths_stay_in_i32() {
+        let spec = |batch, num_kv_heads, head_dim| KvCacheSpec {
+            batch,
+            num_kv_heads,
+            head_dim,
+            capacity: 1,
+            dtype: DType::F16,
+        };
+        let big = i32::MAX as usize + 1;
+        for (s, field) in [
+            (spec(big, 1, 1), "batch"),
+            (spec(1, big, 1), "num_kv_heads"),
+            (spec(1, 1, big), "head_dim"),
+        ] {
+            let err = KvCache::paged(s, 1, 1, Device::Cpu).unwrap_err();
+            assert!(
+                matches!(&err, AttentionError::InvalidConfig { field: f, reason }
+                    if *f == field && reason.contains(&big.to_string())),
+                "{err:?}"
+            );
+        }
+        for (page, pages, field) in [(big, 1, "page_size"), (1, big, "num_pages")] {
+            let err = KvCache::paged(spec(1, 1, 1), page, pages, Device::Cpu).unwrap_err();
+            assert!(
+                matches!(&err, AttentionError::InvalidConfig { field: f, reason }
+                    if *f == field && reason.contains(&big.to_string())),
+                "{err:?}"
+            );
+        }
+    }
 }

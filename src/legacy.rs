@@ -127,18 +127,18 @@ impl HostShapes {
             config.num_kv_heads,
             config.head_dim,
         );
-        let overflow = |what: &str| AttentionError::InvalidConfig {
+        let overflow = |what: &str, heads: usize| AttentionError::InvalidConfig {
             field: "batch_size",
-            reason: format!("{what} overflows usize"),
+            reason: format!("{what} = {b} * {heads} * {d} overflows usize"),
         };
         let q_row = b
             .checked_mul(h)
             .and_then(|x| x.checked_mul(d))
-            .ok_or_else(|| overflow("batch_size * num_heads * head_dim"))?;
+            .ok_or_else(|| overflow("batch_size * num_heads * head_dim", h))?;
         let kv_row = b
             .checked_mul(hkv)
             .and_then(|x| x.checked_mul(d))
-            .ok_or_else(|| overflow("batch_size * num_kv_heads * head_dim"))?;
+            .ok_or_else(|| overflow("batch_size * num_kv_heads * head_dim", hkv))?;
         if q == 0 || !q.is_multiple_of(q_row) {
             return Err(AttentionError::shape(
                 "q length (as [batch, seq_q, num_heads, head_dim])",

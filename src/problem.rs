@@ -276,30 +276,45 @@ impl AttentionProblem {
                 got: out.device().to_string(),
             });
         }
-        if inputs.iter().any(|t| out.may_overlap(t)) {
+        if let Some(i) = inputs.iter().position(|t| out.may_overlap(t)) {
             return Err(AttentionError::UnsupportedLayout {
                 what: "out".into(),
-                reason: "the output overlaps an input; give it its own memory".into(),
+                reason: format!(
+                    "the output (shape {:?}, strides {:?}, offset {}) overlaps input {i} (shape {:?}, strides {:?}, offset {}); give it its own memory",
+                    out.shape(),
+                    out.strides(),
+                    out.offset(),
+                    inputs[i].shape(),
+                    inputs[i].strides(),
+                    inputs[i].offset()
+                ),
             });
         }
         Ok(st)
     }
 
-    /// KV head read by query head `h`.
+    /// KV head read by query head `h`. The fields are public, so a hand-built problem with
+    /// 0 KV heads (or more KV than query heads) reads as a group size of 1, not a division
+    /// by zero.
     pub fn kv_head(&self, h: usize) -> usize {
-        h / (self.num_heads / self.num_kv_heads)
+        h / (self.num_heads / self.num_kv_heads.max(1)).max(1)
     }
 
-    /// Offset between a query index and the last key it may see under causal masking.
+    /// Offset between a query index and the last key it may see under causal masking
+    /// (saturating at the ends of `isize`; validated lengths are far from them, since every
+    /// view holds at most `isize::MAX` bytes).
     pub fn causal_offset(&self) -> isize {
-        self.seq_k as isize - self.seq_q as isize
+        let (k, q) = (self.seq_k as i128, self.seq_q as i128);
+        (k - q).clamp(isize::MIN as i128, isize::MAX as i128) as isize
     }
 
     /// Matrix FLOPs, 4*B*H*Sq*Sk*D (the convention of FlashAttention's benchmarks);
-    /// halved when causal and square.
+    /// halved when causal and square. Multiplied in f64, so huge (broadcast) shapes give a
+    /// large number, never a wrapped one.
     pub fn flops(&self) -> f64 {
-        let f =
-            4.0 * (self.batch * self.num_heads * self.seq_q * self.seq_k * self.head_dim) as f64;
+        let f = [self.num_heads, self.seq_q, self.seq_k, self.head_dim]
+            .iter()
+            .fold(4.0 * self.batch as f64, |acc, &x| acc * x as f64);
         if self.causal {
             f / 2.0
         } else {

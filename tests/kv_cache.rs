@@ -403,7 +403,7 @@ fn fused_append_step_errors_leave_the_cache_alone() {
             "{full:?}"
         );
         let (bad_q, _) = tokens(b, 1, h + 1, d, DType::F32, dev, 6);
-        let mut cache2 = cache.clone();
+        let mut cache2 = cache.try_clone().unwrap();
         assert!(backend
             .forward_cached_append(&cfg, &bad_q, &kn, &vn, &mut cache2, &mut out)
             .is_err());

@@ -291,6 +291,13 @@ fn config_every_validation_error() {
         (ok.clone().with_scale(-1.0), "scale", "got -1"),
         (ok.clone().with_scale(f32::NAN), "scale", "NaN"),
         (ok.clone().with_scale(f32::INFINITY), "scale", "inf"),
+        (ok.clone().with_scale(f32::MAX), "scale", "<= 65536"),
+        (ok.clone().with_scale(65536.5), "scale", "got 65536.5"),
+        (
+            AttentionConfig::new(1 << 40, 1 << 40, 16).with_head_dim(1 << 40),
+            "dim",
+            "1099511627776 * 1099511627776 overflows usize",
+        ),
     ];
     for (c, field, needle) in cases {
         let (got_field, reason) = invalid_field(&c);

@@ -126,6 +126,8 @@ fn forward_tuned(
             ),
         });
     }
+    // Held until the tasks are done: no other thread writes the inputs or touches `out`.
+    let _access = crate::tensor::HostAccess::acquire(&inputs, &[&*out])?;
     let host = |t: &DeviceTensor, what: &str| {
         t.host_ptr().ok_or_else(|| AttentionError::DeviceMismatch {
             what: what.into(),
@@ -146,7 +148,8 @@ fn forward_tuned(
     let plan = Plan::new(&problem, os, tuning.shared_bytes);
     // SAFETY: `problem` checked every operand's shape against the others and each view
     // lies inside its buffer; `out` is on the host, overlaps no input and has distinct
-    // elements, so the parallel tasks' writes never alias a read or each other.
+    // elements, so the parallel tasks' writes never alias a read or each other; `_access`
+    // keeps other threads off these ranges.
     unsafe {
         match problem.dtype {
             DType::F32 => run::<f32>(&plan, raw, tuning.isa),

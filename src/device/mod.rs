@@ -82,18 +82,29 @@ pub struct TransferStats {
 }
 
 impl TransferStats {
-    /// Total calls in both directions.
+    /// Total calls in both directions (saturating at `u64::MAX`).
     pub fn total_calls(&self) -> u64 {
-        self.host_to_device_calls + self.device_to_host_calls
+        self.host_to_device_calls
+            .saturating_add(self.device_to_host_calls)
     }
 
-    /// The traffic between an earlier reading and this one.
+    /// The traffic between an earlier reading and this one. Each field saturates at 0:
+    /// if `earlier` is not earlier (the arguments swapped, or readings of two devices),
+    /// a count that would go negative reads 0 instead of wrapping to a huge number.
     pub fn since(&self, earlier: &TransferStats) -> TransferStats {
         TransferStats {
-            host_to_device_calls: self.host_to_device_calls - earlier.host_to_device_calls,
-            host_to_device_bytes: self.host_to_device_bytes - earlier.host_to_device_bytes,
-            device_to_host_calls: self.device_to_host_calls - earlier.device_to_host_calls,
-            device_to_host_bytes: self.device_to_host_bytes - earlier.device_to_host_bytes,
+            host_to_device_calls: self
+                .host_to_device_calls
+                .saturating_sub(earlier.host_to_device_calls),
+            host_to_device_bytes: self
+                .host_to_device_bytes
+                .saturating_sub(earlier.host_to_device_bytes),
+            device_to_host_calls: self
+                .device_to_host_calls
+                .saturating_sub(earlier.device_to_host_calls),
+            device_to_host_bytes: self
+                .device_to_host_bytes
+                .saturating_sub(earlier.device_to_host_bytes),
         }
     }
 }

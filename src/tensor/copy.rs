@@ -29,20 +29,31 @@ impl Strided4 {
         s
     }
 
-    fn numel(&self) -> usize {
-        self.shape.iter().product()
-    }
-
     /// Element offsets (relative to the view base) in row-major order.
     fn for_each_offset(&self, mut f: impl FnMut(usize, usize)) {
+        let zero = Strided4 {
+            strides: [0; 4],
+            ..*self
+        };
+        self.for_each_offset_pair(&zero, |i, off, _| f(i, off));
+    }
+
+    /// Element offsets of this view and of `other` (same shape) in row-major order, with
+    /// no allocation (a copy between huge views must not need a host index buffer).
+    fn for_each_offset_pair(&self, other: &Strided4, mut f: impl FnMut(usize, usize, usize)) {
         let [n0, n1, n2, n3] = self.shape;
         let [s0, s1, s2, s3] = self.strides;
+        let [t0, t1, t2, t3] = other.strides;
         let mut i = 0;
         for a in 0..n0 {
             for b in 0..n1 {
                 for c in 0..n2 {
                     for d in 0..n3 {
-                        f(i, a * s0 + b * s1 + c * s2 + d * s3);
+                        f(
+                            i,
+                            a * s0 + b * s1 + c * s2 + d * s3,
+                            a * t0 + b * t1 + c * t2 + d * t3,
+                        );
                         i += 1;
                     }
                 }
@@ -80,10 +91,8 @@ pub(crate) unsafe fn host_copy(
 ) {
     let s = src_base.add(src.offset * esize);
     let d = dst_base.add(dst.offset * esize);
-    let mut dst_offsets = Vec::with_capacity(dst.numel());
-    dst.for_each_offset(|_, off| dst_offsets.push(off));
-    src.for_each_offset(|i, off| {
-        std::ptr::copy(s.add(off * esize), d.add(dst_offsets[i] * esize), esize)
+    src.for_each_offset_pair(&dst, |_, so, dof| {
+        std::ptr::copy(s.add(so * esize), d.add(dof * esize), esize)
     });
 }
 

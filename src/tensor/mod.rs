@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use smallvec::SmallVec;
 
-use crate::device::cpu::HostBuffer;
+use crate::device::cpu::{HostBuffer, Span};
 use crate::device::gpu::{GpuBuffer, GpuRuntime};
 use crate::device::Device;
 use crate::dtype::{DType, HostElement};
@@ -64,17 +64,123 @@ fn contiguous_strides(shape: &[usize]) -> Dims {
     strides
 }
 
-fn checked_numel(shape: &[usize]) -> Result<usize> {
-    shape
+/// Checks that a tensor or view of `shape` has a byte size, and every contiguous stride, that
+/// fit in `isize::MAX` (the most any allocation can hold); returns the element count.
+///
+/// Zero-sized dimensions count as 1 here so that the strides of the other dimensions stay
+/// representable too. Every view is checked when it is made, so `numel()`,
+/// `size_in_bytes()` and the stride products of a live tensor never wrap.
+fn checked_numel(what: &str, shape: &[usize], dtype: DType) -> Result<usize> {
+    let too_big = || {
+        AttentionError::shape(
+            what,
+            format!(
+                "a shape of at most {} bytes of {dtype} (isize::MAX)",
+                isize::MAX
+            ),
+            format!("{shape:?}"),
+        )
+    };
+    let hull = shape
         .iter()
-        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .ok_or_else(|| {
-            AttentionError::shape(
-                "tensor",
-                "a shape whose element count fits in usize",
-                format!("{shape:?}"),
-            )
-        })
+        .try_fold(dtype.size_in_bytes(), |acc, &d| acc.checked_mul(d.max(1)))
+        .ok_or_else(too_big)?;
+    if hull > isize::MAX as usize {
+        return Err(too_big());
+    }
+    Ok(shape.iter().product())
+}
+
+/// A `Vec` of `n` copies of `fill`, or [`AttentionError::OutOfMemory`] when the host
+/// cannot hold it.
+pub(crate) fn try_host_vec<T: Clone>(n: usize, fill: T, what: &str) -> Result<Vec<T>> {
+    let bytes = (n as u64).saturating_mul(std::mem::size_of::<T>() as u64);
+    let mut v = Vec::new();
+    v.try_reserve_exact(n)
+        .map_err(|e| AttentionError::host_oom(what, bytes, e))?;
+    v.resize(n, fill);
+    Ok(v)
+}
+
+/// Host accesses held for the duration of one operation (see [`HostBuffer`] for why this
+/// makes shared host storage sound). Dropping it ends them.
+pub(crate) struct HostAccess {
+    held: Vec<(Arc<Storage>, u64)>,
+}
+
+impl HostAccess {
+    /// Registers reads of `reads` and writes of `writes` (host tensors; GPU tensors are
+    /// skipped, their work is ordered by the device stream). Views of one buffer in one
+    /// call may overlap each other; an overlap with another thread's access in progress
+    /// (a write on either side) is [`AttentionError::StorageBusy`], and nothing is held.
+    pub(crate) fn acquire(reads: &[&DeviceTensor], writes: &[&DeviceTensor]) -> Result<Self> {
+        let all = reads
+            .iter()
+            .map(|t| (*t, false))
+            .chain(writes.iter().map(|t| (*t, true)));
+        let mut groups: Vec<(&DeviceTensor, Vec<Span>)> = Vec::new();
+        for (t, write) in all {
+            if !matches!(&*t.storage, Storage::Host(_)) || t.numel() == 0 {
+                continue;
+            }
+            let (first, end) = t.span();
+            let es = t.dtype.size_in_bytes();
+            let span = Span {
+                start: first * es,
+                end: end * es,
+                write,
+            };
+            match groups.iter_mut().find(|(g, _)| g.shares_storage_with(t)) {
+                Some((_, spans)) => spans.push(span),
+                None => groups.push((t, vec![span])),
+            }
+        }
+        let mut access = HostAccess { held: Vec::new() };
+        for (t, spans) in groups {
+            let Storage::Host(h) = &*t.storage else {
+                continue;
+            };
+            match h.try_register(&spans) {
+                Ok(id) => access.held.push((t.storage.clone(), id)),
+                // `access` drops here, releasing what was registered so far.
+                Err(held) => {
+                    return Err(AttentionError::StorageBusy {
+                        what: format!("a host tensor of shape {:?}", t.shape),
+                        reason: format!(
+                            "another thread is {} bytes {}..{} of its buffer, which this call {} (bytes {}..{}); tensors sharing storage must not be written while another thread reads or writes the same elements",
+                            if held.write { "writing" } else { "reading" },
+                            held.start,
+                            held.end,
+                            if spans.iter().any(|s| s.write) { "writes" } else { "reads" },
+                            spans.iter().map(|s| s.start).min().unwrap_or(0),
+                            spans.iter().map(|s| s.end).max().unwrap_or(0),
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(access)
+    }
+}
+
+impl Drop for HostAccess {
+    fn drop(&mut self) {
+        for (storage, id) in &self.held {
+            if let Storage::Host(h) = &**storage {
+                h.release(*id);
+            }
+        }
+    }
+}
+
+/// Widens 16-bit host values to f32 without aborting when the host is short of memory.
+fn widen<T: Copy + Into<f32>>(v: Vec<T>) -> Result<Vec<f32>> {
+    let mut out = Vec::new();
+    out.try_reserve_exact(v.len()).map_err(|e| {
+        AttentionError::host_oom("to_f32_vec", (v.len() as u64).saturating_mul(4), e)
+    })?;
+    out.extend(v.into_iter().map(Into::into));
+    Ok(out)
 }
 
 impl DeviceTensor {
@@ -86,16 +192,10 @@ impl DeviceTensor {
                 shape.len(),
             ));
         }
-        let numel = checked_numel(shape)?;
-        let bytes = numel.checked_mul(dtype.size_in_bytes()).ok_or_else(|| {
-            AttentionError::shape(
-                "tensor",
-                "a byte size that fits in usize",
-                format!("{shape:?}"),
-            )
-        })?;
+        // The byte size cannot overflow: checked_numel bounds it by isize::MAX.
+        let bytes = checked_numel("tensor", shape, dtype)? * dtype.size_in_bytes();
         let storage = match device {
-            Device::Cpu => Storage::Host(HostBuffer::zeroed(bytes)),
+            Device::Cpu => Storage::Host(HostBuffer::try_zeroed(bytes)?),
             _ => Storage::Gpu(GpuRuntime::get(device)?.alloc_zeroed(bytes)?),
         };
         Ok(DeviceTensor {
@@ -116,7 +216,7 @@ impl DeviceTensor {
     /// Uploads `data` (row-major, `shape`) to `device`; the dtype follows `T`.
     /// Counts one host-to-device transfer.
     pub fn from_host<T: HostElement>(data: &[T], shape: &[usize], device: Device) -> Result<Self> {
-        let numel = checked_numel(shape)?;
+        let numel = checked_numel("host data shape", shape, T::DTYPE)?;
         if data.len() != numel {
             return Err(AttentionError::shape(
                 "host data length",
@@ -148,7 +248,8 @@ impl DeviceTensor {
         debug_assert!(self.is_contiguous() && self.offset == 0);
         match &*self.storage {
             Storage::Host(h) => {
-                // SAFETY: the buffer was just allocated with exactly this many bytes.
+                // SAFETY: the buffer was just allocated with exactly this many bytes and is
+                // not shared yet, so no other access can be in progress.
                 unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), h.ptr(), bytes.len()) };
             }
             Storage::Gpu(g) => g.runtime().copy_htod(g.ptr(), bytes)?,
@@ -167,7 +268,7 @@ impl DeviceTensor {
                 got: T::DTYPE.to_string(),
             });
         }
-        let mut out = vec![T::from_f32(0.0); self.numel()];
+        let mut out = try_host_vec(self.numel(), T::from_f32(0.0), "to_host")?;
         self.read_into(bytemuck::cast_slice_mut(&mut out))?;
         Ok(out)
     }
@@ -176,23 +277,17 @@ impl DeviceTensor {
     pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
         match self.dtype {
             DType::F32 => self.to_host::<f32>(),
-            DType::F16 => Ok(self
-                .to_host::<half::f16>()?
-                .into_iter()
-                .map(f32::from)
-                .collect()),
-            DType::BF16 => Ok(self
-                .to_host::<half::bf16>()?
-                .into_iter()
-                .map(f32::from)
-                .collect()),
+            DType::F16 => widen(self.to_host::<half::f16>()?),
+            DType::BF16 => widen(self.to_host::<half::bf16>()?),
         }
     }
 
     fn read_into(&self, dst: &mut [u8]) -> Result<()> {
         match &*self.storage {
             Storage::Host(h) => {
-                // SAFETY: the view lies inside the buffer (checked when it was made).
+                let _access = HostAccess::acquire(&[self], &[])?;
+                // SAFETY: the view lies inside the buffer (checked when it was made) and
+                // `_access` rules out a concurrent write of it.
                 unsafe {
                     copy::host_gather(h.ptr(), self.layout4(), self.dtype.size_in_bytes(), dst)
                 };
@@ -237,10 +332,23 @@ impl DeviceTensor {
                 got: src.device.to_string(),
             });
         }
+        if !self.has_distinct_elements() {
+            // A stride-0 destination would be written many times per element (a race on
+            // a GPU, and a loop over every repeat on the host).
+            return Err(AttentionError::UnsupportedLayout {
+                what: "copy_from destination".into(),
+                reason: format!(
+                    "strides {:?} for shape {:?} map several elements to one address",
+                    self.strides, self.shape
+                ),
+            });
+        }
         match (&*self.storage, &*src.storage) {
             (Storage::Host(d), Storage::Host(s)) => {
-                // SAFETY: both views lie inside their buffers; overlapping copies are done
-                // element by element in order, like a device kernel would.
+                let _access = HostAccess::acquire(&[src], &[self])?;
+                // SAFETY: both views lie inside their buffers and `_access` rules out any
+                // other thread's access to them; overlapping copies are done element by
+                // element in order, like a device kernel would.
                 unsafe {
                     copy::host_copy(
                         s.ptr(),
@@ -278,8 +386,18 @@ impl DeviceTensor {
                 format!("{start} + {len}"),
             ));
         }
+        let offset = start
+            .checked_mul(self.strides[dim])
+            .and_then(|o| o.checked_add(self.offset))
+            .ok_or_else(|| {
+                AttentionError::shape(
+                    format!("narrow start of dim {dim}"),
+                    "an element offset that fits in usize",
+                    format!("{} + {start} * {}", self.offset, self.strides[dim]),
+                )
+            })?;
         let mut v = self.clone();
-        v.offset += start * self.strides[dim];
+        v.offset = offset;
         v.shape[dim] = len;
         Ok(v)
     }
@@ -295,7 +413,7 @@ impl DeviceTensor {
                 ),
             });
         }
-        if shape.len() > 4 || checked_numel(shape)? != self.numel() {
+        if shape.len() > 4 || checked_numel("reshape", shape, self.dtype)? != self.numel() {
             return Err(AttentionError::shape(
                 "reshape",
                 format!("rank <= 4 with {} elements", self.numel()),
@@ -337,8 +455,11 @@ impl DeviceTensor {
                 format!("dim {dim} of {:?}", self.shape),
             ));
         }
+        let mut shape = self.shape.clone();
+        shape[dim] = n;
+        checked_numel("broadcast_dim", &shape, self.dtype)?;
         let mut v = self.clone();
-        v.shape[dim] = n;
+        v.shape = shape;
         v.strides[dim] = 0;
         Ok(v)
     }
@@ -367,11 +488,13 @@ impl DeviceTensor {
     pub fn rank(&self) -> usize {
         self.shape.len()
     }
-    /// Number of elements.
+    /// Number of elements. Never wraps: a view whose byte size would exceed `isize::MAX`
+    /// is refused when it is made.
     pub fn numel(&self) -> usize {
         self.shape.iter().product()
     }
-    /// Bytes of the elements this view covers.
+    /// Bytes of the elements this view covers (at most `isize::MAX`, checked when the view
+    /// was made; a broadcast view counts every repeated element).
     pub fn size_in_bytes(&self) -> usize {
         self.numel() * self.dtype.size_in_bytes()
     }
@@ -386,6 +509,27 @@ impl DeviceTensor {
         }
         true
     }
+    /// Whether no two indices address the same element (sufficient test: sorted by stride,
+    /// each dimension steps past everything the smaller ones reach).
+    pub(crate) fn has_distinct_elements(&self) -> bool {
+        let mut dims: SmallVec<[(usize, usize); 4]> = self
+            .shape
+            .iter()
+            .zip(&self.strides)
+            .filter(|(&n, _)| n > 1)
+            .map(|(&n, &s)| (n, s))
+            .collect();
+        dims.sort_by_key(|&(_, s)| s);
+        let mut reach = 0usize;
+        for (n, s) in dims {
+            if s <= reach {
+                return false;
+            }
+            reach = reach.saturating_add((n - 1).saturating_mul(s));
+        }
+        true
+    }
+
     /// Whether two tensors share an allocation (for example a cache and its views).
     pub fn shares_storage_with(&self, other: &DeviceTensor) -> bool {
         Arc::ptr_eq(&self.storage, &other.storage)
@@ -416,13 +560,17 @@ impl DeviceTensor {
         Strided4::new(&self.shape, &self.strides, self.offset)
     }
 
-    /// Base pointer of the view for host tensors (element offset applied).
+    /// Base pointer of the view for host tensors (element offset applied). Reading or
+    /// writing through it needs a [`HostAccess`] covering the view for as long as the
+    /// pointer is used.
     pub(crate) fn host_ptr(&self) -> Option<*mut u8> {
         match &*self.storage {
-            // SAFETY: offset lies inside the buffer by construction.
-            Storage::Host(h) => {
-                Some(unsafe { h.ptr().add(self.offset * self.dtype.size_in_bytes()) })
-            }
+            // Wrapping: an empty view may start past the end of its buffer; it is never
+            // dereferenced then.
+            Storage::Host(h) => Some(
+                h.ptr()
+                    .wrapping_add(self.offset * self.dtype.size_in_bytes()),
+            ),
             Storage::Gpu(_) => None,
         }
     }
@@ -445,5 +593,86 @@ impl DeviceTensor {
     #[allow(dead_code)]
     pub(crate) fn storage_bytes(&self) -> usize {
         self.storage.bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cpu(values: &[f32], shape: &[usize]) -> DeviceTensor {
+        DeviceTensor::from_host(values, shape, Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn a_write_in_progress_refuses_overlapping_access_from_clones() {
+        let a = cpu(&[1.0; 8], &[8]);
+        let mut b = a.clone();
+        let src = cpu(&[2.0; 8], &[8]);
+        let held = HostAccess::acquire(&[], &[&a]).unwrap();
+        let err = b.copy_from(&src).unwrap_err();
+        assert!(
+            matches!(&err, AttentionError::StorageBusy { reason, .. }
+                if reason.contains("writing bytes 0..32") && reason.contains("writes (bytes 0..32)")),
+            "{err}"
+        );
+        assert!(matches!(
+            a.to_host::<f32>(),
+            Err(AttentionError::StorageBusy { .. })
+        ));
+        // A disjoint range of the same buffer stays usable.
+        let mut tail = cpu(&[0.0; 16], &[16]);
+        let mut tail_view = tail.narrow(0, 8, 8).unwrap();
+        let tail_hold = HostAccess::acquire(&[], &[&tail.narrow(0, 0, 8).unwrap()]).unwrap();
+        tail_view.copy_from(&src).unwrap();
+        drop(tail_hold);
+        assert_eq!(&tail.to_host::<f32>().unwrap()[8..], &[2.0; 8]);
+        drop(held);
+        b.copy_from(&src).unwrap();
+        assert_eq!(a.to_host::<f32>().unwrap(), vec![2.0; 8]);
+        tail.copy_from(&cpu(&[3.0; 16], &[16])).unwrap();
+    }
+
+    #[test]
+    fn readers_share_and_a_refused_acquire_holds_nothing() {
+        let a = cpu(&[1.0; 4], &[4]);
+        let other = cpu(&[1.0; 4], &[4]);
+        let r1 = HostAccess::acquire(&[&a], &[]).unwrap();
+        let r2 = HostAccess::acquire(&[&a, &a], &[]).unwrap();
+        assert_eq!(a.to_host::<f32>().unwrap(), vec![1.0; 4]);
+        // `other` is registered first, then `a` conflicts: `other` must be released again.
+        let refused = HostAccess::acquire(&[], &[&other, &a]);
+        assert!(matches!(
+            refused,
+            Err(AttentionError::StorageBusy { ref reason, .. }) if reason.contains("reading")
+        ));
+        HostAccess::acquire(&[], &[&other]).unwrap();
+        drop((r1, r2));
+        HostAccess::acquire(&[], &[&a]).unwrap();
+    }
+
+    #[test]
+    fn one_call_may_read_and_write_the_same_buffer() {
+        let mut t = cpu(&[0.0, 1.0, 2.0, 3.0, 4.0, 5.0], &[6]);
+        let src = t.narrow(0, 0, 4).unwrap();
+        let mut dst = t.narrow(0, 2, 4).unwrap();
+        dst.copy_from(&src).unwrap();
+        // Element by element in order, as documented for overlapping views.
+        assert_eq!(
+            t.to_host::<f32>().unwrap(),
+            vec![0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
+        );
+        let whole = t.clone();
+        t.copy_from(&whole).unwrap();
+    }
+
+    #[test]
+    fn distinct_elements() {
+        let t = cpu(&[0.0; 6], &[2, 3]);
+        assert!(t.has_distinct_elements());
+        assert!(t.permute(&[1, 0]).unwrap().has_distinct_elements());
+        let one = cpu(&[0.0; 3], &[1, 3]);
+        assert!(!one.broadcast_dim(0, 2).unwrap().has_distinct_elements());
+        assert!(one.broadcast_dim(0, 1).unwrap().has_distinct_elements());
     }
 }
