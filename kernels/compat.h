@@ -70,7 +70,7 @@ FA_DEVICE unsigned int fa_float_to_bits(float f) { return __float_as_uint(f); }
 // the row, the same as the causal cut); finite values, however negative, are added as in
 // f32 torch (-FLT_MAX on every key of a row gives its plain average), clamped first so that
 // m * log2(e) cannot overflow to -inf. NaN in the mask stays NaN.
-#define FA_MASK_FLOOR (-2.3587e38f)  // just above -FLT_MAX / log2(e)
+#define FA_MASK_FLOOR (-2.3e38f)  // -FLT_MAX / log2(e) = -2.3587e38, less the scores' room
 FA_DEVICE float fa_mask_log2(float x, float m) {
     if (m == FA_NEG_INF) return FA_NEG_INF;
     return fmaf(m < FA_MASK_FLOOR ? FA_MASK_FLOOR : m, FA_LOG2E, x);

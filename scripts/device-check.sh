@@ -16,11 +16,12 @@ case "$mode" in
   tests)
     .gpu/gpu-run tests "$@" 2>&1 | tee "$out/tests.log" | grep -E "^(test |test result|==|gpu-run|NVIDIA|.*panicked|.*error)" ;;
   sanitize)
-    # The GPU test binaries under memcheck and racecheck, on the small cases only. The
-    # out-of-memory test is skipped: the failed allocation it provokes is an API error there.
+    # The GPU test binaries under memcheck, racecheck, synccheck and initcheck, on the small
+    # cases only. The out-of-memory test is skipped: the failed allocation it provokes is an
+    # API error there. SANITIZE_TOOLS picks the tools (default: all four).
     export FORGE_ATTN_SANITIZE=1
-    for tool in memcheck racecheck; do
-      for t in gpu_backend kv_cache zero_transfers device_graph; do
+    for tool in ${SANITIZE_TOOLS:-memcheck racecheck synccheck initcheck}; do
+      for t in gpu_backend gpu_robustness kv_cache zero_transfers device_graph; do
         echo "== compute-sanitizer --tool $tool $t"
         compute-sanitizer --tool "$tool" --error-exitcode 9 ".gpu/tests/$t" --include-ignored --test-threads 1 --skip out_of_memory_is_an_error "$@" 2>&1 \
           | tee -a "$out/sanitize-$tool.log" | grep -E "(ERROR SUMMARY|RACECHECK SUMMARY|test result|Invalid|hazard)"

@@ -276,6 +276,16 @@ impl AttentionProblem {
                 got: out.device().to_string(),
             });
         }
+        if !out.has_distinct_elements() {
+            return Err(AttentionError::UnsupportedLayout {
+                what: "out".into(),
+                reason: format!(
+                    "the output (shape {:?}, strides {:?}) repeats elements (a zero or overlapping stride): two results would land on one element",
+                    out.shape(),
+                    out.strides()
+                ),
+            });
+        }
         if let Some(i) = inputs.iter().position(|t| out.may_overlap(t)) {
             return Err(AttentionError::UnsupportedLayout {
                 what: "out".into(),

@@ -146,7 +146,7 @@ fn cached_attention_takes_odd_offset_queries_outputs_and_new_rows() {
             assert_eq!(cache.lengths(), &[41, 41]);
             let (kd, vd) = cache.to_dense().unwrap();
             let cfg_dense = cfg.clone();
-            let want = attention_f64(&cfg_dense, &q, &kd, &vd, None).unwrap();
+            let want = attention_f64(&cfg_dense, &cpu_copy(&q), &kd, &vd, None).unwrap();
             let err = relative_l2_error(&out.to_f32_vec().unwrap(), &want);
             assert!(err <= bound(dtype), "{dtype} {layout:?}: error {err:.2e}");
             let mut out2 = odd_view(&[b, 1, h, d], 27, dtype, dev);
