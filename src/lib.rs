@@ -57,7 +57,7 @@ pub mod tensor;
 pub use backend::cpu::CpuAttentionBackend;
 pub use backend::gpu::GpuAttentionBackend;
 pub use backend::{AttentionPath, DeviceAttentionBackend, FlashKernel, Support};
-pub use config::{AttentionConfig, KvCacheLayout, Layout};
+pub use config::{AttentionConfig, KvCacheLayout, Layout, MAX_SCALE};
 pub use device::{Device, DeviceGraph, TransferStats};
 pub use dtype::{DType, HostElement};
 pub use error::{AttentionBackendResult, AttentionError, Result};
