@@ -44,11 +44,13 @@ template <typename T, int HD> struct DecodeTile {
 //   Q rows [DEC_ROWS][HD] f32, scores [DEC_ROWS][N] f32, row stats 3 x DEC_ROWS f32.
 template <typename T, int HD> FA_DEVICE constexpr int dec_row_elems() { return HD + 16 / (int)sizeof(T); }
 
-// First key of split `split`, in 64-bit so that split * split_keys cannot wrap near the
-// largest capacities (a split past the sequence starts at its end: no keys).
-FA_DEVICE int dec_key_begin(const DecodeParams& p, int split, int len) {
-    const fa_i64 k0 = (fa_i64)split * p.split_keys;
-    return k0 < (fa_i64)len ? (int)k0 : len;
+// Key range of split `split` of a sequence of `len` keys. The host cuts every cache of
+// capacity <= MAX_KERNEL_SEQ (< 2^31 - 2^23) into splits whose starts stay below it, so
+// split * split_keys fits an int; the end is taken as an offset from the start so that it
+// cannot wrap either (a split past the sequence gets end < begin: no keys).
+FA_DEVICE void dec_key_range(const DecodeParams& p, int split, int len, int& begin, int& end) {
+    begin = split * p.split_keys;
+    end = begin + min(p.split_keys, len - begin);
 }
 
 // Page (or sequence, for a contiguous cache) and position within it of key j of sequence b;
@@ -160,8 +162,8 @@ FA_DEVICE void flash_decode_body(const DecodeParams& p) {
     const int kvh = blockIdx.y;
     const int b = blockIdx.z;
     const int len = p.seq_lens ? p.seq_lens[b] : p.seq_k;
-    const int key_begin = dec_key_begin(p, split, len);
-    const int key_end = (int)min((fa_i64)len, (fa_i64)key_begin + p.split_keys);
+    int key_begin, key_end;
+    dec_key_range(p, split, len, key_begin, key_end);
     const int tid = threadIdx.x;
     const float scale2 = p.scale * FA_LOG2E;
 
@@ -441,17 +443,24 @@ FA_DEVICE void dec_reg_issue(const DecodeParams& p, fa_u32x4* ring, int st, int 
 #pragma unroll
     for (int c = 0; c < R::PER; ++c) {
         const int j = key0 + kg + c * R::GROUPS;
-        bool valid = j < key_end && col_ok;
+        const bool valid = j < key_end && col_ok;
         const T* ks = kbase;
         const T* vs = vbase;
-        fa_i64 page = 0, within = 0;
-        if (valid && j < len_old) valid = dec_locate(p, b, j, page, within);
         if (valid && j >= len_old) {
             // A token this launch appends: read from the new rows, not the cache.
             const fa_i64 t = j - len_old;
             ks = reinterpret_cast<const T*>(p.k_new) + (fa_i64)b * p.kn_sb + t * p.kn_ss + (fa_i64)kvh * p.kn_sh + col;
             vs = reinterpret_cast<const T*>(p.v_new) + (fa_i64)b * p.vn_sb + t * p.vn_ss + (fa_i64)kvh * p.vn_sh + col;
         } else if (valid) {
+            fa_i64 page, within;
+            if (p.block_table) {
+                // A negative entry (a page the pool could not give) reads page 0: in bounds.
+                page = max(p.block_table[(fa_i64)b * p.max_pages + j / p.page_size], 0);
+                within = j % p.page_size;
+            } else {
+                page = b;
+                within = j;
+            }
             ks = kbase + page * p.k_sb + (fa_i64)kvh * p.k_sh + within * p.k_ss + col;
             vs = vbase + page * p.v_sb + (fa_i64)kvh * p.v_sh + within * p.v_ss + col;
         }
@@ -691,8 +700,8 @@ FA_DEVICE void flash_decode_reg_body(const DecodeParams& p) {
     // With a fused append the sequence is len_old cached tokens plus n_new new ones.
     const int len_old = p.seq_lens ? p.seq_lens[b] : p.seq_k;
     const int len = len_old + p.n_new;
-    const int key_begin = dec_key_begin(p, split, len);
-    const int key_end = (int)min((fa_i64)len, (fa_i64)key_begin + p.split_keys);
+    int key_begin, key_end;
+    dec_key_range(p, split, len, key_begin, key_end);
     const int tid = threadIdx.x;
     const int lane = tid % VPR;
     const int kg = tid / VPR;

@@ -322,6 +322,14 @@ impl GpuAttentionBackend {
             reason,
         };
         dispatch::check_kernel_limits(&p).map_err(unsupported)?;
+        // A recorded call is cut for the cache's capacity, so that bounds the key indices.
+        if cache.capacity() > dispatch::MAX_KERNEL_SEQ {
+            return Err(unsupported(format!(
+                "cache capacity {} exceeds the decode kernel's limit {}",
+                cache.capacity(),
+                dispatch::MAX_KERNEL_SEQ
+            )));
+        }
         // What the decode kernel itself would refuse, refused here, before any append.
         if decode::decode_bucket(p.head_dim).is_none() {
             return Err(unsupported(format!(
