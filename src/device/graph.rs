@@ -3,8 +3,17 @@
 //! A decode loop queues the same launches every step; each stream launch costs the host a
 //! few microseconds and leaves a gap on the device. Recording the step once and replaying
 //! the recording removes both (see BENCHMARKS.md, "Decode").
+//!
+//! The runtime's side of recording is here too: which device is recording, the frees held
+//! back while a graph may replay, and graphs dropped during a recording.
 
-use std::sync::Arc;
+// Built with neither `cuda` nor `rocm`, no graph can exist (see gpu.rs).
+#![cfg_attr(
+    not(any(feature = "cuda", feature = "rocm")),
+    allow(unreachable_code, unused_variables)
+)]
+
+use std::sync::{Arc, MutexGuard};
 
 use super::gpu::{GpuRuntime, GraphExec};
 use super::Device;
@@ -116,6 +125,180 @@ impl Device {
     /// right now.
     pub fn is_capturing(&self) -> bool {
         self.is_gpu() && GpuRuntime::get(*self).is_ok_and(|rt| rt.is_capturing())
+    }
+}
+
+/// What device graphs hold on to: while a graph is being recorded or one exists, frees are
+/// deferred (a graph replays with the addresses it recorded, so no buffer it may use can be
+/// handed back), and the stream refuses work a graph cannot record.
+#[derive(Default)]
+pub(crate) struct GraphUse {
+    capturing: bool,
+    holders: usize,
+    deferred: Vec<u64>,
+    /// Graphs dropped while another was being recorded, destroyed when that one ends.
+    dropped: Vec<GraphExec>,
+}
+
+/// Ends the recording of [`GpuRuntime::capture`] once: through [`end`](Self::end), or on
+/// drop when the closure panicked (the graph is then discarded with its hold on buffers).
+struct EndCapture<'a> {
+    rt: &'a GpuRuntime,
+    done: bool,
+}
+
+impl EndCapture<'_> {
+    fn end(&mut self) -> Result<GraphExec> {
+        self.done = true;
+        self.rt.end_capture()
+    }
+}
+
+impl Drop for EndCapture<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            match self.rt.end_capture() {
+                Ok(exec) => self.rt.release_graph(exec),
+                Err(_) => self.rt.release_holder(),
+            }
+        }
+    }
+}
+
+impl GpuRuntime {
+    fn graph_use(&self) -> Result<MutexGuard<'_, GraphUse>> {
+        self.graphs.lock().map_err(|_| AttentionError::Runtime {
+            op: "device graph table".into(),
+            detail: "poisoned lock".into(),
+        })
+    }
+
+    /// Whether this device's stream is being recorded into a graph.
+    pub fn is_capturing(&self) -> bool {
+        self.graphs.lock().map(|g| g.capturing).unwrap_or(false)
+    }
+
+    /// The error for `op` while recording, else Ok.
+    pub fn refuse_while_capturing(&self, op: &str, reason: &str) -> Result<()> {
+        if self.is_capturing() {
+            return Err(AttentionError::GraphCapture {
+                device: self.device.to_string(),
+                op: op.to_string(),
+                reason: reason.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Keeps `ptr` to be freed by the last graph's release while any graph holds buffers;
+    /// whether it was kept.
+    pub(super) fn defer_free(&self, ptr: u64) -> bool {
+        if let Ok(mut g) = self.graphs.lock() {
+            if g.holders > 0 {
+                g.deferred.push(ptr);
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Records the work `f` queues on the stream and instantiates it. On success the
+    /// runtime counts one more graph holding its buffers (see [`GraphUse`]) until
+    /// [`release_graph`](Self::release_graph).
+    pub fn capture(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<GraphExec> {
+        {
+            let mut g = self.graph_use()?;
+            if g.capturing {
+                return Err(AttentionError::GraphCapture {
+                    device: self.device.to_string(),
+                    op: "recording a device graph".into(),
+                    reason: "another recording on this device is in progress".into(),
+                });
+            }
+            g.capturing = true;
+            g.holders += 1;
+        }
+        let begun = self.driver.begin_capture();
+        // End the recording whatever happens, a panic in `f` included, so the stream runs
+        // work again.
+        let mut ending = EndCapture {
+            rt: self,
+            done: false,
+        };
+        let ran = begun.and_then(|_| f());
+        let ended = ending.end();
+        match (ran, ended) {
+            (Ok(()), Ok(exec)) => Ok(exec),
+            (Err(e), Ok(exec)) => {
+                self.release_graph(exec);
+                Err(e)
+            }
+            (Err(e), Err(_)) | (Ok(()), Err(e)) => {
+                self.release_holder();
+                Err(e)
+            }
+        }
+    }
+
+    /// Ends a recording: the vendor's end-of-capture, then the runtime's state.
+    fn end_capture(&self) -> Result<GraphExec> {
+        let ended = self.driver.end_capture();
+        let dropped = match self.graph_use() {
+            Ok(mut g) => {
+                g.capturing = false;
+                std::mem::take(&mut g.dropped)
+            }
+            Err(_) => Vec::new(),
+        };
+        for exec in dropped {
+            self.release_graph(exec);
+        }
+        ended
+    }
+
+    /// Queues one replay of `exec`.
+    pub fn launch_graph(&self, exec: &GraphExec) -> Result<()> {
+        self.refuse_while_capturing(
+            "launching a device graph",
+            "graphs are launched outside of recordings",
+        )?;
+        self.driver.launch_graph(exec).unwrap_or_else(|| {
+            Err(AttentionError::DeviceMismatch {
+                what: "device graph".into(),
+                expected: self.device.to_string(),
+                got: "a graph of another vendor".into(),
+            })
+        })
+    }
+
+    /// Destroys `exec` and drops its hold on the runtime's buffers; the last holder
+    /// frees what was deferred (stream-ordered, after the replays already queued).
+    pub fn release_graph(&self, exec: GraphExec) {
+        if let Ok(mut g) = self.graphs.lock() {
+            if g.capturing {
+                g.dropped.push(exec);
+                return;
+            }
+        }
+        self.driver.destroy_graph(&exec);
+        self.release_holder();
+    }
+
+    fn release_holder(&self) {
+        let deferred = match self.graphs.lock() {
+            Ok(mut g) => {
+                g.holders = g.holders.saturating_sub(1);
+                if g.holders == 0 {
+                    std::mem::take(&mut g.deferred)
+                } else {
+                    Vec::new()
+                }
+            }
+            Err(_) => Vec::new(),
+        };
+        for ptr in deferred {
+            let _ = self.free_now(ptr);
+        }
     }
 }
 

@@ -12,10 +12,14 @@ pub use graph::DeviceGraph;
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+mod driver;
 pub(crate) mod gpu;
 mod graph;
 #[cfg(feature = "rocm")]
 pub(crate) mod hip;
+#[cfg(feature = "rocm")]
+mod hip_sys;
+pub(crate) mod launch;
 
 /// Where a tensor lives and where attention runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
