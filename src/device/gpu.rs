@@ -16,6 +16,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
+#[cfg(not(all(feature = "cuda", feature = "rocm")))]
+use super::built_without;
 use super::driver::GpuDriver;
 use super::graph::GraphUse;
 use super::launch::LaunchDims;
@@ -150,21 +152,11 @@ impl GpuRuntime {
             #[cfg(feature = "cuda")]
             Device::Cuda(n) => Driver::Cuda(super::cuda::CudaRuntime::new(n)?),
             #[cfg(not(feature = "cuda"))]
-            Device::Cuda(_) => {
-                return Err(gpu_unavailable(
-                    device,
-                    "built without the `cuda` feature".into(),
-                ))
-            }
+            Device::Cuda(_) => return Err(built_without(device, "cuda")),
             #[cfg(feature = "rocm")]
             Device::Hip(n) => Driver::Hip(super::hip::HipRuntime::new(n)?),
             #[cfg(not(feature = "rocm"))]
-            Device::Hip(_) => {
-                return Err(gpu_unavailable(
-                    device,
-                    "built without the `rocm` feature".into(),
-                ))
-            }
+            Device::Hip(_) => return Err(built_without(device, "rocm")),
         };
         let rt = Arc::new(GpuRuntime {
             device,

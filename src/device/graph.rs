@@ -140,6 +140,51 @@ pub(crate) struct GraphUse {
     dropped: Vec<GraphExec>,
 }
 
+impl GraphUse {
+    /// Starts a recording, which holds buffers like a graph; false when one is in progress.
+    fn begin(&mut self) -> bool {
+        if self.capturing {
+            return false;
+        }
+        self.capturing = true;
+        self.holders += 1;
+        true
+    }
+
+    /// Keeps `ptr` for the last holder's release while any graph may use it; whether kept.
+    fn defer_free(&mut self, ptr: u64) -> bool {
+        if self.holders > 0 {
+            self.deferred.push(ptr);
+        }
+        self.holders > 0
+    }
+
+    /// Ends the recording; the graphs dropped during it, to destroy now.
+    fn end(&mut self) -> Vec<GraphExec> {
+        self.capturing = false;
+        std::mem::take(&mut self.dropped)
+    }
+
+    /// Keeps `exec` for the end of the recording in progress, else hands it back.
+    fn defer_drop(&mut self, exec: GraphExec) -> Option<GraphExec> {
+        if self.capturing {
+            self.dropped.push(exec);
+            return None;
+        }
+        Some(exec)
+    }
+
+    /// One holder fewer; the frees it was the last to hold back.
+    fn release_holder(&mut self) -> Vec<u64> {
+        self.holders = self.holders.saturating_sub(1);
+        if self.holders == 0 {
+            std::mem::take(&mut self.deferred)
+        } else {
+            Vec::new()
+        }
+    }
+}
+
 /// Ends the recording of [`GpuRuntime::capture`] once: through [`end`](Self::end), or on
 /// drop when the closure panicked (the graph is then discarded with its hold on buffers).
 struct EndCapture<'a> {
@@ -193,30 +238,19 @@ impl GpuRuntime {
     /// Keeps `ptr` to be freed by the last graph's release while any graph holds buffers;
     /// whether it was kept.
     pub(super) fn defer_free(&self, ptr: u64) -> bool {
-        if let Ok(mut g) = self.graphs.lock() {
-            if g.holders > 0 {
-                g.deferred.push(ptr);
-                return true;
-            }
-        }
-        false
+        self.graphs.lock().is_ok_and(|mut g| g.defer_free(ptr))
     }
 
     /// Records the work `f` queues on the stream and instantiates it. On success the
     /// runtime counts one more graph holding its buffers (see [`GraphUse`]) until
     /// [`release_graph`](Self::release_graph).
     pub fn capture(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<GraphExec> {
-        {
-            let mut g = self.graph_use()?;
-            if g.capturing {
-                return Err(AttentionError::GraphCapture {
-                    device: self.device.to_string(),
-                    op: "recording a device graph".into(),
-                    reason: "another recording on this device is in progress".into(),
-                });
-            }
-            g.capturing = true;
-            g.holders += 1;
+        if !self.graph_use()?.begin() {
+            return Err(AttentionError::GraphCapture {
+                device: self.device.to_string(),
+                op: "recording a device graph".into(),
+                reason: "another recording on this device is in progress".into(),
+            });
         }
         let begun = self.driver.begin_capture();
         // End the recording whatever happens, a panic in `f` included, so the stream runs
@@ -243,13 +277,7 @@ impl GpuRuntime {
     /// Ends a recording: the vendor's end-of-capture, then the runtime's state.
     fn end_capture(&self) -> Result<GraphExec> {
         let ended = self.driver.end_capture();
-        let dropped = match self.graph_use() {
-            Ok(mut g) => {
-                g.capturing = false;
-                std::mem::take(&mut g.dropped)
-            }
-            Err(_) => Vec::new(),
-        };
+        let dropped = self.graph_use().map(|mut g| g.end()).unwrap_or_default();
         for exec in dropped {
             self.release_graph(exec);
         }
@@ -274,28 +302,23 @@ impl GpuRuntime {
     /// Destroys `exec` and drops its hold on the runtime's buffers; the last holder
     /// frees what was deferred (stream-ordered, after the replays already queued).
     pub fn release_graph(&self, exec: GraphExec) {
-        if let Ok(mut g) = self.graphs.lock() {
-            if g.capturing {
-                g.dropped.push(exec);
-                return;
-            }
+        let exec = match self.graphs.lock() {
+            Ok(mut g) => g.defer_drop(exec),
+            // Poisoned: nothing can be deferred any more, so destroy it now.
+            Err(_) => Some(exec),
+        };
+        if let Some(exec) = exec {
+            self.driver.destroy_graph(&exec);
+            self.release_holder();
         }
-        self.driver.destroy_graph(&exec);
-        self.release_holder();
     }
 
     fn release_holder(&self) {
-        let deferred = match self.graphs.lock() {
-            Ok(mut g) => {
-                g.holders = g.holders.saturating_sub(1);
-                if g.holders == 0 {
-                    std::mem::take(&mut g.deferred)
-                } else {
-                    Vec::new()
-                }
-            }
-            Err(_) => Vec::new(),
-        };
+        let deferred = self
+            .graphs
+            .lock()
+            .map(|mut g| g.release_holder())
+            .unwrap_or_default();
         for ptr in deferred {
             let _ = self.free_now(ptr);
         }
@@ -318,6 +341,28 @@ mod tests {
         assert!(matches!(err, AttentionError::NotSupported { .. }), "{err}");
         assert!(!ran, "the closure must not run when nothing is recorded");
         assert!(!Device::Cpu.is_capturing());
+    }
+
+    #[test]
+    fn frees_wait_for_the_last_holder() {
+        let mut g = GraphUse::default();
+        assert!(!g.defer_free(1), "no graph: freed at once");
+        assert!(g.begin());
+        assert!(!g.begin(), "a second recording while one is in progress");
+        assert!(g.defer_free(2));
+        assert!(g.end().is_empty());
+        assert!(!g.capturing);
+        // The recorded graph still holds buffers; a second recording adds a holder.
+        assert!(g.defer_free(3));
+        assert!(g.begin());
+        assert!(g.end().is_empty());
+        assert_eq!(g.release_holder(), Vec::<u64>::new(), "one graph left");
+        assert!(g.defer_free(4));
+        assert_eq!(g.release_holder(), vec![2, 3, 4]);
+        assert!(!g.defer_free(5), "no graph left: freed at once");
+        // A release too many cannot wrap the count.
+        assert!(g.release_holder().is_empty());
+        assert_eq!(g.holders, 0);
     }
 
     #[test]
