@@ -10,7 +10,7 @@
 // ends at an uninhabited match; that is the intended "no GPU support" build.
 #![cfg_attr(
     not(any(feature = "cuda", feature = "rocm")),
-    allow(unreachable_code, unused_variables, unused_mut)
+    allow(unreachable_code, unused_variables, unused_mut, unused_imports)
 )]
 
 use std::collections::HashMap;
@@ -173,7 +173,7 @@ impl GpuRuntime {
             "allocating device memory",
             "run the calls once before recording them, so that their buffers and workspaces exist",
         )?;
-        let ptr = on_driver!(self.driver, d => d.alloc_zeroed(bytes))?;
+        let ptr = on_driver!(self.driver, d => d.alloc_zeroed(bytes)?);
         Ok(GpuBuffer {
             ptr,
             bytes,
@@ -254,7 +254,7 @@ impl GpuRuntime {
         params: &P,
     ) -> Result<()> {
         let bytes = bytemuck::bytes_of(params);
-        on_driver!(self.driver, d => d.launch(spec, dims, bytes))?;
+        on_driver!(self.driver, d => d.launch(spec, dims, bytes)?);
         // A recorded launch runs later, at the graph's launch.
         if sync_after_launch() && !self.is_capturing() {
             self.synchronize().map_err(|e| AttentionError::Runtime {
