@@ -6,7 +6,7 @@
 //! overflow, before anything is queued.
 
 use crate::config::KvCacheLayout;
-use crate::device::gpu::LaunchDims;
+use crate::device::launch::LaunchDims;
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{AttentionError, Result};

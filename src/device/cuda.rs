@@ -10,7 +10,8 @@ use std::sync::{Mutex, OnceLock};
 use cudarc::driver::result::{self, DriverError};
 use cudarc::driver::sys;
 
-use super::gpu::LaunchDims;
+use super::driver::GpuDriver;
+use super::launch::LaunchDims;
 use crate::error::{AttentionError, Result};
 use crate::kernels::{self, KernelSpec};
 
@@ -110,13 +111,41 @@ impl CudaRuntime {
             functions: Mutex::new(HashMap::new()),
         })
     }
+}
+
+impl GpuDriver for CudaRuntime {
+    type Function = sys::CUfunction;
+    type Graph = CudaGraph;
+
+    fn name(&self) -> String {
+        format!("{}, sm_{}{}", self.name, self.cc.0, self.cc.1)
+    }
+
+    fn multiprocessor_count(&self) -> u32 {
+        self.sm_count
+    }
+
+    fn max_shared_bytes_per_block(&self) -> u32 {
+        self.max_smem_optin
+    }
+
+    /// sm_80 and newer.
+    fn has_mma(&self) -> bool {
+        self.cc.0 >= 8
+    }
+
+    /// sm_90 exactly: the kernels are built for the architecture-specific target
+    /// compute_90a.
+    fn has_wgmma(&self) -> bool {
+        self.cc == (9, 0)
+    }
 
     fn bind(&self) -> Result<()> {
         // SAFETY: the context lives as long as the runtime (primary contexts are never released).
         unsafe { result::ctx::set_current(self.ctx) }.map_err(|e| runtime_err("cuCtxSetCurrent", e))
     }
 
-    pub fn alloc_zeroed(&self, bytes: usize) -> Result<u64> {
+    fn alloc_zeroed(&self, bytes: usize) -> Result<u64> {
         self.bind()?;
         // SAFETY: stream-ordered allocation on our own stream; zeroed before any use.
         let ptr = unsafe { result::malloc_async(self.stream, bytes.max(1)) }.map_err(|e| {
@@ -136,21 +165,21 @@ impl CudaRuntime {
         Ok(ptr)
     }
 
-    pub fn free(&self, ptr: u64) -> Result<()> {
+    fn free(&self, ptr: u64) -> Result<()> {
         self.bind()?;
         // SAFETY: ptr came from alloc_zeroed and is freed once, after the queued work using it.
         unsafe { result::free_async(ptr, self.stream) }
             .map_err(|e| runtime_err("cuMemFreeAsync", e))
     }
 
-    pub fn copy_htod(&self, dst: u64, src: &[u8]) -> Result<()> {
+    fn copy_htod(&self, dst: u64, src: &[u8]) -> Result<()> {
         self.bind()?;
         // Pageable source: the driver stages it before returning, so `src` may be reused.
         unsafe { result::memcpy_htod_async(dst, src, self.stream) }
             .map_err(|e| runtime_err("cuMemcpyHtoDAsync", e))
     }
 
-    pub fn copy_dtoh(&self, src: u64, dst: &mut [u8]) -> Result<()> {
+    fn copy_dtoh(&self, src: u64, dst: &mut [u8]) -> Result<()> {
         self.bind()?;
         // SAFETY: src spans dst.len() bytes; the stream is synchronised before dst is read.
         unsafe { result::memcpy_dtoh_async(dst, src, self.stream) }
@@ -158,23 +187,11 @@ impl CudaRuntime {
         self.synchronize()
     }
 
-    pub fn synchronize(&self) -> Result<()> {
+    fn synchronize(&self) -> Result<()> {
         self.bind()?;
         // SAFETY: our own stream.
         unsafe { result::stream::synchronize(self.stream) }
             .map_err(|e| runtime_err("cuStreamSynchronize (an earlier kernel failed)", e))
-    }
-
-    pub fn name(&self) -> String {
-        format!("{}, sm_{}{}", self.name, self.cc.0, self.cc.1)
-    }
-
-    pub fn multiprocessor_count(&self) -> u32 {
-        self.sm_count
-    }
-
-    pub fn max_shared_bytes_per_block(&self) -> u32 {
-        self.max_smem_optin
     }
 
     fn function(&self, spec: &KernelSpec, shared_bytes: u32) -> Result<sys::CUfunction> {
@@ -236,14 +253,13 @@ impl CudaRuntime {
         Ok(f.func)
     }
 
-    /// (major, minor) compute capability.
-    pub fn compute_capability(&self) -> (i32, i32) {
-        self.cc
-    }
-
-    pub fn launch(&self, spec: &KernelSpec, dims: LaunchDims, params: &[u8]) -> Result<()> {
-        self.bind()?;
-        let func = self.function(spec, dims.shared_bytes)?;
+    fn launch_function(
+        &self,
+        func: sys::CUfunction,
+        spec: &KernelSpec,
+        dims: LaunchDims,
+        params: &[u8],
+    ) -> Result<()> {
         // The kernel's one by-value argument: cuLaunchKernel copies it before returning.
         let mut arg = params.to_vec();
         let mut args = [arg.as_mut_ptr() as *mut c_void];
@@ -262,7 +278,7 @@ impl CudaRuntime {
         Ok(())
     }
 
-    pub fn time_ms(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<f32> {
+    fn time_ms(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<f32> {
         self.bind()?;
         let flags = sys::CUevent_flags::CU_EVENT_DEFAULT;
         let start = result::event::create(flags).map_err(|e| runtime_err("cuEventCreate", e))?;
@@ -286,22 +302,10 @@ impl CudaRuntime {
         }
         run
     }
-}
 
-/// An instantiated CUDA graph (the recording itself is destroyed once instantiated).
-pub(crate) struct CudaGraph {
-    exec: sys::CUgraphExec,
-}
-
-// SAFETY: an executable graph handle may be launched and destroyed from any thread with the
-// context current, which every entry point below makes it first.
-unsafe impl Send for CudaGraph {}
-unsafe impl Sync for CudaGraph {}
-
-impl CudaRuntime {
-    /// Starts recording the stream's work instead of running it. Relaxed mode: module loads
-    /// and attribute changes made while recording (first use of a kernel) are allowed.
-    pub fn begin_capture(&self) -> Result<()> {
+    /// Relaxed mode: module loads and attribute changes made while recording (first use of
+    /// a kernel) are allowed.
+    fn begin_capture(&self) -> Result<()> {
         self.bind()?;
         // SAFETY: our own stream, not already capturing (the caller tracks that).
         unsafe {
@@ -313,8 +317,7 @@ impl CudaRuntime {
         .map_err(|e| runtime_err("cuStreamBeginCapture", e))
     }
 
-    /// Stops recording and instantiates what was recorded.
-    pub fn end_capture(&self) -> Result<CudaGraph> {
+    fn end_capture(&self) -> Result<CudaGraph> {
         self.bind()?;
         // SAFETY: our own stream, capturing since begin_capture.
         let graph = unsafe { result::stream::end_capture(self.stream) }
@@ -328,19 +331,27 @@ impl CudaRuntime {
         Ok(CudaGraph { exec: exec? })
     }
 
-    /// Queues one replay of `g` on the stream.
-    pub fn launch_graph(&self, g: &CudaGraph) -> Result<()> {
+    fn launch_graph(&self, g: &CudaGraph) -> Result<()> {
         self.bind()?;
         // SAFETY: an instantiated graph of this context, launched on its stream.
         unsafe { result::graph::launch(g.exec, self.stream) }
             .map_err(|e| runtime_err("cuGraphLaunch", e))
     }
 
-    /// Destroys `g` (replays already queued still run).
-    pub fn destroy_graph(&self, g: &CudaGraph) {
+    fn destroy_graph(&self, g: &CudaGraph) {
         if self.bind().is_ok() {
             // SAFETY: destroyed once, by the owner's drop.
             let _ = unsafe { result::graph::exec_destroy(g.exec) };
         }
     }
 }
+
+/// An instantiated CUDA graph (the recording itself is destroyed once instantiated).
+pub(crate) struct CudaGraph {
+    exec: sys::CUgraphExec,
+}
+
+// SAFETY: an executable graph handle may be launched and destroyed from any thread with the
+// context current, which every entry point above makes it first.
+unsafe impl Send for CudaGraph {}
+unsafe impl Sync for CudaGraph {}

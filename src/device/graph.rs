@@ -3,8 +3,17 @@
 //! A decode loop queues the same launches every step; each stream launch costs the host a
 //! few microseconds and leaves a gap on the device. Recording the step once and replaying
 //! the recording removes both (see BENCHMARKS.md, "Decode").
+//!
+//! The runtime's side of recording is here too: which device is recording, the frees held
+//! back while a graph may replay, and graphs dropped during a recording.
 
-use std::sync::Arc;
+// Built with neither `cuda` nor `rocm`, no graph can exist (see gpu.rs).
+#![cfg_attr(
+    not(any(feature = "cuda", feature = "rocm")),
+    allow(unreachable_code, unused_variables)
+)]
+
+use std::sync::{Arc, MutexGuard};
 
 use super::gpu::{GpuRuntime, GraphExec};
 use super::Device;
@@ -119,6 +128,203 @@ impl Device {
     }
 }
 
+/// What device graphs hold on to: while a graph is being recorded or one exists, frees are
+/// deferred (a graph replays with the addresses it recorded, so no buffer it may use can be
+/// handed back), and the stream refuses work a graph cannot record.
+#[derive(Default)]
+pub(crate) struct GraphUse {
+    capturing: bool,
+    holders: usize,
+    deferred: Vec<u64>,
+    /// Graphs dropped while another was being recorded, destroyed when that one ends.
+    dropped: Vec<GraphExec>,
+}
+
+impl GraphUse {
+    /// Starts a recording, which holds buffers like a graph; false when one is in progress.
+    fn begin(&mut self) -> bool {
+        if self.capturing {
+            return false;
+        }
+        self.capturing = true;
+        self.holders += 1;
+        true
+    }
+
+    /// Keeps `ptr` for the last holder's release while any graph may use it; whether kept.
+    fn defer_free(&mut self, ptr: u64) -> bool {
+        if self.holders > 0 {
+            self.deferred.push(ptr);
+        }
+        self.holders > 0
+    }
+
+    /// Ends the recording; the graphs dropped during it, to destroy now.
+    fn end(&mut self) -> Vec<GraphExec> {
+        self.capturing = false;
+        std::mem::take(&mut self.dropped)
+    }
+
+    /// Keeps `exec` for the end of the recording in progress, else hands it back.
+    fn defer_drop(&mut self, exec: GraphExec) -> Option<GraphExec> {
+        if self.capturing {
+            self.dropped.push(exec);
+            return None;
+        }
+        Some(exec)
+    }
+
+    /// One holder fewer; the frees it was the last to hold back.
+    fn release_holder(&mut self) -> Vec<u64> {
+        self.holders = self.holders.saturating_sub(1);
+        if self.holders == 0 {
+            std::mem::take(&mut self.deferred)
+        } else {
+            Vec::new()
+        }
+    }
+}
+
+/// Ends the recording of [`GpuRuntime::capture`] once: through [`end`](Self::end), or on
+/// drop when the closure panicked (the graph is then discarded with its hold on buffers).
+struct EndCapture<'a> {
+    rt: &'a GpuRuntime,
+    done: bool,
+}
+
+impl EndCapture<'_> {
+    fn end(&mut self) -> Result<GraphExec> {
+        self.done = true;
+        self.rt.end_capture()
+    }
+}
+
+impl Drop for EndCapture<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            match self.rt.end_capture() {
+                Ok(exec) => self.rt.release_graph(exec),
+                Err(_) => self.rt.release_holder(),
+            }
+        }
+    }
+}
+
+impl GpuRuntime {
+    fn graph_use(&self) -> Result<MutexGuard<'_, GraphUse>> {
+        self.graphs.lock().map_err(|_| AttentionError::Runtime {
+            op: "device graph table".into(),
+            detail: "poisoned lock".into(),
+        })
+    }
+
+    /// Whether this device's stream is being recorded into a graph.
+    pub fn is_capturing(&self) -> bool {
+        self.graphs.lock().map(|g| g.capturing).unwrap_or(false)
+    }
+
+    /// The error for `op` while recording, else Ok.
+    pub fn refuse_while_capturing(&self, op: &str, reason: &str) -> Result<()> {
+        if self.is_capturing() {
+            return Err(AttentionError::GraphCapture {
+                device: self.device.to_string(),
+                op: op.to_string(),
+                reason: reason.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Keeps `ptr` to be freed by the last graph's release while any graph holds buffers;
+    /// whether it was kept.
+    pub(super) fn defer_free(&self, ptr: u64) -> bool {
+        self.graphs.lock().is_ok_and(|mut g| g.defer_free(ptr))
+    }
+
+    /// Records the work `f` queues on the stream and instantiates it. On success the
+    /// runtime counts one more graph holding its buffers (see [`GraphUse`]) until
+    /// [`release_graph`](Self::release_graph).
+    pub fn capture(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<GraphExec> {
+        if !self.graph_use()?.begin() {
+            return Err(AttentionError::GraphCapture {
+                device: self.device.to_string(),
+                op: "recording a device graph".into(),
+                reason: "another recording on this device is in progress".into(),
+            });
+        }
+        let begun = self.driver.begin_capture();
+        // End the recording whatever happens, a panic in `f` included, so the stream runs
+        // work again.
+        let mut ending = EndCapture {
+            rt: self,
+            done: false,
+        };
+        let ran = begun.and_then(|_| f());
+        let ended = ending.end();
+        match (ran, ended) {
+            (Ok(()), Ok(exec)) => Ok(exec),
+            (Err(e), Ok(exec)) => {
+                self.release_graph(exec);
+                Err(e)
+            }
+            (Err(e), Err(_)) | (Ok(()), Err(e)) => {
+                self.release_holder();
+                Err(e)
+            }
+        }
+    }
+
+    /// Ends a recording: the vendor's end-of-capture, then the runtime's state.
+    fn end_capture(&self) -> Result<GraphExec> {
+        let ended = self.driver.end_capture();
+        let dropped = self.graph_use().map(|mut g| g.end()).unwrap_or_default();
+        for exec in dropped {
+            self.release_graph(exec);
+        }
+        ended
+    }
+
+    /// Queues one replay of `exec`.
+    pub fn launch_graph(&self, exec: &GraphExec) -> Result<()> {
+        self.refuse_while_capturing(
+            "launching a device graph",
+            "graphs are launched outside of recordings",
+        )?;
+        self.driver.launch_graph(exec).unwrap_or_else(|| {
+            Err(AttentionError::DeviceMismatch {
+                what: "device graph".into(),
+                expected: self.device.to_string(),
+                got: "a graph of another vendor".into(),
+            })
+        })
+    }
+
+    /// Destroys `exec` and drops its hold on the runtime's buffers; the last holder
+    /// frees what was deferred (stream-ordered, after the replays already queued).
+    pub fn release_graph(&self, exec: GraphExec) {
+        let exec = match self.graphs.lock() {
+            Ok(mut g) => g.defer_drop(exec),
+            // Poisoned: nothing can be deferred any more, so destroy it now.
+            Err(_) => Some(exec),
+        };
+        if let Some(exec) = exec {
+            self.driver.destroy_graph(&exec);
+            self.release_holder();
+        }
+    }
+
+    fn release_holder(&self) {
+        let deferred = self
+            .graphs
+            .lock()
+            .map(|mut g| g.release_holder())
+            .unwrap_or_default();
+        for ptr in deferred {
+            let _ = self.free_now(ptr);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,6 +341,28 @@ mod tests {
         assert!(matches!(err, AttentionError::NotSupported { .. }), "{err}");
         assert!(!ran, "the closure must not run when nothing is recorded");
         assert!(!Device::Cpu.is_capturing());
+    }
+
+    #[test]
+    fn frees_wait_for_the_last_holder() {
+        let mut g = GraphUse::default();
+        assert!(!g.defer_free(1), "no graph: freed at once");
+        assert!(g.begin());
+        assert!(!g.begin(), "a second recording while one is in progress");
+        assert!(g.defer_free(2));
+        assert!(g.end().is_empty());
+        assert!(!g.capturing);
+        // The recorded graph still holds buffers; a second recording adds a holder.
+        assert!(g.defer_free(3));
+        assert!(g.begin());
+        assert!(g.end().is_empty());
+        assert_eq!(g.release_holder(), Vec::<u64>::new(), "one graph left");
+        assert!(g.defer_free(4));
+        assert_eq!(g.release_holder(), vec![2, 3, 4]);
+        assert!(!g.defer_free(5), "no graph left: freed at once");
+        // A release too many cannot wrap the count.
+        assert!(g.release_holder().is_empty());
+        assert_eq!(g.holders, 0);
     }
 
     #[test]

@@ -1,11 +1,11 @@
-//! HIP runtime (AMD ROCm) through `hip-runtime-sys`.
+//! HIP runtime (AMD ROCm): the checked layer over the raw bindings of `hip_sys.rs`.
 //!
 //! One non-blocking stream per device. Kernels come from the HSACO code objects that
 //! build.rs compiled with hipcc: one module per kernel file, loaded on first use with
 //! `hipModuleLoad`, entry points looked up with `hipModuleGetFunction`.
 
 use std::collections::HashMap;
-use std::ffi::{c_char, c_int, c_uint, c_void, CStr, CString};
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::mem::MaybeUninit;
 use std::sync::{Mutex, OnceLock};
 
@@ -14,97 +14,11 @@ use hip_runtime_sys::{
     hipStream_t,
 };
 
-use super::gpu::LaunchDims;
+use super::driver::GpuDriver;
+use super::hip_sys as ffi;
+use super::launch::LaunchDims;
 use crate::error::{AttentionError, Result};
 use crate::kernels::{self, KernelFile, KernelSpec};
-
-/// The HIP entry points used here, declared with a plain integer status.
-///
-/// The bindings of `hip-runtime-sys` return a Rust enum; a status code the bindings do
-/// not list (newer ROCm releases add some) would be undefined behaviour there, so the
-/// status is read as an integer and named with `hipGetErrorName`. Types come from the
-/// bindings; the library is the one `hip-runtime-sys` links (`libamdhip64`).
-mod ffi {
-    use super::*;
-
-    pub const SUCCESS: c_int = 0;
-    pub const ERROR_OUT_OF_MEMORY: c_int = 2;
-    pub const STREAM_NON_BLOCKING: c_uint = 1;
-    /// `HIP_LAUNCH_PARAM_BUFFER_POINTER` (hip_runtime_api.h).
-    pub const LAUNCH_PARAM_BUFFER_POINTER: *mut c_void = std::ptr::without_provenance_mut(0x01);
-    /// `HIP_LAUNCH_PARAM_BUFFER_SIZE`.
-    pub const LAUNCH_PARAM_BUFFER_SIZE: *mut c_void = std::ptr::without_provenance_mut(0x02);
-    /// `HIP_LAUNCH_PARAM_END`.
-    pub const LAUNCH_PARAM_END: *mut c_void = std::ptr::without_provenance_mut(0x03);
-
-    #[link(name = "amdhip64")]
-    extern "C" {
-        pub fn hipGetDeviceCount(count: *mut c_int) -> c_int;
-        pub fn hipSetDevice(device: c_int) -> c_int;
-        pub fn hipGetDeviceProperties(prop: *mut hipDeviceProp_t, device: c_int) -> c_int;
-        pub fn hipDeviceGetAttribute(
-            value: *mut c_int,
-            attr: hipDeviceAttribute_t,
-            device: c_int,
-        ) -> c_int;
-        pub fn hipGetErrorName(status: c_int) -> *const c_char;
-        pub fn hipStreamCreateWithFlags(stream: *mut hipStream_t, flags: c_uint) -> c_int;
-        pub fn hipStreamSynchronize(stream: hipStream_t) -> c_int;
-        pub fn hipMalloc(ptr: *mut *mut c_void, bytes: usize) -> c_int;
-        pub fn hipFree(ptr: *mut c_void) -> c_int;
-        pub fn hipMemsetAsync(
-            dst: *mut c_void,
-            value: c_int,
-            bytes: usize,
-            stream: hipStream_t,
-        ) -> c_int;
-        pub fn hipMemcpyAsync(
-            dst: *mut c_void,
-            src: *const c_void,
-            bytes: usize,
-            kind: hipMemcpyKind,
-            stream: hipStream_t,
-        ) -> c_int;
-        pub fn hipModuleLoad(module: *mut hipModule_t, path: *const c_char) -> c_int;
-        pub fn hipModuleGetFunction(
-            function: *mut hipFunction_t,
-            module: hipModule_t,
-            name: *const c_char,
-        ) -> c_int;
-        #[allow(clippy::too_many_arguments)]
-        pub fn hipModuleLaunchKernel(
-            f: hipFunction_t,
-            grid_x: c_uint,
-            grid_y: c_uint,
-            grid_z: c_uint,
-            block_x: c_uint,
-            block_y: c_uint,
-            block_z: c_uint,
-            shared_bytes: c_uint,
-            stream: hipStream_t,
-            kernel_params: *mut *mut c_void,
-            extra: *mut *mut c_void,
-        ) -> c_int;
-        pub fn hipEventCreate(event: *mut hipEvent_t) -> c_int;
-        pub fn hipEventRecord(event: hipEvent_t, stream: hipStream_t) -> c_int;
-        pub fn hipEventSynchronize(event: hipEvent_t) -> c_int;
-        pub fn hipEventElapsedTime(ms: *mut f32, start: hipEvent_t, stop: hipEvent_t) -> c_int;
-        pub fn hipEventDestroy(event: hipEvent_t) -> c_int;
-        pub fn hipStreamBeginCapture(stream: hipStream_t, mode: c_int) -> c_int;
-        pub fn hipStreamEndCapture(stream: hipStream_t, graph: *mut *mut c_void) -> c_int;
-        pub fn hipGraphInstantiateWithFlags(
-            exec: *mut *mut c_void,
-            graph: *mut c_void,
-            flags: u64,
-        ) -> c_int;
-        pub fn hipGraphLaunch(exec: *mut c_void, stream: hipStream_t) -> c_int;
-        pub fn hipGraphExecDestroy(exec: *mut c_void) -> c_int;
-        pub fn hipGraphDestroy(graph: *mut c_void) -> c_int;
-    }
-
-    /// `hipStreamCaptureModeRelaxed` (hip_runtime_api.h).
-    pub const STREAM_CAPTURE_MODE_RELAXED: c_int = 2;
-}
 
 /// The name of a HIP status code (`hipErrorNoDevice`, ...).
 fn status_name(status: c_int) -> String {
@@ -232,107 +146,6 @@ impl HipRuntime {
         })
     }
 
-    fn bind(&self) -> Result<()> {
-        // SAFETY: the ordinal was validated in `new`.
-        check("hipSetDevice", unsafe {
-            ffi::hipSetDevice(self.ordinal as c_int)
-        })
-    }
-
-    pub fn alloc_zeroed(&self, bytes: usize) -> Result<u64> {
-        self.bind()?;
-        let mut ptr: *mut c_void = std::ptr::null_mut();
-        // SAFETY: valid out-pointer.
-        let status = unsafe { ffi::hipMalloc(&mut ptr, bytes.max(1)) };
-        if status == ffi::ERROR_OUT_OF_MEMORY {
-            return Err(AttentionError::OutOfMemory {
-                device: format!("hip:{}", self.ordinal),
-                requested_bytes: bytes as u64,
-                detail: format!("hipMalloc returned {}", status_name(status)),
-            });
-        }
-        check("hipMalloc", status)?;
-        // SAFETY: ptr spans max(bytes, 1) bytes; zeroed on our stream before any use.
-        let zeroed = check("hipMemsetAsync", unsafe {
-            ffi::hipMemsetAsync(ptr, 0, bytes, self.stream)
-        });
-        if let Err(e) = zeroed {
-            // SAFETY: allocated above, not used by any queued work.
-            let _ = unsafe { ffi::hipFree(ptr) };
-            return Err(e);
-        }
-        Ok(ptr as u64)
-    }
-
-    pub fn free(&self, ptr: u64) -> Result<()> {
-        self.bind()?;
-        // SAFETY: ptr came from alloc_zeroed and is freed once. hipFree waits for the
-        // device, so queued work that uses the buffer finishes first.
-        check("hipFree", unsafe { ffi::hipFree(ptr as *mut c_void) })
-    }
-
-    pub fn copy_htod(&self, dst: u64, src: &[u8]) -> Result<()> {
-        if src.is_empty() {
-            return Ok(());
-        }
-        self.bind()?;
-        // SAFETY: dst spans src.len() bytes.
-        check("hipMemcpyAsync(host to device)", unsafe {
-            ffi::hipMemcpyAsync(
-                dst as *mut c_void,
-                src.as_ptr().cast(),
-                src.len(),
-                hipMemcpyKind::hipMemcpyHostToDevice,
-                self.stream,
-            )
-        })?;
-        // `src` is pageable memory that the caller may reuse or free as soon as this
-        // returns; HIP does not promise to have staged it by then, so wait for the copy.
-        self.synchronize()
-    }
-
-    pub fn copy_dtoh(&self, src: u64, dst: &mut [u8]) -> Result<()> {
-        if dst.is_empty() {
-            return Ok(());
-        }
-        self.bind()?;
-        // SAFETY: src spans dst.len() bytes; the stream is synchronised before dst is read.
-        check("hipMemcpyAsync(device to host)", unsafe {
-            ffi::hipMemcpyAsync(
-                dst.as_mut_ptr().cast(),
-                src as *const c_void,
-                dst.len(),
-                hipMemcpyKind::hipMemcpyDeviceToHost,
-                self.stream,
-            )
-        })?;
-        self.synchronize()
-    }
-
-    pub fn synchronize(&self) -> Result<()> {
-        self.bind()?;
-        // SAFETY: our own stream.
-        check("hipStreamSynchronize (an earlier kernel failed)", unsafe {
-            ffi::hipStreamSynchronize(self.stream)
-        })
-    }
-
-    pub fn name(&self) -> String {
-        if self.arch.is_empty() {
-            self.name.clone()
-        } else {
-            format!("{}, {}", self.name, self.arch)
-        }
-    }
-
-    pub fn multiprocessor_count(&self) -> u32 {
-        self.cu_count
-    }
-
-    pub fn max_shared_bytes_per_block(&self) -> u32 {
-        self.max_smem
-    }
-
     fn lock_err() -> AttentionError {
         AttentionError::Runtime {
             op: "kernel table".into(),
@@ -371,8 +184,134 @@ impl HipRuntime {
         modules.insert(file, module);
         Ok(module)
     }
+}
 
-    fn function(&self, spec: &KernelSpec) -> Result<hipFunction_t> {
+impl GpuDriver for HipRuntime {
+    type Function = hipFunction_t;
+    type Graph = HipGraph;
+
+    fn name(&self) -> String {
+        if self.arch.is_empty() {
+            self.name.clone()
+        } else {
+            format!("{}, {}", self.name, self.arch)
+        }
+    }
+
+    fn multiprocessor_count(&self) -> u32 {
+        self.cu_count
+    }
+
+    fn max_shared_bytes_per_block(&self) -> u32 {
+        self.max_smem
+    }
+
+    /// The tensor-core kernels are CUDA only.
+    fn has_mma(&self) -> bool {
+        false
+    }
+
+    fn has_wgmma(&self) -> bool {
+        false
+    }
+
+    fn bind(&self) -> Result<()> {
+        // SAFETY: the ordinal was validated in `new`.
+        check("hipSetDevice", unsafe {
+            ffi::hipSetDevice(self.ordinal as c_int)
+        })
+    }
+
+    fn alloc_zeroed(&self, bytes: usize) -> Result<u64> {
+        self.bind()?;
+        let mut ptr: *mut c_void = std::ptr::null_mut();
+        // SAFETY: valid out-pointer.
+        let status = unsafe { ffi::hipMalloc(&mut ptr, bytes.max(1)) };
+        if status == ffi::ERROR_OUT_OF_MEMORY {
+            return Err(AttentionError::OutOfMemory {
+                device: format!("hip:{}", self.ordinal),
+                requested_bytes: bytes as u64,
+                detail: format!("hipMalloc returned {}", status_name(status)),
+            });
+        }
+        check("hipMalloc", status)?;
+        // SAFETY: ptr spans max(bytes, 1) bytes; zeroed on our stream before any use.
+        let zeroed = check("hipMemsetAsync", unsafe {
+            ffi::hipMemsetAsync(ptr, 0, bytes, self.stream)
+        });
+        if let Err(e) = zeroed {
+            // SAFETY: allocated above, not used by any queued work.
+            let _ = unsafe { ffi::hipFree(ptr) };
+            return Err(e);
+        }
+        Ok(ptr as u64)
+    }
+
+    fn free(&self, ptr: u64) -> Result<()> {
+        self.bind()?;
+        // SAFETY: ptr came from alloc_zeroed and is freed once. hipFree waits for the
+        // device, so queued work that uses the buffer finishes first.
+        check("hipFree", unsafe { ffi::hipFree(ptr as *mut c_void) })
+    }
+
+    fn copy_htod(&self, dst: u64, src: &[u8]) -> Result<()> {
+        if src.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: dst spans src.len() bytes.
+        check("hipMemcpyAsync(host to device)", unsafe {
+            ffi::hipMemcpyAsync(
+                dst as *mut c_void,
+                src.as_ptr().cast(),
+                src.len(),
+                hipMemcpyKind::hipMemcpyHostToDevice,
+                self.stream,
+            )
+        })?;
+        // `src` is pageable memory that the caller may reuse or free as soon as this
+        // returns; HIP does not promise to have staged it by then, so wait for the copy.
+        self.synchronize()
+    }
+
+    fn copy_dtoh(&self, src: u64, dst: &mut [u8]) -> Result<()> {
+        if dst.is_empty() {
+            return Ok(());
+        }
+        self.bind()?;
+        // SAFETY: src spans dst.len() bytes; the stream is synchronised before dst is read.
+        check("hipMemcpyAsync(device to host)", unsafe {
+            ffi::hipMemcpyAsync(
+                dst.as_mut_ptr().cast(),
+                src as *const c_void,
+                dst.len(),
+                hipMemcpyKind::hipMemcpyDeviceToHost,
+                self.stream,
+            )
+        })?;
+        self.synchronize()
+    }
+
+    fn synchronize(&self) -> Result<()> {
+        self.bind()?;
+        // SAFETY: our own stream.
+        check("hipStreamSynchronize (an earlier kernel failed)", unsafe {
+            ffi::hipStreamSynchronize(self.stream)
+        })
+    }
+
+    /// HIP needs no opt-in for large shared memory; past the device's limit is refused
+    /// before the module is loaded.
+    fn function(&self, spec: &KernelSpec, shared_bytes: u32) -> Result<hipFunction_t> {
+        if shared_bytes > self.max_smem {
+            return Err(AttentionError::NotSupported {
+                backend: "hip".into(),
+                reason: format!(
+                    "kernel {} needs {} bytes of shared memory, the device allows {}",
+                    spec.name, shared_bytes, self.max_smem
+                ),
+            });
+        }
         if let Some(&f) = self
             .functions
             .lock()
@@ -406,18 +345,13 @@ impl HipRuntime {
         Ok(func)
     }
 
-    pub fn launch(&self, spec: &KernelSpec, dims: LaunchDims, params: &[u8]) -> Result<()> {
-        self.bind()?;
-        if dims.shared_bytes > self.max_smem {
-            return Err(AttentionError::NotSupported {
-                backend: "hip".into(),
-                reason: format!(
-                    "kernel {} needs {} bytes of shared memory, the device allows {}",
-                    spec.name, dims.shared_bytes, self.max_smem
-                ),
-            });
-        }
-        let func = self.function(spec)?;
+    fn launch_function(
+        &self,
+        func: hipFunction_t,
+        spec: &KernelSpec,
+        dims: LaunchDims,
+        params: &[u8],
+    ) -> Result<()> {
         // The one by-value argument as a kernel-argument buffer (8-byte aligned copy).
         let mut arg = vec![0u64; params.len().div_ceil(8).max(1)];
         // SAFETY: `arg` holds at least params.len() bytes.
@@ -454,7 +388,7 @@ impl HipRuntime {
         Ok(())
     }
 
-    pub fn time_ms(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<f32> {
+    fn time_ms(&self, f: &mut dyn FnMut() -> Result<()>) -> Result<f32> {
         self.bind()?;
         let mut start: hipEvent_t = std::ptr::null_mut();
         let mut stop: hipEvent_t = std::ptr::null_mut();
@@ -491,21 +425,8 @@ impl HipRuntime {
         }
         run
     }
-}
 
-/// An instantiated HIP graph (`hipGraphExec_t`; the recording is destroyed once instantiated).
-pub(crate) struct HipGraph {
-    exec: *mut c_void,
-}
-
-// SAFETY: an executable graph handle may be launched and destroyed from any thread once the
-// device is current, which every entry point below makes it first.
-unsafe impl Send for HipGraph {}
-unsafe impl Sync for HipGraph {}
-
-impl HipRuntime {
-    /// Starts recording the stream's work instead of running it (relaxed mode, as on CUDA).
-    pub fn begin_capture(&self) -> Result<()> {
+    fn begin_capture(&self) -> Result<()> {
         self.bind()?;
         // SAFETY: our own stream, not already capturing (the caller tracks that).
         check("hipStreamBeginCapture", unsafe {
@@ -513,8 +434,7 @@ impl HipRuntime {
         })
     }
 
-    /// Stops recording and instantiates what was recorded.
-    pub fn end_capture(&self) -> Result<HipGraph> {
+    fn end_capture(&self) -> Result<HipGraph> {
         self.bind()?;
         let mut graph: *mut c_void = std::ptr::null_mut();
         // SAFETY: our own stream, capturing since begin_capture; valid out-pointer.
@@ -531,8 +451,7 @@ impl HipRuntime {
         made.map(|_| HipGraph { exec })
     }
 
-    /// Queues one replay of `g` on the stream.
-    pub fn launch_graph(&self, g: &HipGraph) -> Result<()> {
+    fn launch_graph(&self, g: &HipGraph) -> Result<()> {
         self.bind()?;
         // SAFETY: an instantiated graph of this device, launched on its stream.
         check("hipGraphLaunch", unsafe {
@@ -540,14 +459,24 @@ impl HipRuntime {
         })
     }
 
-    /// Destroys `g` once the replays queued so far have run.
-    pub fn destroy_graph(&self, g: &HipGraph) {
+    /// Waits for the replays queued so far first.
+    fn destroy_graph(&self, g: &HipGraph) {
         if self.synchronize().is_ok() {
             // SAFETY: destroyed once, by the owner's drop, with no replay in flight.
             let _ = unsafe { ffi::hipGraphExecDestroy(g.exec) };
         }
     }
 }
+
+/// An instantiated HIP graph (`hipGraphExec_t`; the recording is destroyed once instantiated).
+pub(crate) struct HipGraph {
+    exec: *mut c_void,
+}
+
+// SAFETY: an executable graph handle may be launched and destroyed from any thread once the
+// device is current, which every entry point above makes it first.
+unsafe impl Send for HipGraph {}
+unsafe impl Sync for HipGraph {}
 
 #[cfg(test)]
 mod tests {

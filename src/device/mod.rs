@@ -12,10 +12,14 @@ pub use graph::DeviceGraph;
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+mod driver;
 pub(crate) mod gpu;
 mod graph;
 #[cfg(feature = "rocm")]
 pub(crate) mod hip;
+#[cfg(feature = "rocm")]
+mod hip_sys;
+pub(crate) mod launch;
 
 /// Where a tensor lives and where attention runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -135,6 +139,12 @@ fn gpu_unavailable(device: Device, reason: String) -> AttentionError {
     }
 }
 
+/// The reason a device of a runtime left out of this build cannot be used.
+#[cfg(not(all(feature = "cuda", feature = "rocm")))]
+fn built_without(device: Device, feature: &str) -> AttentionError {
+    gpu_unavailable(device, format!("built without the `{feature}` feature"))
+}
+
 /// Whether the CUDA driver reports a device, and if not, the step that failed.
 fn probe_cuda() -> Result<()> {
     #[cfg(feature = "cuda")]
@@ -147,10 +157,7 @@ fn probe_cuda() -> Result<()> {
             .map_err(|reason| gpu_unavailable(Device::Cuda(0), reason))
     }
     #[cfg(not(feature = "cuda"))]
-    Err(gpu_unavailable(
-        Device::Cuda(0),
-        "built without the `cuda` feature".into(),
-    ))
+    Err(built_without(Device::Cuda(0), "cuda"))
 }
 
 /// The steps `cuda::device_count` takes, each failure named: the driver library loads,
@@ -195,14 +202,17 @@ fn cuda_driver_state() -> std::result::Result<(), String> {
 /// Whether the HIP runtime reports a device.
 fn probe_hip() -> Result<()> {
     #[cfg(feature = "rocm")]
-    if hip::device_count() > 0 {
-        return Ok(());
+    {
+        if hip::device_count() > 0 {
+            return Ok(());
+        }
+        Err(gpu_unavailable(
+            Device::Hip(0),
+            "HIP runtime found no AMD GPU (hipGetDeviceCount reported none or failed)".into(),
+        ))
     }
-    #[cfg(feature = "rocm")]
-    let reason = "HIP runtime found no AMD GPU (hipGetDeviceCount reported none or failed)";
     #[cfg(not(feature = "rocm"))]
-    let reason = "built without the `rocm` feature";
-    Err(gpu_unavailable(Device::Hip(0), reason.into()))
+    Err(built_without(Device::Hip(0), "rocm"))
 }
 
 impl Device {

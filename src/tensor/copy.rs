@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use crate::device::gpu::{GpuRuntime, LaunchDims};
+use crate::device::{gpu::GpuRuntime, launch::LaunchDims};
 use crate::error::{AttentionError, Result};
 use crate::kernels::{KernelFile, KernelSpec};
 

@@ -5,8 +5,8 @@ use std::sync::Arc;
 
 use super::grid::{for_each_slice, offset_ptr, HeadAxis, MAX_GRID_X};
 use super::workspace::DeviceScratch;
-use crate::device::gpu::{GpuRuntime, LaunchDims};
 use crate::device::Device;
+use crate::device::{gpu::GpuRuntime, launch::LaunchDims};
 use crate::dtype::DType;
 use crate::error::{AttentionError, Result};
 use crate::kernels::{KernelFile, KernelSpec};

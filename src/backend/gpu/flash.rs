@@ -5,7 +5,7 @@ use std::sync::Arc;
 use super::dispatch::FlashChoice;
 use super::grid::{for_each_slice, offset_ptr, HeadAxis, Slice};
 use super::params::AttnParams;
-use crate::device::gpu::{GpuRuntime, LaunchDims};
+use crate::device::{gpu::GpuRuntime, launch::LaunchDims};
 use crate::error::{AttentionError, Result};
 use crate::kernels;
 use crate::problem::AttentionProblem;

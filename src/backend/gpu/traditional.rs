@@ -6,7 +6,7 @@ use std::sync::Arc;
 use super::grid::{MAX_GRID_X, MAX_GRID_YZ};
 use super::params::AttnParams;
 use super::workspace::DeviceScratch;
-use crate::device::gpu::{GpuRuntime, LaunchDims};
+use crate::device::{gpu::GpuRuntime, launch::LaunchDims};
 use crate::error::{AttentionError, Result};
 use crate::kernels;
 use crate::problem::AttentionProblem;
