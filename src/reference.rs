@@ -163,11 +163,14 @@ impl Operands {
 /// exactly `-inf`) contributes nothing whatever K and V hold there; a NaN score at a kept
 /// key (NaN mask value, NaN/inf in Q or K) makes the row NaN.
 ///
-/// Scores are `scale * (q . k) + mask` in f64, without rounding. This differs from an f32
-/// computation (torch's, and every backend's) only for mask values near `-f32::MAX`: in f32,
-/// `scale * s + (-f32::MAX)` rounds to `-f32::MAX` for every ordinary score, so a row whose
-/// every kept key has such a mask is the uniform average of its V rows, while here it stays
-/// the softmax of the scores. Tests of such masks compare against the f32 result instead.
+/// Scores are `scale * (q . k) + mask` computed in f64. This differs from an f32 computation
+/// (torch's, and every backend's) only for huge finite mask values: `scale * s + m` rounds
+/// to a multiple of the unit of `m`, which f32 makes coarse enough to blur or erase the
+/// score differences from about `|m| > 1e3` (e.g. at `-1e12` on every key an f32 backend
+/// gives the uniform average of the V rows, this function nearly the plain softmax), and
+/// f64 only from about `|m| > 1e22`. At `-f32::MAX` (the padding value of many model codes)
+/// both round every ordinary score to `-f32::MAX` and agree: a row whose every kept key has
+/// it is the uniform average of those keys' V rows.
 pub fn attention_f64(
     config: &AttentionConfig,
     q: &DeviceTensor,

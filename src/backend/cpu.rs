@@ -74,9 +74,9 @@ const LOG2_E: f32 = std::f32::consts::LOG2_E;
 ///   key removed is zeros.
 /// - Finite mask values are added to the scaled score in f32, as torch does, however
 ///   negative: with `-f32::MAX` on every key of a row, each score rounds to `-f32::MAX`,
-///   so the row is the uniform average of the V rows (the f64 reference, which does not
-///   round, gives the softmax of the scores there instead). Mixed `0` / `-f32::MAX` gives
-///   the softmax over the keys with mask `0`.
+///   so the row is the uniform average of the V rows (the f64 reference agrees there; it
+///   differs for huge masks that f32 rounding blurs and f64 does not, such as `-1e12`).
+///   Mixed `0` / `-f32::MAX` gives the softmax over the keys with mask `0`.
 /// - A NaN mask value at a key that is not removed, or a NaN/inf in Q, or in K or V at a
 ///   kept key, makes that row NaN (as torch's softmax does); other rows are unaffected.
 #[derive(Debug, Default, Clone)]
