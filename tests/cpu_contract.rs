@@ -608,6 +608,8 @@ fn very_large_head_dims_run() {
         (65_536, 3, 40, 4, 2),
         (1 << 20, 2, 20, 2, 1),
         (8_200, 70, 90, 8, 1),
+        // A group too large for one task's rows at this head_dim: split over tasks.
+        (65_536, 2, 20, 16, 1),
     ] {
         for layout in [Layout::Bshd, Layout::Bhsd] {
             let config = AttentionConfig::new(h * d, h, 512)

@@ -20,8 +20,9 @@
 //!   inf included): its score is replaced, never summed, and its V row never meets its zero
 //!   weight (rows of V holding NaN/inf are taken out of the vectorized product and added
 //!   back only for the rows that keep the key).
-//! - Each key tile's products start from zero and are merged into f64 row sums and output
-//!   accumulators, so the f32 error does not grow with the number of keys.
+//! - Row sums and outputs are kept in f64; the f32 products of a few key tiles at a time
+//!   (`MERGE_TILES`) are summed from zero and then added to them, so the f32 error does
+//!   not grow with the number of keys.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -55,6 +56,11 @@ const ROWS_BYTES: usize = 8 << 20;
 /// Most bytes of per-worker scratch in all; when one scratch is larger, fewer workers run
 /// (at least one).
 const SCRATCH_BYTES: usize = 1 << 30;
+
+/// Key tiles whose P V products are summed in f32 before they are added to the f64
+/// output accumulator: few enough that the f32 partial stays accurate (a few hundred
+/// terms), enough that the f64 additions cost little next to the products.
+const MERGE_TILES: usize = 4;
 
 /// Most bytes of K/V tiles widened ahead of the tasks at once; larger problems go
 /// through it a few (batch, kv head) pairs at a time.
@@ -387,7 +393,7 @@ impl Plan {
     /// Bytes of one worker's [`Scratch`].
     fn scratch_bytes(&self) -> usize {
         let (r, d, k) = (self.rows_pad, self.dim_pad, self.block_k);
-        4 * (r * d + 2 * d * k + r * k + r) + 8 * (r * d + r)
+        4 * (2 * r * d + 2 * d * k + r * k + r) + 8 * (r * d + r)
     }
 }
 
@@ -404,7 +410,7 @@ fn try_zeroed<T: Copy + Default>(n: usize, what: &str) -> Result<Vec<T>> {
     Ok(v)
 }
 
-/// Per-worker f32 working set of a task, reused from task to task.
+/// Per-worker working set of a task, reused from task to task.
 struct Scratch {
     /// Scaled queries, `[rows_pad, dim_pad]`.
     q: Vec<f32>,
@@ -414,8 +420,11 @@ struct Scratch {
     v: Vec<f32>,
     /// Scores, then probabilities, `[rows_pad, block_k]`.
     s: Vec<f32>,
-    /// Unnormalised output, `[rows_pad, dim_pad]`, in f64 so that merging one partial per
-    /// key tile loses nothing as the keys add up.
+    /// Unnormalised output of the last few key tiles (at most [`MERGE_TILES`]),
+    /// `[rows_pad, dim_pad]`.
+    p: Vec<f32>,
+    /// Unnormalised output, `[rows_pad, dim_pad]`, in f64 so that adding the partials
+    /// loses nothing as the keys add up.
     o: Vec<f64>,
     /// Running row max.
     m: Vec<f32>,
@@ -434,6 +443,7 @@ impl Scratch {
             kt: try_zeroed(dim * bk, what)?,
             v: try_zeroed(bk * dim, what)?,
             s: try_zeroed(rows * bk, what)?,
+            p: try_zeroed(rows * dim, what)?,
             o: try_zeroed(rows * dim, what)?,
             m: try_zeroed(rows, what)?,
             l: try_zeroed(rows, what)?,
@@ -747,6 +757,7 @@ unsafe fn task<T: Element, const FMA: bool>(
         kt: kt_own,
         v: v_own,
         s: ss,
+        p: ps,
         o: os,
         m: ms,
         l: ls,
@@ -766,6 +777,10 @@ unsafe fn task<T: Element, const FMA: bool>(
     // and their outputs are never written.
     qs[rows * dp..rows_pad * dp].fill(0.0);
     os[..rows_pad * dp].fill(0.0);
+    ps[..rows_pad * dp].fill(0.0);
+    let mut unmerged = 0;
+    // Whether `os` holds anything yet (until then it needs no rescaling).
+    let mut merged = false;
     ms[..rows_pad].fill(f32::NEG_INFINITY);
     ls[..rows_pad].fill(0.0);
 
@@ -846,25 +861,32 @@ unsafe fn task<T: Element, const FMA: bool>(
             ls[r] = ls[r] * alpha as f64 + sum as f64;
             ms[r] = m_new;
             if alpha != 1.0 {
-                let alpha = alpha as f64;
-                for x in &mut os[r * dp..(r + 1) * dp] {
+                for x in &mut ps[r * dp..(r + 1) * dp] {
                     *x *= alpha;
+                }
+                if merged {
+                    let alpha = alpha as f64;
+                    for x in &mut os[r * dp..(r + 1) * dp] {
+                        *x *= alpha;
+                    }
                 }
             }
         }
         // Padding rows: zero weights (their queries are zero, so the scores were finite).
         ss[rows * bk..rows_pad * bk].fill(0.0);
 
-        // O += P V: each tile's product starts from zero in f32 and is added in f64.
+        // O += P V, in the f32 partial; every MERGE_TILES tiles it is added to the f64 sum.
         for rb in (0..rows_pad).step_by(MR) {
             for db in (0..dp).step_by(NR) {
                 let mut acc = [[0.0f32; NR]; MR];
+                for (r, row) in acc.iter_mut().enumerate() {
+                    let at = (rb + r) * dp + db;
+                    row.copy_from_slice(&ps[at..at + NR]);
+                }
                 micro_kernel::<FMA>(&ss[rb * bk..], bk, &vt[db..], dp, nk_pad, &mut acc);
                 for (r, row) in acc.iter().enumerate() {
                     let at = (rb + r) * dp + db;
-                    for (o, &x) in os[at..at + NR].iter_mut().zip(row) {
-                        *o += x as f64;
-                    }
+                    ps[at..at + NR].copy_from_slice(row);
                 }
             }
         }
@@ -888,12 +910,20 @@ unsafe fn task<T: Element, const FMA: bool>(
                     &query_of,
                     &ss[jj..],
                     bk,
-                    os,
+                    ps,
                 )
             };
         }
+        unmerged += 1;
+        if unmerged == MERGE_TILES {
+            merge_partial(&mut os[..rows * dp], &mut ps[..rows * dp]);
+            unmerged = 0;
+            merged = true;
+        }
         j0 += bk;
     }
+
+    merge_partial(&mut os[..rows * dp], &mut ps[..rows * dp]);
 
     let op = raw.out as *mut T;
     for r in 0..rows {
@@ -909,8 +939,17 @@ unsafe fn task<T: Element, const FMA: bool>(
     }
 }
 
-/// Adds key `j`'s V row (which holds NaN or inf) times each row's weight to the outputs of
-/// the rows that keep the key; rows that removed it (causal cut or `-inf` mask) are left
+/// `o += p; p = 0`, the f32 partial output into the f64 one.
+#[inline(always)]
+fn merge_partial(o: &mut [f64], p: &mut [f32]) {
+    for (o, p) in o.iter_mut().zip(p.iter_mut()) {
+        *o += *p as f64;
+        *p = 0.0;
+    }
+}
+
+/// Adds key `j`'s V row (which holds NaN or inf) times each row's weight to the partial
+/// outputs of the rows that keep the key; rows that removed it (causal cut or `-inf` mask) are left
 /// alone. `p[r * ldp]` is row r's weight for the key.
 ///
 /// # Safety
@@ -927,7 +966,7 @@ unsafe fn add_non_finite_key<T: Element>(
     query_of: &impl Fn(usize) -> usize,
     p: &[f32],
     ldp: usize,
-    os: &mut [f64],
+    ps: &mut [f32],
 ) {
     let (d, dp) = (plan.head_dim, plan.dim_pad);
     let off = b * plan.v.batch + kvh * plan.v.head + j * plan.v.seq;
@@ -946,8 +985,8 @@ unsafe fn add_non_finite_key<T: Element>(
             }
         }
         let w = p[r * ldp];
-        for (o, &x) in os[r * dp..r * dp + d].iter_mut().zip(vs) {
-            *o += (w * x.widen()) as f64;
+        for (o, &x) in ps[r * dp..r * dp + d].iter_mut().zip(vs) {
+            *o += w * x.widen();
         }
     }
 }
@@ -1142,8 +1181,8 @@ mod tests {
         relative_l2_error(&out.to_f32_vec().unwrap(), &want)
     }
 
-    #[test]
-    fn every_isa_and_shared_tile_chunking_agree_with_the_reference() {
+    /// Every instruction set and shared-tile budget a call can run under.
+    fn tunings() -> Vec<Tuning> {
         let mut tunings = vec![
             Tuning::detect(),
             // Every task widens its own tiles.
@@ -1173,7 +1212,12 @@ mod tests {
                 shared_bytes: 1,
             });
         }
-        for tuning in tunings {
+        tunings
+    }
+
+    #[test]
+    fn every_isa_and_shared_tile_chunking_agree_with_the_reference() {
+        for tuning in tunings() {
             for layout in [Layout::Bshd, Layout::Bhsd] {
                 // 150 queries: several query blocks (shared tiles); 1 query: private tiles.
                 for (sq, sk) in [(150, 170), (1, 130), (170, 150)] {
@@ -1184,6 +1228,129 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// NaN/inf in K and V at keys a `-inf` mask removes (every 5th key and the whole
+    /// second tile) give the clean result under every tuning: shared tiles, tiles widened
+    /// per task, and both instruction sets.
+    #[test]
+    fn poison_at_removed_keys_is_dropped_under_every_tuning() {
+        let (b, h, hk, d) = (2, 4, 2, 72);
+        for tuning in tunings() {
+            for (sq, sk) in [(150, 170), (1, 130)] {
+                let removed = |j: usize| j % 5 == 0 || (BLOCK_K..2 * BLOCK_K).contains(&j);
+                let shape = |s: usize, heads: usize| [b, s, heads, d];
+                let clean_k = random_values(b * sk * hk * d, 2);
+                let clean_v = random_values(b * sk * hk * d, 3);
+                let (mut pk, mut pv) = (clean_k.clone(), clean_v.clone());
+                for (x, (k, v)) in pk.iter_mut().zip(pv.iter_mut()).enumerate() {
+                    let j = x / (hk * d) % sk;
+                    if removed(j) {
+                        *k = [f32::NAN, f32::INFINITY][j % 2];
+                        *v = [f32::NEG_INFINITY, f32::NAN][x % 2];
+                    }
+                }
+                let m: Vec<f32> = (0..sq * sk)
+                    .map(|x| {
+                        if removed(x % sk) {
+                            f32::NEG_INFINITY
+                        } else {
+                            0.5
+                        }
+                    })
+                    .collect();
+                let t = |vals: &[f32], sh: [usize; 4]| {
+                    DeviceTensor::from_f32(vals, &sh, DType::F32, Device::Cpu).unwrap()
+                };
+                let mask = DeviceTensor::from_host(&m, &[sq, sk], Device::Cpu).unwrap();
+                let config = AttentionConfig::new(h * d, h, 512)
+                    .with_num_kv_heads(hk)
+                    .with_causal(true);
+                let q = t(&random_values(b * sq * h * d, 1), shape(sq, h));
+                let (k, v) = (t(&pk, shape(sk, hk)), t(&pv, shape(sk, hk)));
+                let mut out = DeviceTensor::zeros(&shape(sq, h), DType::F32, Device::Cpu).unwrap();
+                forward_tuned(&config, &q, &k, &v, Some(&mask), &mut out, tuning).unwrap();
+                let (ck, cv) = (t(&clean_k, shape(sk, hk)), t(&clean_v, shape(sk, hk)));
+                let want = attention_f64(&config, &q, &ck, &cv, Some(&mask)).unwrap();
+                let err = relative_l2_error(&out.to_f32_vec().unwrap(), &want);
+                assert!(err < 1e-5, "{tuning:?} {sq}x{sk}: {err:e}");
+            }
+        }
+    }
+
+    fn problem(d: usize, heads: usize, kv: usize, sq: usize, sk: usize) -> AttentionProblem {
+        AttentionProblem {
+            batch: 1,
+            seq_q: sq,
+            seq_k: sk,
+            num_heads: heads,
+            num_kv_heads: kv,
+            head_dim: d,
+            scale: 1.0,
+            causal: false,
+            dtype: DType::F32,
+            device: Device::Cpu,
+            q: HeadStrides::default(),
+            k: HeadStrides::default(),
+            v: HeadStrides::default(),
+            mask: None,
+        }
+    }
+
+    /// Usual head dims keep the usual tiling; very large ones get narrower key tiles and
+    /// fewer rows per task (the group split over tasks), so one worker's scratch stays
+    /// bounded by the tile and row budgets.
+    #[test]
+    fn tiling_shrinks_for_large_head_dims() {
+        let plan = Plan::new(&problem(128, 8, 2, 512, 512), HeadStrides::default(), 1);
+        assert_eq!(
+            (plan.block_k, plan.heads_per_task, plan.head_chunks),
+            (BLOCK_K, 4, 1)
+        );
+        assert_eq!(plan.block_q, ROWS_TARGET / 4);
+        let plan = Plan::new(&problem(65_536, 16, 1, 4, 4), HeadStrides::default(), 1);
+        assert_eq!(
+            (plan.block_k, plan.heads_per_task, plan.head_chunks),
+            (NR, 10, 2)
+        );
+        assert_eq!(plan.block_q, 1);
+        for d in [65_536, 1 << 20, 1 << 24] {
+            let plan = Plan::new(&problem(d, 64, 1, 4, 4), HeadStrides::default(), 1);
+            let dp = plan.dim_pad;
+            assert!(plan.heads_per_task * plan.head_chunks >= 64);
+            assert!(
+                plan.heads_per_task * plan.block_q * dp * 12 <= ROWS_BYTES.max(dp * 12),
+                "d {d}"
+            );
+            assert!(
+                2 * 4 * plan.block_k * dp <= TILE_BYTES.max(2 * 4 * NR * dp),
+                "d {d}"
+            );
+            assert!(plan.scratch_bytes() <= 4 * (TILE_BYTES + ROWS_BYTES).max(dp * 200));
+        }
+    }
+
+    #[test]
+    fn scratch_that_cannot_be_had_is_out_of_memory() {
+        let err = try_zeroed::<f64>(usize::MAX / 4, "scratch").unwrap_err();
+        assert!(matches!(err, AttentionError::OutOfMemory { .. }), "{err}");
+    }
+
+    #[test]
+    fn visible_end_is_bottom_right_without_wrapping() {
+        let mut plan = Plan::new(&problem(16, 1, 1, 3, 5), HeadStrides::default(), 1);
+        plan.causal = true;
+        assert_eq!(
+            (0..3).map(|i| plan.visible_end(i)).collect::<Vec<_>>(),
+            [3, 4, 5]
+        );
+        (plan.seq_q, plan.seq_k) = (5, 2);
+        assert_eq!(
+            (0..5).map(|i| plan.visible_end(i)).collect::<Vec<_>>(),
+            [0, 0, 0, 1, 2]
+        );
+        (plan.seq_q, plan.seq_k) = (2, usize::MAX);
+        assert_eq!(plan.visible_end(0), usize::MAX - 1);
     }
 
     #[test]
