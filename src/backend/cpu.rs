@@ -1238,7 +1238,7 @@ mod tests {
         let (b, h, hk, d) = (2, 4, 2, 72);
         for tuning in tunings() {
             for (sq, sk) in [(150, 170), (1, 130)] {
-                let removed = |j: usize| j % 5 == 0 || (BLOCK_K..2 * BLOCK_K).contains(&j);
+                let removed = |j: usize| j.is_multiple_of(5) || (BLOCK_K..2 * BLOCK_K).contains(&j);
                 let shape = |s: usize, heads: usize| [b, s, heads, d];
                 let clean_k = random_values(b * sk * hk * d, 2);
                 let clean_v = random_values(b * sk * hk * d, 3);
