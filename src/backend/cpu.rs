@@ -393,7 +393,7 @@ impl Plan {
     /// Bytes of one worker's [`Scratch`].
     fn scratch_bytes(&self) -> usize {
         let (r, d, k) = (self.rows_pad, self.dim_pad, self.block_k);
-        4 * (2 * r * d + 2 * d * k + r * k + r) + 8 * (r * d + r)
+        4 * (2 * r * d + 2 * d * k + r * k + r) + 8 * (r * d + r) + 8 * 64
     }
 }
 
@@ -438,15 +438,20 @@ impl Scratch {
     fn new(plan: &Plan) -> Result<Self> {
         let (rows, dim, bk) = (plan.rows_pad, plan.dim_pad, plan.block_k);
         let what = "cpu attention scratch";
+        // Every worker's buffers are allocated by one thread, so they may sit next to each
+        // other: 64 unused bytes at the end of each keep two workers' hot values (row max
+        // and sum above all) off a shared cache line.
+        let f32s = |n: usize| try_zeroed::<f32>(n + 64 / 4, what);
+        let f64s = |n: usize| try_zeroed::<f64>(n + 64 / 8, what);
         Ok(Scratch {
-            q: try_zeroed(rows * dim, what)?,
-            kt: try_zeroed(dim * bk, what)?,
-            v: try_zeroed(bk * dim, what)?,
-            s: try_zeroed(rows * bk, what)?,
-            p: try_zeroed(rows * dim, what)?,
-            o: try_zeroed(rows * dim, what)?,
-            m: try_zeroed(rows, what)?,
-            l: try_zeroed(rows, what)?,
+            q: f32s(rows * dim)?,
+            kt: f32s(dim * bk)?,
+            v: f32s(bk * dim)?,
+            s: f32s(rows * bk)?,
+            p: f32s(rows * dim)?,
+            o: f64s(rows * dim)?,
+            m: f32s(rows)?,
+            l: f64s(rows)?,
         })
     }
 }
