@@ -781,10 +781,10 @@ unsafe fn task<T: Element, const FMA: bool>(
     // Rows past `rows` in the last block of MR: zero queries, so their scores are finite
     // and their outputs are never written.
     qs[rows * dp..rows_pad * dp].fill(0.0);
-    os[..rows_pad * dp].fill(0.0);
     ps[..rows_pad * dp].fill(0.0);
     let mut unmerged = 0;
-    // Whether `os` holds anything yet (until then it needs no rescaling).
+    // Whether `os` holds the merged partials; until the first merge its contents are stale
+    // (the first merge assigns, so it is never cleared).
     let mut merged = false;
     ms[..rows_pad].fill(f32::NEG_INFINITY);
     ls[..rows_pad].fill(0.0);
@@ -919,16 +919,15 @@ unsafe fn task<T: Element, const FMA: bool>(
                 )
             };
         }
+        j0 += bk;
         unmerged += 1;
-        if unmerged == MERGE_TILES {
-            merge_partial(&mut os[..rows * dp], &mut ps[..rows * dp]);
+        // The last partial is not merged: the output below adds it.
+        if unmerged == MERGE_TILES && j0 < kv_end {
+            merge_partial(&mut os[..rows * dp], &mut ps[..rows * dp], merged);
             unmerged = 0;
             merged = true;
         }
-        j0 += bk;
     }
-
-    merge_partial(&mut os[..rows * dp], &mut ps[..rows * dp]);
 
     let op = raw.out as *mut T;
     for r in 0..rows {
@@ -938,18 +937,33 @@ unsafe fn task<T: Element, const FMA: bool>(
         let off = b * plan.out.batch + head_of(r) * plan.out.head + query_of(r) * plan.out.seq;
         // SAFETY: one output row inside `out`, written by this task only.
         let dst = unsafe { std::slice::from_raw_parts_mut(op.add(off), d) };
-        for (x, &o) in dst.iter_mut().zip(&os[r * dp..r * dp + d]) {
-            *x = T::from_f32((o * inv) as f32);
+        let partial = &ps[r * dp..r * dp + d];
+        if merged {
+            for ((x, &o), &p) in dst.iter_mut().zip(&os[r * dp..r * dp + d]).zip(partial) {
+                *x = T::from_f32(((o + p as f64) * inv) as f32);
+            }
+        } else {
+            for (x, &p) in dst.iter_mut().zip(partial) {
+                *x = T::from_f32((p as f64 * inv) as f32);
+            }
         }
     }
 }
 
-/// `o += p; p = 0`, the f32 partial output into the f64 one.
+/// `o += p; p = 0` (`o = p` when `o` holds nothing yet): the f32 partial output into the
+/// f64 one.
 #[inline(always)]
-fn merge_partial(o: &mut [f64], p: &mut [f32]) {
-    for (o, p) in o.iter_mut().zip(p.iter_mut()) {
-        *o += *p as f64;
-        *p = 0.0;
+fn merge_partial(o: &mut [f64], p: &mut [f32], add: bool) {
+    if add {
+        for (o, p) in o.iter_mut().zip(p.iter_mut()) {
+            *o += *p as f64;
+            *p = 0.0;
+        }
+    } else {
+        for (o, p) in o.iter_mut().zip(p.iter_mut()) {
+            *o = *p as f64;
+            *p = 0.0;
+        }
     }
 }
 
