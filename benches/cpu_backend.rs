@@ -3,7 +3,8 @@
 //! f32, batch 1, 16 heads, head_dim 128, BSHD, seq 512/2048/4096, causal and not. FLOPs
 //! follow FlashAttention's convention, 4*B*S*S*H*D, halved when causal; criterion's
 //! throughput is reported in elements/s where one element is one FLOP, and each shape's
-//! GFLOP/s is printed as well.
+//! GFLOP/s is printed as well. Then a prefill with a padding mask and a GQA decode step
+//! over a 16k cache, printed as the best time of a few calls.
 
 use std::time::{Duration, Instant};
 
@@ -77,7 +78,87 @@ fn bench_cpu(c: &mut Criterion) {
             });
         }
     }
+
+    // Two more shapes that take other paths: a padding mask (the last quarter of the keys
+    // at -inf, whole tiles skipped) and a GQA decode step over a long cache.
+    let seq = 2048;
+    let config = AttentionConfig::new(HEADS * HEAD_DIM, HEADS, seq);
+    let shape = [BATCH, seq, HEADS, HEAD_DIM];
+    let n = shape.iter().product();
+    let pad: Vec<f32> = random_values(seq * seq, 4)
+        .into_iter()
+        .enumerate()
+        .map(|(x, m)| {
+            if x % seq >= seq * 3 / 4 {
+                f32::NEG_INFINITY
+            } else {
+                m
+            }
+        })
+        .collect();
+    let make =
+        |seed| DeviceTensor::from_f32(&random_values(n, seed), &shape, DType::F32, Device::Cpu);
+    if let (Ok(q), Ok(k), Ok(v), Ok(mask), Ok(mut out)) = (
+        make(1),
+        make(2),
+        make(3),
+        DeviceTensor::from_host(&pad, &[seq, seq], Device::Cpu),
+        DeviceTensor::zeros(&shape, DType::F32, Device::Cpu),
+    ) {
+        // Nominal FLOPs (the skipped quarter included).
+        let flops = 4.0 * (seq * seq * HEADS * HEAD_DIM) as f64;
+        time_and_bench(&mut group, "seq2048_padding_mask", 3, flops, || {
+            backend.forward_into(&config, &q, &k, &v, Some(&mask), &mut out)
+        });
+    }
+    let (b, h, hk, sk) = (4, 32, 8, 16_384);
+    let config = AttentionConfig::new(h * HEAD_DIM, h, sk).with_num_kv_heads(hk);
+    let qs = [b, 1, h, HEAD_DIM];
+    let ks = [b, sk, hk, HEAD_DIM];
+    let t = |sh: &[usize], seed| {
+        DeviceTensor::from_f32(
+            &random_values(sh.iter().product(), seed),
+            sh,
+            DType::F32,
+            Device::Cpu,
+        )
+    };
+    if let (Ok(q), Ok(k), Ok(v), Ok(mut out)) = (
+        t(&qs, 1),
+        t(&ks, 2),
+        t(&ks, 3),
+        DeviceTensor::zeros(&qs, DType::F32, Device::Cpu),
+    ) {
+        let flops = 4.0 * (b * h * sk * HEAD_DIM) as f64;
+        time_and_bench(&mut group, "decode_b4_h32_kv8_len16384", 20, flops, || {
+            backend.forward_into(&config, &q, &k, &v, None, &mut out)
+        });
+    }
     group.finish();
+}
+
+/// Prints the best of `reps` calls (ms and GFLOP/s), then hands `f` to criterion under `id`.
+fn time_and_bench<R>(
+    group: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    id: &str,
+    reps: usize,
+    flops: f64,
+    mut f: impl FnMut() -> R,
+) {
+    f();
+    let mut best = f64::INFINITY;
+    for _ in 0..reps {
+        let start = Instant::now();
+        f();
+        best = best.min(start.elapsed().as_secs_f64());
+    }
+    println!(
+        "cpu_backend/{id}: {:.3} ms, {:.1} GFLOP/s",
+        best * 1e3,
+        flops / best / 1e9
+    );
+    group.throughput(Throughput::Elements(flops as u64));
+    group.bench_function(BenchmarkId::new("f32_d128", id), |bench| bench.iter(&mut f));
 }
 
 criterion_group!(benches, bench_cpu);

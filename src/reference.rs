@@ -72,52 +72,75 @@ impl Operands {
     }
 
     /// Runs the reference loop; `round` is applied to every intermediate value.
+    ///
+    /// Removed keys (causal cut, mask exactly `-inf`) are skipped, never multiplied, so
+    /// whatever K and V hold there cannot reach the output. A NaN score at a kept key makes
+    /// the whole row NaN; a row with no kept key is zeros.
     fn compute(&self, round: impl Fn(f64) -> f64) -> Vec<f64> {
         let p = &self.p;
         let (sq, sk, h, hk, d) = (p.seq_q, p.seq_k, p.num_heads, p.num_kv_heads, p.head_dim);
-        let shift = sk as isize - sq as isize;
         let scale = round(p.scale as f64);
         let mut out = vec![0.0f64; p.batch * sq * h * d];
-        let mut scores = vec![0.0f64; sk];
+        // Score of each key, None when the key is removed.
+        let mut scores = vec![None::<f64>; sk];
         for b in 0..p.batch {
             for hh in 0..h {
                 let kvh = p.kv_head(hh);
                 for i in 0..sq {
                     let qo = self.at(b, hh, i, h, sq);
+                    // Bottom-right causal: key j is visible iff j <= i + sk - sq.
+                    let visible = if p.causal {
+                        sk.saturating_sub(sq - 1 - i)
+                    } else {
+                        sk
+                    };
                     let mut max = f64::NEG_INFINITY;
+                    let mut nan = false;
                     for (j, s) in scores.iter_mut().enumerate() {
+                        let mask = self
+                            .mask
+                            .as_ref()
+                            .map(|(m, [mb, mh, mq])| m[b * mb + hh * mh + i * mq + j]);
+                        if j >= visible || mask == Some(f32::NEG_INFINITY) {
+                            *s = None;
+                            continue;
+                        }
                         let ko = self.at(b, kvh, j, hk, sk);
                         let dot: f64 = (0..d)
                             .map(|x| self.q[qo + x] as f64 * self.k[ko + x] as f64)
                             .sum();
                         let mut v = round(round(dot) * scale);
-                        if let Some((m, [mb, mh, mq])) = &self.mask {
-                            v = round(v + m[b * mb + hh * mh + i * mq + j] as f64);
+                        if let Some(a) = mask {
+                            v = round(v + a as f64);
                         }
-                        if p.causal && j as isize > i as isize + shift {
-                            v = f64::NEG_INFINITY;
-                        }
-                        *s = v;
+                        nan |= v.is_nan();
+                        *s = Some(v);
                         max = max.max(v);
                     }
                     let oo = self.at(b, hh, i, h, sq);
+                    if nan {
+                        out[oo..oo + d].fill(f64::NAN);
+                        continue;
+                    }
                     if max == f64::NEG_INFINITY {
                         // No visible key: zeros (already there).
                         continue;
                     }
                     let mut sum = 0.0;
-                    for s in scores.iter_mut() {
+                    for s in scores.iter_mut().flatten() {
                         *s = (*s - max).exp();
                         sum += *s;
                     }
-                    for s in scores.iter_mut() {
+                    for s in scores.iter_mut().flatten() {
                         *s = round(*s / sum);
                     }
                     for x in 0..d {
                         let acc: f64 = scores
                             .iter()
                             .enumerate()
-                            .map(|(j, &pj)| pj * self.v[self.at(b, kvh, j, hk, sk) + x] as f64)
+                            .filter_map(|(j, pj)| {
+                                pj.map(|pj| pj * self.v[self.at(b, kvh, j, hk, sk) + x] as f64)
+                            })
                             .sum();
                         out[oo + x] = round(acc);
                     }
@@ -135,6 +158,19 @@ impl Operands {
 /// row-major in `q`'s logical shape: `[batch, seq_q, heads, head_dim]` for
 /// [`Layout::Bshd`], `[batch, heads, seq_q, head_dim]` for [`Layout::Bhsd`]. Rows that see no
 /// key (all masked) are zeros.
+///
+/// The semantics are the crate's: a key removed for a row (causal cut, or mask value
+/// exactly `-inf`) contributes nothing whatever K and V hold there; a NaN score at a kept
+/// key (NaN mask value, NaN/inf in Q or K) makes the row NaN.
+///
+/// Scores are `scale * (q . k) + mask` computed in f64. This differs from an f32 computation
+/// (torch's, and every backend's) only for huge finite mask values: `scale * s + m` rounds
+/// to a multiple of the unit of `m`, which f32 makes coarse enough to blur or erase the
+/// score differences from about `|m| > 1e3` (e.g. at `-1e12` on every key an f32 backend
+/// gives the uniform average of the V rows, this function nearly the plain softmax), and
+/// f64 only from about `|m| > 1e22`. At `-f32::MAX` (the padding value of many model codes)
+/// both round every ordinary score to `-f32::MAX` and agree: a row whose every kept key has
+/// it is the uniform average of those keys' V rows.
 pub fn attention_f64(
     config: &AttentionConfig,
     q: &DeviceTensor,

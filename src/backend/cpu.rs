@@ -1,14 +1,30 @@
 //! The CPU backend: tiled online-softmax attention over host tensors.
 //!
 //! Work is split into tasks of (batch, kv head, query block); a task holds the query rows of
-//! every query head that shares its kv head (GQA), so a K/V tile serves all of them. When
-//! several query blocks read the same K/V, each tile is first widened to f32 (K transposed)
-//! once into a shared buffer; a lone query block (decode) widens the tiles it visits
-//! itself. Inside a task, keys are visited in tiles with a running max and sum per row
-//! (online softmax), so no `[Sq, Sk]` matrix is ever formed, and causal tiles past the
-//! diagonal are skipped. Both matrix products run through one register-blocked
-//! micro-kernel over padded f32 buffers, written so the compiler vectorizes it; on x86-64
-//! an AVX2+FMA build of the same code is chosen at run time.
+//! every query head that shares its kv head (GQA), so a K/V tile serves all of them (for a
+//! very large head_dim the group is split over several tasks so a task's rows stay small).
+//! When several query blocks read the same K/V, each tile is first widened to f32 (K
+//! transposed) once into a shared buffer; a lone query block (decode) widens the tiles it
+//! visits itself. Inside a task, keys are visited in tiles with a running max and sum per
+//! row (online softmax), so no `[Sq, Sk]` matrix is ever formed, and tiles whose keys every
+//! row of the task has removed (causal cut or a `-inf` mask) are skipped without reading
+//! them. Both matrix products run through one register-blocked micro-kernel over padded
+//! f32 buffers, written so the compiler vectorizes it; on x86-64 an AVX2+FMA build of the
+//! same code is chosen at run time.
+//!
+//! Numerics (the contract of [`CpuAttentionBackend`]):
+//! - Scores are `scale * (q . k) + mask` in f32, as torch computes them; a finite mask value
+//!   is added as it is, however negative.
+//! - A key is *removed* for a query row when the causal cut hides it or its mask value is
+//!   exactly `-inf`. A removed key contributes nothing whatever its K and V hold (NaN and
+//!   inf included): its score is replaced, never summed, and its V row never meets its zero
+//!   weight (rows of V holding NaN/inf are taken out of the vectorized product and added
+//!   back only for the rows that keep the key).
+//! - Row sums and outputs are kept in f64; the f32 products of a few key tiles at a time
+//!   (`MERGE_TILES`) are summed from zero and then added to them, so the f32 error does
+//!   not grow with the number of keys.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use half::{bf16, f16};
 use rayon::prelude::*;
@@ -21,7 +37,7 @@ use crate::error::{AttentionError, Result};
 use crate::problem::{AttentionProblem, HeadStrides, MaskStrides};
 use crate::tensor::DeviceTensor;
 
-/// Keys per tile (a multiple of [`NR`]).
+/// Keys per tile at most (a multiple of [`NR`]).
 const BLOCK_K: usize = 64;
 /// Query rows (group heads x queries) a task aims for: enough to amortise reading a K/V
 /// tile, few enough that the task's scratch stays in L2.
@@ -30,6 +46,21 @@ const ROWS_TARGET: usize = 64;
 const MR: usize = 4;
 /// Columns of the micro-kernel's register block (two AVX2 vectors).
 const NR: usize = 16;
+
+/// Most bytes of one widened K/V tile pair; a head_dim too large for [`BLOCK_K`] keys gets
+/// narrower tiles (down to [`NR`] keys).
+const TILE_BYTES: usize = 4 << 20;
+/// Most bytes of a task's query and output rows; a head_dim too large for the usual rows
+/// gets fewer (down to one row).
+const ROWS_BYTES: usize = 8 << 20;
+/// Most bytes of per-worker scratch in all; when one scratch is larger, fewer workers run
+/// (at least one).
+const SCRATCH_BYTES: usize = 1 << 30;
+
+/// Key tiles whose P V products are summed in f32 before they are added to the f64
+/// output accumulator: few enough that the f32 partial stays accurate (a few hundred
+/// terms), enough that the f64 additions cost little next to the products.
+const MERGE_TILES: usize = 4;
 
 /// Most bytes of K/V tiles widened ahead of the tasks at once; larger problems go
 /// through it a few (batch, kv head) pairs at a time.
@@ -40,6 +71,20 @@ const LOG2_E: f32 = std::f32::consts::LOG2_E;
 /// Attention on the host: f32/f16/bf16 tensors on [`Device::Cpu`], any strides with a
 /// contiguous head_dim, GQA/MQA, additive masks and bottom-right causal masking. Spreads
 /// its tasks over rayon's global thread pool.
+///
+/// Numerical contract, on top of the crate's (f32 within 1e-5 relative L2 of
+/// [`attention_f64`](crate::reference::attention_f64) at any sequence length):
+/// - A key is removed for query row `i` when the causal cut hides it (key `j` is visible
+///   iff `j <= i + seq_k - seq_q`) or its mask value is exactly `-inf`. Removed keys
+///   contribute nothing, whatever K and V hold there (NaN/inf included); a row with every
+///   key removed is zeros.
+/// - Finite mask values are added to the scaled score in f32, as torch does, however
+///   negative: with `-f32::MAX` on every key of a row, each score rounds to `-f32::MAX`,
+///   so the row is the uniform average of the V rows (the f64 reference agrees there; it
+///   differs for huge masks that f32 rounding blurs and f64 does not, such as `-1e12`).
+///   Mixed `0` / `-f32::MAX` gives the softmax over the keys with mask `0`.
+/// - A NaN mask value at a key that is not removed, or a NaN/inf in Q, or in K or V at a
+///   kept key, makes that row NaN (as torch's softmax does); other rows are unaffected.
 #[derive(Debug, Default, Clone)]
 pub struct CpuAttentionBackend;
 
@@ -205,13 +250,20 @@ struct Plan {
     head_dim: usize,
     group: usize,
     causal: bool,
-    /// Scale folded into Q on load; scores are then in log2 units for `exp2`.
+    /// Scale folded into Q on load; scores are in natural units, so a mask value is added
+    /// as it is (never multiplied, which could overflow a huge one to -inf).
     q_scale: f32,
     q: HeadStrides,
     k: HeadStrides,
     v: HeadStrides,
     out: HeadStrides,
     mask: Option<MaskStrides>,
+    /// Keys per tile, a multiple of [`NR`], at most [`BLOCK_K`].
+    block_k: usize,
+    /// Query heads per task (all of the group unless head_dim is very large).
+    heads_per_task: usize,
+    /// Tasks the group's heads are split over.
+    head_chunks: usize,
     /// Queries per task.
     block_q: usize,
     /// Query blocks per (batch, kv head).
@@ -227,10 +279,25 @@ struct Plan {
 impl Plan {
     fn new(p: &AttentionProblem, out: HeadStrides, shared_bytes: usize) -> Self {
         let group = p.num_heads / p.num_kv_heads;
-        let mut block_q = (ROWS_TARGET / group).clamp(1, p.seq_q);
+        // head_dim is that of a real output buffer, so these products stay small.
+        let dim_pad = p.head_dim.next_multiple_of(NR);
+        let block_k = (TILE_BYTES / (2 * 4 * dim_pad)).clamp(NR, BLOCK_K) / NR * NR;
+        // A row costs its f32 query and its f64 output accumulator.
+        let max_rows = (ROWS_BYTES / (12 * dim_pad)).max(1);
+        let heads_per_task = group.min(max_rows);
+        let head_chunks = group.div_ceil(heads_per_task);
+        let mut block_q = (ROWS_TARGET / group)
+            .min(max_rows / heads_per_task)
+            .clamp(1, p.seq_q);
         // Small problems: trade K/V reuse for enough tasks to keep every thread busy.
         let want_tasks = 4 * rayon::current_num_threads();
-        while block_q > 1 && p.batch * p.num_kv_heads * p.seq_q.div_ceil(block_q) < want_tasks {
+        let pairs = p.batch.saturating_mul(p.num_kv_heads);
+        while block_q > 1
+            && pairs
+                .saturating_mul(head_chunks)
+                .saturating_mul(p.seq_q.div_ceil(block_q))
+                < want_tasks
+        {
             block_q = block_q.div_ceil(2);
         }
         Plan {
@@ -241,139 +308,288 @@ impl Plan {
             head_dim: p.head_dim,
             group,
             causal: p.causal,
-            q_scale: p.scale * LOG2_E,
+            q_scale: p.scale,
             q: p.q,
             k: p.k,
             v: p.v,
             out,
             mask: p.mask,
+            block_k,
+            heads_per_task,
+            head_chunks,
             block_q,
             q_blocks: p.seq_q.div_ceil(block_q),
-            dim_pad: p.head_dim.next_multiple_of(NR),
-            rows_pad: (group * block_q).next_multiple_of(MR),
+            dim_pad,
+            rows_pad: (heads_per_task * block_q).next_multiple_of(MR),
             shared_bytes,
         }
     }
 
     /// Key tiles per (batch, kv head).
     fn k_tiles(&self) -> usize {
-        self.seq_k.div_ceil(BLOCK_K)
+        self.seq_k.div_ceil(self.block_k)
     }
 
     /// f32 values of one widened K/V tile: K transposed, then V.
     fn tile_floats(&self) -> usize {
-        2 * BLOCK_K * self.dim_pad
+        2 * self.block_k * self.dim_pad
+    }
+
+    /// Tasks per (batch, kv head).
+    fn tasks_per_pair(&self) -> usize {
+        self.head_chunks * self.q_blocks
+    }
+
+    /// One past the last key query `i` sees (bottom-right causal: key `j` is visible iff
+    /// `j <= i + seq_k - seq_q`), computed without signed casts so no size can wrap.
+    #[inline(always)]
+    fn visible_end(&self, i: usize) -> usize {
+        if self.causal {
+            // i < seq_q, so the subtraction cannot underflow.
+            self.seq_k.saturating_sub(self.seq_q - 1 - i)
+        } else {
+            self.seq_k
+        }
+    }
+
+    /// Whether every key in `j0..j0 + nk` is removed (causal cut or a `-inf` mask) for
+    /// every row of batch `b`, query heads `heads`, queries `queries`. Bottom rows are
+    /// tried first: they see the most keys, so a visible key is usually found at once.
+    ///
+    /// # Safety
+    /// `raw.mask` must match `self.mask`; the ranges must lie inside the problem.
+    unsafe fn tile_removed(
+        &self,
+        raw: RawPtrs,
+        b: usize,
+        heads: std::ops::Range<usize>,
+        queries: std::ops::Range<usize>,
+        j0: usize,
+        nk: usize,
+    ) -> bool {
+        for i in queries.rev() {
+            let end = self.visible_end(i).min(j0 + nk);
+            if end <= j0 {
+                continue;
+            }
+            let Some(mst) = self.mask else {
+                return false;
+            };
+            // A head-broadcast mask holds one row for every head.
+            let heads = if mst.head == 0 {
+                heads.start..heads.start + 1
+            } else {
+                heads.clone()
+            };
+            for h in heads {
+                let off = b * mst.batch + h * mst.head + i * mst.query + j0;
+                // SAFETY: keys j0..end of one mask row inside the mask view.
+                let row = unsafe { std::slice::from_raw_parts(raw.mask.add(off), end - j0) };
+                if row.iter().any(|&a| a != f32::NEG_INFINITY) {
+                    return false;
+                }
+            }
+        }
+        true
+    }
+
+    /// Bytes of one worker's [`Scratch`].
+    fn scratch_bytes(&self) -> usize {
+        let (r, d, k) = (self.rows_pad, self.dim_pad, self.block_k);
+        4 * (2 * r * d + 2 * d * k + r * k + r) + 8 * (r * d + r) + 8 * 64
     }
 }
 
-/// Per-thread f32 working set of a task, reused from task to task.
+/// A zeroed vector of `n` values, or `OutOfMemory` when the host cannot give it.
+fn try_zeroed<T: Copy + Default>(n: usize, what: &str) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n)
+        .map_err(|e| AttentionError::OutOfMemory {
+            device: Device::Cpu.to_string(),
+            requested_bytes: (n as u64).saturating_mul(std::mem::size_of::<T>() as u64),
+            detail: format!("{what}: {e}"),
+        })?;
+    v.resize(n, T::default());
+    Ok(v)
+}
+
+/// Per-worker working set of a task, reused from task to task.
 struct Scratch {
     /// Scaled queries, `[rows_pad, dim_pad]`.
     q: Vec<f32>,
-    /// Transposed key tile, `[dim_pad, BLOCK_K]`.
+    /// Transposed key tile, `[dim_pad, block_k]`.
     kt: Vec<f32>,
-    /// Value tile, `[BLOCK_K, dim_pad]`.
+    /// Value tile, `[block_k, dim_pad]`.
     v: Vec<f32>,
-    /// Scores, then probabilities, `[rows_pad, BLOCK_K]`.
+    /// Scores, then probabilities, `[rows_pad, block_k]`.
     s: Vec<f32>,
-    /// Unnormalised output, `[rows_pad, dim_pad]`.
-    o: Vec<f32>,
-    /// Running row max (log2 units).
+    /// Unnormalised output of the last few key tiles (at most [`MERGE_TILES`]),
+    /// `[rows_pad, dim_pad]`.
+    p: Vec<f32>,
+    /// Unnormalised output, `[rows_pad, dim_pad]`, in f64 so that adding the partials
+    /// loses nothing as the keys add up.
+    o: Vec<f64>,
+    /// Running row max.
     m: Vec<f32>,
-    /// Running row sum.
-    l: Vec<f32>,
+    /// Running row sum (f64, as `o`).
+    l: Vec<f64>,
 }
 
 impl Scratch {
     /// Zeroed buffers: the padding columns of Q are never written afterwards, so they stay
     /// zero and add nothing to the products.
-    fn new(plan: &Plan) -> Self {
-        let (rows, dim) = (plan.rows_pad, plan.dim_pad);
-        Scratch {
-            q: vec![0.0; rows * dim],
-            kt: vec![0.0; dim * BLOCK_K],
-            v: vec![0.0; BLOCK_K * dim],
-            s: vec![0.0; rows * BLOCK_K],
-            o: vec![0.0; rows * dim],
-            m: vec![0.0; rows],
-            l: vec![0.0; rows],
-        }
+    fn new(plan: &Plan) -> Result<Self> {
+        let (rows, dim, bk) = (plan.rows_pad, plan.dim_pad, plan.block_k);
+        let what = "cpu attention scratch";
+        // Every worker's buffers are allocated by one thread, so they may sit next to each
+        // other: 64 unused bytes at the end of each keep two workers' hot values (row max
+        // and sum above all) off a shared cache line.
+        let f32s = |n: usize| try_zeroed::<f32>(n + 64 / 4, what);
+        let f64s = |n: usize| try_zeroed::<f64>(n + 64 / 8, what);
+        Ok(Scratch {
+            q: f32s(rows * dim)?,
+            kt: f32s(dim * bk)?,
+            v: f32s(bk * dim)?,
+            s: f32s(rows * bk)?,
+            p: f32s(rows * dim)?,
+            o: f64s(rows * dim)?,
+            m: f32s(rows)?,
+            l: f64s(rows)?,
+        })
     }
 }
 
-/// Runs every task of `plan` on rayon's pool. Fails only when the shared tile buffer
-/// cannot be allocated.
+/// One scratch per worker, allocated before any output is written (a call that cannot get
+/// its memory changes nothing): as many workers as threads, tasks and [`SCRATCH_BYTES`]
+/// allow, at least one.
+fn scratches(plan: &Plan, tasks: usize) -> Result<Vec<Scratch>> {
+    let workers = rayon::current_num_threads()
+        .min(tasks)
+        .min(SCRATCH_BYTES / plan.scratch_bytes().max(1))
+        .max(1);
+    let mut all = Vec::new();
+    all.try_reserve_exact(workers)
+        .map_err(|e| AttentionError::OutOfMemory {
+            device: Device::Cpu.to_string(),
+            requested_bytes: (workers as u64).saturating_mul(plan.scratch_bytes() as u64),
+            detail: format!("cpu attention scratch: {e}"),
+        })?;
+    for _ in 0..workers {
+        all.push(Scratch::new(plan)?);
+    }
+    Ok(all)
+}
+
+/// Runs `tasks` tasks over `workers`, each worker taking the next task index as it
+/// finishes one; indices are handed out from the last (the heaviest when causal: the last
+/// query blocks see the most keys), so the stragglers at the end are short ones.
+fn for_each_task(workers: &mut [Scratch], tasks: usize, f: impl Fn(&mut Scratch, usize) + Sync) {
+    let next = AtomicUsize::new(0);
+    workers.par_iter_mut().for_each(|sc| loop {
+        let t = next.fetch_add(1, Ordering::Relaxed);
+        if t >= tasks {
+            break;
+        }
+        f(sc, tasks - 1 - t);
+    });
+}
+
+/// Runs every task of `plan` on rayon's pool. Fails only when scratch or the shared tile
+/// buffer cannot be allocated, and then before writing any output.
 ///
 /// # Safety
 /// `raw` must point at host views of element type `T` (mask: f32) that match `plan`'s
 /// sizes and strides, the output must overlap no input and have distinct elements.
 unsafe fn run<T: Element>(plan: &Plan, raw: RawPtrs, isa: Isa) -> Result<()> {
     let pairs = plan.batch * plan.num_kv_heads;
-    let per_pair = plan.k_tiles() * plan.tile_floats();
+    let per_task = plan.tasks_per_pair();
+    // Saturating: stride-0 K/V can show more keys than memory holds.
+    let per_pair = plan.k_tiles().saturating_mul(plan.tile_floats());
     if plan.q_blocks == 1 || per_pair.saturating_mul(4) > plan.shared_bytes {
-        // Each pair's K/V is read by one task (decode), or is too large to widen ahead:
-        // every task widens the tiles it visits into its own scratch.
-        let tasks = pairs * plan.q_blocks;
-        (0..tasks).into_par_iter().for_each_init(
-            || Scratch::new(plan),
-            |sc, t| {
-                let t = tasks - 1 - t;
-                let (pair, qb) = (t / plan.q_blocks, t % plan.q_blocks);
-                // SAFETY: forwarded from `run`'s contract.
-                unsafe { isa.task::<T>(plan, raw, pair, qb, None, sc) }
-            },
-        );
+        // Each pair's K/V is read by one query block (decode), or is too large to widen
+        // ahead: every task widens the tiles it visits into its own scratch.
+        let tasks = pairs * per_task;
+        let mut workers = scratches(plan, tasks)?;
+        for_each_task(&mut workers, tasks, |sc, t| {
+            let (pair, hc, qb) = (
+                t / per_task,
+                t % per_task / plan.q_blocks,
+                t % plan.q_blocks,
+            );
+            // SAFETY: forwarded from `run`'s contract.
+            unsafe { isa.task::<T>(plan, raw, pair, hc, qb, None, sc) }
+        });
         return Ok(());
     }
     // Several query blocks read the same K/V: widen every tile once into a shared buffer,
     // a bounded number of (batch, kv head) pairs at a time.
     let chunk = (plan.shared_bytes / 4 / per_pair).clamp(1, pairs);
-    let mut tiles: Vec<f32> = Vec::new();
-    let want = chunk * per_pair;
-    tiles
-        .try_reserve_exact(want)
-        .map_err(|e| AttentionError::OutOfMemory {
-            device: Device::Cpu.to_string(),
-            requested_bytes: want as u64 * 4,
-            detail: format!("widened K/V tiles: {e}"),
-        })?;
-    // Every tile is fully written (padding included) before it is read.
-    tiles.resize(want, 0.0);
+    let k_tiles = plan.k_tiles();
+    let what = "widened K/V tiles";
+    // Every tile a task reads is fully written (padding included) before it is read.
+    let mut tiles: Vec<f32> = try_zeroed(chunk * per_pair, what)?;
+    let mut bad: Vec<u64> = try_zeroed(chunk * k_tiles, what)?;
+    let mut workers = scratches(plan, chunk * per_task)?;
+    let g = plan.group;
     for first in (0..pairs).step_by(chunk) {
         let n = chunk.min(pairs - first);
         let tiles = &mut tiles[..n * per_pair];
+        let bad = &mut bad[..n * k_tiles];
         tiles
             .par_chunks_mut(plan.tile_floats())
+            .zip(bad.par_iter_mut())
             .enumerate()
-            .for_each(|(i, tile)| {
-                let (kt, v) = tile.split_at_mut(BLOCK_K * plan.dim_pad);
-                let pair = first + i / plan.k_tiles();
-                let j0 = (i % plan.k_tiles()) * BLOCK_K;
+            .for_each(|(i, (tile, bad))| {
+                let pair = first + i / k_tiles;
+                let (b, kvh) = (pair / plan.num_kv_heads, pair % plan.num_kv_heads);
+                let j0 = (i % k_tiles) * plan.block_k;
+                let nk = plan.block_k.min(plan.seq_k - j0);
+                // A tile no row of the pair keeps is never read, here or by a task (whose
+                // rows are a subset, so it skips the tile as well).
                 // SAFETY: forwarded from `run`'s contract.
-                unsafe { widen_tile::<T>(plan, raw, pair, j0, kt, v) };
+                if plan.mask.is_some()
+                    && unsafe {
+                        plan.tile_removed(raw, b, kvh * g..(kvh + 1) * g, 0..plan.seq_q, j0, nk)
+                    }
+                {
+                    return;
+                }
+                let (kt, v) = tile.split_at_mut(plan.block_k * plan.dim_pad);
+                // SAFETY: forwarded from `run`'s contract.
+                *bad = unsafe { widen_tile::<T>(plan, raw, pair, j0, kt, v) };
             });
-        let tiles = &*tiles;
-        let tasks = n * plan.q_blocks;
-        (0..tasks).into_par_iter().for_each_init(
-            || Scratch::new(plan),
-            |sc, t| {
-                // Heaviest tasks first (the last query blocks see the most keys when
-                // causal), so the stragglers at the end are short ones.
-                let t = tasks - 1 - t;
-                let (p, qb) = (t / plan.q_blocks, t % plan.q_blocks);
-                let shared = &tiles[p * per_pair..(p + 1) * per_pair];
-                // SAFETY: forwarded from `run`'s contract.
-                unsafe { isa.task::<T>(plan, raw, first + p, qb, Some(shared), sc) }
-            },
-        );
+        let (tiles, bad) = (&*tiles, &*bad);
+        for_each_task(&mut workers, n * per_task, |sc, t| {
+            let (p, hc, qb) = (
+                t / per_task,
+                t % per_task / plan.q_blocks,
+                t % plan.q_blocks,
+            );
+            let shared = Shared {
+                tiles: &tiles[p * per_pair..(p + 1) * per_pair],
+                bad: &bad[p * k_tiles..(p + 1) * k_tiles],
+            };
+            // SAFETY: forwarded from `run`'s contract.
+            unsafe { isa.task::<T>(plan, raw, first + p, hc, qb, Some(shared), sc) }
+        });
     }
     Ok(())
 }
 
-/// Widens keys `j0..` (at most [`BLOCK_K`]) of one (batch, kv head) pair into `kt`
-/// (transposed, `[dim_pad, BLOCK_K]`) and `v` (`[BLOCK_K, dim_pad]`), zeroing the padding so
-/// it adds nothing (and no stale value meets a zero weight: 0 * inf is NaN). Returns the
-/// number of keys.
+/// One (batch, kv head) pair's K/V tiles widened ahead of its tasks, with each tile's
+/// non-finite V rows (see [`widen_tile`]).
+#[derive(Clone, Copy)]
+struct Shared<'a> {
+    tiles: &'a [f32],
+    bad: &'a [u64],
+}
+
+/// Widens keys `j0..` (at most `block_k`) of one (batch, kv head) pair into `kt`
+/// (transposed, `[dim_pad, block_k]`) and `v` (`[block_k, dim_pad]`), zeroing the padding so
+/// it adds nothing (and no stale value meets a zero weight: 0 * inf is NaN). A V row holding
+/// NaN or inf is zeroed as well and flagged in the returned mask (bit `jj` for key
+/// `j0 + jj`): the vectorized product would otherwise spread it to every row through the
+/// zero weights of rows that removed the key; [`task`] adds it back where it is kept.
 ///
 /// # Safety
 /// See [`run`]; `pair < batch * num_kv_heads`, `j0 < seq_k`.
@@ -385,13 +601,14 @@ unsafe fn widen_tile<T: Element>(
     j0: usize,
     kt: &mut [f32],
     v: &mut [f32],
-) -> usize {
+) -> u64 {
     let (b, kvh) = (pair / plan.num_kv_heads, pair % plan.num_kv_heads);
-    let (d, dp) = (plan.head_dim, plan.dim_pad);
-    let nk = BLOCK_K.min(plan.seq_k - j0);
+    let (d, dp, bk) = (plan.head_dim, plan.dim_pad, plan.block_k);
+    let nk = bk.min(plan.seq_k - j0);
     let k_base = b * plan.k.batch + kvh * plan.k.head;
     let v_base = b * plan.v.batch + kvh * plan.v.head;
     let (kp, vp) = (raw.k as *const T, raw.v as *const T);
+    let mut bad = 0u64;
     for jj in 0..nk {
         // SAFETY: key and value rows j0 + jj < seq_k inside their views.
         let (ks, vs) = unsafe {
@@ -401,22 +618,39 @@ unsafe fn widen_tile<T: Element>(
             )
         };
         for (x, &s) in ks.iter().enumerate() {
-            kt[x * BLOCK_K + jj] = s.widen();
+            kt[x * bk + jj] = s.widen();
         }
         let row = &mut v[jj * dp..(jj + 1) * dp];
         for (x, &s) in row.iter_mut().zip(vs) {
             *x = s.widen();
         }
         row[d..].fill(0.0);
+        if !all_finite(row) {
+            row.fill(0.0);
+            bad |= 1 << jj;
+        }
     }
-    if nk < BLOCK_K {
+    if nk < bk {
         for x in 0..d {
-            kt[x * BLOCK_K + nk..(x + 1) * BLOCK_K].fill(0.0);
+            kt[x * bk + nk..(x + 1) * bk].fill(0.0);
         }
         v[nk * dp..].fill(0.0);
     }
-    kt[d * BLOCK_K..].fill(0.0);
-    nk
+    kt[d * bk..].fill(0.0);
+    bad
+}
+
+/// Whether `row` (length a multiple of [`NR`]) holds no NaN or inf: `x * 0` is NaN exactly
+/// for those, lane-wise so it vectorizes.
+#[inline(always)]
+fn all_finite(row: &[f32]) -> bool {
+    let mut lanes = [0.0f32; NR];
+    for chunk in row.chunks_exact(NR) {
+        for c in 0..NR {
+            lanes[c] += chunk[c] * 0.0;
+        }
+    }
+    lanes.iter().all(|x| *x == 0.0)
 }
 
 /// The instruction set the task loop is compiled for, picked once per call.
@@ -441,21 +675,23 @@ impl Isa {
     /// # Safety
     /// See [`task`].
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn task<T: Element>(
         self,
         plan: &Plan,
         raw: RawPtrs,
         pair: usize,
+        hc: usize,
         qb: usize,
-        shared: Option<&[f32]>,
+        shared: Option<Shared<'_>>,
         sc: &mut Scratch,
     ) {
         // SAFETY: forwarded; Avx2Fma is only chosen when the CPU has both.
         unsafe {
             match self {
-                Isa::Portable => task_portable::<T>(plan, raw, pair, qb, shared, sc),
+                Isa::Portable => task_portable::<T>(plan, raw, pair, hc, qb, shared, sc),
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2Fma => task_avx2::<T>(plan, raw, pair, qb, shared, sc),
+                Isa::Avx2Fma => task_avx2::<T>(plan, raw, pair, hc, qb, shared, sc),
             }
         }
     }
@@ -471,12 +707,13 @@ unsafe fn task_avx2<T: Element>(
     plan: &Plan,
     raw: RawPtrs,
     pair: usize,
+    hc: usize,
     qb: usize,
-    shared: Option<&[f32]>,
+    shared: Option<Shared<'_>>,
     sc: &mut Scratch,
 ) {
     // SAFETY: forwarded.
-    unsafe { task::<T, true>(plan, raw, pair, qb, shared, sc) }
+    unsafe { task::<T, true>(plan, raw, pair, hc, qb, shared, sc) }
 }
 
 /// [`task`] for the baseline instruction set (fused multiply-add where it is baseline).
@@ -487,43 +724,48 @@ unsafe fn task_portable<T: Element>(
     plan: &Plan,
     raw: RawPtrs,
     pair: usize,
+    hc: usize,
     qb: usize,
-    shared: Option<&[f32]>,
+    shared: Option<Shared<'_>>,
     sc: &mut Scratch,
 ) {
     // SAFETY: forwarded.
-    unsafe { task::<T, { cfg!(target_arch = "aarch64") }>(plan, raw, pair, qb, shared, sc) }
+    unsafe { task::<T, { cfg!(target_arch = "aarch64") }>(plan, raw, pair, hc, qb, shared, sc) }
 }
 
-/// Computes the output rows of one (batch, kv head) pair's query block `qb`, for every
-/// query head of the group. `shared` holds the pair's K/V tiles already widened (see
-/// [`run`]); without it each tile is widened into the scratch.
+/// Computes the output rows of one (batch, kv head) pair's query block `qb`, for the query
+/// heads of head chunk `hc` of the group. `shared` holds the pair's K/V tiles already
+/// widened (see [`run`]); without it each tile is widened into the scratch.
 ///
 /// # Safety
-/// See [`run`]; `pair < batch * num_kv_heads`, `qb < q_blocks`.
+/// See [`run`]; `pair < batch * num_kv_heads`, `hc < head_chunks`, `qb < q_blocks`.
 #[inline(always)]
 unsafe fn task<T: Element, const FMA: bool>(
     plan: &Plan,
     raw: RawPtrs,
     pair: usize,
+    hc: usize,
     qb: usize,
-    shared: Option<&[f32]>,
+    shared: Option<Shared<'_>>,
     sc: &mut Scratch,
 ) {
     let (b, kvh) = (pair / plan.num_kv_heads, pair % plan.num_kv_heads);
     let q0 = qb * plan.block_q;
     let nq = plan.block_q.min(plan.seq_q - q0);
-    let (g, d, dp) = (plan.group, plan.head_dim, plan.dim_pad);
-    // Row r is query head kvh*g + r/nq, query q0 + r%nq.
-    let rows = g * nq;
+    let h0 = kvh * plan.group + hc * plan.heads_per_task;
+    let nh = plan.heads_per_task.min((kvh + 1) * plan.group - h0);
+    let (d, dp, bk) = (plan.head_dim, plan.dim_pad, plan.block_k);
+    // Row r is query head h0 + r/nq, query q0 + r%nq.
+    let rows = nh * nq;
     let rows_pad = rows.next_multiple_of(MR);
-    let head_of = |r: usize| kvh * g + r / nq;
+    let head_of = |r: usize| h0 + r / nq;
     let query_of = |r: usize| q0 + r % nq;
     let Scratch {
         q: qs,
         kt: kt_own,
         v: v_own,
         s: ss,
+        p: ps,
         o: os,
         m: ms,
         l: ls,
@@ -539,47 +781,52 @@ unsafe fn task<T: Element, const FMA: bool>(
             *x = s.widen() * plan.q_scale;
         }
     }
-    os[..rows_pad * dp].fill(0.0);
+    // Rows past `rows` in the last block of MR: zero queries, so their scores are finite
+    // and their outputs are never written.
+    qs[rows * dp..rows_pad * dp].fill(0.0);
+    ps[..rows_pad * dp].fill(0.0);
+    let mut unmerged = 0;
+    // Whether `os` holds the merged partials; until the first merge its contents are stale
+    // (the first merge assigns, so it is never cleared).
+    let mut merged = false;
     ms[..rows_pad].fill(f32::NEG_INFINITY);
     ls[..rows_pad].fill(0.0);
 
-    // Bottom-right causal: query i sees keys j <= i + seq_k - seq_q.
-    let shift = plan.seq_k as isize - plan.seq_q as isize;
-    let visible_end = |i: usize| -> usize {
-        if plan.causal {
-            (i as isize + shift + 1).clamp(0, plan.seq_k as isize) as usize
-        } else {
-            plan.seq_k
-        }
-    };
     // Key tiles past the last query's horizon are never touched.
-    let kv_end = visible_end(q0 + nq - 1);
+    let kv_end = plan.visible_end(q0 + nq - 1);
 
     let mut j0 = 0;
     while j0 < kv_end {
-        let (kt, vt): (&[f32], &[f32]) = match shared {
-            Some(tiles) => {
-                let at = (j0 / BLOCK_K) * plan.tile_floats();
-                let (kt, vt) = tiles[at..at + plan.tile_floats()].split_at(BLOCK_K * dp);
-                (kt, vt)
+        // Only the keys this block may see; the rest of the tile is cut below.
+        let nk = bk.min(kv_end - j0);
+        // SAFETY: forwarded; the ranges lie inside the problem.
+        if plan.mask.is_some()
+            && unsafe { plan.tile_removed(raw, b, h0..h0 + nh, q0..q0 + nq, j0, nk) }
+        {
+            j0 += bk;
+            continue;
+        }
+        let (kt, vt, bad): (&[f32], &[f32], u64) = match shared {
+            Some(sh) => {
+                let at = (j0 / bk) * plan.tile_floats();
+                let (kt, vt) = sh.tiles[at..at + plan.tile_floats()].split_at(bk * dp);
+                (kt, vt, sh.bad[j0 / bk])
             }
             None => {
                 // SAFETY: forwarded; j0 < kv_end <= seq_k.
-                unsafe { widen_tile::<T>(plan, raw, pair, j0, kt_own, v_own) };
-                (kt_own, v_own)
+                let bad = unsafe { widen_tile::<T>(plan, raw, pair, j0, kt_own, v_own) };
+                (kt_own, v_own, bad)
             }
         };
-        // Only the keys this block may see; the rest of the tile is cut below.
-        let nk = BLOCK_K.min(kv_end - j0);
         let nk_pad = nk.next_multiple_of(NR);
 
-        // S = Q K^T (already scaled, log2 units).
+        // S = Q K^T (already scaled).
         for rb in (0..rows_pad).step_by(MR) {
             for jb in (0..nk_pad).step_by(NR) {
                 let mut acc = [[0.0f32; NR]; MR];
-                micro_kernel::<FMA>(&qs[rb * dp..], dp, &kt[jb..], BLOCK_K, dp, &mut acc);
+                micro_kernel::<FMA>(&qs[rb * dp..], dp, &kt[jb..], bk, dp, &mut acc);
                 for (r, row) in acc.iter().enumerate() {
-                    let at = (rb + r) * BLOCK_K + jb;
+                    let at = (rb + r) * bk + jb;
                     ss[at..at + NR].copy_from_slice(row);
                 }
             }
@@ -588,70 +835,180 @@ unsafe fn task<T: Element, const FMA: bool>(
         // Mask, causal cut, and the online softmax update; S becomes P.
         for r in 0..rows {
             let i = query_of(r);
-            let s = &mut ss[r * BLOCK_K..r * BLOCK_K + nk_pad];
+            let s = &mut ss[r * bk..r * bk + nk_pad];
             if let Some(mst) = plan.mask {
                 let off = b * mst.batch + head_of(r) * mst.head + i * mst.query + j0;
                 // SAFETY: nk keys of one mask row inside the mask view.
                 let m = unsafe { std::slice::from_raw_parts(raw.mask.add(off), nk) };
+                // A select, not a sum: NaN or inf scores of removed keys are dropped.
                 for (x, &a) in s.iter_mut().zip(m) {
-                    *x += a * LOG2_E;
+                    *x = if a == f32::NEG_INFINITY {
+                        f32::NEG_INFINITY
+                    } else {
+                        *x + a
+                    };
                 }
             }
-            let valid = visible_end(i).saturating_sub(j0).min(nk);
+            let valid = plan.visible_end(i).saturating_sub(j0).min(nk);
             s[valid..].fill(f32::NEG_INFINITY);
 
             let m_old = ms[r];
+            // NaN scores are passed over here and poison the row through the sum below.
             let m_new = m_old.max(row_max(s));
             if m_new == f32::NEG_INFINITY {
-                // Nothing visible yet: contributes nothing, keeps the zero output.
+                // Nothing visible yet: contributes nothing, keeps the zero output. A NaN
+                // score among removed ones (a NaN mask value) still poisons the row.
+                if s.iter().any(|x| x.is_nan()) {
+                    ls[r] = f64::NAN;
+                }
                 s.fill(0.0);
                 continue;
             }
-            let alpha = exp2::<FMA>(m_old - m_new);
-            let sum = exp2_in_place::<FMA>(s, m_new);
-            ls[r] = ls[r] * alpha + sum;
+            let alpha = exp2::<FMA>((m_old - m_new) * LOG2_E);
+            let sum = exp_in_place::<FMA>(s, m_new);
+            ls[r] = ls[r] * alpha as f64 + sum as f64;
             ms[r] = m_new;
             if alpha != 1.0 {
-                for x in &mut os[r * dp..(r + 1) * dp] {
+                for x in &mut ps[r * dp..(r + 1) * dp] {
                     *x *= alpha;
+                }
+                if merged {
+                    let alpha = alpha as f64;
+                    for x in &mut os[r * dp..(r + 1) * dp] {
+                        *x *= alpha;
+                    }
                 }
             }
         }
+        // Padding rows: zero weights (their queries are zero, so the scores were finite).
+        ss[rows * bk..rows_pad * bk].fill(0.0);
 
-        // O += P V.
+        // O += P V, in the f32 partial; every MERGE_TILES tiles it is added to the f64 sum.
         for rb in (0..rows_pad).step_by(MR) {
             for db in (0..dp).step_by(NR) {
                 let mut acc = [[0.0f32; NR]; MR];
                 for (r, row) in acc.iter_mut().enumerate() {
                     let at = (rb + r) * dp + db;
-                    row.copy_from_slice(&os[at..at + NR]);
+                    row.copy_from_slice(&ps[at..at + NR]);
                 }
-                micro_kernel::<FMA>(
-                    &ss[rb * BLOCK_K..],
-                    BLOCK_K,
-                    &vt[db..],
-                    dp,
-                    nk_pad,
-                    &mut acc,
-                );
+                micro_kernel::<FMA>(&ss[rb * bk..], bk, &vt[db..], dp, nk_pad, &mut acc);
                 for (r, row) in acc.iter().enumerate() {
                     let at = (rb + r) * dp + db;
-                    os[at..at + NR].copy_from_slice(row);
+                    ps[at..at + NR].copy_from_slice(row);
                 }
             }
         }
-        j0 += BLOCK_K;
+
+        // V rows holding NaN/inf were zeroed in the tile: add them for the rows that keep
+        // their key (rare: only garbage or overflowed values get here).
+        let mut pending = bad & (u64::MAX >> (64 - nk));
+        while pending != 0 {
+            let jj = pending.trailing_zeros() as usize;
+            pending &= pending - 1;
+            // SAFETY: forwarded; j0 + jj < kv_end <= seq_k.
+            unsafe {
+                add_non_finite_key::<T>(
+                    plan,
+                    raw,
+                    b,
+                    kvh,
+                    j0 + jj,
+                    rows,
+                    &head_of,
+                    &query_of,
+                    &ss[jj..],
+                    bk,
+                    ps,
+                )
+            };
+        }
+        j0 += bk;
+        unmerged += 1;
+        // The last partial is not merged: the output below adds it.
+        if unmerged == MERGE_TILES && j0 < kv_end {
+            merge_partial(&mut os[..rows * dp], &mut ps[..rows * dp], merged);
+            unmerged = 0;
+            merged = true;
+        }
     }
 
     let op = raw.out as *mut T;
     for r in 0..rows {
-        // l is 0 only when no key was visible: that row's output is zero by contract.
-        let inv = if ls[r] > 0.0 { 1.0 / ls[r] } else { 0.0 };
+        // l is 0 only when no key was visible: that row's output is zero by contract. A NaN
+        // l (poisoned row) gives NaN.
+        let inv = if ls[r] == 0.0 { 0.0 } else { 1.0 / ls[r] };
         let off = b * plan.out.batch + head_of(r) * plan.out.head + query_of(r) * plan.out.seq;
         // SAFETY: one output row inside `out`, written by this task only.
         let dst = unsafe { std::slice::from_raw_parts_mut(op.add(off), d) };
-        for (x, &o) in dst.iter_mut().zip(&os[r * dp..r * dp + d]) {
-            *x = T::from_f32(o * inv);
+        let partial = &ps[r * dp..r * dp + d];
+        if merged {
+            for ((x, &o), &p) in dst.iter_mut().zip(&os[r * dp..r * dp + d]).zip(partial) {
+                *x = T::from_f32(((o + p as f64) * inv) as f32);
+            }
+        } else {
+            for (x, &p) in dst.iter_mut().zip(partial) {
+                *x = T::from_f32((p as f64 * inv) as f32);
+            }
+        }
+    }
+}
+
+/// `o += p; p = 0` (`o = p` when `o` holds nothing yet): the f32 partial output into the
+/// f64 one.
+#[inline(always)]
+fn merge_partial(o: &mut [f64], p: &mut [f32], add: bool) {
+    if add {
+        for (o, p) in o.iter_mut().zip(p.iter_mut()) {
+            *o += *p as f64;
+            *p = 0.0;
+        }
+    } else {
+        for (o, p) in o.iter_mut().zip(p.iter_mut()) {
+            *o = *p as f64;
+            *p = 0.0;
+        }
+    }
+}
+
+/// Adds key `j`'s V row (which holds NaN or inf) times each row's weight to the partial
+/// outputs of the rows that keep the key; rows that removed it (causal cut or `-inf` mask) are left
+/// alone. `p[r * ldp]` is row r's weight for the key.
+///
+/// # Safety
+/// See [`run`]; `j < seq_k`, the rows lie inside the problem.
+#[allow(clippy::too_many_arguments)]
+unsafe fn add_non_finite_key<T: Element>(
+    plan: &Plan,
+    raw: RawPtrs,
+    b: usize,
+    kvh: usize,
+    j: usize,
+    rows: usize,
+    head_of: &impl Fn(usize) -> usize,
+    query_of: &impl Fn(usize) -> usize,
+    p: &[f32],
+    ldp: usize,
+    ps: &mut [f32],
+) {
+    let (d, dp) = (plan.head_dim, plan.dim_pad);
+    let off = b * plan.v.batch + kvh * plan.v.head + j * plan.v.seq;
+    // SAFETY: value row j < seq_k inside its view.
+    let vs = unsafe { std::slice::from_raw_parts((raw.v as *const T).add(off), d) };
+    for r in 0..rows {
+        let i = query_of(r);
+        if j >= plan.visible_end(i) {
+            continue;
+        }
+        if let Some(mst) = plan.mask {
+            let at = b * mst.batch + head_of(r) * mst.head + i * mst.query + j;
+            // SAFETY: one value of a mask row inside the mask view.
+            if unsafe { *raw.mask.add(at) } == f32::NEG_INFINITY {
+                continue;
+            }
+        }
+        let w = p[r * ldp];
+        for (o, &x) in ps[r * dp..r * dp + d].iter_mut().zip(vs) {
+            *o += w * x.widen();
         }
     }
 }
@@ -714,13 +1071,14 @@ fn row_max(s: &[f32]) -> f32 {
         .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
 }
 
-/// `s[j] = 2^(s[j] - m)` in place; returns the sum.
+/// `s[j] = e^(s[j] - m)` in place; returns the sum. The difference is taken before the
+/// scaling to log2 units, so scores near `-f32::MAX` do not overflow to `-inf` first.
 #[inline(always)]
-fn exp2_in_place<const FMA: bool>(s: &mut [f32], m: f32) -> f32 {
+fn exp_in_place<const FMA: bool>(s: &mut [f32], m: f32) -> f32 {
     let mut lanes = [0.0f32; NR];
     for chunk in s.chunks_exact_mut(NR) {
         for c in 0..NR {
-            chunk[c] = exp2::<FMA>(chunk[c] - m);
+            chunk[c] = exp2::<FMA>((chunk[c] - m) * LOG2_E);
             lanes[c] += chunk[c];
         }
     }
@@ -845,8 +1203,8 @@ mod tests {
         relative_l2_error(&out.to_f32_vec().unwrap(), &want)
     }
 
-    #[test]
-    fn every_isa_and_shared_tile_chunking_agree_with_the_reference() {
+    /// Every instruction set and shared-tile budget a call can run under.
+    fn tunings() -> Vec<Tuning> {
         let mut tunings = vec![
             Tuning::detect(),
             // Every task widens its own tiles.
@@ -876,7 +1234,12 @@ mod tests {
                 shared_bytes: 1,
             });
         }
-        for tuning in tunings {
+        tunings
+    }
+
+    #[test]
+    fn every_isa_and_shared_tile_chunking_agree_with_the_reference() {
+        for tuning in tunings() {
             for layout in [Layout::Bshd, Layout::Bhsd] {
                 // 150 queries: several query blocks (shared tiles); 1 query: private tiles.
                 for (sq, sk) in [(150, 170), (1, 130), (170, 150)] {
@@ -887,6 +1250,129 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// NaN/inf in K and V at keys a `-inf` mask removes (every 5th key and the whole
+    /// second tile) give the clean result under every tuning: shared tiles, tiles widened
+    /// per task, and both instruction sets.
+    #[test]
+    fn poison_at_removed_keys_is_dropped_under_every_tuning() {
+        let (b, h, hk, d) = (2, 4, 2, 72);
+        for tuning in tunings() {
+            for (sq, sk) in [(150, 170), (1, 130)] {
+                let removed = |j: usize| j.is_multiple_of(5) || (BLOCK_K..2 * BLOCK_K).contains(&j);
+                let shape = |s: usize, heads: usize| [b, s, heads, d];
+                let clean_k = random_values(b * sk * hk * d, 2);
+                let clean_v = random_values(b * sk * hk * d, 3);
+                let (mut pk, mut pv) = (clean_k.clone(), clean_v.clone());
+                for (x, (k, v)) in pk.iter_mut().zip(pv.iter_mut()).enumerate() {
+                    let j = x / (hk * d) % sk;
+                    if removed(j) {
+                        *k = [f32::NAN, f32::INFINITY][j % 2];
+                        *v = [f32::NEG_INFINITY, f32::NAN][x % 2];
+                    }
+                }
+                let m: Vec<f32> = (0..sq * sk)
+                    .map(|x| {
+                        if removed(x % sk) {
+                            f32::NEG_INFINITY
+                        } else {
+                            0.5
+                        }
+                    })
+                    .collect();
+                let t = |vals: &[f32], sh: [usize; 4]| {
+                    DeviceTensor::from_f32(vals, &sh, DType::F32, Device::Cpu).unwrap()
+                };
+                let mask = DeviceTensor::from_host(&m, &[sq, sk], Device::Cpu).unwrap();
+                let config = AttentionConfig::new(h * d, h, 512)
+                    .with_num_kv_heads(hk)
+                    .with_causal(true);
+                let q = t(&random_values(b * sq * h * d, 1), shape(sq, h));
+                let (k, v) = (t(&pk, shape(sk, hk)), t(&pv, shape(sk, hk)));
+                let mut out = DeviceTensor::zeros(&shape(sq, h), DType::F32, Device::Cpu).unwrap();
+                forward_tuned(&config, &q, &k, &v, Some(&mask), &mut out, tuning).unwrap();
+                let (ck, cv) = (t(&clean_k, shape(sk, hk)), t(&clean_v, shape(sk, hk)));
+                let want = attention_f64(&config, &q, &ck, &cv, Some(&mask)).unwrap();
+                let err = relative_l2_error(&out.to_f32_vec().unwrap(), &want);
+                assert!(err < 1e-5, "{tuning:?} {sq}x{sk}: {err:e}");
+            }
+        }
+    }
+
+    fn problem(d: usize, heads: usize, kv: usize, sq: usize, sk: usize) -> AttentionProblem {
+        AttentionProblem {
+            batch: 1,
+            seq_q: sq,
+            seq_k: sk,
+            num_heads: heads,
+            num_kv_heads: kv,
+            head_dim: d,
+            scale: 1.0,
+            causal: false,
+            dtype: DType::F32,
+            device: Device::Cpu,
+            q: HeadStrides::default(),
+            k: HeadStrides::default(),
+            v: HeadStrides::default(),
+            mask: None,
+        }
+    }
+
+    /// Usual head dims keep the usual tiling; very large ones get narrower key tiles and
+    /// fewer rows per task (the group split over tasks), so one worker's scratch stays
+    /// bounded by the tile and row budgets.
+    #[test]
+    fn tiling_shrinks_for_large_head_dims() {
+        let plan = Plan::new(&problem(128, 8, 2, 512, 512), HeadStrides::default(), 1);
+        assert_eq!(
+            (plan.block_k, plan.heads_per_task, plan.head_chunks),
+            (BLOCK_K, 4, 1)
+        );
+        assert_eq!(plan.block_q, ROWS_TARGET / 4);
+        let plan = Plan::new(&problem(65_536, 16, 1, 4, 4), HeadStrides::default(), 1);
+        assert_eq!(
+            (plan.block_k, plan.heads_per_task, plan.head_chunks),
+            (NR, 10, 2)
+        );
+        assert_eq!(plan.block_q, 1);
+        for d in [65_536, 1 << 20, 1 << 24] {
+            let plan = Plan::new(&problem(d, 64, 1, 4, 4), HeadStrides::default(), 1);
+            let dp = plan.dim_pad;
+            assert!(plan.heads_per_task * plan.head_chunks >= 64);
+            assert!(
+                plan.heads_per_task * plan.block_q * dp * 12 <= ROWS_BYTES.max(dp * 12),
+                "d {d}"
+            );
+            assert!(
+                2 * 4 * plan.block_k * dp <= TILE_BYTES.max(2 * 4 * NR * dp),
+                "d {d}"
+            );
+            assert!(plan.scratch_bytes() <= 4 * (TILE_BYTES + ROWS_BYTES).max(dp * 200));
+        }
+    }
+
+    #[test]
+    fn scratch_that_cannot_be_had_is_out_of_memory() {
+        let err = try_zeroed::<f64>(usize::MAX / 4, "scratch").unwrap_err();
+        assert!(matches!(err, AttentionError::OutOfMemory { .. }), "{err}");
+    }
+
+    #[test]
+    fn visible_end_is_bottom_right_without_wrapping() {
+        let mut plan = Plan::new(&problem(16, 1, 1, 3, 5), HeadStrides::default(), 1);
+        plan.causal = true;
+        assert_eq!(
+            (0..3).map(|i| plan.visible_end(i)).collect::<Vec<_>>(),
+            [3, 4, 5]
+        );
+        (plan.seq_q, plan.seq_k) = (5, 2);
+        assert_eq!(
+            (0..5).map(|i| plan.visible_end(i)).collect::<Vec<_>>(),
+            [0, 0, 0, 1, 2]
+        );
+        (plan.seq_q, plan.seq_k) = (2, usize::MAX);
+        assert_eq!(plan.visible_end(0), usize::MAX - 1);
     }
 
     #[test]
