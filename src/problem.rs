@@ -21,11 +21,7 @@ pub struct HeadStrides {
 
 impl From<HeadStrides> for Strides3 {
     fn from(s: HeadStrides) -> Self {
-        Strides3 {
-            b: s.batch as i64,
-            h: s.head as i64,
-            s: s.seq as i64,
-        }
+        Strides3::new(s.batch, s.head, s.seq)
     }
 }
 
@@ -43,11 +39,7 @@ pub struct MaskStrides {
 
 impl From<MaskStrides> for Strides3 {
     fn from(s: MaskStrides) -> Self {
-        Strides3 {
-            b: s.batch as i64,
-            h: s.head as i64,
-            s: s.query as i64,
-        }
+        Strides3::new(s.batch, s.head, s.query)
     }
 }
 

@@ -30,6 +30,15 @@ pub(crate) struct TokenStrides {
 }
 
 impl Strides3 {
+    /// From element strides (batch, head, sequence).
+    pub fn new(b: usize, h: usize, s: usize) -> Self {
+        Strides3 {
+            b: b as i64,
+            h: h as i64,
+            s: s as i64,
+        }
+    }
+
     /// Element offset of (`batch`, `head`, position 0).
     pub fn at(&self, batch: usize, head: usize) -> usize {
         (batch as i64 * self.b + head as i64 * self.h) as usize
@@ -183,7 +192,7 @@ mod tests {
             let pointer = decl.contains('*');
             let decl = decl.replace('*', " ");
             let (ty, names) = decl
-                .split_once(|c: char| c == ',')
+                .split_once(',')
                 .map_or((decl.as_str(), ""), |(first, rest)| (first, rest));
             let mut words: Vec<&str> = ty.split_whitespace().collect();
             let first = words.pop().expect("a declarator");
@@ -218,28 +227,35 @@ mod tests {
     }
 
     /// Asserts that `T` has exactly the C fields of `name`, at the same offsets and size.
-    fn assert_layout<T>(header: &str, name: &str, rust: &[(&str, usize)]) {
+    fn assert_layout<T>(header: &str, name: &str, rust: &[(String, usize)]) {
         let (c, c_size) = c_layout(header, name);
-        let c: Vec<(&str, usize)> = c.iter().map(|(f, o)| (f.as_str(), *o)).collect();
         assert_eq!(rust, c.as_slice(), "{name}: fields (C name, offset)");
         assert_eq!(size_of::<T>(), c_size, "{name}: size");
         assert_eq!(align_of::<T>(), 8, "{name}: alignment");
     }
 
-    /// `(c name, offset)` pairs: `f` for a plain field, `f => [c names]` for a stride
-    /// triple or array whose C fields are consecutive 8-byte integers.
+    /// The C names of a [`Strides3`] triple `<x>_sb, <x>_sh, <x>_ss`.
+    fn bhs(x: &str) -> Vec<String> {
+        ["sb", "sh", "ss"].map(|s| format!("{x}_{s}")).to_vec()
+    }
+
+    /// The C names of a [`TokenStrides`] triple `<x>_sb, <x>_ss, <x>_sh`.
+    fn bsh(x: &str) -> Vec<String> {
+        ["sb", "ss", "sh"].map(|s| format!("{x}_{s}")).to_vec()
+    }
+
+    /// `(C name, offset)` pairs: `f` for a field of the same name, `f => names` for a
+    /// stride triple whose C fields are consecutive 8-byte integers (or an array, one name).
     macro_rules! fields {
-        ($t:ty; $($f:ident $(=> [$($c:literal),+])?),+ $(,)?) => {{
-            let mut v: Vec<(&str, usize)> = Vec::new();
+        ($t:ty; $($f:ident $(=> $names:expr)?),+ $(,)?) => {{
+            let mut v: Vec<(String, usize)> = Vec::new();
             $(
                 let base = offset_of!($t, $f);
-                let names: &[&str] = &[$($($c),+)?];
-                if names.is_empty() {
-                    v.push((stringify!($f), base));
-                } else {
-                    for (i, c) in names.iter().enumerate() {
-                        v.push((c, base + 8 * i));
-                    }
+                #[allow(unused_mut)]
+                let mut names: Vec<String> = vec![stringify!($f).to_string()];
+                $(names = $names;)?
+                for (i, c) in names.into_iter().enumerate() {
+                    v.push((c, base + 8 * i));
                 }
             )+
             v
@@ -276,11 +292,11 @@ mod tests {
     fn attn_params_match_the_c_struct() {
         let rust = fields!(AttnParams;
             q, k, v, mask, out, lse, workspace,
-            q_strides => ["q_sb", "q_sh", "q_ss"],
-            k_strides => ["k_sb", "k_sh", "k_ss"],
-            v_strides => ["v_sb", "v_sh", "v_ss"],
-            o_strides => ["o_sb", "o_sh", "o_ss"],
-            m_strides => ["m_sb", "m_sh", "m_sq"],
+            q_strides => bhs("q"),
+            k_strides => bhs("k"),
+            v_strides => bhs("v"),
+            o_strides => bhs("o"),
+            m_strides => vec!["m_sb".into(), "m_sh".into(), "m_sq".into()],
             batch, num_heads, num_kv_heads, seq_q, seq_k, head_dim, scale, causal);
         assert_layout::<AttnParams>("attention_params.h", "AttnParams", &rust);
     }
@@ -290,12 +306,12 @@ mod tests {
         let rust = fields!(DecodeParams;
             q, k, v, out, partial_o, partial_lse, seq_lens, block_table, counters,
             k_new, v_new, pool_next, arrivals,
-            q_strides => ["q_sb", "q_sh", "q_ss"],
-            o_strides => ["o_sb", "o_sh", "o_ss"],
-            k_strides => ["k_sb", "k_sh", "k_ss"],
-            v_strides => ["v_sb", "v_sh", "v_ss"],
-            kn_strides => ["kn_sb", "kn_ss", "kn_sh"],
-            vn_strides => ["vn_sb", "vn_ss", "vn_sh"],
+            q_strides => bhs("q"),
+            o_strides => bhs("o"),
+            k_strides => bhs("k"),
+            v_strides => bhs("v"),
+            kn_strides => bsh("kn"),
+            vn_strides => bsh("vn"),
             batch, num_heads, num_kv_heads, seq_q, seq_k, head_dim, max_pages, page_size,
             num_splits, split_keys, scale, causal, n_new, num_pages);
         assert_layout::<DecodeParams>("decode_params.h", "DecodeParams", &rust);
@@ -305,17 +321,16 @@ mod tests {
     fn append_params_match_the_c_struct() {
         let rust = fields!(AppendParams;
             k_new, v_new, k_cache, v_cache, seq_lens, block_table, pool_next, counts,
-            kn_strides => ["kn_sb", "kn_ss", "kn_sh"],
-            vn_strides => ["vn_sb", "vn_ss", "vn_sh"],
-            c_strides => ["c_sb", "c_sh", "c_ss"],
+            kn_strides => bsh("kn"),
+            vn_strides => bsh("vn"),
+            c_strides => bhs("c"),
             batch, n, num_kv_heads, head_dim, max_pages, page_size, num_pages, pad_);
         assert_layout::<AppendParams>("kv_append.h", "AppendParams", &rust);
     }
 
     #[test]
     fn copy_params_match_the_c_struct() {
-        let rust = fields!(CopyParams; src, dst, shape => ["shape"],
-            src_strides => ["src_strides"], dst_strides => ["dst_strides"], numel);
+        let rust = fields!(CopyParams; src, dst, shape, src_strides, dst_strides, numel);
         assert_layout::<CopyParams>("attention_params.h", "CopyParams", &rust);
     }
 

@@ -147,6 +147,36 @@ mod tests {
         assert_eq!(code_objects(b"\x7fELF..").unwrap().len(), 1);
     }
 
+    /// The variables a legacy build reads name the flash objects of the one built directory.
+    #[test]
+    fn legacy_variables_name_the_flash_objects_of_the_built_directory() {
+        let required = std::env::var("FORGE_ATTN_REQUIRE_HSACO").is_ok_and(|v| v == "1");
+        let Some(dir) = built_dir() else {
+            assert!(!required, "kernels not built");
+            eprintln!("skipped: kernels not built");
+            return;
+        };
+        let legacy = [
+            (
+                KernelFile::FlashMasked,
+                option_env!("FLASH_ATTENTION_HSACO"),
+            ),
+            (
+                KernelFile::FlashCausal,
+                option_env!("FLASH_ATTENTION_CAUSAL_HSACO"),
+            ),
+            (
+                KernelFile::FlashNoCausal,
+                option_env!("FLASH_ATTENTION_NCAUSAL_HSACO"),
+            ),
+        ];
+        for (file, var) in legacy {
+            let want = PathBuf::from(dir).join(format!("{}.hsaco", file.stem()));
+            assert_eq!(var.map(PathBuf::from), Some(want.clone()), "{file}");
+            assert!(want.is_file(), "{}", want.display());
+        }
+    }
+
     /// Every entry point of every kernel file is in every code object hipcc built (one per
     /// target of FORGE_ATTN_HIP_ARCHS), or in the objects of FORGE_ATTN_HSACO_DIR. Skips
     /// when the kernels were not built, unless FORGE_ATTN_REQUIRE_HSACO=1.
