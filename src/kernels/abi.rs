@@ -264,28 +264,24 @@ mod tests {
 
     #[test]
     fn stride_types_are_three_consecutive_i64() {
+        // What `fields!` assumes of a triple: its C fields at base + 0, 8, 16 in order.
+        let at = |names: &[&str]| -> Vec<(String, usize)> {
+            names
+                .iter()
+                .zip([0, 8, 16])
+                .map(|(n, o)| (n.to_string(), o))
+                .collect()
+        };
+        assert_eq!(fields!(Strides3; b, h, s), at(&["b", "h", "s"]));
+        assert_eq!(fields!(TokenStrides; b, t, h), at(&["b", "t", "h"]));
         assert_eq!(size_of::<Strides3>(), 24);
-        assert_eq!(
-            [
-                offset_of!(Strides3, b),
-                offset_of!(Strides3, h),
-                offset_of!(Strides3, s)
-            ],
-            [0, 8, 16]
-        );
         assert_eq!(size_of::<TokenStrides>(), 24);
-        assert_eq!(
-            [
-                offset_of!(TokenStrides, b),
-                offset_of!(TokenStrides, t),
-                offset_of!(TokenStrides, h)
-            ],
-            [0, 8, 16]
-        );
         assert_eq!(
             TokenStrides::from_array([1, 2, 3]),
             TokenStrides { b: 1, t: 2, h: 3 }
         );
+        assert_eq!(Strides3::new(100, 10, 1).at(2, 3), 230);
+        assert_eq!(TokenStrides::from_array([100, 1, 10]).at(2, 3), 230);
     }
 
     #[test]
