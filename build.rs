@@ -5,10 +5,13 @@
 //!
 //! With the `rocm` feature: compiles every `kernels/*.hip` to an HSACO code object with
 //! `hipcc --genco` for the targets in `FORGE_ATTN_HIP_ARCHS` (comma separated, default
-//! `gfx1100`; `FORGE_ATTN_HIPCC_FLAGS` adds flags) and exports each object's path in a
-//! `*_HSACO` environment variable read by `src/kernels/hsaco.rs`. Without hipcc the build
-//! warns and exports nothing; the ROCm backend then reports "kernels not built" at run
-//! time. A kernel that fails to compile fails the build with hipcc's log.
+//! `gfx1100`; `FORGE_ATTN_HIPCC_FLAGS` adds flags), `kernels/<stem>.hip` to
+//! `$OUT_DIR/hsaco/<stem>.hsaco`, and exports that directory as `FORGE_ATTN_HSACO_BUILT_DIR`
+//! (read by `src/kernels/hsaco.rs`, which derives each file's name from its kernel file).
+//! The three flash objects' paths are also exported under the names a legacy build reads
+//! (`legacy_env_var`). Without hipcc the build warns and exports nothing; the ROCm
+//! backend then reports "kernels not built" at run time. A kernel that fails to compile
+//! fails the build with hipcc's log.
 
 use std::env;
 use std::fmt::Write as _;
@@ -99,32 +102,18 @@ fn write_if_changed(path: &Path, contents: &str) {
     }
 }
 
-/// Environment variable that carries the HSACO path of a kernel file. The first three
-/// names are the established ones; further files get `FLASH_ATTENTION_<STEM>_HSACO`.
-fn hsaco_env_var(file_name: &str) -> String {
-    match file_name {
-        "flash_attention.hip" => "FLASH_ATTENTION_HSACO".into(),
-        "flash_attention_causal.hip" => "FLASH_ATTENTION_CAUSAL_HSACO".into(),
-        "flash_attention_nocausal.hip" => "FLASH_ATTENTION_NCAUSAL_HSACO".into(),
-        "attention_traditional.hip" => "FLASH_ATTENTION_TRADITIONAL_HSACO".into(),
-        "tensor_ops.hip" => "FLASH_ATTENTION_TENSOR_OPS_HSACO".into(),
-        "flash_decode.hip" => "FLASH_ATTENTION_DECODE_HSACO".into(),
-        "kv_cache.hip" => "FLASH_ATTENTION_KV_CACHE_HSACO".into(),
-        other => {
-            let stem = other.trim_end_matches(".hip");
-            let upper: String = stem
-                .chars()
-                .map(|c| {
-                    if c.is_ascii_alphanumeric() {
-                        c.to_ascii_uppercase()
-                    } else {
-                        '_'
-                    }
-                })
-                .collect();
-            format!("FLASH_ATTENTION_{upper}_HSACO")
-        }
-    }
+/// The variable a legacy build reads a flash object's path from, for the files
+/// `flash_attention_<mode>.hip`: `FLASH_ATTENTION_<MODE>_HSACO`, the masked family being
+/// the unqualified `FLASH_ATTENTION_HSACO` and the non-causal one `NCAUSAL`. `None` for
+/// every other file (those are found through the directory only).
+fn legacy_env_var(stem: &str) -> Option<String> {
+    let mode = stem.strip_prefix("flash_attention_")?;
+    let word = match mode {
+        "masked" => String::new(),
+        "nocausal" => "NCAUSAL_".into(),
+        other => format!("{}_", other.to_ascii_uppercase()),
+    };
+    Some(format!("FLASH_ATTENTION_{word}HSACO"))
 }
 
 fn hip_archs() -> Vec<String> {
@@ -194,6 +183,10 @@ fn build_hsaco(kernel_dir: &Path, sources: &[PathBuf], out_dir: &Path) {
         );
         return;
     };
+    let hsaco_dir = out_dir.join("hsaco");
+    if let Err(e) = fs::create_dir_all(&hsaco_dir) {
+        fail(&format!("cannot create {}: {e}", hsaco_dir.display()));
+    }
     let jobs: Vec<&PathBuf> = sources
         .iter()
         .filter(|p| p.extension().is_some_and(|x| x == "hip"))
@@ -216,7 +209,7 @@ fn build_hsaco(kernel_dir: &Path, sources: &[PathBuf], out_dir: &Path) {
                 };
                 let Some(src) = jobs.get(i) else { break };
                 let name = file_name(src);
-                let out = out_dir.join(format!("{}.hsaco", name.trim_end_matches(".hip")));
+                let out = hsaco_dir.join(format!("{}.hsaco", name.trim_end_matches(".hip")));
                 let r = run_hipcc(&hipcc, &archs, kernel_dir, src, &out);
                 results
                     .lock()
@@ -240,8 +233,14 @@ fn build_hsaco(kernel_dir: &Path, sources: &[PathBuf], out_dir: &Path) {
             failures.join("\n")
         ));
     }
+    println!(
+        "cargo:rustc-env=FORGE_ATTN_HSACO_BUILT_DIR={}",
+        hsaco_dir.display()
+    );
     for (name, out, _) in &results {
-        println!("cargo:rustc-env={}={}", hsaco_env_var(name), out.display());
+        if let Some(var) = legacy_env_var(name.trim_end_matches(".hip")) {
+            println!("cargo:rustc-env={var}={}", out.display());
+        }
     }
     println!(
         "cargo:rustc-env=FORGE_ATTN_HIP_ARCHS_BUILT={}",

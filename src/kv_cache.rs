@@ -10,40 +10,10 @@ use crate::device::launch::LaunchDims;
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{AttentionError, Result};
-use crate::kernels::{KernelFile, KernelSpec};
+use crate::kernels::abi::{AppendParams, TokenStrides};
+use crate::kernels::catalog;
 use crate::problem::HeadStrides;
 use crate::tensor::{try_host_vec, DeviceTensor, HostAccess};
-
-/// Kernel argument block of `kv_append_b2/b4` (mirrors `AppendParams` in kernels/kv_append.h).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
-struct AppendParams {
-    k_new: u64,
-    v_new: u64,
-    k_cache: u64,
-    v_cache: u64,
-    seq_lens: u64,
-    block_table: u64,
-    pool_next: u64,
-    counts: u64,
-    kn_sb: i64,
-    kn_ss: i64,
-    kn_sh: i64,
-    vn_sb: i64,
-    vn_ss: i64,
-    vn_sh: i64,
-    c_sb: i64,
-    c_sh: i64,
-    c_ss: i64,
-    batch: i32,
-    n: i32,
-    num_kv_heads: i32,
-    head_dim: i32,
-    max_pages: i32,
-    page_size: i32,
-    num_pages: i32,
-    pad_: i32,
-}
 
 /// Paging of a [`KvCacheLayout::BlockSparse`] cache.
 #[derive(Debug)]
@@ -475,15 +445,9 @@ impl KvCache {
                 .map_or(0, |p| p.block_table.device_ptr()),
             pool_next: self.paging.as_ref().map_or(0, |p| p.pool_next.device_ptr()),
             counts: counts.map_or(0, |c| c.device_ptr()),
-            kn_sb: ks[0] as i64,
-            kn_ss: ks[1] as i64,
-            kn_sh: ks[2] as i64,
-            vn_sb: vs[0] as i64,
-            vn_ss: vs[1] as i64,
-            vn_sh: vs[2] as i64,
-            c_sb: c.batch as i64,
-            c_sh: c.head as i64,
-            c_ss: c.seq as i64,
+            kn_strides: TokenStrides::from_array([ks[0], ks[1], ks[2]].map(|x| x as i64)),
+            vn_strides: TokenStrides::from_array([vs[0], vs[1], vs[2]].map(|x| x as i64)),
+            c_strides: c.into(),
             batch: self.batch as i32,
             // Read only when `counts` is null (a plain append, where n passed the capacity
             // check); a ragged append's rows past the largest count are never read, so
@@ -496,13 +460,13 @@ impl KvCache {
             num_pages: self.paging.as_ref().map_or(0, |p| p.num_pages as i32),
             pad_: 0,
         };
-        let name = if self.dtype().size_in_bytes() == 2 {
-            "kv_append_b2"
-        } else {
-            "kv_append_b4"
-        };
+        let es = self.dtype().size_in_bytes();
+        let spec = catalog::kv_append(es).ok_or_else(|| AttentionError::NotSupported {
+            backend: "kv cache append".into(),
+            reason: format!("element size 2 or 4 bytes expected, got {es}"),
+        })?;
         rt.launch(
-            &KernelSpec::new(KernelFile::KvCache, name, vec![]),
+            &spec,
             LaunchDims::new((self.batch as u32, 1, 1), (256, 1, 1), 0),
             &params,
         )

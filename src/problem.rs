@@ -5,6 +5,7 @@ use crate::config::{AttentionConfig, Layout};
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{AttentionError, Result};
+use crate::kernels::abi::Strides3;
 use crate::tensor::DeviceTensor;
 
 /// Element strides of one `[batch, head, seq, head_dim]` operand (head_dim stride is 1).
@@ -18,6 +19,12 @@ pub struct HeadStrides {
     pub seq: usize,
 }
 
+impl From<HeadStrides> for Strides3 {
+    fn from(s: HeadStrides) -> Self {
+        Strides3::new(s.batch, s.head, s.seq)
+    }
+}
+
 /// Element strides of the additive mask over `[batch, head, query, key]`; broadcast
 /// dimensions have stride 0 and the key stride is 1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -28,6 +35,12 @@ pub struct MaskStrides {
     pub head: usize,
     /// Query-row stride.
     pub query: usize,
+}
+
+impl From<MaskStrides> for Strides3 {
+    fn from(s: MaskStrides) -> Self {
+        Strides3::new(s.batch, s.head, s.query)
+    }
 }
 
 /// A validated attention call.

@@ -28,13 +28,13 @@ fn families_follow_mask_causal_and_query_length() {
         let cases = [
             (false, false, 512, FlashKernel::NonCausal),
             (true, false, 512, FlashKernel::Causal),
-            (false, true, 512, FlashKernel::Generic),
-            (true, true, 512, FlashKernel::Generic),
+            (false, true, 512, FlashKernel::Masked),
+            (true, true, 512, FlashKernel::Masked),
             (true, false, 1, FlashKernel::Decode),
             (false, false, 16, FlashKernel::Decode),
             (true, false, 17, FlashKernel::Causal),
-            // A mask is read only by the generic prefill kernel, even for one query.
-            (true, true, 1, FlashKernel::Generic),
+            // A mask is read only by the masked prefill kernel, even for one query.
+            (true, true, 1, FlashKernel::Masked),
         ];
         for (causal, mask, sq, want) in cases {
             let i = input(dtype, 128, causal, mask, sq);

@@ -162,7 +162,7 @@ fn check(backend: &GpuAttentionBackend, c: &Case, traditional: bool, seed: u64) 
             (false, _) if c.sq <= forge_attn::backend::gpu::MAX_DECODE_QUERIES => {
                 FlashKernel::Decode
             }
-            (true, _) => FlashKernel::Generic,
+            (true, _) => FlashKernel::Masked,
             (false, true) => FlashKernel::Causal,
             (false, false) => FlashKernel::NonCausal,
         };

@@ -32,8 +32,8 @@ pub enum FlashKernel {
     NonCausal,
     /// Causal (bottom-right), no additive mask.
     Causal,
-    /// Additive mask, with or without causal.
-    Generic,
+    /// Additive mask, with or without causal (`flash_attention_masked.hip`).
+    Masked,
     /// Split-KV decode for short query blocks against a long cache.
     Decode,
 }

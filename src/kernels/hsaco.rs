@@ -9,17 +9,9 @@ use crate::error::{AttentionError, Result};
 /// binary run on another machine than the one that built it).
 pub const HSACO_DIR_ENV: &str = "FORGE_ATTN_HSACO_DIR";
 
-/// The path build.rs exported for `file`, if hipcc built it.
-fn built_path(file: KernelFile) -> Option<&'static str> {
-    match file {
-        KernelFile::FlashMasked => option_env!("FLASH_ATTENTION_HSACO"),
-        KernelFile::FlashCausal => option_env!("FLASH_ATTENTION_CAUSAL_HSACO"),
-        KernelFile::FlashNoCausal => option_env!("FLASH_ATTENTION_NCAUSAL_HSACO"),
-        KernelFile::Traditional => option_env!("FLASH_ATTENTION_TRADITIONAL_HSACO"),
-        KernelFile::TensorOps => option_env!("FLASH_ATTENTION_TENSOR_OPS_HSACO"),
-        KernelFile::Decode => option_env!("FLASH_ATTENTION_DECODE_HSACO"),
-        KernelFile::KvCache => option_env!("FLASH_ATTENTION_KV_CACHE_HSACO"),
-    }
+/// The directory build.rs compiled the code objects into, if hipcc built them.
+fn built_dir() -> Option<&'static str> {
+    option_env!("FORGE_ATTN_HSACO_BUILT_DIR")
 }
 
 /// The AMD targets the HSACO objects were built for (comma separated), if they were built.
@@ -27,23 +19,20 @@ pub fn hip_archs_built() -> Option<&'static str> {
     option_env!("FORGE_ATTN_HIP_ARCHS_BUILT")
 }
 
-/// Path of the prebuilt HSACO code object holding every variant of `file`.
-///
-/// `$FORGE_ATTN_HSACO_DIR/<stem>.hsaco` when that variable is set, else the path build.rs
-/// exported. Fails with [`AttentionError::KernelBuild`] when hipcc was missing at build
-/// time or the file is not there.
+/// Path of the prebuilt HSACO code object holding every variant of `file`:
+/// `<dir>/<file stem>.hsaco`, `<dir>` being `$FORGE_ATTN_HSACO_DIR` when that variable is
+/// set, else the directory build.rs compiled into. Fails with
+/// [`AttentionError::KernelBuild`] when hipcc was missing at build time or the file is not
+/// there.
 pub fn hsaco_path(file: KernelFile) -> Result<PathBuf> {
     let err = |log: String| AttentionError::KernelBuild {
         kernel: file.file_name().to_string(),
         log,
     };
-    let path = match std::env::var_os(HSACO_DIR_ENV).filter(|d| !d.is_empty()) {
-        Some(dir) => {
-            let stem = file.file_name().trim_end_matches(".hip");
-            PathBuf::from(dir).join(format!("{stem}.hsaco"))
-        }
-        None => match built_path(file) {
-            Some(p) => PathBuf::from(p),
+    let dir = match std::env::var_os(HSACO_DIR_ENV).filter(|d| !d.is_empty()) {
+        Some(dir) => PathBuf::from(dir),
+        None => match built_dir() {
+            Some(d) => PathBuf::from(d),
             None => {
                 return Err(err(
                     "kernels not built: hipcc was not found at build time (install hipcc and \
@@ -53,6 +42,7 @@ pub fn hsaco_path(file: KernelFile) -> Result<PathBuf> {
             }
         },
     };
+    let path = dir.join(format!("{}.hsaco", file.stem()));
     if !path.is_file() {
         return Err(err(format!(
             "HSACO code object {} not found (set {HSACO_DIR_ENV} to a directory holding \
@@ -155,6 +145,36 @@ mod tests {
         assert!(code_objects(&b[..b.len() - 3]).is_err());
         assert!(code_objects(b"garbage").is_err());
         assert_eq!(code_objects(b"\x7fELF..").unwrap().len(), 1);
+    }
+
+    /// The variables a legacy build reads name the flash objects of the one built directory.
+    #[test]
+    fn legacy_variables_name_the_flash_objects_of_the_built_directory() {
+        let required = std::env::var("FORGE_ATTN_REQUIRE_HSACO").is_ok_and(|v| v == "1");
+        let Some(dir) = built_dir() else {
+            assert!(!required, "kernels not built");
+            eprintln!("skipped: kernels not built");
+            return;
+        };
+        let legacy = [
+            (
+                KernelFile::FlashMasked,
+                option_env!("FLASH_ATTENTION_HSACO"),
+            ),
+            (
+                KernelFile::FlashCausal,
+                option_env!("FLASH_ATTENTION_CAUSAL_HSACO"),
+            ),
+            (
+                KernelFile::FlashNoCausal,
+                option_env!("FLASH_ATTENTION_NCAUSAL_HSACO"),
+            ),
+        ];
+        for (file, var) in legacy {
+            let want = PathBuf::from(dir).join(format!("{}.hsaco", file.stem()));
+            assert_eq!(var.map(PathBuf::from), Some(want.clone()), "{file}");
+            assert!(want.is_file(), "{}", want.display());
+        }
     }
 
     /// Every entry point of every kernel file is in every code object hipcc built (one per

@@ -332,7 +332,7 @@ impl PtxCache {
                 opts.as_bytes(),
                 source.as_bytes(),
             ]);
-            let stem = spec.file.file_name().trim_end_matches(".hip");
+            let stem = spec.file.stem();
             dir.join(format!("{stem}-{key:016x}.ptx"))
         });
         if let Some(ptx) = path.as_deref().and_then(read_entry) {

@@ -2,6 +2,7 @@
 
 use std::collections::HashSet;
 
+use super::catalog::TraditionalKernel;
 use super::source::{inline_includes, quoted_include};
 use super::*;
 use crate::dtype::DType;
@@ -221,7 +222,7 @@ fn variant_names_are_unique_and_follow_the_convention() {
     }
     for file in KernelFile::FLASH {
         for t in &tiles {
-            let s = flash_spec(file, t);
+            let s = catalog::flash(file, t);
             let expect = format!(
                 "flash_attention_{}_{}_hd{}{}",
                 file.flash_mode().unwrap(),
@@ -279,16 +280,16 @@ fn variant_names_are_unique_and_follow_the_convention() {
 #[test]
 fn spec_builders_share_dtype_free_units_and_never_alias_a_wrong_file() {
     let t = flash_tile_for(DType::F16, 64).unwrap();
-    let odd = flash_spec(KernelFile::Traditional, t);
+    let odd = catalog::flash(KernelFile::Traditional, t);
     assert!(!all_nvrtc_variants().iter().any(|s| s.name == odd.name));
-    let a = traditional_spec("attn_softmax_rows", DType::F16);
-    let b = traditional_spec("attn_softmax_rows", DType::BF16);
+    let a = catalog::traditional(TraditionalKernel::Softmax, DType::F16);
+    let b = catalog::traditional(TraditionalKernel::Softmax, DType::BF16);
     assert_eq!(a, b);
     assert_eq!(
-        traditional_spec("attn_scores", DType::BF16).defines,
+        catalog::traditional(TraditionalKernel::Scores, DType::BF16).defines,
         vec![("FA_VARIANT_DT", "bf16".to_string())]
     );
-    assert!(tensor_ops_spec("fill_b2").defines.is_empty());
+    assert!(catalog::fill(2).unwrap().defines.is_empty());
 }
 
 #[test]
@@ -442,7 +443,7 @@ mod nvrtc_tests {
     #[test]
     fn options_pin_the_architecture_and_carry_the_defines() {
         let t = flash_tile_for(DType::BF16, 128).unwrap();
-        let spec = flash_spec(KernelFile::FlashCausal, t);
+        let spec = catalog::flash(KernelFile::FlashCausal, t);
         let opts = nvrtc_options(&spec, "compute_90");
         assert_eq!(opts[0], "--gpu-architecture=compute_90");
         assert!(opts.contains(&"-std=c++17".to_string()));
@@ -453,7 +454,7 @@ mod nvrtc_tests {
         // Arch-specific (FA_TILE_SM90) variants build for compute_90a on sm_90 and as usual
         // for any other target.
         for t in flash_table(TileVendor::CudaSm90).unwrap() {
-            let spec = flash_spec(KernelFile::FlashNoCausal, t);
+            let spec = catalog::flash(KernelFile::FlashNoCausal, t);
             assert!(spec.arch_specific);
             let arch_of = |a: &str| nvrtc_options(&spec, a)[0].clone();
             assert_eq!(arch_of("compute_90"), "--gpu-architecture=compute_90a");
@@ -483,7 +484,7 @@ mod nvrtc_tests {
     #[test]
     fn disk_cache_round_trip_and_corrupt_entries_are_rebuilt() {
         let dir = TempDir::new("ptx-cache");
-        let spec = traditional_spec("attn_scores", DType::F16);
+        let spec = catalog::traditional(TraditionalKernel::Scores, DType::F16);
         let names = ["attn_scores_f16", "attn_pv_f16"];
 
         // First build compiles and writes one entry; a second lookup is a memory hit.
@@ -491,7 +492,7 @@ mod nvrtc_tests {
         let cache = PtxCache::new(Some(dir.0.clone()));
         let ptx = cache.get(&spec, "compute_90", &fake).unwrap();
         assert!(has_entry(&ptx, "attn_scores_f16"));
-        let pv = traditional_spec("attn_pv", DType::F16);
+        let pv = catalog::traditional(TraditionalKernel::Pv, DType::F16);
         cache.get(&pv, "compute_90", &fake).unwrap();
         assert_eq!(fake.calls(), 1, "one unit, one compile");
         let files = entries_in(&dir.0);
@@ -565,7 +566,7 @@ mod nvrtc_tests {
         let cache = PtxCache::new(Some(blocker.join("cache")));
         let fake = FakeCompiler::new(&["fill_b2"]);
         let ptx = cache
-            .get(&tensor_ops_spec("fill_b2"), "compute_90", &fake)
+            .get(&catalog::fill(2).unwrap(), "compute_90", &fake)
             .unwrap();
         assert!(has_entry(&ptx, "fill_b2"));
         assert_eq!(fake.calls(), 1);
@@ -575,7 +576,7 @@ mod nvrtc_tests {
     fn a_missing_entry_point_is_a_kernel_build_error() {
         let fake = FakeCompiler::new(&["something_else"]);
         let cache = PtxCache::new(None);
-        match cache.get(&tensor_ops_spec("fill_b4"), "compute_90", &fake) {
+        match cache.get(&catalog::fill(4).unwrap(), "compute_90", &fake) {
             Err(AttentionError::KernelBuild { kernel, log }) => {
                 assert_eq!(kernel, "fill_b4");
                 assert!(log.contains("no entry point fill_b4"), "{log}");

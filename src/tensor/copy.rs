@@ -4,7 +4,8 @@ use std::sync::Arc;
 
 use crate::device::{gpu::GpuRuntime, launch::LaunchDims};
 use crate::error::{AttentionError, Result};
-use crate::kernels::{KernelFile, KernelSpec};
+use crate::kernels::abi::CopyParams;
+use crate::kernels::catalog;
 
 use super::DeviceTensor;
 
@@ -96,19 +97,6 @@ pub(crate) unsafe fn host_copy(
     });
 }
 
-/// Kernel argument block of `copy_strided_b2/b4` (mirrors `CopyParams` in
-/// kernels/attention_params.h).
-#[repr(C)]
-#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-pub(crate) struct CopyParams {
-    pub src: u64,
-    pub dst: u64,
-    pub shape: [i64; 4],
-    pub src_strides: [i64; 4],
-    pub dst_strides: [i64; 4],
-    pub numel: i64,
-}
-
 /// Copies `src` into `dst` (same shape and dtype, both on `rt`'s device) with one launch.
 pub(crate) fn gpu_copy(rt: &Arc<GpuRuntime>, src: &DeviceTensor, dst: &DeviceTensor) -> Result<()> {
     let numel = dst.numel();
@@ -116,16 +104,10 @@ pub(crate) fn gpu_copy(rt: &Arc<GpuRuntime>, src: &DeviceTensor, dst: &DeviceTen
         return Ok(());
     }
     let esize = dst.dtype().size_in_bytes();
-    let name = match esize {
-        2 => "copy_strided_b2",
-        4 => "copy_strided_b4",
-        other => {
-            return Err(AttentionError::NotSupported {
-                backend: "device copy".into(),
-                reason: format!("element size 2 or 4 bytes expected, got {other}"),
-            })
-        }
-    };
+    let spec = catalog::copy_strided(esize).ok_or_else(|| AttentionError::NotSupported {
+        backend: "device copy".into(),
+        reason: format!("element size 2 or 4 bytes expected, got {esize}"),
+    })?;
     let (s, d) = (src.layout4(), dst.layout4());
     let params = CopyParams {
         src: src.device_ptr(),
@@ -136,7 +118,6 @@ pub(crate) fn gpu_copy(rt: &Arc<GpuRuntime>, src: &DeviceTensor, dst: &DeviceTen
         numel: numel as i64,
     };
     let blocks = numel.div_ceil(256).min(4096) as u32;
-    let spec = KernelSpec::new(KernelFile::TensorOps, name, vec![]);
     rt.launch(
         &spec,
         LaunchDims::new((blocks, 1, 1), (256, 1, 1), 0),

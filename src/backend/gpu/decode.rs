@@ -9,7 +9,8 @@ use crate::device::Device;
 use crate::device::{gpu::GpuRuntime, launch::LaunchDims};
 use crate::dtype::DType;
 use crate::error::{AttentionError, Result};
-use crate::kernels::{KernelFile, KernelSpec};
+use crate::kernels::abi::{DecodeParams, TokenStrides};
+use crate::kernels::catalog::{self, DECODE_BUCKETS};
 use crate::problem::{AttentionProblem, HeadStrides};
 use crate::tensor::DeviceTensor;
 
@@ -33,63 +34,9 @@ const MIN_SPLIT_KEYS: usize = 128;
 const MIN_SHORT_SPLIT_KEYS: usize = 64;
 const SHORT_CACHE_SPLITS: usize = 16;
 
-/// Mirrors `DecodeParams` in kernels/decode_params.h.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
-pub(crate) struct DecodeParams {
-    pub q: u64,
-    pub k: u64,
-    pub v: u64,
-    pub out: u64,
-    pub partial_o: u64,
-    pub partial_lse: u64,
-    pub seq_lens: u64,
-    pub block_table: u64,
-    pub counters: u64,
-    pub k_new: u64,
-    pub v_new: u64,
-    pub pool_next: u64,
-    pub arrivals: u64,
-    pub q_sb: i64,
-    pub q_sh: i64,
-    pub q_ss: i64,
-    pub o_sb: i64,
-    pub o_sh: i64,
-    pub o_ss: i64,
-    pub k_sb: i64,
-    pub k_sh: i64,
-    pub k_ss: i64,
-    pub v_sb: i64,
-    pub v_sh: i64,
-    pub v_ss: i64,
-    pub kn_sb: i64,
-    pub kn_ss: i64,
-    pub kn_sh: i64,
-    pub vn_sb: i64,
-    pub vn_ss: i64,
-    pub vn_sh: i64,
-    pub batch: i32,
-    pub num_heads: i32,
-    pub num_kv_heads: i32,
-    pub seq_q: i32,
-    pub seq_k: i32,
-    pub head_dim: i32,
-    pub max_pages: i32,
-    pub page_size: i32,
-    pub num_splits: i32,
-    pub split_keys: i32,
-    pub scale: f32,
-    pub causal: i32,
-    pub n_new: i32,
-    pub num_pages: i32,
-}
-
-/// Head-dim buckets the decode kernel is instantiated for.
-const BUCKETS: [usize; 9] = [32, 64, 80, 96, 128, 160, 192, 224, 256];
-
 /// The smallest decode bucket holding `head_dim`.
 pub fn decode_bucket(head_dim: usize) -> Option<usize> {
-    BUCKETS.iter().copied().find(|&b| b >= head_dim)
+    DECODE_BUCKETS.iter().copied().find(|&b| b >= head_dim)
 }
 
 /// Keys per shared-memory tile (`DecodeTile<T, HD>::N` in the kernel): 16 KiB of K.
@@ -292,17 +239,6 @@ pub(crate) struct NewTokens {
     pub pool_next: u64,
 }
 
-fn spec(name: String, dtype: DType, bucket: usize) -> KernelSpec {
-    KernelSpec::new(
-        KernelFile::Decode,
-        name,
-        vec![
-            ("FA_VARIANT_DT", dtype.name().to_string()),
-            ("FA_VARIANT_HD", bucket.to_string()),
-        ],
-    )
-}
-
 /// The split a launch over `len` keys uses: `FORGE_ATTN_DECODE_SPLITS` when set, else
 /// [`split_plan`].
 fn chosen_split(
@@ -397,18 +333,10 @@ pub(crate) fn forward_decode(
         out: out.device_ptr(),
         seq_lens: cache.seq_lens,
         block_table: cache.block_table,
-        q_sb: p.q.batch as i64,
-        q_sh: p.q.head as i64,
-        q_ss: p.q.seq as i64,
-        o_sb: out_strides.batch as i64,
-        o_sh: out_strides.head as i64,
-        o_ss: out_strides.seq as i64,
-        k_sb: cache.k_strides.batch as i64,
-        k_sh: cache.k_strides.head as i64,
-        k_ss: cache.k_strides.seq as i64,
-        v_sb: cache.v_strides.batch as i64,
-        v_sh: cache.v_strides.head as i64,
-        v_ss: cache.v_strides.seq as i64,
+        q_strides: p.q.into(),
+        o_strides: out_strides.into(),
+        k_strides: cache.k_strides.into(),
+        v_strides: cache.v_strides.into(),
         batch: p.batch as i32,
         num_heads: p.num_heads as i32,
         num_kv_heads: p.num_kv_heads as i32,
@@ -440,8 +368,8 @@ pub(crate) fn forward_decode(
         params.v_new = a.v;
         params.pool_next = a.pool_next;
         params.arrivals = t.device_ptr();
-        [params.kn_sb, params.kn_ss, params.kn_sh] = a.k_strides;
-        [params.vn_sb, params.vn_ss, params.vn_sh] = a.v_strides;
+        params.kn_strides = TokenStrides::from_array(a.k_strides);
+        params.vn_strides = TokenStrides::from_array(a.v_strides);
         params.n_new = a.n as i32;
         arrivals = Some(t);
     }
@@ -480,9 +408,8 @@ pub(crate) fn forward_decode(
         };
         _keep_alive = (buf, counters);
     }
-    let dt = p.dtype.name();
-    let main = spec(format!("flash_decode_{dt}_hd{bucket}"), p.dtype, bucket);
-    let combine = spec(format!("flash_decode_combine_{dt}"), p.dtype, bucket);
+    let main = catalog::decode(p.dtype, bucket);
+    let combine = catalog::decode_combine(p.dtype, bucket);
     let smem = decode_smem_bytes(p.dtype, bucket);
     let es = p.dtype.size_in_bytes();
     let paged = cache.block_table != 0;
@@ -499,23 +426,15 @@ pub(crate) fn forward_decode(
                     ),
                 });
             }
-            let at = |sb: i64, sh: i64, h: usize| (sl.batch0 as i64 * sb + h as i64 * sh) as usize;
-            sp.q = offset_ptr(sp.q, at(sp.q_sb, sp.q_sh, sl.head0), es);
-            sp.out = offset_ptr(sp.out, at(sp.o_sb, sp.o_sh, sl.head0), es);
+            let b = sl.batch0;
+            sp.q = offset_ptr(sp.q, sp.q_strides.at(b, sl.head0), es);
+            sp.out = offset_ptr(sp.out, sp.o_strides.at(b, sl.head0), es);
             // A paged pool is indexed by page, not by sequence.
-            let kb = if paged { 0 } else { sl.batch0 as i64 };
-            sp.k = offset_ptr(
-                sp.k,
-                (kb * sp.k_sb + sl.kv_head0 as i64 * sp.k_sh) as usize,
-                es,
-            );
-            sp.v = offset_ptr(
-                sp.v,
-                (kb * sp.v_sb + sl.kv_head0 as i64 * sp.v_sh) as usize,
-                es,
-            );
-            sp.k_new = offset_ptr(sp.k_new, at(sp.kn_sb, sp.kn_sh, sl.kv_head0), es);
-            sp.v_new = offset_ptr(sp.v_new, at(sp.vn_sb, sp.vn_sh, sl.kv_head0), es);
+            let kb = if paged { 0 } else { b };
+            sp.k = offset_ptr(sp.k, sp.k_strides.at(kb, sl.kv_head0), es);
+            sp.v = offset_ptr(sp.v, sp.v_strides.at(kb, sl.kv_head0), es);
+            sp.k_new = offset_ptr(sp.k_new, sp.kn_strides.at(b, sl.kv_head0), es);
+            sp.v_new = offset_ptr(sp.v_new, sp.vn_strides.at(b, sl.kv_head0), es);
             sp.seq_lens = offset_ptr(sp.seq_lens, sl.batch0, 4);
             sp.arrivals = offset_ptr(sp.arrivals, sl.batch0, 4);
             sp.block_table = offset_ptr(sp.block_table, sl.batch0 * cache.max_pages, 4);
@@ -542,39 +461,9 @@ pub(crate) fn forward_decode(
     })
 }
 
-/// Names of every decode variant, for compile checks.
-pub fn all_decode_specs() -> Vec<KernelSpec> {
-    let mut v = Vec::new();
-    for dtype in [DType::F32, DType::F16, DType::BF16] {
-        for b in BUCKETS {
-            v.push(spec(
-                format!("flash_decode_{}_hd{b}", dtype.name()),
-                dtype,
-                b,
-            ));
-        }
-    }
-    for dtype in [DType::F32, DType::F16, DType::BF16] {
-        v.push(spec(
-            format!("flash_decode_combine_{}", dtype.name()),
-            dtype,
-            128,
-        ));
-    }
-    v
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn params_match_the_c_struct() {
-        assert_eq!(
-            std::mem::size_of::<DecodeParams>(),
-            13 * 8 + 18 * 8 + 14 * 4
-        );
-    }
 
     #[test]
     fn split_plan_fills_the_gpu_and_covers_the_cache() {

@@ -88,7 +88,7 @@ impl FlashChoice {
         match self.kernel {
             FlashKernel::NonCausal => KernelFile::FlashNoCausal,
             FlashKernel::Causal => KernelFile::FlashCausal,
-            FlashKernel::Generic | FlashKernel::Decode => KernelFile::FlashMasked,
+            FlashKernel::Masked | FlashKernel::Decode => KernelFile::FlashMasked,
         }
     }
 }
@@ -105,11 +105,11 @@ pub struct Plan {
 }
 
 /// The flash family for a problem: Decode for short unmasked query blocks over K/V it can
-/// read in 16-byte vectors, else Causal / NonCausal without a mask and Generic with one.
+/// read in 16-byte vectors, else Causal / NonCausal without a mask and Masked with one.
 pub fn select_flash_kernel(input: &PlanInput) -> FlashKernel {
     match (input.has_mask, input.causal) {
         (false, _) if input.seq_q <= MAX_DECODE_QUERIES && input.kv_aligned => FlashKernel::Decode,
-        (true, _) => FlashKernel::Generic,
+        (true, _) => FlashKernel::Masked,
         (false, true) => FlashKernel::Causal,
         (false, false) => FlashKernel::NonCausal,
     }

@@ -4,10 +4,10 @@ use std::sync::Arc;
 
 use super::dispatch::FlashChoice;
 use super::grid::{for_each_slice, offset_ptr, HeadAxis, Slice};
-use super::params::AttnParams;
 use crate::device::{gpu::GpuRuntime, launch::LaunchDims};
 use crate::error::{AttentionError, Result};
-use crate::kernels;
+use crate::kernels::abi::AttnParams;
+use crate::kernels::catalog;
 use crate::problem::AttentionProblem;
 
 /// Queues the flash launches: grid (ceil(Sq / BLOCK_M), H, B), one launch per slice of the
@@ -22,7 +22,7 @@ pub(crate) fn forward_flash(
         backend: "gpu (flash)".into(),
         reason: format!("{:?} has no prefill tile", choice.kernel),
     })?;
-    let spec = kernels::flash_spec(choice.file(), tile);
+    let spec = catalog::flash(choice.file(), tile);
     let tiles = p.seq_q.div_ceil(tile.block_m as usize) as u32;
     for_each_slice(p.batch, p.num_heads, p.num_kv_heads, HeadAxis::Query, |s| {
         let sliced = slice_params(params, p, &s);
@@ -42,13 +42,13 @@ pub(crate) fn slice_params(params: &AttnParams, p: &AttentionProblem, s: &Slice)
         return *params;
     }
     let es = p.dtype.size_in_bytes();
-    let at = |sb: i64, sh: i64, h: usize| (s.batch0 as i64 * sb + h as i64 * sh) as usize;
+    let b = s.batch0;
     AttnParams {
-        q: offset_ptr(params.q, at(params.q_sb, params.q_sh, s.head0), es),
-        k: offset_ptr(params.k, at(params.k_sb, params.k_sh, s.kv_head0), es),
-        v: offset_ptr(params.v, at(params.v_sb, params.v_sh, s.kv_head0), es),
-        out: offset_ptr(params.out, at(params.o_sb, params.o_sh, s.head0), es),
-        mask: offset_ptr(params.mask, at(params.m_sb, params.m_sh, s.head0), 4),
+        q: offset_ptr(params.q, params.q_strides.at(b, s.head0), es),
+        k: offset_ptr(params.k, params.k_strides.at(b, s.kv_head0), es),
+        v: offset_ptr(params.v, params.v_strides.at(b, s.kv_head0), es),
+        out: offset_ptr(params.out, params.o_strides.at(b, s.head0), es),
+        mask: offset_ptr(params.mask, params.m_strides.at(b, s.head0), 4),
         batch: s.batch as i32,
         num_heads: s.heads as i32,
         num_kv_heads: s.kv_heads as i32,

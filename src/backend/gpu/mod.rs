@@ -10,6 +10,7 @@ use crate::device::gpu::GpuRuntime;
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{AttentionError, Result};
+use crate::kernels::abi::AttnParams;
 use crate::kernels::TileVendor;
 use crate::kv_cache::KvCache;
 use crate::problem::{AttentionProblem, HeadStrides};
@@ -23,7 +24,6 @@ mod params;
 mod traditional;
 mod workspace;
 
-pub(crate) use decode::all_decode_specs;
 pub use decode::{SplitPlan, MAX_DECODE_QUERIES};
 pub use dispatch::{FlashChoice, Plan, PlanInput, MAX_KERNEL_SEQ};
 
@@ -393,7 +393,7 @@ impl GpuAttentionBackend {
         v: &DeviceTensor,
         mask: Option<&DeviceTensor>,
         out: &DeviceTensor,
-    ) -> Result<(AttentionProblem, params::AttnParams, HeadStrides)> {
+    ) -> Result<(AttentionProblem, AttnParams, HeadStrides)> {
         let p = AttentionProblem::new(config, q, k, v, mask)?;
         if p.device != self.device {
             return Err(AttentionError::DeviceMismatch {
@@ -409,7 +409,7 @@ impl GpuAttentionBackend {
             backend: self.name().into(),
             reason,
         })?;
-        let params = params::AttnParams::new(&p, q, k, v, mask, out, out_strides);
+        let params = AttnParams::new(&p, q, k, v, mask, out, out_strides);
         Ok((p, params, out_strides))
     }
 }

@@ -4,11 +4,11 @@
 use std::sync::Arc;
 
 use super::grid::{MAX_GRID_X, MAX_GRID_YZ};
-use super::params::AttnParams;
 use super::workspace::DeviceScratch;
 use crate::device::{gpu::GpuRuntime, launch::LaunchDims};
 use crate::error::{AttentionError, Result};
-use crate::kernels;
+use crate::kernels::abi::AttnParams;
+use crate::kernels::catalog::{self, TraditionalKernel};
 use crate::problem::AttentionProblem;
 
 /// Queues the three launches.
@@ -39,17 +39,17 @@ pub(crate) fn forward_traditional(
     let tiles = |n: usize| n.div_ceil(64) as u32;
     let q_tiles = p.seq_q.div_ceil(64).min(MAX_GRID_YZ) as u32;
     rt.launch(
-        &kernels::traditional_spec("attn_scores", p.dtype),
+        &catalog::traditional(TraditionalKernel::Scores, p.dtype),
         LaunchDims::new((tiles(p.seq_k), q_tiles, bh), (256, 1, 1), 0),
         &params,
     )?;
     rt.launch(
-        &kernels::traditional_spec("attn_softmax_rows", p.dtype),
+        &catalog::traditional(TraditionalKernel::Softmax, p.dtype),
         LaunchDims::new((rows, 1, 1), (256, 1, 1), 0),
         &params,
     )?;
     rt.launch(
-        &kernels::traditional_spec("attn_pv", p.dtype),
+        &catalog::traditional(TraditionalKernel::Pv, p.dtype),
         LaunchDims::new((tiles(p.head_dim), q_tiles, bh), (256, 1, 1), 0),
         &params,
     )

@@ -1,0 +1,301 @@
+//! The kernel catalog: every variant of every kernel file, with its entry-point name and
+//! the defines that select it. This is the one place that spells a kernel name; launches
+//! ask it for a [`KernelSpec`].
+//!
+//! | file | entry points | NVRTC defines |
+//! |---|---|---|
+//! | `flash_attention_nocausal.hip` | `flash_attention_nocausal_<dt>_hd<N>[_sm90]` | `FA_VARIANT_{DT,HD,BM,BN,THREADS,SMEM}` from the [`FlashTile`] (and `FA_VARIANT_WGMMA` for `_sm90`) |
+//! | `flash_attention_causal.hip` | `flash_attention_causal_<dt>_hd<N>[_sm90]` | same |
+//! | `flash_attention_masked.hip` | `flash_attention_masked_<dt>_hd<N>[_sm90]` | same |
+//! | `attention_traditional.hip` | `attn_scores_<dt>`, `attn_softmax_rows`, `attn_pv_<dt>` | `FA_VARIANT_DT` |
+//! | `tensor_ops.hip` | `copy_strided_b2/_b4`, `fill_b2/_b4` | none |
+//! | `flash_decode.hip` | `flash_decode_<dt>_hd<N>`, `flash_decode_combine_<dt>` | `FA_VARIANT_{DT,HD}` |
+//! | `kv_cache.hip` | `kv_append_b2/_b4` | none |
+//!
+//! `<dt>` is `f32`, `f16`, `bf16` (or `tf32` for a TF32 flash row); `<N>` is a head-dim
+//! bucket; `_b2`/`_b4` name the element size in bytes. Names are unique across all files.
+
+use super::tiles::{flash_table, FlashTile, TileVendor};
+use crate::dtype::DType;
+
+/// One kernel source file in `kernels/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum KernelFile {
+    /// `flash_attention_nocausal.hip`
+    FlashNoCausal,
+    /// `flash_attention_causal.hip`
+    FlashCausal,
+    /// `flash_attention_masked.hip` (additive mask, optional causal)
+    FlashMasked,
+    /// `attention_traditional.hip`
+    Traditional,
+    /// `tensor_ops.hip`
+    TensorOps,
+    /// `flash_decode.hip` (split-KV decode: a few queries against a long KV cache)
+    Decode,
+    /// `kv_cache.hip` (appends new tokens to a device KV cache)
+    KvCache,
+}
+
+impl KernelFile {
+    /// Every kernel file.
+    pub const ALL: [KernelFile; 7] = [
+        KernelFile::FlashNoCausal,
+        KernelFile::FlashCausal,
+        KernelFile::FlashMasked,
+        KernelFile::Traditional,
+        KernelFile::TensorOps,
+        KernelFile::Decode,
+        KernelFile::KvCache,
+    ];
+
+    /// The three flash files, one per mask mode.
+    pub const FLASH: [KernelFile; 3] = [
+        KernelFile::FlashNoCausal,
+        KernelFile::FlashCausal,
+        KernelFile::FlashMasked,
+    ];
+
+    /// File name under `kernels/`.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            KernelFile::FlashNoCausal => "flash_attention_nocausal.hip",
+            KernelFile::FlashCausal => "flash_attention_causal.hip",
+            KernelFile::FlashMasked => "flash_attention_masked.hip",
+            KernelFile::Traditional => "attention_traditional.hip",
+            KernelFile::TensorOps => "tensor_ops.hip",
+            KernelFile::Decode => "flash_decode.hip",
+            KernelFile::KvCache => "kv_cache.hip",
+        }
+    }
+
+    /// File name without the `.hip` extension; also the name of its HSACO code object
+    /// (`<stem>.hsaco`).
+    pub fn stem(self) -> &'static str {
+        self.file_name().trim_end_matches(".hip")
+    }
+
+    /// The mask-mode word of a flash file's entry points (`nocausal`, `causal`, `masked`);
+    /// `None` for the other files.
+    pub fn flash_mode(self) -> Option<&'static str> {
+        match self {
+            KernelFile::FlashNoCausal | KernelFile::FlashCausal | KernelFile::FlashMasked => {
+                self.stem().strip_prefix("flash_attention_")
+            }
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for KernelFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.file_name())
+    }
+}
+
+/// A kernel variant: which file, which entry point, and the defines that select it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct KernelSpec {
+    /// Source file.
+    pub file: KernelFile,
+    /// Entry point (unique across all files).
+    pub name: String,
+    /// `-D` defines that make the file emit only this variant (NVRTC path).
+    pub defines: Vec<(&'static str, String)>,
+    /// Built for the architecture-specific target on sm_90 (`compute_90a`, which has
+    /// wgmma); other targets build it as usual, and it falls back to their kernels.
+    pub arch_specific: bool,
+}
+
+impl KernelSpec {
+    /// A kernel variant.
+    pub fn new(
+        file: KernelFile,
+        name: impl Into<String>,
+        defines: Vec<(&'static str, String)>,
+    ) -> Self {
+        KernelSpec {
+            file,
+            name: name.into(),
+            defines,
+            arch_specific: false,
+        }
+    }
+}
+
+/// Every dtype a kernel is instantiated for.
+const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
+/// Element sizes (bytes) of the dtype-blind kernels (`_b2`, `_b4`).
+const ELEM_SIZES: [usize; 2] = [2, 4];
+
+/// Head-dim buckets the decode kernel is instantiated for.
+pub const DECODE_BUCKETS: [usize; 9] = [32, 64, 80, 96, 128, 160, 192, 224, 256];
+
+/// The bucket the decode combine kernel of [`all_variants`] is listed with (the combine
+/// kernel is the same in every bucket's compile unit).
+const COMBINE_LISTED_BUCKET: usize = 128;
+
+/// The flash variant of `file` for `tile`: `flash_attention_<mode>_<dt>_hd<N>` with the
+/// tile's `FA_VARIANT_*` defines, `<mode>` from [`KernelFile::flash_mode`].
+///
+/// `<dt>` is the tile's dtype, or `tf32` for a TF32 row. An `FA_TILE_SM90` row's name ends
+/// in `_sm90`; it also defines `FA_VARIANT_WGMMA=1` and is [`KernelSpec::arch_specific`].
+/// `file` should be one of [`KernelFile::FLASH`]; otherwise the name is one no kernel file
+/// defines (`flash_attention_<file stem>_...`), so loading it fails with a
+/// [`crate::AttentionError::KernelBuild`] instead of running the wrong kernel.
+pub fn flash(file: KernelFile, tile: &FlashTile) -> KernelSpec {
+    let mode = file.flash_mode().unwrap_or_else(|| file.stem());
+    let dt = tile.kernel_dtype_name();
+    let suffix = if tile.wgmma { "_sm90" } else { "" };
+    let name = format!("flash_attention_{mode}_{dt}_hd{}{suffix}", tile.head_dim);
+    let mut defines = vec![
+        ("FA_VARIANT_DT", dt.to_string()),
+        ("FA_VARIANT_HD", tile.head_dim.to_string()),
+        ("FA_VARIANT_BM", tile.block_m.to_string()),
+        ("FA_VARIANT_BN", tile.block_n.to_string()),
+        ("FA_VARIANT_THREADS", tile.threads.to_string()),
+        ("FA_VARIANT_SMEM", tile.smem_bytes.to_string()),
+    ];
+    if tile.wgmma {
+        defines.push(("FA_VARIANT_WGMMA", "1".to_string()));
+    }
+    KernelSpec {
+        arch_specific: tile.wgmma,
+        ..KernelSpec::new(file, name, defines)
+    }
+}
+
+/// The three launches of the unfused path (`attention_traditional.hip`), in launch order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TraditionalKernel {
+    /// Scaled, masked scores `Q K^T` into the f32 workspace.
+    Scores,
+    /// Row softmax over the workspace (dtype-free).
+    Softmax,
+    /// `P V` into the output.
+    Pv,
+}
+
+impl TraditionalKernel {
+    /// The three kernels in launch order.
+    pub const ALL: [TraditionalKernel; 3] = [
+        TraditionalKernel::Scores,
+        TraditionalKernel::Softmax,
+        TraditionalKernel::Pv,
+    ];
+}
+
+/// A kernel of `attention_traditional.hip`, selected by `-DFA_VARIANT_DT=<dt>`: `attn_scores_<dt>`,
+/// `attn_pv_<dt>`, or the dtype-free `attn_softmax_rows`, which always uses the `f32`
+/// compile unit so every dtype shares one build.
+pub fn traditional(kernel: TraditionalKernel, dtype: DType) -> KernelSpec {
+    let (name, unit) = match kernel {
+        TraditionalKernel::Scores => (format!("attn_scores_{}", dtype.name()), dtype),
+        TraditionalKernel::Softmax => ("attn_softmax_rows".to_string(), DType::F32),
+        TraditionalKernel::Pv => (format!("attn_pv_{}", dtype.name()), dtype),
+    };
+    KernelSpec::new(
+        KernelFile::Traditional,
+        name,
+        vec![("FA_VARIANT_DT", unit.name().to_string())],
+    )
+}
+
+/// `<stem>_b2` / `<stem>_b4` of `file` (no defines) for 2- and 4-byte elements; `None` for
+/// other sizes.
+fn by_elem_size(file: KernelFile, stem: &str, elem_bytes: usize) -> Option<KernelSpec> {
+    ELEM_SIZES
+        .contains(&elem_bytes)
+        .then(|| KernelSpec::new(file, format!("{stem}_b{elem_bytes}"), vec![]))
+}
+
+/// The strided copy of `tensor_ops.hip` for `elem_bytes`-byte elements (2 or 4).
+pub fn copy_strided(elem_bytes: usize) -> Option<KernelSpec> {
+    by_elem_size(KernelFile::TensorOps, "copy_strided", elem_bytes)
+}
+
+/// The fill of `tensor_ops.hip` for `elem_bytes`-byte elements (2 or 4).
+pub fn fill(elem_bytes: usize) -> Option<KernelSpec> {
+    by_elem_size(KernelFile::TensorOps, "fill", elem_bytes)
+}
+
+/// The KV-cache append of `kv_cache.hip` for `elem_bytes`-byte elements (2 or 4).
+pub fn kv_append(elem_bytes: usize) -> Option<KernelSpec> {
+    by_elem_size(KernelFile::KvCache, "kv_append", elem_bytes)
+}
+
+/// The compile unit of `flash_decode.hip` for `dtype` and head-dim `bucket`.
+fn decode_unit(name: String, dtype: DType, bucket: usize) -> KernelSpec {
+    KernelSpec::new(
+        KernelFile::Decode,
+        name,
+        vec![
+            ("FA_VARIANT_DT", dtype.name().to_string()),
+            ("FA_VARIANT_HD", bucket.to_string()),
+        ],
+    )
+}
+
+/// The split-KV decode kernel `flash_decode_<dt>_hd<bucket>`; `bucket` is one of
+/// [`DECODE_BUCKETS`].
+pub fn decode(dtype: DType, bucket: usize) -> KernelSpec {
+    decode_unit(
+        format!("flash_decode_{}_hd{bucket}", dtype.name()),
+        dtype,
+        bucket,
+    )
+}
+
+/// The split merge `flash_decode_combine_<dt>`, from the compile unit of `bucket` (the one
+/// its [`decode`] launch was built in, so no second build is needed).
+pub fn decode_combine(dtype: DType, bucket: usize) -> KernelSpec {
+    decode_unit(
+        format!("flash_decode_combine_{}", dtype.name()),
+        dtype,
+        bucket,
+    )
+}
+
+/// Every variant of every file, as NVRTC builds them: flash (3 files x every `FA_TILE` and
+/// `FA_TILE_SM90` row), traditional (per dtype, plus the dtype-free softmax once), tensor
+/// ops, decode (per dtype x head-dim bucket, plus the combine kernel once per dtype) and KV
+/// cache.
+///
+/// A malformed `flash_config.h` leaves the flash variants out; [`flash_table`] reports it.
+pub fn all_nvrtc_variants() -> Vec<KernelSpec> {
+    all_variants(TileVendor::Cuda)
+}
+
+/// Every entry point a build for `vendor` must provide: [`all_nvrtc_variants`] for CUDA;
+/// for AMD the flash variants follow the `FA_TILE_HIP` rows (the defines do not matter
+/// there: hipcc builds every variant of a file into one code object).
+pub fn all_variants(vendor: TileVendor) -> Vec<KernelSpec> {
+    let mut specs = Vec::new();
+    let mut tiles = flash_table(vendor).unwrap_or(&[]).to_vec();
+    if vendor == TileVendor::Cuda {
+        tiles.extend_from_slice(flash_table(TileVendor::CudaSm90).unwrap_or(&[]));
+    }
+    for file in KernelFile::FLASH {
+        specs.extend(tiles.iter().map(|tile| flash(file, tile)));
+    }
+    for kernel in TraditionalKernel::ALL {
+        if kernel == TraditionalKernel::Softmax {
+            specs.push(traditional(kernel, DType::F32));
+        } else {
+            specs.extend(DTYPES.iter().map(|&dt| traditional(kernel, dt)));
+        }
+    }
+    specs.extend(ELEM_SIZES.iter().filter_map(|&b| copy_strided(b)));
+    specs.extend(ELEM_SIZES.iter().filter_map(|&b| fill(b)));
+    for dtype in DTYPES {
+        specs.extend(DECODE_BUCKETS.iter().map(|&b| decode(dtype, b)));
+    }
+    specs.extend(
+        DTYPES
+            .iter()
+            .map(|&dt| decode_combine(dt, COMBINE_LISTED_BUCKET)),
+    );
+    specs.extend(ELEM_SIZES.iter().filter_map(|&b| kv_append(b)));
+    specs
+}
