@@ -35,7 +35,10 @@ use crate::device::Device;
 use crate::dtype::{DType, HostElement};
 use crate::error::{AttentionError, Result};
 use crate::problem::{AttentionProblem, HeadStrides, MaskStrides};
+use crate::kv_cache::KvCache;
 use crate::tensor::DeviceTensor;
+
+mod cached;
 
 /// Keys per tile at most (a multiple of [`NR`]).
 const BLOCK_K: usize = 64;
@@ -119,6 +122,19 @@ impl DeviceAttentionBackend for CpuAttentionBackend {
     ) -> Result<AttentionPath> {
         forward_tuned(config, q, k, v, mask, out, Tuning::detect())
     }
+
+    /// Attention over `cache` in place, whatever its layout: contiguous or paged, each
+    /// sequence over its own length, any number of queries, with the numerical contract of
+    /// [`forward_into`](DeviceAttentionBackend::forward_into) (see [`CpuAttentionBackend`]).
+    fn forward_cached(
+        &self,
+        config: &AttentionConfig,
+        q: &DeviceTensor,
+        cache: &KvCache,
+        out: &mut DeviceTensor,
+    ) -> Result<AttentionPath> {
+        cached::forward(config, q, cache, out, Isa::detect(), cached::MIN_SPLIT_KEYS)
+    }
 }
 
 /// How a call runs: the instruction set and the budget for shared K/V tiles. Tests set
@@ -189,6 +205,7 @@ fn forward_tuned(
             None => std::ptr::null(),
         },
         out: host(out, "out")?,
+        table: std::ptr::null(),
     };
     let plan = Plan::new(&problem, os, tuning.shared_bytes);
     // SAFETY: `problem` checked every operand's shape against the others and each view
@@ -234,6 +251,8 @@ struct RawPtrs {
     v: *mut u8,
     mask: *const f32,
     out: *mut u8,
+    /// Block table of paged K/V (`[batch, max_pages]` page ids), null otherwise.
+    table: *const i32,
 }
 
 // SAFETY: the pointers are only dereferenced inside `run`, under the aliasing rules stated
@@ -274,6 +293,39 @@ struct Plan {
     rows_pad: usize,
     /// Budget for K/V tiles widened ahead of the tasks.
     shared_bytes: usize,
+    /// Keys of each sequence when they differ (a ragged cache); empty: `seq_k` for all.
+    lens: Vec<usize>,
+    /// Paged K/V: key `j` of sequence `b` lies at position `j % page_size` of page
+    /// `table[b * max_pages + j / page_size]`, the page taking the place of the batch.
+    paging: Option<Paging>,
+}
+
+/// Page geometry of paged K/V (the block table itself is in [`RawPtrs`]).
+#[derive(Debug, Clone, Copy)]
+struct Paging {
+    page_size: usize,
+    max_pages: usize,
+}
+
+/// One task's share of the work: query block `qb` of (batch, kv head) pair `pair`, the
+/// query heads of head chunk `hc`, over the keys in `keys` (all of them unless the keys
+/// are split over several tasks).
+struct Work<'a> {
+    pair: usize,
+    hc: usize,
+    qb: usize,
+    keys: std::ops::Range<usize>,
+    /// Where a key-split task leaves its unnormalised rows for the merge; `None`: the task
+    /// writes the finished output.
+    partial: Option<Partial<'a>>,
+}
+
+/// A task's unnormalised result over its key range: per row `r`, the output sum `o[r*d..]`,
+/// the running max `m[r]` and the sum of weights `l[r]` (relative to `m[r]`).
+struct Partial<'a> {
+    o: &'a mut [f64],
+    m: &'a mut [f64],
+    l: &'a mut [f64],
 }
 
 impl Plan {
@@ -322,6 +374,47 @@ impl Plan {
             dim_pad,
             rows_pad: (heads_per_task * block_q).next_multiple_of(MR),
             shared_bytes,
+            lens: Vec::new(),
+            paging: None,
+        }
+    }
+
+    /// Keys of sequence `b`.
+    #[inline(always)]
+    fn seq_k_of(&self, b: usize) -> usize {
+        if self.lens.is_empty() {
+            self.seq_k
+        } else {
+            self.lens[b]
+        }
+    }
+
+    /// Batch, first query head, heads, first query and queries of a task's rows (row `r`
+    /// is head `h0 + r / nq`, query `q0 + r % nq`).
+    #[inline(always)]
+    fn rows_of(&self, pair: usize, hc: usize, qb: usize) -> (usize, usize, usize, usize, usize) {
+        let (b, kvh) = (pair / self.num_kv_heads, pair % self.num_kv_heads);
+        let q0 = qb * self.block_q;
+        let nq = self.block_q.min(self.seq_q - q0);
+        let h0 = kvh * self.group + hc * self.heads_per_task;
+        let nh = self.heads_per_task.min((kvh + 1) * self.group - h0);
+        (b, h0, nh, q0, nq)
+    }
+
+    /// Element offset of key `j`'s row for (batch `b`, kv head `kvh`) in a K or V view
+    /// with strides `st`.
+    ///
+    /// # Safety
+    /// `j < seq_k_of(b)`; with paging, `raw.table` holds valid page ids for those keys.
+    #[inline(always)]
+    unsafe fn key_row(&self, raw: RawPtrs, st: HeadStrides, b: usize, kvh: usize, j: usize) -> usize {
+        match self.paging {
+            None => b * st.batch + kvh * st.head + j * st.seq,
+            Some(pg) => {
+                // SAFETY: the entry lies in row b of the table (see the contract).
+                let page = unsafe { *raw.table.add(b * pg.max_pages + j / pg.page_size) } as usize;
+                page * st.batch + kvh * st.head + (j % pg.page_size) * st.seq
+            }
         }
     }
 
@@ -342,13 +435,19 @@ impl Plan {
 
     /// One past the last key query `i` sees (bottom-right causal: key `j` is visible iff
     /// `j <= i + seq_k - seq_q`), computed without signed casts so no size can wrap.
-    #[inline(always)]
+    #[cfg(test)]
     fn visible_end(&self, i: usize) -> usize {
+        self.visible_end_in(self.seq_k, i)
+    }
+
+    /// [`visible_end`](Self::visible_end) for a sequence of `seq_k` keys.
+    #[inline(always)]
+    fn visible_end_in(&self, seq_k: usize, i: usize) -> usize {
         if self.causal {
             // i < seq_q, so the subtraction cannot underflow.
-            self.seq_k.saturating_sub(self.seq_q - 1 - i)
+            seq_k.saturating_sub(self.seq_q - 1 - i)
         } else {
-            self.seq_k
+            seq_k
         }
     }
 
@@ -367,8 +466,9 @@ impl Plan {
         j0: usize,
         nk: usize,
     ) -> bool {
+        let seq_k = self.seq_k_of(b);
         for i in queries.rev() {
-            let end = self.visible_end(i).min(j0 + nk);
+            let end = self.visible_end_in(seq_k, i).min(j0 + nk);
             if end <= j0 {
                 continue;
             }
@@ -511,13 +611,15 @@ unsafe fn run<T: Element>(plan: &Plan, raw: RawPtrs, isa: Isa) -> Result<()> {
         let tasks = pairs * per_task;
         let mut workers = scratches(plan, tasks)?;
         for_each_task(&mut workers, tasks, |sc, t| {
-            let (pair, hc, qb) = (
-                t / per_task,
-                t % per_task / plan.q_blocks,
-                t % plan.q_blocks,
-            );
+            let work = Work {
+                pair: t / per_task,
+                hc: t % per_task / plan.q_blocks,
+                qb: t % plan.q_blocks,
+                keys: 0..plan.seq_k,
+                partial: None,
+            };
             // SAFETY: forwarded from `run`'s contract.
-            unsafe { isa.task::<T>(plan, raw, pair, hc, qb, None, sc) }
+            unsafe { isa.task::<T>(plan, raw, work, None, sc) }
         });
         return Ok(());
     }
@@ -560,17 +662,20 @@ unsafe fn run<T: Element>(plan: &Plan, raw: RawPtrs, isa: Isa) -> Result<()> {
             });
         let (tiles, bad) = (&*tiles, &*bad);
         for_each_task(&mut workers, n * per_task, |sc, t| {
-            let (p, hc, qb) = (
-                t / per_task,
-                t % per_task / plan.q_blocks,
-                t % plan.q_blocks,
-            );
+            let p = t / per_task;
             let shared = Shared {
                 tiles: &tiles[p * per_pair..(p + 1) * per_pair],
                 bad: &bad[p * k_tiles..(p + 1) * k_tiles],
             };
+            let work = Work {
+                pair: first + p,
+                hc: t % per_task / plan.q_blocks,
+                qb: t % plan.q_blocks,
+                keys: 0..plan.seq_k,
+                partial: None,
+            };
             // SAFETY: forwarded from `run`'s contract.
-            unsafe { isa.task::<T>(plan, raw, first + p, hc, qb, Some(shared), sc) }
+            unsafe { isa.task::<T>(plan, raw, work, Some(shared), sc) }
         });
     }
     Ok(())
@@ -592,7 +697,7 @@ struct Shared<'a> {
 /// zero weights of rows that removed the key; [`task`] adds it back where it is kept.
 ///
 /// # Safety
-/// See [`run`]; `pair < batch * num_kv_heads`, `j0 < seq_k`.
+/// See [`run`]; `pair < batch * num_kv_heads`, `j0 < seq_k_of(batch of pair)`.
 #[inline(always)]
 unsafe fn widen_tile<T: Element>(
     plan: &Plan,
@@ -604,17 +709,15 @@ unsafe fn widen_tile<T: Element>(
 ) -> u64 {
     let (b, kvh) = (pair / plan.num_kv_heads, pair % plan.num_kv_heads);
     let (d, dp, bk) = (plan.head_dim, plan.dim_pad, plan.block_k);
-    let nk = bk.min(plan.seq_k - j0);
-    let k_base = b * plan.k.batch + kvh * plan.k.head;
-    let v_base = b * plan.v.batch + kvh * plan.v.head;
+    let nk = bk.min(plan.seq_k_of(b) - j0);
     let (kp, vp) = (raw.k as *const T, raw.v as *const T);
     let mut bad = 0u64;
     for jj in 0..nk {
-        // SAFETY: key and value rows j0 + jj < seq_k inside their views.
+        // SAFETY: key and value rows j0 + jj < seq_k_of(b) inside their views.
         let (ks, vs) = unsafe {
             (
-                std::slice::from_raw_parts(kp.add(k_base + (j0 + jj) * plan.k.seq), d),
-                std::slice::from_raw_parts(vp.add(v_base + (j0 + jj) * plan.v.seq), d),
+                std::slice::from_raw_parts(kp.add(plan.key_row(raw, plan.k, b, kvh, j0 + jj)), d),
+                std::slice::from_raw_parts(vp.add(plan.key_row(raw, plan.v, b, kvh, j0 + jj)), d),
             )
         };
         for (x, &s) in ks.iter().enumerate() {
@@ -675,23 +778,20 @@ impl Isa {
     /// # Safety
     /// See [`task`].
     #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
     unsafe fn task<T: Element>(
         self,
         plan: &Plan,
         raw: RawPtrs,
-        pair: usize,
-        hc: usize,
-        qb: usize,
+        work: Work<'_>,
         shared: Option<Shared<'_>>,
         sc: &mut Scratch,
     ) {
         // SAFETY: forwarded; Avx2Fma is only chosen when the CPU has both.
         unsafe {
             match self {
-                Isa::Portable => task_portable::<T>(plan, raw, pair, hc, qb, shared, sc),
+                Isa::Portable => task_portable::<T>(plan, raw, work, shared, sc),
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2Fma => task_avx2::<T>(plan, raw, pair, hc, qb, shared, sc),
+                Isa::Avx2Fma => task_avx2::<T>(plan, raw, work, shared, sc),
             }
         }
     }
@@ -706,14 +806,12 @@ impl Isa {
 unsafe fn task_avx2<T: Element>(
     plan: &Plan,
     raw: RawPtrs,
-    pair: usize,
-    hc: usize,
-    qb: usize,
+    work: Work<'_>,
     shared: Option<Shared<'_>>,
     sc: &mut Scratch,
 ) {
     // SAFETY: forwarded.
-    unsafe { task::<T, true>(plan, raw, pair, hc, qb, shared, sc) }
+    unsafe { task::<T, true>(plan, raw, work, shared, sc) }
 }
 
 /// [`task`] for the baseline instruction set (fused multiply-add where it is baseline).
@@ -723,37 +821,41 @@ unsafe fn task_avx2<T: Element>(
 unsafe fn task_portable<T: Element>(
     plan: &Plan,
     raw: RawPtrs,
-    pair: usize,
-    hc: usize,
-    qb: usize,
+    work: Work<'_>,
     shared: Option<Shared<'_>>,
     sc: &mut Scratch,
 ) {
     // SAFETY: forwarded.
-    unsafe { task::<T, { cfg!(target_arch = "aarch64") }>(plan, raw, pair, hc, qb, shared, sc) }
+    unsafe { task::<T, { cfg!(target_arch = "aarch64") }>(plan, raw, work, shared, sc) }
 }
 
-/// Computes the output rows of one (batch, kv head) pair's query block `qb`, for the query
-/// heads of head chunk `hc` of the group. `shared` holds the pair's K/V tiles already
-/// widened (see [`run`]); without it each tile is widened into the scratch.
+/// Computes the output rows of `work` (see [`Work`]): one (batch, kv head) pair's query
+/// block, for the query heads of one head chunk of the group, over the keys of
+/// `work.keys` (whose start is a multiple of `block_k`). `shared` holds the pair's K/V
+/// tiles already widened (see [`run`]); without it each tile is widened into the scratch.
+/// With `work.partial` the unnormalised rows go there instead of the output.
 ///
 /// # Safety
-/// See [`run`]; `pair < batch * num_kv_heads`, `hc < head_chunks`, `qb < q_blocks`.
+/// See [`run`]; `pair < batch * num_kv_heads`, `hc < head_chunks`, `qb < q_blocks`; a
+/// partial holds `rows * head_dim` output values and `rows` maxima and sums.
 #[inline(always)]
 unsafe fn task<T: Element, const FMA: bool>(
     plan: &Plan,
     raw: RawPtrs,
-    pair: usize,
-    hc: usize,
-    qb: usize,
+    work: Work<'_>,
     shared: Option<Shared<'_>>,
     sc: &mut Scratch,
 ) {
-    let (b, kvh) = (pair / plan.num_kv_heads, pair % plan.num_kv_heads);
-    let q0 = qb * plan.block_q;
-    let nq = plan.block_q.min(plan.seq_q - q0);
-    let h0 = kvh * plan.group + hc * plan.heads_per_task;
-    let nh = plan.heads_per_task.min((kvh + 1) * plan.group - h0);
+    let Work {
+        pair,
+        hc,
+        qb,
+        keys,
+        partial,
+    } = work;
+    let kvh = pair % plan.num_kv_heads;
+    let (b, h0, nh, q0, nq) = plan.rows_of(pair, hc, qb);
+    let seq_k = plan.seq_k_of(b);
     let (d, dp, bk) = (plan.head_dim, plan.dim_pad, plan.block_k);
     // Row r is query head h0 + r/nq, query q0 + r%nq.
     let rows = nh * nq;
@@ -792,10 +894,10 @@ unsafe fn task<T: Element, const FMA: bool>(
     ms[..rows_pad].fill(f32::NEG_INFINITY);
     ls[..rows_pad].fill(0.0);
 
-    // Key tiles past the last query's horizon are never touched.
-    let kv_end = plan.visible_end(q0 + nq - 1);
+    // Key tiles past the last query's horizon (or this task's key range) are never touched.
+    let kv_end = plan.visible_end_in(seq_k, q0 + nq - 1).min(keys.end);
 
-    let mut j0 = 0;
+    let mut j0 = keys.start;
     while j0 < kv_end {
         // Only the keys this block may see; the rest of the tile is cut below.
         let nk = bk.min(kv_end - j0);
@@ -849,7 +951,7 @@ unsafe fn task<T: Element, const FMA: bool>(
                     };
                 }
             }
-            let valid = plan.visible_end(i).saturating_sub(j0).min(nk);
+            let valid = plan.visible_end_in(seq_k, i).saturating_sub(j0).min(nk);
             s[valid..].fill(f32::NEG_INFINITY);
 
             let m_old = ms[r];
@@ -932,6 +1034,24 @@ unsafe fn task<T: Element, const FMA: bool>(
         }
     }
 
+    if let Some(Partial { o, m, l }) = partial {
+        for r in 0..rows {
+            let dst = &mut o[r * d..(r + 1) * d];
+            let partial = &ps[r * dp..r * dp + d];
+            if merged {
+                for ((x, &sum), &p) in dst.iter_mut().zip(&os[r * dp..r * dp + d]).zip(partial) {
+                    *x = sum + p as f64;
+                }
+            } else {
+                for (x, &p) in dst.iter_mut().zip(partial) {
+                    *x = p as f64;
+                }
+            }
+            m[r] = ms[r] as f64;
+            l[r] = ls[r];
+        }
+        return;
+    }
     let op = raw.out as *mut T;
     for r in 0..rows {
         // l is 0 only when no key was visible: that row's output is zero by contract. A NaN
@@ -975,7 +1095,7 @@ fn merge_partial(o: &mut [f64], p: &mut [f32], add: bool) {
 /// alone. `p[r * ldp]` is row r's weight for the key.
 ///
 /// # Safety
-/// See [`run`]; `j < seq_k`, the rows lie inside the problem.
+/// See [`run`]; `j < seq_k_of(b)`, the rows lie inside the problem.
 #[allow(clippy::too_many_arguments)]
 unsafe fn add_non_finite_key<T: Element>(
     plan: &Plan,
@@ -991,12 +1111,15 @@ unsafe fn add_non_finite_key<T: Element>(
     ps: &mut [f32],
 ) {
     let (d, dp) = (plan.head_dim, plan.dim_pad);
-    let off = b * plan.v.batch + kvh * plan.v.head + j * plan.v.seq;
+    let seq_k = plan.seq_k_of(b);
     // SAFETY: value row j < seq_k inside its view.
-    let vs = unsafe { std::slice::from_raw_parts((raw.v as *const T).add(off), d) };
+    let vs = unsafe {
+        let off = plan.key_row(raw, plan.v, b, kvh, j);
+        std::slice::from_raw_parts((raw.v as *const T).add(off), d)
+    };
     for r in 0..rows {
         let i = query_of(r);
-        if j >= plan.visible_end(i) {
+        if j >= plan.visible_end_in(seq_k, i) {
             continue;
         }
         if let Some(mst) = plan.mask {

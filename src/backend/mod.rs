@@ -2,7 +2,8 @@
 
 use crate::config::{AttentionConfig, KvCacheLayout};
 use crate::device::Device;
-use crate::error::Result;
+use crate::error::{AttentionError, Result};
+use crate::kv_cache::KvCache;
 use crate::problem::AttentionProblem;
 use crate::tensor::DeviceTensor;
 
@@ -95,6 +96,41 @@ pub trait DeviceAttentionBackend: Send + Sync {
         mask: Option<&DeviceTensor>,
         out: &mut DeviceTensor,
     ) -> Result<AttentionPath>;
+
+    /// Attention of `q` (`[B, Sq, H, D]`, or `[B, H, Sq, D]` with `Layout::Bhsd`) against
+    /// every token `cache` holds, into `out` (shaped like `q`); returns the path taken.
+    /// Each sequence attends over its own length; causal aligns a sequence's queries with
+    /// its last keys (query `i` of a sequence holding `L` tokens sees key `j` iff
+    /// `j <= i + L - Sq`).
+    ///
+    /// The default runs [`forward_into`](Self::forward_into) over [`KvCache::views`], so it
+    /// takes contiguous caches whose sequences all hold the same number of tokens and refuses
+    /// the others (paged, ragged) with [`AttentionError::NotSupported`]. The CPU backend
+    /// attends over every cache natively; the GPU backend runs its split-KV decode kernel.
+    fn forward_cached(
+        &self,
+        config: &AttentionConfig,
+        q: &DeviceTensor,
+        cache: &KvCache,
+        out: &mut DeviceTensor,
+    ) -> Result<AttentionPath> {
+        if cache.lengths().iter().all(|&l| l == 0) {
+            return Err(AttentionError::shape(
+                "kv cache",
+                "at least one cached token",
+                "an empty cache",
+            ));
+        }
+        let (k, v) = cache
+            .views()
+            .map_err(|e| AttentionError::NotSupported {
+                backend: self.name().into(),
+                reason: format!(
+                    "no cached attention of its own, and dense views of the cache are not possible: {e}"
+                ),
+            })?;
+        self.forward_into(config, q, &k, &v, None, out)
+    }
 
     /// Computes attention into a newly allocated output shaped like `q`.
     fn forward(

@@ -452,6 +452,18 @@ impl DeviceAttentionBackend for GpuAttentionBackend {
         }
     }
 
+    /// [`GpuAttentionBackend::forward_cached`]: the split-KV decode kernel over any cache.
+    fn forward_cached(
+        &self,
+        config: &AttentionConfig,
+        q: &DeviceTensor,
+        cache: &KvCache,
+        out: &mut DeviceTensor,
+    ) -> Result<AttentionPath> {
+        // The inherent method (paths resolve to it before the trait's).
+        GpuAttentionBackend::forward_cached(self, config, q, cache, out)
+    }
+
     fn forward_into(
         &self,
         config: &AttentionConfig,
