@@ -1,6 +1,6 @@
 //! The device-resident attention API: [`DeviceAttentionBackend`] and what it reports.
 
-use crate::config::{AttentionConfig, KvCacheLayout};
+use crate::config::{AttentionConfig, KvCacheLayout, Layout};
 use crate::device::Device;
 use crate::error::{AttentionError, Result};
 use crate::kv_cache::KvCache;
@@ -129,6 +129,11 @@ pub trait DeviceAttentionBackend: Send + Sync {
                     "no cached attention of its own, and dense views of the cache are not possible: {e}"
                 ),
             })?;
+        // The views are BSHD; a BHSD call takes them with heads before positions.
+        let (k, v) = match config.layout {
+            Layout::Bshd => (k, v),
+            Layout::Bhsd => (k.permute(&[0, 2, 1, 3])?, v.permute(&[0, 2, 1, 3])?),
+        };
         self.forward_into(config, q, &k, &v, None, out)
     }
 
