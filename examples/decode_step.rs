@@ -1,11 +1,13 @@
 //! A GPU-resident decode loop: the prompt's K/V are uploaded once and prefilled with one
 //! causal attention call; then every step appends the new token's K/V to the cache, runs
-//! attention of that token against the whole cache (on a GPU both in one
-//! `forward_cached_append` call, one launch), and feeds the output into the next step.
+//! attention of that token against the whole cache (`forward_cached`, on any backend; on a
+//! GPU both in one `forward_cached_append` call, one launch), and feeds the output into the
+//! next step.
 //! Nothing crosses to the host inside the loop; the transfer counters prove it.
 //!
 //! Run: `cargo run --release --example decode_step [-- --device cuda:0 --steps 64 ...]`
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use forge_attn::reference::{attention_f64, random_values, relative_l2_error};
@@ -75,11 +77,6 @@ fn parse_args() -> std::result::Result<Args, String> {
             other => return Err(format!("unknown flag {other}")),
         }
     }
-    if a.paged && a.device == Device::Cpu {
-        return Err(
-            "--paged reads the cache with the GPU decode kernel; pick a GPU --device".into(),
-        );
-    }
     if a.steps == 0 || a.prompt == 0 {
         return Err("--steps and --prompt must be > 0".into());
     }
@@ -88,7 +85,7 @@ fn parse_args() -> std::result::Result<Args, String> {
 
 /// One decode step: append the new token's K/V and attend over the cache. On a GPU one
 /// call (the split-KV kernel appends and attends in one launch where it can); elsewhere an
-/// append and attention over dense views of the cache.
+/// append and the backend's attention over the cache.
 fn decode_step(
     backend: &Backend,
     config: &AttentionConfig,
@@ -97,14 +94,11 @@ fn decode_step(
     cache: &mut KvCache,
     out: &mut DeviceTensor,
 ) -> Result<AttentionPath> {
-    match backend {
-        Backend::Gpu(gpu) => gpu.forward_cached_append(config, x, k_new, v_new, cache, out),
-        Backend::Cpu(cpu) => {
-            cache.append(k_new, v_new)?;
-            let (k, v) = cache.views()?;
-            cpu.forward_into(config, x, &k, &v, None, out)
-        }
+    if let Some(gpu) = &backend.fused {
+        return gpu.forward_cached_append(config, x, k_new, v_new, cache, out);
     }
+    cache.append(k_new, v_new)?;
+    backend.attention.forward_cached(config, x, cache, out)
 }
 
 /// The cache's K and V as dense `[B, L, Hkv, D]` tensors (a download: for checking only).
@@ -113,24 +107,30 @@ fn cache_contents(cache: &KvCache) -> Result<(DeviceTensor, DeviceTensor)> {
     Ok((k, v))
 }
 
-enum Backend {
-    Cpu(CpuAttentionBackend),
-    Gpu(Box<GpuAttentionBackend>),
+/// The backend of the device, and on a GPU the same backend once more for its fused
+/// append-and-attend step (a GPU-only call).
+struct Backend {
+    attention: Arc<dyn DeviceAttentionBackend>,
+    fused: Option<Arc<GpuAttentionBackend>>,
 }
 
 impl Backend {
     fn new(device: Device) -> Result<Self> {
-        Ok(match device {
-            Device::Cpu => Backend::Cpu(CpuAttentionBackend),
-            gpu => Backend::Gpu(Box::new(GpuAttentionBackend::new(gpu)?)),
+        if device == Device::Cpu {
+            return Ok(Backend {
+                attention: Arc::new(CpuAttentionBackend::new()),
+                fused: None,
+            });
+        }
+        let gpu = Arc::new(GpuAttentionBackend::new(device)?);
+        Ok(Backend {
+            attention: gpu.clone(),
+            fused: Some(gpu),
         })
     }
 
     fn as_dyn(&self) -> &dyn DeviceAttentionBackend {
-        match self {
-            Backend::Cpu(b) => b,
-            Backend::Gpu(b) => b.as_ref(),
-        }
+        self.attention.as_ref()
     }
 }
 
