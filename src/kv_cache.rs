@@ -570,7 +570,7 @@ impl KvCache {
         if self.paging.is_some() {
             return Err(AttentionError::UnsupportedLayout {
                 what: "kv cache".into(),
-                reason: "a paged cache has no dense view; use DeviceAttentionBackend::forward_cached"
+                reason: "a paged cache has no dense view; attend over it with forward_cached"
                     .into(),
             });
         }

@@ -8,8 +8,8 @@ use forge_attn::reference::{
 };
 use forge_attn::{
     AttentionConfig, AttentionError, AttentionPath, CpuAttentionBackend, DType, Device,
-    DeviceAttentionBackend, DeviceTensor, GpuAttentionBackend, KvCache, KvCacheLayout,
-    KvCacheSpec, Layout, Result,
+    DeviceAttentionBackend, DeviceTensor, GpuAttentionBackend, KvCache, KvCacheLayout, KvCacheSpec,
+    Layout, Result,
 };
 
 /// How a cache stores its tokens.
@@ -86,9 +86,7 @@ fn fill_with(
         dtype: case.dtype,
     };
     let mut cache = match case.storage {
-        Storage::Contiguous => {
-            KvCache::contiguous(spec, KvCacheLayout::Contiguous, dev).unwrap()
-        }
+        Storage::Contiguous => KvCache::contiguous(spec, KvCacheLayout::Contiguous, dev).unwrap(),
         Storage::Paged(ps) => KvCache::paged(spec, ps, b * capacity.div_ceil(ps), dev).unwrap(),
     };
     let row = hkv * d;
@@ -143,7 +141,13 @@ fn fill_with(
 fn q_tensor(case: &Case, dev: Device) -> DeviceTensor {
     let shape = case.q_shape(case.batch());
     let n = shape.iter().product();
-    DeviceTensor::from_f32(&random_values(n, case.seed * 7 + 5), &shape, case.dtype, dev).unwrap()
+    DeviceTensor::from_f32(
+        &random_values(n, case.seed * 7 + 5),
+        &shape,
+        case.dtype,
+        dev,
+    )
+    .unwrap()
 }
 
 /// The f64 reference and the naive in-dtype computation, sequence by sequence over each
@@ -355,7 +359,11 @@ fn poison_at_a_causally_removed_key_reaches_only_the_row_that_keeps_it() {
             };
             let last = case.lens[0] - 1;
             let f = fill_with(&case, Device::Cpu, |_, j, is_v, x| {
-                (j == last).then_some(if is_v { f32::NAN } else { [f32::INFINITY, 1.0][x % 2] })
+                (j == last).then_some(if is_v {
+                    f32::NAN
+                } else {
+                    [f32::INFINITY, 1.0][x % 2]
+                })
             });
             let q = q_tensor(&case, Device::Cpu);
             let mut out = DeviceTensor::zeros(&case.q_shape(1), case.dtype, Device::Cpu).unwrap();
@@ -429,9 +437,21 @@ fn refusals_are_typed_and_change_nothing() {
     let q_heads = DeviceTensor::zeros(&[2, 2, 8, 16], DType::F32, Device::Cpu).unwrap();
     let e = refused(&cpu, &config, &q_heads, &f.cache, &mut out);
     assert!(matches!(e, AttentionError::ShapeMismatch { .. }), "{e}");
-    let e = refused(&cpu, &config.clone().with_num_kv_heads(4), &q, &f.cache, &mut out);
+    let e = refused(
+        &cpu,
+        &config.clone().with_num_kv_heads(4),
+        &q,
+        &f.cache,
+        &mut out,
+    );
     assert!(matches!(e, AttentionError::ShapeMismatch { .. }), "{e}");
-    let e = refused(&cpu, &config.clone().with_num_kv_heads(1), &q, &f.cache, &mut out);
+    let e = refused(
+        &cpu,
+        &config.clone().with_num_kv_heads(1),
+        &q,
+        &f.cache,
+        &mut out,
+    );
     assert!(matches!(e, AttentionError::ShapeMismatch { .. }), "{e}");
     let other_dim = AttentionConfig::new(4 * 8, 4, 16).with_num_kv_heads(2);
     let q8 = DeviceTensor::zeros(&[2, 2, 4, 8], DType::F32, Device::Cpu).unwrap();
@@ -455,7 +475,13 @@ fn refusals_are_typed_and_change_nothing() {
     assert!(matches!(e, AttentionError::DTypeMismatch { .. }), "{e}");
 
     // An invalid config.
-    let e = refused(&cpu, &config.clone().with_num_kv_heads(3), &q, &f.cache, &mut out);
+    let e = refused(
+        &cpu,
+        &config.clone().with_num_kv_heads(3),
+        &q,
+        &f.cache,
+        &mut out,
+    );
     assert!(matches!(e, AttentionError::InvalidConfig { .. }), "{e}");
 
     // An output that overlaps q, and one that repeats elements.
@@ -464,7 +490,9 @@ fn refusals_are_typed_and_change_nothing() {
     let e = refused(&cpu, &config, &q, &f.cache, &mut alias);
     assert!(matches!(e, AttentionError::UnsupportedLayout { .. }), "{e}");
     assert_eq!(q.to_f32_vec().unwrap(), q_before);
-    let mut repeated = sevens(&[2, 2, 1, 16], DType::F32).broadcast_dim(2, 4).unwrap();
+    let mut repeated = sevens(&[2, 2, 1, 16], DType::F32)
+        .broadcast_dim(2, 4)
+        .unwrap();
     let e = refused(&cpu, &config, &q, &f.cache, &mut repeated);
     assert!(matches!(e, AttentionError::UnsupportedLayout { .. }), "{e}");
 

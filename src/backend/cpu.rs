@@ -12,6 +12,10 @@
 //! f32 buffers, written so the compiler vectorizes it; on x86-64 an AVX2+FMA build of the
 //! same code is chosen at run time.
 //!
+//! Cached attention (`cached.rs`) runs the same task over a `KvCache`'s storage: per-sequence
+//! lengths, page lookups for each key row, and optionally one key range per task with the
+//! ranges merged afterwards.
+//!
 //! Numerics (the contract of [`CpuAttentionBackend`]):
 //! - Scores are `scale * (q . k) + mask` in f32, as torch computes them; a finite mask value
 //!   is added as it is, however negative.
@@ -34,8 +38,8 @@ use crate::config::{AttentionConfig, KvCacheLayout};
 use crate::device::Device;
 use crate::dtype::{DType, HostElement};
 use crate::error::{AttentionError, Result};
-use crate::problem::{AttentionProblem, HeadStrides, MaskStrides};
 use crate::kv_cache::KvCache;
+use crate::problem::{AttentionProblem, HeadStrides, MaskStrides};
 use crate::tensor::DeviceTensor;
 
 mod cached;
@@ -74,6 +78,15 @@ const LOG2_E: f32 = std::f32::consts::LOG2_E;
 /// Attention on the host: f32/f16/bf16 tensors on [`Device::Cpu`], any strides with a
 /// contiguous head_dim, GQA/MQA, additive masks and bottom-right causal masking. Spreads
 /// its tasks over rayon's global thread pool.
+///
+/// [`forward_cached`](DeviceAttentionBackend::forward_cached) attends over a [`KvCache`]
+/// on the host in place: contiguous or paged, each sequence over its own length (causal
+/// bottom-right per sequence, a sequence holding no token gives zeros), any number of
+/// queries, either layout. One pass over a K/V tile serves every query head of the group
+/// and up to 16 queries (more where the group is small), so a decode step reads each cached
+/// row once; when (sequence, KV head) tasks are fewer than the threads, the keys are cut
+/// into ranges merged in f64 (log-sum-exp), so one sequence still uses every core. The
+/// contract below holds there as well.
 ///
 /// Numerical contract, on top of the crate's (f32 within 1e-5 relative L2 of
 /// [`attention_f64`](crate::reference::attention_f64) at any sequence length):
@@ -407,7 +420,14 @@ impl Plan {
     /// # Safety
     /// `j < seq_k_of(b)`; with paging, `raw.table` holds valid page ids for those keys.
     #[inline(always)]
-    unsafe fn key_row(&self, raw: RawPtrs, st: HeadStrides, b: usize, kvh: usize, j: usize) -> usize {
+    unsafe fn key_row(
+        &self,
+        raw: RawPtrs,
+        st: HeadStrides,
+        b: usize,
+        kvh: usize,
+        j: usize,
+    ) -> usize {
         match self.paging {
             None => b * st.batch + kvh * st.head + j * st.seq,
             Some(pg) => {

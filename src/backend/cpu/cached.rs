@@ -138,10 +138,15 @@ pub(super) fn forward(
         out: host(out, "out")?,
         table,
     };
-    let plan = cached_plan(&p, os, lens, (!table.is_null()).then_some(Paging {
-        page_size: parts.page_size,
-        max_pages: parts.max_pages,
-    }));
+    let plan = cached_plan(
+        &p,
+        os,
+        lens,
+        (!table.is_null()).then_some(Paging {
+            page_size: parts.page_size,
+            max_pages: parts.max_pages,
+        }),
+    );
     let (splits, split_keys) = key_splits(&plan, min_split_keys);
     // SAFETY: `p` checked q and out against the cache's batch, heads and head_dim; every
     // key a task reads is below its sequence's length, inside the cache storage (pages
@@ -233,6 +238,17 @@ struct PartialPtr(*mut f64);
 unsafe impl Send for PartialPtr {}
 unsafe impl Sync for PartialPtr {}
 
+impl PartialPtr {
+    /// The pointer `i` values on (a method, so closures capture the whole `Sync` wrapper).
+    ///
+    /// # Safety
+    /// `i` lies inside the buffer.
+    unsafe fn at(self, i: usize) -> *mut f64 {
+        // SAFETY: forwarded.
+        unsafe { self.0.add(i) }
+    }
+}
+
 /// Runs the tasks of `plan`, each over `splits` key ranges of `split_keys` keys, and merges
 /// the ranges. Fails only when scratch or the partial rows cannot be allocated, and then
 /// before writing any output.
@@ -252,7 +268,15 @@ unsafe fn run<T: Element>(
     if splits == 1 {
         for_each_task(&mut workers, tasks, |sc, t| {
             // SAFETY: forwarded from `run`'s contract.
-            unsafe { isa.task::<T>(plan, raw, work_of(plan, splits, split_keys, t, None), None, sc) }
+            unsafe {
+                isa.task::<T>(
+                    plan,
+                    raw,
+                    work_of(plan, splits, split_keys, t, None),
+                    None,
+                    sc,
+                )
+            }
         });
         return Ok(());
     }
@@ -262,10 +286,9 @@ unsafe fn run<T: Element>(
     let mut partials: Vec<f64> = try_zeroed(tasks * per, "cpu cached attention partials")?;
     let base = PartialPtr(partials.as_mut_ptr());
     for_each_task(&mut workers, tasks, |sc, t| {
-        let base = base;
         // SAFETY: task t alone owns values t*per .. (t+1)*per of the buffer, which outlives
         // the tasks.
-        let part = unsafe { std::slice::from_raw_parts_mut(base.0.add(t * per), per) };
+        let part = unsafe { std::slice::from_raw_parts_mut(base.at(t * per), per) };
         let (o, ml) = part.split_at_mut(rows * d);
         let (m, l) = ml.split_at_mut(rows);
         let partial = Partial { o, m, l };
@@ -315,7 +338,11 @@ fn work_of<'a>(
 /// As [`run`]; `g` is a task group of `plan`, whose rows no other thread writes.
 unsafe fn merge<T: Element>(plan: &Plan, raw: RawPtrs, g: usize, ranges: &mut [f64]) {
     let per_pair = plan.tasks_per_pair();
-    let (pair, hc, qb) = (g / per_pair, g % per_pair / plan.q_blocks, g % plan.q_blocks);
+    let (pair, hc, qb) = (
+        g / per_pair,
+        g % per_pair / plan.q_blocks,
+        g % plan.q_blocks,
+    );
     let (b, h0, nh, q0, nq) = plan.rows_of(pair, hc, qb);
     let (rows_pad, d) = (plan.rows_pad, plan.head_dim);
     let per = rows_pad * (d + 2);
