@@ -732,17 +732,25 @@ unsafe fn widen_tile<T: Element>(
     let nk = bk.min(plan.seq_k_of(b) - j0);
     let (kp, vp) = (raw.k as *const T, raw.v as *const T);
     let mut bad = 0u64;
-    for jj in 0..nk {
-        // SAFETY: key and value rows j0 + jj < seq_k_of(b) inside their views.
-        let (ks, vs) = unsafe {
-            (
-                std::slice::from_raw_parts(kp.add(plan.key_row(raw, plan.k, b, kvh, j0 + jj)), d),
-                std::slice::from_raw_parts(vp.add(plan.key_row(raw, plan.v, b, kvh, j0 + jj)), d),
-            )
-        };
-        for (x, &s) in ks.iter().enumerate() {
-            kt[x * bk + jj] = s.widen();
+    // K is transposed a whole dimension at a time (contiguous stores, reads from the tile's
+    // few dozen rows, which stay in L1): storing one key at a time would scatter each row
+    // over head_dim cache lines.
+    let mut k_rows = [kp; BLOCK_K];
+    for (jj, row) in k_rows[..nk].iter_mut().enumerate() {
+        // SAFETY: key row j0 + jj < seq_k_of(b) inside its view.
+        *row = unsafe { kp.add(plan.key_row(raw, plan.k, b, kvh, j0 + jj)) };
+    }
+    for x in 0..d {
+        for (dst, &row) in kt[x * bk..x * bk + nk].iter_mut().zip(&k_rows[..nk]) {
+            // SAFETY: x < head_dim, inside the row.
+            *dst = unsafe { *row.add(x) }.widen();
         }
+    }
+    for jj in 0..nk {
+        // SAFETY: value row j0 + jj < seq_k_of(b) inside its view.
+        let vs = unsafe {
+            std::slice::from_raw_parts(vp.add(plan.key_row(raw, plan.v, b, kvh, j0 + jj)), d)
+        };
         let row = &mut v[jj * dp..(jj + 1) * dp];
         for (x, &s) in row.iter_mut().zip(vs) {
             *x = s.widen();
