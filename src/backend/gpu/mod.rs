@@ -63,6 +63,7 @@ impl GpuAttentionBackend {
             return Err(AttentionError::DeviceUnavailable {
                 device: device.to_string(),
                 reason: "the GPU backend needs a CUDA or HIP device".into(),
+                source: None,
             });
         }
         let runtime = GpuRuntime::get(device)?;
