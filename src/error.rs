@@ -8,8 +8,9 @@ use thiserror::Error;
 ///
 /// Errors that come from a driver, a runtime or a compiler (CUDA driver calls, NVRTC, HIP)
 /// keep that error as their [`std::error::Error::source`] where it is at hand (an
-/// [`ErrorSource`]); the message of the variant itself already names it.
-#[derive(Debug, Error, Clone, PartialEq)]
+/// [`ErrorSource`]); the message of the variant itself already names it. Two errors are
+/// equal when their variants and fields are, whatever their sources.
+#[derive(Debug, Error, Clone)]
 #[non_exhaustive]
 pub enum AttentionError {
     /// A configuration field is invalid.
@@ -142,12 +143,78 @@ pub enum AttentionError {
     },
 }
 
+impl PartialEq for AttentionError {
+    fn eq(&self, other: &Self) -> bool {
+        use AttentionError as E;
+        // Exhaustive over `self`, so a new variant must be added here; sources are skipped.
+        match self {
+            E::InvalidConfig { field, reason } => {
+                matches!(other, E::InvalidConfig { field: f, reason: r } if (f, r) == (field, reason))
+            }
+            E::ShapeMismatch {
+                what,
+                expected,
+                got,
+            } => {
+                matches!(other, E::ShapeMismatch { what: w, expected: e, got: g } if (w, e, g) == (what, expected, got))
+            }
+            E::DTypeMismatch {
+                what,
+                expected,
+                got,
+            } => {
+                matches!(other, E::DTypeMismatch { what: w, expected: e, got: g } if (w, e, g) == (what, expected, got))
+            }
+            E::DeviceMismatch {
+                what,
+                expected,
+                got,
+            } => {
+                matches!(other, E::DeviceMismatch { what: w, expected: e, got: g } if (w, e, g) == (what, expected, got))
+            }
+            E::UnsupportedLayout { what, reason } => {
+                matches!(other, E::UnsupportedLayout { what: w, reason: r } if (w, r) == (what, reason))
+            }
+            E::NotSupported { backend, reason } => {
+                matches!(other, E::NotSupported { backend: b, reason: r } if (b, r) == (backend, reason))
+            }
+            E::NotFound(name) => matches!(other, E::NotFound(n) if n == name),
+            E::DeviceUnavailable { device, reason, .. } => {
+                matches!(other, E::DeviceUnavailable { device: d, reason: r, .. } if (d, r) == (device, reason))
+            }
+            E::OutOfMemory {
+                device,
+                requested_bytes,
+                detail,
+                ..
+            } => matches!(
+                other,
+                E::OutOfMemory { device: d, requested_bytes: b, detail: t, .. }
+                    if (d, b, t) == (device, requested_bytes, detail)
+            ),
+            E::KernelBuild { kernel, log, .. } => {
+                matches!(other, E::KernelBuild { kernel: k, log: l, .. } if (k, l) == (kernel, log))
+            }
+            E::Runtime { op, detail, .. } => {
+                matches!(other, E::Runtime { op: o, detail: d, .. } if (o, d) == (op, detail))
+            }
+            E::StorageBusy { what, reason } => {
+                matches!(other, E::StorageBusy { what: w, reason: r } if (w, r) == (what, reason))
+            }
+            E::CapacityExceeded(why) => matches!(other, E::CapacityExceeded(w) if w == why),
+            E::GraphCapture { device, op, reason } => {
+                matches!(other, E::GraphCapture { device: d, op: o, reason: r } if (d, o, r) == (device, op, reason))
+            }
+        }
+    }
+}
+
 /// The underlying error of an [`AttentionError`] (a CUDA driver, NVRTC or HIP error, or a
 /// failed host allocation), shared so that the error stays `Clone`.
 ///
 /// It displays as the underlying error and its own `source()` continues that error's
-/// chain. Two sources always compare equal: [`AttentionError`]'s `PartialEq` compares
-/// what the variants say, not where they came from. [`ErrorSource::get`] gives the
+/// chain. [`AttentionError`]'s `PartialEq` compares what the variants say, not where they
+/// came from, and so two sources compare equal too. [`ErrorSource::get`] gives the
 /// underlying error for downcasting.
 #[derive(Clone)]
 pub struct ErrorSource(Arc<dyn std::error::Error + Send + Sync + 'static>);

@@ -765,6 +765,29 @@ mod tests {
         }
     }
 
+    /// The device-side lengths, block table and page counter are I32 tensors holding the
+    /// host mirror's values.
+    #[test]
+    fn lengths_and_block_table_are_i32_tensors() {
+        let mut c = cache(Some(4));
+        let k = DeviceTensor::from_f32(&[1.0; 2 * 6 * 4], &[2, 6, 1, 4], DType::F32, Device::Cpu)
+            .unwrap();
+        c.append_ragged(&k, &k, &[6, 3]).unwrap();
+        let parts = c.raw_parts();
+        assert_eq!(parts.seq_lens.dtype(), DType::I32);
+        assert_eq!(parts.seq_lens.to_host::<i32>().unwrap(), vec![6, 3]);
+        let table = parts.block_table.unwrap();
+        assert_eq!(table.dtype(), DType::I32);
+        // Sequence 0 took pages 0 and 1, sequence 1 page 2 (max_pages = 16 / 4).
+        assert_eq!(&table.to_host::<i32>().unwrap()[..5], &[0, 1, 0, 0, 2]);
+        assert_eq!(parts.pool_next.unwrap().dtype(), DType::I32);
+        let copy = c.try_clone().unwrap();
+        assert_eq!(copy.raw_parts().seq_lens.dtype(), DType::I32);
+        assert!(c.to_dense().unwrap_err().to_string().contains("[6, 3]"));
+        let contiguous = cache(None);
+        assert_eq!(contiguous.raw_parts().seq_lens.dtype(), DType::I32);
+    }
+
     #[test]
     fn device_lengths_stay_in_i32() {
         let spec = |batch, num_kv_heads, head_dim| KvCacheSpec {
