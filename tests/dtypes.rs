@@ -65,7 +65,7 @@ fn storage_round_trip<T: HostElement + PartialEq + std::fmt::Debug>(dev: Device,
             );
         }
     }
-    let mut whole = DeviceTensor::zeros(&[2, 3, 4], T::DTYPE, dev).unwrap();
+    let whole = DeviceTensor::zeros(&[2, 3, 4], T::DTYPE, dev).unwrap();
     let mut view = whole.narrow(1, 1, 2).unwrap();
     view.copy_from(&n).unwrap();
     let back = whole.to_host::<T>().unwrap();
@@ -195,7 +195,7 @@ fn refuses_integer_operands(backend: &dyn DeviceAttentionBackend) {
 
 #[test]
 fn cpu_backend_refuses_integer_operands() {
-    refuses_integer_operands(&CpuAttentionBackend::default());
+    refuses_integer_operands(&CpuAttentionBackend::new());
 }
 
 #[test]
