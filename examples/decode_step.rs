@@ -307,6 +307,7 @@ fn run(a: &Args) -> Result<f64> {
                 "{} host transfers inside the loop, expected 0",
                 inside.total_calls()
             ),
+            source: None,
         });
     }
     Ok(err)

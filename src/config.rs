@@ -11,6 +11,7 @@ pub const MAX_SCALE: f32 = 65536.0;
 
 /// Memory order of the four attention dimensions of Q, K, V and the output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
 pub enum Layout {
     /// `[batch, seq, heads, head_dim]` (the host-slice API's order).
     #[default]
@@ -21,6 +22,7 @@ pub enum Layout {
 
 /// How a backend wants its KV cache stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum KvCacheLayout {
     /// `[batch, kv_heads, max_seq, head_dim]`, one contiguous buffer.
     Contiguous,

@@ -1,9 +1,17 @@
 //! Errors of every layer: one enum, each variant saying what was expected and what was given.
 
+use std::sync::Arc;
+
 use thiserror::Error;
 
 /// Every failure forge-attn reports. Bad input is always an error, never a panic.
-#[derive(Debug, Error, Clone, PartialEq)]
+///
+/// Errors that come from a driver, a runtime or a compiler (CUDA driver calls, NVRTC, HIP)
+/// keep that error as their [`std::error::Error::source`] where it is at hand (an
+/// [`ErrorSource`]); the message of the variant itself already names it. Two errors are
+/// equal when their variants and fields are, whatever their sources.
+#[derive(Debug, Error, Clone)]
+#[non_exhaustive]
 pub enum AttentionError {
     /// A configuration field is invalid.
     #[error("invalid config: {field}: {reason}")]
@@ -69,6 +77,9 @@ pub enum AttentionError {
         device: String,
         /// Why it cannot be used.
         reason: String,
+        /// The driver's error, when one caused this.
+        #[source]
+        source: Option<ErrorSource>,
     },
     /// A device allocation failed.
     #[error("out of memory on {device}: requested {requested_bytes} bytes ({detail})")]
@@ -79,6 +90,9 @@ pub enum AttentionError {
         requested_bytes: u64,
         /// The runtime's message.
         detail: String,
+        /// The runtime's (or the host allocator's) error, when one caused this.
+        #[source]
+        source: Option<ErrorSource>,
     },
     /// A kernel failed to compile or load; the log is included.
     #[error("kernel build failed for {kernel}: {log}")]
@@ -87,6 +101,9 @@ pub enum AttentionError {
         kernel: String,
         /// Compiler or loader log.
         log: String,
+        /// The compiler's or loader's error, when one caused this.
+        #[source]
+        source: Option<ErrorSource>,
     },
     /// A device runtime call failed.
     #[error("device runtime error in {op}: {detail}")]
@@ -95,6 +112,9 @@ pub enum AttentionError {
         op: String,
         /// The runtime's message.
         detail: String,
+        /// The runtime's error, when one caused this.
+        #[source]
+        source: Option<ErrorSource>,
     },
     /// Host memory of a tensor is being written (or, for a write, read) by another thread
     /// in an overlapping range at this moment; the call did nothing. Tensors that share
@@ -123,6 +143,119 @@ pub enum AttentionError {
     },
 }
 
+impl PartialEq for AttentionError {
+    fn eq(&self, other: &Self) -> bool {
+        use AttentionError as E;
+        // Exhaustive over `self`, so a new variant must be added here; sources are skipped.
+        match self {
+            E::InvalidConfig { field, reason } => {
+                matches!(other, E::InvalidConfig { field: f, reason: r } if (f, r) == (field, reason))
+            }
+            E::ShapeMismatch {
+                what,
+                expected,
+                got,
+            } => {
+                matches!(other, E::ShapeMismatch { what: w, expected: e, got: g } if (w, e, g) == (what, expected, got))
+            }
+            E::DTypeMismatch {
+                what,
+                expected,
+                got,
+            } => {
+                matches!(other, E::DTypeMismatch { what: w, expected: e, got: g } if (w, e, g) == (what, expected, got))
+            }
+            E::DeviceMismatch {
+                what,
+                expected,
+                got,
+            } => {
+                matches!(other, E::DeviceMismatch { what: w, expected: e, got: g } if (w, e, g) == (what, expected, got))
+            }
+            E::UnsupportedLayout { what, reason } => {
+                matches!(other, E::UnsupportedLayout { what: w, reason: r } if (w, r) == (what, reason))
+            }
+            E::NotSupported { backend, reason } => {
+                matches!(other, E::NotSupported { backend: b, reason: r } if (b, r) == (backend, reason))
+            }
+            E::NotFound(name) => matches!(other, E::NotFound(n) if n == name),
+            E::DeviceUnavailable { device, reason, .. } => {
+                matches!(other, E::DeviceUnavailable { device: d, reason: r, .. } if (d, r) == (device, reason))
+            }
+            E::OutOfMemory {
+                device,
+                requested_bytes,
+                detail,
+                ..
+            } => matches!(
+                other,
+                E::OutOfMemory { device: d, requested_bytes: b, detail: t, .. }
+                    if (d, b, t) == (device, requested_bytes, detail)
+            ),
+            E::KernelBuild { kernel, log, .. } => {
+                matches!(other, E::KernelBuild { kernel: k, log: l, .. } if (k, l) == (kernel, log))
+            }
+            E::Runtime { op, detail, .. } => {
+                matches!(other, E::Runtime { op: o, detail: d, .. } if (o, d) == (op, detail))
+            }
+            E::StorageBusy { what, reason } => {
+                matches!(other, E::StorageBusy { what: w, reason: r } if (w, r) == (what, reason))
+            }
+            E::CapacityExceeded(why) => matches!(other, E::CapacityExceeded(w) if w == why),
+            E::GraphCapture { device, op, reason } => {
+                matches!(other, E::GraphCapture { device: d, op: o, reason: r } if (d, o, r) == (device, op, reason))
+            }
+        }
+    }
+}
+
+/// The underlying error of an [`AttentionError`] (a CUDA driver, NVRTC or HIP error, or a
+/// failed host allocation), shared so that the error stays `Clone`.
+///
+/// It displays as the underlying error and its own `source()` continues that error's
+/// chain. [`AttentionError`]'s `PartialEq` compares what the variants say, not where they
+/// came from, and so two sources compare equal too. [`ErrorSource::get`] gives the
+/// underlying error for downcasting.
+#[derive(Clone)]
+pub struct ErrorSource(Arc<dyn std::error::Error + Send + Sync + 'static>);
+
+impl ErrorSource {
+    /// Wraps `e`.
+    pub fn new(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        ErrorSource(Arc::new(e))
+    }
+
+    /// The underlying error, e.g. for `downcast_ref::<cudarc::driver::DriverError>()`.
+    pub fn get(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.0
+    }
+}
+
+impl std::fmt::Debug for ErrorSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl std::fmt::Display for ErrorSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&*self.0, f)
+    }
+}
+
+impl std::error::Error for ErrorSource {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+impl PartialEq for ErrorSource {
+    /// Always true (see the type's docs).
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
 /// Result alias used throughout the crate.
 pub type Result<T> = std::result::Result<T, AttentionError>;
 
@@ -148,6 +281,21 @@ impl AttentionError {
             device: "cpu".into(),
             requested_bytes: bytes,
             detail: format!("{what}: {detail}"),
+            source: None,
+        }
+    }
+
+    /// A `try_reserve` of `bytes` bytes for `what` that failed with `e` (kept as the source).
+    pub(crate) fn host_reserve_failed(
+        what: &str,
+        bytes: u64,
+        e: std::collections::TryReserveError,
+    ) -> Self {
+        AttentionError::OutOfMemory {
+            device: "cpu".into(),
+            requested_bytes: bytes,
+            detail: format!("{what}: {e}"),
+            source: Some(ErrorSource::new(e)),
         }
     }
 }

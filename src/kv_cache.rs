@@ -127,7 +127,7 @@ impl KvCache {
             capacity: spec.capacity,
             k: DeviceTensor::zeros(&shape, spec.dtype, device)?,
             v: DeviceTensor::zeros(&shape, spec.dtype, device)?,
-            seq_lens: DeviceTensor::zeros(&[spec.batch], DType::F32, device)?,
+            seq_lens: DeviceTensor::zeros(&[spec.batch], DType::I32, device)?,
             lengths: vec![0; spec.batch],
             paging,
         })
@@ -164,15 +164,15 @@ impl KvCache {
         check_storage(
             "batch * max_pages (block table)",
             [spec.batch, max_pages, 1, 1],
-            DType::F32,
+            DType::I32,
         )?;
         let paging = Paging {
             page_size,
             num_pages,
             max_pages,
             pages_used: 0,
-            block_table: DeviceTensor::zeros(&[spec.batch, max_pages], DType::F32, device)?,
-            pool_next: DeviceTensor::zeros(&[1], DType::F32, device)?,
+            block_table: DeviceTensor::zeros(&[spec.batch, max_pages], DType::I32, device)?,
+            pool_next: DeviceTensor::zeros(&[1], DType::I32, device)?,
         };
         Self::with_storage(
             spec,
@@ -184,6 +184,8 @@ impl KvCache {
     }
 
     fn check_spec(s: &KvCacheSpec) -> Result<()> {
+        // Attention reads the cache: it holds f32, f16 or bf16 like Q.
+        s.dtype.check_attention("KvCacheSpec::dtype")?;
         for (name, v) in [
             ("batch", s.batch),
             ("num_kv_heads", s.num_kv_heads),
@@ -275,12 +277,9 @@ impl KvCache {
             ));
         }
         self.reserve(counts)?;
+        // Each count is at most the capacity (reserve), which fits in i32.
         let c: Vec<i32> = counts.iter().map(|&c| c as i32).collect();
-        let dev_counts = DeviceTensor::from_host(
-            bytemuck::cast_slice::<i32, f32>(&c),
-            &[self.batch],
-            self.device(),
-        )?;
+        let dev_counts = DeviceTensor::from_host(&c, &[self.batch], self.device())?;
         self.launch_append(k_new, v_new, n, Some(&dev_counts))?;
         self.commit(counts);
         Ok(())
@@ -301,6 +300,7 @@ impl KvCache {
     }
 
     fn check_new(&self, what: &str, t: &DeviceTensor) -> Result<usize> {
+        t.dtype().check_attention(what)?;
         let s = t.shape();
         if t.rank() != 4 || s[0] != self.batch || s[2] != self.num_kv_heads || s[3] != self.head_dim
         {
@@ -430,6 +430,7 @@ impl KvCache {
             .ok_or_else(|| AttentionError::DeviceUnavailable {
                 device: self.device().to_string(),
                 reason: "cache storage is not on a GPU".into(),
+                source: None,
             })?;
         let (ks, vs) = (k_new.strides(), v_new.strides());
         let c = self.cache_strides();
@@ -606,9 +607,7 @@ impl KvCache {
         let k = self.k.to_f32_vec()?;
         let v = self.v.to_f32_vec()?;
         let table: Option<Vec<i32>> = match &self.paging {
-            Some(p) => {
-                Some(bytemuck::cast_slice::<f32, i32>(&p.block_table.to_host::<f32>()?).to_vec())
-            }
+            Some(p) => Some(p.block_table.to_host::<i32>()?),
             None => None,
         };
         let s = self.k.shape().to_vec(); // [slots, Hkv, positions, D]
@@ -630,7 +629,7 @@ impl KvCache {
                                 detail: format!(
                                     "block table entry of sequence {b}, position {pos} is page {entry}, outside the pool of {} pages",
                                     p.num_pages
-                                ),
+                                ), source: None,
                             })?;
                         (slot, pos % p.page_size)
                     }
@@ -764,6 +763,29 @@ mod tests {
             assert_eq!(c.pages_used(), pages);
             c.reserve(&[13, 11]).unwrap();
         }
+    }
+
+    /// The device-side lengths, block table and page counter are I32 tensors holding the
+    /// host mirror's values.
+    #[test]
+    fn lengths_and_block_table_are_i32_tensors() {
+        let mut c = cache(Some(4));
+        let k = DeviceTensor::from_f32(&[1.0; 2 * 6 * 4], &[2, 6, 1, 4], DType::F32, Device::Cpu)
+            .unwrap();
+        c.append_ragged(&k, &k, &[6, 3]).unwrap();
+        let parts = c.raw_parts();
+        assert_eq!(parts.seq_lens.dtype(), DType::I32);
+        assert_eq!(parts.seq_lens.to_host::<i32>().unwrap(), vec![6, 3]);
+        let table = parts.block_table.unwrap();
+        assert_eq!(table.dtype(), DType::I32);
+        // Sequence 0 took pages 0 and 1, sequence 1 page 2 (max_pages = 16 / 4).
+        assert_eq!(&table.to_host::<i32>().unwrap()[..5], &[0, 1, 0, 0, 2]);
+        assert_eq!(parts.pool_next.unwrap().dtype(), DType::I32);
+        let copy = c.try_clone().unwrap();
+        assert_eq!(copy.raw_parts().seq_lens.dtype(), DType::I32);
+        assert!(c.to_dense().unwrap_err().to_string().contains("[6, 3]"));
+        let contiguous = cache(None);
+        assert_eq!(contiguous.raw_parts().seq_lens.dtype(), DType::I32);
     }
 
     #[test]

@@ -47,9 +47,15 @@ pub mod config;
 pub mod device;
 pub mod dtype;
 pub mod error;
+/// Kernel sources, variant catalog and compilation. Internal: public for the crate's own
+/// tests and benchmarks, not a stable API (it may change in any release).
+#[doc(hidden)]
 pub mod kernels;
 pub mod kv_cache;
 pub mod legacy;
+/// Validated call shapes shared by the backends. Internal: public for the crate's own
+/// tests, not a stable API (it may change in any release).
+#[doc(hidden)]
 pub mod problem;
 pub mod reference;
 pub mod tensor;
@@ -60,11 +66,13 @@ pub use backend::{AttentionPath, DeviceAttentionBackend, FlashKernel, Support};
 pub use config::{AttentionConfig, KvCacheLayout, Layout, MAX_SCALE};
 pub use device::{Device, DeviceGraph, TransferStats};
 pub use dtype::{DType, HostElement};
-pub use error::{AttentionBackendResult, AttentionError, Result};
+pub use error::{AttentionBackendResult, AttentionError, ErrorSource, Result};
 pub use kv_cache::{KvCache, KvCacheSpec};
 pub use legacy::{
     AttentionBackendRegistry, BackendImplementation, BackendPriority, Dispatch, HostAdapter,
     PathRecorder, SkipReason, Skipped,
 };
+/// Internal, not a stable API (see [`problem`]).
+#[doc(hidden)]
 pub use problem::AttentionProblem;
 pub use tensor::DeviceTensor;

@@ -113,8 +113,31 @@ fn operand(name: &str, t: &DeviceTensor, layout: Layout) -> Result<([usize; 4], 
     ))
 }
 
+/// Refuses every operand whose dtype attention does not compute on (the integer dtypes)
+/// with [`AttentionError::DTypeMismatch`] naming it; the first check of every attention
+/// entry point, so such a tensor never reaches a kernel lookup or a float conversion.
+pub(crate) fn refuse_non_float(operands: &[(&str, &DeviceTensor)]) -> Result<()> {
+    operands
+        .iter()
+        .try_for_each(|(what, t)| t.dtype().check_attention(what))
+}
+
+/// The additive mask is f32 whatever the dtype of Q, K and V.
+fn check_mask_dtype(m: &DeviceTensor) -> Result<()> {
+    if m.dtype() != DType::F32 {
+        return Err(AttentionError::DTypeMismatch {
+            what: "mask".into(),
+            expected: "f32 (additive)".into(),
+            got: m.dtype().to_string(),
+        });
+    }
+    Ok(())
+}
+
 impl AttentionProblem {
-    /// Validates `config` and the operands against each other.
+    /// Validates `config` and the operands against each other. Q, K and V of an integer
+    /// dtype, and a mask of any dtype but f32, are refused first, with
+    /// [`AttentionError::DTypeMismatch`].
     pub fn new(
         config: &AttentionConfig,
         q: &DeviceTensor,
@@ -122,6 +145,10 @@ impl AttentionProblem {
         v: &DeviceTensor,
         mask: Option<&DeviceTensor>,
     ) -> Result<Self> {
+        refuse_non_float(&[("q", q), ("k", k), ("v", v)])?;
+        if let Some(m) = mask {
+            check_mask_dtype(m)?;
+        }
         config.validate()?;
         let layout = config.layout;
         let ([b, sq, h, d], qs) = operand("q", q, layout)?;
@@ -204,13 +231,7 @@ impl AttentionProblem {
         sq: usize,
         sk: usize,
     ) -> Result<MaskStrides> {
-        if m.dtype() != DType::F32 {
-            return Err(AttentionError::DTypeMismatch {
-                what: "mask".into(),
-                expected: "f32 (additive)".into(),
-                got: m.dtype().to_string(),
-            });
-        }
+        check_mask_dtype(m)?;
         if m.device() != device {
             return Err(AttentionError::DeviceMismatch {
                 what: "mask".into(),
@@ -266,6 +287,7 @@ impl AttentionProblem {
         out: &DeviceTensor,
         inputs: &[&DeviceTensor],
     ) -> Result<HeadStrides> {
+        refuse_non_float(&[("out", out)])?;
         let (dims, st) = operand("out", out, layout)?;
         let want = [self.batch, self.seq_q, self.num_heads, self.head_dim];
         if dims != want {

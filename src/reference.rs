@@ -199,6 +199,8 @@ pub fn attention_naive_in_dtype(
             DType::F32 => x as f32 as f64,
             DType::F16 => half::f16::from_f64(x).to_f64(),
             DType::BF16 => half::bf16::from_f64(x).to_f64(),
+            // Operands::read refused integer operands already.
+            DType::I32 | DType::U32 | DType::I64 => x,
         }
     };
     Ok(ops.compute(round).into_iter().map(|x| x as f32).collect())

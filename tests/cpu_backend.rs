@@ -121,6 +121,7 @@ impl Case {
         match self.layout {
             Layout::Bshd => [self.batch, seq, heads, self.head_dim],
             Layout::Bhsd => [self.batch, heads, seq, self.head_dim],
+            l => unimplemented!("layout {l:?}"),
         }
     }
 
@@ -128,6 +129,7 @@ impl Case {
         match self.layout {
             Layout::Bshd => 1,
             Layout::Bhsd => 2,
+            l => unimplemented!("layout {l:?}"),
         }
     }
 
@@ -226,6 +228,7 @@ fn check(case: &Case) -> f64 {
                 "{case:?}: relative L2 error {err:e}, naive {naive_err:e}"
             );
         }
+        d => unimplemented!("dtype {d}"),
     }
     err
 }

@@ -17,6 +17,7 @@ fn dims(layout: Layout, b: usize, s: usize, h: usize, d: usize) -> [usize; 4] {
     match layout {
         Layout::Bshd => [b, s, h, d],
         Layout::Bhsd => [b, h, s, d],
+        l => unimplemented!("layout {l:?}"),
     }
 }
 
@@ -25,6 +26,7 @@ fn at(layout: Layout, sh: [usize; 4], b: usize, s: usize, h: usize) -> usize {
     match layout {
         Layout::Bshd => ((b * sh[1] + s) * sh[2] + h) * sh[3],
         Layout::Bhsd => ((b * sh[1] + h) * sh[2] + s) * sh[3],
+        l => unimplemented!("layout {l:?}"),
     }
 }
 
@@ -301,6 +303,7 @@ fn poison_past_the_view_length_is_never_read() {
                 let seq_axis = match layout {
                     Layout::Bshd => 1,
                     Layout::Bhsd => 2,
+                    l => unimplemented!("layout {l:?}"),
                 };
                 let (mut kv, mut vv) = (
                     random_values(b * full * hk * d, 1),

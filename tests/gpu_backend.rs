@@ -84,6 +84,7 @@ impl Case {
         match self.layout {
             Layout::Bshd => vec![self.b, s, heads, self.d],
             Layout::Bhsd => vec![self.b, heads, s, self.d],
+            l => unimplemented!("layout {l:?}"),
         }
     }
 }

@@ -267,6 +267,7 @@ fn assert_oom<T: std::fmt::Debug>(r: forge_attn::Result<T>, bytes: u64) {
             device,
             requested_bytes,
             detail,
+            ..
         }) => {
             assert_eq!(device, "cpu");
             assert_eq!(requested_bytes, bytes);

@@ -1166,6 +1166,7 @@ fn every_backend_refusing_names_each_and_why() {
             device: "tiny:0".into(),
             requested_bytes: 4096,
             detail: "pool exhausted".into(),
+            source: None,
         }),
         &log,
     ))
@@ -1237,15 +1238,18 @@ fn only_backend_kinds_of_errors_fall_through() {
         AttentionError::DeviceUnavailable {
             device: "cuda:0".into(),
             reason: "no CUDA driver library".into(),
+            source: None,
         },
         AttentionError::OutOfMemory {
             device: "cuda:0".into(),
             requested_bytes: 1 << 40,
             detail: "CUDA_ERROR_OUT_OF_MEMORY".into(),
+            source: None,
         },
         AttentionError::KernelBuild {
             kernel: "flash_fwd".into(),
             log: "nvrtc missing".into(),
+            source: None,
         },
     ];
     let failures = [
@@ -1272,6 +1276,7 @@ fn only_backend_kinds_of_errors_fall_through() {
         AttentionError::Runtime {
             op: "cuLaunchKernel".into(),
             detail: "CUDA_ERROR_ILLEGAL_ADDRESS".into(),
+            source: None,
         },
         AttentionError::CapacityExceeded("len 10 + 1 > capacity 10".into()),
         AttentionError::GraphCapture {

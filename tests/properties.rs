@@ -408,6 +408,7 @@ impl Case {
         match self.layout {
             Layout::Bshd => [batch, seq, heads, self.head_dim],
             Layout::Bhsd => [batch, heads, seq, self.head_dim],
+            l => unimplemented!("layout {l:?}"),
         }
     }
 
@@ -536,6 +537,7 @@ fn bound(dtype: DType, naive_err: f64) -> f64 {
         DType::F32 => 1e-5,
         DType::F16 => (2.0 * naive_err).max(f64::from(half::f16::EPSILON.to_f32()) / 2.0),
         DType::BF16 => (2.0 * naive_err).max(f64::from(half::bf16::EPSILON.to_f32()) / 2.0),
+        d => unimplemented!("dtype {d}"),
     }
 }
 
@@ -828,6 +830,7 @@ fn break_case(c: &Case, b: Breakage, device: Device) -> Broken {
     let (seq_ax, head_ax) = match c.layout {
         Layout::Bshd => (1, 2),
         Layout::Bhsd => (2, 1),
+        l => unimplemented!("layout {l:?}"),
     };
     let mut mask_shape = vec![sq, sk];
     let mut mask_dtype = DType::F32;
@@ -1193,6 +1196,7 @@ fn in_layout(t: &DeviceTensor, layout: Layout) -> DeviceTensor {
     match layout {
         Layout::Bshd => t.clone(),
         Layout::Bhsd => t.permute(&[0, 2, 1, 3]).expect("permute"),
+        l => unimplemented!("layout {l:?}"),
     }
 }
 
@@ -1201,6 +1205,7 @@ fn q_for(c: &CacheCase, device: Device) -> DeviceTensor {
     let shape = match c.layout {
         Layout::Bshd => [c.batch, c.seq_q, h, c.head_dim],
         Layout::Bhsd => [c.batch, h, c.seq_q, c.head_dim],
+        l => unimplemented!("layout {l:?}"),
     };
     let n: usize = shape.iter().product();
     DeviceTensor::from_f32(&random_values(n, c.seed ^ 23), &shape, c.dtype, device)

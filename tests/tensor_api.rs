@@ -404,6 +404,7 @@ fn from_f32_rounds_to_each_dtype() {
                 DType::F32 => x,
                 DType::F16 => f16::from_f32(x).to_f32(),
                 DType::BF16 => bf16::from_f32(x).to_f32(),
+                d => unimplemented!("dtype {d}"),
             })
             .collect();
         assert_eq!(t.to_f32_vec().unwrap(), want, "{dtype}");

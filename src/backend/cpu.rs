@@ -230,6 +230,8 @@ fn forward_tuned(
             DType::F32 => run::<f32>(&plan, raw, tuning.isa),
             DType::F16 => run::<f16>(&plan, raw, tuning.isa),
             DType::BF16 => run::<bf16>(&plan, raw, tuning.isa),
+            // AttentionProblem::new refused these already.
+            d @ (DType::I32 | DType::U32 | DType::I64) => d.check_attention("q"),
         }
     }?;
     Ok(AttentionPath::Cpu)
@@ -528,6 +530,7 @@ fn try_zeroed<T: Copy + Default>(n: usize, what: &str) -> Result<Vec<T>> {
             device: Device::Cpu.to_string(),
             requested_bytes: (n as u64).saturating_mul(std::mem::size_of::<T>() as u64),
             detail: format!("{what}: {e}"),
+            source: Some(crate::error::ErrorSource::new(e)),
         })?;
     v.resize(n, T::default());
     Ok(v)
@@ -593,6 +596,7 @@ fn scratches(plan: &Plan, tasks: usize) -> Result<Vec<Scratch>> {
             device: Device::Cpu.to_string(),
             requested_bytes: (workers as u64).saturating_mul(plan.scratch_bytes() as u64),
             detail: format!("cpu attention scratch: {e}"),
+            source: Some(crate::error::ErrorSource::new(e)),
         })?;
     for _ in 0..workers {
         all.push(Scratch::new(plan)?);

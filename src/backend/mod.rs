@@ -28,6 +28,7 @@ impl Support {
 
 /// Which fused kernel family a flash launch used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum FlashKernel {
     /// No mask, not causal.
     NonCausal,
@@ -41,6 +42,7 @@ pub enum FlashKernel {
 
 /// The code path that computed (or would compute) an attention call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub enum AttentionPath {
     /// The CPU backend's tiled online-softmax loop.
     Cpu,

@@ -12,7 +12,7 @@ use cudarc::driver::sys;
 
 use super::driver::GpuDriver;
 use super::launch::LaunchDims;
-use crate::error::{AttentionError, Result};
+use crate::error::{AttentionError, ErrorSource, Result};
 use crate::kernels::{self, KernelSpec};
 
 fn runtime_err(op: &str, e: DriverError) -> AttentionError {
@@ -23,6 +23,7 @@ fn runtime_err(op: &str, e: DriverError) -> AttentionError {
     AttentionError::Runtime {
         op: op.to_string(),
         detail: format!("{name} ({:?})", e.0),
+        source: Some(ErrorSource::new(e)),
     }
 }
 
@@ -70,6 +71,7 @@ impl CudaRuntime {
         let unavailable = |reason: String| AttentionError::DeviceUnavailable {
             device: device.clone(),
             reason,
+            source: None,
         };
         if !driver_ready() {
             return Err(unavailable(
@@ -154,6 +156,7 @@ impl GpuDriver for CudaRuntime {
                     device: format!("cuda:{}", self.ordinal),
                     requested_bytes: bytes as u64,
                     detail: "cuMemAllocAsync returned CUDA_ERROR_OUT_OF_MEMORY".into(),
+                    source: Some(ErrorSource::new(e)),
                 }
             } else {
                 runtime_err("cuMemAllocAsync", e)
@@ -198,16 +201,19 @@ impl GpuDriver for CudaRuntime {
         let mut fns = self.functions.lock().map_err(|_| AttentionError::Runtime {
             op: "kernel table".into(),
             detail: "poisoned lock".into(),
+            source: None,
         })?;
         if !fns.contains_key(spec) {
             let ptx = kernels::compile_ptx(spec, self.cc)?;
             let image = CString::new(ptx.as_bytes()).map_err(|_| AttentionError::KernelBuild {
                 kernel: spec.name.clone(),
                 log: "PTX contains a NUL byte".into(),
+                source: None,
             })?;
             let load_err = |op: &str, e: DriverError| AttentionError::KernelBuild {
                 kernel: spec.name.clone(),
                 log: format!("{op}: {}", runtime_err(op, e)),
+                source: Some(ErrorSource::new(e)),
             };
             // SAFETY: a NUL-terminated PTX image.
             let module = unsafe { result::module::load_data(image.as_ptr() as *const c_void) }
@@ -216,6 +222,7 @@ impl GpuDriver for CudaRuntime {
                 CString::new(spec.name.as_str()).map_err(|_| AttentionError::KernelBuild {
                     kernel: spec.name.clone(),
                     log: "kernel name contains a NUL byte".into(),
+                    source: None,
                 })?;
             // SAFETY: module was just loaded and is never unloaded.
             let func = unsafe { result::module::get_function(module, cname) }

@@ -260,6 +260,7 @@ impl GpuRuntime {
             self.synchronize().map_err(|e| AttentionError::Runtime {
                 op: format!("kernel {}", spec.name),
                 detail: e.to_string(),
+                source: Some(crate::error::ErrorSource::new(e)),
             })?;
         }
         Ok(())

@@ -39,6 +39,7 @@ impl DeviceGraph {
             None => Err(AttentionError::Runtime {
                 op: "launching a device graph".into(),
                 detail: "the graph was released".into(),
+                source: None,
             }),
         }
     }
@@ -215,6 +216,7 @@ impl GpuRuntime {
         self.graphs.lock().map_err(|_| AttentionError::Runtime {
             op: "device graph table".into(),
             detail: "poisoned lock".into(),
+            source: None,
         })
     }
 

@@ -17,7 +17,7 @@ use hip_runtime_sys::{
 use super::driver::GpuDriver;
 use super::hip_sys as ffi;
 use super::launch::LaunchDims;
-use crate::error::{AttentionError, Result};
+use crate::error::{AttentionError, ErrorSource, Result};
 use crate::kernels::{self, KernelFile, KernelSpec};
 
 /// The name of a HIP status code (`hipErrorNoDevice`, ...).
@@ -32,6 +32,24 @@ fn status_name(status: c_int) -> String {
     format!("{name} ({status})")
 }
 
+/// The status code (`hipError_t`) of a failed HIP call, kept as the source of the error
+/// reporting it; displays as the status name and code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HipError(pub c_int);
+
+impl std::fmt::Display for HipError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&status_name(self.0))
+    }
+}
+
+impl std::error::Error for HipError {}
+
+/// `status` as an error source.
+fn hip_source(status: c_int) -> Option<ErrorSource> {
+    Some(ErrorSource::new(HipError(status)))
+}
+
 fn check(op: &str, status: c_int) -> Result<()> {
     if status == ffi::SUCCESS {
         Ok(())
@@ -39,6 +57,7 @@ fn check(op: &str, status: c_int) -> Result<()> {
         Err(AttentionError::Runtime {
             op: op.to_string(),
             detail: status_name(status),
+            source: hip_source(status),
         })
     }
 }
@@ -100,7 +119,11 @@ impl HipRuntime {
             } else {
                 format!("ordinal {ordinal} out of range: {count} HIP device(s) present")
             };
-            return Err(AttentionError::DeviceUnavailable { device, reason });
+            return Err(AttentionError::DeviceUnavailable {
+                device,
+                reason,
+                source: None,
+            });
         }
         let dev = ordinal as c_int;
         // SAFETY: ordinal < device count.
@@ -150,6 +173,7 @@ impl HipRuntime {
         AttentionError::Runtime {
             op: "kernel table".into(),
             detail: "poisoned lock".into(),
+            source: None,
         }
     }
 
@@ -163,6 +187,7 @@ impl HipRuntime {
             AttentionError::KernelBuild {
                 kernel: file.file_name().into(),
                 log: format!("path {} contains a NUL byte", path.display()),
+                source: None,
             }
         })?;
         let mut module: hipModule_t = std::ptr::null_mut();
@@ -179,6 +204,7 @@ impl HipRuntime {
                     kernels::hip_archs_built().unwrap_or("?"),
                     self.arch
                 ),
+                source: hip_source(status),
             });
         }
         modules.insert(file, module);
@@ -232,6 +258,7 @@ impl GpuDriver for HipRuntime {
                 device: format!("hip:{}", self.ordinal),
                 requested_bytes: bytes as u64,
                 detail: format!("hipMalloc returned {}", status_name(status)),
+                source: hip_source(status),
             });
         }
         check("hipMalloc", status)?;
@@ -324,6 +351,7 @@ impl GpuDriver for HipRuntime {
         let cname = CString::new(spec.name.as_str()).map_err(|_| AttentionError::KernelBuild {
             kernel: spec.name.clone(),
             log: "kernel name contains a NUL byte".into(),
+            source: None,
         })?;
         let mut func: hipFunction_t = std::ptr::null_mut();
         // SAFETY: loaded module, NUL-terminated name, valid out-pointer.
@@ -336,6 +364,7 @@ impl GpuDriver for HipRuntime {
                     status_name(status),
                     spec.file
                 ),
+                source: hip_source(status),
             });
         }
         self.functions
@@ -490,7 +519,7 @@ mod tests {
             return;
         }
         match HipRuntime::new(0) {
-            Err(AttentionError::DeviceUnavailable { device, reason }) => {
+            Err(AttentionError::DeviceUnavailable { device, reason, .. }) => {
                 assert_eq!(device, "hip:0");
                 assert!(reason.contains("no AMD GPU"), "{reason}");
             }

@@ -8,6 +8,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crate::error::{AttentionError, Result};
 
 pub use graph::DeviceGraph;
+/// The status code of a failed HIP call, found as the `source()` of the error reporting
+/// it.
+#[cfg(feature = "rocm")]
+pub use hip::HipError;
 
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
@@ -136,6 +140,7 @@ fn gpu_unavailable(device: Device, reason: String) -> AttentionError {
     AttentionError::DeviceUnavailable {
         device: device.to_string(),
         reason,
+        source: None,
     }
 }
 
@@ -405,7 +410,9 @@ mod selection_tests {
                 // One reason per runtime, each the probe's own words.
                 for (d, p) in &probes {
                     match p {
-                        Err(AttentionError::DeviceUnavailable { device, reason: r }) => {
+                        Err(AttentionError::DeviceUnavailable {
+                            device, reason: r, ..
+                        }) => {
                             assert_eq!(device, &d.to_string());
                             assert!(!r.is_empty());
                             assert!(reason.contains(r.as_str()), "{reason} lacks {r}");

@@ -28,6 +28,7 @@ pub fn hsaco_path(file: KernelFile) -> Result<PathBuf> {
     let err = |log: String| AttentionError::KernelBuild {
         kernel: file.file_name().to_string(),
         log,
+        source: None,
     };
     let dir = match std::env::var_os(HSACO_DIR_ENV).filter(|d| !d.is_empty()) {
         Some(dir) => PathBuf::from(dir),
@@ -68,6 +69,7 @@ mod tests {
         let bad = |why: &str| AttentionError::KernelBuild {
             kernel: "hsaco".into(),
             log: format!("not a code object or offload bundle: {why}"),
+            source: None,
         };
         if bytes.starts_with(ELF_MAGIC) {
             return Ok(vec![(String::new(), bytes)]);

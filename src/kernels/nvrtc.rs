@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::nvrtc::{result, sys};
 
 use super::{full_source, KernelFile, KernelSpec};
-use crate::error::{AttentionError, Result};
+use crate::error::{AttentionError, ErrorSource, Result};
 
 /// Overrides the NVRTC target architecture (`compute_XY[a|f]`, or `sm_XY` meaning the same).
 pub const ARCH_ENV: &str = "FORGE_ATTN_NVRTC_ARCH";
@@ -46,6 +46,7 @@ fn nvrtc_missing() -> AttentionError {
                  cannot be compiled: install the CUDA 13 NVRTC (e.g. the pip wheel \
                  nvidia-cuda-nvrtc) and add its lib directory to LD_LIBRARY_PATH"
             .into(),
+        source: None,
     }
 }
 
@@ -134,6 +135,7 @@ pub(crate) fn choose_arch(cc: (i32, i32), supported: &[i32]) -> Result<String> {
                 supported.iter().min().copied().unwrap_or(0),
                 supported.iter().max().copied().unwrap_or(0)
             ),
+            source: None,
         }),
     }
 }
@@ -224,6 +226,13 @@ impl Nvrtc {
         let build_err = |log: String| AttentionError::KernelBuild {
             kernel: job.kernel.to_string(),
             log,
+            source: None,
+        };
+        // The same, keeping NVRTC's error as the source.
+        let nvrtc_err = |log: String, e: result::NvrtcError| AttentionError::KernelBuild {
+            kernel: job.kernel.to_string(),
+            log,
+            source: Some(ErrorSource::new(e)),
         };
         let src = CString::new(job.source)
             .map_err(|_| build_err("kernel source contains a NUL byte".into()))?;
@@ -233,7 +242,7 @@ impl Nvrtc {
             return Err(build_err("a compiler option contains a NUL byte".into()));
         }
         let prog = result::create_program(&src, Some(&name))
-            .map_err(|e| build_err(format!("nvrtcCreateProgram: {e:?}")))?;
+            .map_err(|e| nvrtc_err(format!("nvrtcCreateProgram: {e:?}"), e))?;
         // SAFETY: `prog` is live until destroyed below; options are NUL-free.
         let compiled = unsafe { result::compile_program(prog, job.options) };
         // SAFETY: as above.
@@ -244,13 +253,16 @@ impl Nvrtc {
             // SAFETY: as above; the program compiled.
             Ok(()) => unsafe { result::get_ptx(prog) }
                 .map(|p| (c_chars_to_string(&p), log.trim_end().to_string()))
-                .map_err(|e| build_err(format!("nvrtcGetPTX: {e:?}\n{log}"))),
-            Err(e) => Err(build_err(format!(
-                "{} ({e:?}) with options [{}]\n{}",
-                job.file,
-                job.options.join(" "),
-                log.trim_end()
-            ))),
+                .map_err(|e| nvrtc_err(format!("nvrtcGetPTX: {e:?}\n{log}"), e)),
+            Err(e) => Err(nvrtc_err(
+                format!(
+                    "{} ({e:?}) with options [{}]\n{}",
+                    job.file,
+                    job.options.join(" "),
+                    log.trim_end()
+                ),
+                e,
+            )),
         };
         // SAFETY: destroyed once; nothing borrows it any more.
         let _ = unsafe { result::destroy_program(prog) };
@@ -314,6 +326,7 @@ impl PtxCache {
                     nvrtc_options(spec, arch).join(" "),
                     spec.name
                 ),
+                source: None,
             });
         }
         Ok(ptx)
@@ -355,6 +368,7 @@ fn poisoned() -> AttentionError {
     AttentionError::KernelBuild {
         kernel: "kernel cache".into(),
         log: "cache lock poisoned by an earlier panic".into(),
+        source: None,
     }
 }
 

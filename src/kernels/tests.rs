@@ -53,7 +53,7 @@ fn malformed_table_lines_are_errors_naming_the_line() {
     for (bad, why) in cases {
         let text = format!("// header\n#pragma once\nFA_TILE(f32, 32, 64, 64, 64, 16384)\n{bad}\n");
         match parse_flash_config(&text) {
-            Err(AttentionError::KernelBuild { kernel, log }) => {
+            Err(AttentionError::KernelBuild { kernel, log, .. }) => {
                 assert_eq!(kernel, "flash_config.h");
                 assert!(log.contains("line 4"), "{bad}: {log}");
                 assert!(log.contains(why), "{bad}: {log}");
@@ -577,7 +577,7 @@ mod nvrtc_tests {
         let fake = FakeCompiler::new(&["something_else"]);
         let cache = PtxCache::new(None);
         match cache.get(&catalog::fill(4).unwrap(), "compute_90", &fake) {
-            Err(AttentionError::KernelBuild { kernel, log }) => {
+            Err(AttentionError::KernelBuild { kernel, log, .. }) => {
                 assert_eq!(kernel, "fill_b4");
                 assert!(log.contains("no entry point fill_b4"), "{log}");
             }
@@ -614,7 +614,7 @@ mod nvrtc_tests {
             options: &opts,
         };
         match Nvrtc.compile(&job) {
-            Err(AttentionError::KernelBuild { kernel, log }) => {
+            Err(AttentionError::KernelBuild { kernel, log, .. }) => {
                 assert_eq!(kernel, "broken");
                 assert!(log.contains("undeclared_thing"), "{log}");
             }

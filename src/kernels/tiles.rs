@@ -68,6 +68,7 @@ fn malformed(line_no: usize, line: &str, why: &str) -> AttentionError {
              positive integers; FA_TILE_SM90 rows f16|bf16 with threads = 2 * block_m)",
             line.trim()
         ),
+        source: None,
     }
 }
 
@@ -259,6 +260,7 @@ pub(crate) fn parse_table(text: &str) -> Result<TileTable> {
         return Err(AttentionError::KernelBuild {
             kernel: FLASH_CONFIG_FILE.into(),
             log: "no FA_TILE rows".into(),
+            source: None,
         });
     }
     if let Some(orphan) = table.sm90.iter().find(|w| {
@@ -274,6 +276,7 @@ pub(crate) fn parse_table(text: &str) -> Result<TileTable> {
                  bucket to replace",
                 orphan.dtype, orphan.head_dim
             ),
+            source: None,
         });
     }
     if table.hip.is_empty() {
@@ -289,6 +292,7 @@ fn embedded_table() -> &'static Result<TileTable> {
         None => Err(AttentionError::KernelBuild {
             kernel: FLASH_CONFIG_FILE.into(),
             log: format!("kernels/{FLASH_CONFIG_FILE} is missing from this build"),
+            source: None,
         }),
     })
 }

@@ -97,7 +97,7 @@ pub(crate) fn try_host_vec<T: Clone>(n: usize, fill: T, what: &str) -> Result<Ve
     let bytes = (n as u64).saturating_mul(std::mem::size_of::<T>() as u64);
     let mut v = Vec::new();
     v.try_reserve_exact(n)
-        .map_err(|e| AttentionError::host_oom(what, bytes, e))?;
+        .map_err(|e| AttentionError::host_reserve_failed(what, bytes, e))?;
     v.resize(n, fill);
     Ok(v)
 }
@@ -173,14 +173,32 @@ impl Drop for HostAccess {
     }
 }
 
-/// Widens 16-bit host values to f32 without aborting when the host is short of memory.
-fn widen<T: Copy + Into<f32>>(v: Vec<T>) -> Result<Vec<f32>> {
+/// Widens host values to f32 without aborting when the host is short of memory.
+fn widen<T: HostElement>(v: Vec<T>) -> Result<Vec<f32>> {
     let mut out = Vec::new();
     out.try_reserve_exact(v.len()).map_err(|e| {
-        AttentionError::host_oom("to_f32_vec", (v.len() as u64).saturating_mul(4), e)
+        AttentionError::host_reserve_failed("to_f32_vec", (v.len() as u64).saturating_mul(4), e)
     })?;
-    out.extend(v.into_iter().map(Into::into));
+    out.extend(v.into_iter().map(T::to_f32));
     Ok(out)
+}
+
+/// Narrows f32 values to `T` ([`HostElement::from_f32`]) and uploads them.
+fn upload_narrowed<T: HostElement>(
+    data: &[f32],
+    shape: &[usize],
+    device: Device,
+) -> Result<DeviceTensor> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(data.len()).map_err(|e| {
+        AttentionError::host_reserve_failed(
+            "from_f32",
+            (data.len() as u64).saturating_mul(std::mem::size_of::<T>() as u64),
+            e,
+        )
+    })?;
+    v.extend(data.iter().map(|&x| T::from_f32(x)));
+    DeviceTensor::from_host(&v, shape, device)
 }
 
 impl DeviceTensor {
@@ -229,18 +247,17 @@ impl DeviceTensor {
         Ok(t)
     }
 
-    /// Uploads f32 `data`, rounding to `dtype` on the host first.
+    /// Uploads f32 `data`, converted to `dtype` on the host first: rounded to the nearest
+    /// f16 / bf16, and for the integer dtypes Rust's `as` conversion (toward zero,
+    /// saturating at the type's bounds, NaN to 0).
     pub fn from_f32(data: &[f32], shape: &[usize], dtype: DType, device: Device) -> Result<Self> {
         match dtype {
             DType::F32 => Self::from_host(data, shape, device),
-            DType::F16 => {
-                let v: Vec<half::f16> = data.iter().map(|&x| half::f16::from_f32(x)).collect();
-                Self::from_host(&v, shape, device)
-            }
-            DType::BF16 => {
-                let v: Vec<half::bf16> = data.iter().map(|&x| half::bf16::from_f32(x)).collect();
-                Self::from_host(&v, shape, device)
-            }
+            DType::F16 => upload_narrowed::<half::f16>(data, shape, device),
+            DType::BF16 => upload_narrowed::<half::bf16>(data, shape, device),
+            DType::I32 => upload_narrowed::<i32>(data, shape, device),
+            DType::U32 => upload_narrowed::<u32>(data, shape, device),
+            DType::I64 => upload_narrowed::<i64>(data, shape, device),
         }
     }
 
@@ -268,17 +285,21 @@ impl DeviceTensor {
                 got: T::DTYPE.to_string(),
             });
         }
-        let mut out = try_host_vec(self.numel(), T::from_f32(0.0), "to_host")?;
+        let mut out = try_host_vec(self.numel(), <T as bytemuck::Zeroable>::zeroed(), "to_host")?;
         self.read_into(bytemuck::cast_slice_mut(&mut out))?;
         Ok(out)
     }
 
-    /// Downloads the tensor widened to f32, whatever its dtype.
+    /// Downloads the tensor converted to f32, whatever its dtype. Integers become the
+    /// nearest f32, exact up to 2^24 in magnitude.
     pub fn to_f32_vec(&self) -> Result<Vec<f32>> {
         match self.dtype {
             DType::F32 => self.to_host::<f32>(),
             DType::F16 => widen(self.to_host::<half::f16>()?),
             DType::BF16 => widen(self.to_host::<half::bf16>()?),
+            DType::I32 => widen(self.to_host::<i32>()?),
+            DType::U32 => widen(self.to_host::<u32>()?),
+            DType::I64 => widen(self.to_host::<i64>()?),
         }
     }
 

@@ -122,6 +122,13 @@ pub fn can_use_flash_attention(
     max_shared_bytes: u32,
     vendor: TileVendor,
 ) -> Result<FlashChoice, String> {
+    if !input.dtype.is_float() {
+        // Every entry point refuses integer operands; a plan asked for one says so.
+        return Err(format!(
+            "no attention kernel takes {} (f32, f16 or bf16 only)",
+            input.dtype
+        ));
+    }
     if !flash_enabled {
         return Err(
             "flash attention is switched off (use_flash_attention = false or FORGE_ATTN_FLASH=0)"
@@ -240,6 +247,29 @@ mod tests {
             seq_q,
             tf32: false,
             kv_aligned,
+        }
+    }
+
+    #[test]
+    fn integer_dtypes_plan_no_kernel() {
+        for dtype in [DType::I32, DType::U32, DType::I64] {
+            for seq_q in [1, 64] {
+                let plan = super::plan(
+                    &PlanInput {
+                        dtype,
+                        ..input(seq_q, true)
+                    },
+                    true,
+                    u32::MAX,
+                    TileVendor::Cuda,
+                );
+                assert_eq!(plan.flash, None, "{dtype}");
+                let reason = plan.fallback_reason.unwrap();
+                assert!(
+                    reason.contains(&format!("no attention kernel takes {dtype}")),
+                    "{reason}"
+                );
+            }
         }
     }
 

@@ -17,6 +17,10 @@ use crate::problem::{AttentionProblem, HeadStrides};
 use crate::tensor::DeviceTensor;
 
 mod decode;
+/// The path decision. Internal: public for the crate's own tests, not a stable API (it
+/// may change in any release); [`Plan`], [`PlanInput`] and [`FlashChoice`] are re-exported
+/// here.
+#[doc(hidden)]
 pub mod dispatch;
 mod flash;
 mod grid;
@@ -63,6 +67,7 @@ impl GpuAttentionBackend {
             return Err(AttentionError::DeviceUnavailable {
                 device: device.to_string(),
                 reason: "the GPU backend needs a CUDA or HIP device".into(),
+                source: None,
             });
         }
         let runtime = GpuRuntime::get(device)?;

@@ -20,6 +20,7 @@ impl DeviceScratch {
         let mut slot = self.buf.lock().map_err(|_| AttentionError::Runtime {
             op: "device scratch".into(),
             detail: "poisoned lock".into(),
+            source: None,
         })?;
         match &*slot {
             Some(t) if t.numel() >= elems => Ok(t.clone()),
