@@ -52,6 +52,7 @@ impl Case {
         match self.layout {
             Layout::Bshd => [batch, s, h, d],
             Layout::Bhsd => [batch, h, s, d],
+            other => unimplemented!("layout {other:?}"),
         }
     }
 }
@@ -170,6 +171,7 @@ fn reference(case: &Case, q: &DeviceTensor, f: &Filled) -> (Vec<f64>, Vec<f32>) 
             match case.layout {
                 Layout::Bshd => t,
                 Layout::Bhsd => t.permute(&[0, 2, 1, 3]).unwrap(),
+                other => unimplemented!("layout {other:?}"),
             }
         };
         let (k, v) = (kv(&f.k[b]), kv(&f.v[b]));

@@ -121,7 +121,7 @@ pub(super) fn forward(
         })
     };
     let table = match parts.block_table {
-        // The table holds i32 page ids in f32-typed storage (as the append writes them).
+        // The table holds i32 page ids (an I32 tensor written by the append).
         Some(t) => host(t, "kv cache block table")? as *const i32,
         None => std::ptr::null(),
     };
@@ -157,6 +157,7 @@ pub(super) fn forward(
             DType::F32 => run::<f32>(&plan, raw, isa, splits, split_keys),
             DType::F16 => run::<f16>(&plan, raw, isa, splits, split_keys),
             DType::BF16 => run::<bf16>(&plan, raw, isa, splits, split_keys),
+            d @ (DType::I32 | DType::U32 | DType::I64) => d.check_attention("q"),
         }
     }?;
     Ok(AttentionPath::Cpu)
@@ -181,6 +182,7 @@ fn check_pages(
                     detail: format!(
                         "block table entry {page} of sequence {b} is page {id}, outside the pool of {num_pages} pages"
                     ),
+                    source: None,
                 });
             }
         }
