@@ -7,7 +7,7 @@ use crate::kernels::{self, FlashTile, KernelFile, TileVendor};
 use crate::problem::AttentionProblem;
 use crate::tensor::DeviceTensor;
 
-use super::decode::{decode_bucket, decode_smem_bytes, MAX_DECODE_QUERIES};
+use super::decode_plan::{decode_bucket, decode_smem_bytes, MAX_DECODE_QUERIES};
 
 /// Largest head dimension a flash kernel is built for.
 pub const MAX_FLASH_HEAD_DIM: usize = 256;

@@ -17,6 +17,7 @@ use crate::problem::{AttentionProblem, HeadStrides};
 use crate::tensor::DeviceTensor;
 
 mod decode;
+mod decode_plan;
 /// The path decision. Internal: public for the crate's own tests, not a stable API (it
 /// may change in any release); [`Plan`], [`PlanInput`] and [`FlashChoice`] are re-exported
 /// here.
@@ -28,7 +29,7 @@ mod params;
 mod traditional;
 mod workspace;
 
-pub use decode::{SplitPlan, MAX_DECODE_QUERIES};
+pub use decode_plan::{SplitPlan, MAX_DECODE_QUERIES};
 pub use dispatch::{FlashChoice, Plan, PlanInput, MAX_KERNEL_SEQ};
 
 /// Environment switch read when a backend is created: `FORGE_ATTN_FLASH=0` turns the flash
@@ -182,7 +183,7 @@ impl GpuAttentionBackend {
         out: &DeviceTensor,
     ) -> Result<SplitPlan> {
         let (p, _) = self.prepare_cached(config, q, cache, out, 0)?;
-        decode::split_for(self.runtime.multiprocessor_count() as usize, &p).ok_or_else(|| {
+        decode_plan::split_for(self.runtime.multiprocessor_count() as usize, &p).ok_or_else(|| {
             AttentionError::NotSupported {
                 backend: self.name().into(),
                 reason: format!("no decode kernel for head_dim {}", p.head_dim),
@@ -242,7 +243,7 @@ impl GpuAttentionBackend {
         let (p, out_strides) = self.prepare_cached(config, q, cache, out, n)?;
         let counts = vec![n; cache.batch()];
         cache.reserve(&counts)?;
-        if !(decode::fuses_append(p.dtype, p.head_dim)
+        if !(decode_plan::fuses_append(p.dtype, p.head_dim)
             && p.num_kv_heads <= grid::MAX_GRID_YZ
             && dispatch::vectors_aligned(k_new)
             && dispatch::vectors_aligned(v_new))
@@ -336,7 +337,7 @@ impl GpuAttentionBackend {
             )));
         }
         // What the decode kernel itself would refuse, refused here, before any append.
-        if decode::decode_bucket(p.head_dim).is_none() {
+        if decode_plan::decode_bucket(p.head_dim).is_none() {
             return Err(unsupported(format!(
                 "cached attention runs the decode kernel, built for head_dim up to 256; got {}",
                 p.head_dim

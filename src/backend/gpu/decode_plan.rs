@@ -1,0 +1,271 @@
+//! Decode planning (kernels/flash_decode.hip): which path a head dim takes, the key tile,
+//! the shared memory of a block and how the cache is cut into splits. Pure functions of
+//! the problem and the device's multiprocessor count, tested without a GPU.
+
+use crate::dtype::DType;
+use crate::kernels::catalog::DECODE_BUCKETS;
+use crate::problem::AttentionProblem;
+
+/// Longest query block the decode kernel takes.
+pub const MAX_DECODE_QUERIES: usize = 16;
+/// Query rows one decode block serves on the shared-memory path (`DEC_ROWS` in the kernel).
+const ROWS: usize = 16;
+/// Query rows one decode block serves on the register path (`DEC_RROWS` in the kernel).
+const REG_ROWS: usize = 4;
+/// Keys each lane group loads per tile on the register path (`DecReg::PER`).
+const REG_PER: usize = 2;
+/// Tiles in the register path's copy ring (`DEC_STAGES`).
+const REG_STAGES: usize = 3;
+pub(super) const THREADS: u32 = 256;
+/// Fewest keys worth giving a block of their own...
+const MIN_SPLIT_KEYS: usize = 128;
+/// ...except in short caches, where up to [`SHORT_CACHE_SPLITS`] chunks of at least this
+/// many keys still pay off (measured on the H100 with 128-thread blocks: B=1, L=1024 ran in 10.9 us with 16
+/// chunks of 64 keys, 14.1 us with 8 of 128; at L=4096, 64 chunks of 64 keys lose to 32
+/// of 128 because the merge grows with the chunk count).
+const MIN_SHORT_SPLIT_KEYS: usize = 64;
+const SHORT_CACHE_SPLITS: usize = 16;
+
+/// The smallest decode bucket holding `head_dim`.
+pub fn decode_bucket(head_dim: usize) -> Option<usize> {
+    DECODE_BUCKETS.iter().copied().find(|&b| b >= head_dim)
+}
+
+/// Keys per shared-memory tile (`DecodeTile<T, HD>::N` in the kernel): 16 KiB of K.
+fn tile_keys(dtype: DType, bucket: usize) -> usize {
+    (16384 / (bucket * dtype.size_in_bytes())).clamp(16, 64)
+}
+
+/// Lanes per key row on the register path (`DecReg::VPR`), or `None` when `bucket` takes the
+/// shared-memory path (`DecReg::OK` false).
+pub(super) fn reg_lanes(dtype: DType, bucket: usize) -> Option<usize> {
+    let vec = 16 / dtype.size_in_bytes();
+    let vpr = bucket / vec;
+    // At least 8 lanes: the kernel's reduce-scatter takes 8 scores to one per lane.
+    (bucket.is_multiple_of(vec) && (8..=32).contains(&vpr) && vpr.is_power_of_two()).then_some(vpr)
+}
+
+/// Whether the decode kernel can append new tokens itself in the same launch (the register
+/// path, see [`GpuAttentionBackend::forward_cached_append`](super::GpuAttentionBackend::forward_cached_append)).
+pub(crate) fn fuses_append(dtype: DType, head_dim: usize) -> bool {
+    decode_bucket(head_dim).is_some_and(|b| reg_lanes(dtype, b).is_some())
+}
+
+/// Key granularity of a split: a whole number of tiles of whichever path runs.
+pub(super) fn split_granularity(dtype: DType, bucket: usize) -> usize {
+    let smem = tile_keys(dtype, bucket);
+    match reg_lanes(dtype, bucket) {
+        // Both are powers of two, so the larger is a multiple of the smaller.
+        Some(vpr) => smem.max(REG_PER * THREADS as usize / vpr),
+        None => smem,
+    }
+}
+
+/// Query rows per block for this dtype and head-dim bucket.
+pub(super) fn block_rows(dtype: DType, bucket: usize) -> usize {
+    if reg_lanes(dtype, bucket).is_some() {
+        REG_ROWS
+    } else {
+        ROWS
+    }
+}
+
+/// Dynamic shared memory of one decode block (same layouts as the kernel's comments);
+/// `bucket` is one of the decode head-dim buckets ([`decode_bucket`]).
+pub(crate) fn decode_smem_bytes(dtype: DType, bucket: usize) -> u32 {
+    let es = dtype.size_in_bytes();
+    if reg_lanes(dtype, bucket).is_some() {
+        // The ring of DEC_STAGES tiles, 2 x REG_PER 16-byte vectors per thread each; the
+        // group merge and the split weights reuse it (both smaller).
+        return (REG_STAGES * REG_PER * 2 * THREADS as usize * 16) as u32;
+    }
+    let row = bucket + 16 / es;
+    let n = tile_keys(dtype, bucket);
+    (2 * n * row * es + ROWS * bucket * 4 + ROWS * n * 4 + 3 * ROWS * 4) as u32
+}
+
+/// How a decode call is cut: chunks per (sequence, KV head) and keys per chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SplitPlan {
+    /// Chunks (blocks) per sequence and KV head.
+    pub num_splits: usize,
+    /// Keys per chunk (a multiple of the key tile).
+    pub split_keys: usize,
+}
+
+/// Blocks per multiprocessor a split plan aims for. The register path's budget allows two
+/// resident blocks (`DEC_REG_BLOCKS`), but one longer block per multiprocessor measured as
+/// fast or faster on the H100 (bf16, 8 KV heads, D = 128; 16 vs 32 chunks at B = 1:
+/// L = 4096 14.5 vs 15.2 us, L = 32768 54.9 vs 55.0 us; 2 vs 4 chunks at B = 8, L = 16384:
+/// 186 vs 188 us): each chunk pays a fixed cost (query load, group merge, its share of the
+/// split merge) that fewer chunks pay less often.
+const BLOCKS_PER_SM: usize = 1;
+
+/// Chooses the split so the grid fills whole waves of [`BLOCKS_PER_SM`] blocks per
+/// multiprocessor (a last, partly filled wave costs about as much as a full one), with at
+/// least one wave's worth of blocks where the cache is long enough, never giving a block
+/// fewer than 128 keys (64 in short caches); among equally good cuts, the one with the
+/// fewest splits.
+pub(crate) fn split_plan(
+    multiprocessors: usize,
+    batch: usize,
+    kv_heads: usize,
+    row_groups: usize,
+    max_len: usize,
+    dtype: DType,
+    bucket: usize,
+) -> SplitPlan {
+    let base = (batch * kv_heads * row_groups).max(1);
+    let slots = BLOCKS_PER_SM * multiprocessors.max(1);
+    let by_occupancy = slots.div_ceil(base);
+    let by_length = max_len
+        .div_ceil(MIN_SPLIT_KEYS)
+        .max(
+            max_len
+                .div_ceil(MIN_SHORT_SPLIT_KEYS)
+                .min(SHORT_CACHE_SPLITS),
+        )
+        .max(1);
+    let tile = split_granularity(dtype, bucket);
+    let cut = |want: usize| cut_into(want, max_len, tile);
+    let efficiency = |s: &SplitPlan| {
+        let blocks = base * s.num_splits;
+        blocks as f64 / (blocks.div_ceil(slots) * slots) as f64
+    };
+    let mut best = cut(1);
+    for want in 2..=(2 * by_occupancy).min(by_length) {
+        let c = cut(want);
+        if efficiency(&c) > efficiency(&best) + 0.02 {
+            best = c;
+        }
+    }
+    best
+}
+
+/// About `want` chunks of whole tiles covering `max_len` keys.
+pub(super) fn cut_into(want: usize, max_len: usize, tile: usize) -> SplitPlan {
+    let split_keys = (max_len.div_ceil(want.max(1)).div_ceil(tile) * tile).max(tile);
+    SplitPlan {
+        num_splits: max_len.div_ceil(split_keys).max(1),
+        split_keys,
+    }
+}
+
+/// `FORGE_ATTN_DECODE_SPLITS=N` fixes the number of chunks per sequence (tuning runs).
+fn splits_override() -> Option<usize> {
+    static N: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("FORGE_ATTN_DECODE_SPLITS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|&n| n > 0)
+    })
+}
+/// The split a launch over `len` keys uses: `FORGE_ATTN_DECODE_SPLITS` when set, else
+/// [`split_plan`].
+pub(super) fn chosen_split(
+    multiprocessors: usize,
+    p: &AttentionProblem,
+    bucket: usize,
+    row_groups: usize,
+    len: usize,
+) -> SplitPlan {
+    match splits_override() {
+        Some(n) => cut_into(n, len, split_granularity(p.dtype, bucket)),
+        None => split_plan(
+            multiprocessors,
+            p.batch,
+            p.num_kv_heads,
+            row_groups,
+            len,
+            p.dtype,
+            bucket,
+        ),
+    }
+}
+
+/// The split a decode launch of `p` (its `seq_k` keys) would use on a device with
+/// `multiprocessors` SMs, or `None` when the decode kernel does not take `p.head_dim`.
+pub(crate) fn split_for(multiprocessors: usize, p: &AttentionProblem) -> Option<SplitPlan> {
+    let bucket = decode_bucket(p.head_dim)?;
+    let group = p.num_heads / p.num_kv_heads.max(1);
+    let row_groups = (group * p.seq_q).div_ceil(block_rows(p.dtype, bucket));
+    Some(chosen_split(
+        multiprocessors,
+        p,
+        bucket,
+        row_groups,
+        p.seq_k,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_plan_fills_the_gpu_and_covers_the_cache() {
+        for (b, hkv, len) in [
+            (1, 8, 32768),
+            (32, 8, 16384),
+            (1, 8, 100),
+            (8, 8, 4096),
+            (3, 1, 1),
+        ] {
+            let s = split_plan(132, b, hkv, 1, len, DType::BF16, 128);
+            assert!(s.num_splits * s.split_keys >= len, "{b} {hkv} {len}: {s:?}");
+            assert!(
+                (s.num_splits - 1) * s.split_keys < len.max(1),
+                "{b} {hkv} {len}: empty split {s:?}"
+            );
+            assert_eq!(s.split_keys % 64, 0);
+            let f = split_plan(132, b, hkv, 1, len, DType::F32, 128);
+            assert!(f.num_splits * f.split_keys >= len && f.split_keys.is_multiple_of(32));
+        }
+        assert!(split_plan(132, 1, 8, 1, 32768, DType::BF16, 128).num_splits >= 16);
+        // The measured best cuts of short caches at batch 1.
+        assert_eq!(
+            split_plan(132, 1, 8, 1, 1024, DType::BF16, 128).num_splits,
+            16
+        );
+        assert_eq!(
+            split_plan(132, 1, 8, 1, 4096, DType::BF16, 128).num_splits,
+            16
+        );
+        // A short cache still gets two blocks per head when they fit in the first wave.
+        assert_eq!(
+            split_plan(132, 1, 8, 1, 100, DType::BF16, 128).num_splits,
+            2
+        );
+    }
+
+    #[test]
+    fn split_plan_fills_whole_waves() {
+        let slots = BLOCKS_PER_SM * 132;
+        for (b, len, dtype) in [
+            (8, 16384, DType::BF16),
+            (32, 16384, DType::BF16),
+            (8, 16384, DType::F32),
+            (32, 16384, DType::F32),
+            (1, 32768, DType::BF16),
+        ] {
+            let s = split_plan(132, b, 8, 1, len, dtype, 128);
+            let blocks = b * 8 * s.num_splits;
+            let waves = blocks.div_ceil(slots);
+            assert!(blocks * 10 >= waves * slots * 9, "{b} {len} {dtype}: {s:?}");
+        }
+        // 32 x 8 heads already fill two waves of 132 blocks.
+        assert_eq!(
+            split_plan(132, 32, 8, 1, 16384, DType::BF16, 128).num_splits,
+            1
+        );
+    }
+
+    #[test]
+    fn shared_memory_fits_the_default_limit_up_to_head_dim_128() {
+        // Tiles hold 16 KiB of K whatever the dtype, so no opt-in is needed up to 128.
+        assert!(decode_smem_bytes(DType::F32, 128) <= 48 * 1024);
+        assert!(decode_smem_bytes(DType::BF16, 128) <= 48 * 1024);
+        assert!(decode_smem_bytes(DType::F32, 256) <= 227 * 1024);
+    }
+}
