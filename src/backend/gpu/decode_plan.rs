@@ -268,4 +268,136 @@ mod tests {
         assert!(decode_smem_bytes(DType::BF16, 128) <= 48 * 1024);
         assert!(decode_smem_bytes(DType::F32, 256) <= 227 * 1024);
     }
+
+    const FLOATS: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
+
+    #[test]
+    fn every_head_dim_up_to_256_has_the_smallest_bucket_that_holds_it() {
+        for hd in 1..=256 {
+            let b = decode_bucket(hd).expect("a bucket up to 256");
+            assert!(DECODE_BUCKETS.contains(&b) && b >= hd, "{hd}: {b}");
+            assert!(
+                DECODE_BUCKETS.iter().all(|&o| o >= b || o < hd),
+                "{hd}: {b} is not the smallest"
+            );
+        }
+        assert_eq!(decode_bucket(257), None);
+        assert_eq!(decode_bucket(4096), None);
+    }
+
+    #[test]
+    fn shared_memory_of_every_bucket_fits_the_opt_in_limit() {
+        for dtype in FLOATS {
+            for b in DECODE_BUCKETS {
+                let smem = decode_smem_bytes(dtype, b);
+                assert!(smem > 0 && smem <= 227 * 1024, "{dtype} {b}: {smem}");
+                // A K tile holds at most 16 KiB, at least 16 keys.
+                let n = tile_keys(dtype, b);
+                assert!((16..=64).contains(&n), "{dtype} {b}: {n}");
+                assert!(n == 16 || n * b * dtype.size_in_bytes() <= 16384);
+            }
+        }
+    }
+
+    #[test]
+    fn the_register_path_takes_the_documented_head_dims() {
+        // The documented fused-append head dims (see `forward_cached_append`).
+        for (dtype, fused) in [
+            (DType::F16, [64, 128, 256]),
+            (DType::BF16, [64, 128, 256]),
+            (DType::F32, [32, 64, 128]),
+        ] {
+            for b in DECODE_BUCKETS {
+                assert_eq!(fuses_append(dtype, b), fused.contains(&b), "{dtype} {b}");
+            }
+        }
+        assert!(!fuses_append(DType::BF16, 512));
+    }
+
+    #[test]
+    fn register_lanes_cover_a_key_row_exactly() {
+        for dtype in FLOATS {
+            for b in DECODE_BUCKETS {
+                if let Some(vpr) = reg_lanes(dtype, b) {
+                    // Each lane holds one 16-byte vector of the row; the reduce-scatter
+                    // needs 8 to 32 lanes, a power of two.
+                    assert_eq!(vpr * 16, b * dtype.size_in_bytes(), "{dtype} {b}");
+                    assert!((8..=32).contains(&vpr) && vpr.is_power_of_two());
+                    assert_eq!(block_rows(dtype, b), REG_ROWS);
+                } else {
+                    assert_eq!(block_rows(dtype, b), ROWS);
+                }
+                assert!(block_rows(dtype, b) <= MAX_DECODE_QUERIES);
+            }
+        }
+    }
+
+    #[test]
+    fn a_split_is_a_whole_number_of_tiles_of_either_path() {
+        for dtype in FLOATS {
+            for b in DECODE_BUCKETS {
+                let g = split_granularity(dtype, b);
+                assert!(g.is_multiple_of(tile_keys(dtype, b)), "{dtype} {b}: {g}");
+                if let Some(vpr) = reg_lanes(dtype, b) {
+                    // Keys the register path's 256 threads load per tile.
+                    assert!(g.is_multiple_of(REG_PER * THREADS as usize / vpr));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn cut_into_covers_the_cache_with_no_empty_chunk_and_no_more_than_asked() {
+        for tile in [16, 32, 64, 128] {
+            for len in (1..=5000).step_by(13) {
+                for want in [0, 1, 2, 3, 7, 16, 64, 1000, 10_000] {
+                    let s = cut_into(want, len, tile);
+                    assert!(s.num_splits >= 1 && s.num_splits <= want.max(1));
+                    assert!(s.split_keys > 0 && s.split_keys.is_multiple_of(tile));
+                    assert!(
+                        s.num_splits * s.split_keys >= len,
+                        "{want} {len} {tile}: {s:?}"
+                    );
+                    assert!(
+                        (s.num_splits - 1) * s.split_keys < len,
+                        "{want} {len} {tile}: {s:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn split_plan_never_gives_a_chunk_zero_keys() {
+        for dtype in FLOATS {
+            for b in DECODE_BUCKETS {
+                let g = split_granularity(dtype, b);
+                for batch in [1, 2, 3, 8, 32, 129] {
+                    for (kv_heads, row_groups) in [(1, 1), (8, 1), (8, 4), (2, 16)] {
+                        for len in (1..=5000).step_by(7) {
+                            let s = split_plan(132, batch, kv_heads, row_groups, len, dtype, b);
+                            let at = format!("{dtype} {b} B={batch} Hkv={kv_heads} L={len}: {s:?}");
+                            assert!(s.num_splits >= 1 && s.split_keys.is_multiple_of(g), "{at}");
+                            assert!(s.num_splits * s.split_keys >= len, "{at}");
+                            assert!((s.num_splits - 1) * s.split_keys < len, "{at}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn split_plan_takes_degenerate_device_and_problem_sizes() {
+        // No multiprocessors reported, no heads: still one whole chunk at least.
+        for (sms, batch, kv_heads) in [(0, 1, 1), (132, 0, 8), (1, 1, 0)] {
+            let s = split_plan(sms, batch, kv_heads, 1, 300, DType::BF16, 128);
+            assert!(
+                s.num_splits >= 1 && s.num_splits * s.split_keys >= 300,
+                "{s:?}"
+            );
+        }
+        let s = split_plan(132, 1, 8, 1, 0, DType::BF16, 128);
+        assert_eq!(s.num_splits, 1, "{s:?}");
+    }
 }
