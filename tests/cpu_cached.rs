@@ -12,6 +12,9 @@ use forge_attn::{
     Layout, Result,
 };
 
+mod common;
+use common::{cpu_half_bound, dtype_bound, gpu, F32_BOUND, HALF_CEILING};
+
 /// How a cache stores its tokens.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Storage {
@@ -203,12 +206,12 @@ fn check(case: &Case) -> f64 {
     let (want, naive) = reference(case, &q, &f);
     let err = relative_l2_error(&got, &want);
     match case.dtype {
-        DType::F32 => assert!(err < 1e-5, "{case:?}: relative L2 error {err:e}"),
+        DType::F32 => assert!(err < F32_BOUND, "{case:?}: relative L2 error {err:e}"),
         _ => {
             let naive_err = relative_l2_error(&naive, &want);
-            let bound = (2.0 * naive_err).max(1e-4);
+            let bound = cpu_half_bound(naive_err);
             assert!(
-                err <= bound && err < 1e-2,
+                err <= bound && err < HALF_CEILING,
                 "{case:?}: relative L2 error {err:e}, naive {naive_err:e}"
             );
         }
@@ -332,7 +335,7 @@ fn long_cache_f32_within_contract() {
                 storage,
                 seed: 17,
             });
-            assert!(err < 1e-5, "{storage:?} {seq_q}: {err:e}");
+            assert!(err < F32_BOUND, "{storage:?} {seq_q}: {err:e}");
         }
     }
 }
@@ -377,7 +380,7 @@ fn poison_at_a_causally_removed_key_reaches_only_the_row_that_keeps_it() {
             let row = case.heads * case.head_dim;
             let (clean, last_row) = got.split_at(3 * row);
             let err = relative_l2_error(clean, &want[..3 * row]);
-            assert!(err < 1e-5, "{threads} threads: {err:e}");
+            assert!(err < F32_BOUND, "{threads} threads: {err:e}");
             assert!(last_row.iter().all(|x| x.is_nan()), "{threads} threads");
         });
     }
@@ -570,7 +573,7 @@ fn trait_default_takes_dense_views_and_refuses_the_rest() {
             assert_eq!(path, AttentionPath::Cpu);
             let (want, _) = reference(&case, &q, &f);
             let err = relative_l2_error(&out.to_f32_vec().unwrap(), &want);
-            assert!(err < 1e-5, "{layout:?} {causal}: {err:e}");
+            assert!(err < F32_BOUND, "{layout:?} {causal}: {err:e}");
         }
     }
     // Paged, and ragged contiguous: no dense view, NotSupported naming the backend and why.
@@ -602,10 +605,6 @@ fn trait_default_takes_dense_views_and_refuses_the_rest() {
         // The CPU backend itself attends over the same cache.
         check(&case);
     }
-}
-
-fn gpu() -> Device {
-    Device::best_available()
 }
 
 /// The GPU backend through the trait over a paged, ragged cache agrees with the CPU
@@ -644,7 +643,7 @@ fn gpu_through_the_trait_agrees_with_the_cpu_on_a_paged_ragged_cache() {
                 .unwrap();
             let want: Vec<f64> = oc.to_f32_vec().unwrap().iter().map(|&x| x as f64).collect();
             let err = relative_l2_error(&og.to_f32_vec().unwrap(), &want);
-            let tol = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
+            let tol = dtype_bound(dtype);
             assert!(err < tol, "{dtype} sq {seq_q}: {err:e}");
             // The CPU backend refuses a cache and query on the GPU, changing nothing.
             let mut ocpu = sevens(&shape, dtype);

@@ -12,6 +12,9 @@ use forge_attn::{
     Layout,
 };
 
+mod common;
+use common::{cpu_half_bound, F32_BOUND, HALF_CEILING};
+
 /// Logical `[batch, seq, heads, head_dim]` dims in `layout`'s order.
 fn dims(layout: Layout, b: usize, s: usize, h: usize, d: usize) -> [usize; 4] {
     match layout {
@@ -208,10 +211,10 @@ fn masked_poison_case(
     assert_eq!(want, want_poisoned, "{what}: reference");
     let err = relative_l2_error(&got, &want);
     let bound = match dtype {
-        DType::F32 => 1e-5,
+        DType::F32 => F32_BOUND,
         _ => {
             let naive = attention_naive_in_dtype(&config, &q, &ck, &cv, Some(&mask)).unwrap();
-            (2.0 * relative_l2_error(&naive, &want)).max(1e-4)
+            cpu_half_bound(relative_l2_error(&naive, &want))
         }
     };
     assert!(
@@ -278,7 +281,7 @@ fn poison_past_the_causal_cut_reaches_only_the_rows_that_keep_it() {
                                 );
                             } else {
                                 let err = relative_l2_error(row, want_row);
-                                assert!(err < 1e-5, "{what}: head {hh} row {i}: {err:e}");
+                                assert!(err < F32_BOUND, "{what}: head {hh} row {i}: {err:e}");
                                 if i + sk < sq {
                                     assert!(row.iter().all(|&x| x == 0.0), "{what}: row {i}");
                                 }
@@ -342,7 +345,10 @@ fn poison_past_the_view_length_is_never_read() {
                 let got = cpu(&config, &q, &k, &v, Some(&mask));
                 let want = attention_f64(&config, &q, &k, &v, Some(&mask)).unwrap();
                 let err = relative_l2_error(&got, &want);
-                assert!(err < 1e-5, "{layout:?} {sq}x{sk} causal {causal}: {err:e}");
+                assert!(
+                    err < F32_BOUND,
+                    "{layout:?} {sq}x{sk} causal {causal}: {err:e}"
+                );
             }
         }
     }
@@ -456,7 +462,7 @@ fn zero_and_minus_f32_max_give_the_softmax_over_kept_keys() {
             let want =
                 attention_f64(&config, &q, &k, &v, Some(&mask_tensor(&inf, &[sq, sk]))).unwrap();
             let err = relative_l2_error(&got, &want);
-            assert!(err < 1e-5, "{layout:?} causal {causal}: {err:e}");
+            assert!(err < F32_BOUND, "{layout:?} causal {causal}: {err:e}");
             // The f64 reference agrees here: the -f32::MAX keys weigh exp(-3.4e38) = 0.
             let reference =
                 attention_f64(&config, &q, &k, &v, Some(&mask_tensor(&huge, &[sq, sk]))).unwrap();
@@ -511,7 +517,7 @@ fn nan_in_the_mask_poisons_only_its_row() {
                 "reference row {i}"
             );
             if !poisoned {
-                assert!(relative_l2_error(row, want_row) < 1e-5, "row {i}");
+                assert!(relative_l2_error(row, want_row) < F32_BOUND, "row {i}");
             }
         }
     }
@@ -582,7 +588,7 @@ fn f32_accuracy_at_100k_keys() {
     for sq in [1, 4] {
         for data in LONG {
             let (err, _) = long_error(100_000, sq, data, DType::F32);
-            assert!(err < 1e-5, "sq {sq} {data:?}: {err:e}");
+            assert!(err < F32_BOUND, "sq {sq} {data:?}: {err:e}");
         }
     }
 }
@@ -594,9 +600,9 @@ fn half_accuracy_at_100k_keys() {
     for dtype in [DType::F16, DType::BF16] {
         for data in LONG {
             let (err, naive) = long_error(100_000, 1, data, dtype);
-            let bound = (2.0 * naive).max(1e-4);
+            let bound = cpu_half_bound(naive);
             assert!(
-                err <= bound && err < 1e-2,
+                err <= bound && err < HALF_CEILING,
                 "{dtype} {data:?}: {err:e} (naive {naive:e})"
             );
         }
@@ -635,7 +641,7 @@ fn very_large_head_dims_run() {
             let got = cpu(&config, &q, &k, &v, Some(&mask));
             let want = attention_f64(&config, &q, &k, &v, Some(&mask)).unwrap();
             let err = relative_l2_error(&got, &want);
-            assert!(err < 1e-5, "d {d} {layout:?}: {err:e}");
+            assert!(err < F32_BOUND, "d {d} {layout:?}: {err:e}");
         }
     }
 }

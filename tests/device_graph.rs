@@ -7,6 +7,9 @@ use forge_attn::{
     KvCacheLayout, KvCacheSpec,
 };
 
+mod common;
+use common::max_abs_diff;
+
 const H: usize = 8;
 const HKV: usize = 2;
 const D: usize = 128;
@@ -39,14 +42,6 @@ fn config(len: usize) -> AttentionConfig {
     AttentionConfig::new(H * D, H, len)
         .with_num_kv_heads(HKV)
         .with_causal(true)
-}
-
-fn max_abs_diff(a: &DeviceTensor, b: &DeviceTensor) -> f32 {
-    let (a, b) = (a.to_f32_vec().unwrap(), b.to_f32_vec().unwrap());
-    a.iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0f32, f32::max)
 }
 
 /// A cache of `len` tokens per sequence (ragged: sequence b holds len - 7 b) with room

@@ -10,11 +10,8 @@ use forge_attn::{
     DeviceTensor, FlashKernel, GpuAttentionBackend, Layout,
 };
 
-fn gpu() -> Device {
-    let d = Device::best_available();
-    assert!(d.is_gpu(), "these tests need a GPU; none was found");
-    d
-}
+mod common;
+use common::{gpu, gpu_half_bound, F32_BOUND};
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum MaskKind {
@@ -179,11 +176,11 @@ fn check(backend: &GpuAttentionBackend, c: &Case, traditional: bool, seed: u64) 
     let err = relative_l2_error(&got, &want);
     let bound = match c.dtype {
         DType::F32 if backend.tf32_enabled() && !traditional => TF32_TOLERANCE,
-        DType::F32 => 1e-5,
+        DType::F32 => F32_BOUND,
         _ => {
             let naive =
                 attention_naive_in_dtype(&cfg, &x.q, &x.k, &x.v, x.mask.as_ref()).expect("naive");
-            (2.0f64 * relative_l2_error(&naive, &want)).clamp(1e-3, 1e-2)
+            gpu_half_bound(relative_l2_error(&naive, &want))
         }
     };
     assert!(

@@ -11,18 +11,8 @@ use forge_attn::{
     KvCacheSpec,
 };
 
-fn gpu() -> Device {
-    let d = Device::best_available();
-    assert!(d.is_gpu(), "these tests need a GPU; none was found");
-    d
-}
-
-fn bound(dtype: DType) -> f64 {
-    match dtype {
-        DType::F32 => 1e-5,
-        _ => 1e-2,
-    }
-}
+mod common;
+use common::{cpu_copy, dtype_bound, gpu, random_tensor};
 
 /// `shape` with its last dim widened by one and the first element skipped: a view of
 /// `shape` whose rows start at odd element offsets (head_dim contiguous, strides odd).
@@ -32,10 +22,6 @@ fn odd_view(shape: &[usize], seed: u64, dtype: DType, dev: Device) -> DeviceTens
     let n: usize = wide.iter().product();
     let t = DeviceTensor::from_f32(&random_values(n, seed), &wide, dtype, dev).unwrap();
     t.narrow(wide.len() - 1, 1, shape[shape.len() - 1]).unwrap()
-}
-
-fn cpu_copy(t: &DeviceTensor) -> DeviceTensor {
-    DeviceTensor::from_f32(&t.to_f32_vec().unwrap(), t.shape(), t.dtype(), Device::Cpu).unwrap()
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -85,7 +71,7 @@ fn misaligned_case(
     let want = attention_f64(&cfg, &q, &k, &v, mask.as_ref()).unwrap();
     let err = relative_l2_error(&got, &want);
     assert!(
-        err <= bound(dtype),
+        err <= dtype_bound(dtype),
         "{dtype} sq={sq} sk={sk} causal={causal} {route:?} ({path}): error {err:.2e}"
     );
     path
@@ -148,13 +134,16 @@ fn cached_attention_takes_odd_offset_queries_outputs_and_new_rows() {
             let cfg_dense = cfg.clone();
             let want = attention_f64(&cfg_dense, &cpu_copy(&q), &kd, &vd, None).unwrap();
             let err = relative_l2_error(&out.to_f32_vec().unwrap(), &want);
-            assert!(err <= bound(dtype), "{dtype} {layout:?}: error {err:.2e}");
+            assert!(
+                err <= dtype_bound(dtype),
+                "{dtype} {layout:?}: error {err:.2e}"
+            );
             let mut out2 = odd_view(&[b, 1, h, d], 27, dtype, dev);
             backend.forward_cached(&cfg, &q, &cache, &mut out2).unwrap();
             dev.synchronize().unwrap();
             let err = relative_l2_error(&out2.to_f32_vec().unwrap(), &want);
             assert!(
-                err <= bound(dtype),
+                err <= dtype_bound(dtype),
                 "{dtype} {layout:?} cached: error {err:.2e}"
             );
         }
@@ -168,10 +157,7 @@ fn large_grid_case(b: usize, sq: usize, sk: usize, h: usize, hkv: usize, d: usiz
     let cfg = AttentionConfig::new(h * d, h, sq.max(sk))
         .with_num_kv_heads(hkv)
         .with_causal(true);
-    let up = |shape: &[usize], seed| {
-        let n: usize = shape.iter().product();
-        DeviceTensor::from_f32(&random_values(n, seed), shape, dtype, dev).unwrap()
-    };
+    let up = |shape: &[usize], seed| random_tensor(shape, dtype, dev, seed);
     let q = up(&[b, sq, h, d], 31);
     let k = up(&[b, sk, hkv, d], 32);
     let v = up(&[b, sk, hkv, d], 33);
@@ -193,7 +179,7 @@ fn large_grid_case(b: usize, sq: usize, sk: usize, h: usize, hkv: usize, d: usiz
         .collect();
     let err = relative_l2_error(&out.to_f32_vec().unwrap(), &want);
     assert!(
-        err <= bound(dtype).max(1e-4),
+        err <= dtype_bound(dtype).max(1e-4),
         "B={b} H={h} Hkv={hkv} Sq={sq} ({path}): error {err:.2e}"
     );
 }
@@ -338,7 +324,7 @@ fn garbage_in_keys_that_are_never_read_does_not_reach_the_output() {
         assert_eq!(path, AttentionPath::Flash(FlashKernel::Decode));
         let want = attention_f64(&cfg, &q, &k, &v, None).unwrap();
         let err = relative_l2_error(&out.to_f32_vec().unwrap(), &want);
-        assert!(err <= bound(dtype), "{dtype} decode: error {err:.2e}");
+        assert!(err <= dtype_bound(dtype), "{dtype} decode: error {err:.2e}");
 
         // Causal prefill: keys in tiles wholly past the causal limit of the first query
         // rows' blocks are NaN in K and V; those rows must stay exact.
@@ -370,7 +356,7 @@ fn garbage_in_keys_that_are_never_read_does_not_reach_the_output() {
         let want = attention_f64(&cfg_rows, &first(&q), &first(&k), &first(&v), None).unwrap();
         let err = relative_l2_error(&got, &want);
         assert!(
-            err <= bound(dtype),
+            err <= dtype_bound(dtype),
             "{dtype} causal prefill: error {err:.2e}"
         );
 
@@ -421,7 +407,7 @@ fn garbage_in_keys_that_are_never_read_does_not_reach_the_output() {
             .unwrap();
             let err = relative_l2_error(&out.to_f32_vec().unwrap(), &want);
             assert!(
-                err <= bound(dtype),
+                err <= dtype_bound(dtype),
                 "{dtype} masked NaN keys (traditional={traditional}): error {err:.2e}"
             );
         }
@@ -438,10 +424,7 @@ fn huge_negative_finite_masks_give_the_plain_average() {
     let backend = GpuAttentionBackend::new(dev).unwrap();
     let (b, h, d, sq, sk) = (1, 2, 64, 32, 48);
     for dtype in [DType::F32, DType::F16, DType::BF16] {
-        let up = |shape: &[usize], seed| {
-            let n: usize = shape.iter().product();
-            DeviceTensor::from_f32(&random_values(n, seed), shape, dtype, dev).unwrap()
-        };
+        let up = |shape: &[usize], seed| random_tensor(shape, dtype, dev, seed);
         let (q, k, v) = (
             up(&[b, sq, h, d], 51),
             up(&[b, sk, h, d], 52),
@@ -472,7 +455,7 @@ fn huge_negative_finite_masks_give_the_plain_average() {
             .unwrap();
             let err = relative_l2_error(&out.to_f32_vec().unwrap(), &want);
             assert!(
-                err <= bound(dtype),
+                err <= dtype_bound(dtype),
                 "{dtype} traditional={traditional}: error {err:.2e}"
             );
         }

@@ -13,9 +13,8 @@ use forge_attn::{
     KvCacheSpec, TransferStats,
 };
 
-fn cpu_f32(values: &[f32], shape: &[usize]) -> DeviceTensor {
-    DeviceTensor::from_host(values, shape, Device::Cpu).unwrap()
-}
+mod common;
+use common::{cpu_f32, spec};
 
 fn shape_error(r: forge_attn::Result<DeviceTensor>) -> (String, String, String) {
     match r {
@@ -303,16 +302,6 @@ fn host_allocations_that_fail_are_out_of_memory() {
             .unwrap(),
         vec![0.0; 3]
     );
-}
-
-fn spec(batch: usize, hkv: usize, d: usize, cap: usize, dtype: DType) -> KvCacheSpec {
-    KvCacheSpec {
-        batch,
-        num_kv_heads: hkv,
-        head_dim: d,
-        capacity: cap,
-        dtype,
-    }
 }
 
 #[test]

@@ -10,15 +10,8 @@ use forge_attn::{
     KvCacheSpec,
 };
 
-fn spec(batch: usize, hkv: usize, d: usize, cap: usize, dtype: DType) -> KvCacheSpec {
-    KvCacheSpec {
-        batch,
-        num_kv_heads: hkv,
-        head_dim: d,
-        capacity: cap,
-        dtype,
-    }
-}
+mod common;
+use common::{gpu, gpu_half_bound, max_abs_diff, spec, F32_BOUND};
 
 fn tokens(
     b: usize,
@@ -182,12 +175,6 @@ fn cpu_decode_through_views_matches_reference() {
 
 // ---------------------------------------------------------------- GPU
 
-fn gpu() -> Device {
-    let d = Device::best_available();
-    assert!(d.is_gpu(), "needs a GPU");
-    d
-}
-
 #[test]
 #[ignore = "needs a GPU"]
 fn append_round_trip_on_gpu() {
@@ -253,11 +240,11 @@ fn gpu_decode_matches_reference() {
                     let g = &got[bb * sq * dh..(bb + 1) * sq * dh];
                     let err = relative_l2_error(g, &want);
                     let bound = match dtype {
-                        DType::F32 => 1e-5,
+                        DType::F32 => F32_BOUND,
                         _ => {
                             let naive =
                                 attention_naive_in_dtype(&cfg, &qb, &kb, &vb, None).unwrap();
-                            (2.0f64 * relative_l2_error(&naive, &want)).clamp(1e-3, 1e-2)
+                            gpu_half_bound(relative_l2_error(&naive, &want))
                         }
                     };
                     assert!(
@@ -292,15 +279,6 @@ fn forward_into_uses_decode_for_short_queries() {
     let want = attention_f64(&cfg, &q, &k, &v, None).unwrap();
     let err = relative_l2_error(&out.to_f32_vec().unwrap(), &want);
     assert!(err < 1e-2, "{err}");
-}
-
-fn max_abs_diff(a: &DeviceTensor, b: &DeviceTensor) -> f32 {
-    let (a, b) = (a.to_f32_vec().unwrap(), b.to_f32_vec().unwrap());
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0f32, f32::max)
 }
 
 /// A fused step (`forward_cached_append`: one launch where the register path runs) gives

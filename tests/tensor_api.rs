@@ -11,15 +11,14 @@ use forge_attn::{
     TransferStats,
 };
 
+mod common;
+use common::cpu_f32;
+
 /// The transfer counters are process-wide: tests that move data hold this lock so the
 /// counts each one checks are its own.
 fn serial() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-fn cpu_f32(values: &[f32], shape: &[usize]) -> DeviceTensor {
-    DeviceTensor::from_host(values, shape, Device::Cpu).unwrap()
 }
 
 fn iota(n: usize) -> Vec<f32> {

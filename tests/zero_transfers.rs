@@ -6,20 +6,13 @@ use std::sync::Mutex;
 use forge_attn::reference::{attention_f64, random_values, relative_l2_error};
 use forge_attn::{
     AttentionConfig, CpuAttentionBackend, DType, Device, DeviceAttentionBackend, DeviceTensor,
-    GpuAttentionBackend, KvCache, KvCacheLayout, KvCacheSpec,
+    GpuAttentionBackend, KvCache, KvCacheLayout,
 };
 
-static SERIAL: Mutex<()> = Mutex::new(());
+mod common;
+use common::spec;
 
-fn spec(batch: usize, hkv: usize, d: usize, cap: usize, dtype: DType) -> KvCacheSpec {
-    KvCacheSpec {
-        batch,
-        num_kv_heads: hkv,
-        head_dim: d,
-        capacity: cap,
-        dtype,
-    }
-}
+static SERIAL: Mutex<()> = Mutex::new(());
 
 /// Runs `steps` decode steps (append + attention, output fed back) and returns the last
 /// query, the last output and the number of host transfers inside the loop.

@@ -1,0 +1,78 @@
+//! Setup shared by the integration tests: the GPU under test, tensors of random values,
+//! CPU copies, KV cache specs, and the README's error bounds against the f64 reference.
+//! Each test binary uses part of it.
+#![allow(dead_code)]
+
+use forge_attn::reference::random_values;
+use forge_attn::{DType, Device, DeviceTensor, KvCacheSpec};
+
+/// The GPU the ignored tests run on; fails the test where there is none.
+pub fn gpu() -> Device {
+    let d = Device::best_available();
+    assert!(d.is_gpu(), "these tests need a GPU; none was found");
+    d
+}
+
+/// A `shape` tensor of `dtype` on `dev` holding `random_values` of `seed`.
+pub fn random_tensor(shape: &[usize], dtype: DType, dev: Device, seed: u64) -> DeviceTensor {
+    let n = shape.iter().product();
+    DeviceTensor::from_f32(&random_values(n, seed), shape, dtype, dev).unwrap()
+}
+
+/// An f32 tensor on the CPU holding `values`.
+pub fn cpu_f32(values: &[f32], shape: &[usize]) -> DeviceTensor {
+    DeviceTensor::from_host(values, shape, Device::Cpu).unwrap()
+}
+
+/// `t`'s values in a contiguous CPU tensor of the same shape and dtype.
+pub fn cpu_copy(t: &DeviceTensor) -> DeviceTensor {
+    DeviceTensor::from_f32(&t.to_f32_vec().unwrap(), t.shape(), t.dtype(), Device::Cpu).unwrap()
+}
+
+/// The largest elementwise difference of two tensors of the same size.
+pub fn max_abs_diff(a: &DeviceTensor, b: &DeviceTensor) -> f32 {
+    let (a, b) = (a.to_f32_vec().unwrap(), b.to_f32_vec().unwrap());
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0f32, f32::max)
+}
+
+/// A KV cache spec of `batch` sequences, `hkv` heads of `d`, room for `cap` tokens each.
+pub fn spec(batch: usize, hkv: usize, d: usize, cap: usize, dtype: DType) -> KvCacheSpec {
+    KvCacheSpec {
+        batch,
+        num_kv_heads: hkv,
+        head_dim: d,
+        capacity: cap,
+        dtype,
+    }
+}
+
+/// The README's f32 bound: relative L2 error against the f64 reference.
+pub const F32_BOUND: f64 = 1e-5;
+
+/// The README's f16/bf16 ceiling: relative L2 error against the f64 reference.
+pub const HALF_CEILING: f64 = 1e-2;
+
+/// A fixed bound per dtype where no naive run is measured: [`F32_BOUND`], else
+/// [`HALF_CEILING`].
+pub fn dtype_bound(dtype: DType) -> f64 {
+    match dtype {
+        DType::F32 => F32_BOUND,
+        _ => HALF_CEILING,
+    }
+}
+
+/// The CPU backend's f16/bf16 bound: twice the error of the naive computation in that
+/// dtype (`naive_err`), with a floor of 1e-4 for inputs the naive run gets almost exact.
+pub fn cpu_half_bound(naive_err: f64) -> f64 {
+    (2.0 * naive_err).max(1e-4)
+}
+
+/// The GPU backend's f16/bf16 bound: twice the naive error, between 1e-3 and
+/// [`HALF_CEILING`].
+pub fn gpu_half_bound(naive_err: f64) -> f64 {
+    (2.0f64 * naive_err).clamp(1e-3, HALF_CEILING)
+}
