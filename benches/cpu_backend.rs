@@ -5,6 +5,11 @@
 //! throughput is reported in elements/s where one element is one FLOP, and each shape's
 //! GFLOP/s is printed as well. Then a prefill with a padding mask and a GQA decode step
 //! over a 16k cache, printed as the best time of a few calls.
+//!
+//! With `CPU_VS_TORCH` set (a substring of the shape names, or empty for all), only the
+//! shapes that `scripts/bench_torch_cpu.py` times for torch run instead, each printed as
+//! the median of a few calls: prefill with B*S = 4096 and H = 2048/D, and a GQA decode
+//! step over a cache next to a streaming read of the cache's bytes.
 
 use std::time::{Duration, Instant};
 
@@ -14,7 +19,7 @@ use criterion::{
 use forge_attn::reference::random_values;
 use forge_attn::{
     AttentionConfig, AttentionProblem, CpuAttentionBackend, DType, Device, DeviceAttentionBackend,
-    DeviceTensor,
+    DeviceTensor, KvCache, KvCacheLayout, KvCacheSpec,
 };
 
 const BATCH: usize = 1;
@@ -22,6 +27,10 @@ const HEADS: usize = 16;
 const HEAD_DIM: usize = 128;
 
 fn bench_cpu(c: &mut Criterion) {
+    if let Ok(filter) = std::env::var("CPU_VS_TORCH") {
+        against_torch(&filter);
+        return;
+    }
     let backend = CpuAttentionBackend::new();
     let mut group = c.benchmark_group("cpu_backend");
     // One iteration at seq 4096 takes seconds on a small machine: flat sampling with few
@@ -159,6 +168,133 @@ fn time_and_bench<R>(
     );
     group.throughput(Throughput::Elements(flops as u64));
     group.bench_function(BenchmarkId::new("f32_d128", id), |bench| bench.iter(&mut f));
+}
+
+/// Median seconds of `reps` calls of `f` after one warm-up call.
+fn median_secs<R>(reps: usize, mut f: impl FnMut() -> R) -> f64 {
+    f();
+    let mut t: Vec<f64> = (0..reps)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    t.sort_by(f64::total_cmp);
+    t[t.len() / 2]
+}
+
+/// The shapes of `scripts/bench_torch_cpu.py` whose names contain `filter`, one line each:
+/// `ours NAME MEDIAN_MS GFLOP/s` (GB/s for the decode step and the streaming read).
+fn against_torch(filter: &str) {
+    let backend = CpuAttentionBackend::new();
+    let threads = rayon::current_num_threads();
+    println!("threads {threads}");
+    let mut prefill = Vec::new();
+    for d in [64usize, 128] {
+        for s in [512usize, 2048] {
+            for causal in [false, true] {
+                prefill.push((DType::F32, d, s, causal));
+            }
+        }
+    }
+    prefill.push((DType::BF16, 128, 2048, false));
+    for (dtype, d, s, causal) in prefill {
+        let name = format!(
+            "prefill_{}_d{d}_s{s}{}",
+            if dtype == DType::F32 { "f32" } else { "bf16" },
+            if causal { "_causal" } else { "" }
+        );
+        if !name.contains(filter) {
+            continue;
+        }
+        let (b, h) = (4096 / s, 2048 / d);
+        let shape = [b, s, h, d];
+        let n = shape.iter().product();
+        let t = |seed| DeviceTensor::from_f32(&random_values(n, seed), &shape, dtype, Device::Cpu);
+        let (Ok(q), Ok(k), Ok(v), Ok(mut out)) = (
+            t(1),
+            t(2),
+            t(3),
+            DeviceTensor::zeros(&shape, dtype, Device::Cpu),
+        ) else {
+            eprintln!("{name}: could not allocate");
+            continue;
+        };
+        let config = AttentionConfig::new(h * d, h, s).with_causal(causal);
+        let flops = 4.0 * (b * s * s * h * d) as f64 / if causal { 2.0 } else { 1.0 };
+        let reps = if s >= 2048 { 3 } else { 5 };
+        let secs = median_secs(reps, || {
+            backend.forward_into(&config, &q, &k, &v, None, &mut out)
+        });
+        println!("ours {name} {:.2} {:.1}", secs * 1e3, flops / secs / 1e9);
+    }
+
+    let (b, h, hk, d, len) = (8usize, 32usize, 8usize, 128usize, 4096usize);
+    let name = format!("decode_f32_b{b}_h{h}_kv{hk}_d{d}_l{len}");
+    if !name.contains(filter) {
+        return;
+    }
+    let spec = KvCacheSpec {
+        batch: b,
+        num_kv_heads: hk,
+        head_dim: d,
+        capacity: len,
+        dtype: DType::F32,
+    };
+    let kv_shape = [b, len, hk, d];
+    let n = kv_shape.iter().product();
+    let t = |sh: &[usize], seed| {
+        let n: usize = sh.iter().product();
+        DeviceTensor::from_f32(&random_values(n, seed), sh, DType::F32, Device::Cpu)
+    };
+    let built = (|| {
+        let mut cache = KvCache::contiguous(spec, KvCacheLayout::FlashAttention, Device::Cpu)?;
+        cache.append(&t(&kv_shape, 2)?, &t(&kv_shape, 3)?)?;
+        let q = t(&[b, 1, h, d], 1)?;
+        let out = DeviceTensor::zeros(&[b, 1, h, d], DType::F32, Device::Cpu)?;
+        forge_attn::Result::Ok((cache, q, out))
+    })();
+    let Ok((cache, q, mut out)) = built else {
+        eprintln!("{name}: could not build the cache");
+        return;
+    };
+    let config = AttentionConfig::new(h * d, h, len).with_num_kv_heads(hk);
+    let bytes = 2.0 * (n * 4) as f64;
+    let secs = median_secs(10, || backend.forward_cached(&config, &q, &cache, &mut out));
+    println!("ours {name} {:.3} {:.1}", secs * 1e3, bytes / secs / 1e9);
+    // The same bytes read once, split over the threads (K and V as two arrays).
+    let (Ok(kd), Ok(vd)) = (
+        DeviceTensor::from_f32(&random_values(n, 4), &kv_shape, DType::F32, Device::Cpu),
+        DeviceTensor::from_f32(&random_values(n, 5), &kv_shape, DType::F32, Device::Cpu),
+    ) else {
+        return;
+    };
+    let (Ok(kh), Ok(vh)) = (kd.to_f32_vec(), vd.to_f32_vec()) else {
+        return;
+    };
+    let secs = median_secs(10, || {
+        use rayon::prelude::*;
+        let sum = |x: &Vec<f32>| {
+            x.par_chunks(1 << 16)
+                .map(|c| {
+                    let mut lanes = [0.0f32; 16];
+                    for w in c.chunks_exact(16) {
+                        for i in 0..16 {
+                            lanes[i] += w[i];
+                        }
+                    }
+                    lanes.iter().sum::<f32>()
+                })
+                .sum::<f32>()
+        };
+        std::hint::black_box(sum(&kh) + sum(&vh))
+    });
+    println!(
+        "ours stream_read_{name} {:.3} {:.1}",
+        secs * 1e3,
+        bytes / secs / 1e9
+    );
 }
 
 criterion_group!(benches, bench_cpu);
