@@ -18,7 +18,8 @@
 // host computes the same formulas). K/V rows are read in 16-byte vectors: the host only
 // sends 16-byte aligned caches here (bases, strides and head_dim in whole vectors).
 // Keys past a sequence's length are never read (zero-filled), nor are block-table entries
-// past it; a negative entry (a page the pool could not give) reads as zeros.
+// past it; a negative entry (a page the pool could not give) is never read out of bounds:
+// the shared-memory path zero-fills its keys, the register path reads page 0.
 #include "compat.h"
 #include "decode_params.h"
 #include "kv_append.h"

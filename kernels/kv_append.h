@@ -28,11 +28,12 @@ typedef struct {
 
 // Sequence b's new tokens into its cache, by one whole block; a page is taken from the pool
 // (device-side counter) exactly when a token starts one; a page past the pool is never
-// handed out (the entry becomes -1, the token is dropped and readers see zeros: the host
-// refuses such appends before they are queued, so this only bounds a misuse). `start` is the sequence's length
-// before the append; `advance` writes the new length to seq_lens (the fused decode kernel
-// advances it itself, once every block has read the old one). s_page: 8 bytes of shared
-// memory (the caller's, so that no kernel gains static shared memory by including this).
+// handed out (the entry becomes -1, the token is dropped and readers stay inside the pool:
+// the host refuses such appends before they are queued, so this only bounds a misuse).
+// `start` is the sequence's length before the append; `advance` writes the new length to
+// seq_lens (the fused decode kernel advances it itself, once every block has read the old
+// one). s_page: 8 bytes of shared memory (the caller's, so that no kernel gains static
+// shared memory by including this).
 template <typename E>
 FA_DEVICE void kv_append_sequence(const AppendParams& p, int b, int start, bool advance, fa_i64* s_page) {
     const int count = p.counts ? p.counts[b] : p.n;
