@@ -16,6 +16,8 @@ pub use hip::HipError;
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda_probe;
 mod driver;
 pub(crate) mod gpu;
 mod graph;
@@ -176,14 +178,11 @@ fn cuda_driver_state() -> std::result::Result<(), String> {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|_| format!("{:?}", e.0))
     };
-    // SAFETY: only tries to dlopen the driver library.
-    if !unsafe { sys::is_culib_present() } {
-        let lib = format!(
-            "{}cuda{}",
-            std::env::consts::DLL_PREFIX,
-            std::env::consts::DLL_SUFFIX
-        );
-        return Err(format!("CUDA driver library {lib} not found"));
+    if !cuda_probe::driver_present() {
+        return Err(format!(
+            "CUDA driver library {} not found",
+            cuda_probe::driver_name()
+        ));
     }
     match result::init() {
         Err(e) if e.0 == sys::CUresult::CUDA_ERROR_NO_DEVICE => {

@@ -35,17 +35,18 @@ pub const CACHE_ENV: &str = "FORGE_ATTN_KERNEL_CACHE";
 /// Whether the NVRTC library can be loaded (probed once; never panics).
 pub fn nvrtc_available() -> bool {
     static PRESENT: OnceLock<bool> = OnceLock::new();
-    // SAFETY: only tries to dlopen the library under its usual names.
-    *PRESENT.get_or_init(|| unsafe { sys::is_culib_present() })
+    *PRESENT.get_or_init(crate::device::cuda_probe::nvrtc_present)
 }
 
 fn nvrtc_missing() -> AttentionError {
     AttentionError::DeviceUnavailable {
         device: "cuda".into(),
-        reason: "NVRTC (libnvrtc.so / libnvrtc.so.13) could not be loaded, so CUDA kernels \
-                 cannot be compiled: install the CUDA 13 NVRTC (e.g. the pip wheel \
-                 nvidia-cuda-nvrtc) and add its lib directory to LD_LIBRARY_PATH"
-            .into(),
+        reason: format!(
+            "NVRTC ({}) could not be loaded, so CUDA kernels cannot be compiled: install \
+             the NVRTC of the CUDA version this build uses (e.g. the pip wheel \
+             nvidia-cuda-nvrtc) and add its lib directory to LD_LIBRARY_PATH",
+            crate::device::cuda_probe::nvrtc_name()
+        ),
         source: None,
     }
 }

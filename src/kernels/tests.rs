@@ -722,8 +722,11 @@ mod nvrtc_tests {
         use cudarc::driver::{result, sys};
         use std::ffi::CString;
 
-        // SAFETY: probing the driver library, then plain driver calls on device 0.
-        assert!(unsafe { sys::is_culib_present() }, "no CUDA driver");
+        assert!(
+            crate::device::cuda_probe::driver_present(),
+            "no CUDA driver"
+        );
+        // SAFETY: plain driver calls on device 0.
         result::init().unwrap();
         let dev = result::device::get(0).unwrap();
         let ctx = unsafe { result::primary_ctx::retain(dev) }.unwrap();
