@@ -95,7 +95,7 @@ const LOG2_E: f32 = std::f32::consts::LOG2_E;
 /// contract below holds there as well.
 ///
 /// Numerical contract, on top of the crate's (f32 within 1e-5 relative L2 of
-/// [`attention_f64`](crate::reference::attention_f64) at any sequence length):
+/// the f64 reference `reference::attention_f64` at any sequence length):
 /// - A key is removed for query row `i` when the causal cut hides it (key `j` is visible
 ///   iff `j <= i + seq_k - seq_q`) or its mask value is exactly `-inf`. Removed keys
 ///   contribute nothing, whatever K and V hold there (NaN/inf included); a row with every
