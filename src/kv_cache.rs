@@ -565,6 +565,19 @@ impl KvCache {
         Ok(())
     }
 
+    /// The length every sequence holds, or `UnsupportedLayout` saying that `what` equal,
+    /// non-zero lengths.
+    fn common_length(&self, what: &str) -> Result<usize> {
+        let len = self.lengths[0];
+        if self.lengths.iter().any(|&l| l != len) || len == 0 {
+            return Err(AttentionError::UnsupportedLayout {
+                what: "kv cache".into(),
+                reason: format!("{what} equal, non-zero lengths, got {:?}", self.lengths),
+            });
+        }
+        Ok(len)
+    }
+
     /// Contiguous caches whose sequences all hold the same number of tokens: `[B, L, Hkv, D]`
     /// views of K and V (in BSHD order, no copy) for [`crate::DeviceAttentionBackend::forward_into`].
     pub fn views(&self) -> Result<(DeviceTensor, DeviceTensor)> {
@@ -575,16 +588,7 @@ impl KvCache {
                     .into(),
             });
         }
-        let len = self.lengths[0];
-        if self.lengths.iter().any(|&l| l != len) || len == 0 {
-            return Err(AttentionError::UnsupportedLayout {
-                what: "kv cache".into(),
-                reason: format!(
-                    "dense views need equal, non-zero lengths, got {:?}",
-                    self.lengths
-                ),
-            });
-        }
+        let len = self.common_length("dense views need")?;
         let view = |t: &DeviceTensor| t.narrow(2, 0, len)?.permute(&[0, 2, 1, 3]);
         Ok((view(&self.k)?, view(&self.v)?))
     }
@@ -593,16 +597,7 @@ impl KvCache {
     /// [`Device::Cpu`], whatever the layout; every sequence must hold the same number of
     /// tokens L. Meant for checking and debugging: it copies everything to the host.
     pub fn to_dense(&self) -> Result<(DeviceTensor, DeviceTensor)> {
-        let len = self.lengths[0];
-        if self.lengths.iter().any(|&l| l != len) || len == 0 {
-            return Err(AttentionError::UnsupportedLayout {
-                what: "kv cache".into(),
-                reason: format!(
-                    "a dense copy needs equal, non-zero lengths, got {:?}",
-                    self.lengths
-                ),
-            });
-        }
+        let len = self.common_length("a dense copy needs")?;
         let (hkv, d) = (self.num_kv_heads, self.head_dim);
         let k = self.k.to_f32_vec()?;
         let v = self.v.to_f32_vec()?;
