@@ -76,3 +76,44 @@ pub fn cpu_half_bound(naive_err: f64) -> f64 {
 pub fn gpu_half_bound(naive_err: f64) -> f64 {
     (2.0f64 * naive_err).clamp(1e-3, HALF_CEILING)
 }
+
+/// A backend that hands every required method to `inner` (under `name`, or the inner
+/// name) and keeps the trait's defaults for the rest, `forward_cached` among them: a
+/// backend with no cached attention of its own, or a second handle on a shared one.
+pub struct Forward<B> {
+    pub inner: B,
+    pub name: Option<&'static str>,
+}
+
+impl<B, T> forge_attn::DeviceAttentionBackend for Forward<B>
+where
+    B: std::ops::Deref<Target = T> + Send + Sync,
+    T: forge_attn::DeviceAttentionBackend + ?Sized + 'static,
+{
+    fn name(&self) -> &str {
+        match self.name {
+            Some(name) => name,
+            None => self.inner.name(),
+        }
+    }
+    fn device(&self) -> Device {
+        self.inner.device()
+    }
+    fn supports(&self, config: &forge_attn::AttentionConfig) -> forge_attn::Support {
+        self.inner.supports(config)
+    }
+    fn required_kv_layout(&self) -> forge_attn::KvCacheLayout {
+        self.inner.required_kv_layout()
+    }
+    fn forward_into(
+        &self,
+        config: &forge_attn::AttentionConfig,
+        q: &DeviceTensor,
+        k: &DeviceTensor,
+        v: &DeviceTensor,
+        mask: Option<&DeviceTensor>,
+        out: &mut DeviceTensor,
+    ) -> forge_attn::Result<forge_attn::AttentionPath> {
+        self.inner.forward_into(config, q, k, v, mask, out)
+    }
+}
