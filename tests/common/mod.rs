@@ -13,6 +13,12 @@ pub fn gpu() -> Device {
     d
 }
 
+/// The GPU under test and a backend on it.
+pub fn gpu_backend() -> (Device, forge_attn::GpuAttentionBackend) {
+    let dev = gpu();
+    (dev, forge_attn::GpuAttentionBackend::new(dev).unwrap())
+}
+
 /// A `shape` tensor of `dtype` on `dev` holding `random_values` of `seed`.
 pub fn random_tensor(shape: &[usize], dtype: DType, dev: Device, seed: u64) -> DeviceTensor {
     let n = shape.iter().product();
