@@ -123,3 +123,20 @@ where
         self.inner.forward_into(config, q, k, v, mask, out)
     }
 }
+
+/// Runs `backend.forward_into` into a fresh output shaped like `q` and returns the path it
+/// took and the output's relative L2 error against the f64 reference.
+pub fn forward_against_reference(
+    backend: &dyn forge_attn::DeviceAttentionBackend,
+    cfg: &forge_attn::AttentionConfig,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    mask: Option<&DeviceTensor>,
+) -> (forge_attn::AttentionPath, f64) {
+    let mut out = DeviceTensor::zeros(q.shape(), q.dtype(), q.device()).unwrap();
+    let path = backend.forward_into(cfg, q, k, v, mask, &mut out).unwrap();
+    let want = forge_attn::reference::attention_f64(cfg, q, k, v, mask).unwrap();
+    let got = out.to_f32_vec().unwrap();
+    (path, forge_attn::reference::relative_l2_error(&got, &want))
+}
