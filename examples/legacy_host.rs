@@ -1,7 +1,7 @@
 //! Attention through the original host-slice API: the registry runs the call on the best
 //! backend that accepts it (a GPU when one is usable, else the CPU), the adapter uploads,
 //! computes and downloads, and the result is checked against a plain f64 attention
-//! computed here. It prints which backend ran and why the others did not.
+//! from `forge_attn::reference`. It prints which backend ran and why the others did not.
 //!
 //! Run with `cargo run --release --example legacy_host [-- --device cpu|cuda:N|hip:N|auto]
 //! [--seed N]` (a bare number is also taken as the seed). Without `--device` (or with
@@ -14,8 +14,8 @@ use std::process::ExitCode;
 
 use forge_attn::legacy::BackendPriority;
 use forge_attn::{
-    AttentionBackendRegistry, AttentionConfig, CpuAttentionBackend, Device, GpuAttentionBackend,
-    HostAdapter,
+    AttentionBackendRegistry, AttentionConfig, CpuAttentionBackend, Device, DeviceTensor,
+    GpuAttentionBackend, HostAdapter,
 };
 
 const BATCH: usize = 2;
@@ -43,7 +43,7 @@ impl SplitMix {
     }
 }
 
-/// Causal (bottom-right) GQA attention in f64 over BSHD slices.
+/// The f64 reference (`forge_attn::reference`) over BSHD host slices.
 fn attention_f64(
     cfg: &AttentionConfig,
     seq_q: usize,
@@ -51,56 +51,21 @@ fn attention_f64(
     q: &[f32],
     k: &[f32],
     v: &[f32],
-) -> Vec<f64> {
+) -> forge_attn::Result<Vec<f64>> {
     let (b, h, hkv, d) = (
         cfg.batch_size,
         cfg.num_heads,
         cfg.num_kv_heads,
         cfg.head_dim,
     );
-    let group = h / hkv;
-    let scale = cfg.effective_scale() as f64;
-    let offset = seq_k as isize - seq_q as isize;
-    let mut out = vec![0.0f64; b * seq_q * h * d];
-    for bi in 0..b {
-        for hi in 0..h {
-            let kh = hi / group;
-            for i in 0..seq_q {
-                let last = if cfg.is_causal {
-                    i as isize + offset
-                } else {
-                    seq_k as isize - 1
-                };
-                if last < 0 {
-                    continue; // no visible key: the row stays zero
-                }
-                let visible = (last as usize + 1).min(seq_k);
-                let qrow = &q[((bi * seq_q + i) * h + hi) * d..][..d];
-                let scores: Vec<f64> = (0..visible)
-                    .map(|j| {
-                        let krow = &k[((bi * seq_k + j) * hkv + kh) * d..][..d];
-                        qrow.iter()
-                            .zip(krow)
-                            .map(|(&a, &b)| a as f64 * b as f64)
-                            .sum::<f64>()
-                            * scale
-                    })
-                    .collect();
-                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-                let sum: f64 = weights.iter().sum();
-                let orow = &mut out[((bi * seq_q + i) * h + hi) * d..][..d];
-                for (j, w) in weights.iter().enumerate() {
-                    let vrow = &v[((bi * seq_k + j) * hkv + kh) * d..][..d];
-                    for (o, &x) in orow.iter_mut().zip(vrow) {
-                        *o += w * x as f64;
-                    }
-                }
-                orow.iter_mut().for_each(|o| *o /= sum);
-            }
-        }
-    }
-    out
+    let t = |x: &[f32], shape: &[usize]| DeviceTensor::from_host(x, shape, Device::Cpu);
+    forge_attn::reference::attention_f64(
+        cfg,
+        &t(q, &[b, seq_q, h, d])?,
+        &t(k, &[b, seq_k, hkv, d])?,
+        &t(v, &[b, seq_k, hkv, d])?,
+        None,
+    )
 }
 
 struct Args {
@@ -214,7 +179,13 @@ fn main() -> ExitCode {
     let checksum: f64 = out.iter().map(|&x| x as f64).sum();
     println!("output: {} values, checksum {checksum:.6}", out.len());
 
-    let want = attention_f64(&config, SEQ, SEQ, &q, &k, &v);
+    let want = match attention_f64(&config, SEQ, SEQ, &q, &k, &v) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("reference: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     if out.len() != want.len() {
         eprintln!("output length {} != expected {}", out.len(), want.len());
         return ExitCode::FAILURE;

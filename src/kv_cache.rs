@@ -5,14 +5,14 @@
 //! The host mirrors the lengths and the pages in use only to refuse an append that would
 //! overflow, before anything is queued.
 
-use crate::config::KvCacheLayout;
+use crate::config::{AttentionConfig, KvCacheLayout};
 use crate::device::launch::LaunchDims;
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{AttentionError, Result};
 use crate::kernels::abi::{AppendParams, TokenStrides};
 use crate::kernels::catalog;
-use crate::problem::HeadStrides;
+use crate::problem::{AttentionProblem, CachedKeys, HeadStrides};
 use crate::tensor::{try_host_vec, DeviceTensor, HostAccess};
 
 /// Paging of a [`KvCacheLayout::BlockSparse`] cache.
@@ -565,6 +565,19 @@ impl KvCache {
         Ok(())
     }
 
+    /// The length every sequence holds, or `UnsupportedLayout` saying that `what` equal,
+    /// non-zero lengths.
+    fn common_length(&self, what: &str) -> Result<usize> {
+        let len = self.lengths[0];
+        if self.lengths.iter().any(|&l| l != len) || len == 0 {
+            return Err(AttentionError::UnsupportedLayout {
+                what: "kv cache".into(),
+                reason: format!("{what} equal, non-zero lengths, got {:?}", self.lengths),
+            });
+        }
+        Ok(len)
+    }
+
     /// Contiguous caches whose sequences all hold the same number of tokens: `[B, L, Hkv, D]`
     /// views of K and V (in BSHD order, no copy) for [`crate::DeviceAttentionBackend::forward_into`].
     pub fn views(&self) -> Result<(DeviceTensor, DeviceTensor)> {
@@ -575,16 +588,7 @@ impl KvCache {
                     .into(),
             });
         }
-        let len = self.lengths[0];
-        if self.lengths.iter().any(|&l| l != len) || len == 0 {
-            return Err(AttentionError::UnsupportedLayout {
-                what: "kv cache".into(),
-                reason: format!(
-                    "dense views need equal, non-zero lengths, got {:?}",
-                    self.lengths
-                ),
-            });
-        }
+        let len = self.common_length("dense views need")?;
         let view = |t: &DeviceTensor| t.narrow(2, 0, len)?.permute(&[0, 2, 1, 3]);
         Ok((view(&self.k)?, view(&self.v)?))
     }
@@ -593,16 +597,7 @@ impl KvCache {
     /// [`Device::Cpu`], whatever the layout; every sequence must hold the same number of
     /// tokens L. Meant for checking and debugging: it copies everything to the host.
     pub fn to_dense(&self) -> Result<(DeviceTensor, DeviceTensor)> {
-        let len = self.lengths[0];
-        if self.lengths.iter().any(|&l| l != len) || len == 0 {
-            return Err(AttentionError::UnsupportedLayout {
-                what: "kv cache".into(),
-                reason: format!(
-                    "a dense copy needs equal, non-zero lengths, got {:?}",
-                    self.lengths
-                ),
-            });
-        }
+        let len = self.common_length("a dense copy needs")?;
         let (hkv, d) = (self.num_kv_heads, self.head_dim);
         let k = self.k.to_f32_vec()?;
         let v = self.v.to_f32_vec()?;
@@ -685,6 +680,30 @@ impl KvCache {
         })
     }
 
+    /// Validates attention of `q` into `out` over this cache once it holds `extra` more
+    /// tokens per sequence ([`AttentionProblem::cached`], then `out` against the problem and
+    /// every input); returns the problem and `out`'s strides. Nothing is read or written.
+    pub(crate) fn problem(
+        &self,
+        config: &AttentionConfig,
+        q: &DeviceTensor,
+        out: &DeviceTensor,
+        extra: usize,
+    ) -> Result<(AttentionProblem, HeadStrides)> {
+        let keys = CachedKeys {
+            batch: self.batch,
+            num_kv_heads: self.num_kv_heads,
+            head_dim: self.head_dim,
+            dtype: self.dtype(),
+            device: self.device(),
+            max_len: self.lengths.iter().copied().max().unwrap_or(0),
+            strides: self.cache_strides(),
+        };
+        let p = AttentionProblem::cached(config, q, &keys, extra)?;
+        let out_strides = p.output_strides(config.layout, out, &[q, &self.k, &self.v])?;
+        Ok((p, out_strides))
+    }
+
     pub(crate) fn raw_parts(&self) -> CacheParts<'_> {
         CacheParts {
             k: &self.k,
@@ -694,7 +713,6 @@ impl KvCache {
             block_table: self.paging.as_ref().map(|p| &p.block_table),
             max_pages: self.paging.as_ref().map_or(0, |p| p.max_pages),
             page_size: self.paging.as_ref().map_or(1, |p| p.page_size),
-            max_len: self.lengths.iter().copied().max().unwrap_or(0),
             pool_next: self.paging.as_ref().map(|p| &p.pool_next),
             num_pages: self.paging.as_ref().map_or(0, |p| p.num_pages),
         }
@@ -710,7 +728,6 @@ pub(crate) struct CacheParts<'a> {
     pub block_table: Option<&'a DeviceTensor>,
     pub max_pages: usize,
     pub page_size: usize,
-    pub max_len: usize,
     pub pool_next: Option<&'a DeviceTensor>,
     /// Pages in the pool (0: contiguous).
     pub num_pages: usize,
@@ -786,6 +803,65 @@ mod tests {
         assert!(c.to_dense().unwrap_err().to_string().contains("[6, 3]"));
         let contiguous = cache(None);
         assert_eq!(contiguous.raw_parts().seq_lens.dtype(), DType::I32);
+    }
+
+    /// `problem` takes the longest sequence (plus the new tokens) and the cache's strides,
+    /// and refuses an output that does not fit the call or overlaps the cache or q.
+    #[test]
+    fn a_cached_call_is_checked_against_the_cache_and_its_output() {
+        for layout in [None, Some(4)] {
+            let mut c = cache(layout);
+            c.commit(&[3, 5]);
+            let config = AttentionConfig::new(2 * 4, 2, 16).with_num_kv_heads(1);
+            let t =
+                |shape: &[usize], dtype| DeviceTensor::zeros(shape, dtype, Device::Cpu).unwrap();
+            let q = t(&[2, 1, 2, 4], DType::F32);
+            let out = t(&[2, 1, 2, 4], DType::F32);
+            let (p, os) = c.problem(&config, &q, &out, 0).unwrap();
+            assert_eq!(
+                (p.seq_k, p.k, p.v),
+                (5, c.cache_strides(), c.cache_strides())
+            );
+            assert_eq!(
+                os,
+                HeadStrides {
+                    batch: 8,
+                    head: 4,
+                    seq: 8
+                }
+            );
+            assert_eq!(c.problem(&config, &q, &out, 2).unwrap().0.seq_k, 7);
+
+            let e = c
+                .problem(&config, &q, &t(&[2, 2, 2, 4], DType::F32), 0)
+                .unwrap_err();
+            assert!(matches!(e, AttentionError::ShapeMismatch { .. }), "{e:?}");
+            let e = c
+                .problem(&config, &q, &t(&[2, 1, 2, 4], DType::F16), 0)
+                .unwrap_err();
+            assert!(
+                matches!(&e, AttentionError::DTypeMismatch { what, .. } if what == "out"),
+                "{e:?}"
+            );
+            let e = c.problem(&config, &q, &q, 0).unwrap_err();
+            assert!(
+                matches!(e, AttentionError::UnsupportedLayout { .. }),
+                "{e:?}"
+            );
+            // An output inside the cache's own K storage.
+            let in_cache = c.k.narrow(0, 0, 2).unwrap().narrow(2, 0, 2).unwrap();
+            let e = c.problem(&config, &q, &in_cache, 0).unwrap_err();
+            assert!(
+                matches!(&e, AttentionError::UnsupportedLayout { reason, .. } if reason.contains("overlaps input 1")),
+                "{e:?}"
+            );
+            // The q checks come from `AttentionProblem::cached`.
+            let e = c
+                .problem(&config, &t(&[3, 1, 2, 4], DType::F32), &out, 0)
+                .unwrap_err();
+            assert!(matches!(e, AttentionError::ShapeMismatch { .. }), "{e:?}");
+            assert_eq!(c.lengths(), &[3, 5]);
+        }
     }
 
     #[test]

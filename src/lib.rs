@@ -57,6 +57,8 @@ pub mod legacy;
 /// tests, not a stable API (it may change in any release).
 #[doc(hidden)]
 pub mod problem;
+// Feature `reference` (the crate's own unit tests always have it).
+#[cfg(any(test, feature = "reference"))]
 pub mod reference;
 pub mod tensor;
 

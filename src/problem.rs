@@ -134,6 +134,46 @@ fn check_mask_dtype(m: &DeviceTensor) -> Result<()> {
     Ok(())
 }
 
+/// Refuses a `q` of `[b, sq, h, d]` whose heads or head_dim differ from `config` or that
+/// holds no query.
+fn check_query_dims(config: &AttentionConfig, dims: [usize; 4], q: &DeviceTensor) -> Result<()> {
+    let [b, sq, h, d] = dims;
+    if h != config.num_heads {
+        return Err(AttentionError::shape("q heads", config.num_heads, h));
+    }
+    if d != config.head_dim {
+        return Err(AttentionError::shape("q head_dim", config.head_dim, d));
+    }
+    if b == 0 || sq == 0 {
+        return Err(AttentionError::shape(
+            "q batch and seq",
+            "both > 0",
+            format!("{:?}", q.shape()),
+        ));
+    }
+    Ok(())
+}
+
+/// What a cached call reads of its KV cache, as plain values: the keys' side of the
+/// problem without a K tensor. K and V share `strides` (batch or page, head, position).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct CachedKeys {
+    /// Sequences.
+    pub batch: usize,
+    /// KV heads.
+    pub num_kv_heads: usize,
+    /// Head dimension.
+    pub head_dim: usize,
+    /// Element type of K and V.
+    pub dtype: DType,
+    /// Device of the cache.
+    pub device: Device,
+    /// Tokens of the longest sequence.
+    pub max_len: usize,
+    /// K and V strides.
+    pub strides: HeadStrides,
+}
+
 impl AttentionProblem {
     /// Validates `config` and the operands against each other. Q, K and V of an integer
     /// dtype, and a mask of any dtype but f32, are refused first, with
@@ -170,19 +210,7 @@ impl AttentionProblem {
                 });
             }
         }
-        if h != config.num_heads {
-            return Err(AttentionError::shape("q heads", config.num_heads, h));
-        }
-        if d != config.head_dim {
-            return Err(AttentionError::shape("q head_dim", config.head_dim, d));
-        }
-        if b == 0 || sq == 0 {
-            return Err(AttentionError::shape(
-                "q batch and seq",
-                "both > 0",
-                format!("{:?}", q.shape()),
-            ));
-        }
+        check_query_dims(config, [b, sq, h, d], q)?;
         let kv_expect = [b, sk, config.num_kv_heads, config.head_dim];
         if [kb, sk, hk, kd] != kv_expect || sk == 0 {
             return Err(AttentionError::shape(
@@ -220,6 +248,91 @@ impl AttentionProblem {
             k: ks,
             v: vs,
             mask,
+        })
+    }
+
+    /// Validates a cached call: `q` against `config` and against the cache `keys` (batch,
+    /// KV heads, head_dim, dtype, device), the cache holding `extra` more tokens per sequence
+    /// than now (a fused append). `seq_k` is the longest sequence's length then, and K and V
+    /// take the cache's strides. Refusals: an integer `q` (`DTypeMismatch`), an invalid
+    /// config (`InvalidConfig`), a `q` that is not rank 4, holds no query or differs from
+    /// the config or the cache in shape (`ShapeMismatch`), a head_dim that is not contiguous
+    /// (`UnsupportedLayout`), a cache of another dtype (`DTypeMismatch`) or device
+    /// (`DeviceMismatch`), an empty cache (`ShapeMismatch`), a length that overflows with
+    /// `extra` (`CapacityExceeded`).
+    pub(crate) fn cached(
+        config: &AttentionConfig,
+        q: &DeviceTensor,
+        keys: &CachedKeys,
+        extra: usize,
+    ) -> Result<Self> {
+        refuse_non_float(&[("q", q)])?;
+        config.validate()?;
+        let (dims, qs) = operand("q", q, config.layout)?;
+        if dims[0] != keys.batch {
+            return Err(AttentionError::shape(
+                "q batch (the cache's sequences)",
+                keys.batch,
+                format!("{:?}", q.shape()),
+            ));
+        }
+        check_query_dims(config, dims, q)?;
+        if keys.num_kv_heads != config.num_kv_heads {
+            return Err(AttentionError::shape(
+                "kv cache kv heads",
+                config.num_kv_heads,
+                keys.num_kv_heads,
+            ));
+        }
+        if keys.head_dim != config.head_dim {
+            return Err(AttentionError::shape(
+                "kv cache head_dim",
+                config.head_dim,
+                keys.head_dim,
+            ));
+        }
+        if keys.dtype != q.dtype() {
+            return Err(AttentionError::DTypeMismatch {
+                what: "kv cache".into(),
+                expected: q.dtype().to_string(),
+                got: keys.dtype.to_string(),
+            });
+        }
+        if keys.device != q.device() {
+            return Err(AttentionError::DeviceMismatch {
+                what: "kv cache".into(),
+                expected: q.device().to_string(),
+                got: keys.device.to_string(),
+            });
+        }
+        if keys.max_len.saturating_add(extra) == 0 {
+            return Err(AttentionError::shape(
+                "kv cache",
+                "at least one cached token",
+                "an empty cache",
+            ));
+        }
+        let seq_k = keys.max_len.checked_add(extra).ok_or_else(|| {
+            AttentionError::CapacityExceeded(format!(
+                "{} cached tokens + {extra} new ones overflow usize",
+                keys.max_len
+            ))
+        })?;
+        Ok(AttentionProblem {
+            batch: dims[0],
+            seq_q: dims[1],
+            seq_k,
+            num_heads: dims[2],
+            num_kv_heads: keys.num_kv_heads,
+            head_dim: dims[3],
+            scale: config.effective_scale(),
+            causal: config.is_causal,
+            dtype: q.dtype(),
+            device: q.device(),
+            q: qs,
+            k: keys.strides,
+            v: keys.strides,
+            mask: None,
         })
     }
 
@@ -365,5 +478,175 @@ impl AttentionProblem {
         } else {
             f
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 2 sequences, 4 query heads over 2 KV heads, head_dim 16, BSHD.
+    fn config() -> AttentionConfig {
+        AttentionConfig::new(4 * 16, 4, 64).with_num_kv_heads(2)
+    }
+
+    fn keys() -> CachedKeys {
+        CachedKeys {
+            batch: 2,
+            num_kv_heads: 2,
+            head_dim: 16,
+            dtype: DType::F32,
+            device: Device::Cpu,
+            max_len: 9,
+            strides: HeadStrides {
+                batch: 2 * 32 * 16,
+                head: 32 * 16,
+                seq: 16,
+            },
+        }
+    }
+
+    fn q(shape: &[usize], dtype: DType) -> DeviceTensor {
+        DeviceTensor::zeros(shape, dtype, Device::Cpu).unwrap()
+    }
+
+    fn refused(config: &AttentionConfig, q: &DeviceTensor, keys: &CachedKeys) -> AttentionError {
+        AttentionProblem::cached(config, q, keys, 0).unwrap_err()
+    }
+
+    fn shape_what(e: &AttentionError) -> &str {
+        match e {
+            AttentionError::ShapeMismatch { what, .. } => what,
+            other => panic!("expected ShapeMismatch, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_cached_call_takes_the_cache_geometry() {
+        let q3 = q(&[2, 3, 4, 16], DType::F32);
+        let p = AttentionProblem::cached(&config(), &q3, &keys(), 0).unwrap();
+        assert_eq!(
+            (
+                p.batch,
+                p.seq_q,
+                p.seq_k,
+                p.num_heads,
+                p.num_kv_heads,
+                p.head_dim
+            ),
+            (2, 3, 9, 4, 2, 16)
+        );
+        assert_eq!((p.k, p.v), (keys().strides, keys().strides));
+        assert_eq!(p.q, operand("q", &q3, Layout::Bshd).unwrap().1);
+        assert_eq!((p.dtype, p.device, p.mask), (DType::F32, Device::Cpu, None));
+        assert_eq!(p.scale, config().effective_scale());
+        // A fused append of 3 tokens: the longest sequence then holds 12.
+        let grown = AttentionProblem::cached(&config(), &q3, &keys(), 3).unwrap();
+        assert_eq!(grown.seq_k, 12);
+        // An empty cache is fine once the append gives it a token.
+        let empty = CachedKeys {
+            max_len: 0,
+            ..keys()
+        };
+        assert_eq!(
+            AttentionProblem::cached(&config(), &q3, &empty, 1)
+                .unwrap()
+                .seq_k,
+            1
+        );
+        // BHSD: heads before positions, causal kept.
+        let bhsd = config().with_layout(Layout::Bhsd).with_causal(true);
+        let qh = q(&[2, 4, 3, 16], DType::F32);
+        let p = AttentionProblem::cached(&bhsd, &qh, &keys(), 0).unwrap();
+        assert_eq!((p.seq_q, p.num_heads, p.causal), (3, 4, true));
+        assert_eq!(p.q.head, 3 * 16);
+    }
+
+    #[test]
+    fn every_fault_of_a_cached_call_is_refused_with_its_type() {
+        let (c, k) = (config(), keys());
+        let good = q(&[2, 1, 4, 16], DType::F32);
+
+        for dtype in [DType::I32, DType::U32, DType::I64] {
+            let e = refused(&c, &q(&[2, 1, 4, 16], dtype), &k);
+            assert!(
+                matches!(&e, AttentionError::DTypeMismatch { what, got, .. } if what == "q" && *got == dtype.to_string()),
+                "{e:?}"
+            );
+        }
+        let e = refused(&c.clone().with_num_kv_heads(3), &good, &k);
+        assert!(matches!(e, AttentionError::InvalidConfig { .. }), "{e:?}");
+
+        let e = refused(&c, &q(&[2, 4, 16], DType::F32), &k);
+        assert!(shape_what(&e).contains('q'), "{e:?}");
+        // head_dim with stride 4 (a transposed view).
+        let strided = q(&[2, 1, 16, 4], DType::F32)
+            .permute(&[0, 1, 3, 2])
+            .unwrap();
+        let e = refused(&c, &strided, &k);
+        assert!(
+            matches!(&e, AttentionError::UnsupportedLayout { what, reason } if what == "q" && reason.contains("stride 4")),
+            "{e:?}"
+        );
+
+        let e = refused(&c, &q(&[3, 1, 4, 16], DType::F32), &k);
+        assert!(shape_what(&e).contains("batch"), "{e:?}");
+        assert!(e.to_string().contains('3') && e.to_string().contains('2'));
+        let e = refused(&c, &q(&[2, 1, 8, 16], DType::F32), &k);
+        assert_eq!(shape_what(&e), "q heads");
+        let e = refused(&c, &q(&[2, 1, 4, 8], DType::F32), &k);
+        assert_eq!(shape_what(&e), "q head_dim");
+        let e = refused(&c, &q(&[2, 0, 4, 16], DType::F32), &k);
+        assert_eq!(shape_what(&e), "q batch and seq");
+
+        let e = refused(
+            &c,
+            &good,
+            &CachedKeys {
+                num_kv_heads: 1,
+                ..k
+            },
+        );
+        assert_eq!(shape_what(&e), "kv cache kv heads");
+        let e = refused(&c, &good, &CachedKeys { head_dim: 32, ..k });
+        assert_eq!(shape_what(&e), "kv cache head_dim");
+        assert!(e.to_string().contains("32"), "{e}");
+        let e = refused(
+            &c,
+            &good,
+            &CachedKeys {
+                dtype: DType::BF16,
+                ..k
+            },
+        );
+        assert!(
+            matches!(&e, AttentionError::DTypeMismatch { what, expected, got }
+                if what == "kv cache" && expected == "f32" && got == "bf16"),
+            "{e:?}"
+        );
+        let e = refused(
+            &c,
+            &good,
+            &CachedKeys {
+                device: Device::Cuda(0),
+                ..k
+            },
+        );
+        assert!(
+            matches!(&e, AttentionError::DeviceMismatch { what, .. } if what == "kv cache"),
+            "{e:?}"
+        );
+        let e = refused(&c, &good, &CachedKeys { max_len: 0, ..k });
+        assert!(e.to_string().contains("empty"), "{e}");
+        assert_eq!(shape_what(&e), "kv cache");
+        let full = CachedKeys {
+            max_len: usize::MAX,
+            ..k
+        };
+        let e = AttentionProblem::cached(&c, &good, &full, 1).unwrap_err();
+        assert!(
+            matches!(&e, AttentionError::CapacityExceeded(m) if m.contains(&usize::MAX.to_string())),
+            "{e:?}"
+        );
     }
 }

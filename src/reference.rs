@@ -1,4 +1,5 @@
-//! Plain reference attention for tests, examples and benches.
+//! Plain reference attention for tests, examples and benches (feature `reference`, off by
+//! default).
 //!
 //! [`attention_f64`] is the numerical ground truth: a direct triple loop in f64 with the
 //! crate's contract (additive broadcast mask, bottom-right causal, zeros for rows that see

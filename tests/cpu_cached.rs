@@ -9,11 +9,11 @@ use forge_attn::reference::{
 use forge_attn::{
     AttentionConfig, AttentionError, AttentionPath, CpuAttentionBackend, DType, Device,
     DeviceAttentionBackend, DeviceTensor, GpuAttentionBackend, KvCache, KvCacheLayout, KvCacheSpec,
-    Layout, Result,
+    Layout,
 };
 
 mod common;
-use common::{cpu_half_bound, dtype_bound, gpu, F32_BOUND, HALF_CEILING};
+use common::{cpu_half_bound, dtype_bound, gpu, Forward, F32_BOUND, HALF_CEILING};
 
 /// How a cache stores its tokens.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -521,35 +521,13 @@ fn refusals_are_typed_and_change_nothing() {
     check(&case);
 }
 
-/// A backend with no cached attention of its own: only `forward_into` (the CPU's).
-struct DenseOnly(CpuAttentionBackend);
-
-impl DeviceAttentionBackend for DenseOnly {
-    fn name(&self) -> &str {
-        "dense-only"
-    }
-    fn device(&self) -> Device {
-        Device::Cpu
-    }
-    fn required_kv_layout(&self) -> KvCacheLayout {
-        KvCacheLayout::Contiguous
-    }
-    fn forward_into(
-        &self,
-        config: &AttentionConfig,
-        q: &DeviceTensor,
-        k: &DeviceTensor,
-        v: &DeviceTensor,
-        mask: Option<&DeviceTensor>,
-        out: &mut DeviceTensor,
-    ) -> Result<AttentionPath> {
-        self.0.forward_into(config, q, k, v, mask, out)
-    }
-}
-
 #[test]
 fn trait_default_takes_dense_views_and_refuses_the_rest() {
-    let dense = DenseOnly(CpuAttentionBackend::new());
+    // A backend with no cached attention of its own: only `forward_into` (the CPU's).
+    let dense = Forward {
+        inner: Box::new(CpuAttentionBackend::new()),
+        name: Some("dense-only"),
+    };
     for layout in [Layout::Bshd, Layout::Bhsd] {
         for causal in [false, true] {
             let case = Case {

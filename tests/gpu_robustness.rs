@@ -12,7 +12,7 @@ use forge_attn::{
 };
 
 mod common;
-use common::{cpu_copy, dtype_bound, gpu, random_tensor};
+use common::{cpu_copy, dtype_bound, forward_against_reference, gpu, gpu_backend, random_tensor};
 
 /// `shape` with its last dim widened by one and the first element skipped: a view of
 /// `shape` whose rows start at odd element offsets (head_dim contiguous, strides odd).
@@ -100,8 +100,7 @@ fn odd_offset_views_run_on_every_path_and_dtype() {
 #[test]
 #[ignore = "needs a GPU"]
 fn cached_attention_takes_odd_offset_queries_outputs_and_new_rows() {
-    let dev = gpu();
-    let backend = GpuAttentionBackend::new(dev).unwrap();
+    let (dev, backend) = gpu_backend();
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         for layout in [KvCacheLayout::Contiguous, KvCacheLayout::BlockSparse] {
             let (b, h, hkv, d, cap) = (2, 8, 2, 128, 96);
@@ -152,8 +151,7 @@ fn cached_attention_takes_odd_offset_queries_outputs_and_new_rows() {
 
 /// One call with many sequences or heads on the GPU, checked against the CPU backend.
 fn large_grid_case(b: usize, sq: usize, sk: usize, h: usize, hkv: usize, d: usize, dtype: DType) {
-    let dev = gpu();
-    let backend = GpuAttentionBackend::new(dev).unwrap();
+    let (dev, backend) = gpu_backend();
     let cfg = AttentionConfig::new(h * d, h, sq.max(sk))
         .with_num_kv_heads(hkv)
         .with_causal(true);
@@ -210,8 +208,7 @@ fn batches_and_heads_past_the_grid_limit_run_in_slices() {
 #[test]
 #[ignore = "needs a GPU"]
 fn a_refused_cached_append_leaves_the_cache_as_it_was() {
-    let dev = gpu();
-    let backend = GpuAttentionBackend::new(dev).unwrap();
+    let (dev, backend) = gpu_backend();
     // head_dim 264: the decode kernel's largest bucket is 256.
     let (b, h, d) = (2, 2, 264);
     let spec = KvCacheSpec {
@@ -256,8 +253,7 @@ fn a_refused_cached_append_leaves_the_cache_as_it_was() {
 #[test]
 #[ignore = "needs a GPU"]
 fn an_exhausted_page_pool_is_refused_before_anything_is_queued() {
-    let dev = gpu();
-    let backend = GpuAttentionBackend::new(dev).unwrap();
+    let (dev, backend) = gpu_backend();
     let (b, h, d) = (2, 2, 64);
     let spec = KvCacheSpec {
         batch: b,
@@ -297,8 +293,7 @@ fn an_exhausted_page_pool_is_refused_before_anything_is_queued() {
 #[test]
 #[ignore = "needs a GPU"]
 fn garbage_in_keys_that_are_never_read_does_not_reach_the_output() {
-    let dev = gpu();
-    let backend = GpuAttentionBackend::new(dev).unwrap();
+    let (dev, backend) = gpu_backend();
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         let (b, h, d) = (2, 4, 128);
         // Decode over a view of the first 1000 keys of storage whose keys past them are NaN.
@@ -317,13 +312,8 @@ fn garbage_in_keys_that_are_never_read_does_not_reach_the_output() {
         let cfg = AttentionConfig::new(h * d, h, len);
         let q = DeviceTensor::from_f32(&random_values(b * h * d, 43), &[b, 1, h, d], dtype, dev)
             .unwrap();
-        let mut out = DeviceTensor::zeros(&[b, 1, h, d], dtype, dev).unwrap();
-        let path = backend
-            .forward_into(&cfg, &q, &k, &v, None, &mut out)
-            .unwrap();
+        let (path, err) = forward_against_reference(&backend, &cfg, &q, &k, &v, None);
         assert_eq!(path, AttentionPath::Flash(FlashKernel::Decode));
-        let want = attention_f64(&cfg, &q, &k, &v, None).unwrap();
-        let err = relative_l2_error(&out.to_f32_vec().unwrap(), &want);
         assert!(err <= dtype_bound(dtype), "{dtype} decode: error {err:.2e}");
 
         // Causal prefill: keys in tiles wholly past the causal limit of the first query
@@ -420,8 +410,7 @@ fn garbage_in_keys_that_are_never_read_does_not_reach_the_output() {
 fn huge_negative_finite_masks_give_the_plain_average() {
     // -f32::MAX on every key: in f32 every score becomes -f32::MAX (torch's result), so
     // each row is the plain average of the V rows; no path may turn it into zeros or NaN.
-    let dev = gpu();
-    let backend = GpuAttentionBackend::new(dev).unwrap();
+    let (dev, backend) = gpu_backend();
     let (b, h, d, sq, sk) = (1, 2, 64, 32, 48);
     for dtype in [DType::F32, DType::F16, DType::BF16] {
         let up = |shape: &[usize], seed| random_tensor(shape, dtype, dev, seed);

@@ -6,12 +6,13 @@ use forge_attn::reference::{
 };
 use forge_attn::{
     AttentionConfig, AttentionError, AttentionPath, CpuAttentionBackend, DType, Device,
-    DeviceAttentionBackend, DeviceTensor, FlashKernel, GpuAttentionBackend, KvCache, KvCacheLayout,
-    KvCacheSpec,
+    DeviceAttentionBackend, DeviceTensor, FlashKernel, KvCache, KvCacheLayout, KvCacheSpec,
 };
 
 mod common;
-use common::{gpu, gpu_half_bound, max_abs_diff, spec, F32_BOUND};
+use common::{
+    forward_against_reference, gpu, gpu_backend, gpu_half_bound, max_abs_diff, spec, F32_BOUND,
+};
 
 fn tokens(
     b: usize,
@@ -185,8 +186,7 @@ fn append_round_trip_on_gpu() {
 #[test]
 #[ignore = "needs a GPU"]
 fn gpu_decode_matches_reference() {
-    let dev = gpu();
-    let backend = GpuAttentionBackend::new(dev).unwrap();
+    let (dev, backend) = gpu_backend();
     let cases = [
         // (b, sq, h, hkv, d, lengths, causal)
         (3, 1, 32, 8, 128, vec![1, 700, 3000], true),
@@ -262,8 +262,7 @@ fn gpu_decode_matches_reference() {
 #[test]
 #[ignore = "needs a GPU"]
 fn forward_into_uses_decode_for_short_queries() {
-    let dev = gpu();
-    let backend = GpuAttentionBackend::new(dev).unwrap();
+    let (dev, backend) = gpu_backend();
     let (b, h, hkv, d, l) = (2, 8, 2, 128, 5000);
     let cfg = AttentionConfig::new(h * d, h, l)
         .with_num_kv_heads(hkv)
@@ -271,13 +270,8 @@ fn forward_into_uses_decode_for_short_queries() {
     let (q, _) = tokens(b, 3, h, d, DType::BF16, dev, 1);
     let (k, _) = tokens(b, l, hkv, d, DType::BF16, dev, 2);
     let (v, _) = tokens(b, l, hkv, d, DType::BF16, dev, 3);
-    let mut out = DeviceTensor::zeros(&[b, 3, h, d], DType::BF16, dev).unwrap();
-    let path = backend
-        .forward_into(&cfg, &q, &k, &v, None, &mut out)
-        .unwrap();
+    let (path, err) = forward_against_reference(&backend, &cfg, &q, &k, &v, None);
     assert_eq!(path, AttentionPath::Flash(FlashKernel::Decode));
-    let want = attention_f64(&cfg, &q, &k, &v, None).unwrap();
-    let err = relative_l2_error(&out.to_f32_vec().unwrap(), &want);
     assert!(err < 1e-2, "{err}");
 }
 
@@ -288,8 +282,7 @@ fn forward_into_uses_decode_for_short_queries() {
 #[test]
 #[ignore = "needs a GPU"]
 fn fused_append_step_matches_append_then_attention() {
-    let dev = gpu();
-    let backend = GpuAttentionBackend::new(dev).unwrap();
+    let (dev, backend) = gpu_backend();
     let cases = [
         // (b, new tokens per step, h, hkv, d, prompt lengths)
         (3, 1, 8, 2, 128, vec![1, 30, 300]),
@@ -361,8 +354,7 @@ fn fused_append_step_matches_append_then_attention() {
 #[test]
 #[ignore = "needs a GPU"]
 fn fused_append_step_errors_leave_the_cache_alone() {
-    let dev = gpu();
-    let backend = GpuAttentionBackend::new(dev).unwrap();
+    let (dev, backend) = gpu_backend();
     let (b, h, hkv, d) = (2, 4, 2, 64);
     let cfg = AttentionConfig::new(h * d, h, 8)
         .with_num_kv_heads(hkv)

@@ -11,6 +11,9 @@ use forge_attn::{
     FlashKernel, GpuAttentionBackend, HostAdapter, KvCacheLayout, Layout, Result, Support,
 };
 
+mod common;
+use common::Forward;
+
 // ---------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------
@@ -49,8 +52,13 @@ fn config(batch: usize, heads: usize, kv_heads: usize, head_dim: usize) -> Atten
         .with_batch_size(batch)
 }
 
-/// Plain f64 attention over BSHD host slices (bottom-right causal, additive mask
-/// broadcast by length, fully masked rows give zeros).
+/// The name of the backend `reg` selects for `c`.
+fn selected(reg: &AttentionBackendRegistry, c: &AttentionConfig) -> String {
+    reg.select_backend(c).unwrap().name().to_string()
+}
+
+/// The f64 reference over BSHD host slices, the mask's shape read from its length as the
+/// host-slice API reads it (`[Sq, Sk]`, `[B, Sq, Sk]` or `[B, H, Sq, Sk]`).
 fn reference_attention(
     cfg: &AttentionConfig,
     sq: usize,
@@ -66,54 +74,26 @@ fn reference_attention(
         cfg.num_kv_heads,
         cfg.head_dim,
     );
-    let group = h / hkv;
-    let scale = cfg.effective_scale() as f64;
-    let mut out = vec![0.0f64; b * sq * h * d];
-    let offset = sk as isize - sq as isize;
-    for bi in 0..b {
-        for hi in 0..h {
-            let kh = hi / group;
-            for i in 0..sq {
-                let mut scores = vec![f64::NEG_INFINITY; sk];
-                for (j, s) in scores.iter_mut().enumerate() {
-                    if cfg.is_causal && j as isize > i as isize + offset {
-                        continue;
-                    }
-                    let mut dot = 0.0f64;
-                    for x in 0..d {
-                        dot += q[((bi * sq + i) * h + hi) * d + x] as f64
-                            * k[((bi * sk + j) * hkv + kh) * d + x] as f64;
-                    }
-                    let mut val = dot * scale;
-                    if let Some(m) = mask {
-                        let idx = if m.len() == sq * sk {
-                            i * sk + j
-                        } else if m.len() == b * sq * sk {
-                            (bi * sq + i) * sk + j
-                        } else {
-                            ((bi * h + hi) * sq + i) * sk + j
-                        };
-                        val += m[idx] as f64;
-                    }
-                    *s = val;
-                }
-                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                if max == f64::NEG_INFINITY {
-                    continue; // fully masked row: zeros
-                }
-                let weights: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
-                let sum: f64 = weights.iter().sum();
-                for x in 0..d {
-                    let mut acc = 0.0f64;
-                    for (j, w) in weights.iter().enumerate() {
-                        acc += w * v[((bi * sk + j) * hkv + kh) * d + x] as f64;
-                    }
-                    out[((bi * sq + i) * h + hi) * d + x] = acc / sum;
-                }
-            }
-        }
-    }
-    out
+    let t = |x: &[f32], shape: &[usize]| DeviceTensor::from_host(x, shape, Device::Cpu).unwrap();
+    let mask = mask.map(|m| {
+        let shape = if m.len() == sq * sk {
+            vec![sq, sk]
+        } else if m.len() == b * sq * sk {
+            vec![b, sq, sk]
+        } else {
+            vec![b, h, sq, sk]
+        };
+        t(m, &shape)
+    });
+    let cfg = cfg.clone().with_layout(Layout::Bshd);
+    forge_attn::reference::attention_f64(
+        &cfg,
+        &t(q, &[b, sq, h, d]),
+        &t(k, &[b, sk, hkv, d]),
+        &t(v, &[b, sk, hkv, d]),
+        mask.as_ref(),
+    )
+    .unwrap()
 }
 
 fn relative_l2(got: &[f32], want: &[f64]) -> f64 {
@@ -316,14 +296,8 @@ fn selects_first_supporting_backend_in_priority_order() {
         .unwrap();
     reg.register(MockImpl::boxed("mid", 64)).unwrap();
     assert_eq!(reg.list_backends(), ["fast", "mid", "slow"]);
-    assert_eq!(
-        reg.select_backend(&config(1, 2, 2, 64)).unwrap().name(),
-        "fast"
-    );
-    assert_eq!(
-        reg.select_backend(&config(1, 2, 2, 256)).unwrap().name(),
-        "slow"
-    );
+    assert_eq!(selected(&reg, &config(1, 2, 2, 64)), "fast");
+    assert_eq!(selected(&reg, &config(1, 2, 2, 256)), "slow");
 }
 
 #[test]
@@ -336,15 +310,9 @@ fn mock_gpu_registered_after_cpu_is_selected_first() {
     .unwrap();
     reg.register(MockImpl::boxed("gpu", 256)).unwrap();
     assert_eq!(reg.list_backends(), ["gpu", "cpu"]);
-    assert_eq!(
-        reg.select_backend(&config(2, 8, 2, 64)).unwrap().name(),
-        "gpu"
-    );
+    assert_eq!(selected(&reg, &config(2, 8, 2, 64)), "gpu");
     // A config the mock GPU refuses falls through to the CPU backend.
-    assert_eq!(
-        reg.select_backend(&config(2, 8, 2, 512)).unwrap().name(),
-        "cpu"
-    );
+    assert_eq!(selected(&reg, &config(2, 8, 2, 512)), "cpu");
 }
 
 #[test]
@@ -361,7 +329,7 @@ fn equal_priorities_keep_registration_order() {
         .unwrap();
     reg.register(MockImpl::boxed("d", 128)).unwrap();
     assert_eq!(reg.list_backends(), ["z", "y", "a", "b", "c", "d", "last"]);
-    assert_eq!(reg.select_backend(&config(1, 1, 1, 8)).unwrap().name(), "z");
+    assert_eq!(selected(&reg, &config(1, 1, 1, 8)), "z");
     assert_eq!(reg.priority("y"), Some(BackendPriority(5)));
     assert_eq!(reg.priority("a"), Some(BackendPriority::NORMAL));
     assert_eq!(reg.priority("nope"), None);
@@ -376,16 +344,10 @@ fn default_that_supports_is_selected_over_priority() {
         .unwrap();
     reg.set_default("cpu").unwrap();
     assert_eq!(reg.default_backend(), Some("cpu"));
-    assert_eq!(
-        reg.select_backend(&config(1, 4, 4, 64)).unwrap().name(),
-        "cpu"
-    );
+    assert_eq!(selected(&reg, &config(1, 4, 4, 64)), "cpu");
     reg.clear_default();
     assert_eq!(reg.default_backend(), None);
-    assert_eq!(
-        reg.select_backend(&config(1, 4, 4, 64)).unwrap().name(),
-        "gpu"
-    );
+    assert_eq!(selected(&reg, &config(1, 4, 4, 64)), "gpu");
 }
 
 #[test]
@@ -488,17 +450,11 @@ fn default_backends_end_with_cpu() {
     assert_eq!(reg.priority("cpu"), Some(BackendPriority::FALLBACK));
     if Device::best_available() == Device::Cpu {
         assert_eq!(names, ["cpu"]);
-        assert_eq!(
-            reg.select_backend(&config(2, 8, 2, 64)).unwrap().name(),
-            "cpu"
-        );
+        assert_eq!(selected(&reg, &config(2, 8, 2, 64)), "cpu");
     } else {
         // With a usable GPU, its backend comes first.
         assert_eq!(names.len(), 2, "{names:?}");
-        assert_eq!(
-            reg.select_backend(&config(2, 8, 2, 64)).unwrap().name(),
-            names[0]
-        );
+        assert_eq!(selected(&reg, &config(2, 8, 2, 64)), names[0]);
     }
     assert_eq!(reg.last_path("cpu"), None);
 }
@@ -1100,35 +1056,12 @@ fn refusal_in_forward_falls_back_to_the_cpu_backend() {
 fn refusing_device_backend_is_called_once_per_call() {
     let refusing = Arc::new(RefusingDevice::not_supported("fake-gpu"));
     // The adapter owns its backend, so count through a second handle on the same state.
-    struct Shared(Arc<RefusingDevice>);
-    impl DeviceAttentionBackend for Shared {
-        fn name(&self) -> &str {
-            self.0.name()
-        }
-        fn device(&self) -> Device {
-            self.0.device()
-        }
-        fn supports(&self, config: &AttentionConfig) -> Support {
-            self.0.supports(config)
-        }
-        fn required_kv_layout(&self) -> KvCacheLayout {
-            self.0.required_kv_layout()
-        }
-        fn forward_into(
-            &self,
-            config: &AttentionConfig,
-            q: &DeviceTensor,
-            k: &DeviceTensor,
-            v: &DeviceTensor,
-            mask: Option<&DeviceTensor>,
-            out: &mut DeviceTensor,
-        ) -> Result<AttentionPath> {
-            self.0.forward_into(config, q, k, v, mask, out)
-        }
-    }
     let mut reg = AttentionBackendRegistry::new();
     reg.register_adapter(
-        HostAdapter::new(Shared(refusing.clone())),
+        HostAdapter::new(Forward {
+            inner: refusing.clone(),
+            name: None,
+        }),
         BackendPriority::GPU,
     )
     .unwrap();

@@ -697,9 +697,23 @@ fn gpu_views_at_odd_element_offsets_match_the_reference() {
 // Invalid calls
 // ---------------------------------------------------------------------------------------
 
-/// One way to break a valid call.
-#[derive(Debug, Clone, Copy, PartialEq)]
-enum Breakage {
+/// The `Breakage` enum with every variant but `ConfigScale`, and the list of those
+/// variants (one name list, so a new breakage is drawn as soon as it is declared).
+macro_rules! breakages {
+    ($($unit:ident),* $(,)?) => {
+        /// One way to break a valid call.
+        #[derive(Debug, Clone, Copy, PartialEq)]
+        enum Breakage {
+            $($unit,)*
+            ConfigScale(f32),
+        }
+
+        /// Every breakage without a value.
+        const UNIT_BREAKAGES: &[Breakage] = &[$(Breakage::$unit),*];
+    };
+}
+
+breakages!(
     QRank3,
     KWrongKvHeads,
     VWrongSeq,
@@ -725,43 +739,13 @@ enum Breakage {
     ConfigDimMismatch,
     ConfigKvNotDividing,
     ConfigDropout,
-    ConfigScale(f32),
     ConfigZeroMaxSeq,
     ConfigZeroBatchSize,
-}
+);
 
 fn breakage_strategy() -> impl Strategy<Value = Breakage> {
-    use Breakage::*;
     prop_oneof![
-        prop::sample::select(vec![
-            QRank3,
-            KWrongKvHeads,
-            VWrongSeq,
-            KWrongBatch,
-            QWrongHeadDim,
-            QWrongHeads,
-            KDType,
-            VDType,
-            MaskDType,
-            MaskWrongShape,
-            MaskKeyStride,
-            OutDType,
-            OutWrongShape,
-            HeadDimStrided,
-            OutAliasesQ,
-            OutAliasesK,
-            OutBroadcast,
-            ZeroBatch,
-            ZeroSeqQ,
-            ZeroSeqK,
-            ConfigZeroHeads,
-            ConfigZeroHeadDim,
-            ConfigDimMismatch,
-            ConfigKvNotDividing,
-            ConfigDropout,
-            ConfigZeroMaxSeq,
-            ConfigZeroBatchSize,
-        ]),
+        prop::sample::select(UNIT_BREAKAGES.to_vec()),
         prop::sample::select(vec![
             0.0f32,
             -0.0,
@@ -770,7 +754,7 @@ fn breakage_strategy() -> impl Strategy<Value = Breakage> {
             f32::INFINITY,
             f32::NEG_INFINITY
         ])
-        .prop_map(ConfigScale),
+        .prop_map(Breakage::ConfigScale),
     ]
 }
 

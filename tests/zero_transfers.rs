@@ -10,7 +10,7 @@ use forge_attn::{
 };
 
 mod common;
-use common::spec;
+use common::{gpu_backend, spec};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -97,9 +97,7 @@ fn cpu_decode_loop_has_no_transfers() {
 #[ignore = "needs a GPU"]
 fn gpu_decode_loops_have_no_transfers() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let dev = Device::best_available();
-    assert!(dev.is_gpu(), "needs a GPU");
-    let backend = GpuAttentionBackend::new(dev).unwrap();
+    let (dev, backend) = gpu_backend();
     let (b, h, hkv, d) = (4, 16, 4, 64);
     for (dtype, paged, tol) in [
         (DType::F32, false, 1e-5),

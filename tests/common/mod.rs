@@ -13,6 +13,12 @@ pub fn gpu() -> Device {
     d
 }
 
+/// The GPU under test and a backend on it.
+pub fn gpu_backend() -> (Device, forge_attn::GpuAttentionBackend) {
+    let dev = gpu();
+    (dev, forge_attn::GpuAttentionBackend::new(dev).unwrap())
+}
+
 /// A `shape` tensor of `dtype` on `dev` holding `random_values` of `seed`.
 pub fn random_tensor(shape: &[usize], dtype: DType, dev: Device, seed: u64) -> DeviceTensor {
     let n = shape.iter().product();
@@ -75,4 +81,62 @@ pub fn cpu_half_bound(naive_err: f64) -> f64 {
 /// [`HALF_CEILING`].
 pub fn gpu_half_bound(naive_err: f64) -> f64 {
     (2.0f64 * naive_err).clamp(1e-3, HALF_CEILING)
+}
+
+/// A backend that hands every required method to `inner` (under `name`, or the inner
+/// name) and keeps the trait's defaults for the rest, `forward_cached` among them: a
+/// backend with no cached attention of its own, or a second handle on a shared one.
+pub struct Forward<B> {
+    pub inner: B,
+    pub name: Option<&'static str>,
+}
+
+impl<B, T> forge_attn::DeviceAttentionBackend for Forward<B>
+where
+    B: std::ops::Deref<Target = T> + Send + Sync,
+    T: forge_attn::DeviceAttentionBackend + ?Sized + 'static,
+{
+    fn name(&self) -> &str {
+        match self.name {
+            Some(name) => name,
+            None => self.inner.name(),
+        }
+    }
+    fn device(&self) -> Device {
+        self.inner.device()
+    }
+    fn supports(&self, config: &forge_attn::AttentionConfig) -> forge_attn::Support {
+        self.inner.supports(config)
+    }
+    fn required_kv_layout(&self) -> forge_attn::KvCacheLayout {
+        self.inner.required_kv_layout()
+    }
+    fn forward_into(
+        &self,
+        config: &forge_attn::AttentionConfig,
+        q: &DeviceTensor,
+        k: &DeviceTensor,
+        v: &DeviceTensor,
+        mask: Option<&DeviceTensor>,
+        out: &mut DeviceTensor,
+    ) -> forge_attn::Result<forge_attn::AttentionPath> {
+        self.inner.forward_into(config, q, k, v, mask, out)
+    }
+}
+
+/// Runs `backend.forward_into` into a fresh output shaped like `q` and returns the path it
+/// took and the output's relative L2 error against the f64 reference.
+pub fn forward_against_reference(
+    backend: &dyn forge_attn::DeviceAttentionBackend,
+    cfg: &forge_attn::AttentionConfig,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    mask: Option<&DeviceTensor>,
+) -> (forge_attn::AttentionPath, f64) {
+    let mut out = DeviceTensor::zeros(q.shape(), q.dtype(), q.device()).unwrap();
+    let path = backend.forward_into(cfg, q, k, v, mask, &mut out).unwrap();
+    let want = forge_attn::reference::attention_f64(cfg, q, k, v, mask).unwrap();
+    let got = out.to_f32_vec().unwrap();
+    (path, forge_attn::reference::relative_l2_error(&got, &want))
 }

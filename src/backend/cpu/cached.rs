@@ -15,7 +15,7 @@ use super::{
     ROWS_BYTES, ROWS_TARGET,
 };
 use crate::backend::AttentionPath;
-use crate::config::{AttentionConfig, Layout};
+use crate::config::AttentionConfig;
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{AttentionError, Result};
@@ -46,7 +46,6 @@ pub(super) fn forward(
     isa: Isa,
     min_split_keys: usize,
 ) -> Result<AttentionPath> {
-    config.validate()?;
     for (what, device) in [("q", q.device()), ("kv cache", cache.device())] {
         if device != Device::Cpu {
             return Err(AttentionError::DeviceMismatch {
@@ -56,58 +55,9 @@ pub(super) fn forward(
             });
         }
     }
-    if cache.dtype() != q.dtype() {
-        return Err(AttentionError::DTypeMismatch {
-            what: "kv cache".into(),
-            expected: q.dtype().to_string(),
-            got: cache.dtype().to_string(),
-        });
-    }
-    if cache.num_kv_heads() != config.num_kv_heads {
-        return Err(AttentionError::shape(
-            "kv cache kv heads",
-            config.num_kv_heads,
-            cache.num_kv_heads(),
-        ));
-    }
-    if cache.head_dim() != config.head_dim {
-        return Err(AttentionError::shape(
-            "kv cache head_dim",
-            config.head_dim,
-            cache.head_dim(),
-        ));
-    }
-    if q.shape().first() != Some(&cache.batch()) {
-        return Err(AttentionError::shape(
-            "q batch (the cache's sequences)",
-            cache.batch(),
-            format!("{:?}", q.shape()),
-        ));
-    }
+    let (p, os) = cache.problem(config, q, out, 0)?;
     let lens = cache.lengths();
-    let max_len = lens.iter().copied().max().unwrap_or(0);
-    if max_len == 0 {
-        return Err(AttentionError::shape(
-            "kv cache",
-            "at least one cached token",
-            "an empty cache",
-        ));
-    }
     let parts = cache.raw_parts();
-    // q is checked through the common checks against a one-key view of the cache's
-    // storage (same batch, kv heads, head_dim, dtype and device); the keys come from the
-    // cache below.
-    let one_key = parts.k.narrow(0, 0, 1)?.narrow(2, 0, 1)?;
-    let one_key = match config.layout {
-        Layout::Bshd => one_key.permute(&[0, 2, 1, 3])?,
-        Layout::Bhsd => one_key,
-    }
-    .broadcast_dim(0, cache.batch())?;
-    let mut p = AttentionProblem::new(config, q, &one_key, &one_key, None)?;
-    p.seq_k = max_len;
-    p.k = parts.strides;
-    p.v = parts.strides;
-    let os = p.output_strides(config.layout, out, &[q, parts.k, parts.v])?;
 
     let mut reads = vec![q, parts.k, parts.v];
     reads.extend(parts.block_table);

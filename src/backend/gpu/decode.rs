@@ -1,13 +1,11 @@
 //! Split-KV decode (kernels/flash_decode.hip): a few queries per sequence against a long
 //! cache, the cache cut into chunks that separate blocks stream, merged by log-sum-exp.
-//! The plan (path, tile, shared memory, split) is in [`super::decode_plan`].
+//! This file holds the cache view, the workspace and the launch; the plan (path, tile,
+//! shared memory, split, workspace size) is in [`super::decode_plan`].
 
 use std::sync::Arc;
 
-use super::decode_plan::{
-    block_rows, chosen_split, cut_into, decode_bucket, decode_smem_bytes, reg_lanes,
-    split_granularity, SplitPlan, THREADS,
-};
+use super::decode_plan::{plan_launch, DecodeLaunch, THREADS};
 use super::grid::{for_each_slice, offset_ptr, HeadAxis, MAX_GRID_X};
 use super::workspace::DeviceScratch;
 use crate::device::Device;
@@ -87,55 +85,16 @@ pub(crate) struct NewTokens {
     pub pool_next: u64,
 }
 
-/// Queues the decode kernel (and the merge when the cache is split).
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn forward_decode(
-    rt: &Arc<GpuRuntime>,
-    ws: &DecodeWorkspace,
+/// The decode argument block of one call, filled after planning; the split workspace and
+/// the append's arrival counters are set by [`forward_decode`] once they are allocated.
+fn decode_params(
     p: &AttentionProblem,
     q: &DeviceTensor,
     out: &DeviceTensor,
     out_strides: HeadStrides,
     cache: &CacheView,
-) -> Result<()> {
-    let bucket = decode_bucket(p.head_dim).ok_or_else(|| AttentionError::NotSupported {
-        backend: "gpu (decode)".into(),
-        reason: format!("head_dim {} exceeds 256", p.head_dim),
-    })?;
-    let group = p.num_heads / p.num_kv_heads;
-    let reg = reg_lanes(p.dtype, bucket).is_some();
-    let row_groups = (group * p.seq_q).div_ceil(block_rows(p.dtype, bucket));
-    let sms = rt.multiprocessor_count() as usize;
-    let plan = |len: usize| chosen_split(sms, p, bucket, row_groups, len);
-    // A recorded call is replayed while the cache grows (the kernel reads the lengths from
-    // the device): it is cut for the longest cache it may see. The workspace always fits
-    // that cut too, so recording never needs more than the calls before it had.
-    // Grid x holds splits x row groups.
-    if row_groups > MAX_GRID_X {
-        return Err(AttentionError::NotSupported {
-            backend: "gpu (decode)".into(),
-            reason: format!(
-                "{} query rows per KV head need {row_groups} row groups, grid x allows {MAX_GRID_X}",
-                group * p.seq_q
-            ),
-        });
-    }
-    let max_splits = MAX_GRID_X / row_groups;
-    let capped = |s: SplitPlan, len: usize| {
-        if s.num_splits <= max_splits {
-            s
-        } else {
-            cut_into(max_splits, len, split_granularity(p.dtype, bucket))
-        }
-    };
-    let full_len = cache.capacity.max(p.seq_k);
-    let full = capped(plan(full_len), full_len);
-    let split = if rt.is_capturing() {
-        full
-    } else {
-        capped(plan(p.seq_k), p.seq_k)
-    };
-    let workspace_splits = split.num_splits.max(full.num_splits);
+    launch: &DecodeLaunch,
+) -> DecodeParams {
     let mut params = DecodeParams {
         q: q.device_ptr(),
         k: cache.k,
@@ -155,72 +114,78 @@ pub(crate) fn forward_decode(
         head_dim: p.head_dim as i32,
         max_pages: cache.max_pages as i32,
         page_size: cache.page_size.max(1) as i32,
-        num_splits: split.num_splits as i32,
-        split_keys: split.split_keys as i32,
+        num_splits: launch.split.num_splits as i32,
+        split_keys: launch.split.split_keys as i32,
         scale: p.scale,
         causal: p.causal as i32,
         num_pages: cache.num_pages as i32,
         ..Default::default()
     };
-    let mut arrivals = None;
     if let Some(a) = &cache.append {
-        if !reg {
-            return Err(AttentionError::NotSupported {
-                backend: "gpu (decode)".into(),
-                reason: format!(
-                    "a fused append needs the register path, {} head_dim {} takes the other",
-                    p.dtype, p.head_dim
-                ),
-            });
-        }
-        let t = ws.get_arrivals(p.device, p.batch)?;
         params.k_new = a.k;
         params.v_new = a.v;
         params.pool_next = a.pool_next;
-        params.arrivals = t.device_ptr();
         params.kn_strides = TokenStrides::from_array(a.k_strides);
         params.vn_strides = TokenStrides::from_array(a.v_strides);
         params.n_new = a.n as i32;
-        arrivals = Some(t);
     }
-    let _arrivals = arrivals;
-    let _keep_alive;
-    if split.num_splits > 1 {
-        let too_big = || {
-            AttentionError::NotSupported {
-            backend: "gpu (decode)".into(),
-            reason: format!(
-                "split workspace of {} x {} x {} rows x {workspace_splits} splits x (head_dim {} + 1) overflows",
-                p.batch, p.num_heads, p.seq_q, p.head_dim
-            ),
-        }
-        };
-        let rows = p
-            .batch
-            .checked_mul(p.num_heads)
-            .and_then(|x| x.checked_mul(p.seq_q))
-            .ok_or_else(too_big)?;
-        let elems = rows
-            .checked_mul(workspace_splits)
-            .and_then(|x| x.checked_mul(p.head_dim + 1))
-            .ok_or_else(too_big)?;
-        let buf = ws.get(p.device, elems)?;
+    params
+}
+
+/// Queues the decode kernel (and the merge when the cache is split).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_decode(
+    rt: &Arc<GpuRuntime>,
+    ws: &DecodeWorkspace,
+    p: &AttentionProblem,
+    q: &DeviceTensor,
+    out: &DeviceTensor,
+    out_strides: HeadStrides,
+    cache: &CacheView,
+) -> Result<()> {
+    let launch = plan_launch(
+        rt.multiprocessor_count() as usize,
+        p,
+        cache.capacity,
+        rt.is_capturing(),
+        cache.append.is_some(),
+    )?;
+    let workspace = launch.workspace(p)?;
+    let DecodeLaunch {
+        bucket,
+        reg,
+        row_groups,
+        split,
+        smem,
+        ..
+    } = launch;
+    let mut params = decode_params(p, q, out, out_strides, cache, &launch);
+    // The scratch tensors stay alive until every launch is queued.
+    let arrivals = match cache.append {
+        Some(_) => Some(ws.get_arrivals(p.device, p.batch)?),
+        None => None,
+    };
+    if let Some(t) = &arrivals {
+        params.arrivals = t.device_ptr();
+    }
+    let mut scratch = None;
+    if let Some(w) = workspace {
+        let buf = ws.get(p.device, w.elems)?;
         params.partial_o = buf.device_ptr();
-        // The partial rows of this cut, then their log-sum-exps (within `elems`).
-        params.partial_lse = buf.device_ptr() + (rows * split.num_splits * p.head_dim * 4) as u64;
+        params.partial_lse = buf.device_ptr() + (w.lse_offset * 4) as u64;
         // The register path merges the splits itself (the last block of each row group).
         let counters = if reg {
-            let c = ws.get_counters(p.device, p.batch * p.num_kv_heads * row_groups)?;
+            let c = ws.get_counters(p.device, w.counters)?;
             params.counters = c.device_ptr();
             Some(c)
         } else {
             None
         };
-        _keep_alive = (buf, counters);
+        scratch = Some((buf, counters));
     }
+    let _scratch = scratch;
     let main = catalog::decode(p.dtype, bucket);
     let combine = catalog::decode_combine(p.dtype, bucket);
-    let smem = decode_smem_bytes(p.dtype, bucket);
     let es = p.dtype.size_in_bytes();
     let paged = cache.block_table != 0;
     for_each_slice(p.batch, p.num_heads, p.num_kv_heads, HeadAxis::Kv, |sl| {

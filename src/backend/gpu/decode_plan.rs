@@ -2,7 +2,9 @@
 //! the shared memory of a block and how the cache is cut into splits. Pure functions of
 //! the problem and the device's multiprocessor count, tested without a GPU.
 
+use super::grid::MAX_GRID_X;
 use crate::dtype::DType;
+use crate::error::{AttentionError, Result};
 use crate::kernels::catalog::DECODE_BUCKETS;
 use crate::problem::AttentionProblem;
 
@@ -184,24 +186,253 @@ pub(super) fn chosen_split(
     }
 }
 
-/// The split a decode launch of `p` (its `seq_k` keys) would use on a device with
-/// `multiprocessors` SMs, or `None` when the decode kernel does not take `p.head_dim`.
-pub(crate) fn split_for(multiprocessors: usize, p: &AttentionProblem) -> Option<SplitPlan> {
-    let bucket = decode_bucket(p.head_dim)?;
-    let group = p.num_heads / p.num_kv_heads.max(1);
-    let row_groups = (group * p.seq_q).div_ceil(block_rows(p.dtype, bucket));
-    Some(chosen_split(
-        multiprocessors,
-        p,
+/// How one decode call is launched: the head-dim bucket, the path, the grid's row groups,
+/// the split of this launch and the split the workspace is sized for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct DecodeLaunch {
+    /// The decode head-dim bucket ([`decode_bucket`]).
+    pub bucket: usize,
+    /// Whether the register path runs (else the shared-memory path).
+    pub reg: bool,
+    /// Blocks per (sequence, KV head) along the query rows of the group.
+    pub row_groups: usize,
+    /// The cut of this launch.
+    pub split: SplitPlan,
+    /// Splits the workspace holds: this cut's or the capacity's, whichever is more.
+    pub workspace_splits: usize,
+    /// Dynamic shared memory of a block.
+    pub smem: u32,
+}
+
+/// The split-result workspace of a decode launch, in f32 elements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct SplitWorkspace {
+    /// f32 elements of the buffer: partial rows, then their log-sum-exps.
+    pub elems: usize,
+    /// Where this launch's log-sum-exps start, in elements.
+    pub lse_offset: usize,
+    /// Split counters of the register path's in-kernel merge (0 on the other path).
+    pub counters: usize,
+}
+
+fn unsupported(reason: String) -> AttentionError {
+    AttentionError::NotSupported {
+        backend: "gpu (decode)".into(),
+        reason,
+    }
+}
+
+/// Plans a decode launch of `p` on a device with `multiprocessors` SMs over a cache that may
+/// grow to `capacity` keys. A recorded call (`capturing`) is replayed while the cache grows
+/// (the kernel reads the lengths from the device), so it is cut for the longest cache it may
+/// see; the workspace always fits that cut too, so recording never needs more than the
+/// calls before it had. `append`: the launch appends new tokens itself (register path only).
+pub(super) fn plan_launch(
+    multiprocessors: usize,
+    p: &AttentionProblem,
+    capacity: usize,
+    capturing: bool,
+    append: bool,
+) -> Result<DecodeLaunch> {
+    let bucket = decode_bucket(p.head_dim)
+        .ok_or_else(|| unsupported(format!("head_dim {} exceeds 256", p.head_dim)))?;
+    let reg = reg_lanes(p.dtype, bucket).is_some();
+    if append && !reg {
+        return Err(unsupported(format!(
+            "a fused append needs the register path, {} head_dim {} takes the other",
+            p.dtype, p.head_dim
+        )));
+    }
+    let rows = (p.num_heads / p.num_kv_heads.max(1)).saturating_mul(p.seq_q);
+    let row_groups = rows.div_ceil(block_rows(p.dtype, bucket));
+    // Grid x holds splits x row groups.
+    if row_groups > MAX_GRID_X {
+        return Err(unsupported(format!(
+            "{rows} query rows per KV head need {row_groups} row groups, grid x allows {MAX_GRID_X}"
+        )));
+    }
+    let max_splits = MAX_GRID_X / row_groups.max(1);
+    let cut = |len: usize| {
+        let s = chosen_split(multiprocessors, p, bucket, row_groups, len);
+        if s.num_splits <= max_splits {
+            s
+        } else {
+            cut_into(max_splits, len, split_granularity(p.dtype, bucket))
+        }
+    };
+    let full = cut(capacity.max(p.seq_k));
+    let split = if capturing { full } else { cut(p.seq_k) };
+    Ok(DecodeLaunch {
         bucket,
+        reg,
         row_groups,
-        p.seq_k,
-    ))
+        split,
+        workspace_splits: split.num_splits.max(full.num_splits),
+        smem: decode_smem_bytes(p.dtype, bucket),
+    })
+}
+
+impl DecodeLaunch {
+    /// The split workspace `p` needs with this plan, or `None` when the cache is not split.
+    /// Refuses sizes that overflow.
+    pub(super) fn workspace(&self, p: &AttentionProblem) -> Result<Option<SplitWorkspace>> {
+        if self.split.num_splits <= 1 {
+            return Ok(None);
+        }
+        let too_big = || {
+            unsupported(format!(
+                "split workspace of {} x {} x {} rows x {} splits x (head_dim {} + 1) overflows",
+                p.batch, p.num_heads, p.seq_q, self.workspace_splits, p.head_dim
+            ))
+        };
+        let rows = p
+            .batch
+            .checked_mul(p.num_heads)
+            .and_then(|x| x.checked_mul(p.seq_q))
+            .ok_or_else(too_big)?;
+        let elems = rows
+            .checked_mul(self.workspace_splits)
+            .and_then(|x| x.checked_mul(p.head_dim + 1))
+            .ok_or_else(too_big)?;
+        // Within `elems`: this cut has at most `workspace_splits` splits.
+        let lse_offset = rows * self.split.num_splits * p.head_dim;
+        let counters = if self.reg {
+            p.batch
+                .checked_mul(p.num_kv_heads)
+                .and_then(|x| x.checked_mul(self.row_groups))
+                .ok_or_else(too_big)?
+        } else {
+            0
+        };
+        Ok(Some(SplitWorkspace {
+            elems,
+            lse_offset,
+            counters,
+        }))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A decode problem of `batch` sequences, 32 query / 8 KV heads, `seq_q` queries.
+    fn problem(
+        batch: usize,
+        seq_q: usize,
+        seq_k: usize,
+        head_dim: usize,
+        dtype: DType,
+    ) -> AttentionProblem {
+        let s = crate::problem::HeadStrides::default();
+        AttentionProblem {
+            batch,
+            seq_q,
+            seq_k,
+            num_heads: 32,
+            num_kv_heads: 8,
+            head_dim,
+            scale: 1.0,
+            causal: false,
+            dtype,
+            device: crate::device::Device::Cpu,
+            q: s,
+            k: s,
+            v: s,
+            mask: None,
+        }
+    }
+
+    #[test]
+    fn a_launch_plan_matches_the_pure_functions_and_sizes_its_workspace() {
+        for dtype in FLOATS {
+            for hd in [1, 64, 100, 128, 256] {
+                let p = problem(2, 3, 4000, hd, dtype);
+                let l = plan_launch(132, &p, 4000, false, false).unwrap();
+                let bucket = decode_bucket(hd).unwrap();
+                assert_eq!(l.bucket, bucket);
+                assert_eq!(l.reg, reg_lanes(dtype, bucket).is_some());
+                assert_eq!(
+                    l.row_groups,
+                    (4 * 3usize).div_ceil(block_rows(dtype, bucket))
+                );
+                assert_eq!(l.smem, decode_smem_bytes(dtype, bucket));
+                assert_eq!(l.split, chosen_split(132, &p, bucket, l.row_groups, 4000));
+                assert_eq!(l.workspace_splits, l.split.num_splits);
+                match l.workspace(&p).unwrap() {
+                    None => assert_eq!(l.split.num_splits, 1),
+                    Some(w) => {
+                        let rows = 2 * 32 * 3;
+                        assert_eq!(w.elems, rows * l.workspace_splits * (hd + 1));
+                        assert_eq!(w.lse_offset, rows * l.split.num_splits * hd);
+                        assert!(w.lse_offset + rows * l.split.num_splits <= w.elems);
+                        let counters = if l.reg { 2 * 8 * l.row_groups } else { 0 };
+                        assert_eq!(w.counters, counters);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_recorded_launch_is_cut_for_the_capacity() {
+        let p = problem(1, 1, 100, 128, DType::BF16);
+        let now = plan_launch(132, &p, 32768, false, false).unwrap();
+        let recorded = plan_launch(132, &p, 32768, true, false).unwrap();
+        assert_eq!(
+            now.split,
+            plan_launch(132, &p, 100, false, false).unwrap().split
+        );
+        assert!(recorded.split.num_splits * recorded.split.split_keys >= 32768);
+        assert!(recorded.split.num_splits > now.split.num_splits);
+        // Both size the workspace for the capacity's cut.
+        assert_eq!(now.workspace_splits, recorded.split.num_splits);
+        assert_eq!(recorded.workspace_splits, recorded.split.num_splits);
+    }
+
+    #[test]
+    fn a_launch_plan_refuses_what_the_kernel_cannot_run() {
+        let unsupported = |r: Result<DecodeLaunch>, what: &str| match r {
+            Err(AttentionError::NotSupported { backend, reason }) => {
+                assert_eq!(backend, "gpu (decode)");
+                assert!(reason.contains(what), "{reason}");
+            }
+            other => panic!("expected NotSupported, got {other:?}"),
+        };
+        unsupported(
+            plan_launch(132, &problem(1, 1, 10, 257, DType::F16), 10, false, false),
+            "head_dim 257",
+        );
+        // A fused append needs the register path: f16 head_dim 32 takes the other one.
+        assert!(!fuses_append(DType::F16, 32));
+        unsupported(
+            plan_launch(132, &problem(1, 1, 10, 32, DType::F16), 10, false, true),
+            "register path",
+        );
+        plan_launch(132, &problem(1, 1, 10, 128, DType::F16), 10, false, true).unwrap();
+        // More row groups than grid x holds.
+        let mut many = problem(1, 1, 10, 128, DType::F32);
+        many.num_heads = usize::MAX / 2;
+        many.num_kv_heads = 1;
+        unsupported(plan_launch(132, &many, 10, false, false), "row groups");
+        // A workspace whose size overflows.
+        let mut wide = problem(usize::MAX / 64, 1, 1 << 20, 128, DType::BF16);
+        wide.num_kv_heads = 32;
+        let l = DecodeLaunch {
+            split: SplitPlan {
+                num_splits: 4,
+                split_keys: 1 << 18,
+            },
+            workspace_splits: 4,
+            ..plan_launch(132, &problem(1, 1, 10, 128, DType::BF16), 10, false, false).unwrap()
+        };
+        match l.workspace(&wide) {
+            Err(AttentionError::NotSupported { reason, .. }) => {
+                assert!(reason.contains("overflows"), "{reason}")
+            }
+            other => panic!("expected NotSupported, got {other:?}"),
+        }
+    }
 
     #[test]
     fn split_plan_fills_the_gpu_and_covers_the_cache() {

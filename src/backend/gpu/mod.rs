@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::{AttentionPath, DeviceAttentionBackend, FlashKernel};
-use crate::config::{AttentionConfig, KvCacheLayout, Layout};
+use crate::config::{AttentionConfig, KvCacheLayout};
 use crate::device::gpu::GpuRuntime;
 use crate::device::Device;
 use crate::dtype::DType;
@@ -183,12 +183,8 @@ impl GpuAttentionBackend {
         out: &DeviceTensor,
     ) -> Result<SplitPlan> {
         let (p, _) = self.prepare_cached(config, q, cache, out, 0)?;
-        decode_plan::split_for(self.runtime.multiprocessor_count() as usize, &p).ok_or_else(|| {
-            AttentionError::NotSupported {
-                backend: self.name().into(),
-                reason: format!("no decode kernel for head_dim {}", p.head_dim),
-            }
-        })
+        let sms = self.runtime.multiprocessor_count() as usize;
+        Ok(decode_plan::plan_launch(sms, &p, cache.capacity(), false, false)?.split)
     }
 
     /// Runs the unfused path regardless of the plan (for comparisons and tests).
@@ -201,7 +197,8 @@ impl GpuAttentionBackend {
         mask: Option<&DeviceTensor>,
         out: &mut DeviceTensor,
     ) -> Result<AttentionPath> {
-        let (p, params, _) = self.prepare(config, q, k, v, mask, out)?;
+        let (p, out_strides) = self.prepare(config, q, k, v, mask, out)?;
+        let params = AttnParams::new(&p, q, k, v, mask, out, out_strides);
         traditional::forward_traditional(&self.runtime, &self.workspace, &p, &params)?;
         Ok(AttentionPath::Traditional)
     }
@@ -276,24 +273,8 @@ impl GpuAttentionBackend {
         out: &DeviceTensor,
         extra: usize,
     ) -> Result<(AttentionProblem, HeadStrides)> {
-        config.validate()?;
-        let parts = cache.raw_parts();
-        // Validate q and out through the common checks, against a dense stand-in of the
-        // cache shape (a view of K with one key per sequence: only its shape is read).
-        let stand_in = match config.layout {
-            Layout::Bshd => parts.k.narrow(0, 0, 1)?.permute(&[0, 2, 1, 3])?,
-            Layout::Bhsd => parts.k.narrow(0, 0, 1)?,
-        };
-        if cache.batch() != q.shape().first().copied().unwrap_or(0) {
-            return Err(AttentionError::shape(
-                "q batch",
-                cache.batch(),
-                format!("{:?}", q.shape()),
-            ));
-        }
-        let stand_in = expand_batch(&stand_in, cache.batch(), config.layout)?;
-        let mut p = AttentionProblem::new(config, q, &stand_in, &stand_in, None)?;
-        if p.device != self.device || cache.device() != self.device {
+        let (p, out_strides) = cache.problem(config, q, out, extra)?;
+        if p.device != self.device {
             return Err(AttentionError::DeviceMismatch {
                 what: "q / cache".into(),
                 expected: self.device.to_string(),
@@ -309,20 +290,7 @@ impl GpuAttentionBackend {
                 ),
             });
         }
-        if parts.max_len + extra == 0 {
-            return Err(AttentionError::shape(
-                "kv cache",
-                "at least one cached token",
-                "an empty cache",
-            ));
-        }
-        p.seq_k = parts.max_len.checked_add(extra).ok_or_else(|| {
-            AttentionError::CapacityExceeded(format!(
-                "{} cached tokens + {extra} new ones overflow usize",
-                parts.max_len
-            ))
-        })?;
-        let out_strides = p.output_strides(config.layout, out, &[q, parts.k, parts.v])?;
+        let parts = cache.raw_parts();
         let unsupported = |reason: String| AttentionError::NotSupported {
             backend: self.name().into(),
             reason,
@@ -399,7 +367,7 @@ impl GpuAttentionBackend {
         v: &DeviceTensor,
         mask: Option<&DeviceTensor>,
         out: &DeviceTensor,
-    ) -> Result<(AttentionProblem, AttnParams, HeadStrides)> {
+    ) -> Result<(AttentionProblem, HeadStrides)> {
         let p = AttentionProblem::new(config, q, k, v, mask)?;
         if p.device != self.device {
             return Err(AttentionError::DeviceMismatch {
@@ -415,14 +383,8 @@ impl GpuAttentionBackend {
             backend: self.name().into(),
             reason,
         })?;
-        let params = AttnParams::new(&p, q, k, v, mask, out, out_strides);
-        Ok((p, params, out_strides))
+        Ok((p, out_strides))
     }
-}
-
-/// A zero-stride batch expansion of a one-sequence view (shape checks only).
-fn expand_batch(t: &DeviceTensor, batch: usize, _layout: Layout) -> Result<DeviceTensor> {
-    t.broadcast_dim(0, batch)
 }
 
 impl DeviceAttentionBackend for GpuAttentionBackend {
@@ -479,11 +441,14 @@ impl DeviceAttentionBackend for GpuAttentionBackend {
         mask: Option<&DeviceTensor>,
         out: &mut DeviceTensor,
     ) -> Result<AttentionPath> {
-        let (p, params, out_strides) = self.prepare(config, q, k, v, mask, out)?;
+        let (p, out_strides) = self.prepare(config, q, k, v, mask, out)?;
         let plan = self.plan(&PlanInput {
             tf32: self.allow_tf32,
             ..PlanInput::of_call(&p, k, v)
         });
+        // The flash and unfused paths share one argument block, filled once the plan has
+        // chosen one of them (the decode kernel has its own).
+        let params = || AttnParams::new(&p, q, k, v, mask, out, out_strides);
         match plan.flash {
             Some(choice) if choice.kernel == FlashKernel::Decode => {
                 let cache = decode::CacheView {
@@ -510,8 +475,10 @@ impl DeviceAttentionBackend for GpuAttentionBackend {
                     &cache,
                 )?
             }
-            Some(choice) => flash::forward_flash(&self.runtime, &p, &params, &choice)?,
-            None => traditional::forward_traditional(&self.runtime, &self.workspace, &p, &params)?,
+            Some(choice) => flash::forward_flash(&self.runtime, &p, &params(), &choice)?,
+            None => {
+                traditional::forward_traditional(&self.runtime, &self.workspace, &p, &params())?
+            }
         }
         Ok(plan.path)
     }
