@@ -3,11 +3,12 @@
 //! A [`Device`] is a plain value; the runtime behind a GPU device (context, stream,
 //! loaded modules) is created on first use and shared by every tensor on it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::error::{AttentionError, Result};
 
 pub use graph::DeviceGraph;
+pub use stream::GpuStream;
 /// The status code of a failed HIP call, found as the `source()` of the error reporting
 /// it.
 #[cfg(feature = "rocm")]
@@ -24,6 +25,24 @@ pub(crate) mod hip;
 #[cfg(feature = "rocm")]
 mod hip_sys;
 pub(crate) mod launch;
+mod stream;
+
+/// The lifetime of memory lent to forge-attn for a borrow: ended by the guard that lent it,
+/// after which every tensor made from that memory refuses to be used.
+#[derive(Debug, Default)]
+pub(crate) struct Lease {
+    ended: AtomicBool,
+}
+
+impl Lease {
+    pub(crate) fn end(&self) {
+        self.ended.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn has_ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
+    }
+}
 
 /// Where a tensor lives and where attention runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

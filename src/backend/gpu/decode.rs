@@ -10,7 +10,6 @@ use super::decode_plan::{
 };
 use super::grid::{for_each_slice, offset_ptr, HeadAxis, MAX_GRID_X};
 use super::workspace::DeviceScratch;
-use crate::device::Device;
 use crate::device::{gpu::GpuRuntime, launch::LaunchDims};
 use crate::error::{AttentionError, Result};
 use crate::kernels::abi::{DecodeParams, TokenStrides};
@@ -28,16 +27,16 @@ pub(crate) struct DecodeWorkspace {
 }
 
 impl DecodeWorkspace {
-    fn get(&self, device: Device, elems: usize) -> Result<DeviceTensor> {
-        self.buf.get(device, elems)
+    fn get(&self, rt: &Arc<GpuRuntime>, elems: usize) -> Result<DeviceTensor> {
+        self.buf.get(rt, elems)
     }
 
-    fn get_counters(&self, device: Device, elems: usize) -> Result<DeviceTensor> {
-        self.counters.get(device, elems)
+    fn get_counters(&self, rt: &Arc<GpuRuntime>, elems: usize) -> Result<DeviceTensor> {
+        self.counters.get(rt, elems)
     }
 
-    fn get_arrivals(&self, device: Device, elems: usize) -> Result<DeviceTensor> {
-        self.arrivals.get(device, elems)
+    fn get_arrivals(&self, rt: &Arc<GpuRuntime>, elems: usize) -> Result<DeviceTensor> {
+        self.arrivals.get(rt, elems)
     }
 }
 
@@ -173,7 +172,7 @@ pub(crate) fn forward_decode(
                 ),
             });
         }
-        let t = ws.get_arrivals(p.device, p.batch)?;
+        let t = ws.get_arrivals(rt, p.batch)?;
         params.k_new = a.k;
         params.v_new = a.v;
         params.pool_next = a.pool_next;
@@ -204,13 +203,13 @@ pub(crate) fn forward_decode(
             .checked_mul(workspace_splits)
             .and_then(|x| x.checked_mul(p.head_dim + 1))
             .ok_or_else(too_big)?;
-        let buf = ws.get(p.device, elems)?;
+        let buf = ws.get(rt, elems)?;
         params.partial_o = buf.device_ptr();
         // The partial rows of this cut, then their log-sum-exps (within `elems`).
         params.partial_lse = buf.device_ptr() + (rows * split.num_splits * p.head_dim * 4) as u64;
         // The register path merges the splits itself (the last block of each row group).
         let counters = if reg {
-            let c = ws.get_counters(p.device, p.batch * p.num_kv_heads * row_groups)?;
+            let c = ws.get_counters(rt, p.batch * p.num_kv_heads * row_groups)?;
             params.counters = c.device_ptr();
             Some(c)
         } else {
