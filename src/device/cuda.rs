@@ -49,6 +49,10 @@ struct Function {
     dynamic_smem_limit: u32,
 }
 
+// SAFETY: a function handle is context-wide, usable from any thread with the context
+// current (every entry point binds it first); the table is behind a mutex.
+unsafe impl Send for Function {}
+
 pub(crate) struct CudaRuntime {
     ordinal: usize,
     ctx: sys::CUcontext,

@@ -165,7 +165,10 @@ impl HipRuntime {
             arch: c_text(&props.gcnArchName),
             cu_count,
             max_smem: per_block.max(optin),
+            // The handles are process-wide and the runtime is Send + Sync (above).
+            #[allow(clippy::arc_with_non_send_sync)]
             modules: Arc::new(Mutex::new(HashMap::new())),
+            #[allow(clippy::arc_with_non_send_sync)]
             functions: Arc::new(Mutex::new(HashMap::new())),
         })
     }

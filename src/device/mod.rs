@@ -8,11 +8,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use crate::error::{AttentionError, Result};
 
 pub use graph::DeviceGraph;
-pub use stream::GpuStream;
 /// The status code of a failed HIP call, found as the `source()` of the error reporting
 /// it.
 #[cfg(feature = "rocm")]
 pub use hip::HipError;
+pub use stream::GpuStream;
 
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]

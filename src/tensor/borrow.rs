@@ -80,7 +80,7 @@ fn check_layout(
         return Err(invalid(what, "a non-null pointer", "null"));
     }
     let es = dtype.size_in_bytes();
-    if addr % es as u64 != 0 {
+    if !addr.is_multiple_of(es as u64) {
         return Err(invalid(
             what,
             format!("an address aligned to {es} bytes for {dtype}"),
@@ -91,9 +91,7 @@ fn check_layout(
     let too_far = || {
         AttentionError::shape(
             format!("{what} strides"),
-            format!(
-                "strides whose reach (sum of extent * stride * {es} bytes) fits in isize::MAX"
-            ),
+            format!("strides whose reach (sum of extent * stride * {es} bytes) fits in isize::MAX"),
             format!("strides {strides:?} for shape {shape:?}"),
         )
     };
@@ -215,7 +213,18 @@ impl DeviceTensor {
         owner: Option<MemoryOwner>,
     ) -> Result<Self> {
         // SAFETY: forwarded from the caller.
-        unsafe { Self::raw_host(ptr as *mut c_void, len_bytes, dtype, shape, strides, true, owner, None) }
+        unsafe {
+            Self::raw_host(
+                ptr as *mut c_void,
+                len_bytes,
+                dtype,
+                shape,
+                strides,
+                true,
+                owner,
+                None,
+            )
+        }
     }
 
     /// Like [`from_raw_host`](Self::from_raw_host), for memory forge-attn may also write
@@ -255,7 +264,12 @@ impl DeviceTensor {
             .ok_or_else(|| invalid("host memory", "a non-null pointer", "null"))?;
         // SAFETY: forwarded from the caller; the layout lies inside `len_bytes`.
         let buf = unsafe { HostBuffer::borrowed(ptr, len_bytes, read_only, owner, lease) };
-        Ok(Self::from_checked(Storage::Host(buf), Device::Cpu, dtype, c))
+        Ok(Self::from_checked(
+            Storage::Host(buf),
+            Device::Cpu,
+            dtype,
+            c,
+        ))
     }
 
     /// A host tensor reading `owner`'s elements in place (zero copy), keeping `owner` alive
@@ -307,7 +321,11 @@ impl DeviceTensor {
         owner: Option<MemoryOwner>,
     ) -> Result<Self> {
         // SAFETY: forwarded from the caller.
-        unsafe { Self::raw_device(ptr, len_bytes, dtype, shape, strides, stream, false, owner, None) }
+        unsafe {
+            Self::raw_device(
+                ptr, len_bytes, dtype, shape, strides, stream, false, owner, None,
+            )
+        }
     }
 
     /// # Safety
@@ -330,7 +348,12 @@ impl DeviceTensor {
         let rt = stream.runtime().clone();
         // SAFETY: forwarded from the caller; checked to lie on the stream's device.
         let buf = unsafe { GpuBuffer::borrowed(ptr, len_bytes, rt, read_only, owner, lease) };
-        Ok(Self::from_checked(Storage::Gpu(buf), stream.device(), dtype, c))
+        Ok(Self::from_checked(
+            Storage::Gpu(buf),
+            stream.device(),
+            dtype,
+            c,
+        ))
     }
 
     /// Lends memory to forge-attn for the duration of `f`: the [`BorrowScope`] makes
@@ -515,7 +538,9 @@ mod cuda_interop {
             let owner: MemoryOwner = Arc::new(slice);
             // SAFETY: the memory lives as long as `owner`, which the buffer holds; cudarc
             // frees it on its stream, after the work queued there.
-            unsafe { Self::from_raw_device(ptr, len, T::DTYPE, shape, strides, &stream, Some(owner)) }
+            unsafe {
+                Self::from_raw_device(ptr, len, T::DTYPE, shape, strides, &stream, Some(owner))
+            }
         }
     }
 
@@ -557,7 +582,14 @@ mod cuda_interop {
             shape: &[usize],
             strides: Option<&[usize]>,
         ) -> Result<DeviceTensor> {
-            self.device::<T>(read_ptr(slice), slice.len(), slice.stream(), true, shape, strides)
+            self.device::<T>(
+                read_ptr(slice),
+                slice.len(),
+                slice.stream(),
+                true,
+                shape,
+                strides,
+            )
         }
 
         /// A GPU tensor over a cudarc slice borrowed mutably for the scope, that
@@ -579,7 +611,14 @@ mod cuda_interop {
             shape: &[usize],
             strides: Option<&[usize]>,
         ) -> Result<DeviceTensor> {
-            self.device::<T>(read_ptr(view), view.len(), view.stream(), true, shape, strides)
+            self.device::<T>(
+                read_ptr(view),
+                view.len(),
+                view.stream(),
+                true,
+                shape,
+                strides,
+            )
         }
 
         /// A GPU tensor over a mutable cudarc view (of a slice borrowed mutably for the

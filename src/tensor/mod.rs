@@ -280,6 +280,27 @@ impl DeviceTensor {
         Ok(t)
     }
 
+    /// [`from_host`](Self::from_host) onto `stream`: allocated, uploaded and later freed
+    /// there (the upload is queued on it; `data` may be reused when this returns). Counts
+    /// one host-to-device transfer.
+    pub fn from_host_on<T: HostElement>(
+        data: &[T],
+        shape: &[usize],
+        stream: &GpuStream,
+    ) -> Result<Self> {
+        let numel = checked_numel("host data shape", shape, T::DTYPE)?;
+        if data.len() != numel {
+            return Err(AttentionError::shape(
+                "host data length",
+                format!("{numel} (shape {shape:?})"),
+                data.len(),
+            ));
+        }
+        let t = Self::alloc_in(shape, T::DTYPE, stream.device(), Some(stream.runtime()))?;
+        t.write_bytes(bytemuck::cast_slice(data))?;
+        Ok(t)
+    }
+
     /// Uploads f32 `data`, converted to `dtype` on the host first: rounded to the nearest
     /// f16 / bf16, and for the integer dtypes Rust's `as` conversion (toward zero,
     /// saturating at the type's bounds, NaN to 0).
@@ -678,7 +699,10 @@ impl DeviceTensor {
 
     fn read_only_error(&self) -> AttentionError {
         AttentionError::InvalidMemory {
-            what: format!("a {} tensor of shape {:?} on {}", self.dtype, self.shape, self.device),
+            what: format!(
+                "a {} tensor of shape {:?} on {}",
+                self.dtype, self.shape, self.device
+            ),
             expected: "writable memory (the tensor is written here)".into(),
             got: "memory lent read-only (a shared slice or view)".into(),
         }
