@@ -62,7 +62,7 @@ fn owned_output(q: &[f32], k: &[f32], v: &[f32]) -> Vec<f32> {
     let k = cpu_f32(k, &[B, S, HKV, D]);
     let v = cpu_f32(v, &[B, S, HKV, D]);
     let mut out = DeviceTensor::zeros(&[B, S, H, D], DType::F32, Device::Cpu).unwrap();
-    CpuAttentionBackend::default()
+    CpuAttentionBackend::new()
         .forward_into(&config(), &q, &k, &v, None, &mut out)
         .unwrap();
     out.to_host().unwrap()
@@ -88,7 +88,7 @@ fn scoped_slices_are_attended_in_place_like_owned_tensors() {
         let mut ot = scope.host_mut(&mut out, &[B, S, H, D], None).unwrap();
         assert!(qt.is_borrowed() && ot.is_borrowed());
         assert_eq!(qt.device(), Device::Cpu);
-        CpuAttentionBackend::default()
+        CpuAttentionBackend::new()
             .forward_into(&config(), &qt, &kt, &vt, None, &mut ot)
             .unwrap();
     });
@@ -126,7 +126,7 @@ fn borrowed_strides_read_another_memory_order() {
         );
         let vt = scope.host(&v, &[B, S, HKV, D], None).unwrap();
         let mut ot = scope.host_mut(&mut out, &[B, S, H, D], None).unwrap();
-        CpuAttentionBackend::default()
+        CpuAttentionBackend::new()
             .forward_into(&config(), &qt, &kt, &vt, None, &mut ot)
             .unwrap();
     });
@@ -203,7 +203,7 @@ fn a_shared_owner_drops_only_after_the_last_view() {
     let kt = cpu_f32(&k, &[B, S, HKV, D]);
     let vt = cpu_f32(&v, &[B, S, HKV, D]);
     let mut out = DeviceTensor::zeros(&[B, S, H, D], DType::F32, Device::Cpu).unwrap();
-    CpuAttentionBackend::default()
+    CpuAttentionBackend::new()
         .forward_into(&config(), &qt, &kt, &vt, None, &mut out)
         .unwrap();
     assert_eq!(out.to_host::<f32>().unwrap(), want);
@@ -249,7 +249,7 @@ fn raw_host_pointers_with_an_owner_are_read_and_written_in_place() {
     .unwrap();
     let kt = cpu_f32(&k, &[B, S, HKV, D]);
     let vt = cpu_f32(&v, &[B, S, HKV, D]);
-    CpuAttentionBackend::default()
+    CpuAttentionBackend::new()
         .forward_into(&config(), &qt, &kt, &vt, None, &mut out)
         .unwrap();
     drop((qt, out));
@@ -281,7 +281,7 @@ fn a_null_pointer_is_refused() {
 
 #[test]
 fn a_pointer_misaligned_for_the_dtype_is_refused() {
-    let data = vec![0f32; 8];
+    let data = [0f32; 8];
     let odd = (data.as_ptr() as *const u8).wrapping_add(2) as *const std::ffi::c_void;
     for (dtype, ok) in [(DType::F32, false), (DType::I64, false), (DType::F16, true)] {
         // SAFETY: 24 bytes from `odd` lie inside `data`, alive for the whole test.
@@ -303,7 +303,7 @@ fn a_pointer_misaligned_for_the_dtype_is_refused() {
 
 #[test]
 fn sizes_and_strides_that_overflow_are_refused() {
-    let data = vec![0f32; 4];
+    let data = [0f32; 4];
     let p = data.as_ptr().cast();
     // SAFETY (every call): refused before the pointer is used.
     let shape_overflow =
@@ -392,7 +392,7 @@ fn read_only_memory_is_never_written() {
         let kt = scope.host(&k, &[B, S, HKV, D], None).unwrap();
         let vt = scope.host(&v, &[B, S, HKV, D], None).unwrap();
         let mut ro = scope.host(&sentinel, &[B, S, H, D], None).unwrap();
-        let err = CpuAttentionBackend::default()
+        let err = CpuAttentionBackend::new()
             .forward_into(&config(), &qt, &kt, &vt, None, &mut ro)
             .unwrap_err();
         assert!(
@@ -427,7 +427,7 @@ fn tensors_escaping_their_scope_refuse_to_be_used() {
     assert!(ended(&e), "{e}");
     let kt = cpu_f32(&k, &[B, S, HKV, D]);
     let vt = cpu_f32(&v, &[B, S, HKV, D]);
-    let e = CpuAttentionBackend::default()
+    let e = CpuAttentionBackend::new()
         .forward_into(&config(), &escaped_q, &kt, &vt, None, &mut escaped_out)
         .unwrap_err();
     assert!(ended(&e), "{e}");
@@ -475,7 +475,7 @@ fn the_kv_cache_appends_borrowed_tokens() {
         cache.append(k_new, v_new).unwrap();
         let mut out = DeviceTensor::zeros(&[b, 1, h, d], DType::F32, Device::Cpu).unwrap();
         let config = AttentionConfig::new(h * d, h, 8).with_num_kv_heads(hkv);
-        CpuAttentionBackend::default()
+        CpuAttentionBackend::new()
             .forward_cached(&config, q, &cache, &mut out)
             .unwrap();
         out.to_host().unwrap()
@@ -513,7 +513,7 @@ fn borrowed_host_tensors_are_used_from_several_threads() {
             for ot in ots.iter_mut() {
                 let (qt, kt, vt) = (&qt, &kt, &vt);
                 ts.spawn(move || {
-                    CpuAttentionBackend::default()
+                    CpuAttentionBackend::new()
                         .forward_into(&config(), qt, kt, vt, None, ot)
                         .unwrap();
                 });

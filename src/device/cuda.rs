@@ -418,6 +418,11 @@ impl GpuDriver for CudaRuntime {
         use sys::CUpointer_attribute as P;
         self.bind()?;
         let ordinal: i32 = self.pointer_attribute(ptr, P::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL)?;
+        // CUmemorytype: 1 is host memory (a device ordinal may still be reported for it).
+        let memory_type: u32 = self
+            .pointer_attribute(ptr, P::CU_POINTER_ATTRIBUTE_MEMORY_TYPE)
+            .unwrap_or(0);
+        let on_host = ordinal < 0 || memory_type == 1;
         let start: u64 = self
             .pointer_attribute(ptr, P::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR)
             .unwrap_or(0);
@@ -425,7 +430,7 @@ impl GpuDriver for CudaRuntime {
             .pointer_attribute(ptr, P::CU_POINTER_ATTRIBUTE_RANGE_SIZE)
             .unwrap_or(0);
         Ok(PointerInfo {
-            ordinal: ordinal.max(0) as usize,
+            ordinal: (!on_host).then_some(ordinal as usize),
             range: (start != 0 && size != 0).then_some((start, size)),
         })
     }

@@ -21,8 +21,9 @@ pub(crate) type RawStream = *mut c_void;
 /// What the driver knows of a device address.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct PointerInfo {
-    /// Ordinal of the device the memory is on.
-    pub ordinal: usize,
+    /// Ordinal of the device the memory is on; `None` for host memory the driver knows
+    /// (pinned, registered, or system memory it can map).
+    pub ordinal: Option<usize>,
     /// Start and size in bytes of the allocation holding the address, where the driver
     /// reports it.
     pub range: Option<(u64, usize)>,

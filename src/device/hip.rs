@@ -547,7 +547,7 @@ impl GpuDriver for HipRuntime {
             .pointer_attribute(ptr, ffi::POINTER_ATTRIBUTE_RANGE_SIZE)
             .unwrap_or(0);
         Ok(PointerInfo {
-            ordinal: ordinal.max(0) as usize,
+            ordinal: (ordinal >= 0).then_some(ordinal as usize),
             range: (start != 0 && size != 0).then_some((start as u64, size)),
         })
     }

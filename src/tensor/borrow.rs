@@ -151,9 +151,16 @@ fn check_device_memory(what: &str, addr: u64, extent: usize, stream: &GpuStream)
             format!("{addr:#x}, which the driver does not know as device memory ({e})"),
         )
     })?;
+    let Some(ordinal) = info.ordinal else {
+        return Err(invalid(
+            what,
+            format!("device memory of {device}"),
+            format!("{addr:#x}, host memory"),
+        ));
+    };
     let on = match device {
-        Device::Hip(_) => Device::Hip(info.ordinal),
-        _ => Device::Cuda(info.ordinal),
+        Device::Hip(_) => Device::Hip(ordinal),
+        _ => Device::Cuda(ordinal),
     };
     if on != device {
         return Err(invalid(
@@ -377,7 +384,7 @@ impl DeviceTensor {
     /// DeviceTensor::borrow_scope(|scope| {
     ///     let qt = scope.host(&q, &[b, s, h, d], None)?;
     ///     let mut ot = scope.host_mut(&mut out, &[b, s, h, d], None)?;
-    ///     CpuAttentionBackend::default().forward_into(&config, &qt, &qt, &qt, None, &mut ot)?;
+    ///     CpuAttentionBackend::new().forward_into(&config, &qt, &qt, &qt, None, &mut ot)?;
     ///     Ok::<_, forge_attn::AttentionError>(())
     /// })?;
     /// assert!((out[0] - 0.5).abs() < 1e-6); // written in place
