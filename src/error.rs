@@ -141,6 +141,28 @@ pub enum AttentionError {
         /// Why it cannot be recorded, and what to do instead.
         reason: String,
     },
+    /// Memory handed to forge-attn to wrap as a tensor (a device or host pointer, a slice)
+    /// cannot hold it: a null pointer, a pointer not on the named device, an address not
+    /// aligned for the dtype, or a range shorter than the shape and strides reach; or a
+    /// write to memory that was lent read-only.
+    #[error("invalid memory for {what}: expected {expected}, got {got}")]
+    InvalidMemory {
+        /// Which tensor or argument.
+        what: String,
+        /// What the memory must satisfy.
+        expected: String,
+        /// What was given (the address, device, length).
+        got: String,
+    },
+    /// A tensor made from borrowed memory was used after the borrow ended (a clone or a
+    /// view kept past the guard that lent it).
+    #[error("the borrow of {what} has ended: {reason}")]
+    BorrowEnded {
+        /// Which tensor.
+        what: String,
+        /// What ended the borrow.
+        reason: String,
+    },
 }
 
 impl PartialEq for AttentionError {
@@ -204,6 +226,16 @@ impl PartialEq for AttentionError {
             E::CapacityExceeded(why) => matches!(other, E::CapacityExceeded(w) if w == why),
             E::GraphCapture { device, op, reason } => {
                 matches!(other, E::GraphCapture { device: d, op: o, reason: r } if (d, o, r) == (device, op, reason))
+            }
+            E::InvalidMemory {
+                what,
+                expected,
+                got,
+            } => {
+                matches!(other, E::InvalidMemory { what: w, expected: e, got: g } if (w, e, g) == (what, expected, got))
+            }
+            E::BorrowEnded { what, reason } => {
+                matches!(other, E::BorrowEnded { what: w, reason: r } if (w, r) == (what, reason))
             }
         }
     }

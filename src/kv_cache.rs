@@ -7,13 +7,29 @@
 
 use crate::config::{AttentionConfig, KvCacheLayout};
 use crate::device::launch::LaunchDims;
-use crate::device::Device;
+use crate::device::{Device, GpuStream};
 use crate::dtype::DType;
 use crate::error::{AttentionError, Result};
 use crate::kernels::abi::{AppendParams, TokenStrides};
 use crate::kernels::catalog;
 use crate::problem::{AttentionProblem, CachedKeys, HeadStrides};
-use crate::tensor::{try_host_vec, DeviceTensor, HostAccess};
+use crate::tensor::{check_usable, try_host_vec, DeviceTensor, HostAccess};
+
+/// Where a cache's storage is allocated: on a device's own stream, or on a caller's.
+#[derive(Clone, Copy)]
+enum Place<'a> {
+    Device(Device),
+    Stream(&'a GpuStream),
+}
+
+impl Place<'_> {
+    fn zeros(&self, shape: &[usize], dtype: DType) -> Result<DeviceTensor> {
+        match self {
+            Place::Device(d) => DeviceTensor::zeros(shape, dtype, *d),
+            Place::Stream(s) => DeviceTensor::zeros_on(shape, dtype, s),
+        }
+    }
+}
 
 /// Paging of a [`KvCacheLayout::BlockSparse`] cache.
 #[derive(Debug)]
@@ -95,6 +111,32 @@ fn check_storage(what: &'static str, shape: [usize; 4], dtype: DType) -> Result<
 impl KvCache {
     /// A contiguous cache (`Contiguous` or `FlashAttention` layout, the same memory order).
     pub fn contiguous(spec: KvCacheSpec, layout: KvCacheLayout, device: Device) -> Result<Self> {
+        Self::contiguous_in(spec, layout, Place::Device(device))
+    }
+
+    /// [`KvCache::contiguous`] allocated on `stream`, whose appends (and copies) are queued
+    /// there too, so that a backend on the same stream
+    /// ([`GpuAttentionBackend::on_stream`](crate::GpuAttentionBackend::on_stream)) sees
+    /// them in order.
+    pub fn contiguous_on(
+        spec: KvCacheSpec,
+        layout: KvCacheLayout,
+        stream: &GpuStream,
+    ) -> Result<Self> {
+        Self::contiguous_in(spec, layout, Place::Stream(stream))
+    }
+
+    /// [`KvCache::paged`] allocated on `stream` (see [`KvCache::contiguous_on`]).
+    pub fn paged_on(
+        spec: KvCacheSpec,
+        page_size: usize,
+        num_pages: usize,
+        stream: &GpuStream,
+    ) -> Result<Self> {
+        Self::paged_in(spec, page_size, num_pages, Place::Stream(stream))
+    }
+
+    fn contiguous_in(spec: KvCacheSpec, layout: KvCacheLayout, place: Place<'_>) -> Result<Self> {
         if layout == KvCacheLayout::BlockSparse {
             return Err(bad(
                 "layout",
@@ -108,7 +150,7 @@ impl KvCache {
             shape,
             spec.dtype,
         )?;
-        Self::with_storage(spec, layout, shape, None, device)
+        Self::with_storage(spec, layout, shape, None, place)
     }
 
     /// An empty cache of `layout` whose K and V storage has `shape`.
@@ -117,7 +159,7 @@ impl KvCache {
         layout: KvCacheLayout,
         shape: [usize; 4],
         paging: Option<Paging>,
-        device: Device,
+        place: Place<'_>,
     ) -> Result<Self> {
         Ok(KvCache {
             layout,
@@ -125,9 +167,9 @@ impl KvCache {
             num_kv_heads: spec.num_kv_heads,
             head_dim: spec.head_dim,
             capacity: spec.capacity,
-            k: DeviceTensor::zeros(&shape, spec.dtype, device)?,
-            v: DeviceTensor::zeros(&shape, spec.dtype, device)?,
-            seq_lens: DeviceTensor::zeros(&[spec.batch], DType::I32, device)?,
+            k: place.zeros(&shape, spec.dtype)?,
+            v: place.zeros(&shape, spec.dtype)?,
+            seq_lens: place.zeros(&[spec.batch], DType::I32)?,
             lengths: vec![0; spec.batch],
             paging,
         })
@@ -140,6 +182,15 @@ impl KvCache {
         page_size: usize,
         num_pages: usize,
         device: Device,
+    ) -> Result<Self> {
+        Self::paged_in(spec, page_size, num_pages, Place::Device(device))
+    }
+
+    fn paged_in(
+        spec: KvCacheSpec,
+        page_size: usize,
+        num_pages: usize,
+        place: Place<'_>,
     ) -> Result<Self> {
         Self::check_spec(&spec)?;
         if page_size == 0 || num_pages == 0 {
@@ -171,16 +222,10 @@ impl KvCache {
             num_pages,
             max_pages,
             pages_used: 0,
-            block_table: DeviceTensor::zeros(&[spec.batch, max_pages], DType::I32, device)?,
-            pool_next: DeviceTensor::zeros(&[1], DType::I32, device)?,
+            block_table: place.zeros(&[spec.batch, max_pages], DType::I32)?,
+            pool_next: place.zeros(&[1], DType::I32)?,
         };
-        Self::with_storage(
-            spec,
-            KvCacheLayout::BlockSparse,
-            shape,
-            Some(paging),
-            device,
-        )
+        Self::with_storage(spec, KvCacheLayout::BlockSparse, shape, Some(paging), place)
     }
 
     fn check_spec(s: &KvCacheSpec) -> Result<()> {
@@ -279,7 +324,11 @@ impl KvCache {
         self.reserve(counts)?;
         // Each count is at most the capacity (reserve), which fits in i32.
         let c: Vec<i32> = counts.iter().map(|&c| c as i32).collect();
-        let dev_counts = DeviceTensor::from_host(&c, &[self.batch], self.device())?;
+        // Uploaded on the stream the append runs on.
+        let dev_counts = match self.k.stream() {
+            Some(s) => DeviceTensor::from_host_on(&c, &[self.batch], &s)?,
+            None => DeviceTensor::from_host(&c, &[self.batch], self.device())?,
+        };
         self.launch_append(k_new, v_new, n, Some(&dev_counts))?;
         self.commit(counts);
         Ok(())
@@ -300,6 +349,7 @@ impl KvCache {
     }
 
     fn check_new(&self, what: &str, t: &DeviceTensor) -> Result<usize> {
+        check_usable(&[t], &[])?;
         t.dtype().check_attention(what)?;
         let s = t.shape();
         if t.rank() != 4 || s[0] != self.batch || s[2] != self.num_kv_heads || s[3] != self.head_dim
@@ -342,7 +392,12 @@ impl KvCache {
     /// Refuses an append that would overflow a sequence or the page pool, or that a device
     /// graph is recording.
     pub(crate) fn reserve(&self, counts: &[usize]) -> Result<()> {
-        if self.device().is_capturing() {
+        // The stream the cache's appends run on: the device's own, or the one it was made on.
+        let capturing = match self.k.gpu_runtime() {
+            Some(rt) => rt.is_capturing(),
+            None => false,
+        };
+        if capturing {
             return Err(AttentionError::GraphCapture {
                 device: self.device().to_string(),
                 op: "appending to a KvCache".into(),
@@ -651,7 +706,11 @@ impl KvCache {
     /// device cannot hold a second cache.
     pub fn try_clone(&self) -> Result<KvCache> {
         let copy = |t: &DeviceTensor| -> Result<DeviceTensor> {
-            let mut c = DeviceTensor::zeros(t.shape(), t.dtype(), t.device())?;
+            // On the stream the cache was made on, where its copies are queued.
+            let mut c = match t.stream() {
+                Some(s) => DeviceTensor::zeros_on(t.shape(), t.dtype(), &s)?,
+                None => DeviceTensor::zeros(t.shape(), t.dtype(), t.device())?,
+            };
             c.copy_from(t)?;
             Ok(c)
         };

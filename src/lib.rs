@@ -66,7 +66,7 @@ pub use backend::cpu::CpuAttentionBackend;
 pub use backend::gpu::GpuAttentionBackend;
 pub use backend::{AttentionPath, DeviceAttentionBackend, FlashKernel, Support};
 pub use config::{AttentionConfig, KvCacheLayout, Layout, MAX_SCALE};
-pub use device::{Device, DeviceGraph, TransferStats};
+pub use device::{Device, DeviceGraph, GpuStream, TransferStats};
 pub use dtype::{DType, HostElement};
 pub use error::{AttentionBackendResult, AttentionError, ErrorSource, Result};
 pub use kv_cache::{KvCache, KvCacheSpec};
@@ -77,4 +77,4 @@ pub use legacy::{
 /// Internal, not a stable API (see [`problem`]).
 #[doc(hidden)]
 pub use problem::AttentionProblem;
-pub use tensor::DeviceTensor;
+pub use tensor::{BorrowScope, DeviceTensor, MemoryOwner};

@@ -1,10 +1,12 @@
 //! Host memory behind tensors on [`crate::Device::Cpu`].
 
 use std::alloc::Layout;
+use std::any::Any;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
+use super::Lease;
 use crate::error::{AttentionError, Result};
 
 /// Alignment of every host buffer (the widest vector load of the CPU backend).
@@ -24,7 +26,31 @@ impl Span {
     }
 }
 
-/// A zero-initialised, 16-byte aligned host allocation shared by a tensor and its views.
+/// Why [`HostBuffer::try_register`] refused an access.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Refusal {
+    /// Another access holds this span.
+    Busy(Span),
+    /// The memory was lent read-only and the access writes.
+    ReadOnly,
+    /// The memory was lent for a lifetime that has ended.
+    Ended,
+}
+
+/// Where a buffer's bytes come from.
+enum Origin {
+    /// Allocated here with this layout; `None` for an empty buffer (a dangling, aligned
+    /// pointer).
+    Owned(Option<Layout>),
+    /// Lent by the caller and never freed here; `owner` (if any) is dropped with the
+    /// buffer, which is how the caller learns that forge-attn no longer uses the memory.
+    Borrowed {
+        _owner: Option<Arc<dyn Any + Send + Sync>>,
+    },
+}
+
+/// A zero-initialised, 16-byte aligned host allocation shared by a tensor and its views,
+/// or host memory lent by the caller ([`HostBuffer::borrowed`]).
 ///
 /// Views alias one buffer the way GPU tensors alias one allocation, so the bytes are
 /// reached through raw pointers. Soundness: every read or write of the bytes after the
@@ -38,8 +64,11 @@ impl Span {
 pub(crate) struct HostBuffer {
     ptr: NonNull<u8>,
     bytes: usize,
-    /// Allocation layout; `None` for an empty buffer (a dangling, aligned pointer).
-    layout: Option<Layout>,
+    origin: Origin,
+    /// Lent read-only: every write access is refused.
+    read_only: bool,
+    /// Lent for a lifetime: once it ends, every access is refused.
+    lease: Option<Arc<Lease>>,
     active: Mutex<Vec<(u64, Span)>>,
     next_id: AtomicU64,
 }
@@ -70,10 +99,57 @@ impl HostBuffer {
         Ok(HostBuffer {
             ptr,
             bytes,
-            layout,
+            origin: Origin::Owned(layout),
+            read_only: false,
+            lease: None,
             active: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(1),
         })
+    }
+
+    /// `bytes` bytes at `ptr` that the caller lends; never freed here.
+    ///
+    /// # Safety
+    /// `ptr` is valid for reads (and, unless `read_only`, writes) of `bytes` bytes, and
+    /// nothing else writes them (or, unless `read_only`, reads them) while `owner` is
+    /// alive, or while `lease` has not ended when one is given.
+    pub(crate) unsafe fn borrowed(
+        ptr: NonNull<u8>,
+        bytes: usize,
+        read_only: bool,
+        owner: Option<Arc<dyn Any + Send + Sync>>,
+        lease: Option<Arc<Lease>>,
+    ) -> Self {
+        HostBuffer {
+            ptr,
+            bytes,
+            origin: Origin::Borrowed { _owner: owner },
+            read_only,
+            lease,
+            active: Mutex::new(Vec::new()),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    /// Whether the bytes were lent by the caller rather than allocated here.
+    pub(crate) fn is_borrowed(&self) -> bool {
+        matches!(self.origin, Origin::Borrowed { .. })
+    }
+
+    /// Ends the lease: later registrations are refused, and this returns once the
+    /// accesses in progress (on other threads) have ended, so the lender may reuse the
+    /// memory as soon as it returns.
+    pub(crate) fn end_lease(&self) {
+        let Some(lease) = &self.lease else { return };
+        loop {
+            let active = self.active();
+            lease.end();
+            if active.is_empty() {
+                return;
+            }
+            drop(active);
+            std::thread::yield_now();
+        }
     }
 
     pub(crate) fn len(&self) -> usize {
@@ -92,12 +168,20 @@ impl HostBuffer {
     }
 
     /// Registers one access made of `spans`; returns its id for [`release`](Self::release),
-    /// or the first registered span of another access that conflicts.
-    pub(crate) fn try_register(&self, spans: &[Span]) -> std::result::Result<u64, Span> {
+    /// or why it is refused (the first registered span of another access that conflicts,
+    /// a write to read-only memory, an ended lease).
+    pub(crate) fn try_register(&self, spans: &[Span]) -> std::result::Result<u64, Refusal> {
         let mut active = self.active();
+        // Checked under the lock that `end_lease` takes, so no access starts after it.
+        if self.lease.as_ref().is_some_and(|l| l.has_ended()) {
+            return Err(Refusal::Ended);
+        }
+        if self.read_only && spans.iter().any(|s| s.write) {
+            return Err(Refusal::ReadOnly);
+        }
         for s in spans {
             if let Some((_, held)) = active.iter().find(|(_, a)| a.conflicts(s)) {
-                return Err(*held);
+                return Err(Refusal::Busy(*held));
             }
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -113,7 +197,7 @@ impl HostBuffer {
 
 impl Drop for HostBuffer {
     fn drop(&mut self) {
-        if let Some(layout) = self.layout {
+        if let Origin::Owned(Some(layout)) = self.origin {
             // SAFETY: allocated in `try_zeroed` with this layout.
             unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) };
         }

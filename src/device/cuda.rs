@@ -5,12 +5,12 @@
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CString};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::result::{self, DriverError};
 use cudarc::driver::sys;
 
-use super::driver::GpuDriver;
+use super::driver::{GpuDriver, PointerInfo, RawStream};
 use super::launch::LaunchDims;
 use crate::error::{AttentionError, ErrorSource, Result};
 use crate::kernels::{self, KernelSpec};
@@ -48,6 +48,10 @@ struct Function {
     dynamic_smem_limit: u32,
 }
 
+// SAFETY: a function handle is context-wide, usable from any thread with the context
+// current (every entry point binds it first); the table is behind a mutex.
+unsafe impl Send for Function {}
+
 pub(crate) struct CudaRuntime {
     ordinal: usize,
     ctx: sys::CUcontext,
@@ -56,11 +60,13 @@ pub(crate) struct CudaRuntime {
     sm_count: u32,
     cc: (i32, i32),
     max_smem_optin: u32,
-    functions: Mutex<HashMap<KernelSpec, Function>>,
+    /// Shared by every stream of the device: modules belong to the context.
+    functions: Arc<Mutex<HashMap<KernelSpec, Function>>>,
 }
 
 // SAFETY: the context and stream handles are usable from any thread once the context is
-// made current, which every entry point does first.
+// made current, which every entry point does first. Function handles are context-wide and
+// may be launched on any stream of the context.
 unsafe impl Send for CudaRuntime {}
 unsafe impl Sync for CudaRuntime {}
 
@@ -109,8 +115,22 @@ impl CudaRuntime {
             sm_count,
             cc,
             max_smem_optin,
-            functions: Mutex::new(HashMap::new()),
+            functions: Arc::new(Mutex::new(HashMap::new())),
         })
+    }
+
+    /// One `cuPointerGetAttribute` query of `ptr`.
+    fn pointer_attribute<T: Default>(&self, ptr: u64, attr: sys::CUpointer_attribute) -> Result<T> {
+        let mut value = T::default();
+        // SAFETY: `value` is the type the driver writes for `attr` (int, CUdeviceptr,
+        // size_t as the callers pick).
+        let status = unsafe {
+            sys::cuPointerGetAttribute((&mut value as *mut T).cast::<c_void>(), attr, ptr)
+        };
+        status
+            .result()
+            .map_err(|e| runtime_err("cuPointerGetAttribute", e))?;
+        Ok(value)
     }
 }
 
@@ -349,6 +369,79 @@ impl GpuDriver for CudaRuntime {
             // SAFETY: destroyed once, by the owner's drop.
             let _ = unsafe { result::graph::exec_destroy(g.exec) };
         }
+    }
+
+    /// Refuses a stream of another context (a non-primary context, another device): its
+    /// launches would fail or address another device's memory.
+    fn on_stream(&self, stream: RawStream) -> Result<Self> {
+        self.bind()?;
+        let stream = stream as sys::CUstream;
+        let mut ctx: sys::CUcontext = std::ptr::null_mut();
+        // SAFETY: the caller vouches that `stream` is a live stream handle (or one of the
+        // special handles: null is the context's legacy default stream).
+        unsafe { sys::cuStreamGetCtx(stream, &mut ctx) }
+            .result()
+            .map_err(|e| runtime_err("cuStreamGetCtx", e))?;
+        if ctx != self.ctx {
+            return Err(AttentionError::DeviceMismatch {
+                what: "stream".into(),
+                expected: format!(
+                    "a stream of the primary context of cuda:{} ({:?})",
+                    self.ordinal, self.ctx
+                ),
+                got: format!("a stream of context {ctx:?}"),
+            });
+        }
+        Ok(CudaRuntime {
+            ordinal: self.ordinal,
+            ctx: self.ctx,
+            stream,
+            name: self.name.clone(),
+            sm_count: self.sm_count,
+            cc: self.cc,
+            max_smem_optin: self.max_smem_optin,
+            functions: self.functions.clone(),
+        })
+    }
+
+    fn raw_stream(&self) -> RawStream {
+        self.stream.cast()
+    }
+
+    /// Active and invalidated captures both count: work queued now would not run.
+    fn stream_capturing(&self) -> Result<bool> {
+        Ok(self.capture_status()? != sys::CUstreamCaptureStatus::CU_STREAM_CAPTURE_STATUS_NONE)
+    }
+
+    fn pointer_info(&self, ptr: u64) -> Result<PointerInfo> {
+        use sys::CUpointer_attribute as P;
+        self.bind()?;
+        let ordinal: i32 = self.pointer_attribute(ptr, P::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL)?;
+        // CUmemorytype: 1 is host memory (a device ordinal may still be reported for it).
+        let memory_type: u32 = self
+            .pointer_attribute(ptr, P::CU_POINTER_ATTRIBUTE_MEMORY_TYPE)
+            .unwrap_or(0);
+        let on_host = ordinal < 0 || memory_type == 1;
+        let start: u64 = self
+            .pointer_attribute(ptr, P::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR)
+            .unwrap_or(0);
+        let size: usize = self
+            .pointer_attribute(ptr, P::CU_POINTER_ATTRIBUTE_RANGE_SIZE)
+            .unwrap_or(0);
+        Ok(PointerInfo {
+            ordinal: (!on_host).then_some(ordinal as usize),
+            range: (start != 0 && size != 0).then_some((start, size)),
+        })
+    }
+}
+
+impl CudaRuntime {
+    /// The stream's capture status (`cuStreamIsCapturing`).
+    fn capture_status(&self) -> Result<sys::CUstreamCaptureStatus> {
+        self.bind()?;
+        // SAFETY: a stream of this context (checked in `on_stream`, or our own).
+        unsafe { result::stream::is_capturing(self.stream) }
+            .map_err(|e| runtime_err("cuStreamIsCapturing", e))
     }
 }
 

@@ -9,9 +9,25 @@
 // Built with neither `cuda` nor `rocm`, nothing implements the contract.
 #![cfg_attr(not(any(feature = "cuda", feature = "rocm")), allow(dead_code))]
 
+use std::ffi::c_void;
+
 use super::launch::LaunchDims;
 use crate::error::Result;
 use crate::kernels::KernelSpec;
+
+/// A vendor stream handle (`CUstream`, `hipStream_t`) as an untyped pointer.
+pub(crate) type RawStream = *mut c_void;
+
+/// What the driver knows of a device address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PointerInfo {
+    /// Ordinal of the device the memory is on; `None` for host memory the driver knows
+    /// (pinned, registered, or system memory it can map).
+    pub ordinal: Option<usize>,
+    /// Start and size in bytes of the allocation holding the address, where the driver
+    /// reports it.
+    pub range: Option<(u64, usize)>,
+}
 
 /// One device's runtime: a context (or selected device) and one stream that all work is
 /// queued on, in order. Device addresses are plain `u64`s.
@@ -87,4 +103,19 @@ pub(crate) trait GpuDriver: Send + Sync {
     fn launch_graph(&self, g: &Self::Graph) -> Result<()>;
     /// Destroys `g`; replays already queued still run.
     fn destroy_graph(&self, g: &Self::Graph);
+
+    /// A driver of the same device (and context) that queues everything on `stream`, a
+    /// stream of the caller's that is never destroyed here, sharing this driver's loaded
+    /// kernels.
+    fn on_stream(&self, stream: RawStream) -> Result<Self>
+    where
+        Self: Sized;
+    /// The stream handle work is queued on.
+    fn raw_stream(&self) -> RawStream;
+    /// Whether the stream is being captured into a graph, by anyone (the driver's answer,
+    /// not the crate's own bookkeeping).
+    fn stream_capturing(&self) -> Result<bool>;
+    /// The device and allocation of `ptr`; an error when the driver does not know it as
+    /// device memory.
+    fn pointer_info(&self, ptr: u64) -> Result<PointerInfo>;
 }

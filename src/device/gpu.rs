@@ -13,15 +13,17 @@
     allow(unreachable_code, unused_variables, unused_mut, unused_imports)
 )]
 
+use std::any::Any;
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 #[cfg(not(all(feature = "cuda", feature = "rocm")))]
 use super::built_without;
-use super::driver::GpuDriver;
+use super::driver::{GpuDriver, PointerInfo, RawStream};
 use super::graph::GraphUse;
 use super::launch::LaunchDims;
-use super::{gpu_unavailable, Device};
+use super::{gpu_unavailable, Device, Lease};
 use crate::error::{AttentionError, Result};
 use crate::kernels::KernelSpec;
 
@@ -96,21 +98,75 @@ impl Driver {
     }
 }
 
-/// A device's runtime: one context and one stream, created on first use.
+/// A device's runtime: one context and one stream. The device's own (private) stream is
+/// created on first use ([`GpuRuntime::get`]); a caller's stream gets a runtime of its
+/// own ([`GpuRuntime::for_stream`]) that shares the device's context and loaded kernels.
 pub(crate) struct GpuRuntime {
     pub(super) device: Device,
     pub(super) driver: Driver,
     pub(super) graphs: Mutex<GraphUse>,
+    /// Set for a caller's stream.
+    external: Option<ExternalStream>,
 }
 
-/// A device allocation, freed (stream-ordered) when the last tensor using it drops.
+/// What a runtime on a caller's stream keeps besides the driver.
+struct ExternalStream {
+    /// Frees asked for while the stream was being captured: queued then, they would be
+    /// recorded into the caller's graph. Freed at the next free outside a capture, or when
+    /// the runtime drops.
+    pending: Mutex<Vec<u64>>,
+    /// Whatever keeps the stream alive (a cudarc stream), dropped with the runtime.
+    _keep: Option<Arc<dyn Any + Send + Sync>>,
+}
+
+/// Who frees a [`GpuBuffer`]'s memory.
+enum Ownership {
+    /// Allocated by the runtime; freed (stream-ordered) when the buffer drops.
+    Owned,
+    /// Lent by the caller: never freed here. `owner` (if any) drops with the buffer;
+    /// `lease` (if any) ends when the lender's guard drops.
+    Borrowed {
+        _owner: Option<Arc<dyn Any + Send + Sync>>,
+        lease: Option<Arc<Lease>>,
+        read_only: bool,
+    },
+}
+
+/// Device memory behind tensors: an allocation of the runtime, freed (stream-ordered) when
+/// the last tensor using it drops, or memory lent by the caller, which is never freed here.
 pub(crate) struct GpuBuffer {
     ptr: u64,
     bytes: usize,
     runtime: Arc<GpuRuntime>,
+    ownership: Ownership,
 }
 
 impl GpuBuffer {
+    /// `bytes` bytes at `ptr` lent by the caller; never freed here.
+    ///
+    /// # Safety
+    /// `ptr` spans `bytes` bytes of device memory of `runtime`'s device that stay valid
+    /// while `owner` is alive, or until `lease` ends when one is given (and, for work
+    /// queued before then, until that work has run).
+    pub(crate) unsafe fn borrowed(
+        ptr: u64,
+        bytes: usize,
+        runtime: Arc<GpuRuntime>,
+        read_only: bool,
+        owner: Option<Arc<dyn Any + Send + Sync>>,
+        lease: Option<Arc<Lease>>,
+    ) -> Self {
+        GpuBuffer {
+            ptr,
+            bytes,
+            runtime,
+            ownership: Ownership::Borrowed {
+                _owner: owner,
+                lease,
+                read_only,
+            },
+        }
+    }
     pub fn ptr(&self) -> u64 {
         self.ptr
     }
@@ -120,13 +176,62 @@ impl GpuBuffer {
     pub fn runtime(&self) -> &Arc<GpuRuntime> {
         &self.runtime
     }
+    /// Whether the memory was lent by the caller.
+    pub fn is_borrowed(&self) -> bool {
+        matches!(self.ownership, Ownership::Borrowed { .. })
+    }
+    /// Whether the memory was lent read-only.
+    pub fn is_read_only(&self) -> bool {
+        matches!(
+            self.ownership,
+            Ownership::Borrowed {
+                read_only: true,
+                ..
+            }
+        )
+    }
+    /// Whether the memory was lent for a lifetime that has ended.
+    pub fn lease_ended(&self) -> bool {
+        match &self.ownership {
+            Ownership::Borrowed { lease: Some(l), .. } => l.has_ended(),
+            _ => false,
+        }
+    }
+    /// Ends the lease of borrowed memory (nothing for owned memory).
+    pub fn end_lease(&self) {
+        if let Ownership::Borrowed { lease: Some(l), .. } = &self.ownership {
+            l.end();
+        }
+    }
 }
 
 impl Drop for GpuBuffer {
     fn drop(&mut self) {
-        // A failed free cannot be reported from drop; the runtime logs nothing and moves on.
-        let _ = self.runtime.free(self.ptr);
+        if matches!(self.ownership, Ownership::Owned) {
+            // A failed free cannot be reported from drop; the runtime logs nothing and
+            // moves on.
+            let _ = self.runtime.free(self.ptr);
+        }
     }
+}
+
+impl Drop for GpuRuntime {
+    fn drop(&mut self) {
+        let Some(ext) = &self.external else { return };
+        let pending = std::mem::take(&mut *ext.pending.lock().unwrap_or_else(|e| e.into_inner()));
+        // Still capturing: queued frees would be recorded, so the memory is left behind.
+        if pending.is_empty() || self.driver_capturing() {
+            return;
+        }
+        for ptr in pending {
+            let _ = self.free_now(ptr);
+        }
+    }
+}
+
+thread_local! {
+    /// Set while [`GpuRuntime::dry_run`] runs on this thread.
+    static DRY_RUN: Cell<bool> = const { Cell::new(false) };
 }
 
 type RuntimeMap = Mutex<HashMap<Device, Arc<GpuRuntime>>>;
@@ -162,9 +267,74 @@ impl GpuRuntime {
             device,
             driver,
             graphs: Mutex::new(GraphUse::default()),
+            external: None,
         });
         map.insert(device, rt.clone());
         Ok(rt)
+    }
+
+    /// A runtime of `device` queuing everything on the caller's `stream` (never destroyed
+    /// here); `keep` is held as long as the runtime, for what keeps the stream alive.
+    ///
+    /// # Safety
+    /// `stream` is a live stream of `device` (for CUDA, of its primary context; the
+    /// null handle names the legacy default stream) and stays live as long as the
+    /// runtime, and every buffer allocated through it, exists.
+    pub unsafe fn for_stream(
+        device: Device,
+        stream: RawStream,
+        keep: Option<Arc<dyn Any + Send + Sync>>,
+    ) -> Result<Arc<GpuRuntime>> {
+        let base = Self::get(device)?;
+        let driver = match base.driver {
+            #[cfg(feature = "cuda")]
+            Driver::Cuda(ref c) => Driver::Cuda(c.on_stream(stream)?),
+            #[cfg(feature = "rocm")]
+            Driver::Hip(ref h) => Driver::Hip(h.on_stream(stream)?),
+        };
+        Ok(Arc::new(GpuRuntime {
+            device,
+            driver,
+            graphs: Mutex::new(GraphUse::default()),
+            external: Some(ExternalStream {
+                pending: Mutex::new(Vec::new()),
+                _keep: keep,
+            }),
+        }))
+    }
+
+    /// Whether this runtime queues on a caller's stream rather than the device's own.
+    pub fn is_external(&self) -> bool {
+        self.external.is_some()
+    }
+
+    /// The stream handle work is queued on.
+    pub fn raw_stream(&self) -> RawStream {
+        on_driver!(self.driver, d => d.raw_stream())
+    }
+
+    /// Whether the driver reports the stream as captured (a failed query counts as
+    /// captured: refusing is the safe answer).
+    pub(super) fn driver_capturing(&self) -> bool {
+        on_driver!(self.driver, d => d.stream_capturing()).unwrap_or(true)
+    }
+
+    /// The device and allocation of `ptr` as the driver knows it.
+    pub fn pointer_info(&self, ptr: u64) -> Result<PointerInfo> {
+        on_driver!(self.driver, d => d.pointer_info(ptr))
+    }
+
+    /// Runs `f` with this thread's kernel launches loaded but not queued: the calls in `f`
+    /// make their workspaces and load their kernels, and compute nothing.
+    pub fn dry_run<T>(f: impl FnOnce() -> Result<T>) -> Result<T> {
+        struct Reset(bool);
+        impl Drop for Reset {
+            fn drop(&mut self) {
+                DRY_RUN.with(|d| d.set(self.0));
+            }
+        }
+        let _reset = Reset(DRY_RUN.with(|d| d.replace(true)));
+        f()
     }
 
     /// Allocates `bytes` (at least one byte) and zeroes them on the stream.
@@ -178,12 +348,23 @@ impl GpuRuntime {
             ptr,
             bytes,
             runtime: self.clone(),
+            ownership: Ownership::Owned,
         })
     }
 
     fn free(&self, ptr: u64) -> Result<()> {
         if self.defer_free(ptr) {
             return Ok(());
+        }
+        if let Some(ext) = &self.external {
+            let mut pending = ext.pending.lock().unwrap_or_else(|e| e.into_inner());
+            if self.driver_capturing() {
+                pending.push(ptr);
+                return Ok(());
+            }
+            for p in std::mem::take(&mut *pending) {
+                let _ = self.free_now(p);
+            }
         }
         self.free_now(ptr)
     }
@@ -254,6 +435,15 @@ impl GpuRuntime {
         params: &P,
     ) -> Result<()> {
         let bytes = bytemuck::bytes_of(params);
+        if DRY_RUN.with(|d| d.get()) {
+            // Loaded (and its shared memory opted into) so that a later recording of the
+            // same call needs neither.
+            on_driver!(self.driver, d => {
+                d.bind()?;
+                d.function(spec, dims.shared_bytes)?;
+            });
+            return Ok(());
+        }
         on_driver!(self.driver, d => d.launch(spec, dims, bytes)?);
         // A recorded launch runs later, at the graph's launch.
         if sync_after_launch() && !self.is_capturing() {

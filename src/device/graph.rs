@@ -220,9 +220,12 @@ impl GpuRuntime {
         })
     }
 
-    /// Whether this device's stream is being recorded into a graph.
+    /// Whether this runtime's stream is being recorded into a graph: by
+    /// [`Device::capture_graph`], or, for a caller's stream, by anyone (asked of the
+    /// driver).
     pub fn is_capturing(&self) -> bool {
         self.graphs.lock().map(|g| g.capturing).unwrap_or(false)
+            || (self.is_external() && self.driver_capturing())
     }
 
     /// The error for `op` while recording, else Ok.

@@ -7,14 +7,14 @@
 use std::collections::HashMap;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::mem::MaybeUninit;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use hip_runtime_sys::{
     hipDeviceAttribute_t, hipDeviceProp_t, hipEvent_t, hipFunction_t, hipMemcpyKind, hipModule_t,
     hipStream_t,
 };
 
-use super::driver::GpuDriver;
+use super::driver::{GpuDriver, PointerInfo, RawStream};
 use super::hip_sys as ffi;
 use super::launch::LaunchDims;
 use crate::error::{AttentionError, ErrorSource, Result};
@@ -101,8 +101,9 @@ pub(crate) struct HipRuntime {
     arch: String,
     cu_count: u32,
     max_smem: u32,
-    modules: Mutex<HashMap<KernelFile, hipModule_t>>,
-    functions: Mutex<HashMap<KernelSpec, hipFunction_t>>,
+    /// Shared by every stream of the device: modules and their functions are device-wide.
+    modules: Arc<Mutex<HashMap<KernelFile, hipModule_t>>>,
+    functions: Arc<Mutex<HashMap<KernelSpec, hipFunction_t>>>,
 }
 
 // SAFETY: HIP handles are process-wide; every entry point selects the device first.
@@ -164,9 +165,27 @@ impl HipRuntime {
             arch: c_text(&props.gcnArchName),
             cu_count,
             max_smem: per_block.max(optin),
-            modules: Mutex::new(HashMap::new()),
-            functions: Mutex::new(HashMap::new()),
+            // The handles are process-wide and the runtime is Send + Sync (above).
+            #[allow(clippy::arc_with_non_send_sync)]
+            modules: Arc::new(Mutex::new(HashMap::new())),
+            #[allow(clippy::arc_with_non_send_sync)]
+            functions: Arc::new(Mutex::new(HashMap::new())),
         })
+    }
+
+    /// One `hipPointerGetAttribute` query of `ptr`.
+    fn pointer_attribute<T: Default>(&self, ptr: u64, attr: c_int) -> Result<T> {
+        let mut value = T::default();
+        // SAFETY: `value` is the type the runtime writes for `attr` (int, pointer, size_t
+        // as the callers pick).
+        check("hipPointerGetAttribute", unsafe {
+            ffi::hipPointerGetAttribute(
+                (&mut value as *mut T).cast::<c_void>(),
+                attr,
+                ptr as *mut c_void,
+            )
+        })?;
+        Ok(value)
     }
 
     fn lock_err() -> AttentionError {
@@ -494,6 +513,57 @@ impl GpuDriver for HipRuntime {
             // SAFETY: destroyed once, by the owner's drop, with no replay in flight.
             let _ = unsafe { ffi::hipGraphExecDestroy(g.exec) };
         }
+    }
+
+    /// HIP streams carry no context to check; the caller names the stream's device.
+    fn on_stream(&self, stream: RawStream) -> Result<Self> {
+        Ok(HipRuntime {
+            ordinal: self.ordinal,
+            stream: stream as hipStream_t,
+            name: self.name.clone(),
+            arch: self.arch.clone(),
+            cu_count: self.cu_count,
+            max_smem: self.max_smem,
+            modules: self.modules.clone(),
+            functions: self.functions.clone(),
+        })
+    }
+
+    fn raw_stream(&self) -> RawStream {
+        self.stream.cast()
+    }
+
+    fn stream_capturing(&self) -> Result<bool> {
+        Ok(self.capture_status()? != 0)
+    }
+
+    fn pointer_info(&self, ptr: u64) -> Result<PointerInfo> {
+        self.bind()?;
+        let ordinal: c_int = self.pointer_attribute(ptr, ffi::POINTER_ATTRIBUTE_DEVICE_ORDINAL)?;
+        let start: usize = self
+            .pointer_attribute(ptr, ffi::POINTER_ATTRIBUTE_RANGE_START_ADDR)
+            .unwrap_or(0);
+        let size: usize = self
+            .pointer_attribute(ptr, ffi::POINTER_ATTRIBUTE_RANGE_SIZE)
+            .unwrap_or(0);
+        Ok(PointerInfo {
+            ordinal: (ordinal >= 0).then_some(ordinal as usize),
+            range: (start != 0 && size != 0).then_some((start as u64, size)),
+        })
+    }
+}
+
+impl HipRuntime {
+    /// The stream's capture status (`hipStreamIsCapturing`: 0 none, 1 active, 2
+    /// invalidated).
+    fn capture_status(&self) -> Result<c_int> {
+        self.bind()?;
+        let mut status: c_int = 0;
+        // SAFETY: valid out-pointer; a stream handle the caller vouched for, or our own.
+        check("hipStreamIsCapturing", unsafe {
+            ffi::hipStreamIsCapturing(self.stream, &mut status)
+        })?;
+        Ok(status)
     }
 }
 

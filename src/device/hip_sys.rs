@@ -86,7 +86,16 @@ extern "C" {
     pub fn hipGraphLaunch(exec: *mut c_void, stream: hipStream_t) -> c_int;
     pub fn hipGraphExecDestroy(exec: *mut c_void) -> c_int;
     pub fn hipGraphDestroy(graph: *mut c_void) -> c_int;
+    pub fn hipStreamIsCapturing(stream: hipStream_t, status: *mut c_int) -> c_int;
+    pub fn hipPointerGetAttribute(data: *mut c_void, attribute: c_int, ptr: *mut c_void) -> c_int;
 }
+
+/// `HIP_POINTER_ATTRIBUTE_DEVICE_ORDINAL` (an int).
+pub const POINTER_ATTRIBUTE_DEVICE_ORDINAL: c_int = 9;
+/// `HIP_POINTER_ATTRIBUTE_RANGE_START_ADDR` (a device pointer).
+pub const POINTER_ATTRIBUTE_RANGE_START_ADDR: c_int = 11;
+/// `HIP_POINTER_ATTRIBUTE_RANGE_SIZE` (a size_t).
+pub const POINTER_ATTRIBUTE_RANGE_SIZE: c_int = 12;
 
 /// `hipStreamCaptureModeRelaxed` (hip_runtime_api.h).
 pub const STREAM_CAPTURE_MODE_RELAXED: c_int = 2;

@@ -3,7 +3,7 @@
 //! A [`Device`] is a plain value; the runtime behind a GPU device (context, stream,
 //! loaded modules) is created on first use and shared by every tensor on it.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::error::{AttentionError, Result};
 
@@ -12,6 +12,7 @@ pub use graph::DeviceGraph;
 /// it.
 #[cfg(feature = "rocm")]
 pub use hip::HipError;
+pub use stream::GpuStream;
 
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
@@ -26,6 +27,24 @@ pub(crate) mod hip;
 #[cfg(feature = "rocm")]
 mod hip_sys;
 pub(crate) mod launch;
+mod stream;
+
+/// The lifetime of memory lent to forge-attn for a borrow: ended by the guard that lent it,
+/// after which every tensor made from that memory refuses to be used.
+#[derive(Debug, Default)]
+pub(crate) struct Lease {
+    ended: AtomicBool,
+}
+
+impl Lease {
+    pub(crate) fn end(&self) {
+        self.ended.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn has_ended(&self) -> bool {
+        self.ended.load(Ordering::Acquire)
+    }
+}
 
 /// Where a tensor lives and where attention runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

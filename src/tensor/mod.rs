@@ -4,13 +4,16 @@ use std::sync::Arc;
 
 use smallvec::SmallVec;
 
-use crate::device::cpu::{HostBuffer, Span};
+use crate::device::cpu::{HostBuffer, Refusal, Span};
 use crate::device::gpu::{GpuBuffer, GpuRuntime};
-use crate::device::Device;
+use crate::device::{Device, GpuStream};
 use crate::dtype::{DType, HostElement};
 use crate::error::{AttentionError, Result};
 
+mod borrow;
 mod copy;
+
+pub use borrow::{BorrowScope, MemoryOwner};
 
 pub(crate) use copy::Strided4;
 
@@ -143,7 +146,9 @@ impl HostAccess {
             match h.try_register(&spans) {
                 Ok(id) => access.held.push((t.storage.clone(), id)),
                 // `access` drops here, releasing what was registered so far.
-                Err(held) => {
+                Err(Refusal::Ended) => return Err(t.borrow_ended()),
+                Err(Refusal::ReadOnly) => return Err(t.read_only_error()),
+                Err(Refusal::Busy(held)) => {
                     return Err(AttentionError::StorageBusy {
                         what: format!("a host tensor of shape {:?}", t.shape),
                         reason: format!(
@@ -203,6 +208,17 @@ fn upload_narrowed<T: HostElement>(
 
 impl DeviceTensor {
     fn alloc(shape: &[usize], dtype: DType, device: Device) -> Result<Self> {
+        Self::alloc_in(shape, dtype, device, None)
+    }
+
+    /// A zeroed tensor on `device`, allocated through `runtime` (its stream) when given,
+    /// else through the device's own runtime.
+    fn alloc_in(
+        shape: &[usize],
+        dtype: DType,
+        device: Device,
+        runtime: Option<&Arc<GpuRuntime>>,
+    ) -> Result<Self> {
         if shape.len() > 4 {
             return Err(AttentionError::shape(
                 "tensor rank",
@@ -214,7 +230,10 @@ impl DeviceTensor {
         let bytes = checked_numel("tensor", shape, dtype)? * dtype.size_in_bytes();
         let storage = match device {
             Device::Cpu => Storage::Host(HostBuffer::try_zeroed(bytes)?),
-            _ => Storage::Gpu(GpuRuntime::get(device)?.alloc_zeroed(bytes)?),
+            _ => match runtime {
+                Some(rt) => Storage::Gpu(rt.alloc_zeroed(bytes)?),
+                None => Storage::Gpu(GpuRuntime::get(device)?.alloc_zeroed(bytes)?),
+            },
         };
         Ok(DeviceTensor {
             storage: Arc::new(storage),
@@ -231,6 +250,20 @@ impl DeviceTensor {
         Self::alloc(shape, dtype, device)
     }
 
+    /// A new contiguous tensor filled with zeros on `stream`'s device, allocated and zeroed
+    /// on `stream` (stream-ordered: queued work on it sees the zeros), freed on it when the
+    /// last view drops. Its copies ([`copy_from`](Self::copy_from), downloads) are queued
+    /// on `stream` too. Refused with [`AttentionError::GraphCapture`] while the stream is
+    /// being captured.
+    pub fn zeros_on(shape: &[usize], dtype: DType, stream: &GpuStream) -> Result<Self> {
+        Self::alloc_in(shape, dtype, stream.device(), Some(stream.runtime()))
+    }
+
+    /// A zeroed tensor allocated through `rt` (workspaces of a backend on a stream).
+    pub(crate) fn zeros_in(rt: &Arc<GpuRuntime>, shape: &[usize], dtype: DType) -> Result<Self> {
+        Self::alloc_in(shape, dtype, rt.device(), Some(rt))
+    }
+
     /// Uploads `data` (row-major, `shape`) to `device`; the dtype follows `T`.
     /// Counts one host-to-device transfer.
     pub fn from_host<T: HostElement>(data: &[T], shape: &[usize], device: Device) -> Result<Self> {
@@ -243,6 +276,27 @@ impl DeviceTensor {
             ));
         }
         let t = Self::alloc(shape, T::DTYPE, device)?;
+        t.write_bytes(bytemuck::cast_slice(data))?;
+        Ok(t)
+    }
+
+    /// [`from_host`](Self::from_host) onto `stream`: allocated, uploaded and later freed
+    /// there (the upload is queued on it; `data` may be reused when this returns). Counts
+    /// one host-to-device transfer.
+    pub fn from_host_on<T: HostElement>(
+        data: &[T],
+        shape: &[usize],
+        stream: &GpuStream,
+    ) -> Result<Self> {
+        let numel = checked_numel("host data shape", shape, T::DTYPE)?;
+        if data.len() != numel {
+            return Err(AttentionError::shape(
+                "host data length",
+                format!("{numel} (shape {shape:?})"),
+                data.len(),
+            ));
+        }
+        let t = Self::alloc_in(shape, T::DTYPE, stream.device(), Some(stream.runtime()))?;
         t.write_bytes(bytemuck::cast_slice(data))?;
         Ok(t)
     }
@@ -304,6 +358,7 @@ impl DeviceTensor {
     }
 
     fn read_into(&self, dst: &mut [u8]) -> Result<()> {
+        check_usable(&[self], &[])?;
         match &*self.storage {
             Storage::Host(h) => {
                 let _access = HostAccess::acquire(&[self], &[])?;
@@ -318,7 +373,8 @@ impl DeviceTensor {
                 if self.is_contiguous() {
                     rt.copy_dtoh(self.device_ptr(), dst)?;
                 } else {
-                    let tmp = Self::alloc(&self.shape, self.dtype, self.device)?;
+                    // On the tensor's own stream, so the copy sees its zeroing.
+                    let tmp = Self::alloc_in(&self.shape, self.dtype, self.device, Some(rt))?;
                     copy::gpu_copy(rt, self, &tmp)?;
                     rt.copy_dtoh(tmp.device_ptr(), dst)?;
                 }
@@ -353,6 +409,7 @@ impl DeviceTensor {
                 got: src.device.to_string(),
             });
         }
+        check_usable(&[src], &[self])?;
         if !self.has_distinct_elements() {
             // A stride-0 destination would be written many times per element (a race on
             // a GPU, and a loop over every repeat on the host).
@@ -615,6 +672,71 @@ impl DeviceTensor {
     pub(crate) fn storage_bytes(&self) -> usize {
         self.storage.bytes()
     }
+
+    /// Whether the tensor's memory was lent by the caller (a borrowed or wrapped tensor,
+    /// and every view of one) rather than allocated by forge-attn. Borrowed memory is never
+    /// freed by forge-attn.
+    pub fn is_borrowed(&self) -> bool {
+        match &*self.storage {
+            Storage::Host(h) => h.is_borrowed(),
+            Storage::Gpu(g) => g.is_borrowed(),
+        }
+    }
+
+    /// The stream a GPU tensor's own operations (copies, downloads) are queued on: the
+    /// device's own stream, or the one it was made with; `None` on the CPU.
+    pub fn stream(&self) -> Option<GpuStream> {
+        self.gpu_runtime()
+            .map(|rt| GpuStream::from_runtime(rt.clone()))
+    }
+
+    fn borrow_ended(&self) -> AttentionError {
+        AttentionError::BorrowEnded {
+            what: format!("a {} tensor of shape {:?} on {}", self.dtype, self.shape, self.device),
+            reason: "its memory was lent by a BorrowScope that has returned; a tensor made in a scope (and its clones and views) is usable only inside it".into(),
+        }
+    }
+
+    fn read_only_error(&self) -> AttentionError {
+        AttentionError::InvalidMemory {
+            what: format!(
+                "a {} tensor of shape {:?} on {}",
+                self.dtype, self.shape, self.device
+            ),
+            expected: "writable memory (the tensor is written here)".into(),
+            got: "memory lent read-only (a shared slice or view)".into(),
+        }
+    }
+
+    /// The error for using this tensor now (`write`: as an output), if any: a borrow that
+    /// has ended, a write to memory lent read-only. Host tensors are also checked when
+    /// their access is registered ([`HostAccess`]), under the lock that ends borrows.
+    fn usable(&self, write: bool) -> Result<()> {
+        let (ended, read_only) = match &*self.storage {
+            Storage::Host(_) => return Ok(()),
+            Storage::Gpu(g) => (g.lease_ended(), g.is_read_only()),
+        };
+        if ended {
+            return Err(self.borrow_ended());
+        }
+        if write && read_only {
+            return Err(self.read_only_error());
+        }
+        Ok(())
+    }
+}
+
+/// Refuses GPU tensors whose borrow has ended and read-only ones among `writes` (host
+/// tensors are checked by [`HostAccess::acquire`]). Every GPU operation checks its tensors
+/// here before queuing anything.
+pub(crate) fn check_usable(reads: &[&DeviceTensor], writes: &[&DeviceTensor]) -> Result<()> {
+    for t in reads {
+        t.usable(false)?;
+    }
+    for t in writes {
+        t.usable(true)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use super::decode_plan::{plan_launch, DecodeLaunch, THREADS};
 use super::grid::{for_each_slice, offset_ptr, HeadAxis, MAX_GRID_X};
 use super::workspace::DeviceScratch;
-use crate::device::Device;
 use crate::device::{gpu::GpuRuntime, launch::LaunchDims};
 use crate::error::{AttentionError, Result};
 use crate::kernels::abi::{DecodeParams, TokenStrides};
@@ -26,16 +25,16 @@ pub(crate) struct DecodeWorkspace {
 }
 
 impl DecodeWorkspace {
-    fn get(&self, device: Device, elems: usize) -> Result<DeviceTensor> {
-        self.buf.get(device, elems)
+    fn get(&self, rt: &Arc<GpuRuntime>, elems: usize) -> Result<DeviceTensor> {
+        self.buf.get(rt, elems)
     }
 
-    fn get_counters(&self, device: Device, elems: usize) -> Result<DeviceTensor> {
-        self.counters.get(device, elems)
+    fn get_counters(&self, rt: &Arc<GpuRuntime>, elems: usize) -> Result<DeviceTensor> {
+        self.counters.get(rt, elems)
     }
 
-    fn get_arrivals(&self, device: Device, elems: usize) -> Result<DeviceTensor> {
-        self.arrivals.get(device, elems)
+    fn get_arrivals(&self, rt: &Arc<GpuRuntime>, elems: usize) -> Result<DeviceTensor> {
+        self.arrivals.get(rt, elems)
     }
 }
 
@@ -162,7 +161,7 @@ pub(crate) fn forward_decode(
     let mut params = decode_params(p, q, out, out_strides, cache, &launch);
     // The scratch tensors stay alive until every launch is queued.
     let arrivals = match cache.append {
-        Some(_) => Some(ws.get_arrivals(p.device, p.batch)?),
+        Some(_) => Some(ws.get_arrivals(rt, p.batch)?),
         None => None,
     };
     if let Some(t) = &arrivals {
@@ -170,12 +169,12 @@ pub(crate) fn forward_decode(
     }
     let mut scratch = None;
     if let Some(w) = workspace {
-        let buf = ws.get(p.device, w.elems)?;
+        let buf = ws.get(rt, w.elems)?;
         params.partial_o = buf.device_ptr();
         params.partial_lse = buf.device_ptr() + (w.lse_offset * 4) as u64;
         // The register path merges the splits itself (the last block of each row group).
         let counters = if reg {
-            let c = ws.get_counters(p.device, w.counters)?;
+            let c = ws.get_counters(rt, w.counters)?;
             params.counters = c.device_ptr();
             Some(c)
         } else {

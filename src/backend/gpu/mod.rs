@@ -7,14 +7,14 @@ use std::sync::Arc;
 use super::{AttentionPath, DeviceAttentionBackend, FlashKernel};
 use crate::config::{AttentionConfig, KvCacheLayout};
 use crate::device::gpu::GpuRuntime;
-use crate::device::Device;
+use crate::device::{Device, GpuStream};
 use crate::dtype::DType;
 use crate::error::{AttentionError, Result};
 use crate::kernels::abi::AttnParams;
 use crate::kernels::TileVendor;
 use crate::kv_cache::KvCache;
 use crate::problem::{AttentionProblem, HeadStrides};
-use crate::tensor::DeviceTensor;
+use crate::tensor::{check_usable, DeviceTensor};
 
 mod decode;
 mod decode_plan;
@@ -41,6 +41,14 @@ pub const FLASH_ENV: &str = "FORGE_ATTN_FLASH";
 pub const TF32_ENV: &str = "FORGE_ATTN_TF32";
 
 /// Attention on a CUDA or HIP device.
+///
+/// [`GpuAttentionBackend::new`] queues on the device's own stream;
+/// [`GpuAttentionBackend::on_stream`] on a stream the caller names. Either way every kernel,
+/// copy and workspace allocation of a call is queued on that one stream and nothing is
+/// synchronized. The backend is `Send + Sync`: backends on several streams of one device
+/// may run on several threads at once (they share the device's loaded kernels), and one
+/// backend may be shared by threads, whose calls then queue on its one stream in the
+/// order they are made.
 pub struct GpuAttentionBackend {
     device: Device,
     runtime: Arc<GpuRuntime>,
@@ -71,16 +79,128 @@ impl GpuAttentionBackend {
                 source: None,
             });
         }
-        let runtime = GpuRuntime::get(device)?;
+        Ok(Self::with_runtime(GpuRuntime::get(device)?))
+    }
+
+    /// A backend queuing everything on `stream`: kernels, the copies and workspace
+    /// allocations of its calls, and the frees of its workspaces when it drops. Nothing is
+    /// synchronized: order the inputs' writes before the call, and the output's readers
+    /// after it, on that stream (the caller's own work on it is ordered already).
+    ///
+    /// Its calls may be recorded in the caller's own graph (say, with cudarc's
+    /// `CudaStream::begin_capture`): a call made while the stream is captured allocates
+    /// nothing, and one that would (a first call, or a larger one than before) is refused
+    /// with [`AttentionError::GraphCapture`] instead of breaking the capture. Run the same
+    /// calls once before capturing, or reserve their workspaces with
+    /// [`reserve`](Self::reserve), [`reserve_cached`](Self::reserve_cached) or
+    /// [`reserve_cached_append`](Self::reserve_cached_append). Keep the backend alive as
+    /// long as a graph recorded with it may replay: the graph uses its workspaces.
+    ///
+    /// Tensors that forge-attn allocates on the device's own stream
+    /// ([`DeviceTensor::zeros`], [`KvCache::contiguous`], ...) are written there; order that
+    /// stream before this one (`Device::synchronize`) before using them here, or allocate
+    /// them on this stream ([`DeviceTensor::zeros_on`]).
+    pub fn on_stream(stream: &GpuStream) -> Result<Self> {
+        Ok(Self::with_runtime(stream.runtime().clone()))
+    }
+
+    /// The stream this backend queues on.
+    pub fn stream(&self) -> GpuStream {
+        GpuStream::from_runtime(self.runtime.clone())
+    }
+
+    fn with_runtime(runtime: Arc<GpuRuntime>) -> Self {
+        let device = runtime.device();
         let use_flash_attention = std::env::var(FLASH_ENV).map(|v| v != "0").unwrap_or(true);
         let allow_tf32 = std::env::var(TF32_ENV).is_ok_and(|v| v == "1");
-        Ok(GpuAttentionBackend {
+        GpuAttentionBackend {
             device,
             runtime,
             use_flash_attention,
             allow_tf32,
             workspace: Default::default(),
             decode_workspace: Default::default(),
+        }
+    }
+
+    /// Makes the workspaces that [`forward_into`](DeviceAttentionBackend::forward_into)
+    /// with these arguments needs, and loads its kernels, computing nothing (no kernel is
+    /// queued and `out` is not written); a later call of the same shapes (or smaller) then
+    /// allocates nothing, which a call recorded in a graph requires. Errors as the call
+    /// would refuse it; refused with [`AttentionError::GraphCapture`] while the stream is
+    /// being captured, if it would allocate.
+    pub fn reserve(
+        &self,
+        config: &AttentionConfig,
+        q: &DeviceTensor,
+        k: &DeviceTensor,
+        v: &DeviceTensor,
+        mask: Option<&DeviceTensor>,
+        out: &mut DeviceTensor,
+    ) -> Result<()> {
+        GpuRuntime::dry_run(|| {
+            DeviceAttentionBackend::forward_into(self, config, q, k, v, mask, out).map(|_| ())
+        })
+    }
+
+    /// [`reserve`](Self::reserve) for [`forward_cached`](Self::forward_cached): the
+    /// workspaces of every call over `cache` as it grows up to its capacity (a recorded
+    /// call is cut for the capacity).
+    pub fn reserve_cached(
+        &self,
+        config: &AttentionConfig,
+        q: &DeviceTensor,
+        cache: &KvCache,
+        out: &mut DeviceTensor,
+    ) -> Result<()> {
+        GpuRuntime::dry_run(|| self.forward_cached(config, q, cache, out).map(|_| ()))
+    }
+
+    /// [`reserve`](Self::reserve) for [`forward_cached_append`](Self::forward_cached_append)
+    /// with new tokens of `k_new`'s shape; the cache is not changed (nothing is appended).
+    pub fn reserve_cached_append(
+        &self,
+        config: &AttentionConfig,
+        q: &DeviceTensor,
+        k_new: &DeviceTensor,
+        v_new: &DeviceTensor,
+        cache: &KvCache,
+        out: &mut DeviceTensor,
+    ) -> Result<()> {
+        let n = cache.check_append(k_new, v_new)?;
+        check_usable(&[q, k_new, v_new], &[out])?;
+        let (p, out_strides) = self.prepare_cached(config, q, cache, out, n)?;
+        let new = self.fused_append(&p, k_new, v_new, n, cache);
+        GpuRuntime::dry_run(|| {
+            self.launch_cached(&p, q, cache, out, out_strides, new)
+                .map(|_| ())
+        })
+    }
+
+    /// The new tokens for a fused append, or `None` when the two-launch route runs.
+    fn fused_append(
+        &self,
+        p: &AttentionProblem,
+        k_new: &DeviceTensor,
+        v_new: &DeviceTensor,
+        n: usize,
+        cache: &KvCache,
+    ) -> Option<decode::NewTokens> {
+        if !(decode_plan::fuses_append(p.dtype, p.head_dim)
+            && p.num_kv_heads <= grid::MAX_GRID_YZ
+            && dispatch::vectors_aligned(k_new)
+            && dispatch::vectors_aligned(v_new))
+        {
+            return None;
+        }
+        let (ks, vs) = (k_new.strides(), v_new.strides());
+        Some(decode::NewTokens {
+            k: k_new.device_ptr(),
+            v: v_new.device_ptr(),
+            k_strides: [ks[0] as i64, ks[1] as i64, ks[2] as i64],
+            v_strides: [vs[0] as i64, vs[1] as i64, vs[2] as i64],
+            n,
+            pool_next: cache.raw_parts().pool_next.map_or(0, |t| t.device_ptr()),
         })
     }
 
@@ -237,25 +357,13 @@ impl GpuAttentionBackend {
     ) -> Result<AttentionPath> {
         // Everything is checked before the cache changes: a refused call appends nothing.
         let n = cache.check_append(k_new, v_new)?;
+        check_usable(&[q, k_new, v_new], &[out])?;
         let (p, out_strides) = self.prepare_cached(config, q, cache, out, n)?;
         let counts = vec![n; cache.batch()];
         cache.reserve(&counts)?;
-        if !(decode_plan::fuses_append(p.dtype, p.head_dim)
-            && p.num_kv_heads <= grid::MAX_GRID_YZ
-            && dispatch::vectors_aligned(k_new)
-            && dispatch::vectors_aligned(v_new))
-        {
+        let Some(new) = self.fused_append(&p, k_new, v_new, n, cache) else {
             cache.append(k_new, v_new)?;
             return self.launch_cached(&p, q, cache, out, out_strides, None);
-        }
-        let (ks, vs) = (k_new.strides(), v_new.strides());
-        let new = decode::NewTokens {
-            k: k_new.device_ptr(),
-            v: v_new.device_ptr(),
-            k_strides: [ks[0] as i64, ks[1] as i64, ks[2] as i64],
-            v_strides: [vs[0] as i64, vs[1] as i64, vs[2] as i64],
-            n,
-            pool_next: cache.raw_parts().pool_next.map_or(0, |t| t.device_ptr()),
         };
         // Same-stream order makes the launch below see the appended rows only on the
         // two-launch route; here the kernel reads them from k_new / v_new.
@@ -273,8 +381,10 @@ impl GpuAttentionBackend {
         out: &DeviceTensor,
         extra: usize,
     ) -> Result<(AttentionProblem, HeadStrides)> {
+        let parts = cache.raw_parts();
+        check_usable(&[q, parts.k, parts.v, parts.seq_lens], &[out])?;
         let (p, out_strides) = cache.problem(config, q, out, extra)?;
-        if p.device != self.device {
+        if p.device != self.device || cache.device() != self.device {
             return Err(AttentionError::DeviceMismatch {
                 what: "q / cache".into(),
                 expected: self.device.to_string(),
@@ -368,6 +478,9 @@ impl GpuAttentionBackend {
         mask: Option<&DeviceTensor>,
         out: &DeviceTensor,
     ) -> Result<(AttentionProblem, HeadStrides)> {
+        let mut reads = vec![q, k, v];
+        reads.extend(mask);
+        check_usable(&reads, &[out])?;
         let p = AttentionProblem::new(config, q, k, v, mask)?;
         if p.device != self.device {
             return Err(AttentionError::DeviceMismatch {

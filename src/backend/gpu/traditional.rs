@@ -30,7 +30,7 @@ pub(crate) fn forward_traditional(
                 p.batch, p.num_heads, p.seq_q, p.seq_k
             ),
         })?;
-    let scores = ws.get(p.device, elems)?;
+    let scores = ws.get(rt, elems)?;
     let mut params = *params;
     params.workspace = scores.device_ptr();
     // Every kernel strides over what the clamped grid leaves (64-bit row and (b, h) indices).
