@@ -316,7 +316,8 @@ impl GpuRuntime {
     /// Whether the driver reports the stream as captured (a failed query counts as
     /// captured: refusing is the safe answer).
     pub(super) fn driver_capturing(&self) -> bool {
-        on_driver!(self.driver, d => d.stream_capturing()).unwrap_or(true)
+        let capturing: Result<bool> = on_driver!(self.driver, d => d.stream_capturing());
+        capturing.unwrap_or(true)
     }
 
     /// The device and allocation of `ptr` as the driver knows it.

@@ -1,0 +1,111 @@
+//! The CUDA path: candle's device memory wrapped in place, the kernels queued on the
+//! stream of candle's `CudaDevice`.
+
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut};
+use candle_core::cuda_backend::{CudaDType, CudaStorage};
+use candle_core::{Layout as CandleLayout, Result, Shape};
+use forge_attn::{DeviceTensor, GpuAttentionBackend, GpuStream, HostElement};
+
+use super::{bshd, run_calls, Plan};
+
+/// Backends by the `CUstream` handle they queue on.
+type Backends = Mutex<Vec<(usize, Arc<GpuAttentionBackend>)>>;
+
+/// One backend per candle stream, made on first use: its kernels and workspaces are then
+/// reused by every call (a decode loop allocates nothing after its first step).
+fn backend_for(stream: &Arc<CudaStream>) -> Result<Arc<GpuAttentionBackend>> {
+    static BACKENDS: OnceLock<Backends> = OnceLock::new();
+    let key = stream.cu_stream() as usize;
+    let mut list = BACKENDS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some((_, b)) = list.iter().find(|(k, _)| *k == key) {
+        return Ok(b.clone());
+    }
+    // The stream is kept alive by the backend, so its handle cannot be reused by another.
+    let s = GpuStream::from_cudarc(stream).map_err(candle_core::Error::wrap)?;
+    let b = Arc::new(GpuAttentionBackend::on_stream(&s).map_err(candle_core::Error::wrap)?);
+    list.push((key, b.clone()));
+    Ok(b)
+}
+
+/// Runs `plan` over candle's CUDA storages and returns the output's storage.
+pub(crate) fn forward(
+    plan: &Plan,
+    q: (&CudaStorage, &CandleLayout),
+    k: (&CudaStorage, &CandleLayout),
+    v: (&CudaStorage, &CandleLayout),
+) -> Result<(CudaStorage, Shape)> {
+    use candle_core::DType;
+    match (q.0.dtype(), k.0.dtype(), v.0.dtype()) {
+        (DType::F32, DType::F32, DType::F32) => typed::<f32>(plan, q, k, v),
+        (DType::F16, DType::F16, DType::F16) => typed::<half::f16>(plan, q, k, v),
+        (DType::BF16, DType::BF16, DType::BF16) => typed::<half::bf16>(plan, q, k, v),
+        (a, b, c) => candle_core::bail!(
+            "q / k / v: expected one dtype of f32, f16 or bf16, got {a:?} / {b:?} / {c:?}"
+        ),
+    }
+}
+
+fn typed<T: CudaDType + HostElement + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+    plan: &Plan,
+    (sq, lq): (&CudaStorage, &CandleLayout),
+    (sk, lk): (&CudaStorage, &CandleLayout),
+    (sv, lv): (&CudaStorage, &CandleLayout),
+) -> Result<(CudaStorage, Shape)> {
+    let dev = sq.device.clone();
+    let stream = dev.cuda_stream();
+    let n: usize = plan.out_shape.iter().product();
+    // Every element of the output is written (rows that see no key get zeros).
+    // SAFETY: plain stream-ordered allocation; read only after forge-attn wrote it.
+    let mut out = unsafe { stream.alloc::<T>(n.max(1)) }.map_err(candle_core::Error::wrap)?;
+    if n > 0 {
+        let backend = backend_for(&stream)?;
+        let fstream = backend.stream();
+        let es = std::mem::size_of::<T>();
+        let wrap = |ptr: u64, len: usize, l: &CandleLayout| -> Result<DeviceTensor> {
+            let (shape, strides) = bshd(l);
+            let off = l.start_offset();
+            let bytes = len.saturating_sub(off) * es;
+            // SAFETY: the storage outlives this call, and everything forge-attn queues on
+            // it goes on candle's stream, ahead of whatever candle queues next (a free
+            // included).
+            unsafe {
+                DeviceTensor::from_raw_device(
+                    ptr + (off * es) as u64,
+                    bytes,
+                    T::DTYPE,
+                    &shape,
+                    Some(&strides),
+                    &fstream,
+                    None,
+                )
+            }
+            .map_err(candle_core::Error::wrap)
+        };
+        let (qs, ks, vs) = (
+            sq.as_cuda_slice::<T>()?,
+            sk.as_cuda_slice::<T>()?,
+            sv.as_cuda_slice::<T>()?,
+        );
+        let (qp, _qg) = qs.device_ptr(&stream);
+        let (kp, _kg) = ks.device_ptr(&stream);
+        let (vp, _vg) = vs.device_ptr(&stream);
+        let qt = wrap(qp, qs.len(), lq)?;
+        let kt = wrap(kp, ks.len(), lk)?;
+        let vt = wrap(vp, vs.len(), lv)?;
+        let out_layout = CandleLayout::contiguous(lq.shape());
+        let (op, _og) = out.device_ptr_mut(&stream);
+        let mut ot = wrap(op, n, &out_layout)?;
+        run_calls(backend.as_ref(), plan, &qt, &kt, &vt, &mut ot)
+            .map_err(candle_core::Error::wrap)?;
+    }
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev),
+        Shape::from(plan.out_shape.clone()),
+    ))
+}
