@@ -53,6 +53,7 @@ pub mod error;
 pub mod kernels;
 pub mod kv_cache;
 pub mod legacy;
+pub mod options;
 /// Validated call shapes shared by the backends. Internal: public for the crate's own
 /// tests, not a stable API (it may change in any release).
 #[doc(hidden)]
@@ -70,6 +71,7 @@ pub use device::{Device, DeviceGraph, GpuStream, TransferStats};
 pub use dtype::{DType, HostElement};
 pub use error::{AttentionBackendResult, AttentionError, ErrorSource, Result};
 pub use kv_cache::{KvCache, KvCacheSpec};
+pub use options::{merge_states, AttentionOptions, MAX_WINDOW};
 pub use legacy::{
     AttentionBackendRegistry, BackendImplementation, BackendPriority, Dispatch, HostAdapter,
     PathRecorder, SkipReason, Skipped,

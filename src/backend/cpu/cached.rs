@@ -87,6 +87,7 @@ pub(super) fn forward(
         mask: std::ptr::null(),
         out: host(out, "out")?,
         table,
+        lse: std::ptr::null_mut(),
     };
     let plan = cached_plan(
         &p,
