@@ -71,11 +71,11 @@ pub use device::{Device, DeviceGraph, GpuStream, TransferStats};
 pub use dtype::{DType, HostElement};
 pub use error::{AttentionBackendResult, AttentionError, ErrorSource, Result};
 pub use kv_cache::{KvCache, KvCacheSpec};
-pub use options::{merge_states, AttentionOptions, MAX_WINDOW};
 pub use legacy::{
     AttentionBackendRegistry, BackendImplementation, BackendPriority, Dispatch, HostAdapter,
     PathRecorder, SkipReason, Skipped,
 };
+pub use options::{merge_states, AttentionOptions, MAX_WINDOW};
 /// Internal, not a stable API (see [`problem`]).
 #[doc(hidden)]
 pub use problem::AttentionProblem;

@@ -213,7 +213,9 @@ pub fn attention_f64(
     mask: Option<&DeviceTensor>,
 ) -> Result<Vec<f64>> {
     let plain = AttentionOptions::default();
-    Ok(Operands::read(config, &plain, q, k, v, mask)?.compute(|x| x).0)
+    Ok(Operands::read(config, &plain, q, k, v, mask)?
+        .compute(|x| x)
+        .0)
 }
 
 /// [`attention_f64`] with per-call options (window, softcap, ALiBi, sinks; the conventions

@@ -1375,9 +1375,7 @@ unsafe fn task<T: Element, const FMA: bool>(
     let mut v_rows = [zero.as_ptr(); BLOCK_K];
 
     // The first query sees the window's leftmost keys; tiles before them are skipped.
-    let mut j0 = keys
-        .start
-        .max(plan.visible_start_in(seq_k, q0) / bk * bk);
+    let mut j0 = keys.start.max(plan.visible_start_in(seq_k, q0) / bk * bk);
     while j0 < kv_end {
         // Only the keys this block may see; the rest of the tile is cut below.
         let nk = bk.min(kv_end - j0);

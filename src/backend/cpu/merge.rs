@@ -25,10 +25,7 @@ fn dims(what: &str, t: &DeviceTensor, layout: Layout) -> Result<([usize; 4], [us
         Layout::Bshd => (1, 2),
         Layout::Bhsd => (2, 1),
     };
-    Ok((
-        [sh[0], sh[s], sh[h], sh[3]],
-        [st[0], st[s], st[h], st[3]],
-    ))
+    Ok(([sh[0], sh[s], sh[h], sh[3]], [st[0], st[s], st[h], st[3]]))
 }
 
 /// Checks every operand, then merges on the host (refuses GPU tensors: no kernel yet).
@@ -82,8 +79,7 @@ pub(crate) fn check_and_merge(
         });
     }
     // lse_b is read only: the shape, dtype and device checks of an lse output suffice.
-    let st_b = check_lse(lse_b, b, h, s, device, &[])
-        .map_err(|e| rename(e, "lse", "lse_b"))?;
+    let st_b = check_lse(lse_b, b, h, s, device, &[]).map_err(|e| rename(e, "lse", "lse_b"))?;
     let st_a = check_lse(lse_a, b, h, s, device, &[&*out_a, out_b, lse_b])
         .map_err(|e| rename(e, "lse", "lse_a"))?;
     if device != Device::Cpu {
@@ -236,7 +232,10 @@ mod tests {
 
     #[test]
     fn weights_of_empty_nan_and_equal_sides() {
-        assert_eq!(merge_weights(f64::NEG_INFINITY, f64::NEG_INFINITY), (0.0, 0.0, f64::NEG_INFINITY));
+        assert_eq!(
+            merge_weights(f64::NEG_INFINITY, f64::NEG_INFINITY),
+            (0.0, 0.0, f64::NEG_INFINITY)
+        );
         assert_eq!(merge_weights(f64::NEG_INFINITY, 2.0), (0.0, 1.0, 2.0));
         let (wa, wb, l) = merge_weights(1.0, 1.0);
         assert_eq!((wa, wb), (0.5, 0.5));
