@@ -866,3 +866,75 @@ fn tensors_on_the_wrong_device_are_refused() {
         .unwrap_err();
     assert!(r.contains("softcap"), "{r}");
 }
+
+/// The CPU backend runs every option over contiguous and paged caches, with the keys split
+/// over several ranges (a long cache) or not, as the reference does on the same K/V.
+#[test]
+fn cached_attention_on_the_cpu_runs_every_option() {
+    let backend = CpuAttentionBackend::new();
+    for (paged, len, sq, causal) in [
+        (false, 700, 1, true),
+        (true, 700, 3, true),
+        (false, 90, 20, false),
+        (true, 1300, 2, false),
+    ] {
+        let spec = common::spec(B, HKV, D, len + 8, DType::F32);
+        let mut cache = if paged {
+            forge_attn::KvCache::paged(spec, 16, B * (len + 8).div_ceil(16), Device::Cpu)
+        } else {
+            forge_attn::KvCache::contiguous(
+                spec,
+                forge_attn::KvCacheLayout::Contiguous,
+                Device::Cpu,
+            )
+        }
+        .unwrap();
+        let k = random_tensor(&[B, len, HKV, D], DType::F32, Device::Cpu, 61);
+        let v = random_tensor(&[B, len, HKV, D], DType::F32, Device::Cpu, 62);
+        cache.append(&k, &v).unwrap();
+        let config = AttentionConfig::new(H * D, H, 4096)
+            .with_num_kv_heads(HKV)
+            .with_causal(causal)
+            .with_scale(0.5);
+        let q = random_tensor(&[B, sq, H, D], DType::F32, Device::Cpu, 63);
+        for (name, options) in option_sets() {
+            let mut out = DeviceTensor::zeros(q.shape(), DType::F32, Device::Cpu).unwrap();
+            let mut lse = DeviceTensor::zeros(&[B, H, sq], DType::F32, Device::Cpu).unwrap();
+            backend
+                .forward_cached_with(&config, &options, &q, &cache, &mut out, Some(&mut lse))
+                .unwrap();
+            let (want, want_lse) = attention_f64_with(&config, &options, &q, &k, &v, None).unwrap();
+            let err = relative_l2_error(&out.to_f32_vec().unwrap(), &want);
+            let what = format!("{name} paged {paged} len {len} sq {sq} causal {causal}");
+            assert!(err <= F32_BOUND, "{what}: {err:e}");
+            for (g, w) in lse.to_f32_vec().unwrap().iter().zip(&want_lse) {
+                if *w == f64::NEG_INFINITY {
+                    assert_eq!(*g, f32::NEG_INFINITY, "{what}");
+                } else {
+                    assert!(
+                        (*g as f64 - w).abs() < 1e-5 * w.abs().max(1.0),
+                        "{what}: {g} vs {w}"
+                    );
+                }
+            }
+        }
+        // A refused cached call changes nothing.
+        let mut out = cpu_f32(&vec![5.0; B * sq * H * D], q.shape());
+        let mut bad = DeviceTensor::zeros(&[B, sq, H], DType::F32, Device::Cpu).unwrap();
+        let e = backend
+            .forward_cached_with(
+                &config,
+                &AttentionOptions::new().with_softcap(2.0),
+                &q,
+                &cache,
+                &mut out,
+                Some(&mut bad),
+            )
+            .unwrap_err();
+        assert!(
+            matches!(&e, AttentionError::ShapeMismatch { what, .. } if what == "lse"),
+            "{e:?}"
+        );
+        assert!(out.to_f32_vec().unwrap().iter().all(|&x| x == 5.0));
+    }
+}

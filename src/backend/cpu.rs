@@ -186,7 +186,32 @@ impl DeviceAttentionBackend for CpuAttentionBackend {
         cache: &KvCache,
         out: &mut DeviceTensor,
     ) -> Result<AttentionPath> {
-        cached::forward(config, q, cache, out, Isa::detect(), cached::MIN_SPLIT_KEYS)
+        let plain = AttentionOptions::default();
+        cached::forward(
+            config,
+            &plain,
+            q,
+            cache,
+            out,
+            None,
+            Isa::detect(),
+            cached::MIN_SPLIT_KEYS,
+        )
+    }
+
+    /// Every option over every cache, as [`forward_with`](DeviceAttentionBackend::forward_with)
+    /// runs them; each sequence's aligned diagonal is `i + L - Sq` for its own length `L`.
+    fn forward_cached_with(
+        &self,
+        config: &AttentionConfig,
+        options: &AttentionOptions,
+        q: &DeviceTensor,
+        cache: &KvCache,
+        out: &mut DeviceTensor,
+        lse: Option<&mut DeviceTensor>,
+    ) -> Result<AttentionPath> {
+        let (isa, split) = (Isa::detect(), cached::MIN_SPLIT_KEYS);
+        cached::forward(config, options, q, cache, out, lse, isa, split)
     }
 }
 
@@ -280,29 +305,8 @@ fn forward_opts(
         },
     };
     let mut plan = Plan::new(&problem, os, tuning.shared_bytes);
-    // Plain calls keep `opts` empty, so the task loop runs exactly as without options.
-    if !options.is_default() || lse_strides.is_some() {
-        // SAFETY: the per-head tensors were checked (f32 `[num_heads]` on the host) and
-        // `_access` covers them.
-        let per_head = |t: &Option<DeviceTensor>, what: &str| -> Result<Option<Vec<f32>>> {
-            let Some(t) = t else { return Ok(None) };
-            let p = host(t, what)? as *const f32;
-            let st = t.strides()[0];
-            Ok(Some(
-                (0..problem.num_heads)
-                    .map(|h| unsafe { *p.add(h * st) })
-                    .collect(),
-            ))
-        };
-        plan.opts = Some(Box::new(RowOptions {
-            left: options.window_left,
-            right: options.window_right,
-            softcap: options.softcap,
-            alibi: per_head(&options.alibi_slopes, "alibi_slopes")?,
-            sinks: per_head(&options.sinks, "sinks")?,
-            lse: lse_strides,
-        }));
-    }
+    // SAFETY: `options.check` checked the per-head tensors; `_access` covers them.
+    plan.opts = unsafe { row_options(options, problem.num_heads, lse_strides) }?;
     // SAFETY: `problem` checked every operand's shape against the others and each view
     // lies inside its buffer; `out` is on the host, overlaps no input and has distinct
     // elements, so the parallel tasks' writes never alias a read or each other; `_access`
@@ -317,6 +321,45 @@ fn forward_opts(
         }
     }?;
     Ok(AttentionPath::Cpu)
+}
+
+/// The options as the tasks apply them, `None` for a plain call without `lse` (whose task
+/// loop then runs exactly as without options).
+///
+/// # Safety
+/// The per-head tensors were checked (f32 `[heads]`) and a [`HostAccess`] covering them is
+/// held.
+///
+/// [`HostAccess`]: crate::tensor::HostAccess
+unsafe fn row_options(
+    options: &AttentionOptions,
+    heads: usize,
+    lse: Option<LseStrides>,
+) -> Result<Option<Box<RowOptions>>> {
+    if options.is_default() && lse.is_none() {
+        return Ok(None);
+    }
+    let per_head = |t: &Option<DeviceTensor>, what: &str| -> Result<Option<Vec<f32>>> {
+        let Some(t) = t else { return Ok(None) };
+        let p = t.host_ptr().ok_or_else(|| AttentionError::DeviceMismatch {
+            what: what.into(),
+            expected: Device::Cpu.to_string(),
+            got: t.device().to_string(),
+        })? as *const f32;
+        let st = t.strides()[0];
+        // SAFETY: h < heads elements of a checked `[heads]` f32 view (see the contract).
+        Ok(Some(
+            (0..heads).map(|h| unsafe { *p.add(h * st) }).collect(),
+        ))
+    };
+    Ok(Some(Box::new(RowOptions {
+        left: options.window_left,
+        right: options.window_right,
+        softcap: options.softcap,
+        alibi: per_head(&options.alibi_slopes, "alibi_slopes")?,
+        sinks: per_head(&options.sinks, "sinks")?,
+        lse,
+    })))
 }
 
 /// Host base pointers of the operands (bytes, view offsets applied).
@@ -419,8 +462,7 @@ impl RowOptions {
     /// (relative to `m`) is multiplied by, and its log-sum-exp, for query head `h`: the
     /// sink (if any) joins the denominator.
     #[inline(always)]
-    fn finish(&self, m: f32, l: f64, h: usize) -> (f64, f64) {
-        let m = m as f64;
+    fn finish(&self, m: f64, l: f64, h: usize) -> (f64, f64) {
         let Some(sinks) = &self.sinks else {
             return plain_finish(m, l);
         };
@@ -1577,7 +1619,7 @@ unsafe fn task<T: Element, const FMA: bool>(
                 }
             }
             Some(o) => {
-                let (inv, lse) = o.finish(ms[r], ls[r], head_of(r));
+                let (inv, lse) = o.finish(ms[r] as f64, ls[r], head_of(r));
                 if let Some(st) = o.lse {
                     let at = b * st.batch + head_of(r) * st.head + query_of(r) * st.query;
                     // SAFETY: one element of `lse`, written by this task only.
