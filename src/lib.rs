@@ -53,6 +53,7 @@ pub mod error;
 pub mod kernels;
 pub mod kv_cache;
 pub mod legacy;
+pub mod options;
 /// Validated call shapes shared by the backends. Internal: public for the crate's own
 /// tests, not a stable API (it may change in any release).
 #[doc(hidden)]
@@ -74,6 +75,7 @@ pub use legacy::{
     AttentionBackendRegistry, BackendImplementation, BackendPriority, Dispatch, HostAdapter,
     PathRecorder, SkipReason, Skipped,
 };
+pub use options::{merge_states, AttentionOptions, MAX_WINDOW};
 /// Internal, not a stable API (see [`problem`]).
 #[doc(hidden)]
 pub use problem::AttentionProblem;

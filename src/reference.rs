@@ -11,6 +11,7 @@
 use crate::config::{AttentionConfig, Layout};
 use crate::dtype::DType;
 use crate::error::Result;
+use crate::options::AttentionOptions;
 use crate::problem::AttentionProblem;
 use crate::tensor::DeviceTensor;
 
@@ -22,17 +23,24 @@ struct Operands {
     k: Vec<f32>,
     v: Vec<f32>,
     mask: Option<(Vec<f32>, [usize; 3])>,
+    window: (Option<usize>, Option<usize>),
+    softcap: Option<f32>,
+    alibi: Option<Vec<f32>>,
+    sinks: Option<Vec<f32>>,
 }
 
 impl Operands {
     fn read(
         config: &AttentionConfig,
+        options: &AttentionOptions,
         q: &DeviceTensor,
         k: &DeviceTensor,
         v: &DeviceTensor,
         mask: Option<&DeviceTensor>,
     ) -> Result<Self> {
         let p = AttentionProblem::new(config, q, k, v, mask)?;
+        options.check(&p, None, &[])?;
+        let per_head = |t: &Option<DeviceTensor>| t.as_ref().map(|t| t.to_f32_vec()).transpose();
         let mask = match mask {
             None => None,
             Some(m) => {
@@ -58,6 +66,10 @@ impl Operands {
             k: k.to_f32_vec()?,
             v: v.to_f32_vec()?,
             mask,
+            window: (options.window_left, options.window_right),
+            softcap: options.softcap,
+            alibi: per_head(&options.alibi_slopes)?,
+            sinks: per_head(&options.sinks)?,
             p,
         })
     }
@@ -72,37 +84,44 @@ impl Operands {
         }
     }
 
-    /// Runs the reference loop; `round` is applied to every intermediate value.
+    /// Runs the reference loop; `round` is applied to every intermediate value. Returns
+    /// the output and the log-sum-exp of each row (`[batch, heads, seq_q]`).
     ///
-    /// Removed keys (causal cut, mask exactly `-inf`) are skipped, never multiplied, so
-    /// whatever K and V hold there cannot reach the output. A NaN score at a kept key makes
-    /// the whole row NaN; a row with no kept key is zeros.
-    fn compute(&self, round: impl Fn(f64) -> f64) -> Vec<f64> {
+    /// Removed keys (causal cut, outside the window, mask exactly `-inf`) are skipped,
+    /// never multiplied, so whatever K and V hold there cannot reach the output. A NaN
+    /// score at a kept key (or a NaN sink) makes the whole row NaN; a row with no kept key
+    /// is zeros, with log-sum-exp `-inf` (the sink's value when there are sinks).
+    fn compute(&self, round: impl Fn(f64) -> f64) -> (Vec<f64>, Vec<f64>) {
         let p = &self.p;
         let (sq, sk, h, hk, d) = (p.seq_q, p.seq_k, p.num_heads, p.num_kv_heads, p.head_dim);
         let scale = round(p.scale as f64);
         let mut out = vec![0.0f64; p.batch * sq * h * d];
+        let mut lse = vec![f64::NEG_INFINITY; p.batch * h * sq];
         // Score of each key, None when the key is removed.
         let mut scores = vec![None::<f64>; sk];
         for b in 0..p.batch {
             for hh in 0..h {
                 let kvh = p.kv_head(hh);
+                let sink = self.sinks.as_ref().map(|s| s[hh] as f64);
                 for i in 0..sq {
                     let qo = self.at(b, hh, i, h, sq);
-                    // Bottom-right causal: key j is visible iff j <= i + sk - sq.
-                    let visible = if p.causal {
-                        sk.saturating_sub(sq - 1 - i)
-                    } else {
-                        sk
+                    // Query i's key on the bottom-right aligned diagonal.
+                    let a = i as i128 + sk as i128 - sq as i128;
+                    let kept = |j: usize| {
+                        let j = j as i128;
+                        let causal_ok = !p.causal || j <= a;
+                        let left_ok = self.window.0.is_none_or(|l| j >= a - l as i128);
+                        let right_ok = self.window.1.is_none_or(|r| j <= a + r as i128);
+                        causal_ok && left_ok && right_ok
                     };
                     let mut max = f64::NEG_INFINITY;
-                    let mut nan = false;
+                    let mut nan = sink.is_some_and(f64::is_nan);
                     for (j, s) in scores.iter_mut().enumerate() {
                         let mask = self
                             .mask
                             .as_ref()
                             .map(|(m, [mb, mh, mq])| m[b * mb + hh * mh + i * mq + j]);
-                        if j >= visible || mask == Some(f32::NEG_INFINITY) {
+                        if !kept(j) || mask == Some(f32::NEG_INFINITY) {
                             *s = None;
                             continue;
                         }
@@ -111,6 +130,14 @@ impl Operands {
                             .map(|x| self.q[qo + x] as f64 * self.k[ko + x] as f64)
                             .sum();
                         let mut v = round(round(dot) * scale);
+                        if let Some(cap) = self.softcap {
+                            let cap = cap as f64;
+                            v = round(cap * (v / cap).tanh());
+                        }
+                        if let Some(slopes) = &self.alibi {
+                            let dist = (a - j as i128).unsigned_abs() as f64;
+                            v = round(v - slopes[hh] as f64 * dist);
+                        }
                         if let Some(a) = mask {
                             v = round(v + a as f64);
                         }
@@ -119,19 +146,25 @@ impl Operands {
                         max = max.max(v);
                     }
                     let oo = self.at(b, hh, i, h, sq);
+                    let lo = (b * h + hh) * sq + i;
                     if nan {
                         out[oo..oo + d].fill(f64::NAN);
+                        lse[lo] = f64::NAN;
                         continue;
+                    }
+                    if let Some(sink) = sink {
+                        max = max.max(sink);
                     }
                     if max == f64::NEG_INFINITY {
-                        // No visible key: zeros (already there).
+                        // No visible key and no sink: zeros and -inf (already there).
                         continue;
                     }
-                    let mut sum = 0.0;
+                    let mut sum = sink.map_or(0.0, |sink| (sink - max).exp());
                     for s in scores.iter_mut().flatten() {
                         *s = (*s - max).exp();
                         sum += *s;
                     }
+                    lse[lo] = max + sum.ln();
                     for s in scores.iter_mut().flatten() {
                         *s = round(*s / sum);
                     }
@@ -148,7 +181,7 @@ impl Operands {
                 }
             }
         }
-        out
+        (out, lse)
     }
 }
 
@@ -179,7 +212,26 @@ pub fn attention_f64(
     v: &DeviceTensor,
     mask: Option<&DeviceTensor>,
 ) -> Result<Vec<f64>> {
-    Ok(Operands::read(config, q, k, v, mask)?.compute(|x| x))
+    let plain = AttentionOptions::default();
+    Ok(Operands::read(config, &plain, q, k, v, mask)?
+        .compute(|x| x)
+        .0)
+}
+
+/// [`attention_f64`] with per-call options (window, softcap, ALiBi, sinks; the conventions
+/// are [`crate::options`]'s), returning the output and each row's natural log-sum-exp
+/// (`[batch, heads, seq_q]` row-major: `-inf` for a row that keeps no key and has no
+/// sink, NaN for a NaN row). The order for each kept key is: scaled score, softcap, ALiBi
+/// bias, mask; then the softmax with the sink in its denominator, all in f64.
+pub fn attention_f64_with(
+    config: &AttentionConfig,
+    options: &AttentionOptions,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    mask: Option<&DeviceTensor>,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    Ok(Operands::read(config, options, q, k, v, mask)?.compute(|x| x))
 }
 
 /// The same computation done naively in `q`'s dtype: each score, the scale, each
@@ -194,7 +246,20 @@ pub fn attention_naive_in_dtype(
     v: &DeviceTensor,
     mask: Option<&DeviceTensor>,
 ) -> Result<Vec<f32>> {
-    let ops = Operands::read(config, q, k, v, mask)?;
+    attention_naive_in_dtype_with(config, &AttentionOptions::default(), q, k, v, mask)
+}
+
+/// [`attention_naive_in_dtype`] with per-call options, as [`attention_f64_with`] applies
+/// them (each intermediate rounded to `q`'s dtype); the output only.
+pub fn attention_naive_in_dtype_with(
+    config: &AttentionConfig,
+    options: &AttentionOptions,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    mask: Option<&DeviceTensor>,
+) -> Result<Vec<f32>> {
+    let ops = Operands::read(config, options, q, k, v, mask)?;
     let round = |x: f64| -> f64 {
         match ops.p.dtype {
             DType::F32 => x as f32 as f64,
@@ -204,7 +269,7 @@ pub fn attention_naive_in_dtype(
             DType::I32 | DType::U32 | DType::I64 => x,
         }
     };
-    Ok(ops.compute(round).into_iter().map(|x| x as f32).collect())
+    Ok(ops.compute(round).0.into_iter().map(|x| x as f32).collect())
 }
 
 /// `||got - want|| / ||want||` (L2 norms). When `want` is all zeros it is the absolute norm

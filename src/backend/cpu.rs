@@ -39,10 +39,12 @@ use crate::device::Device;
 use crate::dtype::{DType, HostElement};
 use crate::error::{AttentionError, Result};
 use crate::kv_cache::KvCache;
+use crate::options::{AttentionOptions, LseStrides};
 use crate::problem::{AttentionProblem, HeadStrides, MaskStrides};
 use crate::tensor::DeviceTensor;
 
 mod cached;
+pub(crate) mod merge;
 
 /// Keys per tile at most (a multiple of [`NR`]).
 const BLOCK_K: usize = 64;
@@ -142,6 +144,38 @@ impl DeviceAttentionBackend for CpuAttentionBackend {
         forward_tuned(config, q, k, v, mask, out, Tuning::detect())
     }
 
+    /// Every option on every call (see [`crate::options`]): key tiles wholly outside the
+    /// window are never read, so the cost follows the window; softcap, ALiBi and sinks are
+    /// applied per tile row in f32 (the sinks' and the log-sum-exp's final step in f64), so
+    /// the numerical contract of [`forward_into`](DeviceAttentionBackend::forward_into)
+    /// holds with them.
+    fn forward_with(
+        &self,
+        config: &AttentionConfig,
+        options: &AttentionOptions,
+        q: &DeviceTensor,
+        k: &DeviceTensor,
+        v: &DeviceTensor,
+        mask: Option<&DeviceTensor>,
+        out: &mut DeviceTensor,
+        lse: Option<&mut DeviceTensor>,
+    ) -> Result<AttentionPath> {
+        forward_opts(config, options, q, k, v, mask, out, lse, Tuning::detect())
+    }
+
+    /// Every option the configuration validates with; see
+    /// [`forward_with`](DeviceAttentionBackend::forward_with).
+    fn supports_with(
+        &self,
+        config: &AttentionConfig,
+        options: &AttentionOptions,
+    ) -> super::Support {
+        match options.validate() {
+            Ok(()) => self.supports(config),
+            Err(e) => super::Support::No(e.to_string()),
+        }
+    }
+
     /// Attention over `cache` in place, whatever its layout: contiguous or paged, each
     /// sequence over its own length, any number of queries, with the numerical contract of
     /// [`forward_into`](DeviceAttentionBackend::forward_into) (see [`CpuAttentionBackend`]).
@@ -152,7 +186,32 @@ impl DeviceAttentionBackend for CpuAttentionBackend {
         cache: &KvCache,
         out: &mut DeviceTensor,
     ) -> Result<AttentionPath> {
-        cached::forward(config, q, cache, out, Isa::detect(), cached::MIN_SPLIT_KEYS)
+        let plain = AttentionOptions::default();
+        cached::forward(
+            config,
+            &plain,
+            q,
+            cache,
+            out,
+            None,
+            Isa::detect(),
+            cached::MIN_SPLIT_KEYS,
+        )
+    }
+
+    /// Every option over every cache, as [`forward_with`](DeviceAttentionBackend::forward_with)
+    /// runs them; each sequence's aligned diagonal is `i + L - Sq` for its own length `L`.
+    fn forward_cached_with(
+        &self,
+        config: &AttentionConfig,
+        options: &AttentionOptions,
+        q: &DeviceTensor,
+        cache: &KvCache,
+        out: &mut DeviceTensor,
+        lse: Option<&mut DeviceTensor>,
+    ) -> Result<AttentionPath> {
+        let (isa, split) = (Isa::detect(), cached::MIN_SPLIT_KEYS);
+        cached::forward(config, options, q, cache, out, lse, isa, split)
     }
 }
 
@@ -183,10 +242,32 @@ fn forward_tuned(
     out: &mut DeviceTensor,
     tuning: Tuning,
 ) -> Result<AttentionPath> {
+    let plain = AttentionOptions::default();
+    forward_opts(config, &plain, q, k, v, mask, out, None, tuning)
+}
+
+/// `forward_with` under an explicit [`Tuning`].
+#[allow(clippy::too_many_arguments)]
+fn forward_opts(
+    config: &AttentionConfig,
+    options: &AttentionOptions,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    mask: Option<&DeviceTensor>,
+    out: &mut DeviceTensor,
+    lse: Option<&mut DeviceTensor>,
+    tuning: Tuning,
+) -> Result<AttentionPath> {
     let problem = AttentionProblem::new(config, q, k, v, mask)?;
     let mut inputs = vec![q, k, v];
     inputs.extend(mask);
+    inputs.extend(options.alibi_slopes.as_ref());
+    inputs.extend(options.sinks.as_ref());
     let os = problem.output_strides(config.layout, out, &inputs)?;
+    let mut others = inputs.clone();
+    others.push(&*out);
+    let lse_strides = options.check(&problem, lse.as_deref(), &others)?;
     if problem.device != Device::Cpu {
         return Err(AttentionError::DeviceMismatch {
             what: "q".into(),
@@ -194,10 +275,13 @@ fn forward_tuned(
             got: problem.device.to_string(),
         });
     }
+    let mut writes = vec![&*out];
+    writes.extend(lse.as_deref());
     // Tasks write disjoint (batch, head, query) rows in parallel; that is only sound if
-    // distinct indices never name the same element, which `output_strides` checked.
-    // Held until the tasks are done: no other thread writes the inputs or touches `out`.
-    let _access = crate::tensor::HostAccess::acquire(&inputs, &[&*out])?;
+    // distinct indices never name the same element, which `output_strides` (and
+    // `check_lse`) checked. Held until the tasks are done: no other thread writes the
+    // inputs or touches `out` and `lse`.
+    let _access = crate::tensor::HostAccess::acquire(&inputs, &writes)?;
     let host = |t: &DeviceTensor, what: &str| {
         t.host_ptr().ok_or_else(|| AttentionError::DeviceMismatch {
             what: what.into(),
@@ -215,8 +299,14 @@ fn forward_tuned(
         },
         out: host(out, "out")?,
         table: std::ptr::null(),
+        lse: match lse.as_deref() {
+            Some(l) => host(l, "lse")? as *mut f32,
+            None => std::ptr::null_mut(),
+        },
     };
-    let plan = Plan::new(&problem, os, tuning.shared_bytes);
+    let mut plan = Plan::new(&problem, os, tuning.shared_bytes);
+    // SAFETY: `options.check` checked the per-head tensors; `_access` covers them.
+    plan.opts = unsafe { row_options(options, problem.num_heads, lse_strides) }?;
     // SAFETY: `problem` checked every operand's shape against the others and each view
     // lies inside its buffer; `out` is on the host, overlaps no input and has distinct
     // elements, so the parallel tasks' writes never alias a read or each other; `_access`
@@ -233,6 +323,45 @@ fn forward_tuned(
     Ok(AttentionPath::Cpu)
 }
 
+/// The options as the tasks apply them, `None` for a plain call without `lse` (whose task
+/// loop then runs exactly as without options).
+///
+/// # Safety
+/// The per-head tensors were checked (f32 `[heads]`) and a [`HostAccess`] covering them is
+/// held.
+///
+/// [`HostAccess`]: crate::tensor::HostAccess
+unsafe fn row_options(
+    options: &AttentionOptions,
+    heads: usize,
+    lse: Option<LseStrides>,
+) -> Result<Option<Box<RowOptions>>> {
+    if options.is_default() && lse.is_none() {
+        return Ok(None);
+    }
+    let per_head = |t: &Option<DeviceTensor>, what: &str| -> Result<Option<Vec<f32>>> {
+        let Some(t) = t else { return Ok(None) };
+        let p = t.host_ptr().ok_or_else(|| AttentionError::DeviceMismatch {
+            what: what.into(),
+            expected: Device::Cpu.to_string(),
+            got: t.device().to_string(),
+        })? as *const f32;
+        let st = t.strides()[0];
+        // SAFETY: h < heads elements of a checked `[heads]` f32 view (see the contract).
+        Ok(Some(
+            (0..heads).map(|h| unsafe { *p.add(h * st) }).collect(),
+        ))
+    };
+    Ok(Some(Box::new(RowOptions {
+        left: options.window_left,
+        right: options.window_right,
+        softcap: options.softcap,
+        alibi: per_head(&options.alibi_slopes, "alibi_slopes")?,
+        sinks: per_head(&options.sinks, "sinks")?,
+        lse,
+    })))
+}
+
 /// Host base pointers of the operands (bytes, view offsets applied).
 #[derive(Clone, Copy)]
 struct RawPtrs {
@@ -243,6 +372,8 @@ struct RawPtrs {
     out: *mut u8,
     /// Block table of paged K/V (`[batch, max_pages]` page ids), null otherwise.
     table: *const i32,
+    /// Log-sum-exp output (f32, strides in [`RowOptions::lse`]), null otherwise.
+    lse: *mut f32,
 }
 
 // SAFETY: the pointers are only dereferenced inside `run`, under the aliasing rules stated
@@ -288,6 +419,73 @@ struct Plan {
     /// Paged K/V: key `j` of sequence `b` lies at position `j % page_size` of page
     /// `table[b * max_pages + j / page_size]`, the page taking the place of the batch.
     paging: Option<Paging>,
+    /// Per-call options; `None` for plain attention, whose loop then has no option code
+    /// but a branch per row and tile.
+    opts: Option<Box<RowOptions>>,
+}
+
+/// The per-call options as a task applies them (see [`crate::options`]).
+#[derive(Debug, Default)]
+struct RowOptions {
+    left: Option<usize>,
+    right: Option<usize>,
+    softcap: Option<f32>,
+    /// ALiBi slope of each query head.
+    alibi: Option<Vec<f32>>,
+    /// Sink logit of each query head.
+    sinks: Option<Vec<f32>>,
+    /// Strides of the log-sum-exp output, when there is one.
+    lse: Option<LseStrides>,
+}
+
+impl RowOptions {
+    /// Softcap, then ALiBi, on the scores `s` of keys `j0..` for query head `h` whose
+    /// aligned diagonal is `a` (before the mask is added).
+    #[inline(always)]
+    fn shape_scores(&self, s: &mut [f32], h: usize, a: i128, j0: usize) {
+        if let Some(cap) = self.softcap {
+            let inv = 1.0 / cap;
+            for x in s.iter_mut() {
+                *x = cap * (*x * inv).tanh();
+            }
+        }
+        if let Some(slopes) = &self.alibi {
+            let slope = slopes[h] as f64;
+            for (jj, x) in s.iter_mut().enumerate() {
+                let dist = (a - (j0 + jj) as i128).unsigned_abs() as f64;
+                *x += (-slope * dist) as f32;
+            }
+        }
+    }
+
+    /// The factor the unnormalised output of a row with running max `m` and sum `l`
+    /// (relative to `m`) is multiplied by, and its log-sum-exp, for query head `h`: the
+    /// sink (if any) joins the denominator.
+    #[inline(always)]
+    fn finish(&self, m: f64, l: f64, h: usize) -> (f64, f64) {
+        let Some(sinks) = &self.sinks else {
+            return plain_finish(m, l);
+        };
+        let sink = sinks[h] as f64;
+        if l == 0.0 && sink == f64::NEG_INFINITY {
+            return (0.0, f64::NEG_INFINITY);
+        }
+        // l == 0: no key, m is -inf and the sink alone is the denominator.
+        let top = if l == 0.0 { sink } else { m.max(sink) };
+        let denom = l * (m - top).exp() + (sink - top).exp();
+        ((m - top).exp() / denom, top + denom.ln())
+    }
+}
+
+/// [`RowOptions::finish`] without sinks: `1 / l` and `m + ln(l)`; a row with no key (l = 0)
+/// gives 0 and `-inf`, a poisoned one (l NaN) NaN.
+#[inline(always)]
+fn plain_finish(m: f64, l: f64) -> (f64, f64) {
+    if l == 0.0 {
+        (0.0, f64::NEG_INFINITY)
+    } else {
+        (1.0 / l, m + l.ln())
+    }
 }
 
 /// Page geometry of paged K/V (the block table itself is in [`RawPtrs`]).
@@ -366,6 +564,7 @@ impl Plan {
             shared_bytes,
             lens: Vec::new(),
             paging: None,
+            opts: None,
         }
     }
 
@@ -437,15 +636,49 @@ impl Plan {
         self.visible_end_in(self.seq_k, i)
     }
 
-    /// [`visible_end`](Self::visible_end) for a sequence of `seq_k` keys.
+    /// [`visible_end`](Self::visible_end) for a sequence of `seq_k` keys, the window's
+    /// right bound included.
     #[inline(always)]
     fn visible_end_in(&self, seq_k: usize, i: usize) -> usize {
-        if self.causal {
+        let end = if self.causal {
             // i < seq_q, so the subtraction cannot underflow.
             seq_k.saturating_sub(self.seq_q - 1 - i)
         } else {
             seq_k
+        };
+        match self.opts.as_ref().and_then(|o| o.right) {
+            None => end,
+            Some(right) => {
+                let a = self.aligned(seq_k, i);
+                end.min((a + right as i128 + 1).clamp(0, seq_k as i128) as usize)
+            }
         }
+    }
+
+    /// The first key query `i` sees in a sequence of `seq_k` keys: the window's left
+    /// bound, 0 without one.
+    #[inline(always)]
+    fn visible_start_in(&self, seq_k: usize, i: usize) -> usize {
+        match self.opts.as_ref().and_then(|o| o.left) {
+            None => 0,
+            Some(left) => {
+                let a = self.aligned(seq_k, i);
+                (a - left as i128).clamp(0, seq_k as i128) as usize
+            }
+        }
+    }
+
+    /// Query `i`'s aligned diagonal `i + seq_k - seq_q` (wide, so no size wraps).
+    #[inline(always)]
+    fn aligned(&self, seq_k: usize, i: usize) -> i128 {
+        i as i128 + seq_k as i128 - self.seq_q as i128
+    }
+
+    /// Whether a window bound is set.
+    fn windowed(&self) -> bool {
+        self.opts
+            .as_ref()
+            .is_some_and(|o| o.left.is_some() || o.right.is_some())
     }
 
     /// Whether every key in `j0..j0 + nk` is removed (causal cut or a `-inf` mask) for
@@ -465,8 +698,9 @@ impl Plan {
     ) -> bool {
         let seq_k = self.seq_k_of(b);
         for i in queries.rev() {
+            let start = self.visible_start_in(seq_k, i).max(j0);
             let end = self.visible_end_in(seq_k, i).min(j0 + nk);
-            if end <= j0 {
+            if end <= start {
                 continue;
             }
             let Some(mst) = self.mask else {
@@ -479,9 +713,9 @@ impl Plan {
                 heads.clone()
             };
             for h in heads {
-                let off = b * mst.batch + h * mst.head + i * mst.query + j0;
-                // SAFETY: keys j0..end of one mask row inside the mask view.
-                let row = unsafe { std::slice::from_raw_parts(raw.mask.add(off), end - j0) };
+                let off = b * mst.batch + h * mst.head + i * mst.query + start;
+                // SAFETY: keys start..end of one mask row inside the mask view.
+                let row = unsafe { std::slice::from_raw_parts(raw.mask.add(off), end - start) };
                 if row.iter().any(|&a| a != f32::NEG_INFINITY) {
                     return false;
                 }
@@ -651,7 +885,7 @@ unsafe fn run<T: Element>(plan: &Plan, raw: RawPtrs, isa: Isa) -> Result<()> {
                 // A tile no row of the pair keeps is never read, here or by a task (whose
                 // rows are a subset, so it skips the tile as well).
                 // SAFETY: forwarded from `run`'s contract.
-                if plan.mask.is_some()
+                if (plan.mask.is_some() || plan.windowed())
                     && unsafe {
                         plan.tile_removed(raw, b, kvh * g..(kvh + 1) * g, 0..plan.seq_q, j0, nk)
                     }
@@ -1182,7 +1416,8 @@ unsafe fn task<T: Element, const FMA: bool>(
     let mut k_rows = [zero.as_ptr(); BLOCK_K];
     let mut v_rows = [zero.as_ptr(); BLOCK_K];
 
-    let mut j0 = keys.start;
+    // The first query sees the window's leftmost keys; tiles before them are skipped.
+    let mut j0 = keys.start.max(plan.visible_start_in(seq_k, q0) / bk * bk);
     while j0 < kv_end {
         // Only the keys this block may see; the rest of the tile is cut below.
         let nk = bk.min(kv_end - j0);
@@ -1245,6 +1480,9 @@ unsafe fn task<T: Element, const FMA: bool>(
         for r in 0..rows {
             let i = query_of(r);
             let s = &mut ss[r * bk..r * bk + nk_pad];
+            if let Some(o) = &plan.opts {
+                o.shape_scores(&mut s[..nk], head_of(r), plan.aligned(seq_k, i), j0);
+            }
             if let Some(mst) = plan.mask {
                 let off = b * mst.batch + head_of(r) * mst.head + i * mst.query + j0;
                 // SAFETY: nk keys of one mask row inside the mask view.
@@ -1260,6 +1498,10 @@ unsafe fn task<T: Element, const FMA: bool>(
             }
             let valid = plan.visible_end_in(seq_k, i).saturating_sub(j0).min(nk);
             s[valid..].fill(f32::NEG_INFINITY);
+            if plan.opts.is_some() {
+                let first = plan.visible_start_in(seq_k, i).saturating_sub(j0).min(nk);
+                s[..first].fill(f32::NEG_INFINITY);
+            }
 
             let m_old = ms[r];
             // NaN scores are passed over here and poison the row through the sum below.
@@ -1368,7 +1610,24 @@ unsafe fn task<T: Element, const FMA: bool>(
     for r in 0..rows {
         // l is 0 only when no key was visible: that row's output is zero by contract. A NaN
         // l (poisoned row) gives NaN.
-        let inv = if ls[r] == 0.0 { 0.0 } else { 1.0 / ls[r] };
+        let inv = match &plan.opts {
+            None => {
+                if ls[r] == 0.0 {
+                    0.0
+                } else {
+                    1.0 / ls[r]
+                }
+            }
+            Some(o) => {
+                let (inv, lse) = o.finish(ms[r] as f64, ls[r], head_of(r));
+                if let Some(st) = o.lse {
+                    let at = b * st.batch + head_of(r) * st.head + query_of(r) * st.query;
+                    // SAFETY: one element of `lse`, written by this task only.
+                    unsafe { *raw.lse.add(at) = lse as f32 };
+                }
+                inv
+            }
+        };
         let off = b * plan.out.batch + head_of(r) * plan.out.head + query_of(r) * plan.out.seq;
         // SAFETY: one output row inside `out`, written by this task only.
         let dst = unsafe { std::slice::from_raw_parts_mut(op.add(off), d) };
@@ -1434,7 +1693,7 @@ unsafe fn add_non_finite_key<T: Element>(
     };
     for r in 0..rows {
         let i = query_of(r);
-        if j >= plan.visible_end_in(seq_k, i) {
+        if j >= plan.visible_end_in(seq_k, i) || j < plan.visible_start_in(seq_k, i) {
             continue;
         }
         if let Some(mst) = plan.mask {

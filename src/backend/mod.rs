@@ -4,6 +4,7 @@ use crate::config::{AttentionConfig, KvCacheLayout, Layout};
 use crate::device::Device;
 use crate::error::{AttentionError, Result};
 use crate::kv_cache::KvCache;
+use crate::options::{self, AttentionOptions};
 use crate::problem::AttentionProblem;
 use crate::tensor::DeviceTensor;
 
@@ -87,6 +88,19 @@ pub trait DeviceAttentionBackend: Send + Sync {
     /// The KV-cache layout this backend reads.
     fn required_kv_layout(&self) -> KvCacheLayout;
 
+    /// Whether this backend runs `config` with the per-call `options`, or why not. The
+    /// default runs no option: plain options give [`supports`](Self::supports), any other
+    /// is [`Support::No`] naming the options set.
+    fn supports_with(&self, config: &AttentionConfig, options: &AttentionOptions) -> Support {
+        if let Err(e) = options.validate() {
+            return Support::No(e.to_string());
+        }
+        match options::unsupported_reason(options, false) {
+            Some(reason) => Support::No(reason),
+            None => self.supports(config),
+        }
+    }
+
     /// Computes attention into `out` (same shape, dtype, device and layout as `q`) and
     /// returns the path taken.
     fn forward_into(
@@ -137,6 +151,62 @@ pub trait DeviceAttentionBackend: Send + Sync {
             Layout::Bhsd => (k.permute(&[0, 2, 1, 3])?, v.permute(&[0, 2, 1, 3])?),
         };
         self.forward_into(config, q, &k, &v, None, out)
+    }
+
+    /// [`forward_into`](Self::forward_into) with per-call `options` (window, softcap,
+    /// ALiBi, sinks; see [`crate::options`] for the conventions) and, when `lse` is given,
+    /// the natural log-sum-exp of each row's softmax denominator written to it (f32
+    /// `[B, H, Sq]`, any strides that do not repeat elements; `-inf` for a row that keeps
+    /// no key and has no sink).
+    ///
+    /// Everything is checked before anything is written: the call as `forward_into` checks
+    /// it, then [`AttentionOptions::validate`], the per-head tensors (f32 `[H]` on the
+    /// call's device) and `lse`. The default implementation runs no option: with plain
+    /// options and no `lse` it is `forward_into`, otherwise
+    /// [`AttentionError::NotSupported`] naming what was asked for. The CPU backend runs
+    /// every option.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_with(
+        &self,
+        config: &AttentionConfig,
+        options: &AttentionOptions,
+        q: &DeviceTensor,
+        k: &DeviceTensor,
+        v: &DeviceTensor,
+        mask: Option<&DeviceTensor>,
+        out: &mut DeviceTensor,
+        lse: Option<&mut DeviceTensor>,
+    ) -> Result<AttentionPath> {
+        let p = AttentionProblem::new(config, q, k, v, mask)?;
+        let mut others = vec![q, k, v];
+        others.extend(mask);
+        others.push(&*out);
+        options.check(&p, lse.as_deref(), &others)?;
+        if let Some(e) = options::refusal(self.name(), options, lse.is_some()) {
+            return Err(e);
+        }
+        self.forward_into(config, q, k, v, mask, out)
+    }
+
+    /// [`forward_cached`](Self::forward_cached) with per-call `options` and an optional
+    /// `lse` output, as [`forward_with`](Self::forward_with) (the aligned diagonal of a
+    /// sequence holding `L` tokens is `i + L - Sq`). The default runs no option: with plain
+    /// options and no `lse` it is `forward_cached`, otherwise
+    /// [`AttentionError::NotSupported`].
+    fn forward_cached_with(
+        &self,
+        config: &AttentionConfig,
+        options: &AttentionOptions,
+        q: &DeviceTensor,
+        cache: &KvCache,
+        out: &mut DeviceTensor,
+        lse: Option<&mut DeviceTensor>,
+    ) -> Result<AttentionPath> {
+        options.validate()?;
+        if let Some(e) = options::refusal(self.name(), options, lse.is_some()) {
+            return Err(e);
+        }
+        self.forward_cached(config, q, cache, out)
     }
 
     /// Computes attention into a newly allocated output shaped like `q`.

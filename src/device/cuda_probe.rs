@@ -74,7 +74,11 @@ mod tests {
     fn names_follow_the_bindings_version() {
         // 13.0 -> "libnvrtc.so.13": the major version cudarc's loader also tries.
         let major = (CUDA_VERSION / 1000).to_string();
-        assert!(nvrtc_name().contains(&major), "{} for {CUDA_VERSION}", nvrtc_name());
+        assert!(
+            nvrtc_name().contains(&major),
+            "{} for {CUDA_VERSION}",
+            nvrtc_name()
+        );
         assert!(!driver_name().is_empty());
     }
 

@@ -20,6 +20,7 @@ use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{AttentionError, Result};
 use crate::kv_cache::KvCache;
+use crate::options::AttentionOptions;
 use crate::problem::AttentionProblem;
 use crate::tensor::{DeviceTensor, HostAccess};
 use half::{bf16, f16};
@@ -38,11 +39,14 @@ const PARTIAL_BYTES: usize = 64 << 20;
 
 /// `forward_cached` of the CPU backend, with the instruction set and the smallest key
 /// range given (tests use a small one to split short caches).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn forward(
     config: &AttentionConfig,
+    options: &AttentionOptions,
     q: &DeviceTensor,
     cache: &KvCache,
     out: &mut DeviceTensor,
+    lse: Option<&mut DeviceTensor>,
     isa: Isa,
     min_split_keys: usize,
 ) -> Result<AttentionPath> {
@@ -61,8 +65,21 @@ pub(super) fn forward(
 
     let mut reads = vec![q, parts.k, parts.v];
     reads.extend(parts.block_table);
+    reads.extend(options.alibi_slopes.as_ref());
+    reads.extend(options.sinks.as_ref());
+    let mut others = reads.clone();
+    others.push(&*out);
+    let lse_strides = options.check(&p, lse.as_deref(), &others)?;
+    if let Some(i) = reads[3..].iter().position(|t| out.may_overlap(t)) {
+        return Err(AttentionError::UnsupportedLayout {
+            what: "out".into(),
+            reason: format!("overlaps per-head option tensor {i}; give it its own memory"),
+        });
+    }
+    let mut writes = vec![&*out];
+    writes.extend(lse.as_deref());
     // Held until the tasks are done: no other thread writes the cache or touches `out`.
-    let _access = HostAccess::acquire(&reads, &[&*out])?;
+    let _access = HostAccess::acquire(&reads, &writes)?;
     let host = |t: &DeviceTensor, what: &str| {
         t.host_ptr().ok_or_else(|| AttentionError::DeviceMismatch {
             what: what.into(),
@@ -87,8 +104,12 @@ pub(super) fn forward(
         mask: std::ptr::null(),
         out: host(out, "out")?,
         table,
+        lse: match lse.as_deref() {
+            Some(l) => host(l, "lse")? as *mut f32,
+            None => std::ptr::null_mut(),
+        },
     };
-    let plan = cached_plan(
+    let mut plan = cached_plan(
         &p,
         os,
         lens,
@@ -97,6 +118,8 @@ pub(super) fn forward(
             max_pages: parts.max_pages,
         }),
     );
+    // SAFETY: `options.check` checked the per-head tensors; `_access` covers them.
+    plan.opts = unsafe { super::row_options(options, p.num_heads, lse_strides) }?;
     let (splits, split_keys) = key_splits(&plan, min_split_keys);
     // SAFETY: `p` checked q and out against the cache's batch, heads and head_dim; every
     // key a task reads is below its sequence's length, inside the cache storage (pages
@@ -327,9 +350,25 @@ unsafe fn merge<T: Element>(plan: &Plan, raw: RawPtrs, g: usize, ranges: &mut [f
                 *acc += v * w;
             }
         }
-        // l is 0 only when no key was visible: that row's output is zero by contract.
-        let inv = if l == 0.0 { 0.0 } else { 1.0 / l };
         let (h, i) = (h0 + r / nq, q0 + r % nq);
+        // l is 0 only when no key was visible: that row's output is zero by contract.
+        let inv = match &plan.opts {
+            None => {
+                if l == 0.0 {
+                    0.0
+                } else {
+                    1.0 / l
+                }
+            }
+            Some(opts) => {
+                let (inv, lse) = opts.finish(mx, l, h);
+                if let Some(st) = opts.lse {
+                    // SAFETY: one element of `lse`, written by this group only.
+                    unsafe { *raw.lse.add(b * st.batch + h * st.head + i * st.query) = lse as f32 };
+                }
+                inv
+            }
+        };
         let off = b * plan.out.batch + h * plan.out.head + i * plan.out.seq;
         // SAFETY: one output row inside `out`, written by this group only.
         let dst = unsafe { std::slice::from_raw_parts_mut(op.add(off), d) };

@@ -13,6 +13,7 @@ use crate::error::{AttentionError, Result};
 use crate::kernels::abi::AttnParams;
 use crate::kernels::TileVendor;
 use crate::kv_cache::KvCache;
+use crate::options::AttentionOptions;
 use crate::problem::{AttentionProblem, HeadStrides};
 use crate::tensor::{check_usable, DeviceTensor};
 
@@ -271,6 +272,29 @@ impl GpuAttentionBackend {
             self.runtime.max_shared_bytes_per_block(),
             self.tile_vendor(),
         )
+    }
+
+    /// The path `input` would take with the per-call `options` (and a log-sum-exp output
+    /// when `wants_lse`), or why none can: the GPU paths run no per-call option yet, so
+    /// anything but plain options is refused with the reason
+    /// [`unsupported_options`](Self::unsupported_options) gives, as
+    /// [`forward_with`](DeviceAttentionBackend::forward_with) refuses the call.
+    pub fn plan_with(
+        &self,
+        input: &PlanInput,
+        options: &AttentionOptions,
+        wants_lse: bool,
+    ) -> std::result::Result<Plan, String> {
+        match Self::unsupported_options(options, wants_lse) {
+            Some(reason) => Err(reason),
+            None => Ok(self.plan(input)),
+        }
+    }
+
+    /// Why the GPU paths cannot run `options` (and a log-sum-exp output when
+    /// `wants_lse`), naming each option asked for; `None` for plain options. Needs no GPU.
+    pub fn unsupported_options(options: &AttentionOptions, wants_lse: bool) -> Option<String> {
+        crate::options::unsupported_reason(options, wants_lse)
     }
 
     /// The path a call of `config` in `dtype` with `seq_q` queries would take.
