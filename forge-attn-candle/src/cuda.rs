@@ -9,7 +9,7 @@ use candle_core::cuda_backend::{CudaDType, CudaStorage};
 use candle_core::{Layout as CandleLayout, Result, Shape};
 use forge_attn::{DeviceTensor, GpuAttentionBackend, GpuStream, HostElement};
 
-use super::{bshd, run_calls, Plan};
+use super::{bshd, run_calls, Opts, Plan};
 
 /// Backends by the `CUstream` handle they queue on.
 type Backends = Mutex<Vec<(usize, Arc<GpuAttentionBackend>)>>;
@@ -36,15 +36,16 @@ fn backend_for(stream: &Arc<CudaStream>) -> Result<Arc<GpuAttentionBackend>> {
 /// Runs `plan` over candle's CUDA storages and returns the output's storage.
 pub(crate) fn forward(
     plan: &Plan,
+    opts: &Opts,
     q: (&CudaStorage, &CandleLayout),
     k: (&CudaStorage, &CandleLayout),
     v: (&CudaStorage, &CandleLayout),
 ) -> Result<(CudaStorage, Shape)> {
     use candle_core::DType;
     match (q.0.dtype(), k.0.dtype(), v.0.dtype()) {
-        (DType::F32, DType::F32, DType::F32) => typed::<f32>(plan, q, k, v),
-        (DType::F16, DType::F16, DType::F16) => typed::<half::f16>(plan, q, k, v),
-        (DType::BF16, DType::BF16, DType::BF16) => typed::<half::bf16>(plan, q, k, v),
+        (DType::F32, DType::F32, DType::F32) => typed::<f32>(plan, opts, q, k, v),
+        (DType::F16, DType::F16, DType::F16) => typed::<half::f16>(plan, opts, q, k, v),
+        (DType::BF16, DType::BF16, DType::BF16) => typed::<half::bf16>(plan, opts, q, k, v),
         (a, b, c) => candle_core::bail!(
             "q / k / v: expected one dtype of f32, f16 or bf16, got {a:?} / {b:?} / {c:?}"
         ),
@@ -53,6 +54,7 @@ pub(crate) fn forward(
 
 fn typed<T: CudaDType + HostElement + candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
     plan: &Plan,
+    opts: &Opts,
     (sq, lq): (&CudaStorage, &CandleLayout),
     (sk, lk): (&CudaStorage, &CandleLayout),
     (sv, lv): (&CudaStorage, &CandleLayout),
@@ -101,7 +103,39 @@ fn typed<T: CudaDType + HostElement + candle_core::cuda_backend::cudarc::driver:
         let out_layout = CandleLayout::contiguous(lq.shape());
         let (op, _og) = out.device_ptr_mut(&stream);
         let mut ot = wrap(op, n, &out_layout)?;
-        run_calls(backend.as_ref(), plan, &qt, &kt, &vt, &mut ot)
+        // The slopes: candle's contiguous f32 [heads] tensor, wrapped in place too.
+        let slopes_storage = opts.alibi.as_ref().map(|t| t.storage_and_layout());
+        let mut _slopes_guard = None;
+        let slopes = match &slopes_storage {
+            None => None,
+            Some((st, layout)) => match &**st {
+                candle_core::Storage::Cuda(cs) => {
+                    let sl = cs.as_cuda_slice::<f32>()?;
+                    let (ptr, g) = sl.device_ptr(&stream);
+                    _slopes_guard = Some(g);
+                    let off = layout.start_offset();
+                    let heads = layout.dims().iter().product::<usize>();
+                    // SAFETY: as for q/k/v above.
+                    Some(
+                        unsafe {
+                            DeviceTensor::from_raw_device(
+                                ptr + (off * 4) as u64,
+                                heads * 4,
+                                forge_attn::DType::F32,
+                                &[heads],
+                                None,
+                                &fstream,
+                                None,
+                            )
+                        }
+                        .map_err(candle_core::Error::wrap)?,
+                    )
+                }
+                _ => candle_core::bail!("alibi_slopes: expected a tensor on q's CUDA device"),
+            },
+        };
+        let options = opts.forge(slopes);
+        run_calls(backend.as_ref(), plan, &options, &qt, &kt, &vt, &mut ot)
             .map_err(candle_core::Error::wrap)?;
     }
     Ok((

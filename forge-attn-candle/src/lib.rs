@@ -31,7 +31,8 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout as CandleLayout, Result, Shape, Tensor};
 use forge_attn::{
-    AttentionConfig, CpuAttentionBackend, DeviceAttentionBackend, DeviceTensor, HostElement, Layout,
+    AttentionConfig, AttentionOptions, CpuAttentionBackend, DeviceAttentionBackend, DeviceTensor,
+    HostElement, Layout,
 };
 
 #[cfg(feature = "cuda")]
@@ -57,6 +58,121 @@ pub fn flash_attn(
             softmax_scale,
             causal,
             varlen: None,
+            opts: Opts::default(),
+        },
+    )
+}
+
+/// [`flash_attn`] with a sliding window: query `i` (bottom-right aligned,
+/// `a = i + seq_k - seq_q`) keeps key `j` iff `a - left <= j <= a + right`; `None` is
+/// unbounded on that side. `window_size_right = Some(0)` is causal attention limited to
+/// `window_size_left` keys back, as in candle-flash-attn.
+pub fn flash_attn_windowed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    softmax_scale: f32,
+    window_size_left: Option<usize>,
+    window_size_right: Option<usize>,
+) -> Result<Tensor> {
+    flash_attn_alibi_windowed_softcap(
+        q,
+        k,
+        v,
+        None,
+        softmax_scale,
+        window_size_left,
+        window_size_right,
+        None,
+    )
+}
+
+/// [`flash_attn`] with ALiBi: `alibi_slopes` is an f32 `[heads]` tensor on q's device,
+/// and key `j` of query `i` gets the bias `-slope[h] * |a - j|` (`a` as in
+/// [`flash_attn_windowed`]).
+pub fn flash_attn_alibi(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    alibi_slopes: &Tensor,
+    softmax_scale: f32,
+    causal: bool,
+) -> Result<Tensor> {
+    let right = if causal { Some(0) } else { None };
+    flash_attn_alibi_windowed_softcap(
+        q,
+        k,
+        v,
+        Some(alibi_slopes),
+        softmax_scale,
+        None,
+        right,
+        None,
+    )
+}
+
+/// [`flash_attn_alibi`] with a sliding window (as in [`flash_attn_windowed`]).
+pub fn flash_attn_alibi_windowed(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    alibi_slopes: &Tensor,
+    softmax_scale: f32,
+    window_size_left: Option<usize>,
+    window_size_right: Option<usize>,
+) -> Result<Tensor> {
+    flash_attn_alibi_windowed_softcap(
+        q,
+        k,
+        v,
+        Some(alibi_slopes),
+        softmax_scale,
+        window_size_left,
+        window_size_right,
+        None,
+    )
+}
+
+/// Every option at once: optional ALiBi slopes, a window (as in [`flash_attn_windowed`])
+/// and an optional logits softcap (`cap * tanh(s / cap)` on the scaled score, before the
+/// ALiBi bias and the window). A backend that cannot run an option refuses the call and
+/// names it (forge-attn's GPU kernels do not take these options yet).
+#[allow(clippy::too_many_arguments)]
+pub fn flash_attn_alibi_windowed_softcap(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    alibi_slopes: Option<&Tensor>,
+    softmax_scale: f32,
+    window_size_left: Option<usize>,
+    window_size_right: Option<usize>,
+    softcap: Option<f32>,
+) -> Result<Tensor> {
+    if let Some(s) = alibi_slopes {
+        let h = q.dims().get(2).copied().unwrap_or(0);
+        if s.dims() != [h] || s.dtype() != candle_core::DType::F32 {
+            candle_core::bail!(
+                "alibi_slopes: expected an f32 tensor of shape [{h}] (one slope per head), got {:?} {:?}",
+                s.dtype(),
+                s.dims()
+            );
+        }
+        if !s.device().same_device(q.device()) {
+            candle_core::bail!("alibi_slopes: expected a tensor on q's device");
+        }
+    }
+    q.apply_op3_no_bwd(
+        k,
+        v,
+        &FlashAttn {
+            softmax_scale,
+            causal: false,
+            varlen: None,
+            opts: Opts {
+                window: (window_size_left, window_size_right),
+                softcap,
+                alibi: alibi_slopes.map(|s| s.contiguous()).transpose()?,
+            },
         },
     )
 }
@@ -92,6 +208,7 @@ pub fn flash_attn_varlen(
             softmax_scale,
             causal,
             varlen: Some(varlen),
+            opts: Opts::default(),
         },
     )
 }
@@ -150,11 +267,35 @@ impl Varlen {
     }
 }
 
-/// The custom op behind [`flash_attn`] and [`flash_attn_varlen`].
+/// The custom op behind every function of the crate.
 struct FlashAttn {
     softmax_scale: f32,
     causal: bool,
     varlen: Option<Varlen>,
+    opts: Opts,
+}
+
+/// The per-call options of an op, as candle tensors.
+#[derive(Default)]
+struct Opts {
+    window: (Option<usize>, Option<usize>),
+    softcap: Option<f32>,
+    /// Contiguous f32 `[heads]` on the op's device.
+    alibi: Option<Tensor>,
+}
+
+impl Opts {
+    /// forge-attn's options, with the ALiBi slopes already wrapped as `slopes`.
+    fn forge(&self, slopes: Option<DeviceTensor>) -> AttentionOptions {
+        let mut o = AttentionOptions::new().with_window(self.window.0, self.window.1);
+        if let Some(c) = self.softcap {
+            o = o.with_softcap(c);
+        }
+        if let Some(s) = slopes {
+            o = o.with_alibi_slopes(s);
+        }
+        o
+    }
 }
 
 /// One forge-attn call of an op: the config, and which rows of the packed tensors it reads
@@ -279,6 +420,7 @@ fn rows_view(t: &DeviceTensor, rows: Option<(usize, usize)>) -> forge_attn::Resu
 fn run_calls(
     backend: &dyn DeviceAttentionBackend,
     plan: &Plan,
+    options: &AttentionOptions,
     q: &DeviceTensor,
     k: &DeviceTensor,
     v: &DeviceTensor,
@@ -291,7 +433,7 @@ fn run_calls(
         };
         let (qv, kv, vv) = (rows_view(q, qr)?, rows_view(k, kr)?, rows_view(v, kr)?);
         let mut ov = rows_view(out, qr)?;
-        backend.forward_into(&call.config, &qv, &kv, &vv, None, &mut ov)?;
+        backend.forward_with(&call.config, options, &qv, &kv, &vv, None, &mut ov, None)?;
     }
     Ok(())
 }
@@ -306,6 +448,13 @@ impl FlashAttn {
         let plan = self.plan(lq, lk, lv)?;
         let n: usize = plan.out_shape.iter().product();
         let mut out = vec![T::zeroed(); n];
+        // The slopes are a handful of floats: read them (a copy of [heads] f32).
+        let slopes = self
+            .opts
+            .alibi
+            .as_ref()
+            .map(|t| t.to_vec1::<f32>())
+            .transpose()?;
         if n > 0 {
             DeviceTensor::borrow_scope(|s| -> forge_attn::Result<()> {
                 let (qd, qs, qst) = from_offset(q, lq);
@@ -315,7 +464,20 @@ impl FlashAttn {
                 let (vd, vs, vst) = from_offset(v, lv);
                 let vt = s.host(vd, &vs, Some(&vst))?;
                 let mut ot = s.host_mut(&mut out, &qs, None)?;
-                run_calls(&CpuAttentionBackend, &plan, &qt, &kt, &vt, &mut ot)
+                let slopes = match &slopes {
+                    Some(v) => Some(s.host(v.as_slice(), &[v.len()], None)?),
+                    None => None,
+                };
+                let options = self.opts.forge(slopes);
+                run_calls(
+                    &CpuAttentionBackend,
+                    &plan,
+                    &options,
+                    &qt,
+                    &kt,
+                    &vt,
+                    &mut ot,
+                )
             })
             .map_err(candle_core::Error::wrap)?;
         }
@@ -367,7 +529,7 @@ impl CustomOp3 for FlashAttn {
         l3: &CandleLayout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let plan = self.plan(l1, l2, l3)?;
-        cuda::forward(&plan, (s1, l1), (s2, l2), (s3, l3))
+        cuda::forward(&plan, &self.opts, (s1, l1), (s2, l2), (s3, l3))
     }
 }
 

@@ -3,7 +3,10 @@
 //! causal with seq_q != seq_k, every dtype, the packed ragged form, and the refusals.
 
 use candle_core::{DType, Device, IndexOp, Result, Tensor, D};
-use forge_attn_candle::{flash_attn, flash_attn_varlen};
+use forge_attn_candle::{
+    flash_attn, flash_attn_alibi, flash_attn_alibi_windowed_softcap, flash_attn_varlen,
+    flash_attn_windowed,
+};
 
 /// Attention written with candle's own ops, in f32: `q [B, Sq, H, D]`, `k/v [B, Sk, Hkv, D]`.
 fn candle_attention(
@@ -12,6 +15,21 @@ fn candle_attention(
     v: &Tensor,
     scale: f32,
     causal: bool,
+) -> Result<Tensor> {
+    let right = if causal { Some(0) } else { None };
+    candle_attention_with(q, k, v, scale, (None, right), None, None)
+}
+
+/// The same with a window (bottom-right aligned), ALiBi slopes and a softcap, in the
+/// order forge-attn documents: softcap, then the ALiBi bias, then the window.
+fn candle_attention_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    window: (Option<usize>, Option<usize>),
+    alibi: Option<&[f32]>,
+    softcap: Option<f32>,
 ) -> Result<Tensor> {
     let (_, sq, h, _) = q.dims4()?;
     let (_, sk, hkv, _) = k.dims4()?;
@@ -27,21 +45,27 @@ fn candle_attention(
     };
     let (k, v) = (repeat(k)?, repeat(v)?);
     let mut scores = (q.matmul(&k.t()?)? * scale as f64)?;
-    if causal {
-        let mask: Vec<f32> = (0..sq)
-            .flat_map(|i| {
-                (0..sk).map(move |j| {
-                    if j + sq <= i + sk {
-                        0.0
-                    } else {
-                        f32::NEG_INFINITY
-                    }
-                })
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, (sq, sk), q.device())?;
-        scores = scores.broadcast_add(&mask)?;
+    if let Some(cap) = softcap {
+        scores = ((scores / cap as f64)?.tanh()? * cap as f64)?;
     }
+    // Bias and window per (head, query, key), the aligned query index a = i + sk - sq.
+    let mut bias = vec![0f32; h * sq * sk];
+    for hh in 0..h {
+        for i in 0..sq {
+            let a = (i + sk) as i64 - sq as i64;
+            for j in 0..sk {
+                let j64 = j as i64;
+                let keep = window.0.is_none_or(|l| j64 >= a - l as i64)
+                    && window.1.is_none_or(|r| j64 <= a + r as i64);
+                bias[(hh * sq + i) * sk + j] = if !keep {
+                    f32::NEG_INFINITY
+                } else {
+                    alibi.map_or(0.0, |s| -s[hh] * (a - j64).abs() as f32)
+                };
+            }
+        }
+    }
+    scores = scores.broadcast_add(&Tensor::from_vec(bias, (h, sq, sk), q.device())?)?;
     let max = scores.max_keepdim(D::Minus1)?;
     let e = scores.broadcast_sub(&max)?.exp()?;
     let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
@@ -207,5 +231,68 @@ fn refusals_say_what_was_expected() -> Result<()> {
         .unwrap_err()
         .to_string();
     assert!(e.contains("same number"), "{e}");
+    Ok(())
+}
+
+#[test]
+fn windows_alibi_and_softcap_match_candle() -> Result<()> {
+    let (b, sq, sk, h, hkv, d) = (2, 9, 40, 4, 2, 64);
+    let q = randn((b, sq, h, d), DType::F32)?;
+    let k = randn((b, sk, hkv, d), DType::F32)?;
+    let v = randn((b, sk, hkv, d), DType::F32)?;
+    let slopes = [0.5f32, 0.25, 0.125, 0.0625];
+    let st = Tensor::new(&slopes, &Device::Cpu)?;
+    let check = |got: Tensor, want: Tensor, what: &str| -> Result<()> {
+        let e = rel_err(&got, &want)?;
+        assert!(e < 1e-5, "{what}: {e}");
+        Ok(())
+    };
+    for w in [
+        (Some(5), Some(0)),
+        (Some(3), Some(2)),
+        (None, Some(0)),
+        (Some(0), Some(0)),
+    ] {
+        check(
+            flash_attn_windowed(&q, &k, &v, 0.125, w.0, w.1)?,
+            candle_attention_with(&q, &k, &v, 0.125, w, None, None)?,
+            &format!("window {w:?}"),
+        )?;
+    }
+    for causal in [false, true] {
+        let right = if causal { Some(0) } else { None };
+        check(
+            flash_attn_alibi(&q, &k, &v, &st, 0.125, causal)?,
+            candle_attention_with(&q, &k, &v, 0.125, (None, right), Some(&slopes), None)?,
+            &format!("alibi causal={causal}"),
+        )?;
+    }
+    check(
+        flash_attn_alibi_windowed_softcap(&q, &k, &v, Some(&st), 0.3, Some(7), Some(0), Some(5.0))?,
+        candle_attention_with(
+            &q,
+            &k,
+            &v,
+            0.3,
+            (Some(7), Some(0)),
+            Some(&slopes),
+            Some(5.0),
+        )?,
+        "alibi + window + softcap",
+    )?;
+    // Slopes of the wrong shape or dtype are refused before anything runs.
+    for bad in [
+        Tensor::new(&[0.5f32, 0.25], &Device::Cpu)?,
+        st.to_dtype(DType::F16)?,
+    ] {
+        let e = flash_attn_alibi(&q, &k, &v, &bad, 0.125, true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("alibi_slopes"), "{e}");
+    }
+    let e = flash_attn_alibi_windowed_softcap(&q, &k, &v, None, 0.1, None, None, Some(-1.0))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("softcap"), "{e}");
     Ok(())
 }
