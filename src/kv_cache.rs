@@ -12,6 +12,7 @@ use crate::dtype::DType;
 use crate::error::{AttentionError, Result};
 use crate::kernels::abi::{AppendParams, TokenStrides};
 use crate::kernels::catalog;
+use crate::paged::{PageLayout, PagedKv};
 use crate::problem::{AttentionProblem, CachedKeys, HeadStrides};
 use crate::tensor::{check_usable, try_host_vec, DeviceTensor, HostAccess};
 
@@ -646,6 +647,36 @@ impl KvCache {
         let len = self.common_length("dense views need")?;
         let view = |t: &DeviceTensor| t.narrow(2, 0, len)?.permute(&[0, 2, 1, 3]);
         Ok((view(&self.k)?, view(&self.v)?))
+    }
+
+    /// The cache as a [`PagedKv`] over its own storage (no copy of K or V), for
+    /// [`DeviceAttentionBackend::forward_paged`](crate::DeviceAttentionBackend::forward_paged):
+    /// a paged cache gives its pool ([`PageLayout::Hnd`]), block table and lengths; a
+    /// contiguous one gives each sequence as one page of `capacity` tokens (a new
+    /// `[B, 1]` block table `0..B`, uploaded to the cache's device). The view shares the
+    /// lengths tensor: an append to the cache shows in it, but its page count and table
+    /// are those of the moment it was made.
+    pub fn paged_view(&self) -> Result<PagedKv> {
+        let (block_table, page_size) = match &self.paging {
+            Some(p) => (p.block_table.clone(), p.page_size),
+            None => {
+                // batch <= i32::MAX (check_spec).
+                let ids: Vec<i32> = (0..self.batch as i32).collect();
+                let t = match self.k.stream() {
+                    Some(s) => DeviceTensor::from_host_on(&ids, &[self.batch, 1], &s)?,
+                    None => DeviceTensor::from_host(&ids, &[self.batch, 1], self.device())?,
+                };
+                (t, self.capacity)
+            }
+        };
+        Ok(PagedKv {
+            k_pages: self.k.clone(),
+            v_pages: self.v.clone(),
+            block_table,
+            seq_lens: self.seq_lens.clone(),
+            page_size,
+            layout: PageLayout::Hnd,
+        })
     }
 
     /// Downloads the cache as dense host tensors `[B, L, Hkv, D]` (BSHD) on
