@@ -96,10 +96,7 @@ impl VarlenBatch {
                     .filter(|&a| a <= i32::MAX as usize)
                     .ok_or_else(|| AttentionError::InvalidConfig {
                         field,
-                        reason: format!(
-                            "the lengths {lens:?} sum past i32::MAX ({})",
-                            i32::MAX
-                        ),
+                        reason: format!("the lengths {lens:?} sum past i32::MAX ({})", i32::MAX),
                     })?;
                 out.push(acc as i32);
             }
@@ -128,7 +125,12 @@ impl VarlenBatch {
     /// with at least 2 entries, or `cu_seqlens_k` of another length than `cu_seqlens_q`
     /// (`ShapeMismatch`); a first offset other than 0, a decreasing offset, a last offset
     /// other than the rows, or a sequence longer than its maximum (`ShapeMismatch`).
-    pub fn validate(&self, total_q: usize, total_k: usize, device: Device) -> Result<VarlenOffsets> {
+    pub fn validate(
+        &self,
+        total_q: usize,
+        total_k: usize,
+        device: Device,
+    ) -> Result<VarlenOffsets> {
         let q = read_offsets(
             "cu_seqlens_q",
             &self.cu_seqlens_q,
@@ -176,11 +178,7 @@ pub(crate) fn read_offsets(
     }
     let raw = t.to_host::<i32>()?;
     if raw[0] != 0 {
-        return Err(AttentionError::shape(
-            format!("{what}[0]"),
-            0,
-            raw[0],
-        ));
+        return Err(AttentionError::shape(format!("{what}[0]"), 0, raw[0]));
     }
     let mut out = Vec::with_capacity(raw.len());
     out.push(0usize);
@@ -272,7 +270,10 @@ pub(crate) fn check_packed(
     if head_dim > 1 && st[2] != 1 {
         return Err(AttentionError::UnsupportedLayout {
             what: what.into(),
-            reason: format!("head_dim must be contiguous (stride 1), got stride {}", st[2]),
+            reason: format!(
+                "head_dim must be contiguous (stride 1), got stride {}",
+                st[2]
+            ),
         });
     }
     Ok((st[0], st[1]))

@@ -44,8 +44,8 @@ use crate::problem::{AttentionProblem, HeadStrides, MaskStrides};
 use crate::tensor::DeviceTensor;
 
 mod cached;
-mod varlen;
 pub(crate) mod merge;
+mod varlen;
 
 /// Keys per tile at most (a multiple of [`NR`]).
 const BLOCK_K: usize = 64;

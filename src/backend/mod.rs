@@ -287,8 +287,7 @@ pub trait DeviceAttentionBackend: Send + Sync {
         let _ = (config, options, q, cu_seqlens_q, max_seqlen_q, kv, out, lse);
         Err(AttentionError::NotSupported {
             backend: self.name().into(),
-            reason: "paged attention with packed queries is not implemented on this backend"
-                .into(),
+            reason: "paged attention with packed queries is not implemented on this backend".into(),
         })
     }
 

@@ -79,7 +79,13 @@ pub(super) fn forward(
     // A host copy of the (small) table: checked once, read by every task.
     let table = parts.block_table.map(|t| t.to_host::<i32>()).transpose()?;
     if let Some(ids) = &table {
-        check_pages(ids, cache.lengths(), parts.page_size, parts.max_pages, parts.num_pages)?;
+        check_pages(
+            ids,
+            cache.lengths(),
+            parts.page_size,
+            parts.max_pages,
+            parts.num_pages,
+        )?;
     }
     let keys = Keys {
         k: parts.k,

@@ -77,7 +77,10 @@ fn check_queries(
         });
     }
     options.validate()?;
-    for (what, t) in [("alibi_slopes", &options.alibi_slopes), ("sinks", &options.sinks)] {
+    for (what, t) in [
+        ("alibi_slopes", &options.alibi_slopes),
+        ("sinks", &options.sinks),
+    ] {
         if let Some(t) = t {
             check_per_head(what, t, h, Device::Cpu)?;
         }
@@ -86,7 +89,11 @@ fn check_queries(
     let lse = lse
         .map(|l| check_packed_lse(l, h, total_q, Device::Cpu, &all))
         .transpose()?;
-    Ok(PackedQueries { q: qs, out: os, lse })
+    Ok(PackedQueries {
+        q: qs,
+        out: os,
+        lse,
+    })
 }
 
 /// The one-sequence problem of `nq` packed queries against `nk` keys (at least one key
@@ -172,7 +179,10 @@ pub(super) fn forward_varlen(
     let ks = check_packed("k", k, None, hkv, d, q.dtype(), Device::Cpu)?;
     let total_k = k.shape()[0];
     let vs = check_packed("v", v, Some(total_k), hkv, d, q.dtype(), Device::Cpu)?;
-    for (what, t) in [("cu_seqlens_q", &batch.cu_seqlens_q), ("cu_seqlens_k", &batch.cu_seqlens_k)] {
+    for (what, t) in [
+        ("cu_seqlens_q", &batch.cu_seqlens_q),
+        ("cu_seqlens_k", &batch.cu_seqlens_k),
+    ] {
         on_host(what, t)?;
     }
     let offs = batch.validate(q.shape()[0], total_k, Device::Cpu)?;
@@ -187,7 +197,8 @@ pub(super) fn forward_varlen(
         if qr.is_empty() {
             continue;
         }
-        let (p, os) = sequence_problem(config, &pq, q, qr.len(), kr.len(), strides(ks), strides(vs));
+        let (p, os) =
+            sequence_problem(config, &pq, q, qr.len(), kr.len(), strides(ks), strides(vs));
         let qv = q.narrow(0, qr.start, qr.len())?;
         let kv = k.narrow(0, kr.start, kr.len())?;
         let vv = v.narrow(0, kr.start, kr.len())?;
@@ -201,9 +212,28 @@ pub(super) fn forward_varlen(
                 lens: &[0],
                 paging: None,
             };
-            attend(&p, os, options, &qv, keys, &mut ov, lse_b, tuning.isa, usize::MAX)?;
+            attend(
+                &p,
+                os,
+                options,
+                &qv,
+                keys,
+                &mut ov,
+                lse_b,
+                tuning.isa,
+                usize::MAX,
+            )?;
         } else {
-            execute(&p, os, options, [&qv, &kv, &vv], None, &mut ov, lse_b, tuning)?;
+            execute(
+                &p,
+                os,
+                options,
+                [&qv, &kv, &vv],
+                None,
+                &mut ov,
+                lse_b,
+                tuning,
+            )?;
         }
     }
     Ok(AttentionPath::Cpu)
@@ -287,7 +317,17 @@ pub(super) fn forward_paged(
         lens: &g.lens,
         paging: Some((paging, &g.table)),
     };
-    attend(&p, os, options, q, keys, out, lse.zip(lse_strides), isa, min_split_keys)?;
+    attend(
+        &p,
+        os,
+        options,
+        q,
+        keys,
+        out,
+        lse.zip(lse_strides),
+        isa,
+        min_split_keys,
+    )?;
     Ok(AttentionPath::Cpu)
 }
 
@@ -305,7 +345,14 @@ pub(super) fn forward_paged_varlen(
     isa: Isa,
     min_split_keys: usize,
 ) -> Result<AttentionPath> {
-    let pq = check_queries(config, options, q, &[q, &kv.k_pages, &kv.v_pages], out, lse.as_deref())?;
+    let pq = check_queries(
+        config,
+        options,
+        q,
+        &[q, &kv.k_pages, &kv.v_pages],
+        out,
+        lse.as_deref(),
+    )?;
     on_host("cu_seqlens_q", cu_seqlens_q)?;
     let g = check_pages(config, q, kv)?;
     let offs = crate::varlen::read_offsets(
@@ -319,7 +366,10 @@ pub(super) fn forward_paged_varlen(
     if offs.len() != g.batch + 1 {
         return Err(AttentionError::shape(
             "cu_seqlens_q",
-            format!("[{}] (one more than the block table's sequences)", g.batch + 1),
+            format!(
+                "[{}] (one more than the block table's sequences)",
+                g.batch + 1
+            ),
             format!("[{}]", offs.len()),
         ));
     }
@@ -346,7 +396,17 @@ pub(super) fn forward_paged_varlen(
             paging: Some((paging, &g.table[b * mp..(b + 1) * mp])),
         };
         let lse_b = lv.as_mut().map(|(l, st)| (l, *st));
-        attend(&p, os, options, &qv, keys, &mut ov, lse_b, isa, min_split_keys)?;
+        attend(
+            &p,
+            os,
+            options,
+            &qv,
+            keys,
+            &mut ov,
+            lse_b,
+            isa,
+            min_split_keys,
+        )?;
     }
     Ok(AttentionPath::Cpu)
 }
