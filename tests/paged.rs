@@ -443,3 +443,104 @@ fn the_gpu_backend_refuses_paged_calls_with_the_reason() {
         "{e}"
     );
 }
+
+/// Attention of fixed queries over sequence `b` of `cache` (all sequences computed).
+fn attend_cache(cache: &KvCache, b: usize) -> Vec<f32> {
+    let cfg = config(true, Layout::Bshd);
+    let n = cache.batch();
+    // The same queries for every sequence, so that sequences holding the same tokens
+    // give the same rows.
+    let one = random_values(2 * H * D, 77);
+    let q = DeviceTensor::from_f32(&one.repeat(n), &[n, 2, H, D], DType::F32, Device::Cpu).unwrap();
+    let mut out = DeviceTensor::zeros(&[n, 2, H, D], DType::F32, Device::Cpu).unwrap();
+    let view = cache.paged_view().unwrap();
+    CpuAttentionBackend
+        .forward_paged(&cfg, &AttentionOptions::new(), &q, &view, &mut out, None)
+        .unwrap();
+    out.narrow(0, b, 1).unwrap().to_f32_vec().unwrap()
+}
+
+fn tokens(n: usize, seed: u64) -> (DeviceTensor, DeviceTensor) {
+    (
+        random_tensor(&[2, n, HKV, D], DType::F32, Device::Cpu, seed),
+        random_tensor(&[2, n, HKV, D], DType::F32, Device::Cpu, seed + 1),
+    )
+}
+
+#[test]
+fn fork_shares_pages_and_copies_on_write() {
+    for layout in [Some(4), None] {
+        let s = spec(2, HKV, D, 40, DType::F32);
+        let mut cache = match layout {
+            Some(p) => KvCache::paged(s, p, 12, Device::Cpu).unwrap(),
+            None => {
+                KvCache::contiguous(s, forge_attn::KvCacheLayout::Contiguous, Device::Cpu).unwrap()
+            }
+        };
+        let (k, v) = tokens(10, 81);
+        cache.append_ragged(&k, &v, &[10, 0]).unwrap();
+        let used = cache.pages_used();
+        let before = attend_cache(&cache, 0);
+        cache.fork(0, 1).unwrap();
+        assert_eq!(cache.lengths(), &[10, 10]);
+        // Shared, not copied.
+        assert_eq!(cache.pages_used(), used);
+        assert_eq!(attend_cache(&cache, 1), before);
+        // The fork writes into the shared half-full page: it is copied first.
+        let (k2, v2) = tokens(5, 83);
+        cache.append_ragged(&k2, &v2, &[0, 5]).unwrap();
+        assert_eq!(attend_cache(&cache, 0), before);
+        assert_ne!(attend_cache(&cache, 1), before);
+        if layout.is_some() {
+            // One copied page plus one new page for tokens 12..15.
+            assert_eq!(cache.pages_used(), used + 2);
+        }
+        // The source appending leaves the fork alone too.
+        let fork_out = attend_cache(&cache, 1);
+        cache.append_ragged(&k2, &v2, &[3, 0]).unwrap();
+        assert_eq!(attend_cache(&cache, 1), fork_out);
+        assert_eq!(cache.lengths(), &[13, 15]);
+        let e = cache.fork(1, 1).unwrap_err();
+        assert!(matches!(e, AttentionError::ShapeMismatch { .. }), "{e}");
+        let e = cache.fork(0, 2).unwrap_err();
+        assert!(e.to_string().contains("below 2"), "{e}");
+    }
+}
+
+#[test]
+fn free_and_truncate_return_pages_for_reuse() {
+    let s = spec(2, HKV, D, 40, DType::F32);
+    let mut cache = KvCache::paged(s, 4, 10, Device::Cpu).unwrap();
+    let (k, v) = tokens(20, 91);
+    cache.append_ragged(&k, &v, &[20, 20]).unwrap();
+    assert_eq!(cache.pages_used(), 10);
+    // The pool is full; freeing sequence 0 makes room for sequence 1 to grow.
+    assert!(matches!(
+        cache.append_ragged(&k, &v, &[0, 1]),
+        Err(AttentionError::CapacityExceeded(_))
+    ));
+    cache.free(0).unwrap();
+    assert_eq!((cache.lengths(), cache.pages_used()), (&[0, 20][..], 5));
+    cache.append_ragged(&k, &v, &[0, 20]).unwrap();
+    assert_eq!((cache.lengths(), cache.pages_used()), (&[0, 40][..], 10));
+    // Truncating keeps the first tokens: attention equals a cache built with them alone.
+    cache.truncate(1, 13).unwrap();
+    assert_eq!((cache.lengths()[1], cache.pages_used()), (13, 4));
+    let mut fresh = KvCache::paged(s, 4, 10, Device::Cpu).unwrap();
+    fresh.append_ragged(&k, &v, &[0, 13]).unwrap();
+    assert_eq!(attend_cache(&cache, 1), attend_cache(&fresh, 1));
+    let e = cache.truncate(1, 14).unwrap_err();
+    assert!(e.to_string().contains("at most its 13 tokens"), "{e}");
+    assert!(cache.truncate(2, 0).is_err());
+    assert_eq!(cache.lengths(), &[0, 13]);
+    // Contiguous caches truncate and free too.
+    let mut c = KvCache::contiguous(s, forge_attn::KvCacheLayout::Contiguous, Device::Cpu).unwrap();
+    c.append_ragged(&k, &v, &[20, 7]).unwrap();
+    c.truncate(0, 13).unwrap();
+    c.free(1).unwrap();
+    assert_eq!(c.lengths(), &[13, 0]);
+    let mut fresh2 =
+        KvCache::contiguous(s, forge_attn::KvCacheLayout::Contiguous, Device::Cpu).unwrap();
+    fresh2.append_ragged(&k, &v, &[13, 0]).unwrap();
+    assert_eq!(attend_cache(&c, 0), attend_cache(&fresh2, 0));
+}
