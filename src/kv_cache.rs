@@ -73,7 +73,7 @@ impl PageAlloc {
     /// plus one when it writes into a shared page (copy on write).
     fn needed(&self, b: usize, len: usize, count: usize, ps: usize) -> usize {
         let fresh = (len + count).div_ceil(ps) - len.div_ceil(ps);
-        let cow = count > 0 && len % ps != 0 && self.refs[self.rows[b][len / ps]] > 1;
+        let cow = count > 0 && !len.is_multiple_of(ps) && self.refs[self.rows[b][len / ps]] > 1;
         fresh + usize::from(cow)
     }
 
@@ -630,7 +630,7 @@ impl KvCache {
                     let ps = p.page_size;
                     for (b, &count) in counts.iter().enumerate() {
                         let len = self.lengths[b];
-                        if count > 0 && len % ps != 0 {
+                        if count > 0 && !len.is_multiple_of(ps) {
                             let last = a.rows[b][len / ps];
                             if a.refs[last] > 1 {
                                 // reserve() counted this page.

@@ -219,7 +219,7 @@ impl PagedKv {
                 format!("{:?}", self.seq_lens.shape()),
             ));
         }
-        let most = max_pages.checked_mul(self.page_size).unwrap_or(usize::MAX);
+        let most = max_pages.saturating_mul(self.page_size);
         let raw_lens = self.seq_lens.to_host::<i32>()?;
         let table = self.block_table.to_host::<i32>()?;
         let mut lens = Vec::with_capacity(batch);

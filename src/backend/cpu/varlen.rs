@@ -276,6 +276,7 @@ fn check_pages(config: &AttentionConfig, q: &DeviceTensor, kv: &PagedKv) -> Resu
 }
 
 /// `forward_paged` of the CPU backend.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn forward_paged(
     config: &AttentionConfig,
     options: &AttentionOptions,
