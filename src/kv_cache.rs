@@ -73,7 +73,11 @@ impl PageAlloc {
     /// plus one when it writes into a shared page (copy on write).
     fn needed(&self, b: usize, len: usize, count: usize, ps: usize) -> usize {
         let fresh = (len + count).div_ceil(ps) - len.div_ceil(ps);
-        let cow = count > 0 && !len.is_multiple_of(ps) && self.refs[self.rows[b][len / ps]] > 1;
+        let cow = count > 0
+            && !len.is_multiple_of(ps)
+            && self.rows[b]
+                .get(len / ps)
+                .is_some_and(|&p| self.refs[p] > 1);
         fresh + usize::from(cow)
     }
 
@@ -631,8 +635,8 @@ impl KvCache {
                     for (b, &count) in counts.iter().enumerate() {
                         let len = self.lengths[b];
                         if count > 0 && !len.is_multiple_of(ps) {
-                            let last = a.rows[b][len / ps];
-                            if a.refs[last] > 1 {
+                            let last = a.rows[b].get(len / ps).copied();
+                            if let Some(last) = last.filter(|&p| a.refs[p] > 1) {
                                 // reserve() counted this page.
                                 let fresh = a.free.pop().ok_or_else(|| pool_empty(p.num_pages))?;
                                 a.refs[last] -= 1;
