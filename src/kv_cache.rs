@@ -12,6 +12,7 @@ use crate::dtype::DType;
 use crate::error::{AttentionError, Result};
 use crate::kernels::abi::{AppendParams, TokenStrides};
 use crate::kernels::catalog;
+use crate::paged::{PageLayout, PagedKv};
 use crate::problem::{AttentionProblem, CachedKeys, HeadStrides};
 use crate::tensor::{check_usable, try_host_vec, DeviceTensor, HostAccess};
 
@@ -42,6 +43,54 @@ struct Paging {
     block_table: DeviceTensor,
     /// One i32: the next free page.
     pool_next: DeviceTensor,
+    /// Host-side page allocation (caches on the CPU); `None`: the device counter
+    /// `pool_next` hands out pages and none is ever reused.
+    alloc: Option<PageAlloc>,
+}
+
+/// Reference-counted pages of a host cache: a page shared by forked sequences is freed
+/// when its last holder lets go, and copied before an append writes into it.
+#[derive(Debug, Clone)]
+struct PageAlloc {
+    /// Holders of each page.
+    refs: Vec<u32>,
+    /// Free pages, the next one last.
+    free: Vec<usize>,
+    /// Pages of each sequence, in order (the block table's used entries).
+    rows: Vec<Vec<usize>>,
+}
+
+impl PageAlloc {
+    fn new(num_pages: usize, batch: usize) -> Self {
+        PageAlloc {
+            refs: vec![0; num_pages],
+            free: (0..num_pages).rev().collect(),
+            rows: vec![Vec::new(); batch],
+        }
+    }
+
+    /// Pages an append of `count` tokens to a sequence holding `len` needs: the new pages,
+    /// plus one when it writes into a shared page (copy on write).
+    fn needed(&self, b: usize, len: usize, count: usize, ps: usize) -> usize {
+        let fresh = (len + count).div_ceil(ps) - len.div_ceil(ps);
+        let cow = count > 0
+            && !len.is_multiple_of(ps)
+            && self.rows[b]
+                .get(len / ps)
+                .is_some_and(|&p| self.refs[p] > 1);
+        fresh + usize::from(cow)
+    }
+
+    /// Drops sequence `b`'s pages past the first `keep`.
+    fn release(&mut self, b: usize, keep: usize) {
+        let keep = keep.min(self.rows[b].len());
+        for page in self.rows[b].drain(keep..) {
+            self.refs[page] -= 1;
+            if self.refs[page] == 0 {
+                self.free.push(page);
+            }
+        }
+    }
 }
 
 /// One layer's K and V for a batch of sequences, on one device.
@@ -78,6 +127,11 @@ pub struct KvCacheSpec {
     pub capacity: usize,
     /// Element type.
     pub dtype: DType,
+}
+
+/// The pool ran dry although `reserve` counted the pages: a broken invariant, reported.
+fn pool_empty(num_pages: usize) -> AttentionError {
+    AttentionError::CapacityExceeded(format!("page pool of {num_pages} pages exhausted"))
 }
 
 fn bad(field: &'static str, reason: String) -> AttentionError {
@@ -224,6 +278,8 @@ impl KvCache {
             pages_used: 0,
             block_table: place.zeros(&[spec.batch, max_pages], DType::I32)?,
             pool_next: place.zeros(&[1], DType::I32)?,
+            alloc: matches!(place, Place::Device(Device::Cpu))
+                .then(|| PageAlloc::new(num_pages, spec.batch)),
         };
         Self::with_storage(spec, KvCacheLayout::BlockSparse, shape, Some(paging), place)
     }
@@ -422,9 +478,12 @@ impl KvCache {
                     self.capacity
                 )));
             }
-            if let (Some(p), Some(end)) = (&self.paging, end) {
+            if let (Some(p), Some(_)) = (&self.paging, end) {
                 // end <= capacity <= i32::MAX: these sums cannot overflow.
-                new_pages += end.div_ceil(p.page_size) - len.div_ceil(p.page_size);
+                new_pages += match &p.alloc {
+                    Some(a) => a.needed(b, len, c, p.page_size),
+                    None => (len + c).div_ceil(p.page_size) - len.div_ceil(p.page_size),
+                };
             }
         }
         if let Some(p) = &self.paging {
@@ -443,9 +502,16 @@ impl KvCache {
     pub(crate) fn commit(&mut self, counts: &[usize]) {
         for (len, &c) in self.lengths.iter_mut().zip(counts) {
             if let Some(p) = &mut self.paging {
-                p.pages_used += (*len + c).div_ceil(p.page_size) - len.div_ceil(p.page_size);
+                if p.alloc.is_none() {
+                    p.pages_used += (*len + c).div_ceil(p.page_size) - len.div_ceil(p.page_size);
+                }
             }
             *len += c;
+        }
+        if let Some(p) = &mut self.paging {
+            if let Some(a) = &p.alloc {
+                p.pages_used = p.num_pages - a.free.len();
+            }
         }
     }
 
@@ -559,6 +625,41 @@ impl KvCache {
             None => vec![n; self.batch],
         };
         let c = self.cache_strides();
+        // Host-allocated pages: each sequence's pages for the new tokens are taken (and a
+        // shared page it writes into is replaced by a copy) before any token is written.
+        let mut cow: Vec<(usize, usize, usize)> = Vec::new(); // (old page, new page, rows)
+        let host_alloc = match &mut self.paging {
+            Some(p) => match &mut p.alloc {
+                Some(a) => {
+                    let ps = p.page_size;
+                    for (b, &count) in counts.iter().enumerate() {
+                        let len = self.lengths[b];
+                        if count > 0 && !len.is_multiple_of(ps) {
+                            let last = a.rows[b].get(len / ps).copied();
+                            if let Some(last) = last.filter(|&p| a.refs[p] > 1) {
+                                // reserve() counted this page.
+                                let fresh = a.free.pop().ok_or_else(|| pool_empty(p.num_pages))?;
+                                a.refs[last] -= 1;
+                                a.refs[fresh] = 1;
+                                a.rows[b][len / ps] = fresh;
+                                cow.push((last, fresh, len % ps));
+                            }
+                        }
+                        while a.rows[b].len() < (len + count).div_ceil(ps) {
+                            let fresh = a.free.pop().ok_or_else(|| pool_empty(p.num_pages))?;
+                            a.refs[fresh] = 1;
+                            a.rows[b].push(fresh);
+                        }
+                    }
+                    true
+                }
+                None => false,
+            },
+            None => false,
+        };
+        if host_alloc {
+            self.write_table_rows()?;
+        }
         let pages = self
             .paging
             .as_ref()
@@ -583,6 +684,19 @@ impl KvCache {
             .as_ref()
             .and_then(|p| p.block_table.host_ptr())
             .map(|p| p as *mut i32);
+        for &(old, new, rows) in &cow {
+            for h in 0..self.num_kv_heads {
+                let (src, dst) = (old * c.batch + h * c.head, new * c.batch + h * c.head);
+                for r in 0..rows {
+                    let (s, d) = ((src + r * c.seq) * es, (dst + r * c.seq) * es);
+                    // SAFETY: two distinct pages of the pool, rows below the page size.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(kc.add(s), kc.add(d), self.head_dim * es);
+                        std::ptr::copy_nonoverlapping(vc.add(s), vc.add(d), self.head_dim * es);
+                    }
+                }
+            }
+        }
         for (b, &count) in counts.iter().enumerate() {
             let start = self.lengths[b];
             for t in 0..count {
@@ -591,7 +705,7 @@ impl KvCache {
                     (Some((ps, maxp, _)), Some(tab)) => {
                         // SAFETY: pos < capacity, so the entry lies in row b of the table.
                         let entry = unsafe { tab.add(b * maxp + pos / ps) };
-                        if pos.is_multiple_of(ps) {
+                        if pos.is_multiple_of(ps) && !host_alloc {
                             unsafe { *entry = next_page as i32 };
                             next_page += 1;
                         }
@@ -646,6 +760,160 @@ impl KvCache {
         let len = self.common_length("dense views need")?;
         let view = |t: &DeviceTensor| t.narrow(2, 0, len)?.permute(&[0, 2, 1, 3]);
         Ok((view(&self.k)?, view(&self.v)?))
+    }
+
+    /// Writes the used block-table entries of a host-allocated cache from its allocator
+    /// (the caller holds the host access to the table, or no one else can reach it).
+    fn write_table_rows(&mut self) -> Result<()> {
+        let Some(p) = &self.paging else { return Ok(()) };
+        let (Some(a), Some(t)) = (&p.alloc, p.block_table.host_ptr()) else {
+            return Ok(());
+        };
+        let t = t as *mut i32;
+        for (b, row) in a.rows.iter().enumerate() {
+            for (i, &page) in row.iter().enumerate() {
+                // SAFETY: b < batch and i < max_pages (a row holds at most
+                // capacity / page_size pages, rounded up); page ids are below num_pages.
+                unsafe { *t.add(b * p.max_pages + i) = page as i32 };
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets sequence `b`'s length, host mirror and device tensor (one small upload on a GPU).
+    fn set_length(&mut self, b: usize, len: usize) -> Result<()> {
+        let value = [len as i32];
+        let src = match self.seq_lens.stream() {
+            Some(s) => DeviceTensor::from_host_on(&value, &[1], &s)?,
+            None => DeviceTensor::from_host(&value, &[1], self.device())?,
+        };
+        self.seq_lens.narrow(0, b, 1)?.copy_from(&src)?;
+        self.lengths[b] = len;
+        Ok(())
+    }
+
+    fn check_seq(&self, what: &str, b: usize) -> Result<()> {
+        if b >= self.batch {
+            return Err(AttentionError::shape(
+                what,
+                format!("a sequence index below {}", self.batch),
+                b,
+            ));
+        }
+        Ok(())
+    }
+
+    /// Keeps the first `len` tokens of sequence `b` (at most its length). On a host
+    /// (CPU) paged cache the pages past them go back to the pool (a page another sequence
+    /// shares stays with it); a GPU paged cache hands out pages from a device counter that
+    /// never reuses one, so its pages past `len` stay taken. Refusals (nothing changes):
+    /// `b` out of range or `len` above the length (`ShapeMismatch`).
+    pub fn truncate(&mut self, b: usize, len: usize) -> Result<()> {
+        self.check_seq("truncate sequence", b)?;
+        if len > self.lengths[b] {
+            return Err(AttentionError::shape(
+                format!("truncate length of sequence {b}"),
+                format!("at most its {} tokens", self.lengths[b]),
+                len,
+            ));
+        }
+        self.set_length(b, len)?;
+        if let Some(p) = &mut self.paging {
+            if let Some(a) = &mut p.alloc {
+                a.release(b, len.div_ceil(p.page_size));
+                p.pages_used = p.num_pages - a.free.len();
+            }
+        }
+        Ok(())
+    }
+
+    /// Empties sequence `b`: [`truncate`](Self::truncate) to 0 tokens (on a host paged
+    /// cache, its pages are free for any sequence's next append).
+    pub fn free(&mut self, b: usize) -> Result<()> {
+        self.truncate(b, 0)
+    }
+
+    /// Makes sequence `dst` a copy of sequence `src` (`dst`'s own tokens are dropped
+    /// first). A host (CPU) paged cache shares `src`'s pages with `dst` (reference
+    /// counted, no copy); an append to either that would write into a shared page copies
+    /// that page first, so neither sees the other's new tokens. A contiguous cache copies
+    /// the tokens into `dst`'s rows (on a GPU, a device copy). Refusals (nothing changes):
+    /// an index out of range or `src == dst` (`ShapeMismatch`); a GPU paged cache, whose
+    /// pages come from a device counter that cannot share them (`NotSupported`).
+    pub fn fork(&mut self, src: usize, dst: usize) -> Result<()> {
+        self.check_seq("fork source", src)?;
+        self.check_seq("fork destination", dst)?;
+        if src == dst {
+            return Err(AttentionError::shape(
+                "fork destination",
+                format!("a sequence other than the source {src}"),
+                dst,
+            ));
+        }
+        if self.paging.as_ref().is_some_and(|p| p.alloc.is_none()) {
+            return Err(AttentionError::NotSupported {
+                backend: "kv cache".into(),
+                reason: format!(
+                    "fork on a paged cache on {}: its pages come from a device counter that cannot share or reuse them",
+                    self.device()
+                ),
+            });
+        }
+        let len = self.lengths[src];
+        match &mut self.paging {
+            Some(p) => {
+                let Some(a) = &mut p.alloc else {
+                    return Ok(());
+                };
+                a.release(dst, 0);
+                let shared = a.rows[src].clone();
+                for &page in &shared {
+                    a.refs[page] += 1;
+                }
+                a.rows[dst] = shared;
+                p.pages_used = p.num_pages - a.free.len();
+                self.write_table_rows()?;
+            }
+            None => {
+                // [B, Hkv, capacity, D]: the first `len` positions of the source slot.
+                for t in [&self.k, &self.v] {
+                    let from = t.narrow(0, src, 1)?.narrow(2, 0, len)?;
+                    let mut to = t.narrow(0, dst, 1)?.narrow(2, 0, len)?;
+                    to.copy_from(&from)?;
+                }
+            }
+        }
+        self.set_length(dst, len)
+    }
+
+    /// The cache as a [`PagedKv`] over its own storage (no copy of K or V), for
+    /// [`DeviceAttentionBackend::forward_paged`](crate::DeviceAttentionBackend::forward_paged):
+    /// a paged cache gives its pool ([`PageLayout::Hnd`]), block table and lengths; a
+    /// contiguous one gives each sequence as one page of `capacity` tokens (a new
+    /// `[B, 1]` block table `0..B`, uploaded to the cache's device). The view shares the
+    /// lengths tensor: an append to the cache shows in it, but its page count and table
+    /// are those of the moment it was made.
+    pub fn paged_view(&self) -> Result<PagedKv> {
+        let (block_table, page_size) = match &self.paging {
+            Some(p) => (p.block_table.clone(), p.page_size),
+            None => {
+                // batch <= i32::MAX (check_spec).
+                let ids: Vec<i32> = (0..self.batch as i32).collect();
+                let t = match self.k.stream() {
+                    Some(s) => DeviceTensor::from_host_on(&ids, &[self.batch, 1], &s)?,
+                    None => DeviceTensor::from_host(&ids, &[self.batch, 1], self.device())?,
+                };
+                (t, self.capacity)
+            }
+        };
+        Ok(PagedKv {
+            k_pages: self.k.clone(),
+            v_pages: self.v.clone(),
+            block_table,
+            seq_lens: self.seq_lens.clone(),
+            page_size,
+            layout: PageLayout::Hnd,
+        })
     }
 
     /// Downloads the cache as dense host tensors `[B, L, Hkv, D]` (BSHD) on
@@ -722,6 +990,7 @@ impl KvCache {
                 pages_used: p.pages_used,
                 block_table: copy(&p.block_table)?,
                 pool_next: copy(&p.pool_next)?,
+                alloc: p.alloc.clone(),
             }),
             None => None,
         };

@@ -54,6 +54,7 @@ pub mod kernels;
 pub mod kv_cache;
 pub mod legacy;
 pub mod options;
+pub mod paged;
 /// Validated call shapes shared by the backends. Internal: public for the crate's own
 /// tests, not a stable API (it may change in any release).
 #[doc(hidden)]
@@ -62,6 +63,7 @@ pub mod problem;
 #[cfg(any(test, feature = "reference"))]
 pub mod reference;
 pub mod tensor;
+pub mod varlen;
 
 pub use backend::cpu::CpuAttentionBackend;
 pub use backend::gpu::GpuAttentionBackend;
@@ -76,7 +78,9 @@ pub use legacy::{
     PathRecorder, SkipReason, Skipped,
 };
 pub use options::{merge_states, AttentionOptions, MAX_WINDOW};
+pub use paged::{PageLayout, PagedGeometry, PagedKv};
 /// Internal, not a stable API (see [`problem`]).
 #[doc(hidden)]
 pub use problem::AttentionProblem;
 pub use tensor::{BorrowScope, DeviceTensor, MemoryOwner};
+pub use varlen::{VarlenBatch, VarlenOffsets};

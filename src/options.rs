@@ -179,7 +179,12 @@ pub(crate) struct LseStrides {
 }
 
 /// An f32 `[heads]` tensor on `device`.
-fn check_per_head(what: &str, t: &DeviceTensor, heads: usize, device: Device) -> Result<()> {
+pub(crate) fn check_per_head(
+    what: &str,
+    t: &DeviceTensor,
+    heads: usize,
+    device: Device,
+) -> Result<()> {
     if t.dtype() != DType::F32 {
         return Err(AttentionError::DTypeMismatch {
             what: what.into(),

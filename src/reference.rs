@@ -9,6 +9,7 @@
 //! data without extra crates.
 
 use crate::config::{AttentionConfig, Layout};
+use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::Result;
 use crate::options::AttentionOptions;
@@ -305,4 +306,243 @@ pub fn random_values(n: usize, seed: u64) -> Vec<f32> {
             (z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
         })
         .collect()
+}
+
+/// The options with their per-head tensors copied to the host (as f32), so that the
+/// per-sequence host tensors of the reference can take them.
+fn host_options(options: &AttentionOptions) -> Result<AttentionOptions> {
+    let host = |t: &Option<DeviceTensor>| -> Result<Option<DeviceTensor>> {
+        t.as_ref()
+            .map(|t| DeviceTensor::from_f32(&t.to_f32_vec()?, t.shape(), DType::F32, Device::Cpu))
+            .transpose()
+    };
+    let mut o = options.clone();
+    o.alibi_slopes = host(&options.alibi_slopes)?;
+    o.sinks = host(&options.sinks)?;
+    Ok(o)
+}
+
+/// One sequence of `nq` queries (`q`: `[nq, H, D]` row-major) against `nk` keys (`k`, `v`:
+/// `[nk, Hkv, D]` row-major) by [`attention_f64_with`]; a sequence with no key gives zeros
+/// with log-sum-exp `-inf` (the head's sink with sinks). Returns `[nq, H, D]` and
+/// `[H, nq]`.
+fn one_sequence(
+    config: &AttentionConfig,
+    options: &AttentionOptions,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    nq: usize,
+    nk: usize,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let (h, hkv, d) = (config.num_heads, config.num_kv_heads, config.head_dim);
+    if nk == 0 {
+        let sinks = options.sinks.as_ref().map(|s| s.to_f32_vec()).transpose()?;
+        let lse = (0..h * nq)
+            .map(|i| {
+                sinks
+                    .as_ref()
+                    .map_or(f64::NEG_INFINITY, |s| s[i / nq] as f64)
+            })
+            .collect();
+        return Ok((vec![0.0; nq * h * d], lse));
+    }
+    let cfg = config
+        .clone()
+        .with_layout(Layout::Bshd)
+        .with_max_sequence_length(nq.max(nk));
+    let t = |x: &[f32], shape: &[usize]| DeviceTensor::from_f32(x, shape, DType::F32, Device::Cpu);
+    let qt = t(q, &[1, nq, h, d])?;
+    let kt = t(k, &[1, nk, hkv, d])?;
+    let vt = t(v, &[1, nk, hkv, d])?;
+    attention_f64_with(&cfg, options, &qt, &kt, &vt, None)
+}
+
+/// Varlen attention in f64 (see [`crate::varlen`]): each sequence of the packed `q`
+/// (`[total_q, H, D]`), `k` and `v` (`[total_k, Hkv, D]`) gathered into dense host
+/// tensors and run by [`attention_f64_with`]. Returns the output `[total_q, H, D]` and
+/// the log-sum-exp `[H, total_q]`, row-major.
+pub fn varlen_attention_f64(
+    config: &AttentionConfig,
+    options: &AttentionOptions,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    batch: &crate::varlen::VarlenBatch,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let (h, hkv, d) = (config.num_heads, config.num_kv_heads, config.head_dim);
+    let (total_q, total_k) = (q.shape()[0], k.shape()[0]);
+    let offs = batch.validate(total_q, total_k, q.device())?;
+    let options = host_options(options)?;
+    let (qh, kh, vh) = (q.to_f32_vec()?, k.to_f32_vec()?, v.to_f32_vec()?);
+    let mut out = vec![0.0; total_q * h * d];
+    let mut lse = vec![f64::NEG_INFINITY; h * total_q];
+    for b in 0..offs.batch() {
+        let (qr, kr) = (offs.q_range(b), offs.k_range(b));
+        if qr.is_empty() {
+            continue;
+        }
+        let (o, l) = one_sequence(
+            config,
+            &options,
+            &qh[qr.start * h * d..qr.end * h * d],
+            &kh[kr.start * hkv * d..kr.end * hkv * d],
+            &vh[kr.start * hkv * d..kr.end * hkv * d],
+            qr.len(),
+            kr.len(),
+        )?;
+        out[qr.start * h * d..qr.end * h * d].copy_from_slice(&o);
+        for hh in 0..h {
+            let dst = &mut lse[hh * total_q + qr.start..hh * total_q + qr.end];
+            dst.copy_from_slice(&l[hh * qr.len()..(hh + 1) * qr.len()]);
+        }
+    }
+    Ok((out, lse))
+}
+
+/// The held tokens of sequence `b` of `kv`, gathered through its block table: K and V as
+/// `[len, Hkv, D]` row-major.
+fn gather_sequence(
+    kv: &crate::paged::PagedKv,
+    g: &crate::paged::PagedGeometry,
+    k: &[f32],
+    v: &[f32],
+    b: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let (hkv, d, ps) = (g.num_kv_heads, g.head_dim, kv.page_size);
+    let len = g.lens[b];
+    let (mut kd, mut vd) = (vec![0.0; len * hkv * d], vec![0.0; len * hkv * d]);
+    for j in 0..len {
+        let (page, pos) = g.locate(b, j, ps);
+        for hh in 0..hkv {
+            // Row-major offsets in the pool's logical shape.
+            let src = match kv.layout {
+                crate::paged::PageLayout::Nhd => ((page * ps + pos) * hkv + hh) * d,
+                crate::paged::PageLayout::Hnd => ((page * hkv + hh) * ps + pos) * d,
+            };
+            let dst = (j * hkv + hh) * d;
+            kd[dst..dst + d].copy_from_slice(&k[src..src + d]);
+            vd[dst..dst + d].copy_from_slice(&v[src..src + d]);
+        }
+    }
+    (kd, vd)
+}
+
+/// Paged attention in f64 (see [`crate::paged`]): `q` `[B, Sq, H, D]` (or `[B, H, Sq, D]`
+/// with `Layout::Bhsd`), each sequence's held tokens gathered through the block table and
+/// run by [`attention_f64_with`] (bottom-right causal at the sequence's own length; a
+/// sequence holding none gives zeros). Returns the output in `q`'s logical shape and the
+/// log-sum-exp `[B, H, Sq]`, row-major.
+pub fn paged_attention_f64(
+    config: &AttentionConfig,
+    options: &AttentionOptions,
+    q: &DeviceTensor,
+    kv: &crate::paged::PagedKv,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let g = kv.validate()?;
+    let (h, d) = (config.num_heads, config.head_dim);
+    let sh = q.shape();
+    let (bq, sq) = match config.layout {
+        Layout::Bshd => (sh[0], sh[1]),
+        Layout::Bhsd => (sh[0], sh[2]),
+    };
+    if bq != g.batch || q.rank() != 4 {
+        return Err(crate::error::AttentionError::shape(
+            "q batch (the block table's sequences)",
+            g.batch,
+            format!("{sh:?}"),
+        ));
+    }
+    let options = host_options(options)?;
+    let (qh, kh, vh) = (
+        q.to_f32_vec()?,
+        kv.k_pages.to_f32_vec()?,
+        kv.v_pages.to_f32_vec()?,
+    );
+    // Offset of (b, i, head) in q's logical order.
+    let at = |b: usize, i: usize, hh: usize| match config.layout {
+        Layout::Bshd => ((b * sq + i) * h + hh) * d,
+        Layout::Bhsd => ((b * h + hh) * sq + i) * d,
+    };
+    let mut out = vec![0.0; bq * sq * h * d];
+    let mut lse = vec![f64::NEG_INFINITY; bq * h * sq];
+    for b in 0..bq {
+        let mut qb = vec![0.0; sq * h * d];
+        for i in 0..sq {
+            for hh in 0..h {
+                let dst = (i * h + hh) * d;
+                qb[dst..dst + d].copy_from_slice(&qh[at(b, i, hh)..at(b, i, hh) + d]);
+            }
+        }
+        let (kd, vd) = gather_sequence(kv, &g, &kh, &vh, b);
+        let (o, l) = one_sequence(config, &options, &qb, &kd, &vd, sq, g.lens[b])?;
+        for i in 0..sq {
+            for hh in 0..h {
+                let src = (i * h + hh) * d;
+                out[at(b, i, hh)..at(b, i, hh) + d].copy_from_slice(&o[src..src + d]);
+            }
+        }
+        lse[b * h * sq..(b + 1) * h * sq].copy_from_slice(&l);
+    }
+    Ok((out, lse))
+}
+
+/// [`paged_attention_f64`] with packed queries (`q` `[total_q, H, D]`, sequence `b`
+/// owning rows `cu_seqlens_q[b] .. cu_seqlens_q[b + 1]`). Returns the output
+/// `[total_q, H, D]` and the log-sum-exp `[H, total_q]`, row-major.
+pub fn paged_varlen_attention_f64(
+    config: &AttentionConfig,
+    options: &AttentionOptions,
+    q: &DeviceTensor,
+    cu_seqlens_q: &DeviceTensor,
+    kv: &crate::paged::PagedKv,
+) -> Result<(Vec<f64>, Vec<f64>)> {
+    let g = kv.validate()?;
+    let (h, d) = (config.num_heads, config.head_dim);
+    let total_q = q.shape()[0];
+    let offs = crate::varlen::read_offsets(
+        "cu_seqlens_q",
+        cu_seqlens_q,
+        total_q,
+        "total_q",
+        total_q,
+        q.device(),
+    )?;
+    if offs.len() != g.batch + 1 {
+        return Err(crate::error::AttentionError::shape(
+            "cu_seqlens_q",
+            format!("[{}]", g.batch + 1),
+            format!("[{}]", offs.len()),
+        ));
+    }
+    let options = host_options(options)?;
+    let (qh, kh, vh) = (
+        q.to_f32_vec()?,
+        kv.k_pages.to_f32_vec()?,
+        kv.v_pages.to_f32_vec()?,
+    );
+    let mut out = vec![0.0; total_q * h * d];
+    let mut lse = vec![f64::NEG_INFINITY; h * total_q];
+    for b in 0..g.batch {
+        let (s, e) = (offs[b], offs[b + 1]);
+        if s == e {
+            continue;
+        }
+        let (kd, vd) = gather_sequence(kv, &g, &kh, &vh, b);
+        let (o, l) = one_sequence(
+            config,
+            &options,
+            &qh[s * h * d..e * h * d],
+            &kd,
+            &vd,
+            e - s,
+            g.lens[b],
+        )?;
+        out[s * h * d..e * h * d].copy_from_slice(&o);
+        for hh in 0..h {
+            lse[hh * total_q + s..hh * total_q + e]
+                .copy_from_slice(&l[hh * (e - s)..(hh + 1) * (e - s)]);
+        }
+    }
+    Ok((out, lse))
 }

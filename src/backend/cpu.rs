@@ -45,6 +45,7 @@ use crate::tensor::DeviceTensor;
 
 mod cached;
 pub(crate) mod merge;
+mod varlen;
 
 /// Keys per tile at most (a multiple of [`NR`]).
 const BLOCK_K: usize = 64;
@@ -199,6 +200,68 @@ impl DeviceAttentionBackend for CpuAttentionBackend {
         )
     }
 
+    /// Each sequence over views of the packed operands (no copy), by the tiled task of
+    /// [`forward_with`](DeviceAttentionBackend::forward_with); a sequence with no key
+    /// gives zeros (and its sink, or `-inf`, as log-sum-exp), one with no query is skipped.
+    fn forward_varlen(
+        &self,
+        config: &AttentionConfig,
+        options: &AttentionOptions,
+        q: &DeviceTensor,
+        k: &DeviceTensor,
+        v: &DeviceTensor,
+        batch: &crate::varlen::VarlenBatch,
+        out: &mut DeviceTensor,
+        lse: Option<&mut DeviceTensor>,
+    ) -> Result<AttentionPath> {
+        varlen::forward_varlen(config, options, q, k, v, batch, out, lse, Tuning::detect())
+    }
+
+    /// K/V read through the block table in place (the tiles a task visits are gathered
+    /// page by page into its scratch), by the task of
+    /// [`forward_cached`](DeviceAttentionBackend::forward_cached): any page size, either
+    /// pool layout, any number of queries, every option.
+    fn forward_paged(
+        &self,
+        config: &AttentionConfig,
+        options: &AttentionOptions,
+        q: &DeviceTensor,
+        kv: &crate::paged::PagedKv,
+        out: &mut DeviceTensor,
+        lse: Option<&mut DeviceTensor>,
+    ) -> Result<AttentionPath> {
+        let (isa, split) = (Isa::detect(), cached::MIN_SPLIT_KEYS);
+        varlen::forward_paged(config, options, q, kv, out, lse, isa, split)
+    }
+
+    /// [`forward_paged`](DeviceAttentionBackend::forward_paged) one sequence at a time
+    /// over views of the packed queries.
+    fn forward_paged_varlen(
+        &self,
+        config: &AttentionConfig,
+        options: &AttentionOptions,
+        q: &DeviceTensor,
+        cu_seqlens_q: &DeviceTensor,
+        max_seqlen_q: usize,
+        kv: &crate::paged::PagedKv,
+        out: &mut DeviceTensor,
+        lse: Option<&mut DeviceTensor>,
+    ) -> Result<AttentionPath> {
+        let (isa, split) = (Isa::detect(), cached::MIN_SPLIT_KEYS);
+        varlen::forward_paged_varlen(
+            config,
+            options,
+            q,
+            cu_seqlens_q,
+            max_seqlen_q,
+            kv,
+            out,
+            lse,
+            isa,
+            split,
+        )
+    }
+
     /// Every option over every cache, as [`forward_with`](DeviceAttentionBackend::forward_with)
     /// runs them; each sequence's aligned diagonal is `i + L - Sq` for its own length `L`.
     fn forward_cached_with(
@@ -275,6 +338,39 @@ fn forward_opts(
             got: problem.device.to_string(),
         });
     }
+    execute(
+        &problem,
+        os,
+        options,
+        [q, k, v],
+        mask,
+        out,
+        lse.zip(lse_strides),
+        tuning,
+    )
+}
+
+/// Runs a validated dense call: `problem` (with `os`, the output strides) was checked
+/// against the operands, the options' per-head tensors and `lse` (with its strides) too.
+#[allow(clippy::too_many_arguments)]
+fn execute(
+    problem: &AttentionProblem,
+    os: HeadStrides,
+    options: &AttentionOptions,
+    [q, k, v]: [&DeviceTensor; 3],
+    mask: Option<&DeviceTensor>,
+    out: &mut DeviceTensor,
+    lse: Option<(&mut DeviceTensor, LseStrides)>,
+    tuning: Tuning,
+) -> Result<AttentionPath> {
+    let (lse, lse_strides) = match lse {
+        Some((l, st)) => (Some(l), Some(st)),
+        None => (None, None),
+    };
+    let mut inputs = vec![q, k, v];
+    inputs.extend(mask);
+    inputs.extend(options.alibi_slopes.as_ref());
+    inputs.extend(options.sinks.as_ref());
     let mut writes = vec![&*out];
     writes.extend(lse.as_deref());
     // Tasks write disjoint (batch, head, query) rows in parallel; that is only sound if
@@ -304,7 +400,7 @@ fn forward_opts(
             None => std::ptr::null_mut(),
         },
     };
-    let mut plan = Plan::new(&problem, os, tuning.shared_bytes);
+    let mut plan = Plan::new(problem, os, tuning.shared_bytes);
     // SAFETY: `options.check` checked the per-head tensors; `_access` covers them.
     plan.opts = unsafe { row_options(options, problem.num_heads, lse_strides) }?;
     // SAFETY: `problem` checked every operand's shape against the others and each view

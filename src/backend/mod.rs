@@ -5,8 +5,10 @@ use crate::device::Device;
 use crate::error::{AttentionError, Result};
 use crate::kv_cache::KvCache;
 use crate::options::{self, AttentionOptions};
+use crate::paged::PagedKv;
 use crate::problem::AttentionProblem;
 use crate::tensor::DeviceTensor;
+use crate::varlen::VarlenBatch;
 
 pub mod cpu;
 pub mod gpu;
@@ -207,6 +209,86 @@ pub trait DeviceAttentionBackend: Send + Sync {
             return Err(e);
         }
         self.forward_cached(config, q, cache, out)
+    }
+
+    /// Attention over a packed ragged batch (see [`crate::varlen`]): `q` `[total_q, H, D]`,
+    /// `k`/`v` `[total_k, Hkv, D]`, sequence `b` owning the rows `batch` gives it, each
+    /// sequence on its own with causal aligned bottom-right per sequence; `out` is shaped
+    /// like `q`; `lse`, when given, receives f32 `[H, total_q]` (natural log, packed like
+    /// the queries). `options` as in [`forward_with`](Self::forward_with);
+    /// `config.layout` does not apply (packed operands have one order) and
+    /// `config.max_sequence_length` does not bound the lengths (`batch`'s maxima do).
+    ///
+    /// Everything is checked before anything is written. The default refuses with
+    /// [`AttentionError::NotSupported`]; the CPU backend runs it.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_varlen(
+        &self,
+        config: &AttentionConfig,
+        options: &AttentionOptions,
+        q: &DeviceTensor,
+        k: &DeviceTensor,
+        v: &DeviceTensor,
+        batch: &VarlenBatch,
+        out: &mut DeviceTensor,
+        lse: Option<&mut DeviceTensor>,
+    ) -> Result<AttentionPath> {
+        let _ = (config, options, q, k, v, batch, out, lse);
+        Err(AttentionError::NotSupported {
+            backend: self.name().into(),
+            reason: "varlen (packed ragged) attention is not implemented on this backend".into(),
+        })
+    }
+
+    /// Attention of `q` (`[B, Sq, H, D]`, or `[B, H, Sq, D]` with `Layout::Bhsd`) over the
+    /// caller's pages `kv` (see [`crate::paged`]), into `out` shaped like `q`: any number
+    /// of queries per sequence (decode, speculative verification, chunked prefill), each
+    /// sequence over its own length `L` with causal aligned bottom-right (query `i` sees
+    /// key `j` iff `j <= i + L - Sq`); a sequence of length 0 gives zeros. `lse`, when
+    /// given, receives f32 `[B, H, Sq]`; `options` as in [`forward_with`](Self::forward_with).
+    ///
+    /// Everything is checked ([`PagedKv::validate`] included) before anything is written.
+    /// The default refuses with [`AttentionError::NotSupported`]; the CPU backend runs it.
+    fn forward_paged(
+        &self,
+        config: &AttentionConfig,
+        options: &AttentionOptions,
+        q: &DeviceTensor,
+        kv: &PagedKv,
+        out: &mut DeviceTensor,
+        lse: Option<&mut DeviceTensor>,
+    ) -> Result<AttentionPath> {
+        let _ = (config, options, q, kv, out, lse);
+        Err(AttentionError::NotSupported {
+            backend: self.name().into(),
+            reason: "paged attention over caller-owned pages is not implemented on this backend"
+                .into(),
+        })
+    }
+
+    /// [`forward_paged`](Self::forward_paged) with packed queries, for chunked prefill
+    /// mixed with decodes in one call: `q` `[total_q, H, D]`, sequence `b` owning query
+    /// rows `cu_seqlens_q[b] .. cu_seqlens_q[b + 1]` (I32 `[B + 1]` offsets as in
+    /// [`VarlenBatch`], at most `max_seqlen_q` each) against its `L` paged tokens, causal
+    /// aligned bottom-right; `lse` f32 `[H, total_q]`. The default refuses with
+    /// [`AttentionError::NotSupported`]; the CPU backend runs it.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_paged_varlen(
+        &self,
+        config: &AttentionConfig,
+        options: &AttentionOptions,
+        q: &DeviceTensor,
+        cu_seqlens_q: &DeviceTensor,
+        max_seqlen_q: usize,
+        kv: &PagedKv,
+        out: &mut DeviceTensor,
+        lse: Option<&mut DeviceTensor>,
+    ) -> Result<AttentionPath> {
+        let _ = (config, options, q, cu_seqlens_q, max_seqlen_q, kv, out, lse);
+        Err(AttentionError::NotSupported {
+            backend: self.name().into(),
+            reason: "paged attention with packed queries is not implemented on this backend".into(),
+        })
     }
 
     /// Computes attention into a newly allocated output shaped like `q`.

@@ -60,25 +60,89 @@ pub(super) fn forward(
         }
     }
     let (p, os) = cache.problem(config, q, out, 0)?;
-    let lens = cache.lengths();
     let parts = cache.raw_parts();
-
-    let mut reads = vec![q, parts.k, parts.v];
-    reads.extend(parts.block_table);
-    reads.extend(options.alibi_slopes.as_ref());
-    reads.extend(options.sinks.as_ref());
-    let mut others = reads.clone();
+    let mut others = vec![q, parts.k, parts.v];
+    others.extend(parts.block_table);
+    others.extend(options.alibi_slopes.as_ref());
+    others.extend(options.sinks.as_ref());
     others.push(&*out);
     let lse_strides = options.check(&p, lse.as_deref(), &others)?;
-    if let Some(i) = reads[3..].iter().position(|t| out.may_overlap(t)) {
+    if let Some(i) = others[3..others.len() - 1]
+        .iter()
+        .position(|t| out.may_overlap(t))
+    {
         return Err(AttentionError::UnsupportedLayout {
             what: "out".into(),
             reason: format!("overlaps per-head option tensor {i}; give it its own memory"),
         });
     }
+    // A host copy of the (small) table: checked once, read by every task.
+    let table = parts.block_table.map(|t| t.to_host::<i32>()).transpose()?;
+    if let Some(ids) = &table {
+        check_pages(
+            ids,
+            cache.lengths(),
+            parts.page_size,
+            parts.max_pages,
+            parts.num_pages,
+        )?;
+    }
+    let keys = Keys {
+        k: parts.k,
+        v: parts.v,
+        lens: cache.lengths(),
+        paging: table.as_deref().map(|t| {
+            let pg = Paging {
+                page_size: parts.page_size,
+                max_pages: parts.max_pages,
+            };
+            (pg, t)
+        }),
+    };
+    let lse = lse.zip(lse_strides);
+    attend(&p, os, options, q, keys, out, lse, isa, min_split_keys)?;
+    Ok(AttentionPath::Cpu)
+}
+
+/// The keys of a cached call as [`attend`] reads them.
+pub(super) struct Keys<'a> {
+    /// K storage (a batch of sequences, or a page pool with `paging`).
+    pub k: &'a DeviceTensor,
+    /// V storage, laid out as K.
+    pub v: &'a DeviceTensor,
+    /// Tokens of each sequence.
+    pub lens: &'a [usize],
+    /// Paged K/V: the page geometry and the block table (row-major `[batch, max_pages]`),
+    /// every entry a held token uses inside the pool.
+    pub paging: Option<(Paging, &'a [i32])>,
+}
+
+/// Runs a validated cached call: `p` (with `os`, the output strides) was checked against
+/// q, out and the keys, the options' per-head tensors and `lse` (with its strides) too,
+/// and `keys.lens[b] <= p.seq_k` for every sequence. Writes nothing on a refusal (busy
+/// storage, scratch that cannot be had).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn attend(
+    p: &AttentionProblem,
+    os: crate::problem::HeadStrides,
+    options: &AttentionOptions,
+    q: &DeviceTensor,
+    keys: Keys<'_>,
+    out: &mut DeviceTensor,
+    lse: Option<(&mut DeviceTensor, crate::options::LseStrides)>,
+    isa: Isa,
+    min_split_keys: usize,
+) -> Result<()> {
+    let mut reads = vec![q, keys.k, keys.v];
+    reads.extend(options.alibi_slopes.as_ref());
+    reads.extend(options.sinks.as_ref());
+    let (lse, lse_strides) = match lse {
+        Some((l, st)) => (Some(l), Some(st)),
+        None => (None, None),
+    };
     let mut writes = vec![&*out];
     writes.extend(lse.as_deref());
-    // Held until the tasks are done: no other thread writes the cache or touches `out`.
+    // Held until the tasks are done: no other thread writes the keys or touches `out`.
     let _access = HostAccess::acquire(&reads, &writes)?;
     let host = |t: &DeviceTensor, what: &str| {
         t.host_ptr().ok_or_else(|| AttentionError::DeviceMismatch {
@@ -87,44 +151,26 @@ pub(super) fn forward(
             got: t.device().to_string(),
         })
     };
-    let table = match parts.block_table {
-        // The table holds i32 page ids (an I32 tensor written by the append).
-        Some(t) => host(t, "kv cache block table")? as *const i32,
-        None => std::ptr::null(),
-    };
-    if !table.is_null() {
-        // SAFETY: a host table of `batch * max_pages` i32 values, held by `_access`.
-        let ids = unsafe { std::slice::from_raw_parts(table, cache.batch() * parts.max_pages) };
-        check_pages(ids, lens, parts.page_size, parts.max_pages, parts.num_pages)?;
-    }
     let raw = RawPtrs {
         q: host(q, "q")?,
-        k: host(parts.k, "kv cache k")?,
-        v: host(parts.v, "kv cache v")?,
+        k: host(keys.k, "kv cache k")?,
+        v: host(keys.v, "kv cache v")?,
         mask: std::ptr::null(),
         out: host(out, "out")?,
-        table,
+        table: keys.paging.map_or(std::ptr::null(), |(_, t)| t.as_ptr()),
         lse: match lse.as_deref() {
             Some(l) => host(l, "lse")? as *mut f32,
             None => std::ptr::null_mut(),
         },
     };
-    let mut plan = cached_plan(
-        &p,
-        os,
-        lens,
-        (!table.is_null()).then_some(Paging {
-            page_size: parts.page_size,
-            max_pages: parts.max_pages,
-        }),
-    );
-    // SAFETY: `options.check` checked the per-head tensors; `_access` covers them.
+    let mut plan = cached_plan(p, os, keys.lens, keys.paging.map(|(pg, _)| pg));
+    // SAFETY: the caller checked the per-head tensors; `_access` covers them.
     plan.opts = unsafe { super::row_options(options, p.num_heads, lse_strides) }?;
     let (splits, split_keys) = key_splits(&plan, min_split_keys);
-    // SAFETY: `p` checked q and out against the cache's batch, heads and head_dim; every
-    // key a task reads is below its sequence's length, inside the cache storage (pages
-    // checked above); `out` is on the host, overlaps no input and has distinct elements;
-    // `_access` keeps other threads off these ranges.
+    // SAFETY: `p` was checked against q, out and the keys; every key a task reads is below
+    // its sequence's length, inside the key storage (pages checked by the caller); `out`
+    // is on the host, overlaps no input and has distinct elements; `_access` keeps other
+    // threads off these ranges.
     unsafe {
         match p.dtype {
             DType::F32 => run::<f32>(&plan, raw, isa, splits, split_keys),
@@ -132,8 +178,7 @@ pub(super) fn forward(
             DType::BF16 => run::<bf16>(&plan, raw, isa, splits, split_keys),
             d @ (DType::I32 | DType::U32 | DType::I64) => d.check_attention("q"),
         }
-    }?;
-    Ok(AttentionPath::Cpu)
+    }
 }
 
 /// Refuses a block table whose page ids for the held tokens fall outside the pool.

@@ -1,0 +1,413 @@
+//! Varlen and paged calls on the host: each sequence is a one-sequence problem over views
+//! of the packed operands (no copy of Q, K or V), run by the dense or the cached tiled
+//! task; everything is checked before the first sequence runs.
+
+use super::cached::{attend, Keys};
+use super::{execute, Isa, Paging, Tuning};
+use crate::backend::AttentionPath;
+use crate::config::AttentionConfig;
+use crate::device::Device;
+use crate::error::{AttentionError, Result};
+use crate::options::{check_per_head, AttentionOptions, LseStrides};
+use crate::paged::{PagedGeometry, PagedKv};
+use crate::problem::{AttentionProblem, CachedKeys, HeadStrides};
+use crate::tensor::DeviceTensor;
+use crate::varlen::{check_packed, check_packed_lse, VarlenBatch};
+
+/// Refuses a tensor that is not on the host.
+fn on_host(what: &str, t: &DeviceTensor) -> Result<()> {
+    if t.device() != Device::Cpu {
+        return Err(AttentionError::DeviceMismatch {
+            what: what.into(),
+            expected: Device::Cpu.to_string(),
+            got: t.device().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// The packed query side of a call, checked: q, out (shaped like q, distinct elements,
+/// overlapping none of `inputs`), the options and lse.
+struct PackedQueries {
+    /// (row, head) strides of q.
+    q: (usize, usize),
+    /// (row, head) strides of out.
+    out: (usize, usize),
+    /// (head, row) strides of lse.
+    lse: Option<(usize, usize)>,
+}
+
+fn check_queries(
+    config: &AttentionConfig,
+    options: &AttentionOptions,
+    q: &DeviceTensor,
+    inputs: &[&DeviceTensor],
+    out: &DeviceTensor,
+    lse: Option<&DeviceTensor>,
+) -> Result<PackedQueries> {
+    config.validate()?;
+    on_host("q", q)?;
+    q.dtype().check_attention("q")?;
+    let (h, d, dtype) = (config.num_heads, config.head_dim, q.dtype());
+    let qs = check_packed("q", q, None, h, d, dtype, Device::Cpu)?;
+    let total_q = q.shape()[0];
+    out.dtype().check_attention("out")?;
+    let os = check_packed("out", out, Some(total_q), h, d, dtype, Device::Cpu)?;
+    let mut all = inputs.to_vec();
+    all.extend(options.alibi_slopes.as_ref());
+    all.extend(options.sinks.as_ref());
+    if !out.has_distinct_elements() {
+        return Err(AttentionError::UnsupportedLayout {
+            what: "out".into(),
+            reason: format!(
+                "the output (shape {:?}, strides {:?}) repeats elements: two results would land on one element",
+                out.shape(),
+                out.strides()
+            ),
+        });
+    }
+    if let Some(i) = all.iter().position(|t| out.may_overlap(t)) {
+        return Err(AttentionError::UnsupportedLayout {
+            what: "out".into(),
+            reason: format!(
+                "the output overlaps input {i} (shape {:?}, strides {:?}); give it its own memory",
+                all[i].shape(),
+                all[i].strides()
+            ),
+        });
+    }
+    options.validate()?;
+    for (what, t) in [
+        ("alibi_slopes", &options.alibi_slopes),
+        ("sinks", &options.sinks),
+    ] {
+        if let Some(t) = t {
+            check_per_head(what, t, h, Device::Cpu)?;
+        }
+    }
+    all.push(out);
+    let lse = lse
+        .map(|l| check_packed_lse(l, h, total_q, Device::Cpu, &all))
+        .transpose()?;
+    Ok(PackedQueries {
+        q: qs,
+        out: os,
+        lse,
+    })
+}
+
+/// The one-sequence problem of `nq` packed queries against `nk` keys (at least one key
+/// slot: a sequence holding none runs with its length 0).
+fn sequence_problem(
+    config: &AttentionConfig,
+    pq: &PackedQueries,
+    q: &DeviceTensor,
+    nq: usize,
+    nk: usize,
+    k: HeadStrides,
+    v: HeadStrides,
+) -> (AttentionProblem, HeadStrides) {
+    let p = AttentionProblem {
+        batch: 1,
+        seq_q: nq,
+        seq_k: nk.max(1),
+        num_heads: config.num_heads,
+        num_kv_heads: config.num_kv_heads,
+        head_dim: config.head_dim,
+        scale: config.effective_scale(),
+        causal: config.is_causal,
+        dtype: q.dtype(),
+        device: Device::Cpu,
+        q: HeadStrides {
+            batch: 0,
+            head: pq.q.1,
+            seq: pq.q.0,
+        },
+        k,
+        v,
+        mask: None,
+    };
+    let os = HeadStrides {
+        batch: 0,
+        head: pq.out.1,
+        seq: pq.out.0,
+    };
+    (p, os)
+}
+
+/// Rows `start .. start + n` of `out` and of `lse` (whose rows are its second dimension).
+fn row_views(
+    out: &DeviceTensor,
+    lse: Option<&DeviceTensor>,
+    lse_strides: Option<(usize, usize)>,
+    start: usize,
+    n: usize,
+) -> Result<(DeviceTensor, Option<(DeviceTensor, LseStrides)>)> {
+    let o = out.narrow(0, start, n)?;
+    let l = match (lse, lse_strides) {
+        (Some(l), Some((head, query))) => Some((
+            l.narrow(1, start, n)?,
+            LseStrides {
+                batch: 0,
+                head,
+                query,
+            },
+        )),
+        _ => None,
+    };
+    Ok((o, l))
+}
+
+/// `forward_varlen` of the CPU backend.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn forward_varlen(
+    config: &AttentionConfig,
+    options: &AttentionOptions,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    batch: &VarlenBatch,
+    out: &mut DeviceTensor,
+    lse: Option<&mut DeviceTensor>,
+    tuning: Tuning,
+) -> Result<AttentionPath> {
+    let pq = check_queries(config, options, q, &[q, k, v], out, lse.as_deref())?;
+    for (what, t) in [("k", k), ("v", v)] {
+        on_host(what, t)?;
+    }
+    let (hkv, d) = (config.num_kv_heads, config.head_dim);
+    let ks = check_packed("k", k, None, hkv, d, q.dtype(), Device::Cpu)?;
+    let total_k = k.shape()[0];
+    let vs = check_packed("v", v, Some(total_k), hkv, d, q.dtype(), Device::Cpu)?;
+    for (what, t) in [
+        ("cu_seqlens_q", &batch.cu_seqlens_q),
+        ("cu_seqlens_k", &batch.cu_seqlens_k),
+    ] {
+        on_host(what, t)?;
+    }
+    let offs = batch.validate(q.shape()[0], total_k, Device::Cpu)?;
+    let strides = |(seq, head): (usize, usize)| HeadStrides {
+        batch: 0,
+        head,
+        seq,
+    };
+    let lse = lse.map(|l| &*l);
+    for b in 0..offs.batch() {
+        let (qr, kr) = (offs.q_range(b), offs.k_range(b));
+        if qr.is_empty() {
+            continue;
+        }
+        let (p, os) =
+            sequence_problem(config, &pq, q, qr.len(), kr.len(), strides(ks), strides(vs));
+        let qv = q.narrow(0, qr.start, qr.len())?;
+        let kv = k.narrow(0, kr.start, kr.len())?;
+        let vv = v.narrow(0, kr.start, kr.len())?;
+        let (mut ov, mut lv) = row_views(out, lse, pq.lse, qr.start, qr.len())?;
+        let lse_b = lv.as_mut().map(|(l, st)| (l, *st));
+        if kr.is_empty() {
+            // No key: the cached task gives zeros (and the sink or -inf) for a length 0.
+            let keys = Keys {
+                k: &kv,
+                v: &vv,
+                lens: &[0],
+                paging: None,
+            };
+            attend(
+                &p,
+                os,
+                options,
+                &qv,
+                keys,
+                &mut ov,
+                lse_b,
+                tuning.isa,
+                usize::MAX,
+            )?;
+        } else {
+            execute(
+                &p,
+                os,
+                options,
+                [&qv, &kv, &vv],
+                None,
+                &mut ov,
+                lse_b,
+                tuning,
+            )?;
+        }
+    }
+    Ok(AttentionPath::Cpu)
+}
+
+/// Checks `kv` against the call: on the host, the config's KV heads and head_dim, q's
+/// dtype.
+fn check_pages(config: &AttentionConfig, q: &DeviceTensor, kv: &PagedKv) -> Result<PagedGeometry> {
+    for (what, t) in [
+        ("k_pages", &kv.k_pages),
+        ("v_pages", &kv.v_pages),
+        ("block_table", &kv.block_table),
+        ("seq_lens", &kv.seq_lens),
+    ] {
+        on_host(what, t)?;
+    }
+    let g = kv.validate()?;
+    if g.num_kv_heads != config.num_kv_heads {
+        return Err(AttentionError::shape(
+            "k_pages kv heads",
+            config.num_kv_heads,
+            g.num_kv_heads,
+        ));
+    }
+    if g.head_dim != config.head_dim {
+        return Err(AttentionError::shape(
+            "k_pages head_dim",
+            config.head_dim,
+            g.head_dim,
+        ));
+    }
+    if kv.dtype() != q.dtype() {
+        return Err(AttentionError::DTypeMismatch {
+            what: "k_pages".into(),
+            expected: q.dtype().to_string(),
+            got: kv.dtype().to_string(),
+        });
+    }
+    Ok(g)
+}
+
+/// `forward_paged` of the CPU backend.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn forward_paged(
+    config: &AttentionConfig,
+    options: &AttentionOptions,
+    q: &DeviceTensor,
+    kv: &PagedKv,
+    out: &mut DeviceTensor,
+    lse: Option<&mut DeviceTensor>,
+    isa: Isa,
+    min_split_keys: usize,
+) -> Result<AttentionPath> {
+    on_host("q", q)?;
+    let g = check_pages(config, q, kv)?;
+    let keys = CachedKeys {
+        batch: g.batch,
+        num_kv_heads: g.num_kv_heads,
+        head_dim: g.head_dim,
+        dtype: kv.dtype(),
+        device: Device::Cpu,
+        // Sequences of length 0 read no key; one key slot keeps the problem valid.
+        max_len: g.lens.iter().copied().max().unwrap_or(0).max(1),
+        strides: kv.strides_of(&kv.k_pages),
+    };
+    let mut p = AttentionProblem::cached(config, q, &keys, 0)?;
+    p.v = kv.strides_of(&kv.v_pages);
+    let mut inputs = vec![q, &kv.k_pages, &kv.v_pages];
+    inputs.extend(options.alibi_slopes.as_ref());
+    inputs.extend(options.sinks.as_ref());
+    let os = p.output_strides(config.layout, out, &inputs)?;
+    let mut others = inputs.clone();
+    others.push(&*out);
+    let lse_strides = options.check(&p, lse.as_deref(), &others)?;
+    let paging = Paging {
+        page_size: kv.page_size,
+        max_pages: g.max_pages,
+    };
+    let keys = Keys {
+        k: &kv.k_pages,
+        v: &kv.v_pages,
+        lens: &g.lens,
+        paging: Some((paging, &g.table)),
+    };
+    attend(
+        &p,
+        os,
+        options,
+        q,
+        keys,
+        out,
+        lse.zip(lse_strides),
+        isa,
+        min_split_keys,
+    )?;
+    Ok(AttentionPath::Cpu)
+}
+
+/// `forward_paged_varlen` of the CPU backend.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn forward_paged_varlen(
+    config: &AttentionConfig,
+    options: &AttentionOptions,
+    q: &DeviceTensor,
+    cu_seqlens_q: &DeviceTensor,
+    max_seqlen_q: usize,
+    kv: &PagedKv,
+    out: &mut DeviceTensor,
+    lse: Option<&mut DeviceTensor>,
+    isa: Isa,
+    min_split_keys: usize,
+) -> Result<AttentionPath> {
+    let pq = check_queries(
+        config,
+        options,
+        q,
+        &[q, &kv.k_pages, &kv.v_pages],
+        out,
+        lse.as_deref(),
+    )?;
+    on_host("cu_seqlens_q", cu_seqlens_q)?;
+    let g = check_pages(config, q, kv)?;
+    let offs = crate::varlen::read_offsets(
+        "cu_seqlens_q",
+        cu_seqlens_q,
+        q.shape()[0],
+        "max_seqlen_q",
+        max_seqlen_q,
+        Device::Cpu,
+    )?;
+    if offs.len() != g.batch + 1 {
+        return Err(AttentionError::shape(
+            "cu_seqlens_q",
+            format!(
+                "[{}] (one more than the block table's sequences)",
+                g.batch + 1
+            ),
+            format!("[{}]", offs.len()),
+        ));
+    }
+    let (ks, vs) = (kv.strides_of(&kv.k_pages), kv.strides_of(&kv.v_pages));
+    let lse = lse.map(|l| &*l);
+    let mp = g.max_pages;
+    for b in 0..g.batch {
+        let (start, nq) = (offs[b], offs[b + 1] - offs[b]);
+        if nq == 0 {
+            continue;
+        }
+        let len = g.lens[b];
+        let (p, os) = sequence_problem(config, &pq, q, nq, len, ks, vs);
+        let qv = q.narrow(0, start, nq)?;
+        let (mut ov, mut lv) = row_views(out, lse, pq.lse, start, nq)?;
+        let paging = Paging {
+            page_size: kv.page_size,
+            max_pages: mp,
+        };
+        let keys = Keys {
+            k: &kv.k_pages,
+            v: &kv.v_pages,
+            lens: std::slice::from_ref(&g.lens[b]),
+            paging: Some((paging, &g.table[b * mp..(b + 1) * mp])),
+        };
+        let lse_b = lv.as_mut().map(|(l, st)| (l, *st));
+        attend(
+            &p,
+            os,
+            options,
+            &qv,
+            keys,
+            &mut ov,
+            lse_b,
+            isa,
+            min_split_keys,
+        )?;
+    }
+    Ok(AttentionPath::Cpu)
+}
