@@ -282,7 +282,7 @@ fn device_pointers_that_cannot_hold_the_tensor_are_refused() {
         // Shorter than the strides reach.
         let (e, _) = invalid(DeviceTensor::from_raw_device(
             ptr,
-            1024,
+            512,
             DType::F32,
             &[2, 16],
             Some(&[200, 1]),

@@ -118,20 +118,6 @@ impl CudaRuntime {
             functions: Arc::new(Mutex::new(HashMap::new())),
         })
     }
-
-    /// One `cuPointerGetAttribute` query of `ptr`.
-    fn pointer_attribute<T: Default>(&self, ptr: u64, attr: sys::CUpointer_attribute) -> Result<T> {
-        let mut value = T::default();
-        // SAFETY: `value` is the type the driver writes for `attr` (int, CUdeviceptr,
-        // size_t as the callers pick).
-        let status = unsafe {
-            sys::cuPointerGetAttribute((&mut value as *mut T).cast::<c_void>(), attr, ptr)
-        };
-        status
-            .result()
-            .map_err(|e| runtime_err("cuPointerGetAttribute", e))?;
-        Ok(value)
-    }
 }
 
 impl GpuDriver for CudaRuntime {
@@ -416,21 +402,43 @@ impl GpuDriver for CudaRuntime {
     fn pointer_info(&self, ptr: u64) -> Result<PointerInfo> {
         use sys::CUpointer_attribute as P;
         self.bind()?;
-        let ordinal: i32 = self.pointer_attribute(ptr, P::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL)?;
-        // CUmemorytype: 1 is host memory (a device ordinal may still be reported for it).
-        let memory_type: u32 = self
-            .pointer_attribute(ptr, P::CU_POINTER_ATTRIBUTE_MEMORY_TYPE)
-            .unwrap_or(0);
-        let on_host = ordinal < 0 || memory_type == 1;
-        let start: u64 = self
-            .pointer_attribute(ptr, P::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR)
-            .unwrap_or(0);
-        let size: usize = self
-            .pointer_attribute(ptr, P::CU_POINTER_ATTRIBUTE_RANGE_SIZE)
-            .unwrap_or(0);
+        // One cuPointerGetAttributes call: unlike cuPointerGetAttribute it answers for
+        // memory the driver does not know (host memory) with default values instead of
+        // an error, so asking about a host pointer is not a failed driver call.
+        let mut ordinal: i32 = -1;
+        let mut memory_type: u32 = 0;
+        let mut start: u64 = 0;
+        let mut size: usize = 0;
+        let mut attrs = [
+            P::CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL,
+            P::CU_POINTER_ATTRIBUTE_MEMORY_TYPE,
+            P::CU_POINTER_ATTRIBUTE_RANGE_START_ADDR,
+            P::CU_POINTER_ATTRIBUTE_RANGE_SIZE,
+        ];
+        let mut data: [*mut c_void; 4] = [
+            (&mut ordinal as *mut i32).cast(),
+            (&mut memory_type as *mut u32).cast(),
+            (&mut start as *mut u64).cast(),
+            (&mut size as *mut usize).cast(),
+        ];
+        // SAFETY: each data slot points at the type the driver writes for its attribute
+        // (int, CUmemorytype, CUdeviceptr, size_t).
+        unsafe {
+            sys::cuPointerGetAttributes(
+                attrs.len() as u32,
+                attrs.as_mut_ptr(),
+                data.as_mut_ptr(),
+                ptr,
+            )
+        }
+        .result()
+        .map_err(|e| runtime_err("cuPointerGetAttributes", e))?;
+        // CUmemorytype: 2 is device memory; 1 is host memory and 0 memory the driver does
+        // not know (a device ordinal may still be reported for either).
+        let on_device = memory_type == 2 && ordinal >= 0;
         Ok(PointerInfo {
-            ordinal: (!on_host).then_some(ordinal as usize),
-            range: (start != 0 && size != 0).then_some((start, size)),
+            ordinal: on_device.then_some(ordinal as usize),
+            range: (on_device && start != 0 && size != 0).then_some((start, size)),
         })
     }
 }
