@@ -25,8 +25,6 @@
 #include "mma_softmax.h"
 #include "mma_block_io.h"
 
-struct fa_tf32 {};  // kernel element tag: f32 storage, TF32 tensor-core math
-
 #if FA_HAS_MMA
 
 template <int HD, int BM, int BN, int THREADS>
@@ -76,19 +74,11 @@ template <int HD, int BM, int BN, int THREADS, int SMEM, int MODE>
 FA_DEVICE void fa_tf32_forward(const AttnParams& p) {
     typedef FaTf32Shape<HD, BM, BN, THREADS> MS;
     static_assert(MS::SMEM_BYTES <= SMEM, "TF32 layout exceeds the tile row's SMEM_BYTES");
-    static_assert(FaSplitShape<HD, THREADS>::SMEM_BYTES <= SMEM,
-                  "SIMT fallback layout exceeds the tile row's SMEM_BYTES");
     constexpr int STR = MS::STR;
 
     const int q0 = fa_block_q0(p, BM, MODE);
-    const int seq_q = p.seq_q;
-    const int seq_k = p.seq_k;
-    if (q0 >= seq_q) return;
-
-    if (!fa_mma_inputs_vectorizable<float>(p)) {
-        fa_flash_forward_split<float, HD, BM, THREADS, SMEM, MODE>(p, q0);
-        return;
-    }
+    if (q0 >= p.seq_q) return;  // block-uniform, before any barrier
+    const FaBlock<float> blk = fa_block<float, BM, BN, MODE>(p, q0);
 
     FA_DYNAMIC_SMEM(fa_smem);
     float* smem = reinterpret_cast<float*>(fa_smem);
@@ -101,25 +91,12 @@ FA_DEVICE void fa_tf32_forward(const AttnParams& p) {
     const int lane = tid & 31;
     const int g = lane >> 2;
     const int c4 = lane & 3;
-    const int h = (int)blockIdx.y;
-    const int b = (int)blockIdx.z;
-    const int kvh = h / (p.num_heads / p.num_kv_heads);
-    const int diag = seq_k - seq_q;
-    const bool causal = (MODE == 1) || (MODE == 2 && p.causal != 0);
-    const bool has_mask = (MODE == 2) && (p.mask != nullptr);
-    const int head_dim = p.head_dim;
 
-    const int ntiles = fa_key_tiles(q0, BM, BN, seq_q, seq_k, causal);
-
-    const float* qg = static_cast<const float*>(p.q) + (fa_i64)b * p.q_sb + (fa_i64)h * p.q_sh;
-    const float* kg = static_cast<const float*>(p.k) + (fa_i64)b * p.k_sb + (fa_i64)kvh * p.k_sh;
-    const float* vg = static_cast<const float*>(p.v) + (fa_i64)b * p.v_sb + (fa_i64)kvh * p.v_sh;
-
-    if (ntiles > 0) {
-        fa_tf32_copy_tile<BM, MS::CPR, STR, THREADS>(Qs, qg, p.q_ss, q0, seq_q, head_dim, tid);
-        fa_tf32_copy_tile<BN, MS::CPR, STR, THREADS>(Ks, kg, p.k_ss, 0, seq_k, head_dim, tid);
+    if (blk.ntiles > 0) {
+        fa_tf32_copy_tile<BM, MS::CPR, STR, THREADS>(Qs, blk.qg, p.q_ss, q0, blk.seq_q, blk.head_dim, tid);
+        fa_tf32_copy_tile<BN, MS::CPR, STR, THREADS>(Ks, blk.kg, p.k_ss, 0, blk.seq_k, blk.head_dim, tid);
         fa_cp_async_commit();
-        fa_tf32_copy_tile<BN, MS::CPR, STR, THREADS>(Vs, vg, p.v_ss, 0, seq_k, head_dim, tid);
+        fa_tf32_copy_tile<BN, MS::CPR, STR, THREADS>(Vs, blk.vg, p.v_ss, 0, blk.seq_k, blk.head_dim, tid);
         fa_cp_async_commit();
     }
 
@@ -140,14 +117,14 @@ FA_DEVICE void fa_tf32_forward(const AttnParams& p) {
         fa_smem_u32(Ks + ((lane & 7) + ((lane >> 4) << 3)) * STR + ((lane >> 3) & 1) * 4);
     constexpr unsigned int KV_BUF = BN * STR;  // floats
 
-    for (int t = 0; t < ntiles; ++t) {
+    for (int t = 0; t < blk.ntiles; ++t) {
         const int kv0 = t * BN;
         const unsigned int buf = (unsigned int)(t & 1) * KV_BUF;
         fa_cp_async_wait<1>();
         fa_syncthreads();  // K_t (and Q) visible; every warp is done with K_{t-1}'s buffer
-        if (t + 1 < ntiles)
-            fa_tf32_copy_tile<BN, MS::CPR, STR, THREADS>(Ks + ((t + 1) & 1) * KV_BUF, kg, p.k_ss,
-                                                         kv0 + BN, seq_k, head_dim, tid);
+        if (t + 1 < blk.ntiles)
+            fa_tf32_copy_tile<BN, MS::CPR, STR, THREADS>(Ks + ((t + 1) & 1) * KV_BUF, blk.kg, p.k_ss,
+                                                         kv0 + BN, blk.seq_k, blk.head_dim, tid);
         fa_cp_async_commit();
 
         if (MS::QREG && t == 0) {
@@ -159,7 +136,7 @@ FA_DEVICE void fa_tf32_forward(const AttnParams& p) {
             }
         }
 
-        const bool active = (wrow0 < seq_q) && (!causal || kv0 <= wrow0 + 15 + diag);
+        const bool active = (wrow0 < blk.seq_q) && (!blk.causal || kv0 <= wrow0 + 15 + blk.diag);
 
         float s[MS::NT][4];
 #pragma unroll
@@ -189,18 +166,7 @@ FA_DEVICE void fa_tf32_forward(const AttnParams& p) {
                 }
             }
 
-            const bool need_mask = has_mask || (kv0 + BN > seq_k) ||
-                                   (causal && kv0 + BN - 1 > wrow0 + diag);
-            float mul = sl2;
-            if (need_mask || !(sl2 > 0.0f)) {
-                mul = 1.0f;
-#pragma unroll
-                for (int j = 0; j < MS::NT; ++j)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) s[j][e] *= sl2;
-            }
-            if (need_mask)
-                fa_mma_mask_tile<MS::NT>(s, p, b, h, wrow0, g, c4, kv0, seq_q, seq_k, diag, causal, has_mask);
+            const float mul = fa_mma_scale_mask<BN>(s, p, blk, wrow0, g, c4, kv0, sl2);
 
             // Online softmax (mma_softmax.h).
             fa_mma_online_softmax<MS::NT, MS::DT>(s, o, m_i, l_i, mul);
@@ -208,9 +174,9 @@ FA_DEVICE void fa_tf32_forward(const AttnParams& p) {
 
         fa_cp_async_wait<1>();
         fa_syncthreads();  // V_t visible; every warp is done with V_{t-1}'s buffer
-        if (t + 1 < ntiles)
-            fa_tf32_copy_tile<BN, MS::CPR, STR, THREADS>(Vs + ((t + 1) & 1) * KV_BUF, vg, p.v_ss,
-                                                         kv0 + BN, seq_k, head_dim, tid);
+        if (t + 1 < blk.ntiles)
+            fa_tf32_copy_tile<BN, MS::CPR, STR, THREADS>(Vs + ((t + 1) & 1) * KV_BUF, blk.vg, p.v_ss,
+                                                         kv0 + BN, blk.seq_k, blk.head_dim, tid);
         fa_cp_async_commit();
 
         if (active) {
@@ -237,32 +203,32 @@ FA_DEVICE void fa_tf32_forward(const AttnParams& p) {
     for (int r = 0; r < 2; ++r) inv[r] = fa_mma_quad_sum_inv(l_i[r]);
 
     // Each lane owns two consecutive columns of rows g and g + 8 of every 8-column tile.
-    float* og = static_cast<float*>(p.out) + (fa_i64)b * p.o_sb + (fa_i64)h * p.o_sh;
+    float* og = static_cast<float*>(p.out) + (fa_i64)blk.b * p.o_sb + (fa_i64)blk.h * p.o_sh;
     const bool out_vec = ((reinterpret_cast<fa_u64>(p.out) & 7u) == 0) &&
                          (((p.o_sb | p.o_sh | p.o_ss) & 1) == 0);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int qi = wrow0 + g + 8 * r;
-        if (qi >= seq_q) continue;
+        if (qi >= blk.seq_q) continue;
         float* orow = og + (fa_i64)qi * p.o_ss;
 #pragma unroll
         for (int n = 0; n < MS::DT; ++n) {
             const int col = 8 * n + 2 * c4;
             const float x0 = o[n][2 * r] * inv[r];
             const float x1 = o[n][2 * r + 1] * inv[r];
-            if (out_vec && col + 1 < head_dim) {
+            if (out_vec && col + 1 < blk.head_dim) {
                 fa_float2 v2;
                 v2.x = x0;
                 v2.y = x1;
                 *reinterpret_cast<fa_float2*>(orow + col) = v2;
             } else {
-                if (col < head_dim) orow[col] = x0;
-                if (col + 1 < head_dim) orow[col + 1] = x1;
+                if (col < blk.head_dim) orow[col] = x0;
+                if (col + 1 < blk.head_dim) orow[col + 1] = x1;
             }
         }
     }
 
-    fa_mma_store_lse(p, b, h, wrow0, g, c4, m_i, l_i);
+    fa_mma_store_lse(p, blk.b, blk.h, wrow0, g, c4, m_i, l_i);
 }
 
 #endif  // FA_HAS_MMA

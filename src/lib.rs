@@ -67,6 +67,7 @@ pub use config::{AttentionConfig, KvCacheLayout, Layout, MAX_SCALE};
 pub use device::{Device, DeviceGraph, TransferStats};
 pub use dtype::{DType, HostElement};
 pub use error::{AttentionBackendResult, AttentionError, ErrorSource, Result};
+pub use kernels::FlashImpl;
 pub use kv_cache::{KvCache, KvCacheSpec};
 pub use legacy::{
     AttentionBackendRegistry, BackendImplementation, BackendPriority, Dispatch, HostAdapter,
