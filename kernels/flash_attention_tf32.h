@@ -86,11 +86,7 @@ FA_DEVICE void fa_tf32_forward(const AttnParams& p) {
     float* Ks = smem + MS::K_OFF;
     float* Vs = smem + MS::V_OFF;
 
-    const int tid = (int)threadIdx.x;
-    const int warp = tid >> 5;
-    const int lane = tid & 31;
-    const int g = lane >> 2;
-    const int c4 = lane & 3;
+    const auto [tid, warp, lane, g, c4] = fa_lane();
 
     if (blk.ntiles > 0) {
         fa_tf32_copy_tile<BM, MS::CPR, STR, THREADS>(Qs, blk.qg, p.q_ss, q0, blk.seq_q, blk.head_dim, tid);

@@ -113,12 +113,8 @@ FA_DEVICE void fa_wgmma_forward(const AttnParams& p) {
     unsigned char* sm = fa_smem + pad;
     const unsigned int sbase = raw + pad;
 
-    const int tid = (int)threadIdx.x;
+    const auto [tid, warp, lane, g, c4] = fa_lane();
     const int wg = tid >> 7;
-    const int warp = tid >> 5;
-    const int lane = tid & 31;
-    const int g = lane >> 2;
-    const int c4 = lane & 3;
     if (blk.ntiles > 0) {
         fa_wgmma_copy_tile<BM, WS::CPR, THREADS>(sm + WS::Q_OFF, blk.qg, p.q_ss, q0, blk.seq_q, blk.head_dim, tid);
         fa_wgmma_copy_tile<BN, WS::CPR, THREADS>(sm + WS::K_OFF, blk.kg, p.k_ss, 0, blk.seq_k, blk.head_dim, tid);

@@ -50,6 +50,21 @@ struct FaBlock {
     const E* vg;
 };
 
+// A thread's place in the tensor-core kernels' fragment layouts: its warp, lane, and the
+// lane's row g = lane / 4 and column c4 = lane % 4 within its quad.
+struct FaLane {
+    int tid;
+    int warp;
+    int lane;
+    int g;
+    int c4;
+};
+FA_DEVICE FaLane fa_lane() {
+    const int tid = (int)threadIdx.x;
+    const int lane = tid & 31;
+    return FaLane{tid, tid >> 5, lane, lane >> 2, lane & 3};
+}
+
 template <typename E, int BM, int BN, int MODE>
 FA_DEVICE FaBlock<E> fa_block(const AttnParams& p, int q0) {
     static_assert(MODE >= 0 && MODE <= 2, "MASK_MODE is 0, 1 or 2");
