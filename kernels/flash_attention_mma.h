@@ -148,8 +148,7 @@ FA_DEVICE void fa_mma_forward(const AttnParams& p) {
     constexpr int STR = MS::STR;
 
     const int q0 = fa_block_q0(p, BM, MODE);
-    if (q0 >= p.seq_q) return;  // block-uniform, before any barrier
-    const FaBlock<unsigned short> blk = fa_block<unsigned short, BM, BN, MODE>(p, q0);
+    FA_BLOCK_SETUP(unsigned short, BM, BN, MODE, p, q0);
 
     FA_DYNAMIC_SMEM(fa_smem);
     unsigned short* smem = reinterpret_cast<unsigned short*>(fa_smem);
@@ -157,13 +156,13 @@ FA_DEVICE void fa_mma_forward(const AttnParams& p) {
     unsigned short* Ks = smem + MS::K_OFF;
     unsigned short* Vs = smem + MS::V_OFF;
 
-    const auto [tid, warp, lane, g, c4] = fa_lane();
+    FA_LANE_SETUP();
 
-    if (blk.ntiles > 0) {
-        fa_mma_copy_tile<BM, MS::CPR, STR, THREADS>(Qs, blk.qg, p.q_ss, q0, blk.seq_q, blk.head_dim, tid);
-        fa_mma_copy_tile<BN, MS::CPR, STR, THREADS>(Ks, blk.kg, p.k_ss, 0, blk.seq_k, blk.head_dim, tid);
+    if (ntiles > 0) {
+        fa_mma_copy_tile<BM, MS::CPR, STR, THREADS>(Qs, qg, p.q_ss, q0, seq_q, head_dim, tid);
+        fa_mma_copy_tile<BN, MS::CPR, STR, THREADS>(Ks, kg, p.k_ss, 0, seq_k, head_dim, tid);
         fa_cp_async_commit();
-        fa_mma_copy_tile<BN, MS::CPR, STR, THREADS>(Vs, blk.vg, p.v_ss, 0, blk.seq_k, blk.head_dim, tid);
+        fa_mma_copy_tile<BN, MS::CPR, STR, THREADS>(Vs, vg, p.v_ss, 0, seq_k, head_dim, tid);
         fa_cp_async_commit();
     }
 
@@ -194,14 +193,14 @@ FA_DEVICE void fa_mma_forward(const AttnParams& p) {
     const unsigned int v_addr = fa_smem_u32(Vs + (lane & 15) * STR + (lane >> 4) * 8);
     constexpr unsigned int KV_BUF_BYTES = BN * STR * 2;
 
-    for (int t = 0; t < blk.ntiles; ++t) {
+    for (int t = 0; t < ntiles; ++t) {
         const int kv0 = t * BN;
         const unsigned int buf = (unsigned int)(t & 1) * KV_BUF_BYTES;
         fa_cp_async_wait<1>();
         fa_syncthreads();  // K_t (and Q) visible; every warp is done with K_{t-1}'s buffer
-        if (t + 1 < blk.ntiles)
-            fa_mma_copy_tile<BN, MS::CPR, STR, THREADS>(Ks + ((t + 1) & 1) * BN * STR, blk.kg, p.k_ss,
-                                                        kv0 + BN, blk.seq_k, blk.head_dim, tid);
+        if (t + 1 < ntiles)
+            fa_mma_copy_tile<BN, MS::CPR, STR, THREADS>(Ks + ((t + 1) & 1) * BN * STR, kg, p.k_ss,
+                                                        kv0 + BN, seq_k, head_dim, tid);
         fa_cp_async_commit();
 
         if (MS::QREG && t == 0) {
@@ -214,7 +213,7 @@ FA_DEVICE void fa_mma_forward(const AttnParams& p) {
 
         // A warp whose rows are past seq_q, or whose rows see no key of this tile (causal),
         // has nothing to add: its m, l and O are what a fully masked tile would leave.
-        const bool active = (wrow0 < blk.seq_q) && (!blk.causal || kv0 <= wrow0 + WR - 1 + blk.diag);
+        const bool active = (wrow0 < seq_q) && (!causal || kv0 <= wrow0 + WR - 1 + diag);
 
         float s[MT][MS::NT][4];
         unsigned int pf[MT][MS::KP][4];  // P as the A operand of P V, k-step by k-step
@@ -250,7 +249,7 @@ FA_DEVICE void fa_mma_forward(const AttnParams& p) {
             }
 
             // Scale, then mask where the tile needs it (mma_softmax.h).
-            const float mul = fa_mma_scale_mask<BN>(s, p, blk, wrow0, g, c4, kv0, sl2);
+            const float mul = fa_mma_scale_mask<BN>(s, p, b, h, wrow0, g, c4, kv0, seq_q, seq_k, diag, causal, has_mask, sl2);
 
             // Online softmax (mma_softmax.h), one m-tile at a time.
 #pragma unroll
@@ -269,9 +268,9 @@ FA_DEVICE void fa_mma_forward(const AttnParams& p) {
 
         fa_cp_async_wait<1>();
         fa_syncthreads();  // V_t visible; every warp is done with V_{t-1}'s buffer
-        if (t + 1 < blk.ntiles)
-            fa_mma_copy_tile<BN, MS::CPR, STR, THREADS>(Vs + ((t + 1) & 1) * BN * STR, blk.vg, p.v_ss,
-                                                        kv0 + BN, blk.seq_k, blk.head_dim, tid);
+        if (t + 1 < ntiles)
+            fa_mma_copy_tile<BN, MS::CPR, STR, THREADS>(Vs + ((t + 1) & 1) * BN * STR, vg, p.v_ss,
+                                                        kv0 + BN, seq_k, head_dim, tid);
         fa_cp_async_commit();
 
         if (active) {
@@ -304,9 +303,9 @@ FA_DEVICE void fa_mma_forward(const AttnParams& p) {
     fa_mma_stage_o16<T>(ow, STR, o, inv, g, c4);
     __syncwarp();
 
-    fa_mma_store_rows16<WR, MS::CPR>(p, ow, STR, wrow0, blk.b, blk.h, lane);
+    fa_mma_store_rows16<WR, MS::CPR>(p, ow, STR, wrow0, b, h, lane);
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) fa_mma_store_lse(p, blk.b, blk.h, wrow0 + 16 * mt, g, c4, m_i[mt], l_i[mt]);
+    for (int mt = 0; mt < MT; ++mt) fa_mma_store_lse(p, b, h, wrow0 + 16 * mt, g, c4, m_i[mt], l_i[mt]);
 }
 
 #endif  // FA_HAS_MMA

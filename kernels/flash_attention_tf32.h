@@ -77,8 +77,7 @@ FA_DEVICE void fa_tf32_forward(const AttnParams& p) {
     constexpr int STR = MS::STR;
 
     const int q0 = fa_block_q0(p, BM, MODE);
-    if (q0 >= p.seq_q) return;  // block-uniform, before any barrier
-    const FaBlock<float> blk = fa_block<float, BM, BN, MODE>(p, q0);
+    FA_BLOCK_SETUP(float, BM, BN, MODE, p, q0);
 
     FA_DYNAMIC_SMEM(fa_smem);
     float* smem = reinterpret_cast<float*>(fa_smem);
@@ -86,13 +85,13 @@ FA_DEVICE void fa_tf32_forward(const AttnParams& p) {
     float* Ks = smem + MS::K_OFF;
     float* Vs = smem + MS::V_OFF;
 
-    const auto [tid, warp, lane, g, c4] = fa_lane();
+    FA_LANE_SETUP();
 
-    if (blk.ntiles > 0) {
-        fa_tf32_copy_tile<BM, MS::CPR, STR, THREADS>(Qs, blk.qg, p.q_ss, q0, blk.seq_q, blk.head_dim, tid);
-        fa_tf32_copy_tile<BN, MS::CPR, STR, THREADS>(Ks, blk.kg, p.k_ss, 0, blk.seq_k, blk.head_dim, tid);
+    if (ntiles > 0) {
+        fa_tf32_copy_tile<BM, MS::CPR, STR, THREADS>(Qs, qg, p.q_ss, q0, seq_q, head_dim, tid);
+        fa_tf32_copy_tile<BN, MS::CPR, STR, THREADS>(Ks, kg, p.k_ss, 0, seq_k, head_dim, tid);
         fa_cp_async_commit();
-        fa_tf32_copy_tile<BN, MS::CPR, STR, THREADS>(Vs, blk.vg, p.v_ss, 0, blk.seq_k, blk.head_dim, tid);
+        fa_tf32_copy_tile<BN, MS::CPR, STR, THREADS>(Vs, vg, p.v_ss, 0, seq_k, head_dim, tid);
         fa_cp_async_commit();
     }
 
@@ -113,14 +112,14 @@ FA_DEVICE void fa_tf32_forward(const AttnParams& p) {
         fa_smem_u32(Ks + ((lane & 7) + ((lane >> 4) << 3)) * STR + ((lane >> 3) & 1) * 4);
     constexpr unsigned int KV_BUF = BN * STR;  // floats
 
-    for (int t = 0; t < blk.ntiles; ++t) {
+    for (int t = 0; t < ntiles; ++t) {
         const int kv0 = t * BN;
         const unsigned int buf = (unsigned int)(t & 1) * KV_BUF;
         fa_cp_async_wait<1>();
         fa_syncthreads();  // K_t (and Q) visible; every warp is done with K_{t-1}'s buffer
-        if (t + 1 < blk.ntiles)
-            fa_tf32_copy_tile<BN, MS::CPR, STR, THREADS>(Ks + ((t + 1) & 1) * KV_BUF, blk.kg, p.k_ss,
-                                                         kv0 + BN, blk.seq_k, blk.head_dim, tid);
+        if (t + 1 < ntiles)
+            fa_tf32_copy_tile<BN, MS::CPR, STR, THREADS>(Ks + ((t + 1) & 1) * KV_BUF, kg, p.k_ss,
+                                                         kv0 + BN, seq_k, head_dim, tid);
         fa_cp_async_commit();
 
         if (MS::QREG && t == 0) {
@@ -132,7 +131,7 @@ FA_DEVICE void fa_tf32_forward(const AttnParams& p) {
             }
         }
 
-        const bool active = (wrow0 < blk.seq_q) && (!blk.causal || kv0 <= wrow0 + 15 + blk.diag);
+        const bool active = (wrow0 < seq_q) && (!causal || kv0 <= wrow0 + 15 + diag);
 
         float s[MS::NT][4];
 #pragma unroll
@@ -162,7 +161,7 @@ FA_DEVICE void fa_tf32_forward(const AttnParams& p) {
                 }
             }
 
-            const float mul = fa_mma_scale_mask<BN>(s, p, blk, wrow0, g, c4, kv0, sl2);
+            const float mul = fa_mma_scale_mask<BN>(s, p, b, h, wrow0, g, c4, kv0, seq_q, seq_k, diag, causal, has_mask, sl2);
 
             // Online softmax (mma_softmax.h).
             fa_mma_online_softmax<MS::NT, MS::DT>(s, o, m_i, l_i, mul);
@@ -170,9 +169,9 @@ FA_DEVICE void fa_tf32_forward(const AttnParams& p) {
 
         fa_cp_async_wait<1>();
         fa_syncthreads();  // V_t visible; every warp is done with V_{t-1}'s buffer
-        if (t + 1 < blk.ntiles)
-            fa_tf32_copy_tile<BN, MS::CPR, STR, THREADS>(Vs + ((t + 1) & 1) * KV_BUF, blk.vg, p.v_ss,
-                                                         kv0 + BN, blk.seq_k, blk.head_dim, tid);
+        if (t + 1 < ntiles)
+            fa_tf32_copy_tile<BN, MS::CPR, STR, THREADS>(Vs + ((t + 1) & 1) * KV_BUF, vg, p.v_ss,
+                                                         kv0 + BN, seq_k, head_dim, tid);
         fa_cp_async_commit();
 
         if (active) {
@@ -199,32 +198,32 @@ FA_DEVICE void fa_tf32_forward(const AttnParams& p) {
     for (int r = 0; r < 2; ++r) inv[r] = fa_mma_quad_sum_inv(l_i[r]);
 
     // Each lane owns two consecutive columns of rows g and g + 8 of every 8-column tile.
-    float* og = static_cast<float*>(p.out) + (fa_i64)blk.b * p.o_sb + (fa_i64)blk.h * p.o_sh;
+    float* og = static_cast<float*>(p.out) + (fa_i64)b * p.o_sb + (fa_i64)h * p.o_sh;
     const bool out_vec = ((reinterpret_cast<fa_u64>(p.out) & 7u) == 0) &&
                          (((p.o_sb | p.o_sh | p.o_ss) & 1) == 0);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int qi = wrow0 + g + 8 * r;
-        if (qi >= blk.seq_q) continue;
+        if (qi >= seq_q) continue;
         float* orow = og + (fa_i64)qi * p.o_ss;
 #pragma unroll
         for (int n = 0; n < MS::DT; ++n) {
             const int col = 8 * n + 2 * c4;
             const float x0 = o[n][2 * r] * inv[r];
             const float x1 = o[n][2 * r + 1] * inv[r];
-            if (out_vec && col + 1 < blk.head_dim) {
+            if (out_vec && col + 1 < head_dim) {
                 fa_float2 v2;
                 v2.x = x0;
                 v2.y = x1;
                 *reinterpret_cast<fa_float2*>(orow + col) = v2;
             } else {
-                if (col < blk.head_dim) orow[col] = x0;
-                if (col + 1 < blk.head_dim) orow[col + 1] = x1;
+                if (col < head_dim) orow[col] = x0;
+                if (col + 1 < head_dim) orow[col + 1] = x1;
             }
         }
     }
 
-    fa_mma_store_lse(p, blk.b, blk.h, wrow0, g, c4, m_i, l_i);
+    fa_mma_store_lse(p, b, h, wrow0, g, c4, m_i, l_i);
 }
 
 #endif  // FA_HAS_MMA

@@ -104,8 +104,7 @@ FA_DEVICE void fa_wgmma_forward(const AttnParams& p) {
     static_assert(WS::SMEM_BYTES <= SMEM, "wgmma layout exceeds the tile row's SMEM_BYTES");
 
     const int q0 = fa_block_q0(p, BM, MODE);
-    if (q0 >= p.seq_q) return;  // block-uniform, before any barrier
-    const FaBlock<unsigned short> blk = fa_block<unsigned short, BM, BN, MODE>(p, q0);
+    FA_BLOCK_SETUP(unsigned short, BM, BN, MODE, p, q0);
 
     FA_DYNAMIC_SMEM(fa_smem);
     const unsigned int raw = fa_smem_u32(fa_smem);
@@ -113,13 +112,13 @@ FA_DEVICE void fa_wgmma_forward(const AttnParams& p) {
     unsigned char* sm = fa_smem + pad;
     const unsigned int sbase = raw + pad;
 
-    const auto [tid, warp, lane, g, c4] = fa_lane();
+    FA_LANE_SETUP();
     const int wg = tid >> 7;
-    if (blk.ntiles > 0) {
-        fa_wgmma_copy_tile<BM, WS::CPR, THREADS>(sm + WS::Q_OFF, blk.qg, p.q_ss, q0, blk.seq_q, blk.head_dim, tid);
-        fa_wgmma_copy_tile<BN, WS::CPR, THREADS>(sm + WS::K_OFF, blk.kg, p.k_ss, 0, blk.seq_k, blk.head_dim, tid);
+    if (ntiles > 0) {
+        fa_wgmma_copy_tile<BM, WS::CPR, THREADS>(sm + WS::Q_OFF, qg, p.q_ss, q0, seq_q, head_dim, tid);
+        fa_wgmma_copy_tile<BN, WS::CPR, THREADS>(sm + WS::K_OFF, kg, p.k_ss, 0, seq_k, head_dim, tid);
         fa_cp_async_commit();
-        fa_wgmma_copy_tile<BN, WS::CPR, THREADS>(sm + WS::V_OFF, blk.vg, p.v_ss, 0, blk.seq_k, blk.head_dim, tid);
+        fa_wgmma_copy_tile<BN, WS::CPR, THREADS>(sm + WS::V_OFF, vg, p.v_ss, 0, seq_k, head_dim, tid);
         fa_cp_async_commit();
     }
 
@@ -141,20 +140,20 @@ FA_DEVICE void fa_wgmma_forward(const AttnParams& p) {
     const fa_u64 v_desc = fa_wgmma_desc(sbase + WS::V_OFF, BN * 128, 1024);
     constexpr fa_u64 KV_BUF_UNITS = WS::KV_BYTES >> 4;  // descriptor address units
 
-    for (int t = 0; t < blk.ntiles; ++t) {
+    for (int t = 0; t < ntiles; ++t) {
         const int kv0 = t * BN;
         const fa_u64 buf = (fa_u64)(t & 1) * KV_BUF_UNITS;
         fa_cp_async_wait<1>();
         fa_fence_proxy_async();
         fa_syncthreads();  // K_t (and Q) visible to wgmma; every warpgroup is done with K_{t-1}
-        if (t + 1 < blk.ntiles)
-            fa_wgmma_copy_tile<BN, WS::CPR, THREADS>(sm + WS::K_OFF + ((t + 1) & 1) * WS::KV_BYTES, blk.kg,
-                                                     p.k_ss, kv0 + BN, blk.seq_k, blk.head_dim, tid);
+        if (t + 1 < ntiles)
+            fa_wgmma_copy_tile<BN, WS::CPR, THREADS>(sm + WS::K_OFF + ((t + 1) & 1) * WS::KV_BYTES, kg,
+                                                     p.k_ss, kv0 + BN, seq_k, head_dim, tid);
         fa_cp_async_commit();
 
         // Warpgroup-uniform: a group whose rows are past seq_q or see no key of this tile
         // (causal) skips the tile; its m, l and O are what a fully masked tile would leave.
-        const bool active = (wg_row0 < blk.seq_q) && (!blk.causal || kv0 <= wg_row0 + 63 + blk.diag);
+        const bool active = (wg_row0 < seq_q) && (!causal || kv0 <= wg_row0 + 63 + diag);
 
         float s[WS::NT][4];
         unsigned int pf[WS::KP][4];
@@ -175,7 +174,7 @@ FA_DEVICE void fa_wgmma_forward(const AttnParams& p) {
             fa_wgmma_hold(s);
             fa_wgmma_hold(o);
 
-            const float mul = fa_mma_scale_mask<BN>(s, p, blk, wrow0, g, c4, kv0, sl2);
+            const float mul = fa_mma_scale_mask<BN>(s, p, b, h, wrow0, g, c4, kv0, seq_q, seq_k, diag, causal, has_mask, sl2);
             fa_mma_online_softmax<WS::NT, WS::DT>(s, o, m_i, l_i, mul);
 #pragma unroll
             for (int kk = 0; kk < WS::KP; ++kk) {
@@ -189,9 +188,9 @@ FA_DEVICE void fa_wgmma_forward(const AttnParams& p) {
         fa_cp_async_wait<1>();
         fa_fence_proxy_async();
         fa_syncthreads();  // V_t visible to wgmma; every warpgroup is done with V_{t-1}
-        if (t + 1 < blk.ntiles)
-            fa_wgmma_copy_tile<BN, WS::CPR, THREADS>(sm + WS::V_OFF + ((t + 1) & 1) * WS::KV_BYTES, blk.vg,
-                                                     p.v_ss, kv0 + BN, blk.seq_k, blk.head_dim, tid);
+        if (t + 1 < ntiles)
+            fa_wgmma_copy_tile<BN, WS::CPR, THREADS>(sm + WS::V_OFF + ((t + 1) & 1) * WS::KV_BYTES, vg,
+                                                     p.v_ss, kv0 + BN, seq_k, head_dim, tid);
         fa_cp_async_commit();
 
         if (active) {
@@ -220,8 +219,8 @@ FA_DEVICE void fa_wgmma_forward(const AttnParams& p) {
     fa_mma_stage_o16<T>(ow, WS::OSTR, o, inv, g, c4);
     __syncwarp();
 
-    fa_mma_store_rows16<16, WS::CPR>(p, ow, WS::OSTR, wrow0, blk.b, blk.h, lane);
-    fa_mma_store_lse(p, blk.b, blk.h, wrow0, g, c4, m_i, l_i);
+    fa_mma_store_rows16<16, WS::CPR>(p, ow, WS::OSTR, wrow0, b, h, lane);
+    fa_mma_store_lse(p, b, h, wrow0, g, c4, m_i, l_i);
 }
 
 #endif  // FA_HAS_WGMMA

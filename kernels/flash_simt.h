@@ -408,8 +408,7 @@ FA_DEVICE void fa_flash_tile(const AttnParams& p, const int q0) {
     const int tid = (int)threadIdx.x;
     const int tx = tid % SH::TX;
     const int ty = tid / SH::TX;
-    if (q0 >= p.seq_q) return;  // block-uniform, before any barrier
-    const FaBlock<T> blk = fa_block<T, BM, BN, MODE>(p, q0);
+    FA_BLOCK_SETUP(T, BM, BN, MODE, p, q0);
 
     const fa_u64 in_addr = reinterpret_cast<fa_u64>(p.q) | reinterpret_cast<fa_u64>(p.k) |
                            reinterpret_cast<fa_u64>(p.v);
@@ -420,7 +419,7 @@ FA_DEVICE void fa_flash_tile(const AttnParams& p, const int q0) {
     // Q is scaled by scale*log2(e) once, so S comes out in the exp2 domain.
     {
         FaStager<T, BM, SH::DP, SH::QSTR, THREADS, false> qst;
-        qst.issue(Qs, blk.qg, p.q_ss, q0, blk.seq_q, p.head_dim, in_vec, tid);
+        qst.issue(Qs, qg, p.q_ss, q0, seq_q, p.head_dim, in_vec, tid);
         qst.commit(Qs, tid, p.scale * FA_LOG2E);
     }
 
@@ -437,29 +436,29 @@ FA_DEVICE void fa_flash_tile(const AttnParams& p, const int q0) {
 
     FaStager<T, BN, SH::DP, SH::KSTR, THREADS, ASYNC> kst;
     FaStager<T, BN, SH::DP, SH::VSTR, THREADS, ASYNC> vst;
-    if (blk.ntiles > 0) kst.issue(Ks, blk.kg, p.k_ss, 0, blk.seq_k, p.head_dim, in_vec, tid);
+    if (ntiles > 0) kst.issue(Ks, kg, p.k_ss, 0, seq_k, p.head_dim, in_vec, tid);
 
-    for (int t = 0; t < blk.ntiles; ++t) {
+    for (int t = 0; t < ntiles; ++t) {
         const int kv0 = t * BN;
         kst.commit(Ks, tid, 1.0f);
         fa_syncthreads();  // A: K_t (and Q) visible; V and P^T of the last tile are free
-        vst.issue(Vs, blk.vg, p.v_ss, kv0, blk.seq_k, p.head_dim, in_vec, tid);
+        vst.issue(Vs, vg, p.v_ss, kv0, seq_k, p.head_dim, in_vec, tid);
 
         float s[RM][SH::SN];
         fa_qk_tile<SH>(Qs, Ks, s, tx, ty);
-        const bool need_mask = blk.has_mask || (kv0 + BN > blk.seq_k) || (blk.causal && kv0 + BN - 1 > q0 + blk.diag);
-        if (need_mask) fa_mask_tile<SH, MODE>(s, p, blk.b, blk.h, q0, kv0, blk.seq_q, blk.seq_k, blk.causal, tx, ty);
+        const bool need_mask = has_mask || (kv0 + BN > seq_k) || (causal && kv0 + BN - 1 > q0 + diag);
+        if (need_mask) fa_mask_tile<SH, MODE>(s, p, b, h, q0, kv0, seq_q, seq_k, causal, tx, ty);
         fa_softmax_tile<SH>(s, m_i, l_i, o);
         fa_store_p<SH>(Ps, s, tx, ty);
 
         vst.commit(Vs, tid, 1.0f);
         fa_syncthreads();  // B: P^T and V_t visible; K_t is free
-        if (t + 1 < blk.ntiles) kst.issue(Ks, blk.kg, p.k_ss, kv0 + BN, blk.seq_k, p.head_dim, in_vec, tid);
+        if (t + 1 < ntiles) kst.issue(Ks, kg, p.k_ss, kv0 + BN, seq_k, p.head_dim, in_vec, tid);
         fa_pv_tile<SH>(Ps, Vs, o, tx, ty);
     }
 
     // Epilogue: O / l, and lse = ln(sum exp(s*scale)). Rows with no visible key give 0 / -inf.
-    T* og = static_cast<T*>(p.out) + (fa_i64)blk.b * p.o_sb + (fa_i64)blk.h * p.o_sh;
+    T* og = static_cast<T*>(p.out) + (fa_i64)b * p.o_sb + (fa_i64)h * p.o_sh;
     const bool out_vec = (reinterpret_cast<fa_u64>(p.out) % (fa_u64)(VEC * sizeof(T)) == 0) &&
                          (((p.o_sb | p.o_sh | p.o_ss) & (VEC - 1)) == 0);
 #pragma unroll
@@ -468,7 +467,7 @@ FA_DEVICE void fa_flash_tile(const AttnParams& p, const int q0) {
 #pragma unroll
         for (int off = SH::TX / 2; off > 0; off >>= 1) l += fa_shfl_xor(l, off, SH::TX);
         const int qi = q0 + (i / 4) * (SH::TY * 4) + ty * 4 + (i % 4);
-        if (qi < blk.seq_q) {
+        if (qi < seq_q) {
             const float inv = l > 0.0f ? 1.0f / l : 0.0f;
             T* orow = og + (fa_i64)qi * p.o_ss;
 #pragma unroll
@@ -486,7 +485,7 @@ FA_DEVICE void fa_flash_tile(const AttnParams& p, const int q0) {
                 }
             }
             if (p.lse != nullptr && tx == 0)
-                p.lse[((fa_i64)blk.b * p.num_heads + blk.h) * blk.seq_q + qi] =
+                p.lse[((fa_i64)b * p.num_heads + h) * seq_q + qi] =
                     l > 0.0f ? fmaf(m_i[i], FA_LN2, fa_logf(l)) : FA_NEG_INF;
         }
     }

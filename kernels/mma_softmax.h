@@ -7,7 +7,6 @@
 
 #include "compat.h"
 #include "attention_params.h"
-#include "flash_common.h"
 
 // Masks one m-tile of scores that are already in the log2 domain: keys past seq_k and above
 // the bottom-right causal diagonal (key > query + diag) become -inf, visible ones get the
@@ -82,11 +81,11 @@ FA_DEVICE void fa_mma_online_softmax(float (&s)[NT][4], float (&o)[DT][4], float
 // (sl2 = scale * log2(e)), then masked; other tiles stay raw and the scale is folded into
 // the exponent (mul = sl2 > 0 keeps the row max where it is). Returns the mul for
 // fa_mma_online_softmax.
-template <int BN, int MT, int NT, typename E>
-FA_DEVICE float fa_mma_scale_mask(float (&s)[MT][NT][4], const AttnParams& p, const FaBlock<E>& blk,
-                                  int wrow0, int g, int c4, int kv0, float sl2) {
-    const bool need_mask = blk.has_mask || (kv0 + BN > blk.seq_k) ||
-                           (blk.causal && kv0 + BN - 1 > wrow0 + blk.diag);
+template <int BN, int MT, int NT>
+FA_DEVICE float fa_mma_scale_mask(float (&s)[MT][NT][4], const AttnParams& p, int b, int h, int wrow0, int g,
+                                  int c4, int kv0, int seq_q, int seq_k, int diag, bool causal,
+                                  bool has_mask, float sl2) {
+    const bool need_mask = has_mask || (kv0 + BN > seq_k) || (causal && kv0 + BN - 1 > wrow0 + diag);
     float mul = sl2;
     if (need_mask || !(sl2 > 0.0f)) {
         mul = 1.0f;
@@ -100,13 +99,15 @@ FA_DEVICE float fa_mma_scale_mask(float (&s)[MT][NT][4], const AttnParams& p, co
     if (need_mask)
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
-            fa_mma_mask_tile<NT>(s[mt], p, blk.b, blk.h, wrow0 + 16 * mt, g, c4, kv0, blk.seq_q, blk.seq_k,
-                                 blk.diag, blk.causal, blk.has_mask);
+            fa_mma_mask_tile<NT>(s[mt], p, b, h, wrow0 + 16 * mt, g, c4, kv0, seq_q, seq_k, diag, causal,
+                                 has_mask);
     return mul;
 }
 // The same on one m-tile.
-template <int BN, int NT, typename E>
-FA_DEVICE float fa_mma_scale_mask(float (&s)[NT][4], const AttnParams& p, const FaBlock<E>& blk, int wrow0,
-                                  int g, int c4, int kv0, float sl2) {
-    return fa_mma_scale_mask<BN>(reinterpret_cast<float(&)[1][NT][4]>(s), p, blk, wrow0, g, c4, kv0, sl2);
+template <int BN, int NT>
+FA_DEVICE float fa_mma_scale_mask(float (&s)[NT][4], const AttnParams& p, int b, int h, int wrow0, int g, int c4,
+                                  int kv0, int seq_q, int seq_k, int diag, bool causal, bool has_mask,
+                                  float sl2) {
+    return fa_mma_scale_mask<BN>(reinterpret_cast<float(&)[1][NT][4]>(s), p, b, h, wrow0, g, c4, kv0, seq_q,
+                                 seq_k, diag, causal, has_mask, sl2);
 }
