@@ -148,7 +148,7 @@ FA_DEVICE void fa_mma_forward(const AttnParams& p) {
     constexpr int STR = MS::STR;
 
     const int q0 = fa_block_q0(p, BM, MODE);
-    FA_BLOCK_SETUP(unsigned short, BM, BN, MODE, p, q0);
+    FA_BLOCK_EXIT(MODE, p, q0);
 
     FA_DYNAMIC_SMEM(fa_smem);
     unsigned short* smem = reinterpret_cast<unsigned short*>(fa_smem);
@@ -157,6 +157,7 @@ FA_DEVICE void fa_mma_forward(const AttnParams& p) {
     unsigned short* Vs = smem + MS::V_OFF;
 
     FA_LANE_SETUP();
+    FA_BLOCK_SETUP(unsigned short, BM, BN, MODE, p, q0);
 
     if (ntiles > 0) {
         fa_mma_copy_tile<BM, MS::CPR, STR, THREADS>(Qs, qg, p.q_ss, q0, seq_q, head_dim, tid);

@@ -77,7 +77,7 @@ FA_DEVICE void fa_tf32_forward(const AttnParams& p) {
     constexpr int STR = MS::STR;
 
     const int q0 = fa_block_q0(p, BM, MODE);
-    FA_BLOCK_SETUP(float, BM, BN, MODE, p, q0);
+    FA_BLOCK_EXIT(MODE, p, q0);
 
     FA_DYNAMIC_SMEM(fa_smem);
     float* smem = reinterpret_cast<float*>(fa_smem);
@@ -86,6 +86,7 @@ FA_DEVICE void fa_tf32_forward(const AttnParams& p) {
     float* Vs = smem + MS::V_OFF;
 
     FA_LANE_SETUP();
+    FA_BLOCK_SETUP(float, BM, BN, MODE, p, q0);
 
     if (ntiles > 0) {
         fa_tf32_copy_tile<BM, MS::CPR, STR, THREADS>(Qs, qg, p.q_ss, q0, seq_q, head_dim, tid);

@@ -104,7 +104,7 @@ FA_DEVICE void fa_wgmma_forward(const AttnParams& p) {
     static_assert(WS::SMEM_BYTES <= SMEM, "wgmma layout exceeds the tile row's SMEM_BYTES");
 
     const int q0 = fa_block_q0(p, BM, MODE);
-    FA_BLOCK_SETUP(unsigned short, BM, BN, MODE, p, q0);
+    FA_BLOCK_EXIT(MODE, p, q0);
 
     FA_DYNAMIC_SMEM(fa_smem);
     const unsigned int raw = fa_smem_u32(fa_smem);
@@ -113,6 +113,7 @@ FA_DEVICE void fa_wgmma_forward(const AttnParams& p) {
     const unsigned int sbase = raw + pad;
 
     FA_LANE_SETUP();
+    FA_BLOCK_SETUP(unsigned short, BM, BN, MODE, p, q0);
     const int wg = tid >> 7;
     if (ntiles > 0) {
         fa_wgmma_copy_tile<BM, WS::CPR, THREADS>(sm + WS::Q_OFF, qg, p.q_ss, q0, seq_q, head_dim, tid);

@@ -27,27 +27,30 @@ FA_DEVICE int fa_block_q0(const AttnParams& p, int bm, int mode) {
 }
 
 // The block setup every flash kernel starts with, in one place (a per-call option that
-// changes which keys a row sees or where a block reads is added here once). With the
-// block's first query q0 and the AttnParams p it declares
+// changes which keys a row sees or where a block reads is added here once), in two steps.
+// FA_BLOCK_EXIT(MODE, p, q0) declares
 //   seq_q, seq_k      the sequence lengths
-//   causal, has_mask  the mask mode's flags (MODE 0: no mask, not causal; MODE 1: causal,
-//                     no mask; MODE 2: additive f32 mask (nullable), causal when p.causal)
+//   causal            MODE 0: no mask, not causal; MODE 1: causal, no mask; MODE 2: additive
+//                     f32 mask (nullable), causal when p.causal != 0
+// and returns when the block (first query q0) has no query: block-uniform, before any
+// barrier. FA_BLOCK_SETUP(E, BM, BN, MODE, p, q0) then declares
 //   h, b, kvh         the block's head and batch entry (grid y, z) and the KV head it reads
 //   diag              the bottom-right causal diagonal: key j is visible to query i when
 //                     j <= i + diag
 //   ntiles            the key tiles of BN keys the block visits
+//   has_mask          an additive mask is given (MODE 2)
 //   head_dim          the call's head dim
-//   qg, kg, vg        this (batch, head)'s Q, K and V rows, as E (the storage type copied)
-// and returns when the block has no query (block-uniform, before any barrier). A macro
-// rather than a function filling a struct: the statements and their order are those the
-// kernels had, so NVRTC emits the same code for them (a struct filled after the early exit
-// moved loads and changed the emitted code of every kernel).
-#define FA_BLOCK_SETUP(E, BM, BN, MODE, p, q0)                                                    \
-    static_assert((MODE) >= 0 && (MODE) <= 2, "MASK_MODE is 0, 1 or 2");                         \
+//   qg, kg, vg        this (batch, head)'s Q, K and V rows, as E (the storage type copied).
+// Macros rather than a function filling a struct: these statements, in this order, are what
+// every kernel had, and NVRTC emits the same code for them (a struct filled after the early
+// exit, or another order, changed the emitted code of every kernel).
+#define FA_BLOCK_EXIT(MODE, p, q0)                                                               \
     const int seq_q = (p).seq_q;                                                                 \
     const int seq_k = (p).seq_k;                                                                 \
     const bool causal = ((MODE) == 1) || ((MODE) == 2 && (p).causal != 0);                       \
-    if ((q0) >= seq_q) return;                                                                   \
+    if ((q0) >= seq_q) return
+#define FA_BLOCK_SETUP(E, BM, BN, MODE, p, q0)                                                    \
+    static_assert((MODE) >= 0 && (MODE) <= 2, "MASK_MODE is 0, 1 or 2");                         \
     const int h = (int)blockIdx.y;                                                               \
     const int b = (int)blockIdx.z;                                                               \
     const int kvh = h / ((p).num_heads / (p).num_kv_heads);                                      \

@@ -408,6 +408,7 @@ FA_DEVICE void fa_flash_tile(const AttnParams& p, const int q0) {
     const int tid = (int)threadIdx.x;
     const int tx = tid % SH::TX;
     const int ty = tid / SH::TX;
+    FA_BLOCK_EXIT(MODE, p, q0);
     FA_BLOCK_SETUP(T, BM, BN, MODE, p, q0);
 
     const fa_u64 in_addr = reinterpret_cast<fa_u64>(p.q) | reinterpret_cast<fa_u64>(p.k) |
