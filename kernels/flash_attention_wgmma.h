@@ -113,8 +113,8 @@ FA_DEVICE void fa_wgmma_forward(const AttnParams& p) {
     const unsigned int sbase = raw + pad;
 
     FA_LANE_SETUP();
-    FA_BLOCK_SETUP(unsigned short, BM, BN, MODE, p, q0);
     const int wg = tid >> 7;
+    FA_BLOCK_SETUP(unsigned short, BM, BN, MODE, p, q0);
     if (ntiles > 0) {
         fa_wgmma_copy_tile<BM, WS::CPR, THREADS>(sm + WS::Q_OFF, qg, p.q_ss, q0, seq_q, head_dim, tid);
         fa_wgmma_copy_tile<BN, WS::CPR, THREADS>(sm + WS::K_OFF, kg, p.k_ss, 0, seq_k, head_dim, tid);
