@@ -1,10 +1,10 @@
 // FlashAttention-2 forward pass on tensor cores: f16/bf16 inputs, CUDA sm_80 and newer.
 //
-// flash_attention_core.h includes this file and dispatches f16/bf16 to it; inputs whose
-// pointers or strides are not 16-byte aligned (or head_dim not a multiple of 8) go to the
-// SIMT kernel inside the same entry point.
+// flash_entry.h defines its entry points (FA_VARIANT_IMPL mma). The host launches it only
+// where Q, K and V are 16-byte aligned with strides and head_dim in whole 16-byte chunks;
+// other inputs take the split SIMT entry point of the same row (a host decision).
 //
-// Same contract as the SIMT kernel in flash_attention_core.h: bottom-right causal, additive
+// Same contract as the SIMT kernel in flash_simt.h: bottom-right causal, additive
 // f32 mask (MODE 2), GQA, any head_dim <= bucket (zero padded), rows with no visible key give
 // zeros and lse = -inf, 64-bit offsets.
 //
@@ -145,20 +145,10 @@ FA_DEVICE void fa_mma_forward(const AttnParams& p) {
     typedef FaMmaShape<HD, BM, BN, THREADS> MS;
     typedef FaMma<T> MM;
     static_assert(MS::SMEM_BYTES <= SMEM, "tensor-core layout exceeds the tile row's SMEM_BYTES");
-    static_assert(FaSplitShape<HD, THREADS>::SMEM_BYTES <= SMEM,
-                  "SIMT fallback layout exceeds the tile row's SMEM_BYTES");
-    static_assert(MODE >= 0 && MODE <= 2, "MASK_MODE is 0, 1 or 2");
     constexpr int STR = MS::STR;
 
     const int q0 = fa_block_q0(p, BM, MODE);
-    const int seq_q = p.seq_q;
-    const int seq_k = p.seq_k;
-    if (q0 >= seq_q) return;  // block-uniform, before any barrier
-
-    if (!fa_mma_inputs_vectorizable<unsigned short>(p)) {
-        fa_flash_forward_split<T, HD, BM, THREADS, SMEM, MODE>(p, q0);
-        return;
-    }
+    FA_BLOCK_EXIT(MODE, p, q0);
 
     FA_DYNAMIC_SMEM(fa_smem);
     unsigned short* smem = reinterpret_cast<unsigned short*>(fa_smem);
@@ -166,27 +156,8 @@ FA_DEVICE void fa_mma_forward(const AttnParams& p) {
     unsigned short* Ks = smem + MS::K_OFF;
     unsigned short* Vs = smem + MS::V_OFF;
 
-    const int tid = (int)threadIdx.x;
-    const int warp = tid >> 5;
-    const int lane = tid & 31;
-    const int g = lane >> 2;
-    const int c4 = lane & 3;
-    const int h = (int)blockIdx.y;
-    const int b = (int)blockIdx.z;
-    const int kvh = h / (p.num_heads / p.num_kv_heads);
-    const int diag = seq_k - seq_q;
-    const bool causal = (MODE == 1) || (MODE == 2 && p.causal != 0);
-    const bool has_mask = (MODE == 2) && (p.mask != nullptr);
-    const int head_dim = p.head_dim;
-
-    const int ntiles = fa_key_tiles(q0, BM, BN, seq_q, seq_k, causal);
-
-    const unsigned short* qg = static_cast<const unsigned short*>(p.q) + (fa_i64)b * p.q_sb +
-                               (fa_i64)h * p.q_sh;
-    const unsigned short* kg = static_cast<const unsigned short*>(p.k) + (fa_i64)b * p.k_sb +
-                               (fa_i64)kvh * p.k_sh;
-    const unsigned short* vg = static_cast<const unsigned short*>(p.v) + (fa_i64)b * p.v_sb +
-                               (fa_i64)kvh * p.v_sh;
+    FA_LANE_SETUP();
+    FA_BLOCK_SETUP(unsigned short, BM, BN, MODE, p, q0);
 
     if (ntiles > 0) {
         fa_mma_copy_tile<BM, MS::CPR, STR, THREADS>(Qs, qg, p.q_ss, q0, seq_q, head_dim, tid);
@@ -278,27 +249,8 @@ FA_DEVICE void fa_mma_forward(const AttnParams& p) {
                 }
             }
 
-            // Tiles that need masking are scaled into the exp2 domain first, then masked: keys
-            // past seq_k, above the bottom-right causal diagonal, and the additive mask (log2
-            // units). Other tiles stay raw and the scale is folded into the exponent below
-            // (mul = scale*log2(e) > 0 keeps the row max where it is).
-            const bool need_mask = has_mask || (kv0 + BN > seq_k) ||
-                                   (causal && kv0 + BN - 1 > wrow0 + diag);
-            float mul = sl2;
-            if (need_mask || !(sl2 > 0.0f)) {
-                mul = 1.0f;
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                    for (int j = 0; j < MS::NT; ++j)
-#pragma unroll
-                        for (int e = 0; e < 4; ++e) s[mt][j][e] *= sl2;
-            }
-            if (need_mask)
-#pragma unroll
-                for (int mt = 0; mt < MT; ++mt)
-                    fa_mma_mask_tile<MS::NT>(s[mt], p, b, h, wrow0 + 16 * mt, g, c4, kv0, seq_q, seq_k, diag,
-                                             causal, has_mask);
+            // Scale, then mask where the tile needs it (mma_softmax.h).
+            const float mul = fa_mma_scale_mask<BN>(s, p, b, h, wrow0, g, c4, kv0, seq_q, seq_k, diag, causal, has_mask, sl2);
 
             // Online softmax (mma_softmax.h), one m-tile at a time.
 #pragma unroll
@@ -349,15 +301,7 @@ FA_DEVICE void fa_mma_forward(const AttnParams& p) {
 #pragma unroll
         for (int r = 0; r < 2; ++r) inv[mt][r] = fa_mma_quad_sum_inv(l_i[mt][r]);
     unsigned short* ow = Qs + WR * warp * STR;
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-        for (int j = 0; j < MS::DT; ++j) {
-            *reinterpret_cast<unsigned int*>(ow + (16 * mt + g) * STR + 8 * j + 2 * c4) =
-                MM::pack(o[mt][j][0] * inv[mt][0], o[mt][j][1] * inv[mt][0]);
-            *reinterpret_cast<unsigned int*>(ow + (16 * mt + g + 8) * STR + 8 * j + 2 * c4) =
-                MM::pack(o[mt][j][2] * inv[mt][1], o[mt][j][3] * inv[mt][1]);
-        }
+    fa_mma_stage_o16<T>(ow, STR, o, inv, g, c4);
     __syncwarp();
 
     fa_mma_store_rows16<WR, MS::CPR>(p, ow, STR, wrow0, b, h, lane);

@@ -25,8 +25,6 @@
 #include "mma_softmax.h"
 #include "mma_block_io.h"
 
-struct fa_tf32 {};  // kernel element tag: f32 storage, TF32 tensor-core math
-
 #if FA_HAS_MMA
 
 template <int HD, int BM, int BN, int THREADS>
@@ -76,19 +74,10 @@ template <int HD, int BM, int BN, int THREADS, int SMEM, int MODE>
 FA_DEVICE void fa_tf32_forward(const AttnParams& p) {
     typedef FaTf32Shape<HD, BM, BN, THREADS> MS;
     static_assert(MS::SMEM_BYTES <= SMEM, "TF32 layout exceeds the tile row's SMEM_BYTES");
-    static_assert(FaSplitShape<HD, THREADS>::SMEM_BYTES <= SMEM,
-                  "SIMT fallback layout exceeds the tile row's SMEM_BYTES");
     constexpr int STR = MS::STR;
 
     const int q0 = fa_block_q0(p, BM, MODE);
-    const int seq_q = p.seq_q;
-    const int seq_k = p.seq_k;
-    if (q0 >= seq_q) return;
-
-    if (!fa_mma_inputs_vectorizable<float>(p)) {
-        fa_flash_forward_split<float, HD, BM, THREADS, SMEM, MODE>(p, q0);
-        return;
-    }
+    FA_BLOCK_EXIT(MODE, p, q0);
 
     FA_DYNAMIC_SMEM(fa_smem);
     float* smem = reinterpret_cast<float*>(fa_smem);
@@ -96,24 +85,8 @@ FA_DEVICE void fa_tf32_forward(const AttnParams& p) {
     float* Ks = smem + MS::K_OFF;
     float* Vs = smem + MS::V_OFF;
 
-    const int tid = (int)threadIdx.x;
-    const int warp = tid >> 5;
-    const int lane = tid & 31;
-    const int g = lane >> 2;
-    const int c4 = lane & 3;
-    const int h = (int)blockIdx.y;
-    const int b = (int)blockIdx.z;
-    const int kvh = h / (p.num_heads / p.num_kv_heads);
-    const int diag = seq_k - seq_q;
-    const bool causal = (MODE == 1) || (MODE == 2 && p.causal != 0);
-    const bool has_mask = (MODE == 2) && (p.mask != nullptr);
-    const int head_dim = p.head_dim;
-
-    const int ntiles = fa_key_tiles(q0, BM, BN, seq_q, seq_k, causal);
-
-    const float* qg = static_cast<const float*>(p.q) + (fa_i64)b * p.q_sb + (fa_i64)h * p.q_sh;
-    const float* kg = static_cast<const float*>(p.k) + (fa_i64)b * p.k_sb + (fa_i64)kvh * p.k_sh;
-    const float* vg = static_cast<const float*>(p.v) + (fa_i64)b * p.v_sb + (fa_i64)kvh * p.v_sh;
+    FA_LANE_SETUP();
+    FA_BLOCK_SETUP(float, BM, BN, MODE, p, q0);
 
     if (ntiles > 0) {
         fa_tf32_copy_tile<BM, MS::CPR, STR, THREADS>(Qs, qg, p.q_ss, q0, seq_q, head_dim, tid);
@@ -189,18 +162,7 @@ FA_DEVICE void fa_tf32_forward(const AttnParams& p) {
                 }
             }
 
-            const bool need_mask = has_mask || (kv0 + BN > seq_k) ||
-                                   (causal && kv0 + BN - 1 > wrow0 + diag);
-            float mul = sl2;
-            if (need_mask || !(sl2 > 0.0f)) {
-                mul = 1.0f;
-#pragma unroll
-                for (int j = 0; j < MS::NT; ++j)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) s[j][e] *= sl2;
-            }
-            if (need_mask)
-                fa_mma_mask_tile<MS::NT>(s, p, b, h, wrow0, g, c4, kv0, seq_q, seq_k, diag, causal, has_mask);
+            const float mul = fa_mma_scale_mask<BN>(s, p, b, h, wrow0, g, c4, kv0, seq_q, seq_k, diag, causal, has_mask, sl2);
 
             // Online softmax (mma_softmax.h).
             fa_mma_online_softmax<MS::NT, MS::DT>(s, o, m_i, l_i, mul);

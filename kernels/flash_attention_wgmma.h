@@ -1,9 +1,8 @@
 // FlashAttention forward pass on Hopper's warpgroup MMA (wgmma): f16/bf16 inputs, CUDA sm_90a.
 //
-// flash_attention_core.h dispatches the FA_TILE_SM90 rows of flash_config.h here (built with
-// FA_VARIANT_WGMMA for compute_90a); inputs whose pointers or strides are not 16-byte aligned
-// (or head_dim not a multiple of 8) take the SIMT kernel inside the same entry point. Same
-// contract as the other flash kernels: bottom-right causal, additive f32 mask (MODE 2), GQA,
+// flash_entry.h defines its entry points (FA_VARIANT_IMPL wgmma, the FA_TILE_SM90 rows of
+// flash_config.h, built for compute_90a); the host launches it only on 16-byte aligned
+// inputs, others take the split SIMT entry point of the same row. Same contract as the other flash kernels: bottom-right causal, additive f32 mask (MODE 2), GQA,
 // any head_dim <= bucket (zero padded), rows with no visible key give zeros and lse = -inf,
 // 64-bit offsets.
 //
@@ -103,19 +102,9 @@ FA_DEVICE void fa_wgmma_forward(const AttnParams& p) {
     typedef FaWgShape<HD, BM, BN, THREADS> WS;
     typedef FaMma<T> MM;
     static_assert(WS::SMEM_BYTES <= SMEM, "wgmma layout exceeds the tile row's SMEM_BYTES");
-    static_assert(FaSplitShape<HD, THREADS>::SMEM_BYTES <= SMEM,
-                  "SIMT fallback layout exceeds the tile row's SMEM_BYTES");
-    static_assert(MODE >= 0 && MODE <= 2, "MASK_MODE is 0, 1 or 2");
 
     const int q0 = fa_block_q0(p, BM, MODE);
-    const int seq_q = p.seq_q;
-    const int seq_k = p.seq_k;
-    if (q0 >= seq_q) return;  // block-uniform, before any barrier
-
-    if (!fa_mma_inputs_vectorizable<unsigned short>(p)) {
-        fa_flash_forward_split<T, HD, BM, THREADS, SMEM, MODE>(p, q0);
-        return;
-    }
+    FA_BLOCK_EXIT(MODE, p, q0);
 
     FA_DYNAMIC_SMEM(fa_smem);
     const unsigned int raw = fa_smem_u32(fa_smem);
@@ -123,28 +112,9 @@ FA_DEVICE void fa_wgmma_forward(const AttnParams& p) {
     unsigned char* sm = fa_smem + pad;
     const unsigned int sbase = raw + pad;
 
-    const int tid = (int)threadIdx.x;
+    FA_LANE_SETUP();
     const int wg = tid >> 7;
-    const int warp = tid >> 5;
-    const int lane = tid & 31;
-    const int g = lane >> 2;
-    const int c4 = lane & 3;
-    const int h = (int)blockIdx.y;
-    const int b = (int)blockIdx.z;
-    const int kvh = h / (p.num_heads / p.num_kv_heads);
-    const int diag = seq_k - seq_q;
-    const bool causal = (MODE == 1) || (MODE == 2 && p.causal != 0);
-    const bool has_mask = (MODE == 2) && (p.mask != nullptr);
-    const int head_dim = p.head_dim;
-    const int ntiles = fa_key_tiles(q0, BM, BN, seq_q, seq_k, causal);
-
-    const unsigned short* qg = static_cast<const unsigned short*>(p.q) + (fa_i64)b * p.q_sb +
-                               (fa_i64)h * p.q_sh;
-    const unsigned short* kg = static_cast<const unsigned short*>(p.k) + (fa_i64)b * p.k_sb +
-                               (fa_i64)kvh * p.k_sh;
-    const unsigned short* vg = static_cast<const unsigned short*>(p.v) + (fa_i64)b * p.v_sb +
-                               (fa_i64)kvh * p.v_sh;
-
+    FA_BLOCK_SETUP(unsigned short, BM, BN, MODE, p, q0);
     if (ntiles > 0) {
         fa_wgmma_copy_tile<BM, WS::CPR, THREADS>(sm + WS::Q_OFF, qg, p.q_ss, q0, seq_q, head_dim, tid);
         fa_wgmma_copy_tile<BN, WS::CPR, THREADS>(sm + WS::K_OFF, kg, p.k_ss, 0, seq_k, head_dim, tid);
@@ -205,19 +175,7 @@ FA_DEVICE void fa_wgmma_forward(const AttnParams& p) {
             fa_wgmma_hold(s);
             fa_wgmma_hold(o);
 
-            const bool need_mask = has_mask || (kv0 + BN > seq_k) ||
-                                   (causal && kv0 + BN - 1 > wrow0 + diag);
-            float mul = sl2;
-            if (need_mask || !(sl2 > 0.0f)) {
-                mul = 1.0f;
-#pragma unroll
-                for (int j = 0; j < WS::NT; ++j)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) s[j][e] *= sl2;
-            }
-            if (need_mask)
-                fa_mma_mask_tile<WS::NT>(s, p, b, h, wrow0, g, c4, kv0, seq_q, seq_k, diag, causal,
-                                         has_mask);
+            const float mul = fa_mma_scale_mask<BN>(s, p, b, h, wrow0, g, c4, kv0, seq_q, seq_k, diag, causal, has_mask, sl2);
             fa_mma_online_softmax<WS::NT, WS::DT>(s, o, m_i, l_i, mul);
 #pragma unroll
             for (int kk = 0; kk < WS::KP; ++kk) {
@@ -259,13 +217,7 @@ FA_DEVICE void fa_wgmma_forward(const AttnParams& p) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) inv[r] = fa_mma_quad_sum_inv(l_i[r]);
     unsigned short* ow = reinterpret_cast<unsigned short*>(sm) + 16 * warp * WS::OSTR;
-#pragma unroll
-    for (int j = 0; j < WS::DT; ++j) {
-        *reinterpret_cast<unsigned int*>(ow + g * WS::OSTR + 8 * j + 2 * c4) =
-            MM::pack(o[j][0] * inv[0], o[j][1] * inv[0]);
-        *reinterpret_cast<unsigned int*>(ow + (g + 8) * WS::OSTR + 8 * j + 2 * c4) =
-            MM::pack(o[j][2] * inv[1], o[j][3] * inv[1]);
-    }
+    fa_mma_stage_o16<T>(ow, WS::OSTR, o, inv, g, c4);
     __syncwarp();
 
     fa_mma_store_rows16<16, WS::CPR>(p, ow, WS::OSTR, wrow0, b, h, lane);

@@ -25,8 +25,8 @@
 // fits the register file. Shared memory is
 //   2 * (DP + 8) * (BLOCK_M + 4 * BLOCK_N)
 // (16-bit Q, double-buffered K and V; DP = bucket rounded up to 16), or, where larger, what
-// its SIMT fallback needs (unaligned inputs, CUDA before sm_80: BLOCK_M / 32 SIMT tiles of
-// 32 queries x 32 keys). The kernel static_asserts both fit. On H100 (bf16, B*S = 16384),
+// the row's split SIMT entry point needs (the host's choice for unaligned inputs and CUDA
+// before sm_80: BLOCK_M / 32 SIMT tiles of 32 queries x 32 keys). The kernel static_asserts both fit. On H100 (bf16, B*S = 16384),
 // 32 rows per warp beat 16 by ~40% at D = 128; BLOCK_N = 128 (D = 64), BLOCK_N = 64 or
 // 8 warps (D = 256) measured slower.
 #pragma once
@@ -84,8 +84,8 @@ FA_TILE(tf32, 256, 64, 32, 128, 199680)
 // (flash_attention_wgmma.h, built for compute_90a): 64 query rows per 128-thread warpgroup,
 // shared memory for the kernel is
 //   2 * DP * (BLOCK_M + 4 * BLOCK_N) + 1024      (DP = bucket rounded up to 64)
-// and SMEM_BYTES is the largest of that and what the row's tile needs on the mma.sync kernel
-// (a build for another target) and its SIMT fallback. Measured on H100 with
+// and SMEM_BYTES covers that and what the row's split SIMT entry point needs (unaligned
+// inputs). Measured on H100 with
 // scripts/wgmma-probe.sh (bf16, B*S = 16384, H = 2048/D, S = 512..8192, TFLOP/s non-causal):
 //   D = 64:  128 x 128: 244-323; 192 x 128 (384 threads): 254-337 but slower causal;
 //            128 x 64: 214-271; the mma.sync row 248-305

@@ -1,23 +1,11 @@
-// The two ends of a tensor-core flash block (flash_attention_mma.h, _tf32.h, _wgmma.h):
-// whether its inputs allow 16-byte copies, and its output: the quad-reduced row sums, the
-// stores of staged 16-bit rows and the log-sum-exp. Fragment rows as in mma_softmax.h: a
+// The output end of a tensor-core flash block (flash_attention_mma.h, _tf32.h, _wgmma.h):
+// the quad-reduced row sums, the staging and stores of 16-bit rows and the log-sum-exp. Fragment rows as in mma_softmax.h: a
 // thread holds rows row0 + g + 8r (r = 0, 1) of its quad.
 #pragma once
 
 #include "compat.h"
 #include "attention_params.h"
-
-// 16-byte copies of Q, K and V need 16-byte aligned bases, strides of whole 16-byte chunks
-// and head_dim in whole chunks; a block that sees anything else takes the SIMT kernel (the
-// decision is block-uniform).
-template <typename E>
-FA_DEVICE bool fa_mma_inputs_vectorizable(const AttnParams& p) {
-    constexpr long long PER = 16 / (long long)sizeof(E);  // elements per chunk
-    const fa_u64 addr = reinterpret_cast<fa_u64>(p.q) | reinterpret_cast<fa_u64>(p.k) |
-                        reinterpret_cast<fa_u64>(p.v);
-    const fa_i64 strides = p.q_sb | p.q_sh | p.q_ss | p.k_sb | p.k_sh | p.k_ss | p.v_sb | p.v_sh | p.v_ss;
-    return (addr & 15u) == 0 && (strides & (PER - 1)) == 0 && (p.head_dim & (PER - 1)) == 0;
-}
+#include "mma_ops.h"
 
 // A row's sum over the four lanes of its quad (each holds a quarter of the columns); returns
 // 1 / sum, or 0 for a row that saw no visible key.
@@ -67,3 +55,28 @@ FA_DEVICE void fa_mma_store_lse(const AttnParams& p, int b, int h, int row0, int
                 l[r] > 0.0f ? fmaf(m[r], FA_LN2, fa_logf(l[r])) : FA_NEG_INF;
     }
 }
+
+#if FA_HAS_MMA
+// O / l of a warp's MT m-tiles (accumulator layout, DT n-tiles of 8 columns) as 16-bit rows
+// into the staging rows ow (row stride str elements): row 16 mt + g + 8r, columns 8j + 2c4.
+template <typename T, int MT, int DT>
+FA_DEVICE void fa_mma_stage_o16(unsigned short* ow, int str, const float (&o)[MT][DT][4],
+                                const float (&inv)[MT][2], int g, int c4) {
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int j = 0; j < DT; ++j) {
+            *reinterpret_cast<unsigned int*>(ow + (16 * mt + g) * str + 8 * j + 2 * c4) =
+                FaMma<T>::pack(o[mt][j][0] * inv[mt][0], o[mt][j][1] * inv[mt][0]);
+            *reinterpret_cast<unsigned int*>(ow + (16 * mt + g + 8) * str + 8 * j + 2 * c4) =
+                FaMma<T>::pack(o[mt][j][2] * inv[mt][1], o[mt][j][3] * inv[mt][1]);
+        }
+}
+// The same for one m-tile.
+template <typename T, int DT>
+FA_DEVICE void fa_mma_stage_o16(unsigned short* ow, int str, const float (&o)[DT][4], const float (&inv)[2],
+                                int g, int c4) {
+    fa_mma_stage_o16<T, 1, DT>(ow, str, reinterpret_cast<const float(&)[1][DT][4]>(o),
+                               reinterpret_cast<const float(&)[1][2]>(inv), g, c4);
+}
+#endif  // FA_HAS_MMA

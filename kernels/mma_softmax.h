@@ -74,3 +74,40 @@ FA_DEVICE void fa_mma_online_softmax(float (&s)[NT][4], float (&o)[DT][4], float
         }
     }
 }
+
+// The score step of the tensor-core kernels, on the MT m-tiles of a warp whose first query
+// is wrow0, for the key tile kv0 .. kv0 + BN - 1: tiles that need masking (keys past seq_k,
+// above the causal diagonal, or an additive mask) are scaled into the exp2 domain first
+// (sl2 = scale * log2(e)), then masked; other tiles stay raw and the scale is folded into
+// the exponent (mul = sl2 > 0 keeps the row max where it is). Returns the mul for
+// fa_mma_online_softmax.
+template <int BN, int MT, int NT>
+FA_DEVICE float fa_mma_scale_mask(float (&s)[MT][NT][4], const AttnParams& p, int b, int h, int wrow0, int g,
+                                  int c4, int kv0, int seq_q, int seq_k, int diag, bool causal,
+                                  bool has_mask, float sl2) {
+    const bool need_mask = has_mask || (kv0 + BN > seq_k) || (causal && kv0 + BN - 1 > wrow0 + diag);
+    float mul = sl2;
+    if (need_mask || !(sl2 > 0.0f)) {
+        mul = 1.0f;
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[mt][j][e] *= sl2;
+    }
+    if (need_mask)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+            fa_mma_mask_tile<NT>(s[mt], p, b, h, wrow0 + 16 * mt, g, c4, kv0, seq_q, seq_k, diag, causal,
+                                 has_mask);
+    return mul;
+}
+// The same on one m-tile.
+template <int BN, int NT>
+FA_DEVICE float fa_mma_scale_mask(float (&s)[NT][4], const AttnParams& p, int b, int h, int wrow0, int g, int c4,
+                                  int kv0, int seq_q, int seq_k, int diag, bool causal, bool has_mask,
+                                  float sl2) {
+    return fa_mma_scale_mask<BN>(reinterpret_cast<float(&)[1][NT][4]>(s), p, b, h, wrow0, g, c4, kv0, seq_q,
+                                 seq_k, diag, causal, has_mask, sl2);
+}

@@ -11,8 +11,7 @@ constexpr int FA_QK_UNROLL = 4;
 constexpr int FA_PV_UNROLL = 4;
 #include "../kernels/compat.h"
 #include "../kernels/attention_params.h"
-#include "../kernels/flash_attention_core.h"
-#include "../kernels/flash_attention_wgmma.h"
+#include "../kernels/flash_entry.h"
 #include <cstdio>
 #include <cstdlib>
 #include <cmath>

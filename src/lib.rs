@@ -72,6 +72,7 @@ pub use config::{AttentionConfig, KvCacheLayout, Layout, MAX_SCALE};
 pub use device::{Device, DeviceGraph, GpuStream, TransferStats};
 pub use dtype::{DType, HostElement};
 pub use error::{AttentionBackendResult, AttentionError, ErrorSource, Result};
+pub use kernels::FlashImpl;
 pub use kv_cache::{KvCache, KvCacheSpec};
 pub use legacy::{
     AttentionBackendRegistry, BackendImplementation, BackendPriority, Dispatch, HostAdapter,

@@ -271,8 +271,8 @@ fn tf32_flash_matches_reference_within_its_tolerance() {
     }
     println!("tf32 worst relative L2 error {worst:.2e} (tolerance {TF32_TOLERANCE:.0e})");
 
-    // Inputs whose rows are not 16-byte aligned take the f32 SIMT kernel inside the same
-    // launch: f32 accuracy.
+    // Inputs whose rows are not 16-byte aligned take the split f32 SIMT entry point of the
+    // TF32 row (the host's choice): f32 accuracy.
     let dev = backend.device();
     let (b, s, h, d) = (1, 70, 2, 64);
     let wide = |seed| {
@@ -477,4 +477,67 @@ fn device_copies_and_views() {
     let host: Vec<f32> = v2.to_f32_vec().unwrap();
     assert_eq!(host.len(), data.len());
     assert!((host[8] - half::bf16::from_f32(data[3 * 8]).to_f32()).abs() == 0.0);
+}
+
+/// The host chooses the implementation from the device and the inputs: f16/bf16 rows whose
+/// Q, K, V are not in whole 16-byte chunks run the split SIMT entry point (CUDA) or the
+/// SIMT kernel (AMD), aligned ones the device's tensor-core kernel; both match the reference.
+#[test]
+#[ignore = "needs a GPU"]
+fn unaligned_inputs_run_the_implementation_the_plan_names() {
+    use forge_attn::backend::gpu::PlanInput;
+    use forge_attn::problem::AttentionProblem;
+    use forge_attn::FlashImpl;
+    let backend = GpuAttentionBackend::new(gpu()).expect("backend");
+    let target = backend.flash_target();
+    let dev = backend.device();
+    let (b, s, h, d) = (2, 200, 2, 64);
+    for dtype in [DType::F16, DType::BF16] {
+        for (pad, aligned) in [(0, true), (1, false)] {
+            let t = |seed| {
+                DeviceTensor::from_f32(
+                    &random_values(b * s * h * (d + pad), seed),
+                    &[b, s, h, d + pad],
+                    dtype,
+                    dev,
+                )
+                .unwrap()
+                .narrow(3, pad, d)
+                .unwrap()
+            };
+            let (q, k, v) = (t(11), t(12), t(13));
+            let cfg = AttentionConfig::new(h * d, h, s)
+                .with_batch_size(b)
+                .with_causal(true);
+            let p = AttentionProblem::new(&cfg, &q, &k, &v, None).unwrap();
+            let input = PlanInput::of_call(&p, &q, &k, &v);
+            assert_eq!(input.qkv_aligned, aligned, "{dtype} pad {pad}");
+            let plan = backend.plan(&input);
+            let want = match (target.amd, aligned, target.has_wgmma, target.has_mma) {
+                (true, _, _, _) => FlashImpl::Simt,
+                (false, false, _, _) => FlashImpl::SimtSplit,
+                (false, true, true, _) => FlashImpl::Wgmma,
+                (false, true, false, true) => FlashImpl::MmaSync,
+                (false, true, false, false) => FlashImpl::SimtSplit,
+            };
+            assert_eq!(
+                plan.implementation(),
+                Some(want),
+                "{dtype} pad {pad}: {plan:?}"
+            );
+            let mut out = poisoned(&[b, s, h, d], dtype, dev);
+            let path = backend
+                .forward_into(&cfg, &q, &k, &v, None, &mut out)
+                .unwrap();
+            assert_eq!(path, plan.path);
+            let want_out = attention_f64(&cfg, &q, &k, &v, None).unwrap();
+            let naive = attention_naive_in_dtype(&cfg, &q, &k, &v, None).unwrap();
+            let bound = gpu_half_bound(relative_l2_error(&naive, &want_out));
+            let err = relative_l2_error(&out.to_f32_vec().unwrap(), &want_out);
+            assert!(
+                err <= bound,
+                "{dtype} {want}: relative L2 error {err:.3e} > {bound:.1e}"
+            );
+        }
+    }
 }

@@ -4,16 +4,18 @@
 //!
 //! | file | entry points | NVRTC defines |
 //! |---|---|---|
-//! | `flash_attention_nocausal.hip` | `flash_attention_nocausal_<dt>_hd<N>[_sm90]` | `FA_VARIANT_{DT,HD,BM,BN,THREADS,SMEM}` from the [`FlashTile`] (and `FA_VARIANT_WGMMA` for `_sm90`) |
-//! | `flash_attention_causal.hip` | `flash_attention_causal_<dt>_hd<N>[_sm90]` | same |
-//! | `flash_attention_masked.hip` | `flash_attention_masked_<dt>_hd<N>[_sm90]` | same |
+//! | `flash_attention_nocausal.hip` | `flash_attention_nocausal_<dt>_hd<N>[_sm90][<impl>]` | `FA_VARIANT_{DT,HD,BM,BN,THREADS,SMEM}` from the [`FlashTile`], `FA_VARIANT_IMPL` from the [`FlashImpl`], `FA_VARIANT_NAME` (the entry point) |
+//! | `flash_attention_causal.hip` | `flash_attention_causal_<dt>_hd<N>[_sm90][<impl>]` | same |
+//! | `flash_attention_masked.hip` | `flash_attention_masked_<dt>_hd<N>[_sm90][<impl>]` | same |
 //! | `attention_traditional.hip` | `attn_scores_<dt>`, `attn_softmax_rows`, `attn_pv_<dt>` | `FA_VARIANT_DT` |
 //! | `tensor_ops.hip` | `copy_strided_b2/_b4`, `fill_b2/_b4` | none |
 //! | `flash_decode.hip` | `flash_decode_<dt>_hd<N>`, `flash_decode_combine_<dt>` | `FA_VARIANT_{DT,HD}` |
 //! | `kv_cache.hip` | `kv_append_b2/_b4` | none |
 //!
 //! `<dt>` is `f32`, `f16`, `bf16` (or `tf32` for a TF32 flash row); `<N>` is a head-dim
-//! bucket; `_b2`/`_b4` name the element size in bytes. Names are unique across all files.
+//! bucket; `_sm90` marks an `FA_TILE_SM90` row; `<impl>` is the implementation's suffix
+//! ([`FlashImpl::name_suffix`]: none for SIMT, so the AMD objects keep their names);
+//! `_b2`/`_b4` name the element size in bytes. Names are unique across all files.
 
 use super::tiles::{flash_table, FlashTile, TileVendor};
 use crate::dtype::DType;
@@ -103,8 +105,10 @@ pub struct KernelSpec {
     /// `-D` defines that make the file emit only this variant (NVRTC path).
     pub defines: Vec<(&'static str, String)>,
     /// Built for the architecture-specific target on sm_90 (`compute_90a`, which has
-    /// wgmma); other targets build it as usual, and it falls back to their kernels.
+    /// wgmma); no other target builds it (see [`KernelSpec::builds_for`]).
     pub arch_specific: bool,
+    /// The flash implementation this variant runs (flash files only).
+    pub implementation: Option<FlashImpl>,
 }
 
 impl KernelSpec {
@@ -119,7 +123,124 @@ impl KernelSpec {
             name: name.into(),
             defines,
             arch_specific: false,
+            implementation: None,
         }
+    }
+
+    /// Whether NVRTC can build this variant for `arch` (`compute_XY`, optionally with an
+    /// `a`/`f` suffix): the tensor-core bodies exist only where the target has their
+    /// instructions (mma.sync from compute_80; wgmma on compute_90, which an
+    /// [arch-specific](Self::arch_specific) variant turns into compute_90a). Every other
+    /// variant builds everywhere. An `arch` that is not of that form builds only those.
+    pub fn builds_for(&self, arch: &str) -> bool {
+        let Some(imp) = self.implementation else {
+            return true;
+        };
+        let digits: String = arch
+            .strip_prefix("compute_")
+            .unwrap_or("")
+            .chars()
+            .take_while(char::is_ascii_digit)
+            .collect();
+        let cc: u32 = digits.parse().unwrap_or(0);
+        match imp {
+            FlashImpl::Simt | FlashImpl::SimtSplit => true,
+            FlashImpl::MmaSync | FlashImpl::Tf32 => cc >= 80,
+            FlashImpl::Wgmma => cc == 90,
+        }
+    }
+}
+
+/// The kernel body a flash launch runs, chosen on the host
+/// (`backend::gpu::dispatch::can_use_flash_attention`) and compiled alone
+/// (`FA_VARIANT_IMPL`); each has its own entry point.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum FlashImpl {
+    /// The SIMT kernel on the row's own tile: every f32 row, every AMD row (and the decode
+    /// kernel, which is SIMT too).
+    Simt,
+    /// The SIMT kernel in smaller tiles on a row sized for a tensor-core kernel: inputs the
+    /// tensor-core copies cannot read (base addresses, strides or head_dim not in whole
+    /// 16-byte chunks), or CUDA before sm_80.
+    SimtSplit,
+    /// f16/bf16 on mma.sync (CUDA sm_80 and newer).
+    MmaSync,
+    /// f32 in TF32 on mma.sync (opt-in; CUDA sm_80 and newer).
+    Tf32,
+    /// f16/bf16 on Hopper's warpgroup MMA (sm_90, built for compute_90a).
+    Wgmma,
+}
+
+impl FlashImpl {
+    /// Every implementation.
+    pub const ALL: [FlashImpl; 5] = [
+        FlashImpl::Simt,
+        FlashImpl::SimtSplit,
+        FlashImpl::MmaSync,
+        FlashImpl::Tf32,
+        FlashImpl::Wgmma,
+    ];
+
+    /// The `FA_VARIANT_IMPL` token that makes `flash_entry.h` compile this body.
+    pub fn token(self) -> &'static str {
+        match self {
+            FlashImpl::Simt => "simt",
+            FlashImpl::SimtSplit => "split",
+            FlashImpl::MmaSync => "mma",
+            FlashImpl::Tf32 => "tf32",
+            FlashImpl::Wgmma => "wgmma",
+        }
+    }
+
+    /// What the entry-point name of a tile row adds for this implementation: nothing for
+    /// SIMT (the names of the AMD code objects), `_split`, `_mma` (f16/bf16 and TF32 rows
+    /// alike: the row's dtype token tells them apart), `_wgmma`.
+    pub fn name_suffix(self) -> &'static str {
+        match self {
+            FlashImpl::Simt => "",
+            FlashImpl::SimtSplit => "_split",
+            FlashImpl::MmaSync | FlashImpl::Tf32 => "_mma",
+            FlashImpl::Wgmma => "_wgmma",
+        }
+    }
+
+    /// Whether it runs on the tensor cores.
+    pub fn uses_tensor_cores(self) -> bool {
+        matches!(
+            self,
+            FlashImpl::MmaSync | FlashImpl::Tf32 | FlashImpl::Wgmma
+        )
+    }
+
+    /// The implementations a tile row is built for, the one for aligned inputs first:
+    /// SIMT for f32 and AMD rows; the row's tensor-core kernel and the split SIMT kernel for
+    /// the f16/bf16, TF32 and `FA_TILE_SM90` rows of CUDA.
+    pub fn for_tile(tile: &FlashTile, vendor: TileVendor) -> &'static [FlashImpl] {
+        if vendor == TileVendor::Hip {
+            return &[FlashImpl::Simt];
+        }
+        if tile.wgmma {
+            &[FlashImpl::Wgmma, FlashImpl::SimtSplit]
+        } else if tile.tf32 {
+            &[FlashImpl::Tf32, FlashImpl::SimtSplit]
+        } else if tile.dtype == DType::F32 {
+            &[FlashImpl::Simt]
+        } else {
+            &[FlashImpl::MmaSync, FlashImpl::SimtSplit]
+        }
+    }
+}
+
+impl std::fmt::Display for FlashImpl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            FlashImpl::Simt => "simt",
+            FlashImpl::SimtSplit => "simt-split",
+            FlashImpl::MmaSync => "mma.sync",
+            FlashImpl::Tf32 => "tf32-mma.sync",
+            FlashImpl::Wgmma => "wgmma",
+        })
     }
 }
 
@@ -136,32 +257,38 @@ pub const DECODE_BUCKETS: [usize; 9] = [32, 64, 80, 96, 128, 160, 192, 224, 256]
 /// kernel is the same in every bucket's compile unit).
 const COMBINE_LISTED_BUCKET: usize = 128;
 
-/// The flash variant of `file` for `tile`: `flash_attention_<mode>_<dt>_hd<N>` with the
-/// tile's `FA_VARIANT_*` defines, `<mode>` from [`KernelFile::flash_mode`].
+/// The flash variant of `file` for `tile` on `implementation`:
+/// `flash_attention_<mode>_<dt>_hd<N>[_sm90]<suffix>` with the tile's `FA_VARIANT_*`
+/// defines, `FA_VARIANT_IMPL` and `FA_VARIANT_NAME` (the name), `<mode>` from
+/// [`KernelFile::flash_mode`] and `<suffix>` from [`FlashImpl::name_suffix`].
 ///
-/// `<dt>` is the tile's dtype, or `tf32` for a TF32 row. An `FA_TILE_SM90` row's name ends
-/// in `_sm90`; it also defines `FA_VARIANT_WGMMA=1` and is [`KernelSpec::arch_specific`].
-/// `file` should be one of [`KernelFile::FLASH`]; otherwise the name is one no kernel file
-/// defines (`flash_attention_<file stem>_...`), so loading it fails with a
+/// `<dt>` is the tile's dtype, or `tf32` for a TF32 row; an `FA_TILE_SM90` row's name has
+/// `_sm90`. A [`FlashImpl::Wgmma`] variant is [`KernelSpec::arch_specific`]. `file` should be
+/// one of [`KernelFile::FLASH`]; otherwise the name is one no kernel file defines
+/// (`flash_attention_<file stem>_...`), so loading it fails with a
 /// [`crate::AttentionError::KernelBuild`] instead of running the wrong kernel.
-pub fn flash(file: KernelFile, tile: &FlashTile) -> KernelSpec {
+pub fn flash(file: KernelFile, tile: &FlashTile, implementation: FlashImpl) -> KernelSpec {
     let mode = file.flash_mode().unwrap_or_else(|| file.stem());
     let dt = tile.kernel_dtype_name();
-    let suffix = if tile.wgmma { "_sm90" } else { "" };
-    let name = format!("flash_attention_{mode}_{dt}_hd{}{suffix}", tile.head_dim);
-    let mut defines = vec![
+    let row = if tile.wgmma { "_sm90" } else { "" };
+    let name = format!(
+        "flash_attention_{mode}_{dt}_hd{}{row}{}",
+        tile.head_dim,
+        implementation.name_suffix()
+    );
+    let defines = vec![
         ("FA_VARIANT_DT", dt.to_string()),
         ("FA_VARIANT_HD", tile.head_dim.to_string()),
         ("FA_VARIANT_BM", tile.block_m.to_string()),
         ("FA_VARIANT_BN", tile.block_n.to_string()),
         ("FA_VARIANT_THREADS", tile.threads.to_string()),
         ("FA_VARIANT_SMEM", tile.smem_bytes.to_string()),
+        ("FA_VARIANT_IMPL", implementation.token().to_string()),
+        ("FA_VARIANT_NAME", name.clone()),
     ];
-    if tile.wgmma {
-        defines.push(("FA_VARIANT_WGMMA", "1".to_string()));
-    }
     KernelSpec {
-        arch_specific: tile.wgmma,
+        arch_specific: implementation == FlashImpl::Wgmma,
+        implementation: Some(implementation),
         ..KernelSpec::new(file, name, defines)
     }
 }
@@ -258,7 +385,7 @@ pub fn decode_combine(dtype: DType, bucket: usize) -> KernelSpec {
 }
 
 /// Every variant of every file, as NVRTC builds them: flash (3 files x every `FA_TILE` and
-/// `FA_TILE_SM90` row), traditional (per dtype, plus the dtype-free softmax once), tensor
+/// `FA_TILE_SM90` row x each of its [`FlashImpl::for_tile`]), traditional (per dtype, plus the dtype-free softmax once), tensor
 /// ops, decode (per dtype x head-dim bucket, plus the combine kernel once per dtype) and KV
 /// cache.
 ///
@@ -268,8 +395,9 @@ pub fn all_nvrtc_variants() -> Vec<KernelSpec> {
 }
 
 /// Every entry point a build for `vendor` must provide: [`all_nvrtc_variants`] for CUDA;
-/// for AMD the flash variants follow the `FA_TILE_HIP` rows (the defines do not matter
-/// there: hipcc builds every variant of a file into one code object).
+/// for AMD the flash variants follow the `FA_TILE_HIP` rows, all SIMT (the defines do not
+/// matter there: hipcc builds every variant of a file into one code object). A variant
+/// builds only for the targets of [`KernelSpec::builds_for`].
 pub fn all_variants(vendor: TileVendor) -> Vec<KernelSpec> {
     let mut specs = Vec::new();
     let mut tiles = flash_table(vendor).unwrap_or(&[]).to_vec();
@@ -277,7 +405,13 @@ pub fn all_variants(vendor: TileVendor) -> Vec<KernelSpec> {
         tiles.extend_from_slice(flash_table(TileVendor::CudaSm90).unwrap_or(&[]));
     }
     for file in KernelFile::FLASH {
-        specs.extend(tiles.iter().map(|tile| flash(file, tile)));
+        for tile in &tiles {
+            specs.extend(
+                FlashImpl::for_tile(tile, vendor)
+                    .iter()
+                    .map(|&imp| flash(file, tile, imp)),
+            );
+        }
     }
     for kernel in TraditionalKernel::ALL {
         if kernel == TraditionalKernel::Softmax {

@@ -16,8 +16,9 @@
 //! The flash tile table in `kernels/flash_config.h` has one row set per vendor ([`flash_table`]): `FA_TILE` rows
 //! for CUDA (NVRTC builds the variant of the row it is asked for), `FA_TILE_SM90` rows that
 //! replace some of them on sm_90 (Hopper's wgmma kernel, built for `compute_90a`, names
-//! ending in `_sm90`), `FA_TILE_HIP` rows for AMD (hipcc builds all of them); a launch uses
-//! the row of its device's vendor and architecture.
+//! with `_sm90`), `FA_TILE_HIP` rows for AMD (hipcc builds all of them); a launch uses
+//! the row of its device's vendor and architecture, on the [`FlashImpl`] the host chose
+//! for it (each implementation has its own entry point).
 
 pub(crate) mod abi;
 pub mod catalog;
@@ -30,7 +31,7 @@ mod source;
 mod tests;
 mod tiles;
 
-pub use catalog::{all_nvrtc_variants, all_variants, KernelFile, KernelSpec};
+pub use catalog::{all_nvrtc_variants, all_variants, FlashImpl, KernelFile, KernelSpec};
 #[cfg(feature = "rocm")]
 pub use hsaco::{hip_archs_built, hsaco_path};
 #[cfg(feature = "cuda")]

@@ -211,7 +211,11 @@ fn variant_names_are_unique_and_follow_the_convention() {
     let specs = all_nvrtc_variants();
     let sm90 = flash_table(TileVendor::CudaSm90).unwrap();
     let tiles: Vec<FlashTile> = flash_tiles().iter().chain(sm90).copied().collect();
-    assert_eq!(specs.len(), 3 * tiles.len() + 7 + 4 + (27 + 3) + 2);
+    let flash_variants: usize = tiles
+        .iter()
+        .map(|t| FlashImpl::for_tile(t, TileVendor::Cuda).len())
+        .sum();
+    assert_eq!(specs.len(), 3 * flash_variants + 7 + 4 + (27 + 3) + 2);
     let mut names = HashSet::new();
     for s in &specs {
         assert!(
@@ -222,30 +226,33 @@ fn variant_names_are_unique_and_follow_the_convention() {
     }
     for file in KernelFile::FLASH {
         for t in &tiles {
-            let s = catalog::flash(file, t);
-            let expect = format!(
-                "flash_attention_{}_{}_hd{}{}",
-                file.flash_mode().unwrap(),
-                t.kernel_dtype_name(),
-                t.head_dim,
-                if t.wgmma { "_sm90" } else { "" }
-            );
-            assert_eq!(s.name, expect);
-            assert!(names.contains(&expect));
-            assert_eq!(s.arch_specific, t.wgmma);
-            let d: Vec<String> = s.defines.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            let mut want = vec![
-                format!("FA_VARIANT_DT={}", t.kernel_dtype_name()),
-                format!("FA_VARIANT_HD={}", t.head_dim),
-                format!("FA_VARIANT_BM={}", t.block_m),
-                format!("FA_VARIANT_BN={}", t.block_n),
-                format!("FA_VARIANT_THREADS={}", t.threads),
-                format!("FA_VARIANT_SMEM={}", t.smem_bytes),
-            ];
-            if t.wgmma {
-                want.push("FA_VARIANT_WGMMA=1".to_string());
+            for &imp in FlashImpl::for_tile(t, TileVendor::Cuda) {
+                let s = catalog::flash(file, t, imp);
+                let expect = format!(
+                    "flash_attention_{}_{}_hd{}{}{}",
+                    file.flash_mode().unwrap(),
+                    t.kernel_dtype_name(),
+                    t.head_dim,
+                    if t.wgmma { "_sm90" } else { "" },
+                    imp.name_suffix()
+                );
+                assert_eq!(s.name, expect);
+                assert!(names.contains(&expect));
+                assert_eq!(s.arch_specific, imp == FlashImpl::Wgmma);
+                assert_eq!(s.implementation, Some(imp));
+                let d: Vec<String> = s.defines.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                let want = vec![
+                    format!("FA_VARIANT_DT={}", t.kernel_dtype_name()),
+                    format!("FA_VARIANT_HD={}", t.head_dim),
+                    format!("FA_VARIANT_BM={}", t.block_m),
+                    format!("FA_VARIANT_BN={}", t.block_n),
+                    format!("FA_VARIANT_THREADS={}", t.threads),
+                    format!("FA_VARIANT_SMEM={}", t.smem_bytes),
+                    format!("FA_VARIANT_IMPL={}", imp.token()),
+                    format!("FA_VARIANT_NAME={expect}"),
+                ];
+                assert_eq!(d, want);
             }
-            assert_eq!(d, want);
         }
     }
     for dt in DTYPES {
@@ -278,9 +285,72 @@ fn variant_names_are_unique_and_follow_the_convention() {
 }
 
 #[test]
+fn tensor_core_variants_build_only_where_the_target_has_their_instructions() {
+    let f16 = flash_tile_for(DType::F16, 128).unwrap();
+    let tf32 = flash_tile_tf32(TileVendor::Cuda, 128).unwrap();
+    let sm90 = flash_tile_for_vendor(TileVendor::CudaSm90, DType::F16, 128).unwrap();
+    let f = KernelFile::FlashMasked;
+    let cases = [
+        (
+            catalog::flash(f, f16, FlashImpl::MmaSync),
+            [false, true, true, true, true],
+        ),
+        (
+            catalog::flash(f, tf32, FlashImpl::Tf32),
+            [false, true, true, true, true],
+        ),
+        (
+            catalog::flash(f, sm90, FlashImpl::Wgmma),
+            [false, false, true, true, false],
+        ),
+        (catalog::flash(f, f16, FlashImpl::SimtSplit), [true; 5]),
+        (catalog::flash(f, sm90, FlashImpl::SimtSplit), [true; 5]),
+        (catalog::decode(DType::F16, 128), [true; 5]),
+    ];
+    let archs = [
+        "compute_75",
+        "compute_80",
+        "compute_90",
+        "compute_90a",
+        "compute_100",
+    ];
+    for (spec, want) in &cases {
+        for (arch, &w) in archs.iter().zip(want) {
+            assert_eq!(spec.builds_for(arch), w, "{} on {arch}", spec.name);
+        }
+    }
+    assert!(!catalog::flash(f, f16, FlashImpl::MmaSync).builds_for("sm_90"));
+}
+
+#[test]
+fn amd_flash_variants_are_simt_under_their_legacy_names() {
+    let hip = flash_table(TileVendor::Hip).unwrap();
+    let specs: Vec<KernelSpec> = all_variants(TileVendor::Hip)
+        .into_iter()
+        .filter(|s| KernelFile::FLASH.contains(&s.file))
+        .collect();
+    assert_eq!(specs.len(), 3 * hip.len());
+    for s in &specs {
+        assert_eq!(s.implementation, Some(FlashImpl::Simt), "{}", s.name);
+        assert!(!s.arch_specific);
+    }
+    for file in KernelFile::FLASH {
+        for t in hip {
+            let name = format!(
+                "flash_attention_{}_{}_hd{}",
+                file.flash_mode().unwrap(),
+                t.dtype,
+                t.head_dim
+            );
+            assert!(specs.iter().any(|s| s.name == name), "missing {name}");
+        }
+    }
+}
+
+#[test]
 fn spec_builders_share_dtype_free_units_and_never_alias_a_wrong_file() {
     let t = flash_tile_for(DType::F16, 64).unwrap();
-    let odd = catalog::flash(KernelFile::Traditional, t);
+    let odd = catalog::flash(KernelFile::Traditional, t, FlashImpl::Simt);
     assert!(!all_nvrtc_variants().iter().any(|s| s.name == odd.name));
     let a = catalog::traditional(TraditionalKernel::Softmax, DType::F16);
     let b = catalog::traditional(TraditionalKernel::Softmax, DType::BF16);
@@ -443,24 +513,33 @@ mod nvrtc_tests {
     #[test]
     fn options_pin_the_architecture_and_carry_the_defines() {
         let t = flash_tile_for(DType::BF16, 128).unwrap();
-        let spec = catalog::flash(KernelFile::FlashCausal, t);
+        let spec = catalog::flash(KernelFile::FlashCausal, t, FlashImpl::MmaSync);
         let opts = nvrtc_options(&spec, "compute_90");
         assert_eq!(opts[0], "--gpu-architecture=compute_90");
         assert!(opts.contains(&"-std=c++17".to_string()));
         assert!(opts.contains(&"-default-device".to_string()));
         assert!(opts.contains(&"-DFA_VARIANT_DT=bf16".to_string()));
         assert!(opts.contains(&"-DFA_VARIANT_HD=128".to_string()));
+        assert!(opts.contains(&"-DFA_VARIANT_IMPL=mma".to_string()));
+        assert!(
+            opts.contains(&"-DFA_VARIANT_NAME=flash_attention_causal_bf16_hd128_mma".to_string())
+        );
         assert!(opts.contains(&format!("-DFA_VARIANT_SMEM={}", t.smem_bytes)));
-        // Arch-specific (FA_TILE_SM90) variants build for compute_90a on sm_90 and as usual
-        // for any other target.
+        // wgmma variants build for compute_90a on sm_90; the split SIMT variant of the same
+        // FA_TILE_SM90 row builds for any target.
         for t in flash_table(TileVendor::CudaSm90).unwrap() {
-            let spec = catalog::flash(KernelFile::FlashNoCausal, t);
+            let spec = catalog::flash(KernelFile::FlashNoCausal, t, FlashImpl::Wgmma);
             assert!(spec.arch_specific);
             let arch_of = |a: &str| nvrtc_options(&spec, a)[0].clone();
             assert_eq!(arch_of("compute_90"), "--gpu-architecture=compute_90a");
             assert_eq!(arch_of("compute_90a"), "--gpu-architecture=compute_90a");
-            assert_eq!(arch_of("compute_80"), "--gpu-architecture=compute_80");
-            assert!(nvrtc_options(&spec, "compute_90").contains(&"-DFA_VARIANT_WGMMA=1".into()));
+            assert!(nvrtc_options(&spec, "compute_90").contains(&"-DFA_VARIANT_IMPL=wgmma".into()));
+            let split = catalog::flash(KernelFile::FlashNoCausal, t, FlashImpl::SimtSplit);
+            assert!(!split.arch_specific);
+            assert_eq!(
+                nvrtc_options(&split, "compute_90")[0],
+                "--gpu-architecture=compute_90"
+            );
         }
     }
 
@@ -657,6 +736,9 @@ mod nvrtc_tests {
                         let Some((spec, names)) = units.get(i) else {
                             break;
                         };
+                        if !spec.builds_for(arch) {
+                            continue;
+                        }
                         let source = full_source(spec.file);
                         let options = nvrtc_options(spec, arch);
                         let job = Job {
@@ -737,12 +819,15 @@ mod nvrtc_tests {
             attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR),
             attr(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR),
         );
-        let specs = all_nvrtc_variants();
+        let arch = target_arch(cc).unwrap();
+        let specs: Vec<KernelSpec> = all_nvrtc_variants()
+            .into_iter()
+            .filter(|s| s.builds_for(&arch))
+            .collect();
         eprintln!(
-            "device sm_{}{}, NVRTC target {}, cache {:?}",
+            "device sm_{}{}, NVRTC target {arch}, cache {:?}",
             cc.0,
             cc.1,
-            target_arch(cc).unwrap(),
             cache_dir_from_env()
         );
 

@@ -3,7 +3,7 @@
 
 use crate::backend::{AttentionPath, FlashKernel};
 use crate::dtype::DType;
-use crate::kernels::{self, FlashTile, KernelFile, TileVendor};
+use crate::kernels::{self, catalog, FlashImpl, FlashTile, KernelFile, KernelSpec, TileVendor};
 use crate::problem::AttentionProblem;
 use crate::tensor::DeviceTensor;
 
@@ -29,9 +29,11 @@ pub struct PlanInput {
     /// f32 may run in TF32 on the tensor cores (opt-in; only where the device has them).
     pub tf32: bool,
     /// K and V rows can be read in 16-byte vectors (base addresses, strides and head_dim in
-    /// whole 16-byte units, see [`vectors_aligned`]); the decode kernel needs that, the
-    /// prefill kernels check it themselves and copy element-wise otherwise.
+    /// whole 16-byte units, see [`vectors_aligned`]); the decode kernel needs that.
     pub kv_aligned: bool,
+    /// Q, K and V can be copied in 16-byte chunks (see [`chunk_aligned`]), what the
+    /// tensor-core kernels need; otherwise their tile rows run the split SIMT kernel.
+    pub qkv_aligned: bool,
 }
 
 impl PlanInput {
@@ -45,16 +47,41 @@ impl PlanInput {
             seq_q: p.seq_q,
             tf32: false,
             kv_aligned: true,
+            qkv_aligned: true,
         }
     }
 
-    /// The plan input of a validated problem over these K and V tensors.
-    pub fn of_call(p: &AttentionProblem, k: &DeviceTensor, v: &DeviceTensor) -> Self {
+    /// The plan input of a validated problem over these Q, K and V tensors.
+    pub fn of_call(
+        p: &AttentionProblem,
+        q: &DeviceTensor,
+        k: &DeviceTensor,
+        v: &DeviceTensor,
+    ) -> Self {
         PlanInput {
             kv_aligned: vectors_aligned(k) && vectors_aligned(v),
+            qkv_aligned: chunk_aligned(p, q, k, v),
             ..Self::of(p)
         }
     }
+}
+
+/// Whether the tensor-core kernels can copy Q, K and V of problem `p` (over these tensors)
+/// in 16-byte chunks: base addresses on 16-byte boundaries, every batch / head / row stride
+/// and head_dim a whole number of chunks. The launches of a call cut into grid slices move
+/// base pointers by whole strides, so the answer holds for each of them.
+pub fn chunk_aligned(
+    p: &AttentionProblem,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+) -> bool {
+    let per = (16 / p.dtype.size_in_bytes().max(1)).max(1);
+    let addr = q.device_ptr() | k.device_ptr() | v.device_ptr();
+    let strides = [p.q, p.k, p.v]
+        .iter()
+        .fold(0, |acc, t| acc | t.batch | t.head | t.seq);
+    addr.is_multiple_of(16) && strides.is_multiple_of(per) && p.head_dim.is_multiple_of(per)
 }
 
 /// Whether every row of `t` (dims before the last) starts on a 16-byte boundary and its
@@ -72,24 +99,73 @@ pub fn vectors_aligned(t: &DeviceTensor) -> bool {
             .all(|(&s, &n)| n == 1 || (s * es).is_multiple_of(16))
 }
 
-/// A flash launch: the kernel family and, for the prefill families, its tile
-/// configuration.
+/// What the flash decision knows of a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlashTarget {
+    /// AMD (HIP, the `FA_TILE_HIP` rows) or NVIDIA (CUDA, the `FA_TILE` rows).
+    pub amd: bool,
+    /// The device runs the mma.sync kernels (CUDA sm_80 and newer).
+    pub has_mma: bool,
+    /// The device runs the wgmma kernels (CUDA sm_90; its `FA_TILE_SM90` rows).
+    pub has_wgmma: bool,
+}
+
+impl FlashTarget {
+    /// The rows of the tile table this target launches with.
+    pub fn tile_vendor(&self) -> TileVendor {
+        if self.amd {
+            TileVendor::Hip
+        } else if self.has_wgmma {
+            TileVendor::CudaSm90
+        } else {
+            TileVendor::Cuda
+        }
+    }
+}
+
+/// The usual device of a row set: AMD without tensor-core kernels, CUDA sm_80+ with
+/// mma.sync, sm_90 with wgmma too.
+impl From<TileVendor> for FlashTarget {
+    fn from(vendor: TileVendor) -> Self {
+        FlashTarget {
+            amd: vendor == TileVendor::Hip,
+            has_mma: vendor != TileVendor::Hip,
+            has_wgmma: vendor == TileVendor::CudaSm90,
+        }
+    }
+}
+
+/// A flash launch: the kernel family, the implementation that runs it and, for the prefill
+/// families, its tile configuration.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FlashChoice {
     /// Kernel family.
     pub kernel: FlashKernel,
+    /// The kernel body (the decode kernel is [`FlashImpl::Simt`]).
+    pub implementation: FlashImpl,
     /// Tile configuration from kernels/flash_config.h (prefill families only).
     pub tile: Option<&'static FlashTile>,
 }
 
 impl FlashChoice {
-    /// Source file of the chosen family.
-    pub fn file(&self) -> KernelFile {
+    /// Source file of a prefill family; `None` for decode (its own file, launched by the
+    /// decode path).
+    pub fn file(&self) -> Option<KernelFile> {
         match self.kernel {
-            FlashKernel::NonCausal => KernelFile::FlashNoCausal,
-            FlashKernel::Causal => KernelFile::FlashCausal,
-            FlashKernel::Masked | FlashKernel::Decode => KernelFile::FlashMasked,
+            FlashKernel::NonCausal => Some(KernelFile::FlashNoCausal),
+            FlashKernel::Causal => Some(KernelFile::FlashCausal),
+            FlashKernel::Masked => Some(KernelFile::FlashMasked),
+            _ => None,
         }
+    }
+
+    /// The kernel variant a prefill launch of this choice runs; `None` for decode.
+    pub fn spec(&self) -> Option<KernelSpec> {
+        Some(catalog::flash(
+            self.file()?,
+            self.tile?,
+            self.implementation,
+        ))
     }
 }
 
@@ -104,6 +180,13 @@ pub struct Plan {
     pub fallback_reason: Option<String>,
 }
 
+impl Plan {
+    /// The flash implementation that runs, when the path is flash.
+    pub fn implementation(&self) -> Option<FlashImpl> {
+        self.flash.map(|c| c.implementation)
+    }
+}
+
 /// The flash family for a problem: Decode for short unmasked query blocks over K/V it can
 /// read in 16-byte vectors, else Causal / NonCausal without a mask and Masked with one.
 pub fn select_flash_kernel(input: &PlanInput) -> FlashKernel {
@@ -115,13 +198,56 @@ pub fn select_flash_kernel(input: &PlanInput) -> FlashKernel {
     }
 }
 
-/// The flash kernel that runs `input`, or the reason none can.
+/// The prefill tile row and implementation of `input` (dtype, head_dim, TF32 setting,
+/// alignment) on `target`; `None` when the row set has no row for it. The decision table:
+///
+/// | target | dtype | row | implementation |
+/// |---|---|---|---|
+/// | AMD | any | `FA_TILE_HIP` | SIMT |
+/// | CUDA | f32, TF32 asked for, mma.sync | `FA_TILE` tf32 | TF32 if Q/K/V aligned, else split SIMT |
+/// | CUDA | f32 otherwise | `FA_TILE` f32 | SIMT |
+/// | CUDA sm_90 | f16/bf16 with an `FA_TILE_SM90` row | that row | wgmma if aligned, else split SIMT |
+/// | CUDA sm_80+ | f16/bf16 otherwise | `FA_TILE` | mma.sync if aligned, else split SIMT |
+/// | CUDA before sm_80 | f16/bf16 | `FA_TILE` | split SIMT |
+pub fn prefill_choice(
+    input: &PlanInput,
+    target: FlashTarget,
+) -> Option<(&'static FlashTile, FlashImpl)> {
+    let (dtype, hd, aligned) = (input.dtype, input.head_dim, input.qkv_aligned);
+    let or_split = |imp: FlashImpl| if aligned { imp } else { FlashImpl::SimtSplit };
+    if target.amd {
+        let tile = kernels::flash_tile_for_vendor(TileVendor::Hip, dtype, hd)?;
+        return Some((tile, FlashImpl::Simt));
+    }
+    if dtype == DType::F32 {
+        if input.tf32 && target.has_mma {
+            if let Some(tile) = kernels::flash_tile_tf32(TileVendor::Cuda, hd) {
+                return Some((tile, or_split(FlashImpl::Tf32)));
+            }
+        }
+        let tile = kernels::flash_tile_for_vendor(TileVendor::Cuda, dtype, hd)?;
+        return Some((tile, FlashImpl::Simt));
+    }
+    let tile = kernels::flash_tile_for_vendor(target.tile_vendor(), dtype, hd)?;
+    let imp = if tile.wgmma {
+        or_split(FlashImpl::Wgmma)
+    } else if target.has_mma {
+        or_split(FlashImpl::MmaSync)
+    } else {
+        FlashImpl::SimtSplit
+    };
+    Some((tile, imp))
+}
+
+/// The flash kernel that runs `input` on `target`, or the reason none can: the one decision
+/// of family ([`select_flash_kernel`]), tile row and implementation ([`prefill_choice`]).
 pub fn can_use_flash_attention(
     input: &PlanInput,
     flash_enabled: bool,
     max_shared_bytes: u32,
-    vendor: TileVendor,
+    target: impl Into<FlashTarget>,
 ) -> Result<FlashChoice, String> {
+    let target = target.into();
     if !input.dtype.is_float() {
         // Every entry point refuses integer operands; a plan asked for one says so.
         return Err(format!(
@@ -148,26 +274,22 @@ pub fn can_use_flash_attention(
         ));
     }
     let kernel = select_flash_kernel(input);
-    let (tile, smem) = if kernel == FlashKernel::Decode {
+    let (tile, implementation, smem) = if kernel == FlashKernel::Decode {
         let bucket = decode_bucket(input.head_dim)
             .ok_or_else(|| format!("no decode kernel for head_dim {}", input.head_dim))?;
-        (None, decode_smem_bytes(input.dtype, bucket))
-    } else if let Some(tile) = (input.tf32 && input.dtype == DType::F32)
-        .then(|| kernels::flash_tile_tf32(vendor, input.head_dim))
-        .flatten()
-    {
-        // TF32 where the vendor's table has a row for it, the f32 kernel otherwise.
-        (Some(tile), tile.smem_bytes)
+        (
+            None,
+            FlashImpl::Simt,
+            decode_smem_bytes(input.dtype, bucket),
+        )
     } else {
-        let tile = kernels::flash_tile_for_vendor(vendor, input.dtype, input.head_dim).ok_or_else(
-            || {
-                format!(
-                    "no flash tile configuration for {} head_dim {}",
-                    input.dtype, input.head_dim
-                )
-            },
-        )?;
-        (Some(tile), tile.smem_bytes)
+        let (tile, imp) = prefill_choice(input, target).ok_or_else(|| {
+            format!(
+                "no flash tile configuration for {} head_dim {}",
+                input.dtype, input.head_dim
+            )
+        })?;
+        (Some(tile), imp, tile.smem_bytes)
     };
     if smem > max_shared_bytes {
         return Err(format!(
@@ -175,7 +297,11 @@ pub fn can_use_flash_attention(
             input.dtype, input.head_dim
         ));
     }
-    Ok(FlashChoice { kernel, tile })
+    Ok(FlashChoice {
+        kernel,
+        implementation,
+        tile,
+    })
 }
 
 /// Decides the path of `input`.
@@ -183,9 +309,9 @@ pub fn plan(
     input: &PlanInput,
     flash_enabled: bool,
     max_shared_bytes: u32,
-    vendor: TileVendor,
+    target: impl Into<FlashTarget>,
 ) -> Plan {
-    match can_use_flash_attention(input, flash_enabled, max_shared_bytes, vendor) {
+    match can_use_flash_attention(input, flash_enabled, max_shared_bytes, target) {
         Ok(choice) => Plan {
             path: AttentionPath::Flash(choice.kernel),
             flash: Some(choice),
@@ -247,6 +373,7 @@ mod tests {
             seq_q,
             tf32: false,
             kv_aligned,
+            qkv_aligned: true,
         }
     }
 
@@ -285,6 +412,194 @@ mod tests {
             ..input(16, false)
         };
         assert_eq!(select_flash_kernel(&causal), FlashKernel::Causal);
+    }
+
+    const AMD: FlashTarget = FlashTarget {
+        amd: true,
+        has_mma: false,
+        has_wgmma: false,
+    };
+    const SM75: FlashTarget = FlashTarget {
+        amd: false,
+        has_mma: false,
+        has_wgmma: false,
+    };
+    const SM80: FlashTarget = FlashTarget {
+        amd: false,
+        has_mma: true,
+        has_wgmma: false,
+    };
+    const SM90: FlashTarget = FlashTarget {
+        amd: false,
+        has_mma: true,
+        has_wgmma: true,
+    };
+
+    fn prefill(dtype: DType, head_dim: usize, aligned: bool, tf32: bool) -> PlanInput {
+        PlanInput {
+            dtype,
+            head_dim,
+            seq_q: 512,
+            tf32,
+            qkv_aligned: aligned,
+            ..input(512, true)
+        }
+    }
+
+    /// The decision table, written out: capability x dtype x alignment x TF32 ->
+    /// implementation, and which row set the tile comes from.
+    #[test]
+    fn implementation_decision_table() {
+        use FlashImpl::*;
+        // (target, dtype, head_dim, aligned, tf32) -> (implementation, tf32 row, sm90 row)
+        #[rustfmt::skip]
+        let table = [
+            (AMD, DType::F32, 128, true, false, Simt, false, false),
+            (AMD, DType::F32, 128, true, true, Simt, false, false),
+            (AMD, DType::F16, 128, true, false, Simt, false, false),
+            (AMD, DType::BF16, 64, false, false, Simt, false, false),
+            (SM75, DType::F32, 128, true, true, Simt, false, false),
+            (SM75, DType::F16, 128, true, false, SimtSplit, false, false),
+            (SM75, DType::BF16, 128, false, false, SimtSplit, false, false),
+            (SM80, DType::F32, 128, true, false, Simt, false, false),
+            (SM80, DType::F32, 128, false, false, Simt, false, false),
+            (SM80, DType::F32, 128, true, true, Tf32, true, false),
+            (SM80, DType::F32, 128, false, true, SimtSplit, true, false),
+            (SM80, DType::F16, 128, true, false, MmaSync, false, false),
+            (SM80, DType::F16, 128, false, false, SimtSplit, false, false),
+            (SM80, DType::BF16, 256, true, true, MmaSync, false, false),
+            (SM90, DType::F32, 64, true, false, Simt, false, false),
+            (SM90, DType::F32, 64, true, true, Tf32, true, false),
+            (SM90, DType::F32, 64, false, true, SimtSplit, true, false),
+            (SM90, DType::F16, 128, true, false, Wgmma, false, true),
+            (SM90, DType::F16, 128, false, false, SimtSplit, false, true),
+            (SM90, DType::BF16, 256, true, false, Wgmma, false, true),
+            // Buckets 80 and 96 have no FA_TILE_SM90 row: mma.sync on Hopper too.
+            (SM90, DType::BF16, 96, true, false, MmaSync, false, false),
+            (SM90, DType::F16, 80, false, false, SimtSplit, false, false),
+        ];
+        for (target, dtype, hd, aligned, tf32, want, tf32_row, sm90_row) in table {
+            let i = prefill(dtype, hd, aligned, tf32);
+            let c = can_use_flash_attention(&i, true, u32::MAX, target).unwrap();
+            let tile = c.tile.unwrap();
+            let case = format!("{target:?} {dtype} hd{hd} aligned={aligned} tf32={tf32}");
+            assert_eq!(c.implementation, want, "{case}");
+            assert_eq!((tile.tf32, tile.wgmma), (tf32_row, sm90_row), "{case}");
+            assert_eq!(tile.head_dim, hd, "{case}");
+            assert_eq!(tile.dtype, dtype, "{case}");
+            let p = plan(&i, true, u32::MAX, target);
+            assert_eq!(p.implementation(), Some(want), "{case}");
+        }
+    }
+
+    /// Every (target, dtype, head_dim, alignment, TF32) choice names a variant the catalog
+    /// builds for that vendor, and one its target can compile.
+    #[test]
+    fn every_choice_is_a_cataloged_variant() {
+        let cuda = kernels::all_variants(TileVendor::Cuda);
+        let hip = kernels::all_variants(TileVendor::Hip);
+        for (target, arch) in [
+            (AMD, ""),
+            (SM75, "compute_75"),
+            (SM80, "compute_80"),
+            (SM90, "compute_90"),
+        ] {
+            for dtype in [DType::F32, DType::F16, DType::BF16] {
+                for hd in (8..=MAX_FLASH_HEAD_DIM).step_by(8) {
+                    for (aligned, tf32) in
+                        [(true, false), (true, true), (false, false), (false, true)]
+                    {
+                        for (causal, has_mask) in [(false, false), (true, false), (false, true)] {
+                            let i = PlanInput {
+                                causal,
+                                has_mask,
+                                ..prefill(dtype, hd, aligned, tf32)
+                            };
+                            let c = can_use_flash_attention(&i, true, u32::MAX, target).unwrap();
+                            let spec = c.spec().unwrap();
+                            let built = if target.amd { &hip } else { &cuda };
+                            assert!(built.contains(&spec), "{target:?}: {} not built", spec.name);
+                            assert!(target.amd || spec.builds_for(arch), "{}", spec.name);
+                            assert_eq!(spec.implementation, Some(c.implementation));
+                            if !aligned {
+                                assert!(!c.implementation.uses_tensor_cores(), "{}", spec.name);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn decode_reports_simt_and_has_no_prefill_spec() {
+        let c = can_use_flash_attention(&input(1, true), true, u32::MAX, SM90).unwrap();
+        assert_eq!(c.kernel, FlashKernel::Decode);
+        assert_eq!(c.implementation, FlashImpl::Simt);
+        assert_eq!((c.file(), c.spec()), (None, None));
+        let masked = PlanInput {
+            has_mask: true,
+            ..input(1, true)
+        };
+        let c = can_use_flash_attention(&masked, true, u32::MAX, SM90).unwrap();
+        assert_eq!(c.file(), Some(KernelFile::FlashMasked));
+        assert_eq!(
+            c.spec().unwrap().name,
+            "flash_attention_masked_f16_hd128_sm90_wgmma"
+        );
+    }
+
+    #[test]
+    fn row_sets_map_to_their_usual_targets() {
+        assert_eq!(FlashTarget::from(TileVendor::Hip), AMD);
+        assert_eq!(FlashTarget::from(TileVendor::Cuda), SM80);
+        assert_eq!(FlashTarget::from(TileVendor::CudaSm90), SM90);
+        for v in [TileVendor::Hip, TileVendor::Cuda, TileVendor::CudaSm90] {
+            assert_eq!(FlashTarget::from(v).tile_vendor(), v);
+        }
+        assert_eq!(SM75.tile_vendor(), TileVendor::Cuda);
+    }
+
+    /// The host's alignment predicate is the one the tensor-core kernels used to test at run
+    /// time: base addresses, every stride and head_dim in whole 16-byte chunks. (Host
+    /// tensors report address 0, so the strides and head_dim are what is checked here.)
+    #[test]
+    fn chunk_alignment_follows_strides_and_head_dim() {
+        use crate::config::AttentionConfig;
+        use crate::device::Device;
+        let problem = |q: &DeviceTensor, kv: &DeviceTensor, hd: usize| {
+            let cfg = AttentionConfig::new(2 * hd, 2, 16).with_head_dim(hd);
+            AttentionProblem::new(&cfg, q, kv, kv, None).unwrap()
+        };
+        let zeros =
+            |d: usize| DeviceTensor::zeros(&[1, 16, 2, d], DType::F16, Device::Cpu).unwrap();
+        // [B, S, H, D] f16, head_dim 64: strides 128 / 64 elements, 8 per chunk.
+        let t = zeros(64);
+        assert!(chunk_aligned(&problem(&t, &t, 64), &t, &t, &t));
+        let later = t.narrow(1, 1, 8).unwrap();
+        assert!(chunk_aligned(
+            &problem(&later, &later, 64),
+            &later,
+            &later,
+            &later
+        ));
+        // Rows of 68 elements narrowed to 64: the head stride is not whole chunks.
+        let wide = zeros(68).narrow(3, 0, 64).unwrap();
+        assert!(!chunk_aligned(
+            &problem(&wide, &wide, 64),
+            &wide,
+            &wide,
+            &wide
+        ));
+        // Only Q off is enough.
+        assert!(!chunk_aligned(&problem(&wide, &t, 64), &wide, &t, &t));
+        // head_dim 60 f16 is 120 bytes: not whole chunks.
+        let odd = zeros(60);
+        assert!(!chunk_aligned(&problem(&odd, &odd, 60), &odd, &odd, &odd));
+        let pi = PlanInput::of_call(&problem(&odd, &odd, 60), &odd, &odd, &odd);
+        assert!(!pi.qkv_aligned);
+        let pi = PlanInput::of_call(&problem(&t, &t, 64), &t, &t, &t);
+        assert!(pi.qkv_aligned);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Launch of the fused flash kernels (kernels/flash_attention*.hip).
+//! Launch of the fused flash kernels (kernels/flash_attention_<mode>.hip) on the
+//! implementation [`FlashChoice`] names.
 
 use std::sync::Arc;
 
@@ -7,7 +8,6 @@ use super::grid::{for_each_slice, offset_ptr, HeadAxis, Slice};
 use crate::device::{gpu::GpuRuntime, launch::LaunchDims};
 use crate::error::{AttentionError, Result};
 use crate::kernels::abi::AttnParams;
-use crate::kernels::catalog;
 use crate::problem::AttentionProblem;
 
 /// Queues the flash launches: grid (ceil(Sq / BLOCK_M), H, B), one launch per slice of the
@@ -18,11 +18,12 @@ pub(crate) fn forward_flash(
     params: &AttnParams,
     choice: &FlashChoice,
 ) -> Result<()> {
-    let tile = choice.tile.ok_or_else(|| AttentionError::NotSupported {
-        backend: "gpu (flash)".into(),
-        reason: format!("{:?} has no prefill tile", choice.kernel),
-    })?;
-    let spec = catalog::flash(choice.file(), tile);
+    let (Some(tile), Some(spec)) = (choice.tile, choice.spec()) else {
+        return Err(AttentionError::NotSupported {
+            backend: "gpu (flash)".into(),
+            reason: format!("{:?} has no prefill tile", choice.kernel),
+        });
+    };
     let tiles = p.seq_q.div_ceil(tile.block_m as usize) as u32;
     for_each_slice(p.batch, p.num_heads, p.num_kv_heads, HeadAxis::Query, |s| {
         let sliced = slice_params(params, p, &s);

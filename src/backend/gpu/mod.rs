@@ -20,8 +20,8 @@ use crate::tensor::{check_usable, DeviceTensor};
 mod decode;
 mod decode_plan;
 /// The path decision. Internal: public for the crate's own tests, not a stable API (it
-/// may change in any release); [`Plan`], [`PlanInput`] and [`FlashChoice`] are re-exported
-/// here.
+/// may change in any release); [`Plan`], [`PlanInput`], [`FlashChoice`] and [`FlashTarget`]
+/// are re-exported here.
 #[doc(hidden)]
 pub mod dispatch;
 mod flash;
@@ -31,7 +31,7 @@ mod traditional;
 mod workspace;
 
 pub use decode_plan::{SplitPlan, MAX_DECODE_QUERIES};
-pub use dispatch::{FlashChoice, Plan, PlanInput, MAX_KERNEL_SEQ};
+pub use dispatch::{FlashChoice, FlashTarget, Plan, PlanInput, MAX_KERNEL_SEQ};
 
 /// Environment switch read when a backend is created: `FORGE_ATTN_FLASH=0` turns the flash
 /// kernels off (for A/B runs), `1` turns them on.
@@ -241,7 +241,7 @@ impl GpuAttentionBackend {
             &self.on_this_device(input),
             self.use_flash_attention,
             self.runtime.max_shared_bytes_per_block(),
-            self.tile_vendor(),
+            self.flash_target(),
         )
     }
 
@@ -256,10 +256,16 @@ impl GpuAttentionBackend {
     /// Which rows of the tile table this device launches with: AMD's, Hopper's (sm_90, the
     /// wgmma kernel) or the other CUDA devices'.
     pub fn tile_vendor(&self) -> TileVendor {
-        match self.device {
-            Device::Hip(_) => TileVendor::Hip,
-            _ if self.runtime.has_wgmma() => TileVendor::CudaSm90,
-            _ => TileVendor::Cuda,
+        self.flash_target().tile_vendor()
+    }
+
+    /// What the flash decision knows of this device: its vendor and which tensor-core
+    /// kernels it runs.
+    pub fn flash_target(&self) -> FlashTarget {
+        FlashTarget {
+            amd: matches!(self.device, Device::Hip(_)),
+            has_mma: self.runtime.has_mma(),
+            has_wgmma: self.runtime.has_wgmma(),
         }
     }
 
@@ -270,7 +276,7 @@ impl GpuAttentionBackend {
             &self.on_this_device(input),
             self.use_flash_attention,
             self.runtime.max_shared_bytes_per_block(),
-            self.tile_vendor(),
+            self.flash_target(),
         )
     }
 
@@ -313,6 +319,7 @@ impl GpuAttentionBackend {
             seq_q,
             tf32: self.allow_tf32,
             kv_aligned: true,
+            qkv_aligned: true,
         })
     }
 
@@ -581,7 +588,7 @@ impl DeviceAttentionBackend for GpuAttentionBackend {
         let (p, out_strides) = self.prepare(config, q, k, v, mask, out)?;
         let plan = self.plan(&PlanInput {
             tf32: self.allow_tf32,
-            ..PlanInput::of_call(&p, k, v)
+            ..PlanInput::of_call(&p, q, k, v)
         });
         // The flash and unfused paths share one argument block, filled once the plan has
         // chosen one of them (the decode kernel has its own).

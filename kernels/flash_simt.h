@@ -1,8 +1,9 @@
 // FlashAttention-2 style forward pass (SIMT, f32 accumulation for every dtype).
 //
-// This is the kernel of every f32 variant and of every AMD variant. f16/bf16 on CUDA sm_80+
-// run the tensor-core kernel of flash_attention_mma.h instead (see FaEntry at the end), which
-// falls back to this one, split into smaller tiles, for unaligned inputs.
+// The SIMT implementation (FA_VARIANT_IMPL simt) of every f32 variant and of every AMD
+// variant, and, as fa_flash_forward_split, the one (split) that runs a tile row sized for a
+// tensor-core kernel where the host chose no tensor cores (unaligned inputs, CUDA before
+// sm_80). Which one runs is the host's choice (src/backend/gpu/dispatch.rs).
 //
 // One block owns BLOCK_M queries of one (batch, head). K/V tiles of BLOCK_N keys stream
 // through shared memory; the softmax is computed online (running max and sum in registers,
@@ -28,24 +29,11 @@
 // On CUDA sm_80+ f32 tiles are copied with cp.async (no staging registers); elsewhere the
 // next tile is staged in registers while the current one is computed.
 //
-// Needs compat.h and attention_params.h.
+// Needs compat.h, attention_params.h and flash_common.h.
 #pragma once
 
 #define FA_TX 16
 
-// Key tiles of BN keys a block of queries q0 .. q0 + BM - 1 visits: with bottom-right causal
-// alignment, keys past the last row's limit are invisible to every row of the block. Shared
-// by the SIMT, mma.sync and TF32 kernels.
-FA_DEVICE int fa_key_tiles(int q0, int BM, int BN, int seq_q, int seq_k, bool causal) {
-    int kend = seq_k;
-    if (causal) {
-        const int qlast = ((q0 + BM < seq_q) ? q0 + BM : seq_q) - 1;
-        const int lim = qlast + (seq_k - seq_q) + 1;
-        kend = lim < seq_k ? lim : seq_k;
-        if (kend < 0) kend = 0;
-    }
-    return (kend + BN - 1) / BN;
-}
 // Partial unrolling of the two reduction loops. On H100, 1 and 2 were 2-10% slower than 4;
 // 8 was within noise of 4.
 #ifndef FA_QK_UNROLL
@@ -401,7 +389,6 @@ template <typename T, int HD, int BM, int BN, int THREADS, int SMEM, int MODE>
 FA_DEVICE void fa_flash_tile(const AttnParams& p, const int q0) {
     typedef FaShape<HD, BM, BN, THREADS> SH;
     static_assert(SH::SMEM_BYTES <= SMEM, "shared-memory layout exceeds the tile row's SMEM_BYTES");
-    static_assert(MODE >= 0 && MODE <= 2, "MASK_MODE is 0, 1 or 2");
 #if FA_HAS_CP_ASYNC
     constexpr bool ASYNC = fa_elem<T>::is_f32;
 #else
@@ -421,21 +408,8 @@ FA_DEVICE void fa_flash_tile(const AttnParams& p, const int q0) {
     const int tid = (int)threadIdx.x;
     const int tx = tid % SH::TX;
     const int ty = tid / SH::TX;
-    const int seq_q = p.seq_q;
-    const int seq_k = p.seq_k;
-    const bool causal = (MODE == 1) || (MODE == 2 && p.causal != 0);
-    if (q0 >= seq_q) return;  // block-uniform, before any barrier
-    const int h = (int)blockIdx.y;
-    const int b = (int)blockIdx.z;
-    const int kvh = h / (p.num_heads / p.num_kv_heads);
-    const int diag = seq_k - seq_q;
-
-    const int ntiles = fa_key_tiles(q0, BM, BN, seq_q, seq_k, causal);
-    const bool has_mask = (MODE == 2) && (p.mask != nullptr);
-
-    const T* qg = static_cast<const T*>(p.q) + (fa_i64)b * p.q_sb + (fa_i64)h * p.q_sh;
-    const T* kg = static_cast<const T*>(p.k) + (fa_i64)b * p.k_sb + (fa_i64)kvh * p.k_sh;
-    const T* vg = static_cast<const T*>(p.v) + (fa_i64)b * p.v_sb + (fa_i64)kvh * p.v_sh;
+    FA_BLOCK_EXIT(MODE, p, q0);
+    FA_BLOCK_SETUP(T, BM, BN, MODE, p, q0);
 
     const fa_u64 in_addr = reinterpret_cast<fa_u64>(p.q) | reinterpret_cast<fa_u64>(p.k) |
                            reinterpret_cast<fa_u64>(p.v);
@@ -518,13 +492,6 @@ FA_DEVICE void fa_flash_tile(const AttnParams& p, const int q0) {
     }
 }
 
-// Causal blocks with more queries have more keys: start those first.
-FA_DEVICE int fa_block_q0(const AttnParams& p, int bm, int mode) {
-    const bool causal = (mode == 1) || (mode == 2 && p.causal != 0);
-    const int qblk = causal ? (int)(gridDim.x - 1u - blockIdx.x) : (int)blockIdx.x;
-    return qblk * bm;
-}
-
 template <typename T, int HD, int BM, int BN, int THREADS, int SMEM, int MODE>
 FA_DEVICE void fa_flash_forward(const AttnParams& p) {
     fa_flash_tile<T, HD, BM, BN, THREADS, SMEM, MODE>(p, fa_block_q0(p, BM, MODE));
@@ -550,93 +517,3 @@ FA_DEVICE void fa_flash_forward_split(const AttnParams& p, const int q0) {
         fa_flash_tile<T, HD, SP::BMS, SP::BNS, THREADS, SMEM, MODE>(p, q0 + s * SP::BMS);
     }
 }
-
-#include "flash_attention_mma.h"
-#include "flash_attention_tf32.h"
-#include "flash_attention_wgmma.h"
-
-// Which implementation a (dtype, target) runs. f32 always, and every dtype on AMD, run the
-// SIMT kernel on the row's own tile; f16/bf16 rows on CUDA are sized for the tensor-core
-// kernel, which CUDA sm_80+ runs and older CUDA targets replace by the split SIMT kernel.
-template <typename T> struct FaEntry {
-    template <int HD, int BM, int BN, int THREADS, int SMEM, int MODE>
-    FA_DEVICE static void run(const AttnParams& p) {
-#if FA_HAS_MMA
-        fa_mma_forward<T, HD, BM, BN, THREADS, SMEM, MODE>(p);
-#elif FA_CUDA
-        fa_flash_forward_split<T, HD, BM, THREADS, SMEM, MODE>(p, fa_block_q0(p, BM, MODE));
-#else
-        fa_flash_forward<T, HD, BM, BN, THREADS, SMEM, MODE>(p);
-#endif
-    }
-};
-// f32 in TF32 on the tensor cores (opt-in rows `tf32` of the CUDA table); the split SIMT
-// kernel where there are no tensor cores.
-template <> struct FaEntry<fa_tf32> {
-    template <int HD, int BM, int BN, int THREADS, int SMEM, int MODE>
-    FA_DEVICE static void run(const AttnParams& p) {
-#if FA_HAS_MMA
-        fa_tf32_forward<HD, BM, BN, THREADS, SMEM, MODE>(p);
-#else
-        fa_flash_forward_split<float, HD, BM, THREADS, SMEM, MODE>(p, fa_block_q0(p, BM, MODE));
-#endif
-    }
-};
-template <> struct FaEntry<float> {
-    template <int HD, int BM, int BN, int THREADS, int SMEM, int MODE>
-    FA_DEVICE static void run(const AttnParams& p) {
-        fa_flash_forward<float, HD, BM, BN, THREADS, SMEM, MODE>(p);
-    }
-};
-
-// FA_TILE_SM90 rows (f16/bf16): Hopper's wgmma kernel where the target is compute_90a; on
-// any other target the row's tile runs on that target's f16/bf16 kernel (the row's
-// SMEM_BYTES covers both).
-template <typename T> struct FaEntrySm90 {
-    template <int HD, int BM, int BN, int THREADS, int SMEM, int MODE>
-    FA_DEVICE static void run(const AttnParams& p) {
-#if FA_HAS_WGMMA
-        fa_wgmma_forward<T, HD, BM, BN, THREADS, SMEM, MODE>(p);
-#else
-        FaEntry<T>::template run<HD, BM, BN, THREADS, SMEM, MODE>(p);
-#endif
-    }
-};
-
-// ------------------------------------------------------------------ kernel definitions
-#define FA_ELEM_f32 float
-#define FA_ELEM_f16 fa_f16
-#define FA_ELEM_bf16 fa_bf16
-#define FA_ELEM_tf32 fa_tf32
-
-// Occupancy hint. One block per SM: a 2-block cap (128 registers) makes the hd32/hd64 tiles
-// spill and measured no faster on H100.
-#ifndef FA_FLASH_MIN_BLOCKS
-#define FA_FLASH_MIN_BLOCKS 1
-#endif
-
-#define FA_DEFINE_FLASH_KERNEL_I(name, mode, dt, hd, bm, bn, th, sm)                           \
-    FA_KERNEL void FA_LAUNCH_BOUNDS_MIN(th, FA_FLASH_MIN_BLOCKS)                          \
-        flash_attention_##name##_##dt##_hd##hd(AttnParams p) {                                \
-        FaEntry<FA_ELEM_##dt>::run<hd, bm, bn, th, sm, mode>(p);                     \
-    }
-#define FA_DEFINE_FLASH_KERNEL(name, mode, dt, hd, bm, bn, th, sm) \
-    FA_DEFINE_FLASH_KERNEL_I(name, mode, dt, hd, bm, bn, th, sm)
-#define FA_DEFINE_FLASH_KERNEL_SM90_I(name, mode, dt, hd, bm, bn, th, sm)                      \
-    FA_KERNEL void FA_LAUNCH_BOUNDS_MIN(th, 1) flash_attention_##name##_##dt##_hd##hd##_sm90(   \
-        AttnParams p) {                                                                       \
-        FaEntrySm90<FA_ELEM_##dt>::run<hd, bm, bn, th, sm, mode>(p);                          \
-    }
-#define FA_DEFINE_FLASH_KERNEL_SM90(name, mode, dt, hd, bm, bn, th, sm) \
-    FA_DEFINE_FLASH_KERNEL_SM90_I(name, mode, dt, hd, bm, bn, th, sm)
-
-// The one variant the FA_VARIANT_* defines name (run-time compilation of a single row).
-#if defined(FA_VARIANT_WGMMA)
-#define FA_DEFINE_FLASH_VARIANT(name, mode)                                                    \
-    FA_DEFINE_FLASH_KERNEL_SM90(name, mode, FA_VARIANT_DT, FA_VARIANT_HD, FA_VARIANT_BM,        \
-                                FA_VARIANT_BN, FA_VARIANT_THREADS, FA_VARIANT_SMEM)
-#else
-#define FA_DEFINE_FLASH_VARIANT(name, mode)                                                    \
-    FA_DEFINE_FLASH_KERNEL(name, mode, FA_VARIANT_DT, FA_VARIANT_HD, FA_VARIANT_BM,             \
-                           FA_VARIANT_BN, FA_VARIANT_THREADS, FA_VARIANT_SMEM)
-#endif
