@@ -157,7 +157,7 @@ fn main() -> Result<()> {
         forge_attn::Device::Cpu
     };
     let transfers_before = forge_device.transfer_stats();
-    let (mut worst, mut attn_s) = (0f32, Vec::new());
+    let (mut worst, mut attn_s, mut queue_s) = (0f32, Vec::new(), Vec::new());
     for step in 0..a.steps {
         let pos = a.prompt + step;
         let new = || -> Result<Tensor> {
@@ -170,6 +170,7 @@ fn main() -> Result<()> {
         sync()?;
         let t = Instant::now();
         let out = forge_attn_candle::flash_attn(&q, &k, &v, scale, true)?;
+        queue_s.push(t.elapsed().as_secs_f64());
         sync()?;
         attn_s.push(t.elapsed().as_secs_f64());
         // The check reads one scalar back per step, outside the timed call.
@@ -195,7 +196,7 @@ fn main() -> Result<()> {
     let fv = DeviceTensor::zeros(&[b, cap, hkv, d], dt, forge_device).map_err(fe)?;
     let fq = DeviceTensor::zeros(&[b, 1, h, d], dt, forge_device).map_err(fe)?;
     let mut fo = DeviceTensor::zeros(&[b, 1, h, d], dt, forge_device).map_err(fe)?;
-    let mut own_s = Vec::new();
+    let (mut own_s, mut own_queue_s) = (Vec::new(), Vec::new());
     for step in 0..a.steps {
         let len = a.prompt + step + 1;
         let (k, v) = (
@@ -207,6 +208,7 @@ fn main() -> Result<()> {
         backend
             .forward_into(&cfg, &fq, &k, &v, None, &mut fo)
             .map_err(fe)?;
+        own_queue_s.push(t.elapsed().as_secs_f64());
         forge_device.synchronize().map_err(fe)?;
         own_s.push(t.elapsed().as_secs_f64());
     }
@@ -216,10 +218,14 @@ fn main() -> Result<()> {
         v[v.len() / 2] * 1e6
     };
     let (ca, own) = (median(&mut attn_s), median(&mut own_s));
+    let (cq, oq) = (median(&mut queue_s), median(&mut own_queue_s));
     println!("worst relative error against candle's attention: {worst:.2e}");
     println!(
         "attention per step (median, synchronized): candle tensors {ca:.1} us, forge-attn tensors {own:.1} us, ratio {:.3}",
         ca / own
+    );
+    println!(
+        "host time to queue one call (median): candle tensors {cq:.1} us, forge-attn tensors {oq:.1} us"
     );
     println!(
         "forge-attn host transfers in the loop: {} calls, {} bytes",

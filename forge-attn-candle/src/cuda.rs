@@ -73,11 +73,13 @@ fn typed<T: CudaDType + HostElement + candle_core::cuda_backend::cudarc::driver:
             let (shape, strides) = bshd(l);
             let off = l.start_offset();
             let bytes = len.saturating_sub(off) * es;
-            // SAFETY: the storage outlives this call, and everything forge-attn queues on
-            // it goes on candle's stream, ahead of whatever candle queues next (a free
+            // SAFETY: a candle CUDA storage is a cudarc slice of `len` elements on this
+            // device (so the driver need not be asked, which costs tens of microseconds
+            // for pool memory); it outlives this call, and everything forge-attn queues
+            // on it goes on candle's stream, ahead of whatever candle queues next (a free
             // included).
             unsafe {
-                DeviceTensor::from_raw_device(
+                DeviceTensor::from_raw_device_unchecked(
                     ptr + (off * es) as u64,
                     bytes,
                     T::DTYPE,
@@ -118,7 +120,7 @@ fn typed<T: CudaDType + HostElement + candle_core::cuda_backend::cudarc::driver:
                     // SAFETY: as for q/k/v above.
                     Some(
                         unsafe {
-                            DeviceTensor::from_raw_device(
+                            DeviceTensor::from_raw_device_unchecked(
                                 ptr + (off * 4) as u64,
                                 heads * 4,
                                 forge_attn::DType::F32,

@@ -330,13 +330,41 @@ impl DeviceTensor {
         // SAFETY: forwarded from the caller.
         unsafe {
             Self::raw_device(
-                ptr, len_bytes, dtype, shape, strides, stream, false, owner, None,
+                ptr, len_bytes, dtype, shape, strides, stream, false, owner, None, true,
+            )
+        }
+    }
+
+    /// [`from_raw_device`](Self::from_raw_device) without asking the driver about `ptr`:
+    /// the layout is checked against `len_bytes` (null, alignment, extent, sizes) but not
+    /// whether the memory is device memory of `stream`'s device or where its allocation
+    /// ends. For callers that know both, such as an engine wrapping its own allocator's
+    /// buffers on every call: the driver's answer for memory from a stream-ordered pool
+    /// can take tens of microseconds, more than the attention call it guards.
+    ///
+    /// # Safety
+    /// As [`from_raw_device`](Self::from_raw_device); besides, the `len_bytes` bytes at
+    /// `ptr` are device memory of `stream`'s device, inside one allocation.
+    pub unsafe fn from_raw_device_unchecked(
+        ptr: u64,
+        len_bytes: usize,
+        dtype: DType,
+        shape: &[usize],
+        strides: Option<&[usize]>,
+        stream: &GpuStream,
+        owner: Option<MemoryOwner>,
+    ) -> Result<Self> {
+        // SAFETY: forwarded from the caller, who vouches for what is not checked.
+        unsafe {
+            Self::raw_device(
+                ptr, len_bytes, dtype, shape, strides, stream, false, owner, None, false,
             )
         }
     }
 
     /// # Safety
-    /// As [`from_raw_device`](Self::from_raw_device), or until `lease` ends.
+    /// As [`from_raw_device`](Self::from_raw_device), or until `lease` ends; without
+    /// `ask_driver`, as [`from_raw_device_unchecked`](Self::from_raw_device_unchecked).
     #[allow(clippy::too_many_arguments)]
     unsafe fn raw_device(
         ptr: u64,
@@ -348,10 +376,13 @@ impl DeviceTensor {
         read_only: bool,
         owner: Option<MemoryOwner>,
         lease: Option<Arc<Lease>>,
+        ask_driver: bool,
     ) -> Result<Self> {
         let what = "device memory";
         let c = check_layout(what, ptr, len_bytes, dtype, shape, strides)?;
-        check_device_memory(what, ptr, c.extent_bytes, stream)?;
+        if ask_driver {
+            check_device_memory(what, ptr, c.extent_bytes, stream)?;
+        }
         let rt = stream.runtime().clone();
         // SAFETY: forwarded from the caller; checked to lie on the stream's device.
         let buf = unsafe { GpuBuffer::borrowed(ptr, len_bytes, rt, read_only, owner, lease) };
@@ -546,7 +577,15 @@ mod cuda_interop {
             // SAFETY: the memory lives as long as `owner`, which the buffer holds; cudarc
             // frees it on its stream, after the work queued there.
             unsafe {
-                Self::from_raw_device(ptr, len, T::DTYPE, shape, strides, &stream, Some(owner))
+                Self::from_raw_device_unchecked(
+                    ptr,
+                    len,
+                    T::DTYPE,
+                    shape,
+                    strides,
+                    &stream,
+                    Some(owner),
+                )
             }
         }
     }
@@ -575,6 +614,9 @@ mod cuda_interop {
                     read_only,
                     None,
                     Some(self.lease.clone()),
+                    // A cudarc slice is device memory of its stream's device, `len`
+                    // elements long: nothing to ask the driver.
+                    false,
                 )?
             };
             Ok(self.keep(t))
