@@ -29,11 +29,14 @@ SRC = ROOT / "src"
 # ones before it. Modules on one line share a layer.
 LAYERS = [
     ["error", "dtype"],
+    ["cuda_probe"],
     ["config"],
     ["kernels"],
     ["device"],
     ["tensor"],
     ["problem"],
+    ["options", "varlen"],
+    ["paged"],
     ["kv_cache"],
     ["reference"],
     ["backend"],

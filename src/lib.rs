@@ -44,6 +44,8 @@
 
 pub mod backend;
 pub mod config;
+#[cfg(feature = "cuda")]
+mod cuda_probe;
 pub mod device;
 pub mod dtype;
 pub mod error;
@@ -67,6 +69,7 @@ pub mod varlen;
 
 pub use backend::cpu::CpuAttentionBackend;
 pub use backend::gpu::GpuAttentionBackend;
+pub use backend::merge_states;
 pub use backend::{AttentionPath, DeviceAttentionBackend, FlashKernel, Support};
 pub use config::{AttentionConfig, KvCacheLayout, Layout, MAX_SCALE};
 pub use device::{Device, DeviceGraph, GpuStream, TransferStats};
@@ -78,7 +81,7 @@ pub use legacy::{
     AttentionBackendRegistry, BackendImplementation, BackendPriority, Dispatch, HostAdapter,
     PathRecorder, SkipReason, Skipped,
 };
-pub use options::{merge_states, AttentionOptions, MAX_WINDOW};
+pub use options::{AttentionOptions, MAX_WINDOW};
 pub use paged::{PageLayout, PagedGeometry, PagedKv};
 /// Internal, not a stable API (see [`problem`]).
 #[doc(hidden)]

@@ -10,6 +10,8 @@ use crate::problem::AttentionProblem;
 use crate::tensor::DeviceTensor;
 use crate::varlen::VarlenBatch;
 
+mod merge_states;
+pub use merge_states::merge_states;
 pub mod cpu;
 pub mod gpu;
 

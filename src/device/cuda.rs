@@ -30,7 +30,7 @@ fn runtime_err(op: &str, e: DriverError) -> AttentionError {
 /// Whether the CUDA driver library can be loaded and initialised; probed once.
 fn driver_ready() -> bool {
     static READY: OnceLock<bool> = OnceLock::new();
-    *READY.get_or_init(|| super::cuda_probe::driver_present() && result::init().is_ok())
+    *READY.get_or_init(|| crate::cuda_probe::driver_present() && result::init().is_ok())
 }
 
 /// Number of CUDA devices; 0 when no driver is installed.

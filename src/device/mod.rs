@@ -17,8 +17,6 @@ pub use stream::GpuStream;
 pub(crate) mod cpu;
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda;
-#[cfg(feature = "cuda")]
-pub(crate) mod cuda_probe;
 mod driver;
 pub(crate) mod gpu;
 mod graph;
@@ -197,10 +195,10 @@ fn cuda_driver_state() -> std::result::Result<(), String> {
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_else(|_| format!("{:?}", e.0))
     };
-    if !cuda_probe::driver_present() {
+    if !crate::cuda_probe::driver_present() {
         return Err(format!(
             "CUDA driver library {} not found",
-            cuda_probe::driver_name()
+            crate::cuda_probe::driver_name()
         ));
     }
     match result::init() {

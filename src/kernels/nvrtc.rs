@@ -35,7 +35,7 @@ pub const CACHE_ENV: &str = "FORGE_ATTN_KERNEL_CACHE";
 /// Whether the NVRTC library can be loaded (probed once; never panics).
 pub fn nvrtc_available() -> bool {
     static PRESENT: OnceLock<bool> = OnceLock::new();
-    *PRESENT.get_or_init(crate::device::cuda_probe::nvrtc_present)
+    *PRESENT.get_or_init(crate::cuda_probe::nvrtc_present)
 }
 
 fn nvrtc_missing() -> AttentionError {
@@ -45,7 +45,7 @@ fn nvrtc_missing() -> AttentionError {
             "NVRTC ({}) could not be loaded, so CUDA kernels cannot be compiled: install \
              the NVRTC of the CUDA version this build uses (e.g. the pip wheel \
              nvidia-cuda-nvrtc) and add its lib directory to LD_LIBRARY_PATH",
-            crate::device::cuda_probe::nvrtc_name()
+            crate::cuda_probe::nvrtc_name()
         ),
         source: None,
     }

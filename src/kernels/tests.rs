@@ -804,10 +804,7 @@ mod nvrtc_tests {
         use cudarc::driver::{result, sys};
         use std::ffi::CString;
 
-        assert!(
-            crate::device::cuda_probe::driver_present(),
-            "no CUDA driver"
-        );
+        assert!(crate::cuda_probe::driver_present(), "no CUDA driver");
         // SAFETY: plain driver calls on device 0.
         result::init().unwrap();
         let dev = result::device::get(0).unwrap();

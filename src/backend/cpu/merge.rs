@@ -1,4 +1,4 @@
-//! [`merge_states`](crate::options::merge_states) on the host: two partial attention
+//! [`merge_states`](crate::merge_states) on the host: two partial attention
 //! results combined row by row by their log-sum-exps, in f64.
 
 use half::{bf16, f16};
