@@ -219,6 +219,30 @@ pub(crate) fn check_lse(
     device: Device,
     others: &[&DeviceTensor],
 ) -> Result<LseStrides> {
+    check_lse_output(
+        lse,
+        &[batch, heads, seq_q],
+        "[batch, heads, seq_q]",
+        device,
+        others,
+    )?;
+    let st = lse.strides();
+    Ok(LseStrides {
+        batch: st[0],
+        head: st[1],
+        query: st[2],
+    })
+}
+
+/// Any log-sum-exp output (dense or packed): f32 of shape `shape` (named `dims` in
+/// messages) on `device`, distinct elements, overlapping none of `others`.
+pub(crate) fn check_lse_output(
+    lse: &DeviceTensor,
+    shape: &[usize],
+    dims: &str,
+    device: Device,
+    others: &[&DeviceTensor],
+) -> Result<()> {
     if lse.dtype() != DType::F32 {
         return Err(AttentionError::DTypeMismatch {
             what: "lse".into(),
@@ -226,10 +250,10 @@ pub(crate) fn check_lse(
             got: lse.dtype().to_string(),
         });
     }
-    if lse.shape() != [batch, heads, seq_q] {
+    if lse.shape() != shape {
         return Err(AttentionError::shape(
             "lse",
-            format!("[{batch}, {heads}, {seq_q}] ([batch, heads, seq_q])"),
+            format!("{shape:?} ({dims})"),
             format!("{:?}", lse.shape()),
         ));
     }
@@ -260,12 +284,7 @@ pub(crate) fn check_lse(
             ),
         });
     }
-    let st = lse.strides();
-    Ok(LseStrides {
-        batch: st[0],
-        head: st[1],
-        query: st[2],
-    })
+    Ok(())
 }
 
 /// The refusal of a backend that runs none of the requested options (or no `lse`): a

@@ -288,47 +288,13 @@ pub(crate) fn check_packed_lse(
     device: Device,
     others: &[&DeviceTensor],
 ) -> Result<(usize, usize)> {
-    if lse.dtype() != DType::F32 {
-        return Err(AttentionError::DTypeMismatch {
-            what: "lse".into(),
-            expected: "f32".into(),
-            got: lse.dtype().to_string(),
-        });
-    }
-    if lse.shape() != [heads, total_q] {
-        return Err(AttentionError::shape(
-            "lse",
-            format!("[{heads}, {total_q}] ([heads, total_q], packed)"),
-            format!("{:?}", lse.shape()),
-        ));
-    }
-    if lse.device() != device {
-        return Err(AttentionError::DeviceMismatch {
-            what: "lse".into(),
-            expected: device.to_string(),
-            got: lse.device().to_string(),
-        });
-    }
-    if !lse.has_distinct_elements() {
-        return Err(AttentionError::UnsupportedLayout {
-            what: "lse".into(),
-            reason: format!(
-                "strides {:?} for shape {:?} map several elements to one address",
-                lse.strides(),
-                lse.shape()
-            ),
-        });
-    }
-    if let Some(i) = others.iter().position(|t| lse.may_overlap(t)) {
-        return Err(AttentionError::UnsupportedLayout {
-            what: "lse".into(),
-            reason: format!(
-                "overlaps operand {i} (shape {:?}, strides {:?}); give it its own memory",
-                others[i].shape(),
-                others[i].strides()
-            ),
-        });
-    }
+    crate::options::check_lse_output(
+        lse,
+        &[heads, total_q],
+        "[heads, total_q], packed",
+        device,
+        others,
+    )?;
     let st = lse.strides();
     Ok((st[0], st[1]))
 }
