@@ -14,11 +14,17 @@ typedef struct {
     void* out;              // same shape and dtype as q
     float* lse;             // [B, H, Sq] natural-log log-sum-exp, or null
     float* workspace;       // traditional path: scores/probabilities [B, H, Sq, Sk] f32
+    // Per-call extensions, read only by the FA_EXT flash variants (flash_common.h):
+    const float* alibi;     // [H] ALiBi slopes or null: score - slope[h] * |i + Sk - Sq - j|
+    const float* sinks;     // [H] sink logits or null: exp(sink[h]) joins each row's denominator
+    const int* cu_q;        // [B + 1] row offsets of packed (varlen) queries, or null
+    const int* cu_k;        // [B + 1] row offsets of packed keys / values, or null
     fa_i64 q_sb, q_sh, q_ss;
     fa_i64 k_sb, k_sh, k_ss;
     fa_i64 v_sb, v_sh, v_ss;
     fa_i64 o_sb, o_sh, o_ss;
     fa_i64 m_sb, m_sh, m_sq;  // mask strides for batch, head, query row (0 = broadcast)
+    fa_i64 l_sb, l_sh, l_ss;  // lse strides for batch, head, query row (FA_EXT variants)
     int batch;
     int num_heads;
     int num_kv_heads;       // num_heads % num_kv_heads == 0; head h reads kv head h / (H / Hkv)
@@ -27,6 +33,17 @@ typedef struct {
     int head_dim;           // runtime head dim, <= the variant's compile-time bucket
     float scale;            // softmax scale (natural base)
     int causal;             // 1: key j visible to query i iff j <= i + (seq_k - seq_q)
+    // FA_EXT variants: key j is kept iff a - window_left <= j <= a + window_right, with
+    // a = i + seq_k - seq_q (the host gives bounds that reach past every key when a side is
+    // unbounded); softcap > 0: score -> softcap * tanh(score / softcap) before anything else;
+    // transform != 0: softcap or alibi is set, so every tile takes the masked score step.
+    // With cu_q / cu_k, seq_q / seq_k are the longest sequence's lengths (the grid) and each
+    // sequence b has cu[b + 1] - cu[b] rows starting at row cu[b]; the batch strides of
+    // q, k, v, out and lse are then 0.
+    int window_left;
+    int window_right;
+    float softcap;
+    int transform;
 } AttnParams;
 
 // Strided device-to-device copy (tensor_ops.hip: copy_strided_b2 / copy_strided_b4).

@@ -159,11 +159,11 @@ FA_DEVICE void fa_mma_forward(const AttnParams& p) {
     FA_LANE_SETUP();
     FA_BLOCK_SETUP(unsigned short, BM, BN, MODE, p, q0);
 
-    if (ntiles > 0) {
+    if (ntiles > tbeg) {
         fa_mma_copy_tile<BM, MS::CPR, STR, THREADS>(Qs, qg, p.q_ss, q0, seq_q, head_dim, tid);
-        fa_mma_copy_tile<BN, MS::CPR, STR, THREADS>(Ks, kg, p.k_ss, 0, seq_k, head_dim, tid);
+        fa_mma_copy_tile<BN, MS::CPR, STR, THREADS>(Ks, kg, p.k_ss, tbeg * BN, seq_k, head_dim, tid);
         fa_cp_async_commit();
-        fa_mma_copy_tile<BN, MS::CPR, STR, THREADS>(Vs, vg, p.v_ss, 0, seq_k, head_dim, tid);
+        fa_mma_copy_tile<BN, MS::CPR, STR, THREADS>(Vs, vg, p.v_ss, tbeg * BN, seq_k, head_dim, tid);
         fa_cp_async_commit();
     }
 
@@ -194,17 +194,18 @@ FA_DEVICE void fa_mma_forward(const AttnParams& p) {
     const unsigned int v_addr = fa_smem_u32(Vs + (lane & 15) * STR + (lane >> 4) * 8);
     constexpr unsigned int KV_BUF_BYTES = BN * STR * 2;
 
-    for (int t = 0; t < ntiles; ++t) {
+    for (int t = tbeg; t < ntiles; ++t) {
         const int kv0 = t * BN;
-        const unsigned int buf = (unsigned int)(t & 1) * KV_BUF_BYTES;
+        const int nb = (t + 1 - tbeg) & 1;  // the buffer of tile t + 1
+        const unsigned int buf = (unsigned int)(nb ^ 1) * KV_BUF_BYTES;
         fa_cp_async_wait<1>();
         fa_syncthreads();  // K_t (and Q) visible; every warp is done with K_{t-1}'s buffer
         if (t + 1 < ntiles)
-            fa_mma_copy_tile<BN, MS::CPR, STR, THREADS>(Ks + ((t + 1) & 1) * BN * STR, kg, p.k_ss,
+            fa_mma_copy_tile<BN, MS::CPR, STR, THREADS>(Ks + nb * BN * STR, kg, p.k_ss,
                                                         kv0 + BN, seq_k, head_dim, tid);
         fa_cp_async_commit();
 
-        if (MS::QREG && t == 0) {
+        if (MS::QREG && t == tbeg) {
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
@@ -212,9 +213,9 @@ FA_DEVICE void fa_mma_forward(const AttnParams& p) {
                     fa_ldsm_x4(q_addr + mt * 16 * STR * 2 + kk * 32, qf[mt][kk]);
         }
 
-        // A warp whose rows are past seq_q, or whose rows see no key of this tile (causal),
-        // has nothing to add: its m, l and O are what a fully masked tile would leave.
-        const bool active = (wrow0 < seq_q) && (!causal || kv0 <= wrow0 + WR - 1 + diag);
+        // A warp whose rows are past seq_q, or whose rows see no key of this tile (causal,
+        // window), has nothing to add: its m, l and O are what a fully masked tile would leave.
+        const bool active = (wrow0 < seq_q) && fa_rows_see_tile(p, kv0, BN, wrow0, wrow0 + WR - 1, diag, causal);
 
         float s[MT][MS::NT][4];
         unsigned int pf[MT][MS::KP][4];  // P as the A operand of P V, k-step by k-step
@@ -270,7 +271,7 @@ FA_DEVICE void fa_mma_forward(const AttnParams& p) {
         fa_cp_async_wait<1>();
         fa_syncthreads();  // V_t visible; every warp is done with V_{t-1}'s buffer
         if (t + 1 < ntiles)
-            fa_mma_copy_tile<BN, MS::CPR, STR, THREADS>(Vs + ((t + 1) & 1) * BN * STR, vg, p.v_ss,
+            fa_mma_copy_tile<BN, MS::CPR, STR, THREADS>(Vs + nb * BN * STR, vg, p.v_ss,
                                                         kv0 + BN, seq_k, head_dim, tid);
         fa_cp_async_commit();
 
@@ -299,14 +300,14 @@ FA_DEVICE void fa_mma_forward(const AttnParams& p) {
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-        for (int r = 0; r < 2; ++r) inv[mt][r] = fa_mma_quad_sum_inv(l_i[mt][r]);
+        for (int r = 0; r < 2; ++r) inv[mt][r] = fa_mma_quad_sum_inv(p, h, m_i[mt][r], l_i[mt][r]);
     unsigned short* ow = Qs + WR * warp * STR;
     fa_mma_stage_o16<T>(ow, STR, o, inv, g, c4);
     __syncwarp();
 
-    fa_mma_store_rows16<WR, MS::CPR>(p, ow, STR, wrow0, b, h, lane);
+    fa_mma_store_rows16<WR, MS::CPR>(p, ow, STR, wrow0, o_off, seq_q, lane);
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) fa_mma_store_lse(p, b, h, wrow0 + 16 * mt, g, c4, m_i[mt], l_i[mt]);
+    for (int mt = 0; mt < MT; ++mt) fa_mma_store_lse(p, b, h, q_row0, seq_q, wrow0 + 16 * mt, g, c4, m_i[mt], l_i[mt]);
 }
 
 #endif  // FA_HAS_MMA

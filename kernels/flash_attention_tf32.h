@@ -88,11 +88,11 @@ FA_DEVICE void fa_tf32_forward(const AttnParams& p) {
     FA_LANE_SETUP();
     FA_BLOCK_SETUP(float, BM, BN, MODE, p, q0);
 
-    if (ntiles > 0) {
+    if (ntiles > tbeg) {
         fa_tf32_copy_tile<BM, MS::CPR, STR, THREADS>(Qs, qg, p.q_ss, q0, seq_q, head_dim, tid);
-        fa_tf32_copy_tile<BN, MS::CPR, STR, THREADS>(Ks, kg, p.k_ss, 0, seq_k, head_dim, tid);
+        fa_tf32_copy_tile<BN, MS::CPR, STR, THREADS>(Ks, kg, p.k_ss, tbeg * BN, seq_k, head_dim, tid);
         fa_cp_async_commit();
-        fa_tf32_copy_tile<BN, MS::CPR, STR, THREADS>(Vs, vg, p.v_ss, 0, seq_k, head_dim, tid);
+        fa_tf32_copy_tile<BN, MS::CPR, STR, THREADS>(Vs, vg, p.v_ss, tbeg * BN, seq_k, head_dim, tid);
         fa_cp_async_commit();
     }
 
@@ -113,17 +113,18 @@ FA_DEVICE void fa_tf32_forward(const AttnParams& p) {
         fa_smem_u32(Ks + ((lane & 7) + ((lane >> 4) << 3)) * STR + ((lane >> 3) & 1) * 4);
     constexpr unsigned int KV_BUF = BN * STR;  // floats
 
-    for (int t = 0; t < ntiles; ++t) {
+    for (int t = tbeg; t < ntiles; ++t) {
         const int kv0 = t * BN;
-        const unsigned int buf = (unsigned int)(t & 1) * KV_BUF;
+        const int nb = (t + 1 - tbeg) & 1;  // the buffer of tile t + 1
+        const unsigned int buf = (unsigned int)(nb ^ 1) * KV_BUF;
         fa_cp_async_wait<1>();
         fa_syncthreads();  // K_t (and Q) visible; every warp is done with K_{t-1}'s buffer
         if (t + 1 < ntiles)
-            fa_tf32_copy_tile<BN, MS::CPR, STR, THREADS>(Ks + ((t + 1) & 1) * KV_BUF, kg, p.k_ss,
+            fa_tf32_copy_tile<BN, MS::CPR, STR, THREADS>(Ks + nb * KV_BUF, kg, p.k_ss,
                                                          kv0 + BN, seq_k, head_dim, tid);
         fa_cp_async_commit();
 
-        if (MS::QREG && t == 0) {
+        if (MS::QREG && t == tbeg) {
 #pragma unroll
             for (int kk = 0; kk < MS::QF; ++kk) {
                 fa_ldsm_x4(q_addr + kk * 32, qf[kk]);
@@ -132,7 +133,7 @@ FA_DEVICE void fa_tf32_forward(const AttnParams& p) {
             }
         }
 
-        const bool active = (wrow0 < seq_q) && (!causal || kv0 <= wrow0 + 15 + diag);
+        const bool active = (wrow0 < seq_q) && fa_rows_see_tile(p, kv0, BN, wrow0, wrow0 + 15, diag, causal);
 
         float s[MS::NT][4];
 #pragma unroll
@@ -162,7 +163,7 @@ FA_DEVICE void fa_tf32_forward(const AttnParams& p) {
                 }
             }
 
-            const float mul = fa_mma_scale_mask<BN>(s, p, b, h, wrow0, g, c4, kv0, seq_q, seq_k, diag, causal, has_mask, sl2);
+            const float mul = fa_mma_scale_mask<BN, true>(s, p, b, h, wrow0, g, c4, kv0, seq_q, seq_k, diag, causal, has_mask, sl2);
 
             // Online softmax (mma_softmax.h).
             fa_mma_online_softmax<MS::NT, MS::DT>(s, o, m_i, l_i, mul);
@@ -171,7 +172,7 @@ FA_DEVICE void fa_tf32_forward(const AttnParams& p) {
         fa_cp_async_wait<1>();
         fa_syncthreads();  // V_t visible; every warp is done with V_{t-1}'s buffer
         if (t + 1 < ntiles)
-            fa_tf32_copy_tile<BN, MS::CPR, STR, THREADS>(Vs + ((t + 1) & 1) * KV_BUF, vg, p.v_ss,
+            fa_tf32_copy_tile<BN, MS::CPR, STR, THREADS>(Vs + nb * KV_BUF, vg, p.v_ss,
                                                          kv0 + BN, seq_k, head_dim, tid);
         fa_cp_async_commit();
 
@@ -196,10 +197,10 @@ FA_DEVICE void fa_tf32_forward(const AttnParams& p) {
     fa_cp_async_wait<0>();
     float inv[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) inv[r] = fa_mma_quad_sum_inv(l_i[r]);
+    for (int r = 0; r < 2; ++r) inv[r] = fa_mma_quad_sum_inv(p, h, m_i[r], l_i[r]);
 
     // Each lane owns two consecutive columns of rows g and g + 8 of every 8-column tile.
-    float* og = static_cast<float*>(p.out) + (fa_i64)b * p.o_sb + (fa_i64)h * p.o_sh;
+    float* og = static_cast<float*>(p.out) + o_off;
     const bool out_vec = ((reinterpret_cast<fa_u64>(p.out) & 7u) == 0) &&
                          (((p.o_sb | p.o_sh | p.o_ss) & 1) == 0);
 #pragma unroll
@@ -224,7 +225,7 @@ FA_DEVICE void fa_tf32_forward(const AttnParams& p) {
         }
     }
 
-    fa_mma_store_lse(p, b, h, wrow0, g, c4, m_i, l_i);
+    fa_mma_store_lse(p, b, h, q_row0, seq_q, wrow0, g, c4, m_i, l_i);
 }
 
 #endif  // FA_HAS_MMA

@@ -115,11 +115,11 @@ FA_DEVICE void fa_wgmma_forward(const AttnParams& p) {
     FA_LANE_SETUP();
     const int wg = tid >> 7;
     FA_BLOCK_SETUP(unsigned short, BM, BN, MODE, p, q0);
-    if (ntiles > 0) {
+    if (ntiles > tbeg) {
         fa_wgmma_copy_tile<BM, WS::CPR, THREADS>(sm + WS::Q_OFF, qg, p.q_ss, q0, seq_q, head_dim, tid);
-        fa_wgmma_copy_tile<BN, WS::CPR, THREADS>(sm + WS::K_OFF, kg, p.k_ss, 0, seq_k, head_dim, tid);
+        fa_wgmma_copy_tile<BN, WS::CPR, THREADS>(sm + WS::K_OFF, kg, p.k_ss, tbeg * BN, seq_k, head_dim, tid);
         fa_cp_async_commit();
-        fa_wgmma_copy_tile<BN, WS::CPR, THREADS>(sm + WS::V_OFF, vg, p.v_ss, 0, seq_k, head_dim, tid);
+        fa_wgmma_copy_tile<BN, WS::CPR, THREADS>(sm + WS::V_OFF, vg, p.v_ss, tbeg * BN, seq_k, head_dim, tid);
         fa_cp_async_commit();
     }
 
@@ -141,20 +141,21 @@ FA_DEVICE void fa_wgmma_forward(const AttnParams& p) {
     const fa_u64 v_desc = fa_wgmma_desc(sbase + WS::V_OFF, BN * 128, 1024);
     constexpr fa_u64 KV_BUF_UNITS = WS::KV_BYTES >> 4;  // descriptor address units
 
-    for (int t = 0; t < ntiles; ++t) {
+    for (int t = tbeg; t < ntiles; ++t) {
         const int kv0 = t * BN;
-        const fa_u64 buf = (fa_u64)(t & 1) * KV_BUF_UNITS;
+        const int nb = (t + 1 - tbeg) & 1;  // the buffer of tile t + 1
+        const fa_u64 buf = (fa_u64)(nb ^ 1) * KV_BUF_UNITS;
         fa_cp_async_wait<1>();
         fa_fence_proxy_async();
         fa_syncthreads();  // K_t (and Q) visible to wgmma; every warpgroup is done with K_{t-1}
         if (t + 1 < ntiles)
-            fa_wgmma_copy_tile<BN, WS::CPR, THREADS>(sm + WS::K_OFF + ((t + 1) & 1) * WS::KV_BYTES, kg,
+            fa_wgmma_copy_tile<BN, WS::CPR, THREADS>(sm + WS::K_OFF + nb * WS::KV_BYTES, kg,
                                                      p.k_ss, kv0 + BN, seq_k, head_dim, tid);
         fa_cp_async_commit();
 
         // Warpgroup-uniform: a group whose rows are past seq_q or see no key of this tile
-        // (causal) skips the tile; its m, l and O are what a fully masked tile would leave.
-        const bool active = (wg_row0 < seq_q) && (!causal || kv0 <= wg_row0 + 63 + diag);
+        // (causal, window) skips the tile; its m, l and O are what a fully masked tile would leave.
+        const bool active = (wg_row0 < seq_q) && fa_rows_see_tile(p, kv0, BN, wg_row0, wg_row0 + 63, diag, causal);
 
         float s[WS::NT][4];
         unsigned int pf[WS::KP][4];
@@ -186,11 +187,14 @@ FA_DEVICE void fa_wgmma_forward(const AttnParams& p) {
             }
         }
 
+        // An inactive group may still have P V_{t-1} in flight, reading the buffer the copy
+        // below refills: retire it first (active groups did, in the wait above).
+        if (!active) fa_wgmma_wait<0>();
         fa_cp_async_wait<1>();
         fa_fence_proxy_async();
         fa_syncthreads();  // V_t visible to wgmma; every warpgroup is done with V_{t-1}
         if (t + 1 < ntiles)
-            fa_wgmma_copy_tile<BN, WS::CPR, THREADS>(sm + WS::V_OFF + ((t + 1) & 1) * WS::KV_BYTES, vg,
+            fa_wgmma_copy_tile<BN, WS::CPR, THREADS>(sm + WS::V_OFF + nb * WS::KV_BYTES, vg,
                                                      p.v_ss, kv0 + BN, seq_k, head_dim, tid);
         fa_cp_async_commit();
 
@@ -215,13 +219,13 @@ FA_DEVICE void fa_wgmma_forward(const AttnParams& p) {
     fa_syncthreads();
     float inv[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) inv[r] = fa_mma_quad_sum_inv(l_i[r]);
+    for (int r = 0; r < 2; ++r) inv[r] = fa_mma_quad_sum_inv(p, h, m_i[r], l_i[r]);
     unsigned short* ow = reinterpret_cast<unsigned short*>(sm) + 16 * warp * WS::OSTR;
     fa_mma_stage_o16<T>(ow, WS::OSTR, o, inv, g, c4);
     __syncwarp();
 
-    fa_mma_store_rows16<16, WS::CPR>(p, ow, WS::OSTR, wrow0, b, h, lane);
-    fa_mma_store_lse(p, b, h, wrow0, g, c4, m_i, l_i);
+    fa_mma_store_rows16<16, WS::CPR>(p, ow, WS::OSTR, wrow0, o_off, seq_q, lane);
+    fa_mma_store_lse(p, b, h, q_row0, seq_q, wrow0, g, c4, m_i, l_i);
 }
 
 #endif  // FA_HAS_WGMMA

@@ -275,16 +275,20 @@ FA_DEVICE void fa_pv_tile(const float* __restrict__ Ps, const float* __restrict_
 
 // ------------------------------------------------------------------ masking and softmax
 // Sets S to -inf where key j is invisible to query i: past seq_k, above the bottom-right
-// causal diagonal (j > i + seq_k - seq_q), and adds the additive mask (MODE 2) in log2 units.
-template <typename SH, int MODE>
+// causal diagonal (j > i + seq_k - seq_q) or (FA_EXT) outside the row's window; applies the
+// FA_EXT score transforms and adds the additive mask (MODE 2) in log2 units.
+template <typename SH, int MODE, bool PRECISE>
 FA_DEVICE void fa_mask_tile(float (&s)[SH::RM][SH::SN], const AttnParams& p, int b, int h, int q0,
                             int kv0, int seq_q, int seq_k, bool causal, int tx, int ty) {
     const int diag = seq_k - seq_q;
     const bool has_mask = (MODE == 2) && (p.mask != nullptr);
+    const bool transform = FA_EXT && p.transform != 0;
+    const float cap2 = FA_EXT ? fa_cap2(p) : 0.0f;
+    const float slope2 = FA_EXT ? fa_slope2(p, h) : 0.0f;
 #pragma unroll
     for (int i = 0; i < SH::RM; ++i) {
         const int qi = q0 + (i / 4) * (SH::TY * 4) + ty * 4 + (i % 4);
-        const int lim = qi + diag;
+        const FaRowKeys rk = fa_row_keys(p, qi, diag);
         const bool row_ok = qi < seq_q;
         const float* mrow = nullptr;
         if (has_mask)
@@ -292,8 +296,9 @@ FA_DEVICE void fa_mask_tile(float (&s)[SH::RM][SH::SN], const AttnParams& p, int
 #pragma unroll
         for (int j = 0; j < SH::SN; ++j) {
             const int kj = kv0 + tx + SH::TX * j;
-            const bool vis = (kj < seq_k) && (!causal || kj <= lim);
+            const bool vis = fa_key_visible(rk, kj, seq_k, causal);
             float x = s[i][j];
+            if (transform) x = fa_transform_score<PRECISE>(x, cap2, slope2, rk.lim, kj);
             if (has_mask && vis && row_ok) x = fa_mask_log2(x, mrow[kj]);
             s[i][j] = vis ? x : FA_NEG_INF;
         }
@@ -437,9 +442,10 @@ FA_DEVICE void fa_flash_tile(const AttnParams& p, const int q0) {
 
     FaStager<T, BN, SH::DP, SH::KSTR, THREADS, ASYNC> kst;
     FaStager<T, BN, SH::DP, SH::VSTR, THREADS, ASYNC> vst;
-    if (ntiles > 0) kst.issue(Ks, kg, p.k_ss, 0, seq_k, p.head_dim, in_vec, tid);
+    if (ntiles > tbeg) kst.issue(Ks, kg, p.k_ss, tbeg * BN, seq_k, p.head_dim, in_vec, tid);
+    const int qlast = (q0 + BM < seq_q ? q0 + BM : seq_q) - 1;
 
-    for (int t = 0; t < ntiles; ++t) {
+    for (int t = tbeg; t < ntiles; ++t) {
         const int kv0 = t * BN;
         kst.commit(Ks, tid, 1.0f);
         fa_syncthreads();  // A: K_t (and Q) visible; V and P^T of the last tile are free
@@ -447,8 +453,8 @@ FA_DEVICE void fa_flash_tile(const AttnParams& p, const int q0) {
 
         float s[RM][SH::SN];
         fa_qk_tile<SH>(Qs, Ks, s, tx, ty);
-        const bool need_mask = has_mask || (kv0 + BN > seq_k) || (causal && kv0 + BN - 1 > q0 + diag);
-        if (need_mask) fa_mask_tile<SH, MODE>(s, p, b, h, q0, kv0, seq_q, seq_k, causal, tx, ty);
+        if (fa_tile_needs_mask(p, kv0, BN, q0, qlast, diag, seq_k, causal, has_mask))
+            fa_mask_tile<SH, MODE, fa_elem<T>::is_f32>(s, p, b, h, q0, kv0, seq_q, seq_k, causal, tx, ty);
         fa_softmax_tile<SH>(s, m_i, l_i, o);
         fa_store_p<SH>(Ps, s, tx, ty);
 
@@ -458,8 +464,8 @@ FA_DEVICE void fa_flash_tile(const AttnParams& p, const int q0) {
         fa_pv_tile<SH>(Ps, Vs, o, tx, ty);
     }
 
-    // Epilogue: O / l, and lse = ln(sum exp(s*scale)). Rows with no visible key give 0 / -inf.
-    T* og = static_cast<T*>(p.out) + (fa_i64)b * p.o_sb + (fa_i64)h * p.o_sh;
+    // Epilogue: O / l, and lse = ln(sum exp(s*scale)) (fa_row_end).
+    T* og = static_cast<T*>(p.out) + o_off;
     const bool out_vec = (reinterpret_cast<fa_u64>(p.out) % (fa_u64)(VEC * sizeof(T)) == 0) &&
                          (((p.o_sb | p.o_sh | p.o_ss) & (VEC - 1)) == 0);
 #pragma unroll
@@ -469,7 +475,8 @@ FA_DEVICE void fa_flash_tile(const AttnParams& p, const int q0) {
         for (int off = SH::TX / 2; off > 0; off >>= 1) l += fa_shfl_xor(l, off, SH::TX);
         const int qi = q0 + (i / 4) * (SH::TY * 4) + ty * 4 + (i % 4);
         if (qi < seq_q) {
-            const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+            const FaRowEnd end = fa_row_end(p, h, m_i[i], l);
+            const float inv = end.inv;
             T* orow = og + (fa_i64)qi * p.o_ss;
 #pragma unroll
             for (int g = 0; g < DN / VEC; ++g) {
@@ -485,9 +492,7 @@ FA_DEVICE void fa_flash_tile(const AttnParams& p, const int q0) {
                     }
                 }
             }
-            if (p.lse != nullptr && tx == 0)
-                p.lse[((fa_i64)b * p.num_heads + h) * seq_q + qi] =
-                    l > 0.0f ? fmaf(m_i[i], FA_LN2, fa_logf(l)) : FA_NEG_INF;
+            if (p.lse != nullptr && tx == 0) *fa_lse_at(p, b, h, q_row0, qi) = end.lse;
         }
     }
 }

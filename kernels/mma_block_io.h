@@ -5,23 +5,26 @@
 
 #include "compat.h"
 #include "attention_params.h"
+#include "flash_common.h"
 #include "mma_ops.h"
 
-// A row's sum over the four lanes of its quad (each holds a quarter of the columns); returns
-// 1 / sum, or 0 for a row that saw no visible key.
-FA_DEVICE float fa_mma_quad_sum_inv(float& l) {
+// A row's sum over the four lanes of its quad (each holds a quarter of the columns), left in
+// l; returns the factor that normalizes its O (fa_row_end: 1 / sum, or 0 for a row that saw
+// no visible key; FA_EXT sinks join the sum). m is the row's running max.
+FA_DEVICE float fa_mma_quad_sum_inv(const AttnParams& p, int h, float m, float& l) {
     l += fa_shfl_xor(l, 1, 32);
     l += fa_shfl_xor(l, 2, 32);
-    return l > 0.0f ? 1.0f / l : 0.0f;
+    return fa_row_end(p, h, m, l).inv;
 }
 
 // Copies ROWS rows of 16-bit output staged in shared memory (row stride str elements, CPR
 // 16-byte chunks per row) to the output rows row0 .., one chunk per lane at a time; 16-byte
-// stores where the output allows them.
+// stores where the output allows them. o_off is the block's output offset (FA_BLOCK_SETUP),
+// rows from seq_q on are not stored.
 template <int ROWS, int CPR>
-FA_DEVICE void fa_mma_store_rows16(const AttnParams& p, const unsigned short* ow, int str, int row0, int b,
-                                   int h, int lane) {
-    unsigned short* og = static_cast<unsigned short*>(p.out) + (fa_i64)b * p.o_sb + (fa_i64)h * p.o_sh;
+FA_DEVICE void fa_mma_store_rows16(const AttnParams& p, const unsigned short* ow, int str, int row0,
+                                   fa_i64 o_off, int seq_q, int lane) {
+    unsigned short* og = static_cast<unsigned short*>(p.out) + o_off;
     const bool out_vec = ((reinterpret_cast<fa_u64>(p.out) & 15u) == 0) && (((p.o_sb | p.o_sh | p.o_ss) & 7) == 0);
 #pragma unroll
     for (int it = 0; it < (ROWS * CPR + 31) / 32; ++it) {
@@ -30,7 +33,7 @@ FA_DEVICE void fa_mma_store_rows16(const AttnParams& p, const unsigned short* ow
         const int r = idx / CPR;
         const int col = (idx % CPR) * 8;
         const int qi = row0 + r;
-        if (qi < p.seq_q && col < p.head_dim) {
+        if (qi < seq_q && col < p.head_dim) {
             unsigned short* dst = og + (fa_i64)qi * p.o_ss + col;
             const unsigned short* src = ow + r * str + col;
             if (out_vec) {
@@ -43,16 +46,15 @@ FA_DEVICE void fa_mma_store_rows16(const AttnParams& p, const unsigned short* ow
 }
 
 // The natural-log log-sum-exp of the thread's rows row0 + g + 8r from their running max
-// (log2 domain) and sum, written by one lane of each quad when the caller asked for it.
-FA_DEVICE void fa_mma_store_lse(const AttnParams& p, int b, int h, int row0, int g, int c4, const float (&m)[2],
-                                const float (&l)[2]) {
+// (log2 domain) and whole sum (fa_row_end), written by one lane of each quad when the
+// caller asked for it; q_row0 and seq_q as FA_BLOCK_EXIT declares them.
+FA_DEVICE void fa_mma_store_lse(const AttnParams& p, int b, int h, int q_row0, int seq_q, int row0, int g,
+                                int c4, const float (&m)[2], const float (&l)[2]) {
     if (p.lse == nullptr || c4 != 0) return;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int qi = row0 + g + 8 * r;
-        if (qi < p.seq_q)
-            p.lse[((fa_i64)b * p.num_heads + h) * p.seq_q + qi] =
-                l[r] > 0.0f ? fmaf(m[r], FA_LN2, fa_logf(l[r])) : FA_NEG_INF;
+        if (qi < seq_q) *fa_lse_at(p, b, h, q_row0, qi) = fa_row_end(p, h, m[r], l[r]).lse;
     }
 }
 

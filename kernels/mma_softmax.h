@@ -7,19 +7,24 @@
 
 #include "compat.h"
 #include "attention_params.h"
+#include "flash_common.h"
 
-// Masks one m-tile of scores that are already in the log2 domain: keys past seq_k and above
-// the bottom-right causal diagonal (key > query + diag) become -inf, visible ones get the
+// Masks one m-tile of scores that are already in the log2 domain: keys past seq_k, above
+// the bottom-right causal diagonal (key > query + diag) or (FA_EXT) outside the row's window
+// become -inf; FA_EXT score transforms apply (flash_common.h), then visible keys get the
 // additive mask (fa_mask_log2) when there is one. row0 is the m-tile's first query row; the
 // thread's rows are row0 + g + 8r, its keys kv0 + 8j + 2 * c4 + e.
-template <int NT>
+template <int NT, bool PRECISE>
 FA_DEVICE void fa_mma_mask_tile(float (&s)[NT][4], const AttnParams& p, int b, int h, int row0, int g,
                                 int c4, int kv0, int seq_q, int seq_k, int diag, bool causal,
                                 bool has_mask) {
+    const bool transform = FA_EXT && p.transform != 0;
+    const float cap2 = FA_EXT ? fa_cap2(p) : 0.0f;
+    const float slope2 = FA_EXT ? fa_slope2(p, h) : 0.0f;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         const int qi = row0 + g + 8 * r;
-        const int lim = qi + diag;
+        const FaRowKeys rk = fa_row_keys(p, qi, diag);
         const float* mrow = nullptr;
         if (has_mask && qi < seq_q)
             mrow = p.mask + (fa_i64)b * p.m_sb + (fa_i64)h * p.m_sh + (fa_i64)qi * p.m_sq;
@@ -28,8 +33,9 @@ FA_DEVICE void fa_mma_mask_tile(float (&s)[NT][4], const AttnParams& p, int b, i
 #pragma unroll
             for (int e = 0; e < 2; ++e) {
                 const int kj = kv0 + 8 * j + 2 * c4 + e;
-                const bool vis = (kj < seq_k) && (!causal || kj <= lim);
+                const bool vis = fa_key_visible(rk, kj, seq_k, causal);
                 float x = s[j][2 * r + e];
+                if (transform) x = fa_transform_score<PRECISE>(x, cap2, slope2, rk.lim, kj);
                 if (mrow != nullptr && vis) x = fa_mask_log2(x, mrow[kj]);
                 s[j][2 * r + e] = vis ? x : FA_NEG_INF;
             }
@@ -76,16 +82,18 @@ FA_DEVICE void fa_mma_online_softmax(float (&s)[NT][4], float (&o)[DT][4], float
 }
 
 // The score step of the tensor-core kernels, on the MT m-tiles of a warp whose first query
-// is wrow0, for the key tile kv0 .. kv0 + BN - 1: tiles that need masking (keys past seq_k,
-// above the causal diagonal, or an additive mask) are scaled into the exp2 domain first
-// (sl2 = scale * log2(e)), then masked; other tiles stay raw and the scale is folded into
-// the exponent (mul = sl2 > 0 keeps the row max where it is). Returns the mul for
-// fa_mma_online_softmax.
-template <int BN, int MT, int NT>
+// is wrow0, for the key tile kv0 .. kv0 + BN - 1: tiles that need masking
+// (fa_tile_needs_mask: keys past seq_k, the causal diagonal, an additive mask, FA_EXT
+// transforms and window edges) are scaled into the exp2 domain first (sl2 = scale * log2(e)),
+// then masked; other tiles stay raw and the scale is folded into the exponent (mul = sl2 > 0
+// keeps the row max where it is). Returns the mul for fa_mma_online_softmax. PRECISE: f32
+// inputs (exact tanh for the softcap).
+template <int BN, bool PRECISE = false, int MT, int NT>
 FA_DEVICE float fa_mma_scale_mask(float (&s)[MT][NT][4], const AttnParams& p, int b, int h, int wrow0, int g,
                                   int c4, int kv0, int seq_q, int seq_k, int diag, bool causal,
                                   bool has_mask, float sl2) {
-    const bool need_mask = has_mask || (kv0 + BN > seq_k) || (causal && kv0 + BN - 1 > wrow0 + diag);
+    const int wlast = (wrow0 + 16 * MT < seq_q ? wrow0 + 16 * MT : seq_q) - 1;
+    const bool need_mask = fa_tile_needs_mask(p, kv0, BN, wrow0, wlast, diag, seq_k, causal, has_mask);
     float mul = sl2;
     if (need_mask || !(sl2 > 0.0f)) {
         mul = 1.0f;
@@ -99,15 +107,15 @@ FA_DEVICE float fa_mma_scale_mask(float (&s)[MT][NT][4], const AttnParams& p, in
     if (need_mask)
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
-            fa_mma_mask_tile<NT>(s[mt], p, b, h, wrow0 + 16 * mt, g, c4, kv0, seq_q, seq_k, diag, causal,
-                                 has_mask);
+            fa_mma_mask_tile<NT, PRECISE>(s[mt], p, b, h, wrow0 + 16 * mt, g, c4, kv0, seq_q, seq_k, diag,
+                                          causal, has_mask);
     return mul;
 }
 // The same on one m-tile.
-template <int BN, int NT>
+template <int BN, bool PRECISE = false, int NT>
 FA_DEVICE float fa_mma_scale_mask(float (&s)[NT][4], const AttnParams& p, int b, int h, int wrow0, int g, int c4,
                                   int kv0, int seq_q, int seq_k, int diag, bool causal, bool has_mask,
                                   float sl2) {
-    return fa_mma_scale_mask<BN>(reinterpret_cast<float(&)[1][NT][4]>(s), p, b, h, wrow0, g, c4, kv0, seq_q,
-                                 seq_k, diag, causal, has_mask, sl2);
+    return fa_mma_scale_mask<BN, PRECISE>(reinterpret_cast<float(&)[1][NT][4]>(s), p, b, h, wrow0, g, c4, kv0,
+                                          seq_q, seq_k, diag, causal, has_mask, sl2);
 }

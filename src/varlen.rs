@@ -10,9 +10,11 @@
 //! writes nothing. The log-sum-exp output of a varlen call is f32 `[H, total_q]`
 //! (natural log), packed like the queries.
 
+use crate::config::AttentionConfig;
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{AttentionError, Result};
+use crate::options::{check_per_head, AttentionOptions};
 use crate::tensor::DeviceTensor;
 
 /// The sequence boundaries of a packed ragged batch (see the [module docs](self)).
@@ -156,6 +158,93 @@ impl VarlenBatch {
         }
         Ok(VarlenOffsets { q, k })
     }
+}
+
+/// Refuses a tensor that is not on `device`.
+pub(crate) fn on_device(what: &str, t: &DeviceTensor, device: Device) -> Result<()> {
+    if t.device() != device {
+        return Err(AttentionError::DeviceMismatch {
+            what: what.into(),
+            expected: device.to_string(),
+            got: t.device().to_string(),
+        });
+    }
+    Ok(())
+}
+
+/// The packed query side of a call, checked: q, out (shaped like q, distinct elements,
+/// overlapping none of `inputs`), the options and lse.
+pub(crate) struct PackedQueries {
+    /// (row, head) strides of q.
+    pub q: (usize, usize),
+    /// (row, head) strides of out.
+    pub out: (usize, usize),
+    /// (head, row) strides of lse.
+    pub lse: Option<(usize, usize)>,
+}
+
+/// Checks the packed query side of a call on `device`: the config, q `[total_q, H, D]`,
+/// out (shaped like q, distinct elements, overlapping none of `inputs` or the per-head
+/// option tensors), the options (f32 `[H]` tensors on `device`) and lse (f32
+/// `[H, total_q]`).
+pub(crate) fn check_packed_queries(
+    config: &AttentionConfig,
+    options: &AttentionOptions,
+    q: &DeviceTensor,
+    inputs: &[&DeviceTensor],
+    out: &DeviceTensor,
+    lse: Option<&DeviceTensor>,
+    device: Device,
+) -> Result<PackedQueries> {
+    config.validate()?;
+    on_device("q", q, device)?;
+    q.dtype().check_attention("q")?;
+    let (h, d, dtype) = (config.num_heads, config.head_dim, q.dtype());
+    let qs = check_packed("q", q, None, h, d, dtype, device)?;
+    let total_q = q.shape()[0];
+    out.dtype().check_attention("out")?;
+    let os = check_packed("out", out, Some(total_q), h, d, dtype, device)?;
+    let mut all = inputs.to_vec();
+    all.extend(options.alibi_slopes.as_ref());
+    all.extend(options.sinks.as_ref());
+    if !out.has_distinct_elements() {
+        return Err(AttentionError::UnsupportedLayout {
+            what: "out".into(),
+            reason: format!(
+                "the output (shape {:?}, strides {:?}) repeats elements: two results would land on one element",
+                out.shape(),
+                out.strides()
+            ),
+        });
+    }
+    if let Some(i) = all.iter().position(|t| out.may_overlap(t)) {
+        return Err(AttentionError::UnsupportedLayout {
+            what: "out".into(),
+            reason: format!(
+                "the output overlaps input {i} (shape {:?}, strides {:?}); give it its own memory",
+                all[i].shape(),
+                all[i].strides()
+            ),
+        });
+    }
+    options.validate()?;
+    for (what, t) in [
+        ("alibi_slopes", &options.alibi_slopes),
+        ("sinks", &options.sinks),
+    ] {
+        if let Some(t) = t {
+            check_per_head(what, t, h, device)?;
+        }
+    }
+    all.push(out);
+    let lse = lse
+        .map(|l| check_packed_lse(l, h, total_q, device, &all))
+        .transpose()?;
+    Ok(PackedQueries {
+        q: qs,
+        out: os,
+        lse,
+    })
 }
 
 /// Checks one offset tensor (I32 `[batch + 1]` on `device`, from 0, non-decreasing, up to

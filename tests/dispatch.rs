@@ -20,6 +20,7 @@ fn input(dtype: DType, head_dim: usize, causal: bool, has_mask: bool, seq_q: usi
         tf32: false,
         kv_aligned: true,
         qkv_aligned: true,
+        ext: false,
     }
 }
 

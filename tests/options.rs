@@ -690,23 +690,6 @@ fn cached_calls_with_options_default_to_plain_or_refusal() {
 }
 
 #[test]
-fn the_gpu_paths_report_which_options_they_cannot_run() {
-    assert_eq!(
-        GpuAttentionBackend::unsupported_options(&AttentionOptions::new(), false),
-        None
-    );
-    let o = AttentionOptions::new()
-        .with_window(Some(4), Some(0))
-        .with_sinks(sinks());
-    let r = GpuAttentionBackend::unsupported_options(&o, true).unwrap();
-    assert!(
-        r.contains("window") && r.contains("sinks") && r.contains("lse output"),
-        "{r}"
-    );
-    assert!(!r.contains("softcap"), "{r}");
-}
-
-#[test]
 fn merge_states_refuses_mismatched_operands_and_changes_nothing() {
     let layout = Layout::Bshd;
     let o = |shape: &[usize]| cpu_f32(&vec![1.0; shape.iter().product()], shape);
@@ -834,12 +817,12 @@ fn tensors_on_the_wrong_device_are_refused() {
     let lb = DeviceTensor::zeros(&[1, 2, 2], DType::F32, dev).unwrap();
     let e = merge_states(Layout::Bshd, &mut oa, &mut la, &ob, &lb).unwrap_err();
     assert!(matches!(e, AttentionError::NotSupported { .. }), "{e:?}");
-    // The GPU backend keeps the refusing default for now, naming the option.
+    // The GPU backend runs options on its flash kernels' extended variants.
     let backend = GpuAttentionBackend::new(dev).unwrap();
     let q = random_tensor(c.q.shape(), DType::F32, dev, 4);
     let k = random_tensor(c.k.shape(), DType::F32, dev, 5);
     let mut gout = DeviceTensor::zeros(q.shape(), DType::F32, dev).unwrap();
-    let e = backend
+    let path = backend
         .forward_with(
             &c.config,
             &AttentionOptions::new().with_softcap(4.0),
@@ -850,21 +833,24 @@ fn tensors_on_the_wrong_device_are_refused() {
             &mut gout,
             None,
         )
-        .unwrap_err();
-    assert!(
-        matches!(&e, AttentionError::NotSupported { reason, .. } if reason.contains("softcap")),
-        "{e:?}"
-    );
+        .unwrap();
+    assert!(matches!(path, AttentionPath::Flash(_)), "{path:?}");
     let input = forge_attn::backend::gpu::PlanInput::of(
         &forge_attn::AttentionProblem::new(&c.config, &q, &k, &k, None).unwrap(),
     );
     assert!(backend
         .plan_with(&input, &AttentionOptions::new(), false)
         .is_ok());
-    let r = backend
+    let plan = backend
+        .plan_with(&input, &AttentionOptions::new().with_softcap(4.0), false)
+        .unwrap();
+    assert!(plan.flash.is_some_and(|c| c.ext), "{plan:?}");
+    let r = GpuAttentionBackend::new(dev)
+        .unwrap()
+        .with_flash(false)
         .plan_with(&input, &AttentionOptions::new().with_softcap(4.0), false)
         .unwrap_err();
-    assert!(r.contains("softcap"), "{r}");
+    assert!(r.contains("switched off"), "{r}");
 }
 
 /// The CPU backend runs every option over contiguous and paged caches, with the keys split

@@ -345,29 +345,3 @@ fn the_default_refuses_varlen_calls() {
         "{e}"
     );
 }
-
-#[test]
-#[ignore = "needs a GPU"]
-fn the_gpu_backend_refuses_varlen_with_the_reason() {
-    let (dev, backend) = common::gpu_backend();
-    let lens = VarlenBatch::from_lengths(&[2, 3], &[4, 5], dev).unwrap();
-    let q = random_tensor(&[5, H, D], DType::F16, dev, 1);
-    let k = random_tensor(&[9, HKV, D], DType::F16, dev, 2);
-    let mut out = DeviceTensor::zeros(&[5, H, D], DType::F16, dev).unwrap();
-    let e = backend
-        .forward_varlen(
-            &config(true),
-            &AttentionOptions::new(),
-            &q,
-            &k,
-            &k,
-            &lens,
-            &mut out,
-            None,
-        )
-        .unwrap_err();
-    assert!(
-        matches!(&e, AttentionError::NotSupported { reason, .. } if reason.contains("varlen")),
-        "{e}"
-    );
-}

@@ -68,12 +68,18 @@ pub(crate) struct AttnParams {
     pub out: u64,
     pub lse: u64,
     pub workspace: u64,
+    pub alibi: u64,
+    pub sinks: u64,
+    pub cu_q: u64,
+    pub cu_k: u64,
     pub q_strides: Strides3,
     pub k_strides: Strides3,
     pub v_strides: Strides3,
     pub o_strides: Strides3,
     /// Mask strides: batch, head, query row (0 = broadcast).
     pub m_strides: Strides3,
+    /// Log-sum-exp strides: batch, head, query row.
+    pub l_strides: Strides3,
     pub batch: i32,
     pub num_heads: i32,
     pub num_kv_heads: i32,
@@ -82,6 +88,10 @@ pub(crate) struct AttnParams {
     pub head_dim: i32,
     pub scale: f32,
     pub causal: i32,
+    pub window_left: i32,
+    pub window_right: i32,
+    pub softcap: f32,
+    pub transform: i32,
 }
 
 /// `DecodeParams` of kernels/decode_params.h: the split-KV decode and combine kernels.
@@ -287,13 +297,15 @@ mod tests {
     #[test]
     fn attn_params_match_the_c_struct() {
         let rust = fields!(AttnParams;
-            q, k, v, mask, out, lse, workspace,
+            q, k, v, mask, out, lse, workspace, alibi, sinks, cu_q, cu_k,
             q_strides => bhs("q"),
             k_strides => bhs("k"),
             v_strides => bhs("v"),
             o_strides => bhs("o"),
             m_strides => vec!["m_sb".into(), "m_sh".into(), "m_sq".into()],
-            batch, num_heads, num_kv_heads, seq_q, seq_k, head_dim, scale, causal);
+            l_strides => bhs("l"),
+            batch, num_heads, num_kv_heads, seq_q, seq_k, head_dim, scale, causal,
+            window_left, window_right, softcap, transform);
         assert_layout::<AttnParams>("attention_params.h", "AttnParams", &rust);
     }
 

@@ -4,9 +4,9 @@
 //!
 //! | file | entry points | NVRTC defines |
 //! |---|---|---|
-//! | `flash_attention_nocausal.hip` | `flash_attention_nocausal_<dt>_hd<N>[_sm90][<impl>]` | `FA_VARIANT_{DT,HD,BM,BN,THREADS,SMEM}` from the [`FlashTile`], `FA_VARIANT_IMPL` from the [`FlashImpl`], `FA_VARIANT_NAME` (the entry point) |
-//! | `flash_attention_causal.hip` | `flash_attention_causal_<dt>_hd<N>[_sm90][<impl>]` | same |
-//! | `flash_attention_masked.hip` | `flash_attention_masked_<dt>_hd<N>[_sm90][<impl>]` | same |
+//! | `flash_attention_nocausal.hip` | `flash_attention_nocausal_<dt>_hd<N>[_sm90][<impl>][_ext]` | `FA_VARIANT_{DT,HD,BM,BN,THREADS,SMEM}` from the [`FlashTile`], `FA_VARIANT_IMPL` from the [`FlashImpl`], `FA_VARIANT_NAME` (the entry point), `FA_VARIANT_EXT=1` for `_ext` |
+//! | `flash_attention_causal.hip` | `flash_attention_causal_<dt>_hd<N>[_sm90][<impl>][_ext]` | same |
+//! | `flash_attention_masked.hip` | `flash_attention_masked_<dt>_hd<N>[_sm90][<impl>][_ext]` | same |
 //! | `attention_traditional.hip` | `attn_scores_<dt>`, `attn_softmax_rows`, `attn_pv_<dt>` | `FA_VARIANT_DT` |
 //! | `tensor_ops.hip` | `copy_strided_b2/_b4`, `fill_b2/_b4` | none |
 //! | `flash_decode.hip` | `flash_decode_<dt>_hd<N>`, `flash_decode_combine_<dt>` | `FA_VARIANT_{DT,HD}` |
@@ -14,7 +14,8 @@
 //!
 //! `<dt>` is `f32`, `f16`, `bf16` (or `tf32` for a TF32 flash row); `<N>` is a head-dim
 //! bucket; `_sm90` marks an `FA_TILE_SM90` row; `<impl>` is the implementation's suffix
-//! ([`FlashImpl::name_suffix`]: none for SIMT, so the AMD objects keep their names);
+//! ([`FlashImpl::name_suffix`]: none for SIMT, so the AMD objects keep their names); `_ext`
+//! marks the variant with the per-call extensions ([`flash_variant`]);
 //! `_b2`/`_b4` name the element size in bytes. Names are unique across all files.
 
 use super::tiles::{flash_table, FlashTile, TileVendor};
@@ -268,15 +269,28 @@ const COMBINE_LISTED_BUCKET: usize = 128;
 /// (`flash_attention_<file stem>_...`), so loading it fails with a
 /// [`crate::AttentionError::KernelBuild`] instead of running the wrong kernel.
 pub fn flash(file: KernelFile, tile: &FlashTile, implementation: FlashImpl) -> KernelSpec {
+    flash_variant(file, tile, implementation, false)
+}
+
+/// [`flash`], or with `ext` its variant with the per-call extensions (window, softcap,
+/// ALiBi, sinks, packed ragged batches, log-sum-exp strides; `FA_VARIANT_EXT=1`, name
+/// suffix `_ext`). The plain variant's code does not change with them.
+pub fn flash_variant(
+    file: KernelFile,
+    tile: &FlashTile,
+    implementation: FlashImpl,
+    ext: bool,
+) -> KernelSpec {
     let mode = file.flash_mode().unwrap_or_else(|| file.stem());
     let dt = tile.kernel_dtype_name();
     let row = if tile.wgmma { "_sm90" } else { "" };
     let name = format!(
-        "flash_attention_{mode}_{dt}_hd{}{row}{}",
+        "flash_attention_{mode}_{dt}_hd{}{row}{}{}",
         tile.head_dim,
-        implementation.name_suffix()
+        implementation.name_suffix(),
+        if ext { "_ext" } else { "" }
     );
-    let defines = vec![
+    let mut defines = vec![
         ("FA_VARIANT_DT", dt.to_string()),
         ("FA_VARIANT_HD", tile.head_dim.to_string()),
         ("FA_VARIANT_BM", tile.block_m.to_string()),
@@ -286,6 +300,9 @@ pub fn flash(file: KernelFile, tile: &FlashTile, implementation: FlashImpl) -> K
         ("FA_VARIANT_IMPL", implementation.token().to_string()),
         ("FA_VARIANT_NAME", name.clone()),
     ];
+    if ext {
+        defines.push(("FA_VARIANT_EXT", "1".to_string()));
+    }
     KernelSpec {
         arch_specific: implementation == FlashImpl::Wgmma,
         implementation: Some(implementation),
@@ -406,11 +423,14 @@ pub fn all_variants(vendor: TileVendor) -> Vec<KernelSpec> {
     }
     for file in KernelFile::FLASH {
         for tile in &tiles {
-            specs.extend(
-                FlashImpl::for_tile(tile, vendor)
-                    .iter()
-                    .map(|&imp| flash(file, tile, imp)),
-            );
+            for &imp in FlashImpl::for_tile(tile, vendor) {
+                specs.push(flash(file, tile, imp));
+                // The extended variants are NVRTC-built only: the AMD code objects hold
+                // the plain SIMT rows.
+                if vendor != TileVendor::Hip {
+                    specs.push(flash_variant(file, tile, imp, true));
+                }
+            }
         }
     }
     for kernel in TraditionalKernel::ALL {

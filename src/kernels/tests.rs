@@ -215,7 +215,8 @@ fn variant_names_are_unique_and_follow_the_convention() {
         .iter()
         .map(|t| FlashImpl::for_tile(t, TileVendor::Cuda).len())
         .sum();
-    assert_eq!(specs.len(), 3 * flash_variants + 7 + 4 + (27 + 3) + 2);
+    // Each flash variant plain and extended.
+    assert_eq!(specs.len(), 3 * 2 * flash_variants + 7 + 4 + (27 + 3) + 2);
     let mut names = HashSet::new();
     for s in &specs {
         assert!(
@@ -252,6 +253,18 @@ fn variant_names_are_unique_and_follow_the_convention() {
                     format!("FA_VARIANT_NAME={expect}"),
                 ];
                 assert_eq!(d, want);
+                let x = catalog::flash_variant(file, t, imp, true);
+                assert_eq!(x.name, format!("{expect}_ext"));
+                assert!(names.contains(&x.name));
+                let mut want_x = want.clone();
+                want_x[7] = format!("FA_VARIANT_NAME={expect}_ext");
+                want_x.push("FA_VARIANT_EXT=1".into());
+                let dx: Vec<String> = x.defines.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                assert_eq!(dx, want_x);
+                assert_eq!(
+                    (x.arch_specific, x.implementation),
+                    (s.arch_specific, s.implementation)
+                );
             }
         }
     }
@@ -710,7 +723,11 @@ mod nvrtc_tests {
             return;
         }
         flash_table(TileVendor::Cuda).expect("flash_config.h parses");
-        let specs = all_nvrtc_variants();
+        let mut specs = all_nvrtc_variants();
+        // FORGE_ATTN_NVRTC_FILTER=<substring> compiles only the variants whose name has it.
+        if let Ok(f) = std::env::var("FORGE_ATTN_NVRTC_FILTER") {
+            specs.retain(|s| s.name.contains(&f));
+        }
         // One NVRTC run per compile unit (file + defines); its entry points are checked.
         let mut units: Vec<(KernelSpec, Vec<String>)> = Vec::new();
         for s in &specs {

@@ -8,92 +8,15 @@ use crate::backend::AttentionPath;
 use crate::config::AttentionConfig;
 use crate::device::Device;
 use crate::error::{AttentionError, Result};
-use crate::options::{check_per_head, AttentionOptions, LseStrides};
+use crate::options::{AttentionOptions, LseStrides};
 use crate::paged::{PagedGeometry, PagedKv};
 use crate::problem::{AttentionProblem, CachedKeys, HeadStrides};
 use crate::tensor::DeviceTensor;
-use crate::varlen::{check_packed, check_packed_lse, VarlenBatch};
+use crate::varlen::{check_packed, check_packed_queries, on_device, PackedQueries, VarlenBatch};
 
 /// Refuses a tensor that is not on the host.
 fn on_host(what: &str, t: &DeviceTensor) -> Result<()> {
-    if t.device() != Device::Cpu {
-        return Err(AttentionError::DeviceMismatch {
-            what: what.into(),
-            expected: Device::Cpu.to_string(),
-            got: t.device().to_string(),
-        });
-    }
-    Ok(())
-}
-
-/// The packed query side of a call, checked: q, out (shaped like q, distinct elements,
-/// overlapping none of `inputs`), the options and lse.
-struct PackedQueries {
-    /// (row, head) strides of q.
-    q: (usize, usize),
-    /// (row, head) strides of out.
-    out: (usize, usize),
-    /// (head, row) strides of lse.
-    lse: Option<(usize, usize)>,
-}
-
-fn check_queries(
-    config: &AttentionConfig,
-    options: &AttentionOptions,
-    q: &DeviceTensor,
-    inputs: &[&DeviceTensor],
-    out: &DeviceTensor,
-    lse: Option<&DeviceTensor>,
-) -> Result<PackedQueries> {
-    config.validate()?;
-    on_host("q", q)?;
-    q.dtype().check_attention("q")?;
-    let (h, d, dtype) = (config.num_heads, config.head_dim, q.dtype());
-    let qs = check_packed("q", q, None, h, d, dtype, Device::Cpu)?;
-    let total_q = q.shape()[0];
-    out.dtype().check_attention("out")?;
-    let os = check_packed("out", out, Some(total_q), h, d, dtype, Device::Cpu)?;
-    let mut all = inputs.to_vec();
-    all.extend(options.alibi_slopes.as_ref());
-    all.extend(options.sinks.as_ref());
-    if !out.has_distinct_elements() {
-        return Err(AttentionError::UnsupportedLayout {
-            what: "out".into(),
-            reason: format!(
-                "the output (shape {:?}, strides {:?}) repeats elements: two results would land on one element",
-                out.shape(),
-                out.strides()
-            ),
-        });
-    }
-    if let Some(i) = all.iter().position(|t| out.may_overlap(t)) {
-        return Err(AttentionError::UnsupportedLayout {
-            what: "out".into(),
-            reason: format!(
-                "the output overlaps input {i} (shape {:?}, strides {:?}); give it its own memory",
-                all[i].shape(),
-                all[i].strides()
-            ),
-        });
-    }
-    options.validate()?;
-    for (what, t) in [
-        ("alibi_slopes", &options.alibi_slopes),
-        ("sinks", &options.sinks),
-    ] {
-        if let Some(t) = t {
-            check_per_head(what, t, h, Device::Cpu)?;
-        }
-    }
-    all.push(out);
-    let lse = lse
-        .map(|l| check_packed_lse(l, h, total_q, Device::Cpu, &all))
-        .transpose()?;
-    Ok(PackedQueries {
-        q: qs,
-        out: os,
-        lse,
-    })
+    on_device(what, t, Device::Cpu)
 }
 
 /// The one-sequence problem of `nq` packed queries against `nk` keys (at least one key
@@ -171,7 +94,15 @@ pub(super) fn forward_varlen(
     lse: Option<&mut DeviceTensor>,
     tuning: Tuning,
 ) -> Result<AttentionPath> {
-    let pq = check_queries(config, options, q, &[q, k, v], out, lse.as_deref())?;
+    let pq = check_packed_queries(
+        config,
+        options,
+        q,
+        &[q, k, v],
+        out,
+        lse.as_deref(),
+        Device::Cpu,
+    )?;
     for (what, t) in [("k", k), ("v", v)] {
         on_host(what, t)?;
     }
@@ -346,13 +277,14 @@ pub(super) fn forward_paged_varlen(
     isa: Isa,
     min_split_keys: usize,
 ) -> Result<AttentionPath> {
-    let pq = check_queries(
+    let pq = check_packed_queries(
         config,
         options,
         q,
         &[q, &kv.k_pages, &kv.v_pages],
         out,
         lse.as_deref(),
+        Device::Cpu,
     )?;
     on_host("cu_seqlens_q", cu_seqlens_q)?;
     let g = check_pages(config, q, kv)?;

@@ -34,6 +34,11 @@ pub struct PlanInput {
     /// Q, K and V can be copied in 16-byte chunks (see [`chunk_aligned`]), what the
     /// tensor-core kernels need; otherwise their tile rows run the split SIMT kernel.
     pub qkv_aligned: bool,
+    /// Per-call extensions are asked for: options (window, softcap, ALiBi, sinks), a
+    /// log-sum-exp output or a packed ragged batch. They run on the prefill families'
+    /// extended variants ([`FlashChoice::ext`]) at any query length; the unfused path
+    /// runs none of them.
+    pub ext: bool,
 }
 
 impl PlanInput {
@@ -48,6 +53,7 @@ impl PlanInput {
             tf32: false,
             kv_aligned: true,
             qkv_aligned: true,
+            ext: false,
         }
     }
 
@@ -145,6 +151,9 @@ pub struct FlashChoice {
     pub implementation: FlashImpl,
     /// Tile configuration from kernels/flash_config.h (prefill families only).
     pub tile: Option<&'static FlashTile>,
+    /// The variant with the per-call extensions (window, softcap, ALiBi, sinks, packed
+    /// batches, log-sum-exp strides; prefill families only).
+    pub ext: bool,
 }
 
 impl FlashChoice {
@@ -161,10 +170,11 @@ impl FlashChoice {
 
     /// The kernel variant a prefill launch of this choice runs; `None` for decode.
     pub fn spec(&self) -> Option<KernelSpec> {
-        Some(catalog::flash(
+        Some(catalog::flash_variant(
             self.file()?,
             self.tile?,
             self.implementation,
+            self.ext,
         ))
     }
 }
@@ -188,10 +198,13 @@ impl Plan {
 }
 
 /// The flash family for a problem: Decode for short unmasked query blocks over K/V it can
-/// read in 16-byte vectors, else Causal / NonCausal without a mask and Masked with one.
+/// read in 16-byte vectors (without per-call extensions), else Causal / NonCausal without a
+/// mask and Masked with one.
 pub fn select_flash_kernel(input: &PlanInput) -> FlashKernel {
     match (input.has_mask, input.causal) {
-        (false, _) if input.seq_q <= MAX_DECODE_QUERIES && input.kv_aligned => FlashKernel::Decode,
+        (false, _) if input.seq_q <= MAX_DECODE_QUERIES && input.kv_aligned && !input.ext => {
+            FlashKernel::Decode
+        }
         (true, _) => FlashKernel::Masked,
         (false, true) => FlashKernel::Causal,
         (false, false) => FlashKernel::NonCausal,
@@ -273,6 +286,12 @@ pub fn can_use_flash_attention(
             input.head_dim
         ));
     }
+    if input.ext && target.amd {
+        return Err(
+            "per-call options, the log-sum-exp output and packed batches are built for CUDA only: the AMD code objects hold the plain flash kernels"
+                .into(),
+        );
+    }
     let kernel = select_flash_kernel(input);
     let (tile, implementation, smem) = if kernel == FlashKernel::Decode {
         let bucket = decode_bucket(input.head_dim)
@@ -301,6 +320,7 @@ pub fn can_use_flash_attention(
         kernel,
         implementation,
         tile,
+        ext: input.ext && kernel != FlashKernel::Decode,
     })
 }
 
@@ -374,6 +394,7 @@ mod tests {
             tf32: false,
             kv_aligned,
             qkv_aligned: true,
+            ext: false,
         }
     }
 

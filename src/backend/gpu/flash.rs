@@ -50,6 +50,12 @@ pub(crate) fn slice_params(params: &AttnParams, p: &AttentionProblem, s: &Slice)
         v: offset_ptr(params.v, params.v_strides.at(b, s.kv_head0), es),
         out: offset_ptr(params.out, params.o_strides.at(b, s.head0), es),
         mask: offset_ptr(params.mask, params.m_strides.at(b, s.head0), 4),
+        lse: offset_ptr(params.lse, params.l_strides.at(b, s.head0), 4),
+        alibi: offset_ptr(params.alibi, s.head0, 4),
+        sinks: offset_ptr(params.sinks, s.head0, 4),
+        // A packed batch's offsets: the slice's sequences are its entries b .. b + batch.
+        cu_q: offset_ptr(params.cu_q, b, 4),
+        cu_k: offset_ptr(params.cu_k, b, 4),
         batch: s.batch as i32,
         num_heads: s.heads as i32,
         num_kv_heads: s.kv_heads as i32,

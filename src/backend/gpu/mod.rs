@@ -24,6 +24,7 @@ mod decode_plan;
 /// are re-exported here.
 #[doc(hidden)]
 pub mod dispatch;
+mod extended;
 mod flash;
 mod grid;
 mod params;
@@ -281,26 +282,29 @@ impl GpuAttentionBackend {
     }
 
     /// The path `input` would take with the per-call `options` (and a log-sum-exp output
-    /// when `wants_lse`), or why none can: the GPU paths run no per-call option yet, so
-    /// anything but plain options is refused with the reason
-    /// [`unsupported_options`](Self::unsupported_options) gives, as
-    /// [`forward_with`](DeviceAttentionBackend::forward_with) refuses the call.
+    /// when `wants_lse`), or why none can, as
+    /// [`forward_with`](DeviceAttentionBackend::forward_with) decides it: plain calls plan
+    /// as [`plan`](Self::plan); the others run the flash prefill families' extended
+    /// variants at any query length (not the decode kernel, not the unfused path), and are
+    /// refused when no flash kernel takes them (flash switched off, a head_dim past 256).
     pub fn plan_with(
         &self,
         input: &PlanInput,
         options: &AttentionOptions,
         wants_lse: bool,
     ) -> std::result::Result<Plan, String> {
-        match Self::unsupported_options(options, wants_lse) {
-            Some(reason) => Err(reason),
-            None => Ok(self.plan(input)),
+        options.validate().map_err(|e| e.to_string())?;
+        if options.is_default() && !wants_lse && !input.ext {
+            return Ok(self.plan(input));
         }
-    }
-
-    /// Why the GPU paths cannot run `options` (and a log-sum-exp output when
-    /// `wants_lse`), naming each option asked for; `None` for plain options. Needs no GPU.
-    pub fn unsupported_options(options: &AttentionOptions, wants_lse: bool) -> Option<String> {
-        crate::options::unsupported_reason(options, wants_lse)
+        let choice = self
+            .ext_choice(&self.on_this_device(input))
+            .map_err(|e| e.to_string())?;
+        Ok(Plan {
+            path: AttentionPath::Flash(choice.kernel),
+            flash: Some(choice),
+            fallback_reason: None,
+        })
     }
 
     /// The path a call of `config` in `dtype` with `seq_q` queries would take.
@@ -311,7 +315,19 @@ impl GpuAttentionBackend {
         seq_q: usize,
         has_mask: bool,
     ) -> Plan {
-        self.plan(&PlanInput {
+        self.plan(&self.plan_input_for(config, dtype, seq_q, has_mask))
+    }
+
+    /// The plan input of a call of `config` in `dtype` with `seq_q` queries (aligned
+    /// operands, this backend's TF32 setting).
+    fn plan_input_for(
+        &self,
+        config: &AttentionConfig,
+        dtype: DType,
+        seq_q: usize,
+        has_mask: bool,
+    ) -> PlanInput {
+        PlanInput {
             dtype,
             head_dim: config.head_dim,
             causal: config.is_causal,
@@ -320,7 +336,8 @@ impl GpuAttentionBackend {
             tf32: self.allow_tf32,
             kv_aligned: true,
             qkv_aligned: true,
-        })
+            ext: false,
+        }
     }
 
     /// How the decode kernel would cut `cache` for `q` right now (the chunks per sequence
@@ -574,6 +591,70 @@ impl DeviceAttentionBackend for GpuAttentionBackend {
     ) -> Result<AttentionPath> {
         // The inherent method (paths resolve to it before the trait's).
         GpuAttentionBackend::forward_cached(self, config, q, cache, out)
+    }
+
+    /// Every option that validates, on the flash kernels' extended variants (see
+    /// [`GpuAttentionBackend::plan_with`]); refused where no flash kernel takes the config.
+    fn supports_with(
+        &self,
+        config: &AttentionConfig,
+        options: &AttentionOptions,
+    ) -> super::Support {
+        use super::Support;
+        if let Err(e) = options.validate() {
+            return Support::No(e.to_string());
+        }
+        match self.supports(config) {
+            Support::Yes if !options.is_default() => {
+                // The dtype is the call's; the head_dim and flash switch decide here.
+                let input = PlanInput {
+                    ext: true,
+                    ..self.plan_input_for(config, DType::F16, config.max_sequence_length, false)
+                };
+                match self.ext_choice(&input) {
+                    Ok(_) => Support::Yes,
+                    Err(e) => Support::No(e.to_string()),
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// Options and the log-sum-exp output on the flash kernels' extended variants, at any
+    /// query length (a plain call is [`forward_into`](DeviceAttentionBackend::forward_into)).
+    #[allow(clippy::too_many_arguments)]
+    fn forward_with(
+        &self,
+        config: &AttentionConfig,
+        options: &AttentionOptions,
+        q: &DeviceTensor,
+        k: &DeviceTensor,
+        v: &DeviceTensor,
+        mask: Option<&DeviceTensor>,
+        out: &mut DeviceTensor,
+        lse: Option<&mut DeviceTensor>,
+    ) -> Result<AttentionPath> {
+        if options.is_default() && lse.is_none() {
+            return self.forward_into(config, q, k, v, mask, out);
+        }
+        self.forward_dense_ext(config, options, q, k, v, mask, out, lse)
+    }
+
+    /// A packed ragged batch in one launch of the flash kernels' extended variants, every
+    /// option included; the offsets are read to the host once to check them.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_varlen(
+        &self,
+        config: &AttentionConfig,
+        options: &AttentionOptions,
+        q: &DeviceTensor,
+        k: &DeviceTensor,
+        v: &DeviceTensor,
+        batch: &crate::varlen::VarlenBatch,
+        out: &mut DeviceTensor,
+        lse: Option<&mut DeviceTensor>,
+    ) -> Result<AttentionPath> {
+        self.forward_packed(config, options, q, k, v, batch, out, lse)
     }
 
     fn forward_into(

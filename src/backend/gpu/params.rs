@@ -1,6 +1,9 @@
-//! The flash and traditional kernels' argument block ([`AttnParams`]) filled for one call.
+//! The flash and traditional kernels' argument block ([`AttnParams`]) filled for one call,
+//! and what a call with per-call extensions adds to it ([`ParamsExt`]).
 
-use crate::kernels::abi::AttnParams;
+use super::dispatch::MAX_KERNEL_SEQ;
+use crate::kernels::abi::{AttnParams, Strides3};
+use crate::options::AttentionOptions;
 use crate::problem::{AttentionProblem, HeadStrides};
 use crate::tensor::DeviceTensor;
 
@@ -37,6 +40,128 @@ impl AttnParams {
             head_dim: p.head_dim as i32,
             scale: p.scale,
             causal: p.causal as i32,
+            // Plain attention; `with_ext` fills these for the extended variants.
+            ..AttnParams::default()
         }
+    }
+}
+
+/// What a call with per-call extensions adds to the argument block (read by the `_ext`
+/// flash variants only): options, the log-sum-exp output, packed sequence offsets.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct ParamsExt {
+    pub alibi: u64,
+    pub sinks: u64,
+    pub cu_q: u64,
+    pub cu_k: u64,
+    pub lse: u64,
+    pub lse_strides: Strides3,
+    pub window_left: i32,
+    pub window_right: i32,
+    pub softcap: f32,
+    pub transform: bool,
+}
+
+/// A window bound for the kernels: `None` (unbounded) and any bound past the longest
+/// sequence the kernels take become [`MAX_KERNEL_SEQ`], which reaches past every key, so
+/// the kernels' 32-bit window arithmetic cannot overflow.
+pub(crate) fn kernel_window_bound(bound: Option<usize>) -> i32 {
+    bound.map_or(MAX_KERNEL_SEQ, |b| b.min(MAX_KERNEL_SEQ)) as i32
+}
+
+impl ParamsExt {
+    /// The extension block of validated `options`, with the log-sum-exp output (device
+    /// address and element strides over batch, head, query row) when there is one.
+    pub fn new(options: &AttentionOptions, lse: Option<(u64, Strides3)>) -> Self {
+        let (lse, lse_strides) = lse.unwrap_or_default();
+        ParamsExt {
+            alibi: options.alibi_slopes.as_ref().map_or(0, |t| t.device_ptr()),
+            sinks: options.sinks.as_ref().map_or(0, |t| t.device_ptr()),
+            cu_q: 0,
+            cu_k: 0,
+            lse,
+            lse_strides,
+            window_left: kernel_window_bound(options.window_left),
+            window_right: kernel_window_bound(options.window_right),
+            softcap: options.softcap.unwrap_or(0.0),
+            transform: options.softcap.is_some() || options.alibi_slopes.is_some(),
+        }
+    }
+
+    /// With packed sequences: `cu_q` / `cu_k` are the device addresses of the I32 offsets.
+    pub fn packed(self, cu_q: u64, cu_k: u64) -> Self {
+        ParamsExt { cu_q, cu_k, ..self }
+    }
+}
+
+impl AttnParams {
+    /// The block with `ext` filled in.
+    pub fn with_ext(self, ext: &ParamsExt) -> Self {
+        AttnParams {
+            alibi: ext.alibi,
+            sinks: ext.sinks,
+            cu_q: ext.cu_q,
+            cu_k: ext.cu_k,
+            lse: ext.lse,
+            l_strides: ext.lse_strides,
+            window_left: ext.window_left,
+            window_right: ext.window_right,
+            softcap: ext.softcap,
+            transform: ext.transform as i32,
+            ..self
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::Device;
+    use crate::dtype::DType;
+
+    #[test]
+    fn window_bounds_stay_within_the_kernel_limit() {
+        assert_eq!(kernel_window_bound(None), MAX_KERNEL_SEQ as i32);
+        assert_eq!(kernel_window_bound(Some(0)), 0);
+        assert_eq!(kernel_window_bound(Some(4095)), 4095);
+        assert_eq!(
+            kernel_window_bound(Some(crate::options::MAX_WINDOW)),
+            MAX_KERNEL_SEQ as i32
+        );
+        assert_eq!(
+            kernel_window_bound(Some(MAX_KERNEL_SEQ + 1)),
+            MAX_KERNEL_SEQ as i32
+        );
+    }
+
+    #[test]
+    fn the_extension_block_carries_every_option() {
+        let t = DeviceTensor::zeros(&[4], DType::F32, Device::Cpu).unwrap();
+        let plain = ParamsExt::new(&AttentionOptions::new(), None);
+        assert!(!plain.transform);
+        assert_eq!((plain.alibi, plain.sinks, plain.lse), (0, 0, 0));
+        assert_eq!(plain.softcap, 0.0);
+        let o = AttentionOptions::new()
+            .with_window(Some(7), Some(0))
+            .with_softcap(30.0)
+            .with_alibi_slopes(t.clone())
+            .with_sinks(t.clone());
+        let lse = Strides3::new(64, 16, 1);
+        let e = ParamsExt::new(&o, Some((0x1000, lse))).packed(0x2000, 0x3000);
+        assert_eq!((e.window_left, e.window_right), (7, 0));
+        assert_eq!(e.softcap, 30.0);
+        assert!(e.transform);
+        assert_eq!((e.alibi, e.sinks), (t.device_ptr(), t.device_ptr()));
+        assert_eq!((e.lse, e.lse_strides), (0x1000, lse));
+        assert_eq!((e.cu_q, e.cu_k), (0x2000, 0x3000));
+        let sinks_only = ParamsExt::new(&AttentionOptions::new().with_sinks(t), None);
+        assert!(
+            !sinks_only.transform,
+            "sinks act at the end of a row, not on scores"
+        );
+        let p = AttnParams::default().with_ext(&e);
+        assert_eq!(p.transform, 1);
+        assert_eq!((p.cu_q, p.cu_k, p.lse), (0x2000, 0x3000, 0x1000));
+        assert_eq!(p.l_strides, lse);
     }
 }

@@ -1,0 +1,249 @@
+//! Cost of the per-call extensions on the GPU, each against plain attention in the same
+//! run: options (softcap, ALiBi, sinks, the log-sum-exp output) at D = 128, S = 8192; a
+//! sliding window of 4096 against full causal attention at S = 32768; a packed batch of
+//! mixed lengths (64 .. 8192, 16384 tokens) against the same sequences run one dense call
+//! each (no padding anywhere). bf16 and f16, layout [B, H, S, D] for the dense calls.
+//!
+//! `cargo bench --bench gpu_features -- [--dtypes bf16,f16] [--reps N]`
+
+use forge_attn::reference::random_values;
+use forge_attn::{
+    AttentionConfig, AttentionOptions, DType, Device, DeviceAttentionBackend, DeviceTensor,
+    GpuAttentionBackend, Layout, VarlenBatch,
+};
+
+const D: usize = 128;
+const H: usize = 16;
+
+fn main() {
+    let mut dtypes = vec![DType::BF16];
+    let mut reps = 20usize;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut v = || args.next().unwrap_or_default();
+        match a.as_str() {
+            "--dtypes" => {
+                dtypes = v()
+                    .split(',')
+                    .filter_map(|x| match x.trim() {
+                        "bf16" => Some(DType::BF16),
+                        "f16" => Some(DType::F16),
+                        "f32" => Some(DType::F32),
+                        _ => None,
+                    })
+                    .collect()
+            }
+            "--reps" => reps = v().parse().unwrap_or(20),
+            _ => {}
+        }
+    }
+    let device = Device::best_available();
+    if !device.is_gpu() {
+        eprintln!("gpu_features: no GPU available, nothing to measure");
+        return;
+    }
+    let backend = match GpuAttentionBackend::new(device) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!("gpu_features: {e}");
+            std::process::exit(1);
+        }
+    };
+    println!("device: {}", device.describe());
+    for &dtype in &dtypes {
+        if let Err(e) = run_all(&backend, dtype, reps) {
+            println!("{dtype}: error {e}");
+        }
+    }
+}
+
+/// Median of `reps` device-timed runs of `f`, after one warm-up, in ms.
+fn time(
+    dev: Device,
+    reps: usize,
+    mut f: impl FnMut() -> forge_attn::Result<()>,
+) -> forge_attn::Result<f64> {
+    f()?;
+    dev.synchronize()?;
+    let mut t = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        t.push(dev.elapsed_ms(&mut f)?);
+    }
+    t.sort_by(f64::total_cmp);
+    Ok(t[t.len() / 2])
+}
+
+fn tensor(
+    shape: &[usize],
+    dtype: DType,
+    dev: Device,
+    seed: u64,
+) -> forge_attn::Result<DeviceTensor> {
+    let n = shape.iter().product();
+    DeviceTensor::from_f32(&random_values(n, seed), shape, dtype, dev)
+}
+
+fn per_head(values: impl Fn(usize) -> f32, dev: Device) -> forge_attn::Result<DeviceTensor> {
+    let v: Vec<f32> = (0..H).map(values).collect();
+    DeviceTensor::from_f32(&v, &[H], DType::F32, dev)
+}
+
+fn run_all(backend: &GpuAttentionBackend, dtype: DType, reps: usize) -> forge_attn::Result<()> {
+    let dev = backend.device();
+    let tflops = |flops: f64, ms: f64| flops / (ms * 1e-3) / 1e12;
+
+    // Options at S = 8192, B = 2.
+    let (b, s) = (2, 8192);
+    let shape = [b, H, s, D];
+    let q = tensor(&shape, dtype, dev, 1)?;
+    let k = tensor(&shape, dtype, dev, 2)?;
+    let v = tensor(&shape, dtype, dev, 3)?;
+    let mut out = DeviceTensor::zeros(&shape, dtype, dev)?;
+    let mut lse = DeviceTensor::zeros(&[b, H, s], DType::F32, dev)?;
+    let slopes = per_head(|h| 2f32.powf(-8.0 * (h + 1) as f32 / H as f32), dev)?;
+    let mut dense_tflops = [0.0f64; 2];
+    let sinks = per_head(|h| h as f32 * 0.1, dev)?;
+    for causal in [false, true] {
+        let cfg = AttentionConfig::new(H * D, H, s)
+            .with_causal(causal)
+            .with_layout(Layout::Bhsd);
+        let flops = 4.0 * (b * s * s * H * D) as f64 * if causal { 0.5 } else { 1.0 };
+        let plain = time(dev, reps, || {
+            backend
+                .forward_into(&cfg, &q, &k, &v, None, &mut out)
+                .map(|_| ())
+        })?;
+        dense_tflops[causal as usize] = tflops(flops, plain);
+        println!(
+            "{dtype:5} D={D} S={s} B={b} causal={}: plain {plain:8.3} ms {:6.1} TFLOP/s",
+            causal as u8,
+            tflops(flops, plain)
+        );
+        let sets: Vec<(&str, AttentionOptions, bool)> = vec![
+            ("lse", AttentionOptions::new(), true),
+            (
+                "softcap 30",
+                AttentionOptions::new().with_softcap(30.0),
+                false,
+            ),
+            (
+                "alibi",
+                AttentionOptions::new().with_alibi_slopes(slopes.clone()),
+                false,
+            ),
+            (
+                "sinks",
+                AttentionOptions::new().with_sinks(sinks.clone()),
+                false,
+            ),
+            (
+                "all + lse",
+                AttentionOptions::new()
+                    .with_softcap(30.0)
+                    .with_alibi_slopes(slopes.clone())
+                    .with_sinks(sinks.clone()),
+                true,
+            ),
+        ];
+        for (name, o, with_lse) in sets {
+            let ms = time(dev, reps, || {
+                let l = if with_lse { Some(&mut lse) } else { None };
+                backend
+                    .forward_with(&cfg, &o, &q, &k, &v, None, &mut out, l)
+                    .map(|_| ())
+            })?;
+            println!(
+                "{dtype:5} D={D} S={s} B={b} causal={}: {name:10} {ms:8.3} ms {:6.1} TFLOP/s  {:+.1}% vs plain",
+                causal as u8,
+                tflops(flops, ms),
+                (ms / plain - 1.0) * 100.0
+            );
+        }
+    }
+
+    // Sliding window 4096 at S = 32768, causal, B = 1.
+    let s = 32768;
+    let shape = [1, H, s, D];
+    let q = tensor(&shape, dtype, dev, 4)?;
+    let k = tensor(&shape, dtype, dev, 5)?;
+    let v = tensor(&shape, dtype, dev, 6)?;
+    let mut out = DeviceTensor::zeros(&shape, dtype, dev)?;
+    let cfg = AttentionConfig::new(H * D, H, s)
+        .with_causal(true)
+        .with_layout(Layout::Bhsd);
+    let full = time(dev, reps.min(10), || {
+        backend
+            .forward_into(&cfg, &q, &k, &v, None, &mut out)
+            .map(|_| ())
+    })?;
+    let w = AttentionOptions::new().with_window(Some(4095), Some(0));
+    let win = time(dev, reps.min(10), || {
+        backend
+            .forward_with(&cfg, &w, &q, &k, &v, None, &mut out, None)
+            .map(|_| ())
+    })?;
+    println!(
+        "{dtype:5} D={D} S={s} causal=1: full {full:8.3} ms, window 4096 {win:8.3} ms: {:.3} of full (bar 1/6 = 0.167)",
+        win / full
+    );
+
+    // A packed batch of mixed lengths against one dense call per sequence.
+    let lens = [8192usize, 4096, 2048, 1024, 512, 256, 128, 64, 64];
+    let total: usize = lens.iter().sum();
+    let q = tensor(&[total, H, D], dtype, dev, 7)?;
+    let k = tensor(&[total, H, D], dtype, dev, 8)?;
+    let v = tensor(&[total, H, D], dtype, dev, 9)?;
+    let mut out = DeviceTensor::zeros(&[total, H, D], dtype, dev)?;
+    let batch = VarlenBatch::from_lengths(&lens, &lens, dev)?;
+    for causal in [false, true] {
+        let cfg = AttentionConfig::new(H * D, H, 8192).with_causal(causal);
+        let flops: f64 = lens
+            .iter()
+            .map(|&l| 4.0 * (l * l * H * D) as f64 * if causal { 0.5 } else { 1.0 })
+            .sum();
+        let packed = time(dev, reps, || {
+            backend
+                .forward_varlen(
+                    &cfg,
+                    &AttentionOptions::new(),
+                    &q,
+                    &k,
+                    &v,
+                    &batch,
+                    &mut out,
+                    None,
+                )
+                .map(|_| ())
+        })?;
+        // The same sequences as dense [1, S, H, D] views of the packed tensors.
+        let mut starts = Vec::new();
+        let mut at = 0;
+        for &l in &lens {
+            starts.push(at);
+            at += l;
+        }
+        let views = |t: &DeviceTensor, i: usize| -> forge_attn::Result<DeviceTensor> {
+            t.narrow(0, starts[i], lens[i])?
+                .reshape(&[1, lens[i], H, D])
+        };
+        let mut dense_ms = 0.0;
+        for i in 0..lens.len() {
+            let (qi, ki, vi) = (views(&q, i)?, views(&k, i)?, views(&v, i)?);
+            let mut oi = DeviceTensor::zeros(qi.shape(), dtype, dev)?;
+            dense_ms += time(dev, reps, || {
+                backend
+                    .forward_into(&cfg, &qi, &ki, &vi, None, &mut oi)
+                    .map(|_| ())
+            })?;
+        }
+        println!(
+            "{dtype:5} D={D} varlen {lens:?} causal={}: packed {packed:8.3} ms {:6.1} TFLOP/s ({:.3} of dense B=2 S=8192); one dense call per sequence {dense_ms:8.3} ms {:6.1} TFLOP/s ({:.3}x of that time)",
+            causal as u8,
+            tflops(flops, packed),
+            tflops(flops, packed) / dense_tflops[causal as usize],
+            tflops(flops, dense_ms),
+            dense_ms / packed
+        );
+    }
+    Ok(())
+}
