@@ -17,6 +17,9 @@
 // limit in slices); DEC_THREADS threads; dynamic shared memory from decode_smem_bytes() (the
 // host computes the same formulas). K/V rows are read in 16-byte vectors: the host only
 // sends 16-byte aligned caches here (bases, strides and head_dim in whole vectors).
+// Each entry point has a twin with the per-call options (flash_decode_opt_*, OPT below):
+// sliding window, logits softcap, ALiBi, attention sinks and the log-sum-exp output, each
+// applied in one place (see "per-call options"); the plain entry points compile as before.
 // Keys past a sequence's length are never read (zero-filled), nor are block-table entries
 // past it; a negative entry (a page the pool could not give) is never read out of bounds:
 // the shared-memory path zero-fills its keys, the register path reads page 0.
