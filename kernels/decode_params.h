@@ -38,4 +38,15 @@ typedef struct {
     int causal;
     int n_new;                // fused append: tokens appended per sequence (0: none)
     int num_pages;            // fused append into a paged cache: pages in the pool
+    // Per-call options, read only by the option variants (flash_decode_opt_*):
+    const float* alibi;       // [H] ALiBi slopes, or null
+    const float* sinks;       // [H] attention-sink logits, or null
+    float* lse;               // [B, H, Sq] natural-log log-sum-exp through lse_s*, or null
+    long long lse_sb, lse_sh, lse_ss;
+    int window_left;          // keys kept left of the diagonal; the host clamps it to
+                              // MAX_KERNEL_SEQ (unbounded: that limit), so a_i - left fits
+    int window_right;         // keys kept right of the diagonal, clamped to <= 16 (a larger
+                              // bound keeps every key: a_i >= len - Sq), so a_i + right fits
+    float softcap;            // cap * log2(e): the softcap in the log2 domain; 0: none
+    float softcap_inv;        // 1 / softcap (0: none)
 } DecodeParams;

@@ -17,6 +17,9 @@
 // limit in slices); DEC_THREADS threads; dynamic shared memory from decode_smem_bytes() (the
 // host computes the same formulas). K/V rows are read in 16-byte vectors: the host only
 // sends 16-byte aligned caches here (bases, strides and head_dim in whole vectors).
+// Each entry point has a twin with the per-call options (flash_decode_opt_*, OPT below):
+// sliding window, logits softcap, ALiBi, attention sinks and the log-sum-exp output, each
+// applied in one place (see "per-call options"); the plain entry points compile as before.
 // Keys past a sequence's length are never read (zero-filled), nor are block-table entries
 // past it; a negative entry (a page the pool could not give) is never read out of bounds:
 // the shared-memory path zero-fills its keys, the register path reads page 0.
@@ -49,9 +52,95 @@ template <typename T, int HD> FA_DEVICE constexpr int dec_row_elems() { return H
 // capacity <= MAX_KERNEL_SEQ (< 2^31 - 2^23) into splits whose starts stay below it, so
 // split * split_keys fits an int; the end is taken as an offset from the start so that it
 // cannot wrap either (a split past the sequence gets end < begin: no keys).
+// With options (OPT) the splits are laid over the keys some query's window reaches,
+// [max(len - Sq - left, 0), len) (the last query's diagonal is len - 1, so no right bound
+// ends the range early): keys before it are never read. The host cuts that span, at most
+// left + Sq keys, so a window costs what it covers, not the cache length.
+template <bool OPT>
 FA_DEVICE void dec_key_range(const DecodeParams& p, int split, int len, int& begin, int& end) {
+    if (OPT) {
+        // len - Sq - left >= -16 - MAX_KERNEL_SEQ: no overflow (the host clamps left).
+        const int base = max(len - p.seq_q - p.window_left, 0);
+        const fa_i64 start = (fa_i64)base + (fa_i64)split * p.split_keys;
+        begin = start < (fa_i64)len ? (int)start : len;
+        end = begin + min(p.split_keys, len - begin);
+        return;
+    }
     begin = split * p.split_keys;
     end = begin + min(p.split_keys, len - begin);
+}
+
+// ------------------------------------------------------------------ per-call options
+// The option variants (OPT) differ from the plain ones in three places only: the key range
+// above, the score step (dec_opt_score: softcap, ALiBi, window and causal visibility) and
+// the row's final normalization (dec_row_final: sinks and the log-sum-exp output), each
+// shared by both paths and by every merge. Scores are in the log2 domain there: the softcap
+// cap * tanh(s / cap) becomes C * tanh(x / C) with C = cap * log2(e) (the host sends C), and
+// the ALiBi slope and the sink are scaled by log2(e).
+
+// What the score step needs of one query row.
+struct DecRowOpt {
+    int lo, hi;    // keys lo <= j <= hi are kept (window, causal cut, sequence); hi < lo: none
+    int diag;      // a_i = i + len - Sq, the row's aligned diagonal
+    float slope2;  // ALiBi slope * log2(e), 0 without ALiBi
+};
+
+// A row that keeps no key (padding rows).
+FA_DEVICE DecRowOpt dec_row_none() {
+    DecRowOpt o;
+    o.lo = 0;
+    o.hi = -1;
+    o.diag = 0;
+    o.slope2 = 0.f;
+    return o;
+}
+
+// Query qi of head h in a sequence of len keys. The host clamps window_left to MAX_KERNEL_SEQ
+// and window_right to 16, so diag - left and diag + right stay in int.
+FA_DEVICE DecRowOpt dec_row_opt(const DecodeParams& p, int h, int qi, int len) {
+    DecRowOpt o;
+    o.diag = qi + len - p.seq_q;
+    o.lo = max(o.diag - p.window_left, 0);
+    int hi = min(o.diag + p.window_right, len - 1);
+    if (p.causal) hi = min(hi, o.diag);
+    o.hi = hi;
+    o.slope2 = p.alibi ? p.alibi[h] * FA_LOG2E : 0.f;
+    return o;
+}
+
+// The score step: softcap (before any masking), the ALiBi bias by |a_i - j|, then key j's
+// visibility. s is scale * q.k in the log2 domain.
+FA_DEVICE float dec_opt_score(const DecodeParams& p, const DecRowOpt& o, float s, int j) {
+    if (p.softcap > 0.f) s = p.softcap * tanhf(s * p.softcap_inv);
+    if (p.alibi) s -= o.slope2 * fabsf((float)(o.diag - j));
+    return j < o.lo || j > o.hi ? FA_NEG_INF : s;
+}
+
+// The row's final normalization, the last step of every variant: from the row's log2-domain
+// max m (-inf: no key kept) and sum l of 2^(s - m), the factor that turns sum 2^(s - m) v
+// into the output. With OPT the sink joins the denominator and, when `write`, the row's
+// natural-log log-sum-exp is stored (-inf for a row that keeps nothing and has no sink, the
+// sink alone with one). A NaN sum or sink gives NaN.
+template <bool OPT>
+FA_DEVICE float dec_row_final(const DecodeParams& p, int b, int h, int qi, float m, float l, bool write) {
+    if (!OPT) return l > 0.f ? 1.f / l : 0.f;
+    float inv, lse2;
+    if (p.sinks) {
+        const float s2 = p.sinks[h] * FA_LOG2E;
+        const float mm = fmaxf(m, s2);
+        const float wk = m == FA_NEG_INF ? 0.f : fa_exp2f(m - mm);
+        const float ws = s2 == FA_NEG_INF ? 0.f : fa_exp2f(s2 - mm);
+        const float den = l * wk + ws;
+        inv = den == 0.f ? 0.f : wk / den;
+        lse2 = den == 0.f ? FA_NEG_INF : mm + log2f(den);
+        if (s2 != s2) inv = lse2 = s2;
+    } else {
+        inv = l == 0.f ? 0.f : 1.f / l;
+        lse2 = l == 0.f ? FA_NEG_INF : m + log2f(l);
+    }
+    if (write && p.lse)
+        p.lse[(fa_i64)b * p.lse_sb + (fa_i64)h * p.lse_sh + (fa_i64)qi * p.lse_ss] = lse2 * FA_LN2;
+    return inv;
 }
 
 // Page (or sequence, for a contiguous cache) and position within it of key j of sequence b;
@@ -141,7 +230,7 @@ template <> FA_DEVICE float dec_dot16<float>(const float* k, const float* q) {
     return q[0] * f.x + q[1] * f.y + q[2] * f.z + q[3] * f.w;
 }
 
-template <typename T, int HD>
+template <typename T, int HD, bool OPT>
 FA_DEVICE void flash_decode_body(const DecodeParams& p) {
     constexpr int N = DecodeTile<T, HD>::N;
     constexpr int ROW = dec_row_elems<T, HD>();
@@ -164,7 +253,7 @@ FA_DEVICE void flash_decode_body(const DecodeParams& p) {
     const int b = blockIdx.z;
     const int len = p.seq_lens ? p.seq_lens[b] : p.seq_k;
     int key_begin, key_end;
-    dec_key_range(p, split, len, key_begin, key_end);
+    dec_key_range<OPT>(p, split, len, key_begin, key_end);
     const int tid = threadIdx.x;
     const float scale2 = p.scale * FA_LOG2E;
 
@@ -231,7 +320,11 @@ FA_DEVICE void flash_decode_body(const DecodeParams& p) {
                         if (d + VEC < HD) a1 += dec_dot16<T>(kr + d + VEC, qr + d + VEC);
                     }
                     s = a0 + a1;
-                    if (p.causal) {
+                    if (OPT) {
+                        const int rr = row0 + r;
+                        const DecRowOpt o = dec_row_opt(p, kvh * group + rr / p.seq_q, rr % p.seq_q, len);
+                        s = dec_opt_score(p, o, s, j);
+                    } else if (p.causal) {
                         int i = (row0 + r) % p.seq_q;
                         if (j > i + causal_shift) s = FA_NEG_INF;
                     }
@@ -313,10 +406,11 @@ FA_DEVICE void flash_decode_body(const DecodeParams& p) {
         const float l = s_l[r];
         const float inv = l > 0.f ? 1.f / l : 0.f;
         if (p.num_splits == 1) {
+            const float fin = OPT ? dec_row_final<OPT>(p, b, h, qi, s_m[r], l, dchunk == 0) : inv;
             T* o = reinterpret_cast<T*>(p.out) + (fa_i64)b * p.o_sb + (fa_i64)h * p.o_sh + (fa_i64)qi * p.o_ss + d;
 #pragma unroll
             for (int c = 0; c < 4; ++c)
-                if (d + c < p.head_dim) fa_store(o + c, acc[i][c] * inv);
+                if (d + c < p.head_dim) fa_store(o + c, acc[i][c] * fin);
         } else {
             const fa_i64 slot = (((fa_i64)b * p.num_heads + h) * p.seq_q + qi) * p.num_splits + split;
             float* po = p.partial_o + slot * p.head_dim + d;
@@ -542,7 +636,7 @@ FA_DEVICE void dec_fold_lanes(float& m, float& l, fa_float4& a, int parts) {
 // Both merges give each (row, 4 dims) PARTS adjacent threads, so every thread of the block
 // works and the parts meet through shuffles, not shared memory and barriers: at B=1 these
 // merges run on one block per multiprocessor, bound by the latency of one thread's chain.
-template <typename T, int HD, int VPR, int G, int RB>
+template <typename T, int HD, int VPR, int G, int RB, bool OPT>
 FA_DEVICE void dec_finish(const DecodeParams& p, const float* s_acc, const float* s_m, const float* s_l,
                           int rows, int row0, int kvh, int b, int split, int rg, int row_groups,
                           int tid) {
@@ -590,11 +684,12 @@ FA_DEVICE void dec_finish(const DecodeParams& p, const float* s_acc, const float
         const float inv = den > 0.f ? 1.f / den : 0.f;
         if (part == 0 && r < rows && d < p.head_dim) {
             if (p.num_splits == 1) {
+                const float fin = OPT ? dec_row_final<OPT>(p, b, h, qi, mx, den, d == 0) : inv;
                 T* o = reinterpret_cast<T*>(p.out) + (fa_i64)b * p.o_sb + (fa_i64)h * p.o_sh + (fa_i64)qi * p.o_ss + d;
-                fa_store(o, num.x * inv);
-                fa_store(o + 1, num.y * inv);
-                fa_store(o + 2, num.z * inv);
-                fa_store(o + 3, num.w * inv);
+                fa_store(o, num.x * fin);
+                fa_store(o + 1, num.y * fin);
+                fa_store(o + 2, num.z * fin);
+                fa_store(o + 3, num.w * fin);
             } else {
                 const fa_i64 slot = (((fa_i64)b * p.num_heads + h) * p.seq_q + qi) * p.num_splits + split;
                 *reinterpret_cast<fa_float4*>(p.partial_o + slot * p.head_dim + d) =
@@ -661,7 +756,7 @@ FA_DEVICE void dec_finish(const DecodeParams& p, const float* s_acc, const float
     dec_fold_lanes(mx, den, a, PARTS);
     DEC_MARK(5);
     if (part == 0 && active) {
-        const float inv = den > 0.f ? 1.f / den : 0.f;
+        const float inv = dec_row_final<OPT>(p, b, h, qi, mx, den, d == 0);
         T* o = reinterpret_cast<T*>(p.out) + (fa_i64)b * p.o_sb + (fa_i64)h * p.o_sh + (fa_i64)qi * p.o_ss + d;
         fa_store(o, a.x * inv);
         fa_store(o + 1, a.y * inv);
@@ -676,7 +771,7 @@ FA_DEVICE void dec_finish(const DecodeParams& p, const float* s_acc, const float
 // DEC_STAGES x PER x 2 x DEC_THREADS x 16 bytes. After the key loop the same bytes hold the
 // group accumulators [GROUPS][DEC_RROWS][HD] f32 and the group max and sum
 // [GROUPS][DEC_RROWS] f32; then the split merge's per-part results.
-template <typename T, int HD>
+template <typename T, int HD, bool OPT>
 FA_DEVICE void flash_decode_reg_body(const DecodeParams& p) {
     using R = DecReg<T, HD>;
     constexpr int VEC = R::VEC, VPR = R::VPR, G = R::GROUPS, PER = R::PER, N = R::N, SUB = R::SUB;
@@ -702,7 +797,7 @@ FA_DEVICE void flash_decode_reg_body(const DecodeParams& p) {
     const int len_old = p.seq_lens ? p.seq_lens[b] : p.seq_k;
     const int len = len_old + p.n_new;
     int key_begin, key_end;
-    dec_key_range(p, split, len, key_begin, key_end);
+    dec_key_range<OPT>(p, split, len, key_begin, key_end);
     const int tid = threadIdx.x;
     const int lane = tid % VPR;
     const int kg = tid / VPR;
@@ -764,6 +859,11 @@ FA_DEVICE void flash_decode_reg_body(const DecodeParams& p) {
         const int qi = (row0 + my_r) % p.seq_q;
         my_last = p.causal ? qi + causal_shift : 0x7fffffff;
     }
+    DecRowOpt my_opt = dec_row_none();
+    if (OPT && my_r < rows) {
+        const int rr = row0 + my_r;
+        my_opt = dec_row_opt(p, kvh * group + rr / p.seq_q, rr % p.seq_q, len);
+    }
 
     // Online softmax state of this lane's row (over its key c of each tile), and P V.
     float m = FA_NEG_INF, l = 0.f, acc[RB][VEC];
@@ -816,7 +916,8 @@ FA_DEVICE void flash_decode_reg_body(const DecodeParams& p) {
         // This lane's key c of row r: mask, max with the row's other key (lane ^ VPR / 2),
         // rescale and probability.
         const int j = key0 + kg + my_c * G;
-        const float sc = j >= key_end || j > my_last ? FA_NEG_INF : s[0];
+        const float sc = OPT ? (j >= key_end ? FA_NEG_INF : dec_opt_score(p, my_opt, s[0], j))
+                             : (j >= key_end || j > my_last ? FA_NEG_INF : s[0]);
         const float mt = fmaxf(sc, fa_shfl_xor(sc, VPR / 2, VPR));
         const float m_new = fmaxf(m, mt);
         // A row that has seen no visible key keeps m = -inf; use 0 to avoid inf - inf.
@@ -876,19 +977,19 @@ FA_DEVICE void flash_decode_reg_body(const DecodeParams& p) {
     }
     __syncthreads();
     DEC_MARK(7);
-    dec_finish<T, HD, VPR, G, RB>(p, s_acc, s_m, s_l, rows, row0, kvh, b, split, rg, row_groups, tid);
+    dec_finish<T, HD, VPR, G, RB, OPT>(p, s_acc, s_m, s_l, rows, row0, kvh, b, split, rg, row_groups, tid);
 }
 
-template <typename T, int HD, bool REG> struct DecPath {
-    static FA_DEVICE void run(const DecodeParams& p) { flash_decode_body<T, HD>(p); }
+template <typename T, int HD, bool REG, bool OPT> struct DecPath {
+    static FA_DEVICE void run(const DecodeParams& p) { flash_decode_body<T, HD, OPT>(p); }
 };
-template <typename T, int HD> struct DecPath<T, HD, true> {
-    static FA_DEVICE void run(const DecodeParams& p) { flash_decode_reg_body<T, HD>(p); }
+template <typename T, int HD, bool OPT> struct DecPath<T, HD, true, OPT> {
+    static FA_DEVICE void run(const DecodeParams& p) { flash_decode_reg_body<T, HD, OPT>(p); }
 };
 
 // Merges the splits of one (batch, head, query) row: weights 2^(lse_s - max lse).
 // Grid (min(B * H * Sq, 2^31 - 1)), 128 threads, each block striding over the rows.
-template <typename T>
+template <typename T, bool OPT>
 FA_DEVICE void flash_decode_combine_row(const DecodeParams& p, fa_i64 row) {
     const int qi = (int)(row % p.seq_q);
     const int h = (int)((row / p.seq_q) % p.num_heads);
@@ -906,32 +1007,44 @@ FA_DEVICE void flash_decode_combine_row(const DecodeParams& p, fa_i64 row) {
                 den += w;
             }
         }
-        fa_store(o + d, den > 0.f ? num / den : 0.f);
+        if (OPT)
+            fa_store(o + d, num * dec_row_final<true>(p, b, h, qi, mx, den, d == 0));
+        else
+            fa_store(o + d, den > 0.f ? num / den : 0.f);
     }
 }
 
-template <typename T>
+template <typename T, bool OPT>
 FA_DEVICE void flash_decode_combine_body(const DecodeParams& p) {
     const fa_i64 rows_total = (fa_i64)p.batch * p.num_heads * p.seq_q;
     for (fa_i64 row = blockIdx.x; row < rows_total; row += gridDim.x)
-        flash_decode_combine_row<T>(p, row);
+        flash_decode_combine_row<T, OPT>(p, row);
 }
 
-#define DEC_INSTANTIATE(DT, T, HD)                                                              \
+// Each dtype x head dim has a plain entry point and one with the per-call options
+// (flash_decode_opt_*: OPT = true), which the host runs only when an option or the
+// log-sum-exp output is asked for, so plain calls keep their code.
+#define DEC_KERNEL(NAME, T, HD, OPT)                                                            \
     FA_KERNEL void FA_LAUNCH_BOUNDS_MIN(DEC_THREADS, (DecReg<T, HD>::OK ? DEC_REG_BLOCKS : 1))   \
-        flash_decode_##DT##_hd##HD(DecodeParams p) {                                            \
-        DecPath<T, HD, DecReg<T, HD>::OK>::run(p);                                              \
+        NAME(DecodeParams p) {                                                                  \
+        DecPath<T, HD, DecReg<T, HD>::OK, OPT>::run(p);                                         \
     }
+#define DEC_INSTANTIATE(DT, T, HD) DEC_KERNEL(flash_decode_##DT##_hd##HD, T, HD, false)
+#define DEC_INSTANTIATE_OPT(DT, T, HD) DEC_KERNEL(flash_decode_opt_##DT##_hd##HD, T, HD, true)
 #define DEC_COMBINE(DT, T) \
-    FA_KERNEL void flash_decode_combine_##DT(DecodeParams p) { flash_decode_combine_body<T>(p); }
+    FA_KERNEL void flash_decode_combine_##DT(DecodeParams p) { flash_decode_combine_body<T, false>(p); }
+#define DEC_COMBINE_OPT(DT, T) \
+    FA_KERNEL void flash_decode_combine_opt_##DT(DecodeParams p) { flash_decode_combine_body<T, true>(p); }
 
+#define DEC_ALL_HD_OF(INST, DT, T)                                                               \
+    INST(DT, T, 32) INST(DT, T, 64) INST(DT, T, 80) INST(DT, T, 96) INST(DT, T, 128)               \
+    INST(DT, T, 160) INST(DT, T, 192) INST(DT, T, 224) INST(DT, T, 256)
 #define DEC_ALL_HD(DT, T)                                                                        \
-    DEC_INSTANTIATE(DT, T, 32) DEC_INSTANTIATE(DT, T, 64) DEC_INSTANTIATE(DT, T, 80)             \
-    DEC_INSTANTIATE(DT, T, 96) DEC_INSTANTIATE(DT, T, 128) DEC_INSTANTIATE(DT, T, 160)           \
-    DEC_INSTANTIATE(DT, T, 192) DEC_INSTANTIATE(DT, T, 224) DEC_INSTANTIATE(DT, T, 256)          \
-    DEC_COMBINE(DT, T)
+    DEC_ALL_HD_OF(DEC_INSTANTIATE, DT, T) DEC_COMBINE(DT, T)                                     \
+    DEC_ALL_HD_OF(DEC_INSTANTIATE_OPT, DT, T) DEC_COMBINE_OPT(DT, T)
 
-// NVRTC compiles one dtype x head-dim at a time (FA_VARIANT_*); hipcc builds them all.
+// NVRTC compiles one dtype x head-dim at a time (FA_VARIANT_*), plain or with options
+// (FA_VARIANT_OPTS=1); hipcc builds them all.
 #if defined(FA_VARIANT_DT) && defined(FA_VARIANT_HD)
 #define DEC_T_f32 float
 #define DEC_T_f16 fa_f16
@@ -941,8 +1054,15 @@ FA_DEVICE void flash_decode_combine_body(const DecodeParams& p) {
 // One more expansion level so FA_VARIANT_* expand before the token pasting.
 #define DEC_INSTANTIATE_X(DT, T, HD) DEC_INSTANTIATE(DT, T, HD)
 #define DEC_COMBINE_X(DT, T) DEC_COMBINE(DT, T)
+#define DEC_INSTANTIATE_OPT_X(DT, T, HD) DEC_INSTANTIATE_OPT(DT, T, HD)
+#define DEC_COMBINE_OPT_X(DT, T) DEC_COMBINE_OPT(DT, T)
+#if defined(FA_VARIANT_OPTS) && FA_VARIANT_OPTS
+DEC_INSTANTIATE_OPT_X(FA_VARIANT_DT, DEC_CAT(DEC_T_, FA_VARIANT_DT), FA_VARIANT_HD)
+DEC_COMBINE_OPT_X(FA_VARIANT_DT, DEC_CAT(DEC_T_, FA_VARIANT_DT))
+#else
 DEC_INSTANTIATE_X(FA_VARIANT_DT, DEC_CAT(DEC_T_, FA_VARIANT_DT), FA_VARIANT_HD)
 DEC_COMBINE_X(FA_VARIANT_DT, DEC_CAT(DEC_T_, FA_VARIANT_DT))
+#endif
 #else
 DEC_ALL_HD(f32, float)
 DEC_ALL_HD(f16, fa_f16)

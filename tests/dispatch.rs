@@ -21,6 +21,7 @@ fn input(dtype: DType, head_dim: usize, causal: bool, has_mask: bool, seq_q: usi
         kv_aligned: true,
         qkv_aligned: true,
         ext: false,
+        packed: false,
     }
 }
 

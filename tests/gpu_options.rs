@@ -182,7 +182,13 @@ fn check_dense(
         )
     };
     let plan = backend.plan_with(&input, options, true).unwrap();
-    assert_eq!(plan.implementation(), Some(case.expect), "{what}: {plan:?}");
+    // Up to 16 unmasked queries over aligned K/V run the decode kernel's option variant.
+    if sq <= 16 && mask.is_none() && !case.unaligned {
+        assert_eq!(path, AttentionPath::Flash(FlashKernel::Decode), "{what}");
+    } else {
+        assert_eq!(plan.implementation(), Some(case.expect), "{what}: {plan:?}");
+    }
+    assert_eq!(plan.path, path, "{what}");
     let (want, want_lse) = attention_f64_with(&cfg, options, &qc, &kc, &vc, mask).unwrap();
     let err = relative_l2_error(&out.to_f32_vec().unwrap(), &want);
     let bound = match case.dtype {
@@ -276,9 +282,9 @@ fn every_option_on_every_implementation_matches_the_reference() {
     let (_, plain) = common::gpu_backend();
     let dev = plain.device();
     let tf32 = GpuAttentionBackend::new(dev).unwrap().with_tf32(true);
-    // (300, 700): several key tiles, windows that skip some whole; (1, 200): one query on
-    // the flash kernels (options never take the decode kernel); (37, 5) and (5, 37):
-    // seq_q above and below seq_k, rows with no key under a causal cut.
+    // (300, 700): several key tiles, windows that skip some whole; (1, 200) and (5, 37):
+    // the decode kernel's option variant (aligned inputs) or the split SIMT kernel; (37, 5):
+    // seq_q above seq_k, rows with no key under a causal cut.
     let shapes = [(300, 700), (1, 200), (37, 5), (5, 37), (150, 170)];
     let mut seed = 100;
     let mut worst = 0.0f64;
@@ -503,17 +509,18 @@ fn refused_calls_change_nothing() {
     untouched(&out, &lse);
 }
 
-/// The decision without a GPU: options never take the decode kernel or the unfused path,
-/// and the extended variant is chosen on every implementation.
+/// The decision without a GPU: options take the decode kernel's option variant for up to
+/// 16 dense queries, the extended prefill variants otherwise (packed batches always), never
+/// the unfused path; AMD runs no extended prefill variant.
 #[test]
-fn extended_calls_plan_the_extended_prefill_variants() {
+fn extended_calls_plan_the_extended_variants() {
     use forge_attn::backend::gpu::dispatch::{can_use_flash_attention, FlashTarget};
     let hopper = FlashTarget {
         amd: false,
         has_mma: true,
         has_wgmma: true,
     };
-    let input = |dtype: DType, seq_q: usize, ext: bool| PlanInput {
+    let input = |dtype: DType, seq_q: usize, ext: bool, packed: bool| PlanInput {
         dtype,
         head_dim: 128,
         causal: true,
@@ -523,14 +530,17 @@ fn extended_calls_plan_the_extended_prefill_variants() {
         kv_aligned: true,
         qkv_aligned: true,
         ext,
+        packed,
     };
-    let plain =
-        can_use_flash_attention(&input(DType::BF16, 1, false), true, u32::MAX, hopper).unwrap();
+    let plan = |i: PlanInput| can_use_flash_attention(&i, true, u32::MAX, hopper);
+    let plain = plan(input(DType::BF16, 1, false, false)).unwrap();
     assert_eq!(plain.kernel, FlashKernel::Decode);
     assert!(!plain.ext);
-    for seq_q in [1, 16, 4096] {
-        let c = can_use_flash_attention(&input(DType::BF16, seq_q, true), true, u32::MAX, hopper)
-            .unwrap();
+    let dense = plan(input(DType::BF16, 16, true, false)).unwrap();
+    assert_eq!(dense.kernel, FlashKernel::Decode);
+    assert!(dense.ext && dense.spec().is_none());
+    for (seq_q, packed) in [(1, true), (16, true), (17, false), (4096, false)] {
+        let c = plan(input(DType::BF16, seq_q, true, packed)).unwrap();
         assert_eq!(c.kernel, FlashKernel::Causal, "seq_q {seq_q}");
         assert_eq!(c.implementation, FlashImpl::Wgmma);
         assert!(c.ext);
@@ -541,10 +551,24 @@ fn extended_calls_plan_the_extended_prefill_variants() {
             .iter()
             .any(|(k, v)| *k == "FA_VARIANT_EXT" && v == "1"));
     }
-    let f32 =
-        can_use_flash_attention(&input(DType::F32, 64, true), true, u32::MAX, hopper).unwrap();
+    let f32 = plan(input(DType::F32, 64, true, false)).unwrap();
     assert!(f32.ext && f32.implementation == FlashImpl::Simt);
-    assert!(
-        can_use_flash_attention(&input(DType::BF16, 64, true), false, u32::MAX, hopper).is_err()
+    let off = can_use_flash_attention(
+        &input(DType::BF16, 64, true, false),
+        false,
+        u32::MAX,
+        hopper,
     );
+    assert!(off.is_err());
+    let amd = FlashTarget {
+        amd: true,
+        has_mma: false,
+        has_wgmma: false,
+    };
+    let e = can_use_flash_attention(&input(DType::BF16, 64, true, false), true, u32::MAX, amd)
+        .unwrap_err();
+    assert!(e.contains("CUDA only"), "{e}");
+    let amd_decode =
+        can_use_flash_attention(&input(DType::BF16, 1, true, false), true, u32::MAX, amd).unwrap();
+    assert_eq!(amd_decode.kernel, FlashKernel::Decode);
 }

@@ -133,6 +133,22 @@ pub(crate) struct DecodeParams {
     pub causal: i32,
     pub n_new: i32,
     pub num_pages: i32,
+    /// Per-call options (read by the option variants only): ALiBi slopes `[H]` or 0.
+    pub alibi: u64,
+    /// Attention-sink logits `[H]`, or 0.
+    pub sinks: u64,
+    /// Log-sum-exp output `[B, H, Sq]` (natural log), or 0.
+    pub lse: u64,
+    /// Log-sum-exp strides: batch, head, query.
+    pub lse_strides: Strides3,
+    /// Keys kept left of the diagonal, clamped by the host (see `decode_params.h`).
+    pub window_left: i32,
+    /// Keys kept right of the diagonal, clamped by the host.
+    pub window_right: i32,
+    /// `cap * log2(e)`, or 0 for no softcap.
+    pub softcap: f32,
+    /// `1 / softcap`, or 0.
+    pub softcap_inv: f32,
 }
 
 /// `AppendParams` of kernels/kv_append.h: the KV-cache append kernels.
@@ -321,7 +337,10 @@ mod tests {
             kn_strides => bsh("kn"),
             vn_strides => bsh("vn"),
             batch, num_heads, num_kv_heads, seq_q, seq_k, head_dim, max_pages, page_size,
-            num_splits, split_keys, scale, causal, n_new, num_pages);
+            num_splits, split_keys, scale, causal, n_new, num_pages,
+            alibi, sinks, lse,
+            lse_strides => bhs("lse"),
+            window_left, window_right, softcap, softcap_inv);
         assert_layout::<DecodeParams>("decode_params.h", "DecodeParams", &rust);
     }
 

@@ -10,6 +10,7 @@
 //! | `attention_traditional.hip` | `attn_scores_<dt>`, `attn_softmax_rows`, `attn_pv_<dt>` | `FA_VARIANT_DT` |
 //! | `tensor_ops.hip` | `copy_strided_b2/_b4`, `fill_b2/_b4` | none |
 //! | `flash_decode.hip` | `flash_decode_<dt>_hd<N>`, `flash_decode_combine_<dt>` | `FA_VARIANT_{DT,HD}` |
+//! | `flash_decode.hip` (per-call options) | `flash_decode_opt_<dt>_hd<N>`, `flash_decode_combine_opt_<dt>` | `FA_VARIANT_{DT,HD}`, `FA_VARIANT_OPTS=1` |
 //! | `kv_cache.hip` | `kv_append_b2/_b4` | none |
 //!
 //! `<dt>` is `f32`, `f16`, `bf16` (or `tf32` for a TF32 flash row); `<N>` is a head-dim
@@ -369,16 +370,17 @@ pub fn kv_append(elem_bytes: usize) -> Option<KernelSpec> {
     by_elem_size(KernelFile::KvCache, "kv_append", elem_bytes)
 }
 
-/// The compile unit of `flash_decode.hip` for `dtype` and head-dim `bucket`.
-fn decode_unit(name: String, dtype: DType, bucket: usize) -> KernelSpec {
-    KernelSpec::new(
-        KernelFile::Decode,
-        name,
-        vec![
-            ("FA_VARIANT_DT", dtype.name().to_string()),
-            ("FA_VARIANT_HD", bucket.to_string()),
-        ],
-    )
+/// The compile unit of `flash_decode.hip` for `dtype` and head-dim `bucket`, with the
+/// per-call options (`FA_VARIANT_OPTS=1`) or without.
+fn decode_unit(name: String, dtype: DType, bucket: usize, with_options: bool) -> KernelSpec {
+    let mut defines = vec![
+        ("FA_VARIANT_DT", dtype.name().to_string()),
+        ("FA_VARIANT_HD", bucket.to_string()),
+    ];
+    if with_options {
+        defines.push(("FA_VARIANT_OPTS", "1".to_string()));
+    }
+    KernelSpec::new(KernelFile::Decode, name, defines)
 }
 
 /// The split-KV decode kernel `flash_decode_<dt>_hd<bucket>`; `bucket` is one of
@@ -388,6 +390,19 @@ pub fn decode(dtype: DType, bucket: usize) -> KernelSpec {
         format!("flash_decode_{}_hd{bucket}", dtype.name()),
         dtype,
         bucket,
+        false,
+    )
+}
+
+/// The split-KV decode kernel with the per-call options (window, softcap, ALiBi, sinks,
+/// log-sum-exp output) `flash_decode_opt_<dt>_hd<bucket>`: a compile unit of its own, so
+/// [`decode`] keeps the plain code.
+pub fn decode_with_options(dtype: DType, bucket: usize) -> KernelSpec {
+    decode_unit(
+        format!("flash_decode_opt_{}_hd{bucket}", dtype.name()),
+        dtype,
+        bucket,
+        true,
     )
 }
 
@@ -398,13 +413,25 @@ pub fn decode_combine(dtype: DType, bucket: usize) -> KernelSpec {
         format!("flash_decode_combine_{}", dtype.name()),
         dtype,
         bucket,
+        false,
+    )
+}
+
+/// The split merge of [`decode_with_options`] `flash_decode_combine_opt_<dt>` (sinks and
+/// the log-sum-exp output), from that kernel's compile unit of `bucket`.
+pub fn decode_combine_with_options(dtype: DType, bucket: usize) -> KernelSpec {
+    decode_unit(
+        format!("flash_decode_combine_opt_{}", dtype.name()),
+        dtype,
+        bucket,
+        true,
     )
 }
 
 /// Every variant of every file, as NVRTC builds them: flash (3 files x every `FA_TILE` and
 /// `FA_TILE_SM90` row x each of its [`FlashImpl::for_tile`]), traditional (per dtype, plus the dtype-free softmax once), tensor
-/// ops, decode (per dtype x head-dim bucket, plus the combine kernel once per dtype) and KV
-/// cache.
+/// ops, decode (per dtype x head-dim bucket, plain and with options, plus each one's
+/// combine kernel once per dtype) and KV cache.
 ///
 /// A malformed `flash_config.h` leaves the flash variants out; [`flash_table`] reports it.
 pub fn all_nvrtc_variants() -> Vec<KernelSpec> {
@@ -444,11 +471,21 @@ pub fn all_variants(vendor: TileVendor) -> Vec<KernelSpec> {
     specs.extend(ELEM_SIZES.iter().filter_map(|&b| fill(b)));
     for dtype in DTYPES {
         specs.extend(DECODE_BUCKETS.iter().map(|&b| decode(dtype, b)));
+        specs.extend(
+            DECODE_BUCKETS
+                .iter()
+                .map(|&b| decode_with_options(dtype, b)),
+        );
     }
     specs.extend(
         DTYPES
             .iter()
             .map(|&dt| decode_combine(dt, COMBINE_LISTED_BUCKET)),
+    );
+    specs.extend(
+        DTYPES
+            .iter()
+            .map(|&dt| decode_combine_with_options(dt, COMBINE_LISTED_BUCKET)),
     );
     specs.extend(ELEM_SIZES.iter().filter_map(|&b| kv_append(b)));
     specs

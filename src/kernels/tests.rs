@@ -215,8 +215,12 @@ fn variant_names_are_unique_and_follow_the_convention() {
         .iter()
         .map(|t| FlashImpl::for_tile(t, TileVendor::Cuda).len())
         .sum();
-    // Each flash variant plain and extended.
-    assert_eq!(specs.len(), 3 * 2 * flash_variants + 7 + 4 + (27 + 3) + 2);
+    // Each flash variant plain and extended; decode: 27 kernels and 3 merges, plain and
+    // with options.
+    assert_eq!(
+        specs.len(),
+        3 * 2 * flash_variants + 7 + 4 + 2 * (27 + 3) + 2
+    );
     let mut names = HashSet::new();
     for s in &specs {
         assert!(
@@ -271,8 +275,19 @@ fn variant_names_are_unique_and_follow_the_convention() {
     for dt in DTYPES {
         for hd in BUCKETS {
             assert!(names.contains(&format!("flash_decode_{dt}_hd{hd}")));
+            assert!(names.contains(&format!("flash_decode_opt_{dt}_hd{hd}")));
+            // The option variant is a compile unit of its own.
+            let plain = catalog::decode(dt, hd);
+            let opt = catalog::decode_with_options(dt, hd);
+            assert_eq!(opt.defines[..2], plain.defines[..]);
+            assert_eq!(opt.defines[2], ("FA_VARIANT_OPTS", "1".to_string()));
+            assert_eq!(
+                catalog::decode_combine_with_options(dt, hd).defines,
+                opt.defines
+            );
         }
         assert!(names.contains(&format!("flash_decode_combine_{dt}")));
+        assert!(names.contains(&format!("flash_decode_combine_opt_{dt}")));
     }
     for n in [
         "attn_scores_f32",

@@ -5,13 +5,18 @@
 
 use std::sync::Arc;
 
-use super::decode_plan::{plan_launch, DecodeLaunch, THREADS};
+use super::decode_plan::{
+    plan_launch_over, window_span, DecodeLaunch, MAX_DECODE_QUERIES, THREADS,
+};
+use super::dispatch::MAX_KERNEL_SEQ;
 use super::grid::{for_each_slice, offset_ptr, HeadAxis, MAX_GRID_X};
 use super::workspace::DeviceScratch;
 use crate::device::{gpu::GpuRuntime, launch::LaunchDims};
 use crate::error::{AttentionError, Result};
-use crate::kernels::abi::{DecodeParams, TokenStrides};
+use crate::kernels::abi::{DecodeParams, Strides3, TokenStrides};
 use crate::kernels::catalog;
+use crate::kv_cache::KvCache;
+use crate::options::{AttentionOptions, LseStrides};
 use crate::problem::{AttentionProblem, HeadStrides};
 use crate::tensor::DeviceTensor;
 
@@ -63,6 +68,124 @@ pub(crate) struct CacheView {
     pub capacity: usize,
     /// Pages in the pool of a paged cache (0 for a contiguous one).
     pub num_pages: usize,
+}
+
+impl CacheView {
+    /// The view of a [`KvCache`] (contiguous or paged, per-sequence lengths), appending
+    /// nothing.
+    pub(crate) fn of_cache(cache: &KvCache) -> CacheView {
+        let parts = cache.raw_parts();
+        CacheView {
+            k: parts.k.device_ptr(),
+            v: parts.v.device_ptr(),
+            k_strides: parts.strides,
+            v_strides: parts.strides,
+            seq_lens: parts.seq_lens.device_ptr(),
+            block_table: parts.block_table.map_or(0, |t| t.device_ptr()),
+            max_pages: parts.max_pages,
+            page_size: parts.page_size,
+            append: None,
+            capacity: cache.capacity(),
+            num_pages: parts.num_pages,
+        }
+    }
+
+    /// The view of dense K/V of `p` (every sequence holds `p.seq_k` keys).
+    pub(crate) fn dense(p: &AttentionProblem, k: &DeviceTensor, v: &DeviceTensor) -> CacheView {
+        CacheView {
+            k: k.device_ptr(),
+            v: v.device_ptr(),
+            k_strides: p.k,
+            v_strides: p.v,
+            seq_lens: 0,
+            block_table: 0,
+            max_pages: 0,
+            page_size: 1,
+            append: None,
+            // Dense K/V: every replay has the same keys.
+            capacity: p.seq_k,
+            num_pages: 0,
+        }
+    }
+}
+
+/// The per-call options of a decode launch in the kernel's terms, built once per call by
+/// [`DecodeOptions::new`] from checked [`AttentionOptions`] and the log-sum-exp output.
+/// [`DecodeOptions::is_plain`] ones run the plain kernel.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct DecodeOptions {
+    /// Clamped window bounds (left, right) ([`kernel_window`]), or `None`.
+    pub window: Option<(i32, i32)>,
+    /// Softcap `cap` (finite, > 0), or `None`.
+    pub softcap: Option<f32>,
+    /// Device address of the f32 `[H]` ALiBi slopes, or `None`.
+    pub alibi: Option<u64>,
+    /// Device address of the f32 `[H]` sink logits, or `None`.
+    pub sinks: Option<u64>,
+    /// Device address and strides of the f32 `[B, H, Sq]` log-sum-exp output, or `None`.
+    pub lse: Option<(u64, LseStrides)>,
+}
+
+/// The kernel's window bounds for `left` / `right` (`None`: unbounded): `left` clamped to
+/// [`MAX_KERNEL_SEQ`] and `right` to [`MAX_DECODE_QUERIES`], which keep exactly the keys
+/// the bounds keep (a sequence holds at most `MAX_KERNEL_SEQ` keys, and every query's
+/// diagonal is at least `len - Sq`, so a right bound of `Sq - 1` or more keeps every key up
+/// to the last) while `a_i - left` and `a_i + right` stay in the kernel's 32-bit range.
+pub(crate) fn kernel_window(left: Option<usize>, right: Option<usize>) -> (i32, i32) {
+    let l = left.unwrap_or(MAX_KERNEL_SEQ).min(MAX_KERNEL_SEQ);
+    let r = right.unwrap_or(MAX_DECODE_QUERIES).min(MAX_DECODE_QUERIES);
+    // Both fit: MAX_KERNEL_SEQ < i32::MAX.
+    (l as i32, r as i32)
+}
+
+impl DecodeOptions {
+    /// From options that [`AttentionOptions::check`] accepted and the checked `lse` output
+    /// with its strides.
+    pub(crate) fn new(
+        options: &AttentionOptions,
+        lse: Option<(&DeviceTensor, LseStrides)>,
+    ) -> DecodeOptions {
+        DecodeOptions {
+            window: options
+                .has_window()
+                .then(|| kernel_window(options.window_left, options.window_right)),
+            softcap: options.softcap,
+            alibi: options.alibi_slopes.as_ref().map(|t| t.device_ptr()),
+            sinks: options.sinks.as_ref().map(|t| t.device_ptr()),
+            lse: lse.map(|(t, s)| (t.device_ptr(), s)),
+        }
+    }
+
+    /// No option and no log-sum-exp: the plain kernel runs.
+    pub(crate) fn is_plain(&self) -> bool {
+        *self == DecodeOptions::default()
+    }
+
+    /// Keys per sequence the splits must cover ([`window_span`] of the left bound).
+    pub(crate) fn span(&self, seq_q: usize) -> Option<usize> {
+        let left = self.window.map(|(l, _)| l as usize);
+        window_span(seq_q, left.filter(|&l| l < MAX_KERNEL_SEQ))
+    }
+
+    /// Writes the options into the argument block of the option kernel.
+    pub(crate) fn apply(&self, params: &mut DecodeParams) {
+        let (left, right) = self.window.unwrap_or_else(|| kernel_window(None, None));
+        params.window_left = left;
+        params.window_right = right;
+        if let Some(cap) = self.softcap {
+            // The kernel's scores are in log2 units: cap * tanh(s / cap) there is
+            // C * tanh(x / C) with C = cap * log2(e).
+            let c = cap * std::f32::consts::LOG2_E;
+            params.softcap = c;
+            params.softcap_inv = 1.0 / c;
+        }
+        params.alibi = self.alibi.unwrap_or(0);
+        params.sinks = self.sinks.unwrap_or(0);
+        if let Some((ptr, s)) = self.lse {
+            params.lse = ptr;
+            params.lse_strides = Strides3::new(s.batch, s.head, s.query);
+        }
+    }
 }
 
 /// New tokens a decode launch appends to the cache it reads (register path only): read from
@@ -142,12 +265,58 @@ pub(crate) fn forward_decode(
     out_strides: HeadStrides,
     cache: &CacheView,
 ) -> Result<()> {
-    let launch = plan_launch(
+    let plain = DecodeOptions::default();
+    forward_decode_with(rt, ws, p, q, out, out_strides, cache, &plain)
+}
+
+/// The decode kernel on dense K/V of `p` (`[B, Sk, Hkv, D]` through `p`'s strides) with
+/// per-call `options`: the entry a dense call with options and few queries takes. The
+/// caller has checked the call and the options as `forward_with` does.
+// Not called yet: `forward_with` on dense K/V keeps refusing options until it routes here.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_dense_with(
+    rt: &Arc<GpuRuntime>,
+    ws: &DecodeWorkspace,
+    p: &AttentionProblem,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    out: &DeviceTensor,
+    out_strides: HeadStrides,
+    options: &DecodeOptions,
+) -> Result<()> {
+    let cache = CacheView::dense(p, k, v);
+    forward_decode_with(rt, ws, p, q, out, out_strides, &cache, options)
+}
+
+/// [`forward_decode`] with per-call options: plain ones launch the plain kernel exactly as
+/// `forward_decode` does, others the option variant (`flash_decode_opt_*`) with its splits
+/// laid over the window's keys. Options do not combine with a fused append.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_decode_with(
+    rt: &Arc<GpuRuntime>,
+    ws: &DecodeWorkspace,
+    p: &AttentionProblem,
+    q: &DeviceTensor,
+    out: &DeviceTensor,
+    out_strides: HeadStrides,
+    cache: &CacheView,
+    options: &DecodeOptions,
+) -> Result<()> {
+    let with_options = !options.is_plain();
+    if with_options && cache.append.is_some() {
+        return Err(AttentionError::NotSupported {
+            backend: "gpu (decode)".into(),
+            reason: "per-call options with a fused append".into(),
+        });
+    }
+    let launch = plan_launch_over(
         rt.multiprocessor_count() as usize,
         p,
         cache.capacity,
         rt.is_capturing(),
         cache.append.is_some(),
+        options.span(p.seq_q),
     )?;
     let workspace = launch.workspace(p)?;
     let DecodeLaunch {
@@ -159,6 +328,9 @@ pub(crate) fn forward_decode(
         ..
     } = launch;
     let mut params = decode_params(p, q, out, out_strides, cache, &launch);
+    if with_options {
+        options.apply(&mut params);
+    }
     // The scratch tensors stay alive until every launch is queued.
     let arrivals = match cache.append {
         Some(_) => Some(ws.get_arrivals(rt, p.batch)?),
@@ -183,8 +355,17 @@ pub(crate) fn forward_decode(
         scratch = Some((buf, counters));
     }
     let _scratch = scratch;
-    let main = catalog::decode(p.dtype, bucket);
-    let combine = catalog::decode_combine(p.dtype, bucket);
+    let (main, combine) = if with_options {
+        (
+            catalog::decode_with_options(p.dtype, bucket),
+            catalog::decode_combine_with_options(p.dtype, bucket),
+        )
+    } else {
+        (
+            catalog::decode(p.dtype, bucket),
+            catalog::decode_combine(p.dtype, bucket),
+        )
+    };
     let es = p.dtype.size_in_bytes();
     let paged = cache.block_table != 0;
     for_each_slice(p.batch, p.num_heads, p.num_kv_heads, HeadAxis::Kv, |sl| {
@@ -212,6 +393,10 @@ pub(crate) fn forward_decode(
             sp.seq_lens = offset_ptr(sp.seq_lens, sl.batch0, 4);
             sp.arrivals = offset_ptr(sp.arrivals, sl.batch0, 4);
             sp.block_table = offset_ptr(sp.block_table, sl.batch0 * cache.max_pages, 4);
+            // The per-head options and the log-sum-exp of the slice's first head.
+            sp.alibi = offset_ptr(sp.alibi, sl.head0, 4);
+            sp.sinks = offset_ptr(sp.sinks, sl.head0, 4);
+            sp.lse = offset_ptr(sp.lse, sp.lse_strides.at(b, sl.head0), 4);
             sp.batch = sl.batch as i32;
             sp.num_heads = sl.heads as i32;
             sp.num_kv_heads = sl.kv_heads as i32;
@@ -233,4 +418,110 @@ pub(crate) fn forward_decode(
         }
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::Device;
+    use crate::dtype::DType;
+
+    #[test]
+    fn kernel_window_bounds_clamp_to_what_keeps_the_same_keys() {
+        let max = MAX_KERNEL_SEQ as i32;
+        let q = MAX_DECODE_QUERIES as i32;
+        assert_eq!(kernel_window(None, None), (max, q));
+        assert_eq!(kernel_window(Some(0), Some(0)), (0, 0));
+        assert_eq!(kernel_window(Some(4095), Some(3)), (4095, 3));
+        assert_eq!(kernel_window(Some(usize::MAX), Some(usize::MAX)), (max, q));
+        assert_eq!(
+            kernel_window(Some(crate::options::MAX_WINDOW), Some(17)),
+            (max, q)
+        );
+        // The kernel's sums stay in i32 for any sequence it takes: a_i is in
+        // [-(Sq - 1), MAX_KERNEL_SEQ - 1].
+        let (l, r) = kernel_window(Some(usize::MAX), Some(usize::MAX));
+        assert!((1 - q).checked_sub(l).is_some());
+        assert!((max - 1).checked_add(r).is_some());
+    }
+
+    fn per_head(values: &[f32]) -> DeviceTensor {
+        DeviceTensor::from_host(values, &[values.len()], Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn plain_options_and_no_lse_run_the_plain_kernel() {
+        let plain = DecodeOptions::new(&AttentionOptions::new(), None);
+        assert!(plain.is_plain());
+        assert_eq!(plain.span(4), None);
+        let lse = DeviceTensor::zeros(&[1, 2, 3], DType::F32, Device::Cpu).unwrap();
+        let s = LseStrides {
+            batch: 6,
+            head: 3,
+            query: 1,
+        };
+        let with_lse = DecodeOptions::new(&AttentionOptions::new(), Some((&lse, s)));
+        assert!(!with_lse.is_plain());
+        assert_eq!(with_lse.lse, Some((lse.device_ptr(), s)));
+        for o in [
+            AttentionOptions::new().with_window(None, Some(0)),
+            AttentionOptions::new().with_softcap(30.0),
+            AttentionOptions::new().with_alibi_slopes(per_head(&[0.5, 0.25])),
+            AttentionOptions::new().with_sinks(per_head(&[1.0, 2.0])),
+        ] {
+            assert!(!DecodeOptions::new(&o, None).is_plain(), "{o:?}");
+        }
+    }
+
+    #[test]
+    fn options_fill_the_argument_block_in_the_kernel_s_terms() {
+        let slopes = per_head(&[0.5, 0.25]);
+        let sinks = per_head(&[1.0, 2.0]);
+        let lse = DeviceTensor::zeros(&[1, 2, 3], DType::F32, Device::Cpu).unwrap();
+        let s = LseStrides {
+            batch: 6,
+            head: 1,
+            query: 2,
+        };
+        let o = AttentionOptions::new()
+            .with_window(Some(100), None)
+            .with_softcap(2.0)
+            .with_alibi_slopes(slopes.clone())
+            .with_sinks(sinks.clone());
+        let d = DecodeOptions::new(&o, Some((&lse, s)));
+        assert_eq!(d.window, Some((100, MAX_DECODE_QUERIES as i32)));
+        // The splits cover left + Sq keys.
+        assert_eq!(d.span(3), Some(103));
+        let mut params = DecodeParams::default();
+        d.apply(&mut params);
+        assert_eq!((params.window_left, params.window_right), (100, 16));
+        let c = 2.0 * std::f32::consts::LOG2_E;
+        assert_eq!(params.softcap, c);
+        assert!((params.softcap_inv * c - 1.0).abs() < 1e-6);
+        assert_eq!(d.alibi, Some(slopes.device_ptr()));
+        assert_eq!(d.sinks, Some(sinks.device_ptr()));
+        assert_eq!(params.alibi, slopes.device_ptr());
+        assert_eq!(params.sinks, sinks.device_ptr());
+        assert_eq!(params.lse, lse.device_ptr());
+        assert_eq!(params.lse_strides, Strides3::new(6, 1, 2));
+        // No window: unbounded both sides, the whole cache is cut; no softcap: zeros.
+        let mut params = DecodeParams::default();
+        let d = DecodeOptions::new(&AttentionOptions::new().with_sinks(sinks), None);
+        assert_eq!(d.span(1), None);
+        d.apply(&mut params);
+        assert_eq!(
+            (params.window_left, params.window_right),
+            kernel_window(None, None)
+        );
+        assert_eq!(
+            (params.softcap, params.softcap_inv, params.lse),
+            (0.0, 0.0, 0)
+        );
+        // A right-only window reads every key; an unbounded-left clamped value too.
+        let right = DecodeOptions::new(&AttentionOptions::new().with_window(None, Some(2)), None);
+        assert_eq!(right.window, Some((MAX_KERNEL_SEQ as i32, 2)));
+        assert_eq!(right.span(5), None);
+        let huge = AttentionOptions::new().with_window(Some(usize::MAX / 4), Some(0));
+        assert_eq!(DecodeOptions::new(&huge, None).span(5), None);
+    }
 }

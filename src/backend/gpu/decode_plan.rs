@@ -234,6 +234,28 @@ pub(super) fn plan_launch(
     capturing: bool,
     append: bool,
 ) -> Result<DecodeLaunch> {
+    plan_launch_over(multiprocessors, p, capacity, capturing, append, None)
+}
+
+/// Keys of each sequence that some query's window reaches, with `seq_q` queries and a left
+/// window bound `left` (the kernel's clamped value): the keys from `len - seq_q - left` to
+/// the last one, at most `left + seq_q` (no right bound shortens it: the last query's
+/// diagonal is the sequence's last key). `None` without a left bound: every key.
+pub(crate) fn window_span(seq_q: usize, left: Option<usize>) -> Option<usize> {
+    left.map(|l| l.saturating_add(seq_q))
+}
+
+/// [`plan_launch`] whose splits cover at most `span` keys per sequence
+/// ([`window_span`]; the kernel lays them over the window's keys): a window's cost
+/// follows the window, not the cache length. `None`: every key.
+pub(super) fn plan_launch_over(
+    multiprocessors: usize,
+    p: &AttentionProblem,
+    capacity: usize,
+    capturing: bool,
+    append: bool,
+    span: Option<usize>,
+) -> Result<DecodeLaunch> {
     let bucket = decode_bucket(p.head_dim)
         .ok_or_else(|| unsupported(format!("head_dim {} exceeds 256", p.head_dim)))?;
     let reg = reg_lanes(p.dtype, bucket).is_some();
@@ -260,8 +282,9 @@ pub(super) fn plan_launch(
             cut_into(max_splits, len, split_granularity(p.dtype, bucket))
         }
     };
-    let full = cut(capacity.max(p.seq_k));
-    let split = if capturing { full } else { cut(p.seq_k) };
+    let keys = |len: usize| span.map_or(len, |w| w.min(len));
+    let full = cut(keys(capacity.max(p.seq_k)));
+    let split = if capturing { full } else { cut(keys(p.seq_k)) };
     Ok(DecodeLaunch {
         bucket,
         reg,
@@ -372,6 +395,48 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_window_span_is_left_plus_the_queries() {
+        assert_eq!(window_span(1, None), None);
+        assert_eq!(window_span(1, Some(0)), Some(1));
+        assert_eq!(window_span(16, Some(4095)), Some(4111));
+        assert_eq!(window_span(3, Some(usize::MAX)), Some(usize::MAX));
+    }
+
+    #[test]
+    fn a_windowed_launch_cuts_only_the_window_s_keys() {
+        let p = problem(1, 1, 32768, 128, DType::BF16);
+        let full = plan_launch(132, &p, 32768, false, false).unwrap();
+        assert_eq!(
+            plan_launch_over(132, &p, 32768, false, false, None).unwrap(),
+            full
+        );
+        // A window of 1024 keys: the splits cover 1024 keys, not 32768.
+        let w = plan_launch_over(132, &p, 32768, false, false, window_span(1, Some(1023))).unwrap();
+        let covered = w.split.num_splits * w.split.split_keys;
+        assert!(covered >= 1024, "{w:?}");
+        assert!(
+            (w.split.num_splits - 1) * w.split.split_keys < 1024,
+            "{w:?}"
+        );
+        assert!(covered < full.split.num_splits * full.split.split_keys);
+        assert_eq!(w.split, chosen_split(132, &p, w.bucket, w.row_groups, 1024));
+        // A window wider than the cache changes nothing; a recorded call cuts
+        // min(window, capacity).
+        let wide = plan_launch_over(132, &p, 32768, false, false, Some(1 << 40)).unwrap();
+        assert_eq!(wide, full);
+        let small = problem(1, 4, 100, 128, DType::BF16);
+        let rec =
+            plan_launch_over(132, &small, 65536, true, false, window_span(4, Some(2000))).unwrap();
+        assert_eq!(
+            rec.split,
+            chosen_split(132, &small, rec.bucket, rec.row_groups, 2004)
+        );
+        assert!(rec.split.num_splits * rec.split.split_keys >= 2004);
+        // The workspace follows the cut too.
+        assert_eq!(rec.workspace_splits, rec.split.num_splits);
     }
 
     #[test]

@@ -35,10 +35,12 @@ pub struct PlanInput {
     /// tensor-core kernels need; otherwise their tile rows run the split SIMT kernel.
     pub qkv_aligned: bool,
     /// Per-call extensions are asked for: options (window, softcap, ALiBi, sinks), a
-    /// log-sum-exp output or a packed ragged batch. They run on the prefill families'
-    /// extended variants ([`FlashChoice::ext`]) at any query length; the unfused path
-    /// runs none of them.
+    /// log-sum-exp output or a packed ragged batch. They run on the flash families'
+    /// extended variants ([`FlashChoice::ext`]); the unfused path runs none of them.
     pub ext: bool,
+    /// A packed ragged batch: never the decode kernel (which reads one dense or cached
+    /// sequence per batch entry).
+    pub packed: bool,
 }
 
 impl PlanInput {
@@ -54,6 +56,7 @@ impl PlanInput {
             kv_aligned: true,
             qkv_aligned: true,
             ext: false,
+            packed: false,
         }
     }
 
@@ -151,8 +154,9 @@ pub struct FlashChoice {
     pub implementation: FlashImpl,
     /// Tile configuration from kernels/flash_config.h (prefill families only).
     pub tile: Option<&'static FlashTile>,
-    /// The variant with the per-call extensions (window, softcap, ALiBi, sinks, packed
-    /// batches, log-sum-exp strides; prefill families only).
+    /// The variant with the per-call extensions: for the prefill families the `_ext`
+    /// kernels (window, softcap, ALiBi, sinks, packed batches, log-sum-exp strides), for
+    /// decode its option variant.
     pub ext: bool,
 }
 
@@ -198,11 +202,11 @@ impl Plan {
 }
 
 /// The flash family for a problem: Decode for short unmasked query blocks over K/V it can
-/// read in 16-byte vectors (without per-call extensions), else Causal / NonCausal without a
-/// mask and Masked with one.
+/// read in 16-byte vectors (not packed batches), else Causal / NonCausal without a mask and
+/// Masked with one.
 pub fn select_flash_kernel(input: &PlanInput) -> FlashKernel {
     match (input.has_mask, input.causal) {
-        (false, _) if input.seq_q <= MAX_DECODE_QUERIES && input.kv_aligned && !input.ext => {
+        (false, _) if input.seq_q <= MAX_DECODE_QUERIES && input.kv_aligned && !input.packed => {
             FlashKernel::Decode
         }
         (true, _) => FlashKernel::Masked,
@@ -286,13 +290,13 @@ pub fn can_use_flash_attention(
             input.head_dim
         ));
     }
-    if input.ext && target.amd {
+    let kernel = select_flash_kernel(input);
+    if input.ext && target.amd && kernel != FlashKernel::Decode {
         return Err(
-            "per-call options, the log-sum-exp output and packed batches are built for CUDA only: the AMD code objects hold the plain flash kernels"
+            "per-call options, the log-sum-exp output and packed batches on the prefill kernels are built for CUDA only: the AMD code objects hold the plain flash kernels"
                 .into(),
         );
     }
-    let kernel = select_flash_kernel(input);
     let (tile, implementation, smem) = if kernel == FlashKernel::Decode {
         let bucket = decode_bucket(input.head_dim)
             .ok_or_else(|| format!("no decode kernel for head_dim {}", input.head_dim))?;
@@ -320,7 +324,7 @@ pub fn can_use_flash_attention(
         kernel,
         implementation,
         tile,
-        ext: input.ext && kernel != FlashKernel::Decode,
+        ext: input.ext,
     })
 }
 
@@ -395,6 +399,7 @@ mod tests {
             kv_aligned,
             qkv_aligned: true,
             ext: false,
+            packed: false,
         }
     }
 

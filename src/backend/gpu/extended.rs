@@ -1,13 +1,14 @@
 //! GPU calls with per-call extensions: options (window, softcap, ALiBi, sinks) and the
 //! log-sum-exp output on dense operands, and packed ragged (varlen) batches. They run the
 //! `_ext` variants of the prefill flash families (every implementation: wgmma, mma.sync,
-//! TF32, SIMT) at any query length; the unfused path runs none of them, so a call the
+//! TF32, SIMT), or for up to 16 unmasked dense queries the decode kernel's option variant,
+//! as the one dispatch decision picks; the unfused path runs none of them, so a call the
 //! flash kernels cannot take is refused with the reason.
 
 use super::dispatch::{self, FlashChoice, PlanInput};
 use super::params::ParamsExt;
-use super::{flash, GpuAttentionBackend};
-use crate::backend::{AttentionPath, DeviceAttentionBackend};
+use super::{decode, flash, GpuAttentionBackend};
+use crate::backend::{AttentionPath, DeviceAttentionBackend, FlashKernel};
 use crate::config::AttentionConfig;
 use crate::error::{AttentionError, Result};
 use crate::kernels::abi::{AttnParams, Strides3};
@@ -50,11 +51,26 @@ impl GpuAttentionBackend {
         others.extend(mask);
         others.push(&*out);
         let lse_strides = options.check(&p, lse.as_deref(), &others)?;
-        check_extension_tensors(options, lse.as_deref())?;
+        check_extension_tensors(options, lse.as_deref(), out)?;
         let choice = self.ext_choice(&PlanInput {
             tf32: self.allow_tf32,
             ..PlanInput::of_call(&p, q, k, v)
         })?;
+        if choice.kernel == FlashKernel::Decode {
+            let opts = decode::DecodeOptions::new(options, lse.as_deref().zip(lse_strides));
+            decode::forward_dense_with(
+                &self.runtime,
+                &self.decode_workspace,
+                &p,
+                q,
+                k,
+                v,
+                out,
+                out_strides,
+                &opts,
+            )?;
+            return Ok(AttentionPath::Flash(choice.kernel));
+        }
         let lse = lse
             .zip(lse_strides)
             .map(|(l, st)| (l.device_ptr(), Strides3::new(st.batch, st.head, st.query)));
@@ -93,7 +109,7 @@ impl GpuAttentionBackend {
             &[q, k, v, &batch.cu_seqlens_q, &batch.cu_seqlens_k],
             &[&*out],
         )?;
-        check_extension_tensors(options, lse.as_deref())?;
+        check_extension_tensors(options, lse.as_deref(), out)?;
         let total_q = q.shape()[0];
         let offs = batch.validate(total_q, total_k, dev)?;
         let nb = offs.batch();
@@ -132,6 +148,7 @@ impl GpuAttentionBackend {
         let choice = self.ext_choice(&PlanInput {
             tf32: self.allow_tf32,
             qkv_aligned: dispatch::chunk_aligned(&p, q, k, v),
+            packed: true,
             ..PlanInput::of(&p)
         })?;
         if max_q == 0 {
@@ -151,13 +168,27 @@ impl GpuAttentionBackend {
     }
 }
 
-/// The borrow checks of the options' tensors (read) and the log-sum-exp output (written).
-fn check_extension_tensors(options: &AttentionOptions, lse: Option<&DeviceTensor>) -> Result<()> {
+/// The options' per-head tensors (read) and the log-sum-exp output (written): usable
+/// (borrows alive), and not overlapped by `out`.
+fn check_extension_tensors(
+    options: &AttentionOptions,
+    lse: Option<&DeviceTensor>,
+    out: &DeviceTensor,
+) -> Result<()> {
     let reads: Vec<&DeviceTensor> = options
         .alibi_slopes
         .iter()
         .chain(options.sinks.iter())
         .collect();
+    if let Some(t) = reads.iter().find(|t| out.may_overlap(t)) {
+        return Err(AttentionError::UnsupportedLayout {
+            what: "out".into(),
+            reason: format!(
+                "overlaps a per-head option tensor (shape {:?}); give it its own memory",
+                t.shape()
+            ),
+        });
+    }
     let writes: Vec<&DeviceTensor> = lse.into_iter().collect();
     check_usable(&reads, &writes)
 }

@@ -337,6 +337,7 @@ impl GpuAttentionBackend {
             kv_aligned: true,
             qkv_aligned: true,
             ext: false,
+            packed: false,
         }
     }
 
@@ -655,6 +656,61 @@ impl DeviceAttentionBackend for GpuAttentionBackend {
         lse: Option<&mut DeviceTensor>,
     ) -> Result<AttentionPath> {
         self.forward_packed(config, options, q, k, v, batch, out, lse)
+    }
+
+    /// The split-KV decode kernel over any cache (contiguous, paged, ragged; up to
+    /// [`MAX_DECODE_QUERIES`] queries) with every per-call option and the log-sum-exp
+    /// output: plain options without `lse` take [`forward_cached`](Self::forward_cached)'s
+    /// path unchanged, anything else the decode kernel's option variant, whose splits cover
+    /// only the keys some query's window reaches. Everything is checked before the launch.
+    fn forward_cached_with(
+        &self,
+        config: &AttentionConfig,
+        options: &AttentionOptions,
+        q: &DeviceTensor,
+        cache: &KvCache,
+        out: &mut DeviceTensor,
+        lse: Option<&mut DeviceTensor>,
+    ) -> Result<AttentionPath> {
+        if options.is_default() && lse.is_none() {
+            options.validate()?;
+            return GpuAttentionBackend::forward_cached(self, config, q, cache, out);
+        }
+        let (p, out_strides) = self.prepare_cached(config, q, cache, out, 0)?;
+        let parts = cache.raw_parts();
+        let per_head: Vec<&DeviceTensor> = options
+            .alibi_slopes
+            .iter()
+            .chain(options.sinks.iter())
+            .collect();
+        let mut others = vec![q, parts.k, parts.v, parts.seq_lens];
+        others.extend(parts.block_table);
+        others.extend(per_head.iter().copied());
+        others.push(&*out);
+        let lse_strides = options.check(&p, lse.as_deref(), &others)?;
+        if let Some(t) = per_head.iter().find(|t| out.may_overlap(t)) {
+            return Err(AttentionError::UnsupportedLayout {
+                what: "out".into(),
+                reason: format!(
+                    "overlaps a per-head option tensor (shape {:?}); give it its own memory",
+                    t.shape()
+                ),
+            });
+        }
+        let lse_out: Vec<&DeviceTensor> = lse.as_deref().into_iter().collect();
+        check_usable(&per_head, &lse_out)?;
+        let opts = decode::DecodeOptions::new(options, lse.as_deref().zip(lse_strides));
+        decode::forward_decode_with(
+            &self.runtime,
+            &self.decode_workspace,
+            &p,
+            q,
+            out,
+            out_strides,
+            &decode::CacheView::of_cache(cache),
+            &opts,
+        )?;
+        Ok(AttentionPath::Flash(FlashKernel::Decode))
     }
 
     fn forward_into(
