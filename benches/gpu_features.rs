@@ -2,14 +2,16 @@
 //! run: options (softcap, ALiBi, sinks, the log-sum-exp output) at D = 128, S = 8192; a
 //! sliding window of 4096 against full causal attention at S = 32768; a packed batch of
 //! mixed lengths (64 .. 8192, 16384 tokens) against the same sequences run one dense call
-//! each (no padding anywhere). bf16 and f16, layout [B, H, S, D] for the dense calls.
+//! each (no padding anywhere); decode (B = 8, GQA 32/8, L = 16384) with each option against
+//! the plain cached call, and a paged cache (page 16) against a contiguous one. bf16 and
+//! f16, layout [B, H, S, D] for the dense calls.
 //!
 //! `cargo bench --bench gpu_features -- [--dtypes bf16,f16] [--reps N]`
 
 use forge_attn::reference::random_values;
 use forge_attn::{
     AttentionConfig, AttentionOptions, DType, Device, DeviceAttentionBackend, DeviceTensor,
-    GpuAttentionBackend, Layout, VarlenBatch,
+    GpuAttentionBackend, KvCache, KvCacheLayout, KvCacheSpec, Layout, VarlenBatch,
 };
 
 const D: usize = 128;
@@ -53,6 +55,9 @@ fn main() {
     for &dtype in &dtypes {
         if let Err(e) = run_all(&backend, dtype, reps) {
             println!("{dtype}: error {e}");
+        }
+        if let Err(e) = run_decode(&backend, dtype, reps) {
+            println!("{dtype} decode: error {e}");
         }
     }
 }
@@ -245,5 +250,110 @@ fn run_all(backend: &GpuAttentionBackend, dtype: DType, reps: usize) -> forge_at
             dense_ms / packed
         );
     }
+    Ok(())
+}
+
+/// Decode at B = 8, GQA 32/8, D = 128, L = 16384: each option against the plain cached call
+/// (both on the decode kernel), and a paged cache (page 16) against the contiguous one.
+fn run_decode(backend: &GpuAttentionBackend, dtype: DType, reps: usize) -> forge_attn::Result<()> {
+    let dev = backend.device();
+    let (b, hq, hkv, l) = (8usize, 32usize, 8usize, 16384usize);
+    let spec = KvCacheSpec {
+        batch: b,
+        num_kv_heads: hkv,
+        head_dim: D,
+        capacity: l,
+        dtype,
+    };
+    let k = tensor(&[b, l, hkv, D], dtype, dev, 11)?;
+    let v = tensor(&[b, l, hkv, D], dtype, dev, 12)?;
+    let mut contiguous = KvCache::contiguous(spec, KvCacheLayout::FlashAttention, dev)?;
+    contiguous.append(&k, &v)?;
+    let mut paged = KvCache::paged(spec, 16, b * l / 16, dev)?;
+    paged.append(&k, &v)?;
+    drop((k, v));
+    let cfg = AttentionConfig::new(hq * D, hq, l)
+        .with_num_kv_heads(hkv)
+        .with_causal(true);
+    let q = tensor(&[b, 1, hq, D], dtype, dev, 13)?;
+    let mut out = DeviceTensor::zeros(&[b, 1, hq, D], dtype, dev)?;
+    let mut lse = DeviceTensor::zeros(&[b, hq, 1], DType::F32, dev)?;
+    let bytes = (2 * b * l * hkv * D * dtype.size_in_bytes()) as f64;
+    let plain = time(dev, reps, || {
+        backend
+            .forward_cached(&cfg, &q, &contiguous, &mut out)
+            .map(|_| ())
+    })?;
+    let tbs = |ms: f64| bytes / (ms * 1e-3) / 1e12;
+    println!(
+        "{dtype:5} decode B={b} L={l} H={hq}/{hkv}: plain {:8.1} us {:5.2} TB/s",
+        plain * 1e3,
+        tbs(plain)
+    );
+    let slopes = DeviceTensor::from_f32(
+        &(0..hq)
+            .map(|h| 2f32.powf(-8.0 * (h + 1) as f32 / hq as f32))
+            .collect::<Vec<_>>(),
+        &[hq],
+        DType::F32,
+        dev,
+    )?;
+    let sinks = DeviceTensor::from_f32(
+        &(0..hq).map(|h| h as f32 * 0.1).collect::<Vec<_>>(),
+        &[hq],
+        DType::F32,
+        dev,
+    )?;
+    let sets: Vec<(&str, AttentionOptions, bool)> = vec![
+        ("lse", AttentionOptions::new(), true),
+        (
+            "softcap 30",
+            AttentionOptions::new().with_softcap(30.0),
+            false,
+        ),
+        (
+            "alibi",
+            AttentionOptions::new().with_alibi_slopes(slopes.clone()),
+            false,
+        ),
+        (
+            "sinks",
+            AttentionOptions::new().with_sinks(sinks.clone()),
+            false,
+        ),
+        (
+            "all + lse",
+            AttentionOptions::new()
+                .with_softcap(30.0)
+                .with_alibi_slopes(slopes)
+                .with_sinks(sinks),
+            true,
+        ),
+    ];
+    for (name, o, with_lse) in sets {
+        let ms = time(dev, reps, || {
+            let lo = if with_lse { Some(&mut lse) } else { None };
+            backend
+                .forward_cached_with(&cfg, &o, &q, &contiguous, &mut out, lo)
+                .map(|_| ())
+        })?;
+        println!(
+            "{dtype:5} decode B={b} L={l}: {name:10} {:8.1} us {:5.2} TB/s  {:+.1}% vs plain",
+            ms * 1e3,
+            tbs(ms),
+            (ms / plain - 1.0) * 100.0
+        );
+    }
+    let pg = time(dev, reps, || {
+        backend
+            .forward_cached(&cfg, &q, &paged, &mut out)
+            .map(|_| ())
+    })?;
+    println!(
+        "{dtype:5} decode B={b} L={l}: paged (page 16) {:8.1} us {:5.2} TB/s  {:+.1}% vs contiguous",
+        pg * 1e3,
+        tbs(pg),
+        (pg / plain - 1.0) * 100.0
+    );
     Ok(())
 }

@@ -54,17 +54,19 @@ FA_DEVICE bool fa_rows_see_tile(const AttnParams& p, int kv0, int BN, int r0, in
 }
 
 // Whether the tile kv0 .. kv0 + BN - 1 for rows r0 .. r1 needs the masked score step: an
-// additive mask, keys past seq_k, the causal diagonal crossing it, or (FA_EXT) a score
-// transform (softcap, ALiBi) or a window edge crossing it.
+// additive mask, keys past seq_k, the causal diagonal or (FA_EXT) a window edge crossing it.
 FA_DEVICE bool fa_tile_needs_mask(const AttnParams& p, int kv0, int BN, int r0, int r1, int diag,
                                   int seq_k, bool causal, bool has_mask) {
     bool need = has_mask || (kv0 + BN > seq_k) || (causal && kv0 + BN - 1 > r0 + diag);
     if (FA_EXT)
-        need = need || p.transform != 0 ||
-               (fa_i64)kv0 < (fa_i64)r1 + diag - p.window_left ||
+        need = need || (fa_i64)kv0 < (fa_i64)r1 + diag - p.window_left ||
                (fa_i64)kv0 + BN - 1 > (fa_i64)r0 + diag + p.window_right;
     return need;
 }
+
+// Whether scores are transformed (FA_EXT softcap or ALiBi): every tile then takes a
+// transform step, the masked one on the tiles fa_tile_needs_mask names.
+FA_DEVICE bool fa_transforms(const AttnParams& p) { return FA_EXT && p.transform != 0; }
 
 // The keys a query row keeps, for the masked score step: lim = its aligned diagonal
 // (i + seq_k - seq_q); key j is visible iff j < seq_k, j <= lim when causal and, FA_EXT,

@@ -453,7 +453,7 @@ FA_DEVICE void fa_flash_tile(const AttnParams& p, const int q0) {
 
         float s[RM][SH::SN];
         fa_qk_tile<SH>(Qs, Ks, s, tx, ty);
-        if (fa_tile_needs_mask(p, kv0, BN, q0, qlast, diag, seq_k, causal, has_mask))
+        if (fa_tile_needs_mask(p, kv0, BN, q0, qlast, diag, seq_k, causal, has_mask) || fa_transforms(p))
             fa_mask_tile<SH, MODE, fa_elem<T>::is_f32>(s, p, b, h, q0, kv0, seq_q, seq_k, causal, tx, ty);
         fa_softmax_tile<SH>(s, m_i, l_i, o);
         fa_store_p<SH>(Ps, s, tx, ty);

@@ -81,6 +81,48 @@ FA_DEVICE void fa_mma_online_softmax(float (&s)[NT][4], float (&o)[DT][4], float
     }
 }
 
+// The FA_EXT transforms on a tile whose keys every row sees (no visibility test): raw scores
+// become scale * log2(e) * q.k, softcapped, minus the ALiBi bias. The bias distance
+// |lim - j| is taken in float from a per-row base (exact below 2^24 keys), two operations
+// per score; the softcap folds the scale into its 1 / C.
+template <bool PRECISE, int MT, int NT>
+FA_DEVICE void fa_mma_transform_tile(float (&s)[MT][NT][4], const AttnParams& p, int h, int wrow0, int g,
+                                     int c4, int kv0, int diag, float sl2) {
+    const float cap2 = fa_cap2(p);
+    const float slope2 = fa_slope2(p, h);
+    if (cap2 > 0.0f) {
+        const float pre = sl2 * (1.0f / cap2);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[mt][j][e] = cap2 * fa_softcap_tanh<PRECISE>(s[mt][j][e] * pre);
+    } else {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int j = 0; j < NT; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) s[mt][j][e] *= sl2;
+    }
+    if (slope2 != 0.0f) {
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int r = 0; r < 2; ++r) {
+                // lim - j for this thread's first key of the tile.
+                const float base = (float)(wrow0 + 16 * mt + g + 8 * r + diag - kv0 - 2 * c4);
+#pragma unroll
+                for (int j = 0; j < NT; ++j)
+#pragma unroll
+                    for (int e = 0; e < 2; ++e)
+                        s[mt][j][2 * r + e] =
+                            fmaf(-slope2, fabsf(base - (float)(8 * j + e)), s[mt][j][2 * r + e]);
+            }
+    }
+}
+
 // The score step of the tensor-core kernels, on the MT m-tiles of a warp whose first query
 // is wrow0, for the key tile kv0 .. kv0 + BN - 1: tiles that need masking
 // (fa_tile_needs_mask: keys past seq_k, the causal diagonal, an additive mask, FA_EXT
@@ -94,8 +136,12 @@ FA_DEVICE float fa_mma_scale_mask(float (&s)[MT][NT][4], const AttnParams& p, in
                                   bool has_mask, float sl2) {
     const int wlast = (wrow0 + 16 * MT < seq_q ? wrow0 + 16 * MT : seq_q) - 1;
     const bool need_mask = fa_tile_needs_mask(p, kv0, BN, wrow0, wlast, diag, seq_k, causal, has_mask);
+    if (fa_transforms(p) && !need_mask && sl2 > 0.0f) {
+        fa_mma_transform_tile<PRECISE>(s, p, h, wrow0, g, c4, kv0, diag, sl2);
+        return 1.0f;
+    }
     float mul = sl2;
-    if (need_mask || !(sl2 > 0.0f)) {
+    if (need_mask || fa_transforms(p) || !(sl2 > 0.0f)) {
         mul = 1.0f;
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
