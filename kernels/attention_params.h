@@ -19,6 +19,8 @@ typedef struct {
     const float* sinks;     // [H] sink logits or null: exp(sink[h]) joins each row's denominator
     const int* cu_q;        // [B + 1] row offsets of packed (varlen) queries, or null
     const int* cu_k;        // [B + 1] row offsets of packed keys / values, or null
+    const int* block_table; // [B, max_pages] page ids of paged K / V, or null
+    const int* k_lens;      // [B] keys of each paged sequence (with block_table)
     fa_i64 q_sb, q_sh, q_ss;
     fa_i64 k_sb, k_sh, k_ss;
     fa_i64 v_sb, v_sh, v_ss;
@@ -44,6 +46,13 @@ typedef struct {
     int window_right;
     float softcap;
     int transform;
+    // Paged K / V (block_table set): key j of sequence b is row j % page_size of page
+    // block_table[b * max_pages + j / page_size]; k_sb / v_sb are then the page strides.
+    // page_shift = log2(page_size) for powers of two, else -1.
+    int max_pages;
+    int page_size;
+    int page_shift;
+    int pad_;
 } AttnParams;
 
 // Strided device-to-device copy (tensor_ops.hip: copy_strided_b2 / copy_strided_b4).

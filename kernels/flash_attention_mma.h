@@ -92,14 +92,14 @@ struct FaMmaShape {
 };
 
 // ------------------------------------------------------------------ tile copy
-// ROWS x DP elements from global rows row0.. (stride in elements) into shared [ROWS][STR],
-// 16-byte chunks by cp.async. Rows >= row_end and columns >= head_dim are zero filled (the
-// source is then not read), so padded keys meet exp2(-inf) * 0, never 0 * garbage.
+// ROWS x DP elements from global rows row0.. (FaRows: dense or paged) into shared
+// [ROWS][STR], 16-byte chunks by cp.async. Rows >= row_end and columns >= head_dim are zero
+// filled (the source is then not read), so padded keys meet exp2(-inf) * 0, never 0 * garbage.
 template <int ROWS, int CPR, int STR, int THREADS,
           bool BY_ROWS = (THREADS % CPR == 0) && (ROWS % (THREADS / CPR) == 0)>
 struct FaMmaCopy {
-    FA_DEVICE static void run(unsigned short* dst, const unsigned short* src, fa_i64 stride,
-                              int row0, int row_end, int head_dim, int tid) {
+    FA_DEVICE static void run(unsigned short* dst, const FaRows<unsigned short>& src, int row0,
+                              int row_end, int head_dim, int tid) {
         constexpr int NCH = ROWS * CPR;
 #pragma unroll
         for (int c = 0; c < (NCH + THREADS - 1) / THREADS; ++c) {
@@ -108,35 +108,39 @@ struct FaMmaCopy {
             const int r = idx / CPR;
             const int col = (idx % CPR) * 8;
             const bool valid = (row0 + r < row_end) && (col < head_dim);
-            const unsigned short* s = valid ? src + (fa_i64)(row0 + r) * stride + col : src;
+            const unsigned short* s = valid ? src.row(row0 + r) + col : src.base;
             fa_cp_async16(dst + r * STR + col, s, valid);
         }
     }
 };
 // Each thread copies one column chunk of every RS-th row through one running pointer, so no
-// per-chunk 64-bit address stays live across the tile loop (measured ~8% faster).
+// per-chunk 64-bit address stays live across the tile loop (measured ~8% faster); paged rows
+// are looked up one by one.
 template <int ROWS, int CPR, int STR, int THREADS>
 struct FaMmaCopy<ROWS, CPR, STR, THREADS, true> {
-    FA_DEVICE static void run(unsigned short* dst, const unsigned short* src, fa_i64 stride,
-                              int row0, int row_end, int head_dim, int tid) {
+    FA_DEVICE static void run(unsigned short* dst, const FaRows<unsigned short>& src, int row0,
+                              int row_end, int head_dim, int tid) {
         constexpr int RS = THREADS / CPR;
         const int r0 = tid / CPR;
         const int col = (tid % CPR) * 8;
-        const unsigned short* s = src + (fa_i64)(row0 + r0) * stride + col;
-        const fa_i64 step = (fa_i64)RS * stride;
+        const unsigned short* s = src.base + (fa_i64)(row0 + r0) * src.stride + col;
+        const fa_i64 step = (fa_i64)RS * src.stride;
         const bool col_ok = col < head_dim;
 #pragma unroll
         for (int c = 0; c < ROWS / RS; ++c) {
-            const bool valid = col_ok && (row0 + r0 + c * RS < row_end);
-            fa_cp_async16(dst + (r0 + c * RS) * STR + col, valid ? s : src, valid);
+            const int r = row0 + r0 + c * RS;
+            const bool valid = col_ok && (r < row_end);
+            const unsigned short* a = src.paged() ? (valid ? src.row(r) + col : src.base)
+                                                  : (valid ? s : src.base);
+            fa_cp_async16(dst + (r0 + c * RS) * STR + col, a, valid);
             s += step;
         }
     }
 };
 template <int ROWS, int CPR, int STR, int THREADS>
-FA_DEVICE void fa_mma_copy_tile(unsigned short* dst, const unsigned short* src, fa_i64 stride,
-                                int row0, int row_end, int head_dim, int tid) {
-    FaMmaCopy<ROWS, CPR, STR, THREADS>::run(dst, src, stride, row0, row_end, head_dim, tid);
+FA_DEVICE void fa_mma_copy_tile(unsigned short* dst, const FaRows<unsigned short>& src, int row0,
+                                int row_end, int head_dim, int tid) {
+    FaMmaCopy<ROWS, CPR, STR, THREADS>::run(dst, src, row0, row_end, head_dim, tid);
 }
 
 // ------------------------------------------------------------------ the kernel body
@@ -160,10 +164,10 @@ FA_DEVICE void fa_mma_forward(const AttnParams& p) {
     FA_BLOCK_SETUP(unsigned short, BM, BN, MODE, p, q0);
 
     if (ntiles > tbeg) {
-        fa_mma_copy_tile<BM, MS::CPR, STR, THREADS>(Qs, qg, p.q_ss, q0, seq_q, head_dim, tid);
-        fa_mma_copy_tile<BN, MS::CPR, STR, THREADS>(Ks, kg, p.k_ss, tbeg * BN, seq_k, head_dim, tid);
+        fa_mma_copy_tile<BM, MS::CPR, STR, THREADS>(Qs, qg, q0, seq_q, head_dim, tid);
+        fa_mma_copy_tile<BN, MS::CPR, STR, THREADS>(Ks, kg, tbeg * BN, seq_k, head_dim, tid);
         fa_cp_async_commit();
-        fa_mma_copy_tile<BN, MS::CPR, STR, THREADS>(Vs, vg, p.v_ss, tbeg * BN, seq_k, head_dim, tid);
+        fa_mma_copy_tile<BN, MS::CPR, STR, THREADS>(Vs, vg, tbeg * BN, seq_k, head_dim, tid);
         fa_cp_async_commit();
     }
 
@@ -201,7 +205,7 @@ FA_DEVICE void fa_mma_forward(const AttnParams& p) {
         fa_cp_async_wait<1>();
         fa_syncthreads();  // K_t (and Q) visible; every warp is done with K_{t-1}'s buffer
         if (t + 1 < ntiles)
-            fa_mma_copy_tile<BN, MS::CPR, STR, THREADS>(Ks + nb * BN * STR, kg, p.k_ss,
+            fa_mma_copy_tile<BN, MS::CPR, STR, THREADS>(Ks + nb * BN * STR, kg,
                                                         kv0 + BN, seq_k, head_dim, tid);
         fa_cp_async_commit();
 
@@ -271,7 +275,7 @@ FA_DEVICE void fa_mma_forward(const AttnParams& p) {
         fa_cp_async_wait<1>();
         fa_syncthreads();  // V_t visible; every warp is done with V_{t-1}'s buffer
         if (t + 1 < ntiles)
-            fa_mma_copy_tile<BN, MS::CPR, STR, THREADS>(Vs + nb * BN * STR, vg, p.v_ss,
+            fa_mma_copy_tile<BN, MS::CPR, STR, THREADS>(Vs + nb * BN * STR, vg,
                                                         kv0 + BN, seq_k, head_dim, tid);
         fa_cp_async_commit();
 

@@ -63,11 +63,11 @@ FA_DEVICE void fa_mma_tf32(float (&d)[4], const unsigned int (&a)[4], unsigned i
 
 // ROWS f32 rows into shared [ROWS][STR] floats: the 16-bit copy with every size doubled.
 template <int ROWS, int CPR, int STR, int THREADS>
-FA_DEVICE void fa_tf32_copy_tile(float* dst, const float* src, fa_i64 stride, int row0,
-                                 int row_end, int head_dim, int tid) {
-    fa_mma_copy_tile<ROWS, CPR, 2 * STR, THREADS>(
-        reinterpret_cast<unsigned short*>(dst), reinterpret_cast<const unsigned short*>(src),
-        2 * stride, row0, row_end, 2 * head_dim, tid);
+FA_DEVICE void fa_tf32_copy_tile(float* dst, const FaRows<float>& src, int row0, int row_end,
+                                 int head_dim, int tid) {
+    fa_mma_copy_tile<ROWS, CPR, 2 * STR, THREADS>(reinterpret_cast<unsigned short*>(dst),
+                                                  src.as<unsigned short>(2), row0, row_end,
+                                                  2 * head_dim, tid);
 }
 
 template <int HD, int BM, int BN, int THREADS, int SMEM, int MODE>
@@ -89,10 +89,10 @@ FA_DEVICE void fa_tf32_forward(const AttnParams& p) {
     FA_BLOCK_SETUP(float, BM, BN, MODE, p, q0);
 
     if (ntiles > tbeg) {
-        fa_tf32_copy_tile<BM, MS::CPR, STR, THREADS>(Qs, qg, p.q_ss, q0, seq_q, head_dim, tid);
-        fa_tf32_copy_tile<BN, MS::CPR, STR, THREADS>(Ks, kg, p.k_ss, tbeg * BN, seq_k, head_dim, tid);
+        fa_tf32_copy_tile<BM, MS::CPR, STR, THREADS>(Qs, qg, q0, seq_q, head_dim, tid);
+        fa_tf32_copy_tile<BN, MS::CPR, STR, THREADS>(Ks, kg, tbeg * BN, seq_k, head_dim, tid);
         fa_cp_async_commit();
-        fa_tf32_copy_tile<BN, MS::CPR, STR, THREADS>(Vs, vg, p.v_ss, tbeg * BN, seq_k, head_dim, tid);
+        fa_tf32_copy_tile<BN, MS::CPR, STR, THREADS>(Vs, vg, tbeg * BN, seq_k, head_dim, tid);
         fa_cp_async_commit();
     }
 
@@ -120,7 +120,7 @@ FA_DEVICE void fa_tf32_forward(const AttnParams& p) {
         fa_cp_async_wait<1>();
         fa_syncthreads();  // K_t (and Q) visible; every warp is done with K_{t-1}'s buffer
         if (t + 1 < ntiles)
-            fa_tf32_copy_tile<BN, MS::CPR, STR, THREADS>(Ks + nb * KV_BUF, kg, p.k_ss,
+            fa_tf32_copy_tile<BN, MS::CPR, STR, THREADS>(Ks + nb * KV_BUF, kg,
                                                          kv0 + BN, seq_k, head_dim, tid);
         fa_cp_async_commit();
 
@@ -172,7 +172,7 @@ FA_DEVICE void fa_tf32_forward(const AttnParams& p) {
         fa_cp_async_wait<1>();
         fa_syncthreads();  // V_t visible; every warp is done with V_{t-1}'s buffer
         if (t + 1 < ntiles)
-            fa_tf32_copy_tile<BN, MS::CPR, STR, THREADS>(Vs + nb * KV_BUF, vg, p.v_ss,
+            fa_tf32_copy_tile<BN, MS::CPR, STR, THREADS>(Vs + nb * KV_BUF, vg,
                                                          kv0 + BN, seq_k, head_dim, tid);
         fa_cp_async_commit();
 

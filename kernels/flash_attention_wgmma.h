@@ -58,12 +58,12 @@ struct FaWgShape {
 #if FA_HAS_WGMMA
 
 
-// ROWS x DP elements from global rows row0.. (stride in elements) into a swizzled tile of
+// ROWS x DP elements from global rows row0.. (FaRows: dense or paged) into a swizzled tile of
 // ROWS-row atoms, 16-byte chunks by cp.async; rows >= row_end and columns >= head_dim are
 // zero filled (the source is then not read).
 template <int ROWS, int CPR, int THREADS>
-FA_DEVICE void fa_wgmma_copy_tile(unsigned char* dst, const unsigned short* src, fa_i64 stride,
-                                  int row0, int row_end, int head_dim, int tid) {
+FA_DEVICE void fa_wgmma_copy_tile(unsigned char* dst, const FaRows<unsigned short>& src, int row0,
+                                  int row_end, int head_dim, int tid) {
     if constexpr (THREADS % CPR == 0 && ROWS % (THREADS / CPR) == 0) {
         // One column chunk of every RS-th row through one running pointer; RS is a multiple
         // of 8 here, so the swizzled offset only moves by whole rows.
@@ -71,15 +71,18 @@ FA_DEVICE void fa_wgmma_copy_tile(unsigned char* dst, const unsigned short* src,
         const int r0 = tid / CPR;
         const int ch = tid % CPR;
         const bool col_ok = ch * 8 < head_dim;
-        const unsigned short* s = src + (fa_i64)(row0 + r0) * stride + ch * 8;
-        const fa_i64 step = (fa_i64)RS * stride;
+        const unsigned short* s = src.base + (fa_i64)(row0 + r0) * src.stride + ch * 8;
+        const fa_i64 step = (fa_i64)RS * src.stride;
         unsigned char* d = dst + (ch >> 3) * (ROWS * 128) + fa_wgmma_swz(r0, ch & 7);
 #pragma unroll
         for (int c = 0; c < ROWS / RS; ++c) {
-            const bool valid = col_ok && (row0 + r0 + c * RS < row_end);
+            const int r = row0 + r0 + c * RS;
+            const bool valid = col_ok && (r < row_end);
+            const unsigned short* a = src.paged() ? (valid ? src.row(r) + ch * 8 : src.base)
+                                                  : (valid ? s : src.base);
             fa_cp_async16(d + (RS % 8 == 0 ? c * RS * 128 : fa_wgmma_swz(r0 + c * RS, ch & 7) -
                                                                fa_wgmma_swz(r0, ch & 7)),
-                          valid ? s : src, valid);
+                          a, valid);
             s += step;
         }
     } else {
@@ -91,7 +94,7 @@ FA_DEVICE void fa_wgmma_copy_tile(unsigned char* dst, const unsigned short* src,
             const int r = idx / CPR;
             const int ch = idx % CPR;
             const bool valid = (row0 + r < row_end) && (ch * 8 < head_dim);
-            const unsigned short* s = valid ? src + (fa_i64)(row0 + r) * stride + ch * 8 : src;
+            const unsigned short* s = valid ? src.row(row0 + r) + ch * 8 : src.base;
             fa_cp_async16(dst + (ch >> 3) * (ROWS * 128) + fa_wgmma_swz(r, ch & 7), s, valid);
         }
     }
@@ -116,10 +119,10 @@ FA_DEVICE void fa_wgmma_forward(const AttnParams& p) {
     const int wg = tid >> 7;
     FA_BLOCK_SETUP(unsigned short, BM, BN, MODE, p, q0);
     if (ntiles > tbeg) {
-        fa_wgmma_copy_tile<BM, WS::CPR, THREADS>(sm + WS::Q_OFF, qg, p.q_ss, q0, seq_q, head_dim, tid);
-        fa_wgmma_copy_tile<BN, WS::CPR, THREADS>(sm + WS::K_OFF, kg, p.k_ss, tbeg * BN, seq_k, head_dim, tid);
+        fa_wgmma_copy_tile<BM, WS::CPR, THREADS>(sm + WS::Q_OFF, qg, q0, seq_q, head_dim, tid);
+        fa_wgmma_copy_tile<BN, WS::CPR, THREADS>(sm + WS::K_OFF, kg, tbeg * BN, seq_k, head_dim, tid);
         fa_cp_async_commit();
-        fa_wgmma_copy_tile<BN, WS::CPR, THREADS>(sm + WS::V_OFF, vg, p.v_ss, tbeg * BN, seq_k, head_dim, tid);
+        fa_wgmma_copy_tile<BN, WS::CPR, THREADS>(sm + WS::V_OFF, vg, tbeg * BN, seq_k, head_dim, tid);
         fa_cp_async_commit();
     }
 
@@ -149,8 +152,7 @@ FA_DEVICE void fa_wgmma_forward(const AttnParams& p) {
         fa_fence_proxy_async();
         fa_syncthreads();  // K_t (and Q) visible to wgmma; every warpgroup is done with K_{t-1}
         if (t + 1 < ntiles)
-            fa_wgmma_copy_tile<BN, WS::CPR, THREADS>(sm + WS::K_OFF + nb * WS::KV_BYTES, kg,
-                                                     p.k_ss, kv0 + BN, seq_k, head_dim, tid);
+            fa_wgmma_copy_tile<BN, WS::CPR, THREADS>(sm + WS::K_OFF + nb * WS::KV_BYTES, kg, kv0 + BN, seq_k, head_dim, tid);
         fa_cp_async_commit();
 
         // Warpgroup-uniform: a group whose rows are past seq_q or see no key of this tile
@@ -194,8 +196,7 @@ FA_DEVICE void fa_wgmma_forward(const AttnParams& p) {
         fa_fence_proxy_async();
         fa_syncthreads();  // V_t visible to wgmma; every warpgroup is done with V_{t-1}
         if (t + 1 < ntiles)
-            fa_wgmma_copy_tile<BN, WS::CPR, THREADS>(sm + WS::V_OFF + nb * WS::KV_BYTES, vg,
-                                                     p.v_ss, kv0 + BN, seq_k, head_dim, tid);
+            fa_wgmma_copy_tile<BN, WS::CPR, THREADS>(sm + WS::V_OFF + nb * WS::KV_BYTES, vg, kv0 + BN, seq_k, head_dim, tid);
         fa_cp_async_commit();
 
         if (active) {

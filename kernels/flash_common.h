@@ -190,8 +190,9 @@ FA_DEVICE int fa_block_q0(const AttnParams& p, int bm, int mode) {
     const int k_row0 = (FA_EXT && (p).cu_k != nullptr) ? (p).cu_k[blockIdx.z] : 0;               \
     const int seq_q = (FA_EXT && (p).cu_q != nullptr) ? (p).cu_q[blockIdx.z + 1] - q_row0         \
                                                       : (p).seq_q;                               \
-    const int seq_k = (FA_EXT && (p).cu_k != nullptr) ? (p).cu_k[blockIdx.z + 1] - k_row0         \
-                                                      : (p).seq_k;                               \
+    const int seq_k = (FA_EXT && (p).cu_k != nullptr)   ? (p).cu_k[blockIdx.z + 1] - k_row0       \
+                      : (FA_EXT && (p).k_lens != nullptr) ? (p).k_lens[blockIdx.z]                \
+                                                          : (p).seq_k;                           \
     const bool causal = ((MODE) == 1) || ((MODE) == 2 && (p).causal != 0);                       \
     if ((q0) >= seq_q) return
 #define FA_BLOCK_SETUP(E, BM, BN, MODE, p, q0)                                                    \
@@ -205,12 +206,68 @@ FA_DEVICE int fa_block_q0(const AttnParams& p, int bm, int mode) {
     const bool has_mask = ((MODE) == 2) && ((p).mask != nullptr);                                \
     [[maybe_unused]] const int head_dim = (p).head_dim;                                          \
     const fa_i64 o_off = (fa_i64)b * (p).o_sb + (fa_i64)h * (p).o_sh + (fa_i64)q_row0 * (p).o_ss; \
-    const E* qg = static_cast<const E*>((p).q) + (fa_i64)b * (p).q_sb + (fa_i64)h * (p).q_sh +   \
-                  (fa_i64)q_row0 * (p).q_ss;                                                     \
-    const E* kg = static_cast<const E*>((p).k) + (fa_i64)b * (p).k_sb + (fa_i64)kvh * (p).k_sh + \
-                  (fa_i64)k_row0 * (p).k_ss;                                                     \
-    const E* vg = static_cast<const E*>((p).v) + (fa_i64)b * (p).v_sb + (fa_i64)kvh * (p).v_sh + \
-                  (fa_i64)k_row0 * (p).v_ss
+    const FaRows<E> qg = fa_dense_rows<E>((p).q, (fa_i64)b * (p).q_sb + (fa_i64)h * (p).q_sh +   \
+                                                     (fa_i64)q_row0 * (p).q_ss, (p).q_ss);      \
+    const FaRows<E> kg = fa_kv_rows<E>((p), (p).k, (p).k_sb, (p).k_sh, (p).k_ss, b, kvh, k_row0); \
+    const FaRows<E> vg = fa_kv_rows<E>((p), (p).v, (p).v_sb, (p).v_sh, (p).v_ss, b, kvh, k_row0)
+
+// Where the rows of one operand of a block start: row r at base + r * stride, or, for paged
+// K / V (FA_EXT, table set), at base + table[r / page_size] * page_stride +
+// (r % page_size) * stride. The copy loops of every implementation address rows through it.
+template <typename E> struct FaRows {
+    const E* base;
+    fa_i64 stride;
+    const int* table;  // this sequence's row of the block table, or null
+    fa_i64 page_stride;
+    int page_size;
+    int page_shift;  // log2(page_size), or -1
+    FA_DEVICE bool paged() const { return FA_EXT && table != nullptr; }
+    FA_DEVICE const E* row(int r) const {
+        if (paged()) {
+            const int pg = page_shift >= 0 ? r >> page_shift : r / page_size;
+            const int in = page_shift >= 0 ? r & (page_size - 1) : r - pg * page_size;
+            return base + (fa_i64)table[pg] * page_stride + (fa_i64)in * stride;
+        }
+        return base + (fa_i64)r * stride;
+    }
+    // The same rows as another element type (the TF32 copy moves f32 rows as 16-bit pairs).
+    template <typename F> FA_DEVICE FaRows<F> as(int scale) const {
+        FaRows<F> o;
+        o.base = reinterpret_cast<const F*>(base);
+        o.stride = stride * scale;
+        o.table = table;
+        o.page_stride = page_stride * scale;
+        o.page_size = page_size;
+        o.page_shift = page_shift;
+        return o;
+    }
+};
+template <typename E> FA_DEVICE FaRows<E> fa_dense_rows(const void* ptr, fa_i64 off, fa_i64 stride) {
+    FaRows<E> r;
+    r.base = static_cast<const E*>(ptr) + off;
+    r.stride = stride;
+    r.table = nullptr;
+    r.page_stride = 0;
+    r.page_size = 1;
+    r.page_shift = 0;
+    return r;
+}
+// K or V rows of (batch b, KV head kvh): dense (the sequence's rows from k_row0) or paged.
+template <typename E>
+FA_DEVICE FaRows<E> fa_kv_rows(const AttnParams& p, const void* ptr, fa_i64 sb, fa_i64 sh, fa_i64 ss, int b,
+                               int kvh, int k_row0) {
+    if (FA_EXT && p.block_table != nullptr) {
+        FaRows<E> r;
+        r.base = static_cast<const E*>(ptr) + (fa_i64)kvh * sh;
+        r.stride = ss;
+        r.table = p.block_table + (fa_i64)b * p.max_pages;
+        r.page_stride = sb;
+        r.page_size = p.page_size;
+        r.page_shift = p.page_shift;
+        return r;
+    }
+    return fa_dense_rows<E>(ptr, (fa_i64)b * sb + (fa_i64)kvh * sh + (fa_i64)k_row0 * ss, ss);
+}
 
 // A thread's place in the tensor-core kernels' fragment layouts: tid, its warp and lane,
 // and the lane's row g = lane / 4 and column c4 = lane % 4 within its quad.

@@ -137,7 +137,7 @@ struct FaStager {
     typedef FaTileGeom<T, ROWS, DP, SSTR, THREADS> G;
     fa_u32x4 reg[G::PER];
 
-    FA_DEVICE void issue(float* /*smem*/, const T* base, fa_i64 row_stride, int row0, int row_end,
+    FA_DEVICE void issue(float* /*smem*/, const FaRows<T>& rows, int row0, int row_end,
                          int head_dim, bool vec_ok, int tid) {
 #pragma unroll
         for (int c = 0; c < G::PER; ++c) {
@@ -149,7 +149,7 @@ struct FaStager {
             fa_u32x4 v;
             v.x = 0u; v.y = 0u; v.z = 0u; v.w = 0u;
             if (valid) {
-                const T* src = base + (fa_i64)(row0 + r) * row_stride + col;
+                const T* src = rows.row(row0 + r) + col;
                 if (vec_ok) v = *reinterpret_cast<const fa_u32x4*>(src);
                 else v = FaChunk<T>::load_scalar(src);
             }
@@ -174,7 +174,7 @@ template <int ROWS, int DP, int SSTR, int THREADS>
 struct FaStager<float, ROWS, DP, SSTR, THREADS, true> {
     typedef FaTileGeom<float, ROWS, DP, SSTR, THREADS> G;
 
-    FA_DEVICE void issue(float* smem, const float* base, fa_i64 row_stride, int row0, int row_end,
+    FA_DEVICE void issue(float* smem, const FaRows<float>& rows, int row0, int row_end,
                          int head_dim, bool vec_ok, int tid) {
 #pragma unroll
         for (int c = 0; c < G::PER; ++c) {
@@ -184,7 +184,7 @@ struct FaStager<float, ROWS, DP, SSTR, THREADS, true> {
             const int col = (idx % G::CPR) * G::EPC;
             const bool valid = (row0 + r < row_end) && (col < head_dim);
             float* dst = smem + r * SSTR + col;
-            const float* src = valid ? base + (fa_i64)(row0 + r) * row_stride + col : base;
+            const float* src = valid ? rows.row(row0 + r) + col : rows.base;
             if (vec_ok) {
                 fa_cp_async16(dst, src, valid);
             } else {
@@ -425,7 +425,7 @@ FA_DEVICE void fa_flash_tile(const AttnParams& p, const int q0) {
     // Q is scaled by scale*log2(e) once, so S comes out in the exp2 domain.
     {
         FaStager<T, BM, SH::DP, SH::QSTR, THREADS, false> qst;
-        qst.issue(Qs, qg, p.q_ss, q0, seq_q, p.head_dim, in_vec, tid);
+        qst.issue(Qs, qg, q0, seq_q, p.head_dim, in_vec, tid);
         qst.commit(Qs, tid, p.scale * FA_LOG2E);
     }
 
@@ -442,14 +442,14 @@ FA_DEVICE void fa_flash_tile(const AttnParams& p, const int q0) {
 
     FaStager<T, BN, SH::DP, SH::KSTR, THREADS, ASYNC> kst;
     FaStager<T, BN, SH::DP, SH::VSTR, THREADS, ASYNC> vst;
-    if (ntiles > tbeg) kst.issue(Ks, kg, p.k_ss, tbeg * BN, seq_k, p.head_dim, in_vec, tid);
+    if (ntiles > tbeg) kst.issue(Ks, kg, tbeg * BN, seq_k, p.head_dim, in_vec, tid);
     const int qlast = (q0 + BM < seq_q ? q0 + BM : seq_q) - 1;
 
     for (int t = tbeg; t < ntiles; ++t) {
         const int kv0 = t * BN;
         kst.commit(Ks, tid, 1.0f);
         fa_syncthreads();  // A: K_t (and Q) visible; V and P^T of the last tile are free
-        vst.issue(Vs, vg, p.v_ss, kv0, seq_k, p.head_dim, in_vec, tid);
+        vst.issue(Vs, vg, kv0, seq_k, p.head_dim, in_vec, tid);
 
         float s[RM][SH::SN];
         fa_qk_tile<SH>(Qs, Ks, s, tx, ty);
@@ -460,7 +460,7 @@ FA_DEVICE void fa_flash_tile(const AttnParams& p, const int q0) {
 
         vst.commit(Vs, tid, 1.0f);
         fa_syncthreads();  // B: P^T and V_t visible; K_t is free
-        if (t + 1 < ntiles) kst.issue(Ks, kg, p.k_ss, kv0 + BN, seq_k, p.head_dim, in_vec, tid);
+        if (t + 1 < ntiles) kst.issue(Ks, kg, kv0 + BN, seq_k, p.head_dim, in_vec, tid);
         fa_pv_tile<SH>(Ps, Vs, o, tx, ty);
     }
 

@@ -7,6 +7,7 @@
 //! they are. A [`KvCache`](crate::KvCache) that is paged gives such a view of itself
 //! ([`KvCache::paged_view`](crate::KvCache::paged_view)).
 
+use crate::config::AttentionConfig;
 use crate::device::Device;
 use crate::dtype::DType;
 use crate::error::{AttentionError, Result};
@@ -125,6 +126,48 @@ impl PagedKv {
                 seq: s[2],
             },
         }
+    }
+
+    /// [`validate`](Self::validate) for a call on `device`: every tensor there, the
+    /// config's KV heads and head_dim, `q`'s dtype.
+    pub(crate) fn check_for_call(
+        &self,
+        config: &AttentionConfig,
+        q: &DeviceTensor,
+        device: Device,
+    ) -> Result<PagedGeometry> {
+        let kv = self;
+        for (what, t) in [
+            ("k_pages", &kv.k_pages),
+            ("v_pages", &kv.v_pages),
+            ("block_table", &kv.block_table),
+            ("seq_lens", &kv.seq_lens),
+        ] {
+            crate::varlen::on_device(what, t, device)?;
+        }
+        let g = kv.validate()?;
+        if g.num_kv_heads != config.num_kv_heads {
+            return Err(AttentionError::shape(
+                "k_pages kv heads",
+                config.num_kv_heads,
+                g.num_kv_heads,
+            ));
+        }
+        if g.head_dim != config.head_dim {
+            return Err(AttentionError::shape(
+                "k_pages head_dim",
+                config.head_dim,
+                g.head_dim,
+            ));
+        }
+        if kv.dtype() != q.dtype() {
+            return Err(AttentionError::DTypeMismatch {
+                what: "k_pages".into(),
+                expected: q.dtype().to_string(),
+                got: kv.dtype().to_string(),
+            });
+        }
+        Ok(g)
     }
 
     /// Checks the view and reads its block table and lengths to the host (downloads for

@@ -28,42 +28,9 @@ fn config(causal: bool, layout: Layout) -> AttentionConfig {
         .with_scale(0.5)
 }
 
-/// A permutation of `0..n` from `seed`.
-fn shuffled(n: usize, seed: u64) -> Vec<usize> {
-    let r = random_values(n, seed);
-    let mut idx: Vec<usize> = (0..n).collect();
-    idx.sort_by(|&a, &b| r[a].total_cmp(&r[b]));
-    idx
-}
-
-/// Pools holding `lens` tokens per sequence in pages of `page_size`, the pages of all
-/// sequences in random order in the pool (plus two unused ones), unused table entries -1.
+/// Pools holding `lens` tokens per sequence (common::paged_pools) on the host.
 fn pools(lens: &[usize], page_size: usize, layout: PageLayout, dtype: DType, seed: u64) -> PagedKv {
-    let pages: Vec<usize> = lens.iter().map(|l| l.div_ceil(page_size)).collect();
-    let max_pages = pages.iter().copied().max().unwrap_or(0).max(1) + 1;
-    let num_pages = pages.iter().sum::<usize>() + 2;
-    let order = shuffled(num_pages, seed);
-    let mut table = vec![-1i32; lens.len() * max_pages];
-    let mut next = 0;
-    for (b, &n) in pages.iter().enumerate() {
-        for p in 0..n {
-            table[b * max_pages + p] = order[next] as i32;
-            next += 1;
-        }
-    }
-    let shape = match layout {
-        PageLayout::Nhd => [num_pages, page_size, HKV, D],
-        PageLayout::Hnd => [num_pages, HKV, page_size, D],
-    };
-    let l: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
-    PagedKv::new(
-        random_tensor(&shape, dtype, Device::Cpu, seed + 1),
-        random_tensor(&shape, dtype, Device::Cpu, seed + 2),
-        DeviceTensor::from_host(&table, &[lens.len(), max_pages], Device::Cpu).unwrap(),
-        DeviceTensor::from_host(&l, &[lens.len()], Device::Cpu).unwrap(),
-        page_size,
-        layout,
-    )
+    common::paged_pools(lens, page_size, layout, dtype, HKV, D, Device::Cpu, seed)
 }
 
 fn q_shape(layout: Layout, b: usize, sq: usize) -> [usize; 4] {
@@ -403,45 +370,6 @@ fn every_validation_error_leaves_the_output_untouched() {
         "{e}"
     );
     assert_eq!(out.to_f32_vec().unwrap(), sentinel);
-}
-
-#[test]
-#[ignore = "needs a GPU"]
-fn the_gpu_backend_refuses_paged_calls_with_the_reason() {
-    let (dev, backend) = common::gpu_backend();
-    let pool = random_tensor(&[4, 16, HKV, D], DType::F16, dev, 1);
-    let table = DeviceTensor::from_host(&[0i32, 1, 2, 3], &[2, 2], dev).unwrap();
-    let lens = DeviceTensor::from_host(&[20i32, 5], &[2], dev).unwrap();
-    let kv = PagedKv::new(pool.clone(), pool, table, lens, 16, PageLayout::Nhd);
-    let cfg = config(true, Layout::Bshd);
-    let q = random_tensor(&[2, 3, H, D], DType::F16, dev, 2);
-    let mut out = DeviceTensor::zeros(&[2, 3, H, D], DType::F16, dev).unwrap();
-    let e = backend
-        .forward_paged(&cfg, &AttentionOptions::new(), &q, &kv, &mut out, None)
-        .unwrap_err();
-    assert!(
-        matches!(&e, AttentionError::NotSupported { reason, .. } if reason.contains("paged")),
-        "{e}"
-    );
-    let cu = DeviceTensor::from_host(&[0i32, 3, 6], &[3], dev).unwrap();
-    let qp = random_tensor(&[6, H, D], DType::F16, dev, 3);
-    let mut outp = DeviceTensor::zeros(&[6, H, D], DType::F16, dev).unwrap();
-    let e = backend
-        .forward_paged_varlen(
-            &cfg,
-            &AttentionOptions::new(),
-            &qp,
-            &cu,
-            3,
-            &kv,
-            &mut outp,
-            None,
-        )
-        .unwrap_err();
-    assert!(
-        matches!(&e, AttentionError::NotSupported { reason, .. } if reason.contains("paged")),
-        "{e}"
-    );
 }
 
 /// Attention of fixed queries over sequence `b` of `cache` (all sequences computed).

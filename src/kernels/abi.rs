@@ -72,6 +72,8 @@ pub(crate) struct AttnParams {
     pub sinks: u64,
     pub cu_q: u64,
     pub cu_k: u64,
+    pub block_table: u64,
+    pub k_lens: u64,
     pub q_strides: Strides3,
     pub k_strides: Strides3,
     pub v_strides: Strides3,
@@ -92,6 +94,10 @@ pub(crate) struct AttnParams {
     pub window_right: i32,
     pub softcap: f32,
     pub transform: i32,
+    pub max_pages: i32,
+    pub page_size: i32,
+    pub page_shift: i32,
+    pub pad_: i32,
 }
 
 /// `DecodeParams` of kernels/decode_params.h: the split-KV decode and combine kernels.
@@ -313,7 +319,7 @@ mod tests {
     #[test]
     fn attn_params_match_the_c_struct() {
         let rust = fields!(AttnParams;
-            q, k, v, mask, out, lse, workspace, alibi, sinks, cu_q, cu_k,
+            q, k, v, mask, out, lse, workspace, alibi, sinks, cu_q, cu_k, block_table, k_lens,
             q_strides => bhs("q"),
             k_strides => bhs("k"),
             v_strides => bhs("v"),
@@ -321,7 +327,7 @@ mod tests {
             m_strides => vec!["m_sb".into(), "m_sh".into(), "m_sq".into()],
             l_strides => bhs("l"),
             batch, num_heads, num_kv_heads, seq_q, seq_k, head_dim, scale, causal,
-            window_left, window_right, softcap, transform);
+            window_left, window_right, softcap, transform, max_pages, page_size, page_shift, pad_);
         assert_layout::<AttnParams>("attention_params.h", "AttnParams", &rust);
     }
 

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use forge_attn::reference::random_values;
-use forge_attn::{DType, Device, DeviceTensor, KvCacheSpec};
+use forge_attn::{DType, Device, DeviceTensor, KvCacheSpec, PageLayout, PagedKv};
 
 /// The GPU the ignored tests run on; fails the test where there is none.
 pub fn gpu() -> Device {
@@ -139,4 +139,75 @@ pub fn forward_against_reference(
     let want = forge_attn::reference::attention_f64(cfg, q, k, v, mask).unwrap();
     let got = out.to_f32_vec().unwrap();
     (path, forge_attn::reference::relative_l2_error(&got, &want))
+}
+
+/// A permutation of `0..n` from `seed`.
+pub fn shuffled(n: usize, seed: u64) -> Vec<usize> {
+    let r = random_values(n, seed);
+    let mut idx: Vec<usize> = (0..n).collect();
+    idx.sort_by(|&a, &b| r[a].total_cmp(&r[b]));
+    idx
+}
+
+/// Pools on `dev` holding `lens` tokens per sequence in pages of `page_size`, the pages of
+/// all sequences in random order in the pool (plus two unused ones), unused table entries
+/// -1; random values from `seed`.
+#[allow(clippy::too_many_arguments)]
+pub fn paged_pools(
+    lens: &[usize],
+    page_size: usize,
+    layout: PageLayout,
+    dtype: DType,
+    hkv: usize,
+    d: usize,
+    dev: Device,
+    seed: u64,
+) -> PagedKv {
+    let pages: Vec<usize> = lens.iter().map(|l| l.div_ceil(page_size)).collect();
+    let max_pages = pages.iter().copied().max().unwrap_or(0).max(1) + 1;
+    let num_pages = pages.iter().sum::<usize>() + 2;
+    let order = shuffled(num_pages, seed);
+    let mut table = vec![-1i32; lens.len() * max_pages];
+    let mut next = 0;
+    for (b, &n) in pages.iter().enumerate() {
+        for p in 0..n {
+            table[b * max_pages + p] = order[next] as i32;
+            next += 1;
+        }
+    }
+    let shape = match layout {
+        PageLayout::Nhd => [num_pages, page_size, hkv, d],
+        PageLayout::Hnd => [num_pages, hkv, page_size, d],
+    };
+    let l: Vec<i32> = lens.iter().map(|&l| l as i32).collect();
+    PagedKv::new(
+        random_tensor(&shape, dtype, dev, seed + 1),
+        random_tensor(&shape, dtype, dev, seed + 2),
+        DeviceTensor::from_host(&table, &[lens.len(), max_pages], dev).unwrap(),
+        DeviceTensor::from_host(&l, &[lens.len()], dev).unwrap(),
+        page_size,
+        layout,
+    )
+}
+
+/// A host copy of a paged view (pools, table and lengths), for the reference.
+pub fn paged_on_host(kv: &PagedKv) -> PagedKv {
+    PagedKv::new(
+        cpu_copy(&kv.k_pages),
+        cpu_copy(&kv.v_pages),
+        DeviceTensor::from_host(
+            &kv.block_table.to_host::<i32>().unwrap(),
+            kv.block_table.shape(),
+            Device::Cpu,
+        )
+        .unwrap(),
+        DeviceTensor::from_host(
+            &kv.seq_lens.to_host::<i32>().unwrap(),
+            kv.seq_lens.shape(),
+            Device::Cpu,
+        )
+        .unwrap(),
+        kv.page_size,
+        kv.layout,
+    )
 }

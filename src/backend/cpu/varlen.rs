@@ -173,37 +173,7 @@ pub(super) fn forward_varlen(
 /// Checks `kv` against the call: on the host, the config's KV heads and head_dim, q's
 /// dtype.
 fn check_pages(config: &AttentionConfig, q: &DeviceTensor, kv: &PagedKv) -> Result<PagedGeometry> {
-    for (what, t) in [
-        ("k_pages", &kv.k_pages),
-        ("v_pages", &kv.v_pages),
-        ("block_table", &kv.block_table),
-        ("seq_lens", &kv.seq_lens),
-    ] {
-        on_host(what, t)?;
-    }
-    let g = kv.validate()?;
-    if g.num_kv_heads != config.num_kv_heads {
-        return Err(AttentionError::shape(
-            "k_pages kv heads",
-            config.num_kv_heads,
-            g.num_kv_heads,
-        ));
-    }
-    if g.head_dim != config.head_dim {
-        return Err(AttentionError::shape(
-            "k_pages head_dim",
-            config.head_dim,
-            g.head_dim,
-        ));
-    }
-    if kv.dtype() != q.dtype() {
-        return Err(AttentionError::DTypeMismatch {
-            what: "k_pages".into(),
-            expected: q.dtype().to_string(),
-            got: kv.dtype().to_string(),
-        });
-    }
-    Ok(g)
+    kv.check_for_call(config, q, Device::Cpu)
 }
 
 /// `forward_paged` of the CPU backend.

@@ -1,5 +1,6 @@
 //! GPU calls with per-call extensions: options (window, softcap, ALiBi, sinks) and the
-//! log-sum-exp output on dense operands, and packed ragged (varlen) batches. They run the
+//! log-sum-exp output on dense operands, packed ragged (varlen) batches, and K / V on the
+//! caller's pages (any number of queries per sequence). They run the
 //! `_ext` variants of the prefill flash families (every implementation: wgmma, mma.sync,
 //! TF32, SIMT), or for up to 16 unmasked dense queries the decode kernel's option variant,
 //! as the one dispatch decision picks; the unfused path runs none of them, so a call the
@@ -13,7 +14,8 @@ use crate::config::AttentionConfig;
 use crate::error::{AttentionError, Result};
 use crate::kernels::abi::{AttnParams, Strides3};
 use crate::options::AttentionOptions;
-use crate::problem::{AttentionProblem, HeadStrides};
+use crate::paged::{PagedGeometry, PagedKv};
+use crate::problem::{AttentionProblem, CachedKeys, HeadStrides};
 use crate::tensor::{check_usable, DeviceTensor};
 use crate::varlen::{check_packed, check_packed_queries, on_device, VarlenBatch};
 
@@ -191,4 +193,239 @@ fn check_extension_tensors(
     }
     let writes: Vec<&DeviceTensor> = lse.into_iter().collect();
     check_usable(&reads, &writes)
+}
+
+impl GpuAttentionBackend {
+    /// The checked problem of a paged call: `q` against `kv`'s geometry, its output
+    /// strides and the log-sum-exp strides (queries are dense here; see
+    /// [`forward_paged_packed`](Self::forward_paged_packed) for packed ones).
+    #[allow(clippy::type_complexity)]
+    fn paged_problem(
+        &self,
+        config: &AttentionConfig,
+        options: &AttentionOptions,
+        q: &DeviceTensor,
+        kv: &PagedKv,
+        out: &DeviceTensor,
+        lse: Option<&DeviceTensor>,
+    ) -> Result<(
+        AttentionProblem,
+        HeadStrides,
+        Option<crate::options::LseStrides>,
+        PagedGeometry,
+    )> {
+        let dev = self.device;
+        on_device("q", q, dev)?;
+        let g = kv.check_for_call(config, q, dev)?;
+        let keys = CachedKeys {
+            batch: g.batch,
+            num_kv_heads: g.num_kv_heads,
+            head_dim: g.head_dim,
+            dtype: kv.dtype(),
+            device: dev,
+            // Sequences of length 0 read no key; one key slot keeps the problem valid.
+            max_len: g.lens.iter().copied().max().unwrap_or(0).max(1),
+            strides: kv.strides_of(&kv.k_pages),
+        };
+        let mut p = AttentionProblem::cached(config, q, &keys, 0)?;
+        p.v = kv.strides_of(&kv.v_pages);
+        let mut inputs = vec![q, &kv.k_pages, &kv.v_pages, &kv.block_table, &kv.seq_lens];
+        inputs.extend(options.alibi_slopes.as_ref());
+        inputs.extend(options.sinks.as_ref());
+        let os = p.output_strides(config.layout, out, &inputs)?;
+        let mut others = inputs.clone();
+        others.push(out);
+        let lse_strides = options.check(&p, lse, &others)?;
+        check_usable(&inputs, &[out])?;
+        check_extension_tensors(options, lse, out)?;
+        self.check_paged_limits(&p, kv, &g)?;
+        Ok((p, os, lse_strides, g))
+    }
+
+    /// The kernels' 32-bit limits for a paged call.
+    fn check_paged_limits(
+        &self,
+        p: &AttentionProblem,
+        kv: &PagedKv,
+        g: &PagedGeometry,
+    ) -> Result<()> {
+        let capacity = g.max_pages.checked_mul(kv.page_size);
+        let fits = capacity
+            .ok_or_else(|| "max_pages * page_size overflows".to_string())
+            .and_then(|cap| dispatch::check_sizes(p.batch, p.seq_q, cap, p.num_heads, p.head_dim))
+            .and_then(|()| dispatch::check_sizes(g.num_pages, g.max_pages, kv.page_size, 1, 1));
+        fits.map_err(|reason| AttentionError::NotSupported {
+            backend: self.name().into(),
+            reason,
+        })
+    }
+
+    /// [`DeviceAttentionBackend::forward_paged`]: up to 16 queries per sequence on the
+    /// decode kernel (its option variant when options or an lse are given), longer query
+    /// blocks on the flash kernels' extended variants reading K / V through the block
+    /// table; as [`dispatch`] decides. The block table and lengths are read to the host
+    /// once to check them.
+    pub(super) fn forward_paged_kv(
+        &self,
+        config: &AttentionConfig,
+        options: &AttentionOptions,
+        q: &DeviceTensor,
+        kv: &PagedKv,
+        out: &mut DeviceTensor,
+        lse: Option<&mut DeviceTensor>,
+    ) -> Result<AttentionPath> {
+        let (p, os, lse_strides, g) =
+            self.paged_problem(config, options, q, kv, out, lse.as_deref())?;
+        let (k, v) = (&kv.k_pages, &kv.v_pages);
+        let choice = self.ext_choice(&PlanInput {
+            tf32: self.allow_tf32,
+            kv_aligned: dispatch::vectors_aligned(k) && dispatch::vectors_aligned(v),
+            qkv_aligned: dispatch::chunk_aligned(&p, q, k, v),
+            ..PlanInput::of(&p)
+        })?;
+        if choice.kernel == FlashKernel::Decode {
+            let view = decode::CacheView {
+                k: k.device_ptr(),
+                v: v.device_ptr(),
+                k_strides: p.k,
+                v_strides: p.v,
+                seq_lens: kv.seq_lens.device_ptr(),
+                block_table: kv.block_table.device_ptr(),
+                max_pages: g.max_pages,
+                page_size: kv.page_size,
+                append: None,
+                // What the table can address: a replay with longer sequences stays covered.
+                capacity: g.max_pages * kv.page_size,
+                num_pages: g.num_pages,
+            };
+            let opts = decode::DecodeOptions::new(options, lse.as_deref().zip(lse_strides));
+            decode::forward_decode_with(
+                &self.runtime,
+                &self.decode_workspace,
+                &p,
+                q,
+                out,
+                os,
+                &view,
+                &opts,
+            )?;
+            return Ok(AttentionPath::Flash(choice.kernel));
+        }
+        let lse = lse
+            .zip(lse_strides)
+            .map(|(l, st)| (l.device_ptr(), Strides3::new(st.batch, st.head, st.query)));
+        let ext = ParamsExt::new(options, lse).paged(
+            kv.block_table.device_ptr(),
+            kv.seq_lens.device_ptr(),
+            g.max_pages,
+            kv.page_size,
+        );
+        let params = AttnParams::new(&p, q, k, v, None, out, os).with_ext(&ext);
+        flash::forward_flash(&self.runtime, &p, &params, &choice)?;
+        Ok(AttentionPath::Flash(choice.kernel))
+    }
+
+    /// [`DeviceAttentionBackend::forward_paged_varlen`]: packed queries against paged K / V
+    /// in one launch of the flash kernels' extended variants.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn forward_paged_packed(
+        &self,
+        config: &AttentionConfig,
+        options: &AttentionOptions,
+        q: &DeviceTensor,
+        cu_seqlens_q: &DeviceTensor,
+        max_seqlen_q: usize,
+        kv: &PagedKv,
+        out: &mut DeviceTensor,
+        lse: Option<&mut DeviceTensor>,
+    ) -> Result<AttentionPath> {
+        let dev = self.device;
+        let pools = [q, &kv.k_pages, &kv.v_pages];
+        let pq = check_packed_queries(config, options, q, &pools, out, lse.as_deref(), dev)?;
+        on_device("cu_seqlens_q", cu_seqlens_q, dev)?;
+        let g = kv.check_for_call(config, q, dev)?;
+        check_usable(
+            &[
+                q,
+                &kv.k_pages,
+                &kv.v_pages,
+                &kv.block_table,
+                &kv.seq_lens,
+                cu_seqlens_q,
+            ],
+            &[&*out],
+        )?;
+        check_extension_tensors(options, lse.as_deref(), out)?;
+        let total_q = q.shape()[0];
+        let offs = crate::varlen::read_offsets(
+            "cu_seqlens_q",
+            cu_seqlens_q,
+            total_q,
+            "max_seqlen_q",
+            max_seqlen_q,
+            dev,
+        )?;
+        if offs.len() != g.batch + 1 {
+            return Err(AttentionError::shape(
+                "cu_seqlens_q",
+                format!(
+                    "[{}] (one more than the block table's sequences)",
+                    g.batch + 1
+                ),
+                format!("[{}]", offs.len()),
+            ));
+        }
+        let max_q = offs.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+        let max_len = g.lens.iter().copied().max().unwrap_or(0).max(1);
+        let p = AttentionProblem {
+            batch: g.batch,
+            seq_q: max_q,
+            seq_k: max_len,
+            num_heads: config.num_heads,
+            num_kv_heads: config.num_kv_heads,
+            head_dim: config.head_dim,
+            scale: config.effective_scale(),
+            causal: config.is_causal,
+            dtype: q.dtype(),
+            device: dev,
+            q: HeadStrides {
+                batch: 0,
+                head: pq.q.1,
+                seq: pq.q.0,
+            },
+            k: kv.strides_of(&kv.k_pages),
+            v: kv.strides_of(&kv.v_pages),
+            mask: None,
+        };
+        self.check_paged_limits(&p, kv, &g)?;
+        let (k, v) = (&kv.k_pages, &kv.v_pages);
+        let choice = self.ext_choice(&PlanInput {
+            tf32: self.allow_tf32,
+            qkv_aligned: dispatch::chunk_aligned(&p, q, k, v),
+            packed: true,
+            ..PlanInput::of(&p)
+        })?;
+        if max_q == 0 {
+            return Ok(AttentionPath::Flash(choice.kernel));
+        }
+        let lse = lse
+            .zip(pq.lse)
+            .map(|(l, (head, row))| (l.device_ptr(), Strides3::new(0, head, row)));
+        let ext = ParamsExt::new(options, lse)
+            .packed(cu_seqlens_q.device_ptr(), 0)
+            .paged(
+                kv.block_table.device_ptr(),
+                kv.seq_lens.device_ptr(),
+                g.max_pages,
+                kv.page_size,
+            );
+        let os = HeadStrides {
+            batch: 0,
+            head: pq.out.1,
+            seq: pq.out.0,
+        };
+        let params = AttnParams::new(&p, q, k, v, None, out, os).with_ext(&ext);
+        flash::forward_flash(&self.runtime, &p, &params, &choice)?;
+        Ok(AttentionPath::Flash(choice.kernel))
+    }
 }

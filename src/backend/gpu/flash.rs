@@ -46,8 +46,6 @@ pub(crate) fn slice_params(params: &AttnParams, p: &AttentionProblem, s: &Slice)
     let b = s.batch0;
     AttnParams {
         q: offset_ptr(params.q, params.q_strides.at(b, s.head0), es),
-        k: offset_ptr(params.k, params.k_strides.at(b, s.kv_head0), es),
-        v: offset_ptr(params.v, params.v_strides.at(b, s.kv_head0), es),
         out: offset_ptr(params.out, params.o_strides.at(b, s.head0), es),
         mask: offset_ptr(params.mask, params.m_strides.at(b, s.head0), 4),
         lse: offset_ptr(params.lse, params.l_strides.at(b, s.head0), 4),
@@ -56,6 +54,20 @@ pub(crate) fn slice_params(params: &AttnParams, p: &AttentionProblem, s: &Slice)
         // A packed batch's offsets: the slice's sequences are its entries b .. b + batch.
         cu_q: offset_ptr(params.cu_q, b, 4),
         cu_k: offset_ptr(params.cu_k, b, 4),
+        // Paged K / V: the slice's rows of the block table and its lengths; the pools are
+        // addressed by page, not by batch entry.
+        block_table: offset_ptr(params.block_table, b * params.max_pages.max(0) as usize, 4),
+        k_lens: offset_ptr(params.k_lens, b, 4),
+        k: if params.block_table != 0 {
+            offset_ptr(params.k, params.k_strides.at(0, s.kv_head0), es)
+        } else {
+            offset_ptr(params.k, params.k_strides.at(b, s.kv_head0), es)
+        },
+        v: if params.block_table != 0 {
+            offset_ptr(params.v, params.v_strides.at(0, s.kv_head0), es)
+        } else {
+            offset_ptr(params.v, params.v_strides.at(b, s.kv_head0), es)
+        },
         batch: s.batch as i32,
         num_heads: s.heads as i32,
         num_kv_heads: s.kv_heads as i32,

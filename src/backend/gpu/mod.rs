@@ -658,6 +658,37 @@ impl DeviceAttentionBackend for GpuAttentionBackend {
         self.forward_packed(config, options, q, k, v, batch, out, lse)
     }
 
+    /// K / V through the caller's block table at any number of queries: the decode kernel
+    /// up to 16 per sequence, the flash kernels' extended variants beyond; every option.
+    fn forward_paged(
+        &self,
+        config: &AttentionConfig,
+        options: &AttentionOptions,
+        q: &DeviceTensor,
+        kv: &crate::paged::PagedKv,
+        out: &mut DeviceTensor,
+        lse: Option<&mut DeviceTensor>,
+    ) -> Result<AttentionPath> {
+        self.forward_paged_kv(config, options, q, kv, out, lse)
+    }
+
+    /// Packed queries against the caller's pages in one launch of the flash kernels'
+    /// extended variants; every option.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_paged_varlen(
+        &self,
+        config: &AttentionConfig,
+        options: &AttentionOptions,
+        q: &DeviceTensor,
+        cu_seqlens_q: &DeviceTensor,
+        max_seqlen_q: usize,
+        kv: &crate::paged::PagedKv,
+        out: &mut DeviceTensor,
+        lse: Option<&mut DeviceTensor>,
+    ) -> Result<AttentionPath> {
+        self.forward_paged_packed(config, options, q, cu_seqlens_q, max_seqlen_q, kv, out, lse)
+    }
+
     /// The split-KV decode kernel over any cache (contiguous, paged, ragged; up to
     /// [`MAX_DECODE_QUERIES`] queries) with every per-call option and the log-sum-exp
     /// output: plain options without `lse` take [`forward_cached`](Self::forward_cached)'s

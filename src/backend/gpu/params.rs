@@ -54,6 +54,10 @@ pub(crate) struct ParamsExt {
     pub sinks: u64,
     pub cu_q: u64,
     pub cu_k: u64,
+    pub block_table: u64,
+    pub k_lens: u64,
+    pub max_pages: i32,
+    pub page_size: i32,
     pub lse: u64,
     pub lse_strides: Strides3,
     pub window_left: i32,
@@ -79,6 +83,10 @@ impl ParamsExt {
             sinks: options.sinks.as_ref().map_or(0, |t| t.device_ptr()),
             cu_q: 0,
             cu_k: 0,
+            block_table: 0,
+            k_lens: 0,
+            max_pages: 0,
+            page_size: 0,
             lse,
             lse_strides,
             window_left: kernel_window_bound(options.window_left),
@@ -88,9 +96,31 @@ impl ParamsExt {
         }
     }
 
-    /// With packed sequences: `cu_q` / `cu_k` are the device addresses of the I32 offsets.
+    /// With packed sequences: `cu_q` / `cu_k` are the device addresses of the I32 offsets
+    /// (0: that side is not packed).
     pub fn packed(self, cu_q: u64, cu_k: u64) -> Self {
         ParamsExt { cu_q, cu_k, ..self }
+    }
+
+    /// With paged K / V: the device addresses of the I32 `[B, max_pages]` block table and
+    /// `[B]` lengths, and the page size (the K / V batch strides are then page strides).
+    pub fn paged(self, block_table: u64, k_lens: u64, max_pages: usize, page_size: usize) -> Self {
+        ParamsExt {
+            block_table,
+            k_lens,
+            max_pages: max_pages as i32,
+            page_size: page_size as i32,
+            ..self
+        }
+    }
+}
+
+/// log2 of a power-of-two page size (shift and mask in the kernels), else -1 (division).
+fn page_shift(page_size: i32) -> i32 {
+    if page_size > 0 && (page_size as u32).is_power_of_two() {
+        page_size.trailing_zeros() as i32
+    } else {
+        -1
     }
 }
 
@@ -102,6 +132,11 @@ impl AttnParams {
             sinks: ext.sinks,
             cu_q: ext.cu_q,
             cu_k: ext.cu_k,
+            block_table: ext.block_table,
+            k_lens: ext.k_lens,
+            max_pages: ext.max_pages,
+            page_size: ext.page_size,
+            page_shift: page_shift(ext.page_size),
             lse: ext.lse,
             l_strides: ext.lse_strides,
             window_left: ext.window_left,
@@ -163,5 +198,18 @@ mod tests {
         assert_eq!(p.transform, 1);
         assert_eq!((p.cu_q, p.cu_k, p.lse), (0x2000, 0x3000, 0x1000));
         assert_eq!(p.l_strides, lse);
+        assert_eq!(
+            (p.block_table, p.k_lens, p.max_pages, p.page_size),
+            (0, 0, 0, 0)
+        );
+        for (size, shift) in [(1, 0), (16, 4), (256, 8), (7, -1), (48, -1)] {
+            let e = ParamsExt::new(&AttentionOptions::new(), None).paged(0x10, 0x20, 9, size);
+            let p = AttnParams::default().with_ext(&e);
+            assert_eq!((p.block_table, p.k_lens), (0x10, 0x20));
+            assert_eq!(
+                (p.max_pages, p.page_size, p.page_shift),
+                (9, size as i32, shift)
+            );
+        }
     }
 }
