@@ -8,12 +8,15 @@
 
 // FA_EXT: this compile unit is a variant with the per-call extensions of AttnParams (window,
 // softcap, ALiBi, sinks, packed ragged batches, lse strides); the catalog sets
-// FA_VARIANT_EXT=1 for those. In the plain variants every FA_EXT condition is a constant
-// false, so they emit the code they had before the extensions existed.
+// FA_VARIANT_EXT=1 for those, and FA_VARIANT_EXT=2 for the ones that also read K / V
+// through a block table (FA_PAGED: the page fields cost registers in every copy loop, so
+// only calls over pages pay for them). In the plain variants every FA_EXT condition is a
+// constant false, so they emit the code they had before the extensions existed.
 #ifndef FA_VARIANT_EXT
 #define FA_VARIANT_EXT 0
 #endif
 #define FA_EXT (FA_VARIANT_EXT != 0)
+#define FA_PAGED (FA_VARIANT_EXT == 2)
 
 // Key tiles of BN keys a block of queries q0 .. q0 + BM - 1 visits: with bottom-right causal
 // alignment, keys past the last row's limit are invisible to every row of the block; so are
@@ -191,7 +194,7 @@ FA_DEVICE int fa_block_q0(const AttnParams& p, int bm, int mode) {
     const int seq_q = (FA_EXT && (p).cu_q != nullptr) ? (p).cu_q[blockIdx.z + 1] - q_row0         \
                                                       : (p).seq_q;                               \
     const int seq_k = (FA_EXT && (p).cu_k != nullptr)   ? (p).cu_k[blockIdx.z + 1] - k_row0       \
-                      : (FA_EXT && (p).k_lens != nullptr) ? (p).k_lens[blockIdx.z]                \
+                      : (FA_PAGED && (p).k_lens != nullptr) ? (p).k_lens[blockIdx.z]              \
                                                           : (p).seq_k;                           \
     const bool causal = ((MODE) == 1) || ((MODE) == 2 && (p).causal != 0);                       \
     if ((q0) >= seq_q) return
@@ -212,7 +215,7 @@ FA_DEVICE int fa_block_q0(const AttnParams& p, int bm, int mode) {
     const FaRows<E> vg = fa_kv_rows<E>((p), (p).v, (p).v_sb, (p).v_sh, (p).v_ss, b, kvh, k_row0)
 
 // Where the rows of one operand of a block start: row r at base + r * stride, or, for paged
-// K / V (FA_EXT, table set), at base + table[r / page_size] * page_stride +
+// K / V (FA_PAGED, table set), at base + table[r / page_size] * page_stride +
 // (r % page_size) * stride. The copy loops of every implementation address rows through it.
 template <typename E> struct FaRows {
     const E* base;
@@ -221,7 +224,7 @@ template <typename E> struct FaRows {
     fa_i64 page_stride;
     int page_size;
     int page_shift;  // log2(page_size), or -1
-    FA_DEVICE bool paged() const { return FA_EXT && table != nullptr; }
+    FA_DEVICE bool paged() const { return FA_PAGED && table != nullptr; }
     FA_DEVICE const E* row(int r) const {
         if (paged()) {
             const int pg = page_shift >= 0 ? r >> page_shift : r / page_size;
@@ -256,7 +259,7 @@ template <typename E> FA_DEVICE FaRows<E> fa_dense_rows(const void* ptr, fa_i64 
 template <typename E>
 FA_DEVICE FaRows<E> fa_kv_rows(const AttnParams& p, const void* ptr, fa_i64 sb, fa_i64 sh, fa_i64 ss, int b,
                                int kvh, int k_row0) {
-    if (FA_EXT && p.block_table != nullptr) {
+    if (FA_PAGED && p.block_table != nullptr) {
         FaRows<E> r;
         r.base = static_cast<const E*>(ptr) + (fa_i64)kvh * sh;
         r.stride = ss;

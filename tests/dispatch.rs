@@ -22,6 +22,7 @@ fn input(dtype: DType, head_dim: usize, causal: bool, has_mask: bool, seq_q: usi
         qkv_aligned: true,
         ext: false,
         packed: false,
+        paged: false,
     }
 }
 

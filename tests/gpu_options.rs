@@ -182,6 +182,7 @@ fn check_dense(
     assert!(matches!(path, AttentionPath::Flash(_)), "{what}: {path:?}");
     let input = PlanInput {
         ext: true,
+        tf32: case.tf32,
         ..PlanInput::of_call(
             &forge_attn::AttentionProblem::new(&cfg, &q, &k, &v, mask_gpu.as_ref()).unwrap(),
             &q,
@@ -541,6 +542,7 @@ fn extended_calls_plan_the_extended_variants() {
         qkv_aligned: true,
         ext,
         packed,
+        paged: false,
     };
     let plan = |i: PlanInput| can_use_flash_attention(&i, true, u32::MAX, hopper);
     let plain = plan(input(DType::BF16, 1, false, false)).unwrap();
@@ -561,6 +563,20 @@ fn extended_calls_plan_the_extended_variants() {
             .iter()
             .any(|(k, v)| *k == "FA_VARIANT_EXT" && v == "1"));
     }
+    let paged = plan(PlanInput {
+        paged: true,
+        ..input(DType::BF16, 64, true, false)
+    })
+    .unwrap();
+    assert!(paged.ext && paged.paged);
+    assert!(paged.spec().unwrap().name.ends_with("_paged"));
+    let paged_decode = plan(PlanInput {
+        paged: true,
+        ..input(DType::BF16, 4, true, false)
+    })
+    .unwrap();
+    assert_eq!(paged_decode.kernel, FlashKernel::Decode);
+    assert!(!paged_decode.paged);
     let f32 = plan(input(DType::F32, 64, true, false)).unwrap();
     assert!(f32.ext && f32.implementation == FlashImpl::Simt);
     let off = can_use_flash_attention(

@@ -4,8 +4,8 @@
 //!
 //! | file | entry points | NVRTC defines |
 //! |---|---|---|
-//! | `flash_attention_nocausal.hip` | `flash_attention_nocausal_<dt>_hd<N>[_sm90][<impl>][_ext]` | `FA_VARIANT_{DT,HD,BM,BN,THREADS,SMEM}` from the [`FlashTile`], `FA_VARIANT_IMPL` from the [`FlashImpl`], `FA_VARIANT_NAME` (the entry point), `FA_VARIANT_EXT=1` for `_ext` |
-//! | `flash_attention_causal.hip` | `flash_attention_causal_<dt>_hd<N>[_sm90][<impl>][_ext]` | same |
+//! | `flash_attention_nocausal.hip` | `flash_attention_nocausal_<dt>_hd<N>[_sm90][<impl>][_ext\|_paged]` | `FA_VARIANT_{DT,HD,BM,BN,THREADS,SMEM}` from the [`FlashTile`], `FA_VARIANT_IMPL` from the [`FlashImpl`], `FA_VARIANT_NAME` (the entry point), `FA_VARIANT_EXT=1` for `_ext`, `=2` for `_paged` |
+//! | `flash_attention_causal.hip` | `flash_attention_causal_<dt>_hd<N>[_sm90][<impl>][_ext\|_paged]` | same |
 //! | `flash_attention_masked.hip` | `flash_attention_masked_<dt>_hd<N>[_sm90][<impl>][_ext]` | same |
 //! | `attention_traditional.hip` | `attn_scores_<dt>`, `attn_softmax_rows`, `attn_pv_<dt>` | `FA_VARIANT_DT` |
 //! | `tensor_ops.hip` | `copy_strided_b2/_b4`, `fill_b2/_b4` | none |
@@ -16,7 +16,8 @@
 //! `<dt>` is `f32`, `f16`, `bf16` (or `tf32` for a TF32 flash row); `<N>` is a head-dim
 //! bucket; `_sm90` marks an `FA_TILE_SM90` row; `<impl>` is the implementation's suffix
 //! ([`FlashImpl::name_suffix`]: none for SIMT, so the AMD objects keep their names); `_ext`
-//! marks the variant with the per-call extensions ([`flash_variant`]);
+//! marks the variant with the per-call extensions and `_paged` the one that also reads K / V
+//! through a block table ([`FlashExt`]);
 //! `_b2`/`_b4` name the element size in bytes. Names are unique across all files.
 
 use super::tiles::{flash_table, FlashTile, TileVendor};
@@ -270,17 +271,49 @@ const COMBINE_LISTED_BUCKET: usize = 128;
 /// (`flash_attention_<file stem>_...`), so loading it fails with a
 /// [`crate::AttentionError::KernelBuild`] instead of running the wrong kernel.
 pub fn flash(file: KernelFile, tile: &FlashTile, implementation: FlashImpl) -> KernelSpec {
-    flash_variant(file, tile, implementation, false)
+    flash_variant(file, tile, implementation, FlashExt::Plain)
 }
 
-/// [`flash`], or with `ext` its variant with the per-call extensions (window, softcap,
-/// ALiBi, sinks, packed ragged batches, log-sum-exp strides; `FA_VARIANT_EXT=1`, name
-/// suffix `_ext`). The plain variant's code does not change with them.
+/// Which per-call extensions a flash variant is built with (`FA_VARIANT_EXT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FlashExt {
+    /// None: the plain kernels (`FA_VARIANT_EXT` unset), whose code the extensions do not
+    /// change.
+    Plain,
+    /// Window, softcap, ALiBi, sinks, packed ragged batches, log-sum-exp strides
+    /// (`FA_VARIANT_EXT=1`, name suffix `_ext`).
+    Options,
+    /// [`FlashExt::Options`] with K / V read through a block table (`FA_VARIANT_EXT=2`,
+    /// suffix `_paged`; the unmasked files only: paged calls take no additive mask).
+    Paged,
+}
+
+impl FlashExt {
+    /// The level for a call with extensions (`ext`) over pages (`paged`).
+    pub fn of(ext: bool, paged: bool) -> Self {
+        match (ext || paged, paged) {
+            (_, true) => FlashExt::Paged,
+            (true, false) => FlashExt::Options,
+            _ => FlashExt::Plain,
+        }
+    }
+
+    /// Entry-point name suffix.
+    pub fn name_suffix(self) -> &'static str {
+        match self {
+            FlashExt::Plain => "",
+            FlashExt::Options => "_ext",
+            FlashExt::Paged => "_paged",
+        }
+    }
+}
+
+/// [`flash`] with the extensions `ext` ([`FlashExt`]).
 pub fn flash_variant(
     file: KernelFile,
     tile: &FlashTile,
     implementation: FlashImpl,
-    ext: bool,
+    ext: FlashExt,
 ) -> KernelSpec {
     let mode = file.flash_mode().unwrap_or_else(|| file.stem());
     let dt = tile.kernel_dtype_name();
@@ -289,7 +322,7 @@ pub fn flash_variant(
         "flash_attention_{mode}_{dt}_hd{}{row}{}{}",
         tile.head_dim,
         implementation.name_suffix(),
-        if ext { "_ext" } else { "" }
+        ext.name_suffix()
     );
     let mut defines = vec![
         ("FA_VARIANT_DT", dt.to_string()),
@@ -301,8 +334,10 @@ pub fn flash_variant(
         ("FA_VARIANT_IMPL", implementation.token().to_string()),
         ("FA_VARIANT_NAME", name.clone()),
     ];
-    if ext {
-        defines.push(("FA_VARIANT_EXT", "1".to_string()));
+    match ext {
+        FlashExt::Plain => {}
+        FlashExt::Options => defines.push(("FA_VARIANT_EXT", "1".to_string())),
+        FlashExt::Paged => defines.push(("FA_VARIANT_EXT", "2".to_string())),
     }
     KernelSpec {
         arch_specific: implementation == FlashImpl::Wgmma,
@@ -455,7 +490,10 @@ pub fn all_variants(vendor: TileVendor) -> Vec<KernelSpec> {
                 // The extended variants are NVRTC-built only: the AMD code objects hold
                 // the plain SIMT rows.
                 if vendor != TileVendor::Hip {
-                    specs.push(flash_variant(file, tile, imp, true));
+                    specs.push(flash_variant(file, tile, imp, FlashExt::Options));
+                    if file != KernelFile::FlashMasked {
+                        specs.push(flash_variant(file, tile, imp, FlashExt::Paged));
+                    }
                 }
             }
         }

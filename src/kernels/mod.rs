@@ -31,7 +31,7 @@ mod source;
 mod tests;
 mod tiles;
 
-pub use catalog::{all_nvrtc_variants, all_variants, FlashImpl, KernelFile, KernelSpec};
+pub use catalog::{all_nvrtc_variants, all_variants, FlashExt, FlashImpl, KernelFile, KernelSpec};
 #[cfg(feature = "rocm")]
 pub use hsaco::{hip_archs_built, hsaco_path};
 #[cfg(feature = "cuda")]

@@ -219,7 +219,8 @@ fn variant_names_are_unique_and_follow_the_convention() {
     // with options.
     assert_eq!(
         specs.len(),
-        3 * 2 * flash_variants + 7 + 4 + 2 * (27 + 3) + 2
+        // plain and `_ext` in all three files, `_paged` in the two unmasked ones
+        (3 * 2 + 2) * flash_variants + 7 + 4 + 2 * (27 + 3) + 2
     );
     let mut names = HashSet::new();
     for s in &specs {
@@ -257,18 +258,26 @@ fn variant_names_are_unique_and_follow_the_convention() {
                     format!("FA_VARIANT_NAME={expect}"),
                 ];
                 assert_eq!(d, want);
-                let x = catalog::flash_variant(file, t, imp, true);
-                assert_eq!(x.name, format!("{expect}_ext"));
-                assert!(names.contains(&x.name));
-                let mut want_x = want.clone();
-                want_x[7] = format!("FA_VARIANT_NAME={expect}_ext");
-                want_x.push("FA_VARIANT_EXT=1".into());
-                let dx: Vec<String> = x.defines.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                assert_eq!(dx, want_x);
-                assert_eq!(
-                    (x.arch_specific, x.implementation),
-                    (s.arch_specific, s.implementation)
-                );
+                for (ext, suffix, level) in [
+                    (FlashExt::Options, "_ext", "1"),
+                    (FlashExt::Paged, "_paged", "2"),
+                ] {
+                    let x = catalog::flash_variant(file, t, imp, ext);
+                    assert_eq!(x.name, format!("{expect}{suffix}"));
+                    // Paged calls take no additive mask: no masked paged variant is built.
+                    let listed = !(file == KernelFile::FlashMasked && ext == FlashExt::Paged);
+                    assert_eq!(names.contains(&x.name), listed, "{}", x.name);
+                    let mut want_x = want.clone();
+                    want_x[7] = format!("FA_VARIANT_NAME={expect}{suffix}");
+                    want_x.push(format!("FA_VARIANT_EXT={level}"));
+                    let dx: Vec<String> =
+                        x.defines.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    assert_eq!(dx, want_x);
+                    assert_eq!(
+                        (x.arch_specific, x.implementation),
+                        (s.arch_specific, s.implementation)
+                    );
+                }
             }
         }
     }

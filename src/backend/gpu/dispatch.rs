@@ -3,7 +3,9 @@
 
 use crate::backend::{AttentionPath, FlashKernel};
 use crate::dtype::DType;
-use crate::kernels::{self, catalog, FlashImpl, FlashTile, KernelFile, KernelSpec, TileVendor};
+use crate::kernels::{
+    self, catalog, FlashExt, FlashImpl, FlashTile, KernelFile, KernelSpec, TileVendor,
+};
 use crate::problem::AttentionProblem;
 use crate::tensor::DeviceTensor;
 
@@ -41,6 +43,8 @@ pub struct PlanInput {
     /// A packed ragged batch: never the decode kernel (which reads one dense or cached
     /// sequence per batch entry).
     pub packed: bool,
+    /// K / V through a block table: the prefill families' `_paged` variants.
+    pub paged: bool,
 }
 
 impl PlanInput {
@@ -57,6 +61,7 @@ impl PlanInput {
             qkv_aligned: true,
             ext: false,
             packed: false,
+            paged: false,
         }
     }
 
@@ -158,6 +163,8 @@ pub struct FlashChoice {
     /// kernels (window, softcap, ALiBi, sinks, packed batches, log-sum-exp strides), for
     /// decode its option variant.
     pub ext: bool,
+    /// The prefill families' variant that reads K / V through a block table (`_paged`).
+    pub paged: bool,
 }
 
 impl FlashChoice {
@@ -178,7 +185,7 @@ impl FlashChoice {
             self.file()?,
             self.tile?,
             self.implementation,
-            self.ext,
+            FlashExt::of(self.ext, self.paged),
         ))
     }
 }
@@ -325,6 +332,7 @@ pub fn can_use_flash_attention(
         implementation,
         tile,
         ext: input.ext,
+        paged: input.paged && kernel != FlashKernel::Decode,
     })
 }
 
@@ -400,6 +408,7 @@ mod tests {
             qkv_aligned: true,
             ext: false,
             packed: false,
+            paged: false,
         }
     }
 

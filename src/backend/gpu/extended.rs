@@ -281,6 +281,7 @@ impl GpuAttentionBackend {
             tf32: self.allow_tf32,
             kv_aligned: dispatch::vectors_aligned(k) && dispatch::vectors_aligned(v),
             qkv_aligned: dispatch::chunk_aligned(&p, q, k, v),
+            paged: true,
             ..PlanInput::of(&p)
         })?;
         if choice.kernel == FlashKernel::Decode {
@@ -403,6 +404,7 @@ impl GpuAttentionBackend {
             tf32: self.allow_tf32,
             qkv_aligned: dispatch::chunk_aligned(&p, q, k, v),
             packed: true,
+            paged: true,
             ..PlanInput::of(&p)
         })?;
         if max_q == 0 {

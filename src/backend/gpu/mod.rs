@@ -338,6 +338,7 @@ impl GpuAttentionBackend {
             qkv_aligned: true,
             ext: false,
             packed: false,
+            paged: false,
         }
     }
 
