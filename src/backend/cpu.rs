@@ -3,14 +3,21 @@
 //! Work is split into tasks of (batch, kv head, query block); a task holds the query rows of
 //! every query head that shares its kv head (GQA), so a K/V tile serves all of them (for a
 //! very large head_dim the group is split over several tasks so a task's rows stay small).
-//! When several query blocks read the same K/V, each tile is first widened to f32 (K
-//! transposed) once into a shared buffer; a lone query block (decode) widens the tiles it
-//! visits itself. Inside a task, keys are visited in tiles with a running max and sum per
-//! row (online softmax), so no `[Sq, Sk]` matrix is ever formed, and tiles whose keys every
-//! row of the task has removed (causal cut or a `-inf` mask) are skipped without reading
-//! them. Both matrix products run through one register-blocked micro-kernel over padded
-//! f32 buffers, written so the compiler vectorizes it; on x86-64 an AVX2+FMA build of the
-//! same code is chosen at run time.
+//! Inside a task, keys are visited in tiles with a running max and sum per row (online
+//! softmax), so no `[Sq, Sk]` matrix is ever formed, and tiles whose keys every row of the
+//! task has removed (causal cut or a `-inf` mask) are skipped without reading them: under a
+//! causal mask a query block stops at its last visible key. The tasks are handed out to
+//! the threads one at a time, each pair's last query blocks (the most keys) first, so the
+//! short ones fill the gaps at the end.
+//!
+//! A task's two matrix products, `S = Q K^T` over a tile and `O += P V`, are calls of the
+//! `gemm` crate (cache- and register-blocked kernels for AVX2+FMA, AVX-512 where enabled,
+//! NEON or plain code, chosen at run time), each single-threaded inside its task. f32 K and
+//! V rows are read where they lie (any row stride); f16 and bf16 rows are widened a tile at
+//! a time into the task's own f32 buffer, so no f32 copy of K/V is ever made. The
+//! element-wise work (mask, causal cut, options, online softmax) is compiled for AVX2+FMA
+//! as well and picked at run time. Tasks of few rows (a decode step) take their scores and
+//! P V from the K/V rows directly instead (see [`DIRECT_ROWS`]).
 //!
 //! Cached attention (`cached.rs`) runs the same task over a `KvCache`'s storage: per-sequence
 //! lengths, page lookups for each key row, and optionally one key range per task with the
@@ -67,20 +74,16 @@ const ROWS_BYTES: usize = 8 << 20;
 /// (at least one).
 const SCRATCH_BYTES: usize = 1 << 30;
 
-/// Most rows (rounded up to [`MR`]) a task without shared tiles may have for its scores to
-/// be taken as direct dot products over the untransposed K rows: for a decode step's few
-/// rows, transposing each tile costs more than the products it feeds, and reading the rows
-/// in place (f32) or widening them row by row streams the cache once.
+/// Most rows (rounded up to [`MR`]) a task may have for its scores to be taken as direct
+/// dot products over the K rows: for a decode step's few rows, a blocked matrix product's
+/// packing costs more than the products it feeds, and reading the rows in place (f32) or
+/// widening them row by row streams the cache once.
 const DIRECT_ROWS: usize = 16;
 
 /// Key tiles whose P V products are summed in f32 before they are added to the f64
 /// output accumulator: few enough that the f32 partial stays accurate (a few hundred
 /// terms), enough that the f64 additions cost little next to the products.
 const MERGE_TILES: usize = 4;
-
-/// Most bytes of K/V tiles widened ahead of the tasks at once; larger problems go
-/// through it a few (batch, kv head) pairs at a time.
-const SHARED_TILES_BYTES: usize = 256 << 20;
 
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
 
@@ -278,19 +281,20 @@ impl DeviceAttentionBackend for CpuAttentionBackend {
     }
 }
 
-/// How a call runs: the instruction set and the budget for shared K/V tiles. Tests set
-/// them to reach the paths this machine would not take.
+/// How a call runs: the instruction set of the element-wise code and whether f32 K/V rows
+/// are read where they lie. Tests set them to reach the paths this machine (or f32) would
+/// not take.
 #[derive(Debug, Clone, Copy)]
 struct Tuning {
     isa: Isa,
-    shared_bytes: usize,
+    in_place: bool,
 }
 
 impl Tuning {
     fn detect() -> Self {
         Tuning {
             isa: Isa::detect(),
-            shared_bytes: SHARED_TILES_BYTES,
+            in_place: true,
         }
     }
 }
@@ -400,7 +404,8 @@ fn execute(
             None => std::ptr::null_mut(),
         },
     };
-    let mut plan = Plan::new(problem, os, tuning.shared_bytes);
+    let mut plan = Plan::new(problem, os);
+    plan.in_place = tuning.in_place;
     // SAFETY: `options.check` checked the per-head tensors; `_access` covers them.
     plan.opts = unsafe { row_options(options, problem.num_heads, lse_strides) }?;
     // SAFETY: `problem` checked every operand's shape against the others and each view
@@ -508,8 +513,9 @@ struct Plan {
     dim_pad: usize,
     /// Most rows a task has, rounded up to [`MR`].
     rows_pad: usize,
-    /// Budget for K/V tiles widened ahead of the tasks.
-    shared_bytes: usize,
+    /// Whether f32 K/V rows of unpaged views are given to the matrix products where they
+    /// lie (else they are copied into the task's tile buffers, as other types are widened).
+    in_place: bool,
     /// Keys of each sequence when they differ (a ragged cache); empty: `seq_k` for all.
     lens: Vec<usize>,
     /// Paged K/V: key `j` of sequence `b` lies at position `j % page_size` of page
@@ -613,7 +619,7 @@ struct Partial<'a> {
 }
 
 impl Plan {
-    fn new(p: &AttentionProblem, out: HeadStrides, shared_bytes: usize) -> Self {
+    fn new(p: &AttentionProblem, out: HeadStrides) -> Self {
         let group = p.num_heads / p.num_kv_heads;
         // head_dim is that of a real output buffer, so these products stay small.
         let dim_pad = p.head_dim.next_multiple_of(NR);
@@ -657,7 +663,7 @@ impl Plan {
             q_blocks: p.seq_q.div_ceil(block_q),
             dim_pad,
             rows_pad: (heads_per_task * block_q).next_multiple_of(MR),
-            shared_bytes,
+            in_place: true,
             lens: Vec::new(),
             paging: None,
             opts: None,
@@ -710,16 +716,6 @@ impl Plan {
         }
     }
 
-    /// Key tiles per (batch, kv head).
-    fn k_tiles(&self) -> usize {
-        self.seq_k.div_ceil(self.block_k)
-    }
-
-    /// f32 values of one widened K/V tile: K transposed, then V.
-    fn tile_floats(&self) -> usize {
-        2 * self.block_k * self.dim_pad
-    }
-
     /// Tasks per (batch, kv head).
     fn tasks_per_pair(&self) -> usize {
         self.head_chunks * self.q_blocks
@@ -768,13 +764,6 @@ impl Plan {
     #[inline(always)]
     fn aligned(&self, seq_k: usize, i: usize) -> i128 {
         i as i128 + seq_k as i128 - self.seq_q as i128
-    }
-
-    /// Whether a window bound is set.
-    fn windowed(&self) -> bool {
-        self.opts
-            .as_ref()
-            .is_some_and(|o| o.left.is_some() || o.right.is_some())
     }
 
     /// Whether every key in `j0..j0 + nk` is removed (causal cut or a `-inf` mask) for
@@ -845,7 +834,7 @@ fn try_zeroed<T: Copy + Default>(n: usize, what: &str) -> Result<Vec<T>> {
 struct Scratch {
     /// Scaled queries, `[rows_pad, dim_pad]`.
     q: Vec<f32>,
-    /// Transposed key tile, `[dim_pad, block_k]`.
+    /// Key tile widened (or copied), `[block_k, dim_pad]`.
     kt: Vec<f32>,
     /// Value tile, `[block_k, dim_pad]`.
     v: Vec<f32>,
@@ -926,173 +915,197 @@ fn for_each_task(workers: &mut [Scratch], tasks: usize, f: impl Fn(&mut Scratch,
     });
 }
 
-/// Runs every task of `plan` on rayon's pool. Fails only when scratch or the shared tile
-/// buffer cannot be allocated, and then before writing any output.
+/// Runs every task of `plan` on rayon's pool. Fails only when scratch cannot be allocated,
+/// and then before writing any output.
 ///
 /// # Safety
 /// `raw` must point at host views of element type `T` (mask: f32) that match `plan`'s
 /// sizes and strides, the output must overlap no input and have distinct elements.
 unsafe fn run<T: Element>(plan: &Plan, raw: RawPtrs, isa: Isa) -> Result<()> {
-    let pairs = plan.batch * plan.num_kv_heads;
     let per_task = plan.tasks_per_pair();
-    // Saturating: stride-0 K/V can show more keys than memory holds.
-    let per_pair = plan.k_tiles().saturating_mul(plan.tile_floats());
-    if plan.q_blocks == 1 || per_pair.saturating_mul(4) > plan.shared_bytes {
-        // Each pair's K/V is read by one query block (decode), or is too large to widen
-        // ahead: every task widens the tiles it visits into its own scratch.
-        let tasks = pairs * per_task;
-        let mut workers = scratches(plan, tasks)?;
-        for_each_task(&mut workers, tasks, |sc, t| {
-            let work = Work {
-                pair: t / per_task,
-                hc: t % per_task / plan.q_blocks,
-                qb: t % plan.q_blocks,
-                keys: 0..plan.seq_k,
-                partial: None,
-            };
-            // SAFETY: forwarded from `run`'s contract.
-            unsafe { isa.task::<T>(plan, raw, work, None, sc) }
-        });
-        return Ok(());
-    }
-    // Several query blocks read the same K/V: widen every tile once into a shared buffer,
-    // a bounded number of (batch, kv head) pairs at a time.
-    let chunk = (plan.shared_bytes / 4 / per_pair).clamp(1, pairs);
-    let k_tiles = plan.k_tiles();
-    let what = "widened K/V tiles";
-    // Every tile a task reads is fully written (padding included) before it is read.
-    let mut tiles: Vec<f32> = try_zeroed(chunk * per_pair, what)?;
-    let mut bad: Vec<u64> = try_zeroed(chunk * k_tiles, what)?;
-    let mut workers = scratches(plan, chunk * per_task)?;
-    let g = plan.group;
-    for first in (0..pairs).step_by(chunk) {
-        let n = chunk.min(pairs - first);
-        let tiles = &mut tiles[..n * per_pair];
-        let bad = &mut bad[..n * k_tiles];
-        tiles
-            .par_chunks_mut(plan.tile_floats())
-            .zip(bad.par_iter_mut())
-            .enumerate()
-            .for_each(|(i, (tile, bad))| {
-                let pair = first + i / k_tiles;
-                let (b, kvh) = (pair / plan.num_kv_heads, pair % plan.num_kv_heads);
-                let j0 = (i % k_tiles) * plan.block_k;
-                let nk = plan.block_k.min(plan.seq_k - j0);
-                // A tile no row of the pair keeps is never read, here or by a task (whose
-                // rows are a subset, so it skips the tile as well).
-                // SAFETY: forwarded from `run`'s contract.
-                if (plan.mask.is_some() || plan.windowed())
-                    && unsafe {
-                        plan.tile_removed(raw, b, kvh * g..(kvh + 1) * g, 0..plan.seq_q, j0, nk)
-                    }
-                {
-                    return;
-                }
-                let (kt, v) = tile.split_at_mut(plan.block_k * plan.dim_pad);
-                // SAFETY: forwarded from `run`'s contract.
-                *bad = unsafe { widen_tile::<T>(plan, raw, pair, j0, kt, v) };
-            });
-        let (tiles, bad) = (&*tiles, &*bad);
-        for_each_task(&mut workers, n * per_task, |sc, t| {
-            let p = t / per_task;
-            let shared = Shared {
-                tiles: &tiles[p * per_pair..(p + 1) * per_pair],
-                bad: &bad[p * k_tiles..(p + 1) * k_tiles],
-            };
-            let work = Work {
-                pair: first + p,
-                hc: t % per_task / plan.q_blocks,
-                qb: t % plan.q_blocks,
-                keys: 0..plan.seq_k,
-                partial: None,
-            };
-            // SAFETY: forwarded from `run`'s contract.
-            unsafe { isa.task::<T>(plan, raw, work, Some(shared), sc) }
-        });
-    }
+    let tasks = plan.batch * plan.num_kv_heads * per_task;
+    let mut workers = scratches(plan, tasks)?;
+    // Task indices are handed out from the last, so each (batch, kv head) pair's query
+    // blocks run from the last one down: neighbouring tasks share the pair's K/V in the
+    // cache, and under a causal mask every pair's long tasks come before its short ones.
+    for_each_task(&mut workers, tasks, |sc, t| {
+        let work = Work {
+            pair: t / per_task,
+            hc: t % per_task / plan.q_blocks,
+            qb: t % plan.q_blocks,
+            keys: 0..plan.seq_k,
+            partial: None,
+        };
+        // SAFETY: forwarded from `run`'s contract.
+        unsafe { isa.task::<T>(plan, raw, work, sc) }
+    });
     Ok(())
 }
 
-/// One (batch, kv head) pair's K/V tiles widened ahead of its tasks, with each tile's
-/// non-finite V rows (see [`widen_tile`]).
+/// One key tile as the matrix products read it: `nk` K rows and `nk` V rows of
+/// `head_dim` f32 values each, K row `jj` at `k + jj * k_ld`, V row `jj` at `v + jj * v_ld`.
 #[derive(Clone, Copy)]
-struct Shared<'a> {
-    tiles: &'a [f32],
-    bad: &'a [u64],
+struct Tile {
+    k: *const f32,
+    k_ld: usize,
+    v: *const f32,
+    v_ld: usize,
 }
 
-/// Widens keys `j0..` (at most `block_k`) of one (batch, kv head) pair into `kt`
-/// (transposed, `[dim_pad, block_k]`) and `v` (`[block_k, dim_pad]`), zeroing the padding so
-/// it adds nothing (and no stale value meets a zero weight: 0 * inf is NaN). A V row holding
-/// NaN or inf is zeroed as well and flagged in the returned mask (bit `jj` for key
-/// `j0 + jj`): the vectorized product would otherwise spread it to every row through the
-/// zero weights of rows that removed the key; [`task`] adds it back where it is kept.
+/// Keys `j0..` (at most `block_k`) of one (batch, kv head) pair as a [`Tile`]: f32 rows of an
+/// unpaged view where they lie (see [`Plan::in_place`]), else rows widened into `k` and `v`
+/// (`[block_k, dim_pad]`). A V row holding NaN or inf is zeroed (in `v`: a tile with one is
+/// copied there) and flagged in the returned mask (bit `jj` for key `j0 + jj`): the
+/// product would otherwise spread it to every row through the zero weights of rows that
+/// removed the key; [`task`] adds it back where it is kept. K needs no such care: a score
+/// belongs to one row, and a removed key's score is replaced, never used.
 ///
 /// # Safety
 /// See [`run`]; `pair < batch * num_kv_heads`, `j0 < seq_k_of(batch of pair)`.
 #[inline(always)]
-unsafe fn widen_tile<T: Element>(
+unsafe fn load_tile<T: Element>(
     plan: &Plan,
     raw: RawPtrs,
     pair: usize,
     j0: usize,
-    kt: &mut [f32],
+    k: &mut [f32],
     v: &mut [f32],
-) -> u64 {
+) -> (Tile, u64) {
     let (b, kvh) = (pair / plan.num_kv_heads, pair % plan.num_kv_heads);
-    let (d, dp, bk) = (plan.head_dim, plan.dim_pad, plan.block_k);
-    let nk = bk.min(plan.seq_k_of(b) - j0);
+    let (d, dp) = (plan.head_dim, plan.dim_pad);
+    let nk = plan.block_k.min(plan.seq_k_of(b) - j0);
     let (kp, vp) = (raw.k as *const T, raw.v as *const T);
+    // SAFETY: key rows j0 + jj < seq_k_of(b) inside their views, d values each.
+    let k_row = |jj: usize| unsafe {
+        std::slice::from_raw_parts(kp.add(plan.key_row(raw, plan.k, b, kvh, j0 + jj)), d)
+    };
+    // SAFETY: as above.
+    let v_row = |jj: usize| unsafe {
+        std::slice::from_raw_parts(vp.add(plan.key_row(raw, plan.v, b, kvh, j0 + jj)), d)
+    };
     let mut bad = 0u64;
-    // K is transposed a whole dimension at a time (contiguous stores, reads from the tile's
-    // few dozen rows, which stay in L1): storing one key at a time would scatter each row
-    // over head_dim cache lines.
-    let mut k_rows = [kp; BLOCK_K];
-    for (jj, row) in k_rows[..nk].iter_mut().enumerate() {
-        // SAFETY: key row j0 + jj < seq_k_of(b) inside its view.
-        *row = unsafe { kp.add(plan.key_row(raw, plan.k, b, kvh, j0 + jj)) };
-    }
-    for x in 0..d {
-        for (dst, &row) in kt[x * bk..x * bk + nk].iter_mut().zip(&k_rows[..nk]) {
-            // SAFETY: x < head_dim, inside the row.
-            *dst = unsafe { *row.add(x) }.widen();
+    if T::IS_F32 && plan.in_place && plan.paging.is_none() {
+        for jj in 0..nk {
+            // SAFETY: T is f32 (IS_F32).
+            let row = unsafe { std::slice::from_raw_parts(v_row(jj).as_ptr() as *const f32, d) };
+            if !all_finite(row) {
+                bad |= 1 << jj;
+            }
         }
+        let kf = k_row(0).as_ptr() as *const f32;
+        let vf = v_row(0).as_ptr() as *const f32;
+        if bad == 0 {
+            let tile = Tile {
+                k: kf,
+                k_ld: plan.k.seq,
+                v: vf,
+                v_ld: plan.v.seq,
+            };
+            return (tile, 0);
+        }
+        // Rare (garbage or overflowed values): V goes through the tile buffer, zeroed where
+        // it is not finite.
+        for jj in 0..nk {
+            let row = &mut v[jj * dp..jj * dp + d];
+            if bad & (1 << jj) == 0 {
+                // SAFETY: T is f32 (IS_F32).
+                row.copy_from_slice(unsafe {
+                    std::slice::from_raw_parts(v_row(jj).as_ptr() as *const f32, d)
+                });
+            } else {
+                row.fill(0.0);
+            }
+        }
+        let tile = Tile {
+            k: kf,
+            k_ld: plan.k.seq,
+            v: v.as_ptr(),
+            v_ld: dp,
+        };
+        return (tile, bad);
     }
     for jj in 0..nk {
-        // SAFETY: value row j0 + jj < seq_k_of(b) inside its view.
-        let vs = unsafe {
-            std::slice::from_raw_parts(vp.add(plan.key_row(raw, plan.v, b, kvh, j0 + jj)), d)
-        };
-        let row = &mut v[jj * dp..(jj + 1) * dp];
-        for (x, &s) in row.iter_mut().zip(vs) {
+        for (x, &s) in k[jj * dp..jj * dp + d].iter_mut().zip(k_row(jj)) {
             *x = s.widen();
         }
-        row[d..].fill(0.0);
+        let row = &mut v[jj * dp..jj * dp + d];
+        for (x, &s) in row.iter_mut().zip(v_row(jj)) {
+            *x = s.widen();
+        }
         if !all_finite(row) {
             row.fill(0.0);
             bad |= 1 << jj;
         }
     }
-    if nk < bk {
-        for x in 0..d {
-            kt[x * bk + nk..(x + 1) * bk].fill(0.0);
-        }
-        v[nk * dp..].fill(0.0);
+    let tile = Tile {
+        k: k.as_ptr(),
+        k_ld: dp,
+        v: v.as_ptr(),
+        v_ld: dp,
+    };
+    (tile, bad)
+}
+
+/// `c = a b` (`accumulate`: `c += a b`) for an `m x n` f32 matrix `c` (rows `ldc` apart,
+/// columns adjacent), `a` `m x k` (rows `lda` apart) and `b` `k x n` whose element `(i, j)`
+/// lies at `b + i * b_rs + j * b_cs`: single-threaded, the caller being one task of many.
+///
+/// # Safety
+/// Every element named lies inside a live allocation; `c` overlaps neither input.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: *mut f32,
+    ldc: usize,
+    accumulate: bool,
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    b_rs: usize,
+    b_cs: usize,
+) {
+    // Strides of live allocations are below isize::MAX bytes, so the casts are exact.
+    // SAFETY: forwarded; `gemm` reads and writes only the elements its sizes and strides
+    // name, f32 is one of its types (it panics for others), and `Parallelism::None` keeps it
+    // on this thread.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c,
+            1,
+            ldc as isize,
+            accumulate,
+            a,
+            1,
+            lda as isize,
+            b,
+            b_cs as isize,
+            b_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
     }
-    kt[d * bk..].fill(0.0);
-    bad
 }
 
 /// Points `k_rows` and `v_rows` at the K and V rows of keys `j0..` (at most `block_k`) of
 /// one (batch, kv head) pair, each `dim_pad` f32 values: the rows themselves where they are
 /// f32 of a head_dim that needs no padding, else rows widened into `k` and `v`
 /// (`[block_k, dim_pad]`, padding zeroed). A V row holding NaN or inf points at `zero`
-/// instead and is flagged in the returned mask, as in [`widen_tile`] (checking each V row
+/// instead and is flagged in the returned mask, as in [`load_tile`] (checking each V row
 /// as it is fetched also brings it into the cache a whole row at a time, ahead of the
 /// product that reads it a column block at a time).
 ///
 /// # Safety
-/// As [`widen_tile`]; `zero` holds `dim_pad` zeros.
+/// As [`load_tile`]; `zero` holds `dim_pad` zeros.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn gather_rows<T: Element>(
@@ -1352,15 +1365,19 @@ mod avx2 {
     }
 }
 
-/// Whether `row` (length a multiple of [`NR`]) holds no NaN or inf: `x * 0` is NaN exactly
-/// for those, lane-wise so it vectorizes.
+/// Whether `row` holds no NaN or inf: `x * 0` is NaN exactly for those, lane-wise so it
+/// vectorizes.
 #[inline(always)]
 fn all_finite(row: &[f32]) -> bool {
     let mut lanes = [0.0f32; NR];
-    for chunk in row.chunks_exact(NR) {
+    let mut chunks = row.chunks_exact(NR);
+    for chunk in &mut chunks {
         for c in 0..NR {
             lanes[c] += chunk[c] * 0.0;
         }
+    }
+    for (lane, &x) in lanes.iter_mut().zip(chunks.remainder()) {
+        *lane += x * 0.0;
     }
     lanes.iter().all(|x| *x == 0.0)
 }
@@ -1387,20 +1404,13 @@ impl Isa {
     /// # Safety
     /// See [`task`].
     #[inline(always)]
-    unsafe fn task<T: Element>(
-        self,
-        plan: &Plan,
-        raw: RawPtrs,
-        work: Work<'_>,
-        shared: Option<Shared<'_>>,
-        sc: &mut Scratch,
-    ) {
+    unsafe fn task<T: Element>(self, plan: &Plan, raw: RawPtrs, work: Work<'_>, sc: &mut Scratch) {
         // SAFETY: forwarded; Avx2Fma is only chosen when the CPU has both.
         unsafe {
             match self {
-                Isa::Portable => task_portable::<T>(plan, raw, work, shared, sc),
+                Isa::Portable => task_portable::<T>(plan, raw, work, sc),
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2Fma => task_avx2::<T>(plan, raw, work, shared, sc),
+                Isa::Avx2Fma => task_avx2::<T>(plan, raw, work, sc),
             }
         }
     }
@@ -1412,37 +1422,24 @@ impl Isa {
 /// The CPU must support AVX2 and FMA; plus [`task`]'s contract.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn task_avx2<T: Element>(
-    plan: &Plan,
-    raw: RawPtrs,
-    work: Work<'_>,
-    shared: Option<Shared<'_>>,
-    sc: &mut Scratch,
-) {
+unsafe fn task_avx2<T: Element>(plan: &Plan, raw: RawPtrs, work: Work<'_>, sc: &mut Scratch) {
     // SAFETY: forwarded.
-    unsafe { task::<T, true>(plan, raw, work, shared, sc) }
+    unsafe { task::<T, true>(plan, raw, work, sc) }
 }
 
 /// [`task`] for the baseline instruction set (fused multiply-add where it is baseline).
 ///
 /// # Safety
 /// See [`task`].
-unsafe fn task_portable<T: Element>(
-    plan: &Plan,
-    raw: RawPtrs,
-    work: Work<'_>,
-    shared: Option<Shared<'_>>,
-    sc: &mut Scratch,
-) {
+unsafe fn task_portable<T: Element>(plan: &Plan, raw: RawPtrs, work: Work<'_>, sc: &mut Scratch) {
     // SAFETY: forwarded.
-    unsafe { task::<T, { cfg!(target_arch = "aarch64") }>(plan, raw, work, shared, sc) }
+    unsafe { task::<T, { cfg!(target_arch = "aarch64") }>(plan, raw, work, sc) }
 }
 
 /// Computes the output rows of `work` (see [`Work`]): one (batch, kv head) pair's query
 /// block, for the query heads of one head chunk of the group, over the keys of
-/// `work.keys` (whose start is a multiple of `block_k`). `shared` holds the pair's K/V
-/// tiles already widened (see [`run`]); without it each tile is widened into the scratch.
-/// With `work.partial` the unnormalised rows go there instead of the output.
+/// `work.keys` (whose start is a multiple of `block_k`). With `work.partial` the
+/// unnormalised rows go there instead of the output.
 ///
 /// # Safety
 /// See [`run`]; `pair < batch * num_kv_heads`, `hc < head_chunks`, `qb < q_blocks`; a
@@ -1452,7 +1449,6 @@ unsafe fn task<T: Element, const FMA: bool>(
     plan: &Plan,
     raw: RawPtrs,
     work: Work<'_>,
-    shared: Option<Shared<'_>>,
     sc: &mut Scratch,
 ) {
     let Work {
@@ -1506,9 +1502,8 @@ unsafe fn task<T: Element, const FMA: bool>(
 
     // Key tiles past the last query's horizon (or this task's key range) are never touched.
     let kv_end = plan.visible_end_in(seq_k, q0 + nq - 1).min(keys.end);
-    // Few rows and no shared tiles: scores and P V from K/V rows as they lie (see
-    // [`DIRECT_ROWS`]).
-    let direct = shared.is_none() && rows_pad <= DIRECT_ROWS;
+    // Few rows: scores and P V from K/V rows as they lie (see [`DIRECT_ROWS`]).
+    let direct = rows_pad <= DIRECT_ROWS;
     let mut k_rows = [zero.as_ptr(); BLOCK_K];
     let mut v_rows = [zero.as_ptr(); BLOCK_K];
 
@@ -1524,49 +1519,48 @@ unsafe fn task<T: Element, const FMA: bool>(
             j0 += bk;
             continue;
         }
-        let (packed, bad): (Option<PackedTile>, u64) = match shared {
-            Some(sh) => {
-                let at = (j0 / bk) * plan.tile_floats();
-                let (kt, vt) = sh.tiles[at..at + plan.tile_floats()].split_at(bk * dp);
-                (Some((kt, vt)), sh.bad[j0 / bk])
-            }
-            None if direct => {
-                // SAFETY: forwarded; j0 < kv_end <= seq_k.
-                let bad = unsafe {
-                    gather_rows::<T>(
-                        plan,
-                        raw,
-                        pair,
-                        j0,
-                        kt_own,
-                        v_own,
-                        zero,
-                        &mut k_rows,
-                        &mut v_rows,
-                    )
-                };
-                (None, bad)
-            }
-            None => {
-                // SAFETY: forwarded; j0 < kv_end <= seq_k.
-                let bad = unsafe { widen_tile::<T>(plan, raw, pair, j0, kt_own, v_own) };
-                (Some((&kt_own[..], &v_own[..])), bad)
-            }
+        let (tile, bad): (Option<Tile>, u64) = if direct {
+            // SAFETY: forwarded; j0 < kv_end <= seq_k.
+            let bad = unsafe {
+                gather_rows::<T>(
+                    plan,
+                    raw,
+                    pair,
+                    j0,
+                    kt_own,
+                    v_own,
+                    zero,
+                    &mut k_rows,
+                    &mut v_rows,
+                )
+            };
+            (None, bad)
+        } else {
+            // SAFETY: forwarded; j0 < kv_end <= seq_k.
+            let (tile, bad) = unsafe { load_tile::<T>(plan, raw, pair, j0, kt_own, v_own) };
+            (Some(tile), bad)
         };
         let nk_pad = nk.next_multiple_of(NR);
 
         // S = Q K^T (already scaled).
-        if let Some((kt, _)) = packed {
-            for rb in (0..rows_pad).step_by(MR) {
-                for jb in (0..nk_pad).step_by(NR) {
-                    let mut acc = [[0.0f32; NR]; MR];
-                    micro_kernel::<FMA>(&qs[rb * dp..], dp, &kt[jb..], bk, dp, &mut acc);
-                    for (r, row) in acc.iter().enumerate() {
-                        let at = (rb + r) * bk + jb;
-                        ss[at..at + NR].copy_from_slice(row);
-                    }
-                }
-            }
+        if let Some(t) = tile {
+            // SAFETY: rows x head_dim of `qs`, nk x head_dim of the tile (see `load_tile`),
+            // rows x nk of `ss` (bk apart), which is the task's own.
+            unsafe {
+                matmul(
+                    rows,
+                    nk,
+                    d,
+                    ss.as_mut_ptr(),
+                    bk,
+                    false,
+                    qs.as_ptr(),
+                    dp,
+                    t.k,
+                    1,
+                    t.k_ld,
+                )
+            };
         } else {
             // SAFETY: the first nk pointers are rows of dim_pad floats (gather_rows).
             unsafe { direct_scores::<FMA>(qs, dp, rows_pad, &k_rows[..nk], ss, bk) };
@@ -1631,21 +1625,24 @@ unsafe fn task<T: Element, const FMA: bool>(
         ss[rows * bk..rows_pad * bk].fill(0.0);
 
         // O += P V, in the f32 partial; every MERGE_TILES tiles it is added to the f64 sum.
-        if let Some((_, vt)) = packed {
-            for rb in (0..rows_pad).step_by(MR) {
-                for db in (0..dp).step_by(NR) {
-                    let mut acc = [[0.0f32; NR]; MR];
-                    for (r, row) in acc.iter_mut().enumerate() {
-                        let at = (rb + r) * dp + db;
-                        row.copy_from_slice(&ps[at..at + NR]);
-                    }
-                    micro_kernel::<FMA>(&ss[rb * bk..], bk, &vt[db..], dp, nk_pad, &mut acc);
-                    for (r, row) in acc.iter().enumerate() {
-                        let at = (rb + r) * dp + db;
-                        ps[at..at + NR].copy_from_slice(row);
-                    }
-                }
-            }
+        if let Some(t) = tile {
+            // SAFETY: rows x nk of `ss`, nk x head_dim of the tile, rows x head_dim of the
+            // task's own `ps` (dp apart).
+            unsafe {
+                matmul(
+                    rows,
+                    d,
+                    nk,
+                    ps.as_mut_ptr(),
+                    dp,
+                    true,
+                    ss.as_ptr(),
+                    bk,
+                    t.v,
+                    t.v_ld,
+                    1,
+                )
+            };
         } else {
             // SAFETY: as for the scores; rows holding NaN/inf point at zeros.
             unsafe { direct_pv::<FMA>(ss, bk, rows_pad, &v_rows[..nk], ps, dp) };
@@ -1740,9 +1737,6 @@ unsafe fn task<T: Element, const FMA: bool>(
     }
 }
 
-/// A widened K/V tile: K transposed (`[dim_pad, block_k]`), then V (`[block_k, dim_pad]`).
-type PackedTile<'a> = (&'a [f32], &'a [f32]);
-
 /// `o += p; p = 0` (`o = p` when `o` holds nothing yet): the f32 partial output into the
 /// f64 one.
 #[inline(always)]
@@ -1812,37 +1806,6 @@ fn fmadd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
         a.mul_add(b, c)
     } else {
         a * b + c
-    }
-}
-
-/// `acc[r][c] += sum_k a[r*lda + k] * b[k*ldb + c]` for an `MR x NR` block: the inner
-/// product of both matrix products (Q K^T with K transposed, and P V). Each step loads one
-/// row of `b` and reuses it for `MR` rows, with `MR*NR` independent accumulators.
-#[inline(always)]
-fn micro_kernel<const FMA: bool>(
-    a: &[f32],
-    lda: usize,
-    b: &[f32],
-    ldb: usize,
-    k: usize,
-    acc: &mut [[f32; NR]; MR],
-) {
-    if k == 0 {
-        return;
-    }
-    // One check up front keeps bounds checks (and their registers) out of the loop.
-    assert!((MR - 1) * lda + k <= a.len() && (k - 1) * ldb + NR <= b.len());
-    let (a, b) = (a.as_ptr(), b.as_ptr());
-    for kk in 0..k {
-        // SAFETY: kk < k, so both reads are inside the slices checked above.
-        let brow = unsafe { &*(b.add(kk * ldb) as *const [f32; NR]) };
-        for (r, acc_r) in acc.iter_mut().enumerate() {
-            // SAFETY: as above.
-            let x = unsafe { *a.add(r * lda + kk) };
-            for c in 0..NR {
-                acc_r[c] = fmadd::<FMA>(x, brow[c], acc_r[c]);
-            }
-        }
     }
 }
 
@@ -1999,45 +1962,39 @@ mod tests {
         relative_l2_error(&out.to_f32_vec().unwrap(), &want)
     }
 
-    /// Every instruction set and shared-tile budget a call can run under.
+    /// Every instruction set and tile source (f32 rows in place or copied) a call can run
+    /// under.
     fn tunings() -> Vec<Tuning> {
         let mut tunings = vec![
             Tuning::detect(),
-            // Every task widens its own tiles.
             Tuning {
                 isa: Isa::detect(),
-                shared_bytes: 1,
-            },
-            // One (batch, kv head) pair per chunk of shared tiles: 3 key tiles of head_dim
-            // 72 padded to 80.
-            Tuning {
-                isa: Isa::detect(),
-                shared_bytes: 3 * 2 * BLOCK_K * 80 * 4,
+                in_place: false,
             },
             Tuning {
                 isa: Isa::Portable,
-                shared_bytes: SHARED_TILES_BYTES,
+                in_place: true,
+            },
+            Tuning {
+                isa: Isa::Portable,
+                in_place: false,
             },
         ];
         #[cfg(target_arch = "x86_64")]
         if Isa::detect() == Isa::Avx2Fma {
             tunings.push(Tuning {
                 isa: Isa::Avx2Fma,
-                shared_bytes: 1,
-            });
-            tunings.push(Tuning {
-                isa: Isa::Portable,
-                shared_bytes: 1,
+                in_place: false,
             });
         }
         tunings
     }
 
     #[test]
-    fn every_isa_and_shared_tile_chunking_agree_with_the_reference() {
+    fn every_isa_and_tile_source_agree_with_the_reference() {
         for tuning in tunings() {
             for layout in [Layout::Bshd, Layout::Bhsd] {
-                // 150 queries: several query blocks (shared tiles); 1 query: private tiles.
+                // 150 queries: several query blocks (matrix products); 1 query: direct.
                 for (sq, sk) in [(150, 170), (1, 130), (170, 150)] {
                     let err = error_under(tuning, DType::F32, layout, sq, sk);
                     assert!(err < 1e-5, "{tuning:?} {layout:?} {sq}x{sk}: {err:e}");
@@ -2049,9 +2006,9 @@ mod tests {
     }
 
     /// NaN/inf in K and V at keys a `-inf` mask removes (every 5th key and the whole
-    /// second tile) give the clean result under every tuning: shared tiles, tiles widened
-    /// per task, rows read in place (one query, head_dim 64: the direct path on f32 rows)
-    /// or widened (head_dim 72), and both instruction sets.
+    /// second tile) give the clean result under every tuning: f32 tiles read in place (V
+    /// then copied with the poisoned rows zeroed) or copied, the direct path's rows read in
+    /// place (one query, head_dim 64) or widened (head_dim 72), and both instruction sets.
     #[test]
     fn poison_at_removed_keys_is_dropped_under_every_tuning() {
         let (b, h, hk) = (2, 4, 2);
@@ -2121,20 +2078,20 @@ mod tests {
     /// bounded by the tile and row budgets.
     #[test]
     fn tiling_shrinks_for_large_head_dims() {
-        let plan = Plan::new(&problem(128, 8, 2, 512, 512), HeadStrides::default(), 1);
+        let plan = Plan::new(&problem(128, 8, 2, 512, 512), HeadStrides::default());
         assert_eq!(
             (plan.block_k, plan.heads_per_task, plan.head_chunks),
             (BLOCK_K, 4, 1)
         );
         assert_eq!(plan.block_q, ROWS_TARGET / 4);
-        let plan = Plan::new(&problem(65_536, 16, 1, 4, 4), HeadStrides::default(), 1);
+        let plan = Plan::new(&problem(65_536, 16, 1, 4, 4), HeadStrides::default());
         assert_eq!(
             (plan.block_k, plan.heads_per_task, plan.head_chunks),
             (NR, 10, 2)
         );
         assert_eq!(plan.block_q, 1);
         for d in [65_536, 1 << 20, 1 << 24] {
-            let plan = Plan::new(&problem(d, 64, 1, 4, 4), HeadStrides::default(), 1);
+            let plan = Plan::new(&problem(d, 64, 1, 4, 4), HeadStrides::default());
             let dp = plan.dim_pad;
             assert!(plan.heads_per_task * plan.head_chunks >= 64);
             assert!(
@@ -2157,7 +2114,7 @@ mod tests {
 
     #[test]
     fn visible_end_is_bottom_right_without_wrapping() {
-        let mut plan = Plan::new(&problem(16, 1, 1, 3, 5), HeadStrides::default(), 1);
+        let mut plan = Plan::new(&problem(16, 1, 1, 3, 5), HeadStrides::default());
         plan.causal = true;
         assert_eq!(
             (0..3).map(|i| plan.visible_end(i)).collect::<Vec<_>>(),
