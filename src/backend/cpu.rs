@@ -58,7 +58,7 @@ mod varlen;
 const BLOCK_K: usize = 64;
 /// Query rows (group heads x queries) a task aims for: enough to amortise reading a K/V
 /// tile, few enough that the task's scratch stays in L2.
-const ROWS_TARGET: usize = 64;
+const ROWS_TARGET: usize = 128;
 /// Rows of the micro-kernel's register block.
 const MR: usize = 4;
 /// Columns of the micro-kernel's register block (two AVX2 vectors).
@@ -84,6 +84,9 @@ const DIRECT_ROWS: usize = 16;
 /// output accumulator: few enough that the f32 partial stays accurate (a few hundred
 /// terms), enough that the f64 additions cost little next to the products.
 const MERGE_TILES: usize = 4;
+
+/// Most key tiles whose V rows are checked ahead of the tasks (8 bytes each).
+const V_CHECKS_MAX: usize = 1 << 23;
 
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
 
@@ -541,21 +544,22 @@ struct RowOptions {
 }
 
 impl RowOptions {
-    /// Softcap, then ALiBi, on the scores `s` of keys `j0..` for query head `h` whose
-    /// aligned diagonal is `a` (before the mask is added).
+    /// Softcap, then ALiBi, on the scores `s[jj * stride]` of keys `j0 + jj`, `jj < n`, for
+    /// query head `h` whose aligned diagonal is `a` (before the mask is added).
     #[inline(always)]
-    fn shape_scores(&self, s: &mut [f32], h: usize, a: i128, j0: usize) {
+    fn shape_scores(&self, s: &mut [f32], stride: usize, n: usize, h: usize, a: i128, j0: usize) {
         if let Some(cap) = self.softcap {
             let inv = 1.0 / cap;
-            for x in s.iter_mut() {
+            for jj in 0..n {
+                let x = &mut s[jj * stride];
                 *x = cap * (*x * inv).tanh();
             }
         }
         if let Some(slopes) = &self.alibi {
             let slope = slopes[h] as f64;
-            for (jj, x) in s.iter_mut().enumerate() {
+            for jj in 0..n {
                 let dist = (a - (j0 + jj) as i128).unsigned_abs() as f64;
-                *x += (-slope * dist) as f32;
+                s[jj * stride] += (-slope * dist) as f32;
             }
         }
     }
@@ -608,6 +612,10 @@ struct Work<'a> {
     /// Where a key-split task leaves its unnormalised rows for the merge; `None`: the task
     /// writes the finished output.
     partial: Option<Partial<'a>>,
+    /// The non-finite V rows of each of the pair's key tiles (bit `jj` of entry `t`: key
+    /// `t * block_k + jj`), found ahead of the tasks for f32 V read in place; `None`: each
+    /// task checks the rows of the tiles it reads.
+    v_bad: Option<&'a [u64]>,
 }
 
 /// A task's unnormalised result over its key range: per row `r`, the output sum `o[r*d..]`,
@@ -809,10 +817,31 @@ impl Plan {
         true
     }
 
+    /// Whether the tiles' K/V rows are given to the matrix products where they lie: f32
+    /// rows of an unpaged view (unless a test turned it off).
+    fn reads_in_place<T: Element>(&self) -> bool {
+        T::IS_F32 && self.in_place && self.paging.is_none()
+    }
+
     /// Bytes of one worker's [`Scratch`].
     fn scratch_bytes(&self) -> usize {
-        let (r, d, k) = (self.rows_pad, self.dim_pad, self.block_k);
-        4 * (2 * r * d + 2 * d * k + r * k + r + d) + 8 * (r * d + r) + 9 * 64
+        let (r, d, k, t) = (self.rows_pad, self.dim_pad, self.block_k, self.lanes());
+        4 * (self.q_floats() + r * d + 2 * d * k + t * k + 3 * t + d) + 8 * (r * d + t) + 10 * 64
+    }
+
+    /// Rows of a task rounded up to [`NR`]: the lanes of the transposed scores.
+    fn lanes(&self) -> usize {
+        self.rows_pad.next_multiple_of(NR)
+    }
+
+    /// f32 values of a task's scaled queries: rows of `dim_pad` for the direct products,
+    /// transposed (`[head_dim, lanes]`) for the blocked ones.
+    fn q_floats(&self) -> usize {
+        if self.rows_pad <= DIRECT_ROWS {
+            self.rows_pad * self.dim_pad
+        } else {
+            self.lanes() * self.dim_pad
+        }
     }
 }
 
@@ -832,13 +861,13 @@ fn try_zeroed<T: Copy + Default>(n: usize, what: &str) -> Result<Vec<T>> {
 
 /// Per-worker working set of a task, reused from task to task.
 struct Scratch {
-    /// Scaled queries, `[rows_pad, dim_pad]`.
+    /// Scaled queries (see [`Plan::q_floats`]).
     q: Vec<f32>,
     /// Key tile widened (or copied), `[block_k, dim_pad]`.
     kt: Vec<f32>,
     /// Value tile, `[block_k, dim_pad]`.
     v: Vec<f32>,
-    /// Scores, then probabilities, `[rows_pad, block_k]`.
+    /// Scores, then probabilities, transposed: `[block_k, lanes]`.
     s: Vec<f32>,
     /// Unnormalised output of the last few key tiles (at most [`MERGE_TILES`]),
     /// `[rows_pad, dim_pad]`.
@@ -850,6 +879,8 @@ struct Scratch {
     m: Vec<f32>,
     /// Running row sum (f64, as `o`).
     l: Vec<f64>,
+    /// Per-row values of one tile's softmax step: new max, then sum.
+    lanes: Vec<f32>,
     /// `[dim_pad]` zeros: the V row of a key whose V holds NaN/inf on the direct path.
     zero: Vec<f32>,
 }
@@ -858,7 +889,7 @@ impl Scratch {
     /// Zeroed buffers: the padding columns of Q are never written afterwards, so they stay
     /// zero and add nothing to the products.
     fn new(plan: &Plan) -> Result<Self> {
-        let (rows, dim, bk) = (plan.rows_pad, plan.dim_pad, plan.block_k);
+        let (rows, dim, bk, lanes) = (plan.rows_pad, plan.dim_pad, plan.block_k, plan.lanes());
         let what = "cpu attention scratch";
         // Every worker's buffers are allocated by one thread, so they may sit next to each
         // other: 64 unused bytes at the end of each keep two workers' hot values (row max
@@ -866,14 +897,15 @@ impl Scratch {
         let f32s = |n: usize| try_zeroed::<f32>(n + 64 / 4, what);
         let f64s = |n: usize| try_zeroed::<f64>(n + 64 / 8, what);
         Ok(Scratch {
-            q: f32s(rows * dim)?,
+            q: f32s(plan.q_floats())?,
             kt: f32s(dim * bk)?,
             v: f32s(bk * dim)?,
-            s: f32s(rows * bk)?,
+            s: f32s(lanes * bk)?,
             p: f32s(rows * dim)?,
             o: f64s(rows * dim)?,
-            m: f32s(rows)?,
-            l: f64s(rows)?,
+            m: f32s(lanes)?,
+            l: f64s(lanes)?,
+            lanes: f32s(2 * lanes)?,
             zero: f32s(dim)?,
         })
     }
@@ -923,8 +955,26 @@ fn for_each_task(workers: &mut [Scratch], tasks: usize, f: impl Fn(&mut Scratch,
 /// sizes and strides, the output must overlap no input and have distinct elements.
 unsafe fn run<T: Element>(plan: &Plan, raw: RawPtrs, isa: Isa) -> Result<()> {
     let per_task = plan.tasks_per_pair();
-    let tasks = plan.batch * plan.num_kv_heads * per_task;
+    let pairs = plan.batch * plan.num_kv_heads;
+    let tasks = pairs * per_task;
     let mut workers = scratches(plan, tasks)?;
+    // f32 V read in place by several query blocks: its rows are checked for NaN/inf once
+    // here rather than by every task that reads them (unless stride-0 views show more
+    // keys than such a list should hold).
+    let k_tiles = plan.seq_k.div_ceil(plan.block_k);
+    let checks = pairs.saturating_mul(k_tiles);
+    let mut v_bad: Vec<u64> =
+        if plan.reads_in_place::<T>() && plan.q_blocks > 1 && checks <= V_CHECKS_MAX {
+            try_zeroed(checks, "cpu attention V checks")?
+        } else {
+            Vec::new()
+        };
+    v_bad.par_iter_mut().enumerate().for_each(|(i, bad)| {
+        let (pair, j0) = (i / k_tiles, i % k_tiles * plan.block_k);
+        // SAFETY: forwarded from `run`'s contract; j0 < seq_k.
+        *bad = unsafe { v_non_finite(plan, raw, pair, j0) };
+    });
+    let v_bad = &v_bad;
     // Task indices are handed out from the last, so each (batch, kv head) pair's query
     // blocks run from the last one down: neighbouring tasks share the pair's K/V in the
     // cache, and under a causal mask every pair's long tasks come before its short ones.
@@ -935,6 +985,12 @@ unsafe fn run<T: Element>(plan: &Plan, raw: RawPtrs, isa: Isa) -> Result<()> {
             qb: t % plan.q_blocks,
             keys: 0..plan.seq_k,
             partial: None,
+            v_bad: if v_bad.is_empty() {
+                None
+            } else {
+                let p = t / per_task;
+                Some(&v_bad[p * k_tiles..(p + 1) * k_tiles])
+            },
         };
         // SAFETY: forwarded from `run`'s contract.
         unsafe { isa.task::<T>(plan, raw, work, sc) }
@@ -968,6 +1024,7 @@ unsafe fn load_tile<T: Element>(
     raw: RawPtrs,
     pair: usize,
     j0: usize,
+    known_bad: Option<u64>,
     k: &mut [f32],
     v: &mut [f32],
 ) -> (Tile, u64) {
@@ -984,14 +1041,9 @@ unsafe fn load_tile<T: Element>(
         std::slice::from_raw_parts(vp.add(plan.key_row(raw, plan.v, b, kvh, j0 + jj)), d)
     };
     let mut bad = 0u64;
-    if T::IS_F32 && plan.in_place && plan.paging.is_none() {
-        for jj in 0..nk {
-            // SAFETY: T is f32 (IS_F32).
-            let row = unsafe { std::slice::from_raw_parts(v_row(jj).as_ptr() as *const f32, d) };
-            if !all_finite(row) {
-                bad |= 1 << jj;
-            }
-        }
+    if plan.reads_in_place::<T>() {
+        // SAFETY: forwarded.
+        bad = known_bad.unwrap_or_else(|| unsafe { v_non_finite(plan, raw, pair, j0) });
         let kf = k_row(0).as_ptr() as *const f32;
         let vf = v_row(0).as_ptr() as *const f32;
         if bad == 0 {
@@ -1046,9 +1098,33 @@ unsafe fn load_tile<T: Element>(
     (tile, bad)
 }
 
-/// `c = a b` (`accumulate`: `c += a b`) for an `m x n` f32 matrix `c` (rows `ldc` apart,
-/// columns adjacent), `a` `m x k` (rows `lda` apart) and `b` `k x n` whose element `(i, j)`
-/// lies at `b + i * b_rs + j * b_cs`: single-threaded, the caller being one task of many.
+/// The V rows holding NaN or inf among keys `j0..` (at most `block_k`) of one (batch, kv
+/// head) pair of f32 V (bit `jj` for key `j0 + jj`).
+///
+/// # Safety
+/// See [`run`]; V is f32; `pair < batch * num_kv_heads`, `j0 < seq_k_of(batch of pair)`.
+#[inline(always)]
+unsafe fn v_non_finite(plan: &Plan, raw: RawPtrs, pair: usize, j0: usize) -> u64 {
+    let (b, kvh) = (pair / plan.num_kv_heads, pair % plan.num_kv_heads);
+    let nk = plan.block_k.min(plan.seq_k_of(b) - j0);
+    let mut bad = 0u64;
+    for jj in 0..nk {
+        // SAFETY: value row j0 + jj < seq_k_of(b) inside its view, head_dim f32 values.
+        let row = unsafe {
+            let off = plan.key_row(raw, plan.v, b, kvh, j0 + jj);
+            std::slice::from_raw_parts((raw.v as *const f32).add(off), plan.head_dim)
+        };
+        if !all_finite(row) {
+            bad |= 1 << jj;
+        }
+    }
+    bad
+}
+
+/// `c = a b` (`accumulate`: `c += a b`) for f32 matrices `c` (`m x n`), `a` (`m x k`) and
+/// `b` (`k x n`), each given by its first element and its `[row, column]` strides (element
+/// `(i, j)` of `c` at `c + i * c_st[0] + j * c_st[1]`): single-threaded, the caller being
+/// one task of many.
 ///
 /// # Safety
 /// Every element named lies inside a live allocation; `c` overlaps neither input.
@@ -1059,15 +1135,15 @@ unsafe fn matmul(
     n: usize,
     k: usize,
     c: *mut f32,
-    ldc: usize,
+    c_st: [usize; 2],
     accumulate: bool,
     a: *const f32,
-    lda: usize,
+    a_st: [usize; 2],
     b: *const f32,
-    b_rs: usize,
-    b_cs: usize,
+    b_st: [usize; 2],
 ) {
-    // Strides of live allocations are below isize::MAX bytes, so the casts are exact.
+    // Strides of live allocations are below isize::MAX elements, so the casts are exact.
+    let st = |x: usize| x as isize;
     // SAFETY: forwarded; `gemm` reads and writes only the elements its sizes and strides
     // name, f32 is one of its types (it panics for others), and `Parallelism::None` keeps it
     // on this thread.
@@ -1077,15 +1153,15 @@ unsafe fn matmul(
             n,
             k,
             c,
-            1,
-            ldc as isize,
+            st(c_st[1]),
+            st(c_st[0]),
             accumulate,
             a,
-            1,
-            lda as isize,
+            st(a_st[1]),
+            st(a_st[0]),
             b,
-            b_cs as isize,
-            b_rs as isize,
+            st(b_st[1]),
+            st(b_st[0]),
             1.0,
             1.0,
             false,
@@ -1179,13 +1255,13 @@ fn hsum(a: &[f32; NR]) -> f32 {
     (g[0] + g[2]) + (g[1] + g[3])
 }
 
-/// `s[r * ls + jj] = q[r * dp..] . k_rows[jj]` for rows `0..rows_pad` (a multiple of
+/// `s[jj * ls + r] = q[r * dp..] . k_rows[jj]` for rows `0..rows_pad` (a multiple of
 /// [`MR`]) and every given key: direct dot products over `dp` values, `MR` rows per pass
 /// over a key row.
 ///
 /// # Safety
 /// Each pointer in `k_rows` reads `dp` f32 values; `q` holds `rows_pad * dp` values and `s`
-/// `rows_pad * ls`, `ls >= k_rows.len()`.
+/// `k_rows.len() * ls`, `ls >= rows_pad`.
 #[inline(always)]
 unsafe fn direct_scores<const FMA: bool>(
     q: &[f32],
@@ -1195,7 +1271,7 @@ unsafe fn direct_scores<const FMA: bool>(
     s: &mut [f32],
     ls: usize,
 ) {
-    assert!(rows_pad * dp <= q.len() && rows_pad * ls <= s.len() && k_rows.len() <= ls);
+    assert!(rows_pad * dp <= q.len() && k_rows.len() * ls <= s.len() && rows_pad <= ls);
     #[cfg(target_arch = "x86_64")]
     if FMA {
         // SAFETY: FMA on x86-64 is only compiled into the AVX2+FMA task; sizes checked.
@@ -1217,18 +1293,18 @@ unsafe fn direct_scores<const FMA: bool>(
                 }
             }
             for (r, acc_r) in acc.iter().enumerate() {
-                s[(rb + r) * ls + jj] = hsum(acc_r);
+                s[jj * ls + rb + r] = hsum(acc_r);
             }
         }
     }
 }
 
-/// `o[r * dp..] += sum_jj p[r * lp + jj] * v_rows[jj]` for rows `0..rows_pad` (a multiple
+/// `o[r * dp..] += sum_jj p[jj * lp + r] * v_rows[jj]` for rows `0..rows_pad` (a multiple
 /// of [`MR`]): `MR` rows by [`NR`] columns held in registers over the keys.
 ///
 /// # Safety
 /// Each pointer in `v_rows` reads `dp` f32 values; `o` holds `rows_pad * dp` values and `p`
-/// `rows_pad * lp`, `lp >= v_rows.len()`.
+/// `v_rows.len() * lp`, `lp >= rows_pad`.
 #[inline(always)]
 unsafe fn direct_pv<const FMA: bool>(
     p: &[f32],
@@ -1238,7 +1314,7 @@ unsafe fn direct_pv<const FMA: bool>(
     o: &mut [f32],
     dp: usize,
 ) {
-    assert!(rows_pad * dp <= o.len() && rows_pad * lp <= p.len() && v_rows.len() <= lp);
+    assert!(rows_pad * dp <= o.len() && v_rows.len() * lp <= p.len() && rows_pad <= lp);
     #[cfg(target_arch = "x86_64")]
     if FMA {
         // SAFETY: as in `direct_scores`.
@@ -1255,8 +1331,8 @@ unsafe fn direct_pv<const FMA: bool>(
                 // SAFETY: db + NR <= dp, inside the value row.
                 let vc = unsafe { &*(vr.add(db) as *const [f32; NR]) };
                 for (r, acc_r) in acc.iter_mut().enumerate() {
-                    // SAFETY: rb + r < rows_pad, jj < lp.
-                    let w = unsafe { *p.get_unchecked((rb + r) * lp + jj) };
+                    // SAFETY: rb + r < rows_pad <= lp, jj < v_rows.len().
+                    let w = unsafe { *p.get_unchecked(jj * lp + rb + r) };
                     for l in 0..NR {
                         acc_r[l] = fmadd::<FMA>(w, vc[l], acc_r[l]);
                     }
@@ -1314,12 +1390,10 @@ mod avx2 {
                 let a = [0, 1, 2, 3].map(|r| _mm256_add_ps(acc[2 * r], acc[2 * r + 1]));
                 let t = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
                 let sums = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-                let mut out = [0.0f32; 4];
+                // The four rows lie side by side (scores transposed).
+                let at = &mut s[jj * ls + rb..jj * ls + rb + MR];
                 // SAFETY: four floats.
-                unsafe { _mm_storeu_ps(out.as_mut_ptr(), sums) };
-                for (r, &x) in out.iter().enumerate() {
-                    s[(rb + r) * ls + jj] = x;
-                }
+                unsafe { _mm_storeu_ps(at.as_mut_ptr(), sums) };
             }
         }
     }
@@ -1341,7 +1415,7 @@ mod avx2 {
         let op = o.as_mut_ptr();
         for rb in (0..rows_pad).step_by(MR) {
             for db in (0..dp).step_by(NR) {
-                // SAFETY: rows rb..rb + 4 of o and p; db + 16 <= dp; jj < lp.
+                // SAFETY: rows rb..rb + 4 of o and p; db + 16 <= dp; rb + 4 <= lp.
                 unsafe {
                     let at = |r: usize| op.add((rb + r) * dp + db);
                     let mut acc = [0, 1, 2, 3]
@@ -1350,7 +1424,7 @@ mod avx2 {
                         let v0 = _mm256_loadu_ps(vr.add(db));
                         let v1 = _mm256_loadu_ps(vr.add(db + 8));
                         for (r, acc_r) in acc.iter_mut().enumerate() {
-                            let w = _mm256_broadcast_ss(&*p.add((rb + r) * lp + jj));
+                            let w = _mm256_broadcast_ss(&*p.add(jj * lp + rb + r));
                             acc_r[0] = _mm256_fmadd_ps(w, v0, acc_r[0]);
                             acc_r[1] = _mm256_fmadd_ps(w, v1, acc_r[1]);
                         }
@@ -1457,6 +1531,7 @@ unsafe fn task<T: Element, const FMA: bool>(
         qb,
         keys,
         partial,
+        v_bad,
     } = work;
     let kvh = pair % plan.num_kv_heads;
     let (b, h0, nh, q0, nq) = plan.rows_of(pair, hc, qb);
@@ -1465,6 +1540,10 @@ unsafe fn task<T: Element, const FMA: bool>(
     // Row r is query head h0 + r/nq, query q0 + r%nq.
     let rows = nh * nq;
     let rows_pad = rows.next_multiple_of(MR);
+    // Scores are kept transposed, `ss[jj * lt + r]` for key j0 + jj and row r: the rows of
+    // one key side by side, so the softmax's per-row steps run across rows in vector
+    // lanes, and the product that writes them reads Q (transposed too) without packing it.
+    let lt = rows.next_multiple_of(NR);
     let head_of = |r: usize| h0 + r / nq;
     let query_of = |r: usize| q0 + r % nq;
     let Scratch {
@@ -1476,34 +1555,51 @@ unsafe fn task<T: Element, const FMA: bool>(
         o: os,
         m: ms,
         l: ls,
+        lanes,
         zero,
     } = sc;
+    // Few rows: scores and P V from K/V rows as they lie (see [`DIRECT_ROWS`]).
+    let direct = rows_pad <= DIRECT_ROWS;
 
     let qp = raw.q as *const T;
+    // Rows are read whole (row-major, into `qs` or for the transposed form first into
+    // `ps`, free until the first tile): contiguous vector loads keep many cache misses in
+    // flight, where a strided gather would wait for them one by one.
+    let rows_to: &mut [f32] = if direct { qs } else { ps };
     for r in 0..rows {
         let off = b * plan.q.batch + head_of(r) * plan.q.head + query_of(r) * plan.q.seq;
         // SAFETY: a row of q inside its view.
         let src = unsafe { std::slice::from_raw_parts(qp.add(off), d) };
-        let dst = &mut qs[r * dp..r * dp + d];
-        for (x, &s) in dst.iter_mut().zip(src) {
+        for (x, &s) in rows_to[r * dp..r * dp + d].iter_mut().zip(src) {
             *x = s.widen() * plan.q_scale;
         }
     }
-    // Rows past `rows` in the last block of MR: zero queries, so their scores are finite
-    // and their outputs are never written.
-    qs[rows * dp..rows_pad * dp].fill(0.0);
+    if !direct {
+        for r in 0..rows {
+            for (x, &v) in ps[r * dp..r * dp + d].iter().enumerate() {
+                qs[x * lt + r] = v;
+            }
+        }
+    }
+    // Rows past `rows` (to a multiple of MR, or of NR transposed): zero queries, so their
+    // scores are finite and their outputs are never written.
+    if direct {
+        qs[rows * dp..rows_pad * dp].fill(0.0);
+    } else {
+        for x in 0..d {
+            qs[x * lt + rows..(x + 1) * lt].fill(0.0);
+        }
+    }
     ps[..rows_pad * dp].fill(0.0);
     let mut unmerged = 0;
     // Whether `os` holds the merged partials; until the first merge its contents are stale
     // (the first merge assigns, so it is never cleared).
     let mut merged = false;
-    ms[..rows_pad].fill(f32::NEG_INFINITY);
-    ls[..rows_pad].fill(0.0);
+    ms[..lt].fill(f32::NEG_INFINITY);
+    ls[..lt].fill(0.0);
 
     // Key tiles past the last query's horizon (or this task's key range) are never touched.
     let kv_end = plan.visible_end_in(seq_k, q0 + nq - 1).min(keys.end);
-    // Few rows: scores and P V from K/V rows as they lie (see [`DIRECT_ROWS`]).
-    let direct = rows_pad <= DIRECT_ROWS;
     let mut k_rows = [zero.as_ptr(); BLOCK_K];
     let mut v_rows = [zero.as_ptr(); BLOCK_K];
 
@@ -1536,49 +1632,52 @@ unsafe fn task<T: Element, const FMA: bool>(
             };
             (None, bad)
         } else {
+            let known = v_bad.map(|t| t[j0 / bk]);
             // SAFETY: forwarded; j0 < kv_end <= seq_k.
-            let (tile, bad) = unsafe { load_tile::<T>(plan, raw, pair, j0, kt_own, v_own) };
+            let (tile, bad) = unsafe { load_tile::<T>(plan, raw, pair, j0, known, kt_own, v_own) };
             (Some(tile), bad)
         };
-        let nk_pad = nk.next_multiple_of(NR);
 
-        // S = Q K^T (already scaled).
+        // S = Q K^T (already scaled), transposed.
         if let Some(t) = tile {
-            // SAFETY: rows x head_dim of `qs`, nk x head_dim of the tile (see `load_tile`),
-            // rows x nk of `ss` (bk apart), which is the task's own.
+            // SAFETY: lt x head_dim of `qs` (transposed), nk x head_dim of the tile (see
+            // `load_tile`), lt x nk of the task's own `ss` (transposed).
             unsafe {
                 matmul(
-                    rows,
+                    lt,
                     nk,
                     d,
                     ss.as_mut_ptr(),
-                    bk,
+                    [1, lt],
                     false,
                     qs.as_ptr(),
-                    dp,
+                    [1, lt],
                     t.k,
-                    1,
-                    t.k_ld,
+                    [1, t.k_ld],
                 )
             };
         } else {
             // SAFETY: the first nk pointers are rows of dim_pad floats (gather_rows).
-            unsafe { direct_scores::<FMA>(qs, dp, rows_pad, &k_rows[..nk], ss, bk) };
+            unsafe { direct_scores::<FMA>(qs, dp, rows_pad, &k_rows[..nk], ss, lt) };
+            // Lanes the direct product leaves alone: zero scores, like zero queries.
+            for jj in 0..nk {
+                ss[jj * lt + rows_pad..(jj + 1) * lt].fill(0.0);
+            }
         }
 
-        // Mask, causal cut, and the online softmax update; S becomes P.
+        // Options, mask and causal cut, one row at a time (strided over the keys).
         for r in 0..rows {
             let i = query_of(r);
-            let s = &mut ss[r * bk..r * bk + nk_pad];
             if let Some(o) = &plan.opts {
-                o.shape_scores(&mut s[..nk], head_of(r), plan.aligned(seq_k, i), j0);
+                o.shape_scores(&mut ss[r..], lt, nk, head_of(r), plan.aligned(seq_k, i), j0);
             }
             if let Some(mst) = plan.mask {
                 let off = b * mst.batch + head_of(r) * mst.head + i * mst.query + j0;
                 // SAFETY: nk keys of one mask row inside the mask view.
                 let m = unsafe { std::slice::from_raw_parts(raw.mask.add(off), nk) };
                 // A select, not a sum: NaN or inf scores of removed keys are dropped.
-                for (x, &a) in s.iter_mut().zip(m) {
+                for (jj, &a) in m.iter().enumerate() {
+                    let x = &mut ss[jj * lt + r];
                     *x = if a == f32::NEG_INFINITY {
                         f32::NEG_INFINITY
                     } else {
@@ -1587,28 +1686,31 @@ unsafe fn task<T: Element, const FMA: bool>(
                 }
             }
             let valid = plan.visible_end_in(seq_k, i).saturating_sub(j0).min(nk);
-            s[valid..].fill(f32::NEG_INFINITY);
+            for jj in valid..nk {
+                ss[jj * lt + r] = f32::NEG_INFINITY;
+            }
             if plan.opts.is_some() {
                 let first = plan.visible_start_in(seq_k, i).saturating_sub(j0).min(nk);
-                s[..first].fill(f32::NEG_INFINITY);
-            }
-
-            let m_old = ms[r];
-            // NaN scores are passed over here and poison the row through the sum below.
-            let m_new = m_old.max(row_max(s));
-            if m_new == f32::NEG_INFINITY {
-                // Nothing visible yet: contributes nothing, keeps the zero output. A NaN
-                // score among removed ones (a NaN mask value) still poisons the row.
-                if s.iter().any(|x| x.is_nan()) {
-                    ls[r] = f64::NAN;
+                for jj in 0..first {
+                    ss[jj * lt + r] = f32::NEG_INFINITY;
                 }
-                s.fill(0.0);
+            }
+        }
+        // The online softmax update, across rows in vector lanes; S becomes P.
+        let (m_new, sums) = lanes.split_at_mut(lt);
+        let sums = &mut sums[..lt];
+        online_softmax::<FMA>(&mut ss[..nk * lt], &ms[..lt], m_new, sums);
+        for r in 0..rows {
+            if m_new[r] == f32::NEG_INFINITY {
+                // Nothing visible yet: contributes nothing (the weights are 0), keeps the
+                // zero output. A NaN score among removed ones (a NaN mask value) still
+                // poisons the row: its weight, and so the sum, is NaN.
+                ls[r] += sums[r] as f64;
                 continue;
             }
-            let alpha = exp2::<FMA>((m_old - m_new) * LOG2_E);
-            let sum = exp_in_place::<FMA>(s, m_new);
-            ls[r] = ls[r] * alpha as f64 + sum as f64;
-            ms[r] = m_new;
+            let alpha = exp2::<FMA>((ms[r] - m_new[r]) * LOG2_E);
+            ls[r] = ls[r] * alpha as f64 + sums[r] as f64;
+            ms[r] = m_new[r];
             if alpha != 1.0 {
                 for x in &mut ps[r * dp..(r + 1) * dp] {
                     *x *= alpha;
@@ -1621,31 +1723,28 @@ unsafe fn task<T: Element, const FMA: bool>(
                 }
             }
         }
-        // Padding rows: zero weights (their queries are zero, so the scores were finite).
-        ss[rows * bk..rows_pad * bk].fill(0.0);
 
         // O += P V, in the f32 partial; every MERGE_TILES tiles it is added to the f64 sum.
         if let Some(t) = tile {
-            // SAFETY: rows x nk of `ss`, nk x head_dim of the tile, rows x head_dim of the
-            // task's own `ps` (dp apart).
+            // SAFETY: rows x nk of `ss` (transposed), nk x head_dim of the tile, rows x
+            // head_dim of the task's own `ps` (dp apart).
             unsafe {
                 matmul(
                     rows,
                     d,
                     nk,
                     ps.as_mut_ptr(),
-                    dp,
+                    [dp, 1],
                     true,
                     ss.as_ptr(),
-                    bk,
+                    [1, lt],
                     t.v,
-                    t.v_ld,
-                    1,
+                    [t.v_ld, 1],
                 )
             };
         } else {
             // SAFETY: as for the scores; rows holding NaN/inf point at zeros.
-            unsafe { direct_pv::<FMA>(ss, bk, rows_pad, &v_rows[..nk], ps, dp) };
+            unsafe { direct_pv::<FMA>(ss, lt, rows_pad, &v_rows[..nk], ps, dp) };
         }
 
         // V rows holding NaN/inf were zeroed in the tile: add them for the rows that keep
@@ -1665,8 +1764,8 @@ unsafe fn task<T: Element, const FMA: bool>(
                     rows,
                     &head_of,
                     &query_of,
-                    &ss[jj..],
-                    bk,
+                    &ss[jj * lt..],
+                    1,
                     ps,
                 )
             };
@@ -1809,36 +1908,47 @@ fn fmadd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
-/// Largest element of `s` (length a multiple of [`NR`]), lane-wise so it vectorizes.
+/// One tile's online softmax step over transposed scores `s` (`s[jj * lt + r]`, `lt =
+/// m_old.len()`, a multiple of [`NR`]), lane-wise so it vectorizes: `m_new[r]` becomes the
+/// larger of `m_old[r]` and row r's scores (NaN scores are passed over and poison the row
+/// through its weights), each score its weight `e^(s - m_new)` and `sums[r]` their sum. A
+/// row whose `m_new` is `-inf` (nothing visible yet) is weighed against 0 instead: its
+/// `-inf` scores give 0, a NaN one NaN. The difference is taken before the scaling to log2
+/// units, so scores near `-f32::MAX` do not overflow to `-inf` first.
 #[inline(always)]
-fn row_max(s: &[f32]) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; NR];
-    for chunk in s.chunks_exact(NR) {
-        for c in 0..NR {
-            lanes[c] = if chunk[c] > lanes[c] {
-                chunk[c]
-            } else {
-                lanes[c]
-            };
+fn online_softmax<const FMA: bool>(
+    s: &mut [f32],
+    m_old: &[f32],
+    m_new: &mut [f32],
+    sums: &mut [f32],
+) {
+    let lt = m_old.len();
+    let cols = s.len() / lt;
+    // NR rows at a time down the keys, their maxima and sums held in registers.
+    for c0 in (0..lt).step_by(NR) {
+        let mut m = [0.0f32; NR];
+        m.copy_from_slice(&m_old[c0..c0 + NR]);
+        for jj in 0..cols {
+            let x = &s[jj * lt + c0..jj * lt + c0 + NR];
+            for c in 0..NR {
+                m[c] = if x[c] > m[c] { x[c] } else { m[c] };
+            }
         }
-    }
-    lanes
-        .iter()
-        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
-}
-
-/// `s[j] = e^(s[j] - m)` in place; returns the sum. The difference is taken before the
-/// scaling to log2 units, so scores near `-f32::MAX` do not overflow to `-inf` first.
-#[inline(always)]
-fn exp_in_place<const FMA: bool>(s: &mut [f32], m: f32) -> f32 {
-    let mut lanes = [0.0f32; NR];
-    for chunk in s.chunks_exact_mut(NR) {
+        let mut u = [0.0f32; NR];
         for c in 0..NR {
-            chunk[c] = exp2::<FMA>((chunk[c] - m) * LOG2_E);
-            lanes[c] += chunk[c];
+            u[c] = if m[c] == f32::NEG_INFINITY { 0.0 } else { m[c] };
         }
+        let mut sum = [0.0f32; NR];
+        for jj in 0..cols {
+            let x = &mut s[jj * lt + c0..jj * lt + c0 + NR];
+            for c in 0..NR {
+                x[c] = exp2::<FMA>((x[c] - u[c]) * LOG2_E);
+                sum[c] += x[c];
+            }
+        }
+        m_new[c0..c0 + NR].copy_from_slice(&m);
+        sums[c0..c0 + NR].copy_from_slice(&sum);
     }
-    lanes.iter().sum()
 }
 
 /// `2^x` for `x <= 0`, branch-free so loops over it vectorize (libm's `exp2` would not).
@@ -2148,6 +2258,38 @@ mod tests {
             let x = bf16::from_bits(bits);
             let (got, want) = (x.widen(), x.to_f32());
             assert!(got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()));
+        }
+    }
+
+    /// Transposed scores of 16 rows over 3 keys: row 0 plain, row 1 all removed (`-inf`),
+    /// row 2 removed but for a NaN, row 3 with an earlier max above its scores.
+    #[test]
+    fn online_softmax_weighs_each_row_against_its_max() {
+        let lt = NR;
+        let mut s = vec![0.0f32; 3 * lt];
+        let mut m_old = vec![f32::NEG_INFINITY; lt];
+        m_old[3] = 5.0;
+        for (jj, x) in [1.0f32, 2.0, 3.0].iter().enumerate() {
+            s[jj * lt] = *x;
+            s[jj * lt + 1] = f32::NEG_INFINITY;
+            s[jj * lt + 2] = if jj == 1 { f32::NAN } else { f32::NEG_INFINITY };
+            s[jj * lt + 3] = *x;
+        }
+        for fma in [false, true] {
+            let (mut t, mut m_new, mut sums) = (s.clone(), vec![0.0; lt], vec![0.0; lt]);
+            if fma {
+                online_softmax::<true>(&mut t, &m_old, &mut m_new, &mut sums);
+            } else {
+                online_softmax::<false>(&mut t, &m_old, &mut m_new, &mut sums);
+            }
+            assert_eq!(m_new[..4], [3.0, f32::NEG_INFINITY, f32::NEG_INFINITY, 5.0]);
+            let want0: f64 = [-2.0f64, -1.0, 0.0].iter().map(|x| x.exp()).sum();
+            let want3: f64 = [-4.0f64, -3.0, -2.0].iter().map(|x| x.exp()).sum();
+            assert!((sums[0] as f64 - want0).abs() < 1e-6 * want0, "{}", sums[0]);
+            assert!((sums[3] as f64 - want3).abs() < 1e-6 * want3, "{}", sums[3]);
+            assert_eq!((sums[1], t[lt + 1]), (0.0, 0.0));
+            assert!(sums[2].is_nan() && t[lt + 2].is_nan());
+            assert!((t[2 * lt] - 1.0).abs() < 1e-6, "{}", t[2 * lt]);
         }
     }
 

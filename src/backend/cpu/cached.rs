@@ -339,6 +339,7 @@ fn work_of<'a>(
             s * split_keys..(s + 1) * split_keys
         },
         partial,
+        v_bad: None,
     }
 }
 
