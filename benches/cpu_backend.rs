@@ -8,8 +8,13 @@
 //!
 //! With `CPU_VS_TORCH` set (a substring of the shape names, or empty for all), only the
 //! shapes that `scripts/bench_torch_cpu.py` times for torch run instead, each printed as
-//! the median of a few calls: prefill with B*S = 4096 and H = 2048/D, and a GQA decode
-//! step over a cache next to a streaming read of the cache's bytes.
+//! the median of a few calls: prefill with B*S = 16384 and H = 2048/D (f32 at D = 64 and
+//! 128, S = 512 to 4096, causal and not; bf16 at D = 128), and a GQA decode step over a
+//! cache next to a streaming read of the cache's bytes. The lines have the torch script's
+//! form (`ours NAME MS RATE` against `torch NAME MS RATE`); the script's `--ours FILE`
+//! joins the two into one table. On another machine the bench runs as a plain binary:
+//! `cargo bench --bench cpu_backend --no-run` prints its path, and
+//! `RAYON_NUM_THREADS=N CPU_VS_TORCH= path/to/cpu_backend-HASH` runs it.
 
 use std::time::{Duration, Instant};
 
@@ -25,6 +30,10 @@ use forge_attn::{
 const BATCH: usize = 1;
 const HEADS: usize = 16;
 const HEAD_DIM: usize = 128;
+/// Tokens (B*S) of every prefill shape compared with torch.
+const PREFILL_TOKENS: usize = 16384;
+/// Sequence lengths of the prefill shapes compared with torch.
+const PREFILL_SEQS: [usize; 4] = [512, 1024, 2048, 4096];
 
 fn bench_cpu(c: &mut Criterion) {
     if let Ok(filter) = std::env::var("CPU_VS_TORCH") {
@@ -192,13 +201,17 @@ fn against_torch(filter: &str) {
     println!("threads {threads}");
     let mut prefill = Vec::new();
     for d in [64usize, 128] {
-        for s in [512usize, 2048] {
+        for s in PREFILL_SEQS {
             for causal in [false, true] {
                 prefill.push((DType::F32, d, s, causal));
             }
         }
     }
-    prefill.push((DType::BF16, 128, 2048, false));
+    for s in [512usize, 2048] {
+        for causal in [false, true] {
+            prefill.push((DType::BF16, 128, s, causal));
+        }
+    }
     for (dtype, d, s, causal) in prefill {
         let name = format!(
             "prefill_{}_d{d}_s{s}{}",
@@ -208,7 +221,7 @@ fn against_torch(filter: &str) {
         if !name.contains(filter) {
             continue;
         }
-        let (b, h) = (4096 / s, 2048 / d);
+        let (b, h) = (PREFILL_TOKENS / s, 2048 / d);
         let shape = [b, s, h, d];
         let n = shape.iter().product();
         let t = |seed| DeviceTensor::from_f32(&random_values(n, seed), &shape, dtype, Device::Cpu);

@@ -2,11 +2,16 @@
 """Times torch's CPU scaled_dot_product_attention on the shapes that
 `CPU_VS_TORCH= cargo bench --bench cpu_backend` times for the CPU backend.
 
-Usage: python3 scripts/bench_torch_cpu.py [--threads N] [FILTER]
+Usage: python3 scripts/bench_torch_cpu.py [--threads N] [--ours FILE] [FILTER]
 Prints `torch NAME MEDIAN_MS GFLOP/s` (GB/s for the decode step and the streaming read),
-median of a few calls after one warm-up call. Prefill: B*S = 4096, H = 2048/D, layout
-[B, H, S, D]. Decode: one query per sequence, B=8, 32 query heads over 8 KV heads
+median of a few calls after one warm-up call. Prefill: B*S = 16384, H = 2048/D, layout
+[B, H, S, D]; f32 at D = 64 and 128, S = 512 to 4096, causal and not; bf16 at D = 128,
+S = 512 and 2048. Decode: one query per sequence, B=8, 32 query heads over 8 KV heads
 (enable_gqa), D=128, 4096 cached keys, f32.
+
+With `--ours FILE` (the output of `CPU_VS_TORCH= cargo bench --bench cpu_backend`, or of
+the bench binary, run with the same thread count), a markdown table follows: each shape's
+time on both sides and the speed of ours relative to torch (torch ms / ours ms).
 """
 import argparse
 import statistics
@@ -29,27 +34,60 @@ def median_secs(reps, f):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ours", help="output of the cpu_backend bench to compare with")
     ap.add_argument("filter", nargs="?", default="")
     a = ap.parse_args()
+    results = {}
+    try:
+        run(a, results)
+    finally:
+        if a.ours:
+            table(a.ours, results)
+
+
+def table(path, torch_ms):
+    """Prints the shapes both sides timed as a markdown table."""
+    ours = {}
+    threads = None
+    with open(path) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) == 4 and parts[0] == "ours":
+                ours[parts[1]] = float(parts[2])
+            elif len(parts) == 2 and parts[0] == "threads":
+                threads = int(parts[1])
+    print()
+    print(f"ours: {threads} threads; torch: {torch.get_num_threads()} threads")
+    print()
+    print("| shape | ours (ms) | torch (ms) | speed vs torch (torch ms / ours ms) |")
+    print("|---|---:|---:|---:|")
+    for name, t in torch_ms.items():
+        if name in ours:
+            print(f"| {name} | {ours[name]:.2f} | {t:.2f} | {t / ours[name]:.2f}x |")
+
+
+def run(a, results):
     torch.set_num_threads(a.threads)
     print(f"threads {torch.get_num_threads()} torch {torch.__version__}")
     torch.manual_seed(0)
-    shapes = [(torch.float32, d, s, c) for d in (64, 128) for s in (512, 2048) for c in (False, True)]
-    shapes.append((torch.bfloat16, 128, 2048, False))
+    seqs = (512, 1024, 2048, 4096)
+    shapes = [(torch.float32, d, s, c) for d in (64, 128) for s in seqs for c in (False, True)]
+    shapes += [(torch.bfloat16, 128, s, c) for s in (512, 2048) for c in (False, True)]
     with torch.inference_mode():
         for dtype, d, s, causal in shapes:
             kind = "f32" if dtype == torch.float32 else "bf16"
             name = f"prefill_{kind}_d{d}_s{s}{'_causal' if causal else ''}"
             if a.filter not in name:
                 continue
-            b, h = 4096 // s, 2048 // d
+            b, h = 16384 // s, 2048 // d
             q, k, v = (torch.randn(b, h, s, d, dtype=dtype) for _ in range(3))
             flops = 4.0 * b * s * s * h * d / (2.0 if causal else 1.0)
             secs = median_secs(
                 3 if s >= 2048 else 5,
                 lambda: F.scaled_dot_product_attention(q, k, v, is_causal=causal),
             )
-            print(f"torch {name} {secs * 1e3:.2f} {flops / secs / 1e9:.1f}")
+            print(f"torch {name} {secs * 1e3:.2f} {flops / secs / 1e9:.1f}", flush=True)
+            results[name] = secs * 1e3
 
         b, h, hk, d, length = 8, 32, 8, 128, 4096
         name = f"decode_f32_b{b}_h{h}_kv{hk}_d{d}_l{length}"
@@ -63,8 +101,10 @@ def main():
             10, lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
         )
         print(f"torch {name} {secs * 1e3:.3f} {nbytes / secs / 1e9:.1f}")
+        results[name] = secs * 1e3
         secs = median_secs(10, lambda: (k.sum(), v.sum()))
         print(f"torch stream_read_{name} {secs * 1e3:.3f} {nbytes / secs / 1e9:.1f}")
+        results[f"stream_read_{name}"] = secs * 1e3
 
 
 if __name__ == "__main__":

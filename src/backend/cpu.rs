@@ -3,14 +3,21 @@
 //! Work is split into tasks of (batch, kv head, query block); a task holds the query rows of
 //! every query head that shares its kv head (GQA), so a K/V tile serves all of them (for a
 //! very large head_dim the group is split over several tasks so a task's rows stay small).
-//! When several query blocks read the same K/V, each tile is first widened to f32 (K
-//! transposed) once into a shared buffer; a lone query block (decode) widens the tiles it
-//! visits itself. Inside a task, keys are visited in tiles with a running max and sum per
-//! row (online softmax), so no `[Sq, Sk]` matrix is ever formed, and tiles whose keys every
-//! row of the task has removed (causal cut or a `-inf` mask) are skipped without reading
-//! them. Both matrix products run through one register-blocked micro-kernel over padded
-//! f32 buffers, written so the compiler vectorizes it; on x86-64 an AVX2+FMA build of the
-//! same code is chosen at run time.
+//! Inside a task, keys are visited in tiles with a running max and sum per row (online
+//! softmax), so no `[Sq, Sk]` matrix is ever formed, and tiles whose keys every row of the
+//! task has removed (causal cut or a `-inf` mask) are skipped without reading them: under a
+//! causal mask a query block stops at its last visible key. The tasks are handed out to
+//! the threads one at a time, each pair's last query blocks (the most keys) first, so the
+//! short ones fill the gaps at the end.
+//!
+//! A task's two matrix products, `S = Q K^T` over a tile and `O += P V`, are calls of the
+//! `gemm` crate (cache- and register-blocked kernels for AVX2+FMA, AVX-512 where enabled,
+//! NEON or plain code, chosen at run time), each single-threaded inside its task. f32 K and
+//! V rows are read where they lie (any row stride); f16 and bf16 rows are widened a tile at
+//! a time into the task's own f32 buffer, so no f32 copy of K/V is ever made. The
+//! element-wise work (mask, causal cut, options, online softmax) is compiled for AVX2+FMA
+//! as well and picked at run time. Tasks of few rows (a decode step) take their scores and
+//! P V from the K/V rows directly instead (see [`DIRECT_ROWS`]).
 //!
 //! Cached attention (`cached.rs`) runs the same task over a `KvCache`'s storage: per-sequence
 //! lengths, page lookups for each key row, and optionally one key range per task with the
@@ -51,7 +58,7 @@ mod varlen;
 const BLOCK_K: usize = 64;
 /// Query rows (group heads x queries) a task aims for: enough to amortise reading a K/V
 /// tile, few enough that the task's scratch stays in L2.
-const ROWS_TARGET: usize = 64;
+const ROWS_TARGET: usize = 128;
 /// Rows of the micro-kernel's register block.
 const MR: usize = 4;
 /// Columns of the micro-kernel's register block (two AVX2 vectors).
@@ -67,10 +74,10 @@ const ROWS_BYTES: usize = 8 << 20;
 /// (at least one).
 const SCRATCH_BYTES: usize = 1 << 30;
 
-/// Most rows (rounded up to [`MR`]) a task without shared tiles may have for its scores to
-/// be taken as direct dot products over the untransposed K rows: for a decode step's few
-/// rows, transposing each tile costs more than the products it feeds, and reading the rows
-/// in place (f32) or widening them row by row streams the cache once.
+/// Most rows (rounded up to [`MR`]) a task may have for its scores to be taken as direct
+/// dot products over the K rows: for a decode step's few rows, a blocked matrix product's
+/// packing costs more than the products it feeds, and reading the rows in place (f32) or
+/// widening them row by row streams the cache once.
 const DIRECT_ROWS: usize = 16;
 
 /// Key tiles whose P V products are summed in f32 before they are added to the f64
@@ -78,9 +85,8 @@ const DIRECT_ROWS: usize = 16;
 /// terms), enough that the f64 additions cost little next to the products.
 const MERGE_TILES: usize = 4;
 
-/// Most bytes of K/V tiles widened ahead of the tasks at once; larger problems go
-/// through it a few (batch, kv head) pairs at a time.
-const SHARED_TILES_BYTES: usize = 256 << 20;
+/// Most key tiles whose V rows are checked ahead of the tasks (8 bytes each).
+const V_CHECKS_MAX: usize = 1 << 23;
 
 const LOG2_E: f32 = std::f32::consts::LOG2_E;
 
@@ -278,19 +284,20 @@ impl DeviceAttentionBackend for CpuAttentionBackend {
     }
 }
 
-/// How a call runs: the instruction set and the budget for shared K/V tiles. Tests set
-/// them to reach the paths this machine would not take.
+/// How a call runs: the instruction set of the element-wise code and whether f32 K/V rows
+/// are read where they lie. Tests set them to reach the paths this machine (or f32) would
+/// not take.
 #[derive(Debug, Clone, Copy)]
 struct Tuning {
     isa: Isa,
-    shared_bytes: usize,
+    in_place: bool,
 }
 
 impl Tuning {
     fn detect() -> Self {
         Tuning {
             isa: Isa::detect(),
-            shared_bytes: SHARED_TILES_BYTES,
+            in_place: true,
         }
     }
 }
@@ -400,7 +407,8 @@ fn execute(
             None => std::ptr::null_mut(),
         },
     };
-    let mut plan = Plan::new(problem, os, tuning.shared_bytes);
+    let mut plan = Plan::new(problem, os);
+    plan.in_place = tuning.in_place;
     // SAFETY: `options.check` checked the per-head tensors; `_access` covers them.
     plan.opts = unsafe { row_options(options, problem.num_heads, lse_strides) }?;
     // SAFETY: `problem` checked every operand's shape against the others and each view
@@ -508,8 +516,9 @@ struct Plan {
     dim_pad: usize,
     /// Most rows a task has, rounded up to [`MR`].
     rows_pad: usize,
-    /// Budget for K/V tiles widened ahead of the tasks.
-    shared_bytes: usize,
+    /// Whether f32 K/V rows of unpaged views are given to the matrix products where they
+    /// lie (else they are copied into the task's tile buffers, as other types are widened).
+    in_place: bool,
     /// Keys of each sequence when they differ (a ragged cache); empty: `seq_k` for all.
     lens: Vec<usize>,
     /// Paged K/V: key `j` of sequence `b` lies at position `j % page_size` of page
@@ -535,21 +544,22 @@ struct RowOptions {
 }
 
 impl RowOptions {
-    /// Softcap, then ALiBi, on the scores `s` of keys `j0..` for query head `h` whose
-    /// aligned diagonal is `a` (before the mask is added).
+    /// Softcap, then ALiBi, on the scores `s[jj * stride]` of keys `j0 + jj`, `jj < n`, for
+    /// query head `h` whose aligned diagonal is `a` (before the mask is added).
     #[inline(always)]
-    fn shape_scores(&self, s: &mut [f32], h: usize, a: i128, j0: usize) {
+    fn shape_scores(&self, s: &mut [f32], stride: usize, n: usize, h: usize, a: i128, j0: usize) {
         if let Some(cap) = self.softcap {
             let inv = 1.0 / cap;
-            for x in s.iter_mut() {
+            for jj in 0..n {
+                let x = &mut s[jj * stride];
                 *x = cap * (*x * inv).tanh();
             }
         }
         if let Some(slopes) = &self.alibi {
             let slope = slopes[h] as f64;
-            for (jj, x) in s.iter_mut().enumerate() {
+            for jj in 0..n {
                 let dist = (a - (j0 + jj) as i128).unsigned_abs() as f64;
-                *x += (-slope * dist) as f32;
+                s[jj * stride] += (-slope * dist) as f32;
             }
         }
     }
@@ -602,6 +612,10 @@ struct Work<'a> {
     /// Where a key-split task leaves its unnormalised rows for the merge; `None`: the task
     /// writes the finished output.
     partial: Option<Partial<'a>>,
+    /// The non-finite V rows of each of the pair's key tiles (bit `jj` of entry `t`: key
+    /// `t * block_k + jj`), found ahead of the tasks for f32 V read in place; `None`: each
+    /// task checks the rows of the tiles it reads.
+    v_bad: Option<&'a [u64]>,
 }
 
 /// A task's unnormalised result over its key range: per row `r`, the output sum `o[r*d..]`,
@@ -613,7 +627,7 @@ struct Partial<'a> {
 }
 
 impl Plan {
-    fn new(p: &AttentionProblem, out: HeadStrides, shared_bytes: usize) -> Self {
+    fn new(p: &AttentionProblem, out: HeadStrides) -> Self {
         let group = p.num_heads / p.num_kv_heads;
         // head_dim is that of a real output buffer, so these products stay small.
         let dim_pad = p.head_dim.next_multiple_of(NR);
@@ -657,7 +671,7 @@ impl Plan {
             q_blocks: p.seq_q.div_ceil(block_q),
             dim_pad,
             rows_pad: (heads_per_task * block_q).next_multiple_of(MR),
-            shared_bytes,
+            in_place: true,
             lens: Vec::new(),
             paging: None,
             opts: None,
@@ -710,16 +724,6 @@ impl Plan {
         }
     }
 
-    /// Key tiles per (batch, kv head).
-    fn k_tiles(&self) -> usize {
-        self.seq_k.div_ceil(self.block_k)
-    }
-
-    /// f32 values of one widened K/V tile: K transposed, then V.
-    fn tile_floats(&self) -> usize {
-        2 * self.block_k * self.dim_pad
-    }
-
     /// Tasks per (batch, kv head).
     fn tasks_per_pair(&self) -> usize {
         self.head_chunks * self.q_blocks
@@ -770,13 +774,6 @@ impl Plan {
         i as i128 + seq_k as i128 - self.seq_q as i128
     }
 
-    /// Whether a window bound is set.
-    fn windowed(&self) -> bool {
-        self.opts
-            .as_ref()
-            .is_some_and(|o| o.left.is_some() || o.right.is_some())
-    }
-
     /// Whether every key in `j0..j0 + nk` is removed (causal cut or a `-inf` mask) for
     /// every row of batch `b`, query heads `heads`, queries `queries`. Bottom rows are
     /// tried first: they see the most keys, so a visible key is usually found at once.
@@ -820,10 +817,31 @@ impl Plan {
         true
     }
 
+    /// Whether the tiles' K/V rows are given to the matrix products where they lie: f32
+    /// rows of an unpaged view (unless a test turned it off).
+    fn reads_in_place<T: Element>(&self) -> bool {
+        T::IS_F32 && self.in_place && self.paging.is_none()
+    }
+
     /// Bytes of one worker's [`Scratch`].
     fn scratch_bytes(&self) -> usize {
-        let (r, d, k) = (self.rows_pad, self.dim_pad, self.block_k);
-        4 * (2 * r * d + 2 * d * k + r * k + r + d) + 8 * (r * d + r) + 9 * 64
+        let (r, d, k, t) = (self.rows_pad, self.dim_pad, self.block_k, self.lanes());
+        4 * (self.q_floats() + r * d + 2 * d * k + t * k + 3 * t + d) + 8 * (r * d + t) + 10 * 64
+    }
+
+    /// Rows of a task rounded up to [`NR`]: the lanes of the transposed scores.
+    fn lanes(&self) -> usize {
+        self.rows_pad.next_multiple_of(NR)
+    }
+
+    /// f32 values of a task's scaled queries: rows of `dim_pad` for the direct products,
+    /// transposed (`[head_dim, lanes]`) for the blocked ones.
+    fn q_floats(&self) -> usize {
+        if self.rows_pad <= DIRECT_ROWS {
+            self.rows_pad * self.dim_pad
+        } else {
+            self.lanes() * self.dim_pad
+        }
     }
 }
 
@@ -843,13 +861,13 @@ fn try_zeroed<T: Copy + Default>(n: usize, what: &str) -> Result<Vec<T>> {
 
 /// Per-worker working set of a task, reused from task to task.
 struct Scratch {
-    /// Scaled queries, `[rows_pad, dim_pad]`.
+    /// Scaled queries (see [`Plan::q_floats`]).
     q: Vec<f32>,
-    /// Transposed key tile, `[dim_pad, block_k]`.
+    /// Key tile widened (or copied), `[block_k, dim_pad]`.
     kt: Vec<f32>,
     /// Value tile, `[block_k, dim_pad]`.
     v: Vec<f32>,
-    /// Scores, then probabilities, `[rows_pad, block_k]`.
+    /// Scores, then probabilities, transposed: `[block_k, lanes]`.
     s: Vec<f32>,
     /// Unnormalised output of the last few key tiles (at most [`MERGE_TILES`]),
     /// `[rows_pad, dim_pad]`.
@@ -861,6 +879,8 @@ struct Scratch {
     m: Vec<f32>,
     /// Running row sum (f64, as `o`).
     l: Vec<f64>,
+    /// Per-row values of one tile's softmax step: new max, then sum.
+    lanes: Vec<f32>,
     /// `[dim_pad]` zeros: the V row of a key whose V holds NaN/inf on the direct path.
     zero: Vec<f32>,
 }
@@ -869,7 +889,7 @@ impl Scratch {
     /// Zeroed buffers: the padding columns of Q are never written afterwards, so they stay
     /// zero and add nothing to the products.
     fn new(plan: &Plan) -> Result<Self> {
-        let (rows, dim, bk) = (plan.rows_pad, plan.dim_pad, plan.block_k);
+        let (rows, dim, bk, lanes) = (plan.rows_pad, plan.dim_pad, plan.block_k, plan.lanes());
         let what = "cpu attention scratch";
         // Every worker's buffers are allocated by one thread, so they may sit next to each
         // other: 64 unused bytes at the end of each keep two workers' hot values (row max
@@ -877,14 +897,15 @@ impl Scratch {
         let f32s = |n: usize| try_zeroed::<f32>(n + 64 / 4, what);
         let f64s = |n: usize| try_zeroed::<f64>(n + 64 / 8, what);
         Ok(Scratch {
-            q: f32s(rows * dim)?,
+            q: f32s(plan.q_floats())?,
             kt: f32s(dim * bk)?,
             v: f32s(bk * dim)?,
-            s: f32s(rows * bk)?,
+            s: f32s(lanes * bk)?,
             p: f32s(rows * dim)?,
             o: f64s(rows * dim)?,
-            m: f32s(rows)?,
-            l: f64s(rows)?,
+            m: f32s(lanes)?,
+            l: f64s(lanes)?,
+            lanes: f32s(2 * lanes)?,
             zero: f32s(dim)?,
         })
     }
@@ -926,173 +947,241 @@ fn for_each_task(workers: &mut [Scratch], tasks: usize, f: impl Fn(&mut Scratch,
     });
 }
 
-/// Runs every task of `plan` on rayon's pool. Fails only when scratch or the shared tile
-/// buffer cannot be allocated, and then before writing any output.
+/// Runs every task of `plan` on rayon's pool. Fails only when scratch cannot be allocated,
+/// and then before writing any output.
 ///
 /// # Safety
 /// `raw` must point at host views of element type `T` (mask: f32) that match `plan`'s
 /// sizes and strides, the output must overlap no input and have distinct elements.
 unsafe fn run<T: Element>(plan: &Plan, raw: RawPtrs, isa: Isa) -> Result<()> {
-    let pairs = plan.batch * plan.num_kv_heads;
     let per_task = plan.tasks_per_pair();
-    // Saturating: stride-0 K/V can show more keys than memory holds.
-    let per_pair = plan.k_tiles().saturating_mul(plan.tile_floats());
-    if plan.q_blocks == 1 || per_pair.saturating_mul(4) > plan.shared_bytes {
-        // Each pair's K/V is read by one query block (decode), or is too large to widen
-        // ahead: every task widens the tiles it visits into its own scratch.
-        let tasks = pairs * per_task;
-        let mut workers = scratches(plan, tasks)?;
-        for_each_task(&mut workers, tasks, |sc, t| {
-            let work = Work {
-                pair: t / per_task,
-                hc: t % per_task / plan.q_blocks,
-                qb: t % plan.q_blocks,
-                keys: 0..plan.seq_k,
-                partial: None,
-            };
-            // SAFETY: forwarded from `run`'s contract.
-            unsafe { isa.task::<T>(plan, raw, work, None, sc) }
-        });
-        return Ok(());
-    }
-    // Several query blocks read the same K/V: widen every tile once into a shared buffer,
-    // a bounded number of (batch, kv head) pairs at a time.
-    let chunk = (plan.shared_bytes / 4 / per_pair).clamp(1, pairs);
-    let k_tiles = plan.k_tiles();
-    let what = "widened K/V tiles";
-    // Every tile a task reads is fully written (padding included) before it is read.
-    let mut tiles: Vec<f32> = try_zeroed(chunk * per_pair, what)?;
-    let mut bad: Vec<u64> = try_zeroed(chunk * k_tiles, what)?;
-    let mut workers = scratches(plan, chunk * per_task)?;
-    let g = plan.group;
-    for first in (0..pairs).step_by(chunk) {
-        let n = chunk.min(pairs - first);
-        let tiles = &mut tiles[..n * per_pair];
-        let bad = &mut bad[..n * k_tiles];
-        tiles
-            .par_chunks_mut(plan.tile_floats())
-            .zip(bad.par_iter_mut())
-            .enumerate()
-            .for_each(|(i, (tile, bad))| {
-                let pair = first + i / k_tiles;
-                let (b, kvh) = (pair / plan.num_kv_heads, pair % plan.num_kv_heads);
-                let j0 = (i % k_tiles) * plan.block_k;
-                let nk = plan.block_k.min(plan.seq_k - j0);
-                // A tile no row of the pair keeps is never read, here or by a task (whose
-                // rows are a subset, so it skips the tile as well).
-                // SAFETY: forwarded from `run`'s contract.
-                if (plan.mask.is_some() || plan.windowed())
-                    && unsafe {
-                        plan.tile_removed(raw, b, kvh * g..(kvh + 1) * g, 0..plan.seq_q, j0, nk)
-                    }
-                {
-                    return;
-                }
-                let (kt, v) = tile.split_at_mut(plan.block_k * plan.dim_pad);
-                // SAFETY: forwarded from `run`'s contract.
-                *bad = unsafe { widen_tile::<T>(plan, raw, pair, j0, kt, v) };
-            });
-        let (tiles, bad) = (&*tiles, &*bad);
-        for_each_task(&mut workers, n * per_task, |sc, t| {
-            let p = t / per_task;
-            let shared = Shared {
-                tiles: &tiles[p * per_pair..(p + 1) * per_pair],
-                bad: &bad[p * k_tiles..(p + 1) * k_tiles],
-            };
-            let work = Work {
-                pair: first + p,
-                hc: t % per_task / plan.q_blocks,
-                qb: t % plan.q_blocks,
-                keys: 0..plan.seq_k,
-                partial: None,
-            };
-            // SAFETY: forwarded from `run`'s contract.
-            unsafe { isa.task::<T>(plan, raw, work, Some(shared), sc) }
-        });
-    }
+    let pairs = plan.batch * plan.num_kv_heads;
+    let tasks = pairs * per_task;
+    let mut workers = scratches(plan, tasks)?;
+    // f32 V read in place by several query blocks: its rows are checked for NaN/inf once
+    // here rather than by every task that reads them (unless stride-0 views show more
+    // keys than such a list should hold).
+    let k_tiles = plan.seq_k.div_ceil(plan.block_k);
+    let checks = pairs.saturating_mul(k_tiles);
+    let mut v_bad: Vec<u64> =
+        if plan.reads_in_place::<T>() && plan.q_blocks > 1 && checks <= V_CHECKS_MAX {
+            try_zeroed(checks, "cpu attention V checks")?
+        } else {
+            Vec::new()
+        };
+    v_bad.par_iter_mut().enumerate().for_each(|(i, bad)| {
+        let (pair, j0) = (i / k_tiles, i % k_tiles * plan.block_k);
+        // SAFETY: forwarded from `run`'s contract; j0 < seq_k.
+        *bad = unsafe { v_non_finite(plan, raw, pair, j0) };
+    });
+    let v_bad = &v_bad;
+    // Task indices are handed out from the last, so each (batch, kv head) pair's query
+    // blocks run from the last one down: neighbouring tasks share the pair's K/V in the
+    // cache, and under a causal mask every pair's long tasks come before its short ones.
+    for_each_task(&mut workers, tasks, |sc, t| {
+        let work = Work {
+            pair: t / per_task,
+            hc: t % per_task / plan.q_blocks,
+            qb: t % plan.q_blocks,
+            keys: 0..plan.seq_k,
+            partial: None,
+            v_bad: if v_bad.is_empty() {
+                None
+            } else {
+                let p = t / per_task;
+                Some(&v_bad[p * k_tiles..(p + 1) * k_tiles])
+            },
+        };
+        // SAFETY: forwarded from `run`'s contract.
+        unsafe { isa.task::<T>(plan, raw, work, sc) }
+    });
     Ok(())
 }
 
-/// One (batch, kv head) pair's K/V tiles widened ahead of its tasks, with each tile's
-/// non-finite V rows (see [`widen_tile`]).
+/// One key tile as the matrix products read it: `nk` K rows and `nk` V rows of
+/// `head_dim` f32 values each, K row `jj` at `k + jj * k_ld`, V row `jj` at `v + jj * v_ld`.
 #[derive(Clone, Copy)]
-struct Shared<'a> {
-    tiles: &'a [f32],
-    bad: &'a [u64],
+struct Tile {
+    k: *const f32,
+    k_ld: usize,
+    v: *const f32,
+    v_ld: usize,
 }
 
-/// Widens keys `j0..` (at most `block_k`) of one (batch, kv head) pair into `kt`
-/// (transposed, `[dim_pad, block_k]`) and `v` (`[block_k, dim_pad]`), zeroing the padding so
-/// it adds nothing (and no stale value meets a zero weight: 0 * inf is NaN). A V row holding
-/// NaN or inf is zeroed as well and flagged in the returned mask (bit `jj` for key
-/// `j0 + jj`): the vectorized product would otherwise spread it to every row through the
-/// zero weights of rows that removed the key; [`task`] adds it back where it is kept.
+/// Keys `j0..` (at most `block_k`) of one (batch, kv head) pair as a [`Tile`]: f32 rows of an
+/// unpaged view where they lie (see [`Plan::in_place`]), else rows widened into `k` and `v`
+/// (`[block_k, dim_pad]`). A V row holding NaN or inf is zeroed (in `v`: a tile with one is
+/// copied there) and flagged in the returned mask (bit `jj` for key `j0 + jj`): the
+/// product would otherwise spread it to every row through the zero weights of rows that
+/// removed the key; [`task`] adds it back where it is kept. K needs no such care: a score
+/// belongs to one row, and a removed key's score is replaced, never used.
 ///
 /// # Safety
 /// See [`run`]; `pair < batch * num_kv_heads`, `j0 < seq_k_of(batch of pair)`.
 #[inline(always)]
-unsafe fn widen_tile<T: Element>(
+unsafe fn load_tile<T: Element>(
     plan: &Plan,
     raw: RawPtrs,
     pair: usize,
     j0: usize,
-    kt: &mut [f32],
+    known_bad: Option<u64>,
+    k: &mut [f32],
     v: &mut [f32],
-) -> u64 {
+) -> (Tile, u64) {
     let (b, kvh) = (pair / plan.num_kv_heads, pair % plan.num_kv_heads);
-    let (d, dp, bk) = (plan.head_dim, plan.dim_pad, plan.block_k);
-    let nk = bk.min(plan.seq_k_of(b) - j0);
+    let (d, dp) = (plan.head_dim, plan.dim_pad);
+    let nk = plan.block_k.min(plan.seq_k_of(b) - j0);
     let (kp, vp) = (raw.k as *const T, raw.v as *const T);
+    // SAFETY: key rows j0 + jj < seq_k_of(b) inside their views, d values each.
+    let k_row = |jj: usize| unsafe {
+        std::slice::from_raw_parts(kp.add(plan.key_row(raw, plan.k, b, kvh, j0 + jj)), d)
+    };
+    // SAFETY: as above.
+    let v_row = |jj: usize| unsafe {
+        std::slice::from_raw_parts(vp.add(plan.key_row(raw, plan.v, b, kvh, j0 + jj)), d)
+    };
     let mut bad = 0u64;
-    // K is transposed a whole dimension at a time (contiguous stores, reads from the tile's
-    // few dozen rows, which stay in L1): storing one key at a time would scatter each row
-    // over head_dim cache lines.
-    let mut k_rows = [kp; BLOCK_K];
-    for (jj, row) in k_rows[..nk].iter_mut().enumerate() {
-        // SAFETY: key row j0 + jj < seq_k_of(b) inside its view.
-        *row = unsafe { kp.add(plan.key_row(raw, plan.k, b, kvh, j0 + jj)) };
-    }
-    for x in 0..d {
-        for (dst, &row) in kt[x * bk..x * bk + nk].iter_mut().zip(&k_rows[..nk]) {
-            // SAFETY: x < head_dim, inside the row.
-            *dst = unsafe { *row.add(x) }.widen();
+    if plan.reads_in_place::<T>() {
+        // SAFETY: forwarded.
+        bad = known_bad.unwrap_or_else(|| unsafe { v_non_finite(plan, raw, pair, j0) });
+        let kf = k_row(0).as_ptr() as *const f32;
+        let vf = v_row(0).as_ptr() as *const f32;
+        if bad == 0 {
+            let tile = Tile {
+                k: kf,
+                k_ld: plan.k.seq,
+                v: vf,
+                v_ld: plan.v.seq,
+            };
+            return (tile, 0);
         }
+        // Rare (garbage or overflowed values): V goes through the tile buffer, zeroed where
+        // it is not finite.
+        for jj in 0..nk {
+            let row = &mut v[jj * dp..jj * dp + d];
+            if bad & (1 << jj) == 0 {
+                // SAFETY: T is f32 (IS_F32).
+                row.copy_from_slice(unsafe {
+                    std::slice::from_raw_parts(v_row(jj).as_ptr() as *const f32, d)
+                });
+            } else {
+                row.fill(0.0);
+            }
+        }
+        let tile = Tile {
+            k: kf,
+            k_ld: plan.k.seq,
+            v: v.as_ptr(),
+            v_ld: dp,
+        };
+        return (tile, bad);
     }
     for jj in 0..nk {
-        // SAFETY: value row j0 + jj < seq_k_of(b) inside its view.
-        let vs = unsafe {
-            std::slice::from_raw_parts(vp.add(plan.key_row(raw, plan.v, b, kvh, j0 + jj)), d)
-        };
-        let row = &mut v[jj * dp..(jj + 1) * dp];
-        for (x, &s) in row.iter_mut().zip(vs) {
+        for (x, &s) in k[jj * dp..jj * dp + d].iter_mut().zip(k_row(jj)) {
             *x = s.widen();
         }
-        row[d..].fill(0.0);
+        let row = &mut v[jj * dp..jj * dp + d];
+        for (x, &s) in row.iter_mut().zip(v_row(jj)) {
+            *x = s.widen();
+        }
         if !all_finite(row) {
             row.fill(0.0);
             bad |= 1 << jj;
         }
     }
-    if nk < bk {
-        for x in 0..d {
-            kt[x * bk + nk..(x + 1) * bk].fill(0.0);
+    let tile = Tile {
+        k: k.as_ptr(),
+        k_ld: dp,
+        v: v.as_ptr(),
+        v_ld: dp,
+    };
+    (tile, bad)
+}
+
+/// The V rows holding NaN or inf among keys `j0..` (at most `block_k`) of one (batch, kv
+/// head) pair of f32 V (bit `jj` for key `j0 + jj`).
+///
+/// # Safety
+/// See [`run`]; V is f32; `pair < batch * num_kv_heads`, `j0 < seq_k_of(batch of pair)`.
+#[inline(always)]
+unsafe fn v_non_finite(plan: &Plan, raw: RawPtrs, pair: usize, j0: usize) -> u64 {
+    let (b, kvh) = (pair / plan.num_kv_heads, pair % plan.num_kv_heads);
+    let nk = plan.block_k.min(plan.seq_k_of(b) - j0);
+    let mut bad = 0u64;
+    for jj in 0..nk {
+        // SAFETY: value row j0 + jj < seq_k_of(b) inside its view, head_dim f32 values.
+        let row = unsafe {
+            let off = plan.key_row(raw, plan.v, b, kvh, j0 + jj);
+            std::slice::from_raw_parts((raw.v as *const f32).add(off), plan.head_dim)
+        };
+        if !all_finite(row) {
+            bad |= 1 << jj;
         }
-        v[nk * dp..].fill(0.0);
     }
-    kt[d * bk..].fill(0.0);
     bad
+}
+
+/// `c = a b` (`accumulate`: `c += a b`) for f32 matrices `c` (`m x n`), `a` (`m x k`) and
+/// `b` (`k x n`), each given by its first element and its `[row, column]` strides (element
+/// `(i, j)` of `c` at `c + i * c_st[0] + j * c_st[1]`): single-threaded, the caller being
+/// one task of many.
+///
+/// # Safety
+/// Every element named lies inside a live allocation; `c` overlaps neither input.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn matmul(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: *mut f32,
+    c_st: [usize; 2],
+    accumulate: bool,
+    a: *const f32,
+    a_st: [usize; 2],
+    b: *const f32,
+    b_st: [usize; 2],
+) {
+    // Strides of live allocations are below isize::MAX elements, so the casts are exact.
+    let st = |x: usize| x as isize;
+    // SAFETY: forwarded; `gemm` reads and writes only the elements its sizes and strides
+    // name, f32 is one of its types (it panics for others), and `Parallelism::None` keeps it
+    // on this thread.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c,
+            st(c_st[1]),
+            st(c_st[0]),
+            accumulate,
+            a,
+            st(a_st[1]),
+            st(a_st[0]),
+            b,
+            st(b_st[1]),
+            st(b_st[0]),
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
+        )
+    }
 }
 
 /// Points `k_rows` and `v_rows` at the K and V rows of keys `j0..` (at most `block_k`) of
 /// one (batch, kv head) pair, each `dim_pad` f32 values: the rows themselves where they are
 /// f32 of a head_dim that needs no padding, else rows widened into `k` and `v`
 /// (`[block_k, dim_pad]`, padding zeroed). A V row holding NaN or inf points at `zero`
-/// instead and is flagged in the returned mask, as in [`widen_tile`] (checking each V row
+/// instead and is flagged in the returned mask, as in [`load_tile`] (checking each V row
 /// as it is fetched also brings it into the cache a whole row at a time, ahead of the
 /// product that reads it a column block at a time).
 ///
 /// # Safety
-/// As [`widen_tile`]; `zero` holds `dim_pad` zeros.
+/// As [`load_tile`]; `zero` holds `dim_pad` zeros.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 unsafe fn gather_rows<T: Element>(
@@ -1166,13 +1255,13 @@ fn hsum(a: &[f32; NR]) -> f32 {
     (g[0] + g[2]) + (g[1] + g[3])
 }
 
-/// `s[r * ls + jj] = q[r * dp..] . k_rows[jj]` for rows `0..rows_pad` (a multiple of
+/// `s[jj * ls + r] = q[r * dp..] . k_rows[jj]` for rows `0..rows_pad` (a multiple of
 /// [`MR`]) and every given key: direct dot products over `dp` values, `MR` rows per pass
 /// over a key row.
 ///
 /// # Safety
 /// Each pointer in `k_rows` reads `dp` f32 values; `q` holds `rows_pad * dp` values and `s`
-/// `rows_pad * ls`, `ls >= k_rows.len()`.
+/// `k_rows.len() * ls`, `ls >= rows_pad`.
 #[inline(always)]
 unsafe fn direct_scores<const FMA: bool>(
     q: &[f32],
@@ -1182,7 +1271,7 @@ unsafe fn direct_scores<const FMA: bool>(
     s: &mut [f32],
     ls: usize,
 ) {
-    assert!(rows_pad * dp <= q.len() && rows_pad * ls <= s.len() && k_rows.len() <= ls);
+    assert!(rows_pad * dp <= q.len() && k_rows.len() * ls <= s.len() && rows_pad <= ls);
     #[cfg(target_arch = "x86_64")]
     if FMA {
         // SAFETY: FMA on x86-64 is only compiled into the AVX2+FMA task; sizes checked.
@@ -1204,18 +1293,18 @@ unsafe fn direct_scores<const FMA: bool>(
                 }
             }
             for (r, acc_r) in acc.iter().enumerate() {
-                s[(rb + r) * ls + jj] = hsum(acc_r);
+                s[jj * ls + rb + r] = hsum(acc_r);
             }
         }
     }
 }
 
-/// `o[r * dp..] += sum_jj p[r * lp + jj] * v_rows[jj]` for rows `0..rows_pad` (a multiple
+/// `o[r * dp..] += sum_jj p[jj * lp + r] * v_rows[jj]` for rows `0..rows_pad` (a multiple
 /// of [`MR`]): `MR` rows by [`NR`] columns held in registers over the keys.
 ///
 /// # Safety
 /// Each pointer in `v_rows` reads `dp` f32 values; `o` holds `rows_pad * dp` values and `p`
-/// `rows_pad * lp`, `lp >= v_rows.len()`.
+/// `v_rows.len() * lp`, `lp >= rows_pad`.
 #[inline(always)]
 unsafe fn direct_pv<const FMA: bool>(
     p: &[f32],
@@ -1225,7 +1314,7 @@ unsafe fn direct_pv<const FMA: bool>(
     o: &mut [f32],
     dp: usize,
 ) {
-    assert!(rows_pad * dp <= o.len() && rows_pad * lp <= p.len() && v_rows.len() <= lp);
+    assert!(rows_pad * dp <= o.len() && v_rows.len() * lp <= p.len() && rows_pad <= lp);
     #[cfg(target_arch = "x86_64")]
     if FMA {
         // SAFETY: as in `direct_scores`.
@@ -1242,8 +1331,8 @@ unsafe fn direct_pv<const FMA: bool>(
                 // SAFETY: db + NR <= dp, inside the value row.
                 let vc = unsafe { &*(vr.add(db) as *const [f32; NR]) };
                 for (r, acc_r) in acc.iter_mut().enumerate() {
-                    // SAFETY: rb + r < rows_pad, jj < lp.
-                    let w = unsafe { *p.get_unchecked((rb + r) * lp + jj) };
+                    // SAFETY: rb + r < rows_pad <= lp, jj < v_rows.len().
+                    let w = unsafe { *p.get_unchecked(jj * lp + rb + r) };
                     for l in 0..NR {
                         acc_r[l] = fmadd::<FMA>(w, vc[l], acc_r[l]);
                     }
@@ -1301,12 +1390,10 @@ mod avx2 {
                 let a = [0, 1, 2, 3].map(|r| _mm256_add_ps(acc[2 * r], acc[2 * r + 1]));
                 let t = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
                 let sums = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-                let mut out = [0.0f32; 4];
+                // The four rows lie side by side (scores transposed).
+                let at = &mut s[jj * ls + rb..jj * ls + rb + MR];
                 // SAFETY: four floats.
-                unsafe { _mm_storeu_ps(out.as_mut_ptr(), sums) };
-                for (r, &x) in out.iter().enumerate() {
-                    s[(rb + r) * ls + jj] = x;
-                }
+                unsafe { _mm_storeu_ps(at.as_mut_ptr(), sums) };
             }
         }
     }
@@ -1328,7 +1415,7 @@ mod avx2 {
         let op = o.as_mut_ptr();
         for rb in (0..rows_pad).step_by(MR) {
             for db in (0..dp).step_by(NR) {
-                // SAFETY: rows rb..rb + 4 of o and p; db + 16 <= dp; jj < lp.
+                // SAFETY: rows rb..rb + 4 of o and p; db + 16 <= dp; rb + 4 <= lp.
                 unsafe {
                     let at = |r: usize| op.add((rb + r) * dp + db);
                     let mut acc = [0, 1, 2, 3]
@@ -1337,7 +1424,7 @@ mod avx2 {
                         let v0 = _mm256_loadu_ps(vr.add(db));
                         let v1 = _mm256_loadu_ps(vr.add(db + 8));
                         for (r, acc_r) in acc.iter_mut().enumerate() {
-                            let w = _mm256_broadcast_ss(&*p.add((rb + r) * lp + jj));
+                            let w = _mm256_broadcast_ss(&*p.add(jj * lp + rb + r));
                             acc_r[0] = _mm256_fmadd_ps(w, v0, acc_r[0]);
                             acc_r[1] = _mm256_fmadd_ps(w, v1, acc_r[1]);
                         }
@@ -1352,15 +1439,19 @@ mod avx2 {
     }
 }
 
-/// Whether `row` (length a multiple of [`NR`]) holds no NaN or inf: `x * 0` is NaN exactly
-/// for those, lane-wise so it vectorizes.
+/// Whether `row` holds no NaN or inf: `x * 0` is NaN exactly for those, lane-wise so it
+/// vectorizes.
 #[inline(always)]
 fn all_finite(row: &[f32]) -> bool {
     let mut lanes = [0.0f32; NR];
-    for chunk in row.chunks_exact(NR) {
+    let mut chunks = row.chunks_exact(NR);
+    for chunk in &mut chunks {
         for c in 0..NR {
             lanes[c] += chunk[c] * 0.0;
         }
+    }
+    for (lane, &x) in lanes.iter_mut().zip(chunks.remainder()) {
+        *lane += x * 0.0;
     }
     lanes.iter().all(|x| *x == 0.0)
 }
@@ -1387,20 +1478,13 @@ impl Isa {
     /// # Safety
     /// See [`task`].
     #[inline(always)]
-    unsafe fn task<T: Element>(
-        self,
-        plan: &Plan,
-        raw: RawPtrs,
-        work: Work<'_>,
-        shared: Option<Shared<'_>>,
-        sc: &mut Scratch,
-    ) {
+    unsafe fn task<T: Element>(self, plan: &Plan, raw: RawPtrs, work: Work<'_>, sc: &mut Scratch) {
         // SAFETY: forwarded; Avx2Fma is only chosen when the CPU has both.
         unsafe {
             match self {
-                Isa::Portable => task_portable::<T>(plan, raw, work, shared, sc),
+                Isa::Portable => task_portable::<T>(plan, raw, work, sc),
                 #[cfg(target_arch = "x86_64")]
-                Isa::Avx2Fma => task_avx2::<T>(plan, raw, work, shared, sc),
+                Isa::Avx2Fma => task_avx2::<T>(plan, raw, work, sc),
             }
         }
     }
@@ -1412,37 +1496,24 @@ impl Isa {
 /// The CPU must support AVX2 and FMA; plus [`task`]'s contract.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn task_avx2<T: Element>(
-    plan: &Plan,
-    raw: RawPtrs,
-    work: Work<'_>,
-    shared: Option<Shared<'_>>,
-    sc: &mut Scratch,
-) {
+unsafe fn task_avx2<T: Element>(plan: &Plan, raw: RawPtrs, work: Work<'_>, sc: &mut Scratch) {
     // SAFETY: forwarded.
-    unsafe { task::<T, true>(plan, raw, work, shared, sc) }
+    unsafe { task::<T, true>(plan, raw, work, sc) }
 }
 
 /// [`task`] for the baseline instruction set (fused multiply-add where it is baseline).
 ///
 /// # Safety
 /// See [`task`].
-unsafe fn task_portable<T: Element>(
-    plan: &Plan,
-    raw: RawPtrs,
-    work: Work<'_>,
-    shared: Option<Shared<'_>>,
-    sc: &mut Scratch,
-) {
+unsafe fn task_portable<T: Element>(plan: &Plan, raw: RawPtrs, work: Work<'_>, sc: &mut Scratch) {
     // SAFETY: forwarded.
-    unsafe { task::<T, { cfg!(target_arch = "aarch64") }>(plan, raw, work, shared, sc) }
+    unsafe { task::<T, { cfg!(target_arch = "aarch64") }>(plan, raw, work, sc) }
 }
 
 /// Computes the output rows of `work` (see [`Work`]): one (batch, kv head) pair's query
 /// block, for the query heads of one head chunk of the group, over the keys of
-/// `work.keys` (whose start is a multiple of `block_k`). `shared` holds the pair's K/V
-/// tiles already widened (see [`run`]); without it each tile is widened into the scratch.
-/// With `work.partial` the unnormalised rows go there instead of the output.
+/// `work.keys` (whose start is a multiple of `block_k`). With `work.partial` the
+/// unnormalised rows go there instead of the output.
 ///
 /// # Safety
 /// See [`run`]; `pair < batch * num_kv_heads`, `hc < head_chunks`, `qb < q_blocks`; a
@@ -1452,7 +1523,6 @@ unsafe fn task<T: Element, const FMA: bool>(
     plan: &Plan,
     raw: RawPtrs,
     work: Work<'_>,
-    shared: Option<Shared<'_>>,
     sc: &mut Scratch,
 ) {
     let Work {
@@ -1461,6 +1531,7 @@ unsafe fn task<T: Element, const FMA: bool>(
         qb,
         keys,
         partial,
+        v_bad,
     } = work;
     let kvh = pair % plan.num_kv_heads;
     let (b, h0, nh, q0, nq) = plan.rows_of(pair, hc, qb);
@@ -1469,6 +1540,10 @@ unsafe fn task<T: Element, const FMA: bool>(
     // Row r is query head h0 + r/nq, query q0 + r%nq.
     let rows = nh * nq;
     let rows_pad = rows.next_multiple_of(MR);
+    // Scores are kept transposed, `ss[jj * lt + r]` for key j0 + jj and row r: the rows of
+    // one key side by side, so the softmax's per-row steps run across rows in vector
+    // lanes, and the product that writes them reads Q (transposed too) without packing it.
+    let lt = rows.next_multiple_of(NR);
     let head_of = |r: usize| h0 + r / nq;
     let query_of = |r: usize| q0 + r % nq;
     let Scratch {
@@ -1480,35 +1555,51 @@ unsafe fn task<T: Element, const FMA: bool>(
         o: os,
         m: ms,
         l: ls,
+        lanes,
         zero,
     } = sc;
+    // Few rows: scores and P V from K/V rows as they lie (see [`DIRECT_ROWS`]).
+    let direct = rows_pad <= DIRECT_ROWS;
 
     let qp = raw.q as *const T;
+    // Rows are read whole (row-major, into `qs` or for the transposed form first into
+    // `ps`, free until the first tile): contiguous vector loads keep many cache misses in
+    // flight, where a strided gather would wait for them one by one.
+    let rows_to: &mut [f32] = if direct { qs } else { ps };
     for r in 0..rows {
         let off = b * plan.q.batch + head_of(r) * plan.q.head + query_of(r) * plan.q.seq;
         // SAFETY: a row of q inside its view.
         let src = unsafe { std::slice::from_raw_parts(qp.add(off), d) };
-        let dst = &mut qs[r * dp..r * dp + d];
-        for (x, &s) in dst.iter_mut().zip(src) {
+        for (x, &s) in rows_to[r * dp..r * dp + d].iter_mut().zip(src) {
             *x = s.widen() * plan.q_scale;
         }
     }
-    // Rows past `rows` in the last block of MR: zero queries, so their scores are finite
-    // and their outputs are never written.
-    qs[rows * dp..rows_pad * dp].fill(0.0);
+    if !direct {
+        for r in 0..rows {
+            for (x, &v) in ps[r * dp..r * dp + d].iter().enumerate() {
+                qs[x * lt + r] = v;
+            }
+        }
+    }
+    // Rows past `rows` (to a multiple of MR, or of NR transposed): zero queries, so their
+    // scores are finite and their outputs are never written.
+    if direct {
+        qs[rows * dp..rows_pad * dp].fill(0.0);
+    } else {
+        for x in 0..d {
+            qs[x * lt + rows..(x + 1) * lt].fill(0.0);
+        }
+    }
     ps[..rows_pad * dp].fill(0.0);
     let mut unmerged = 0;
     // Whether `os` holds the merged partials; until the first merge its contents are stale
     // (the first merge assigns, so it is never cleared).
     let mut merged = false;
-    ms[..rows_pad].fill(f32::NEG_INFINITY);
-    ls[..rows_pad].fill(0.0);
+    ms[..lt].fill(f32::NEG_INFINITY);
+    ls[..lt].fill(0.0);
 
     // Key tiles past the last query's horizon (or this task's key range) are never touched.
     let kv_end = plan.visible_end_in(seq_k, q0 + nq - 1).min(keys.end);
-    // Few rows and no shared tiles: scores and P V from K/V rows as they lie (see
-    // [`DIRECT_ROWS`]).
-    let direct = shared.is_none() && rows_pad <= DIRECT_ROWS;
     let mut k_rows = [zero.as_ptr(); BLOCK_K];
     let mut v_rows = [zero.as_ptr(); BLOCK_K];
 
@@ -1524,67 +1615,69 @@ unsafe fn task<T: Element, const FMA: bool>(
             j0 += bk;
             continue;
         }
-        let (packed, bad): (Option<PackedTile>, u64) = match shared {
-            Some(sh) => {
-                let at = (j0 / bk) * plan.tile_floats();
-                let (kt, vt) = sh.tiles[at..at + plan.tile_floats()].split_at(bk * dp);
-                (Some((kt, vt)), sh.bad[j0 / bk])
-            }
-            None if direct => {
-                // SAFETY: forwarded; j0 < kv_end <= seq_k.
-                let bad = unsafe {
-                    gather_rows::<T>(
-                        plan,
-                        raw,
-                        pair,
-                        j0,
-                        kt_own,
-                        v_own,
-                        zero,
-                        &mut k_rows,
-                        &mut v_rows,
-                    )
-                };
-                (None, bad)
-            }
-            None => {
-                // SAFETY: forwarded; j0 < kv_end <= seq_k.
-                let bad = unsafe { widen_tile::<T>(plan, raw, pair, j0, kt_own, v_own) };
-                (Some((&kt_own[..], &v_own[..])), bad)
-            }
+        let (tile, bad): (Option<Tile>, u64) = if direct {
+            // SAFETY: forwarded; j0 < kv_end <= seq_k.
+            let bad = unsafe {
+                gather_rows::<T>(
+                    plan,
+                    raw,
+                    pair,
+                    j0,
+                    kt_own,
+                    v_own,
+                    zero,
+                    &mut k_rows,
+                    &mut v_rows,
+                )
+            };
+            (None, bad)
+        } else {
+            let known = v_bad.map(|t| t[j0 / bk]);
+            // SAFETY: forwarded; j0 < kv_end <= seq_k.
+            let (tile, bad) = unsafe { load_tile::<T>(plan, raw, pair, j0, known, kt_own, v_own) };
+            (Some(tile), bad)
         };
-        let nk_pad = nk.next_multiple_of(NR);
 
-        // S = Q K^T (already scaled).
-        if let Some((kt, _)) = packed {
-            for rb in (0..rows_pad).step_by(MR) {
-                for jb in (0..nk_pad).step_by(NR) {
-                    let mut acc = [[0.0f32; NR]; MR];
-                    micro_kernel::<FMA>(&qs[rb * dp..], dp, &kt[jb..], bk, dp, &mut acc);
-                    for (r, row) in acc.iter().enumerate() {
-                        let at = (rb + r) * bk + jb;
-                        ss[at..at + NR].copy_from_slice(row);
-                    }
-                }
-            }
+        // S = Q K^T (already scaled), transposed.
+        if let Some(t) = tile {
+            // SAFETY: lt x head_dim of `qs` (transposed), nk x head_dim of the tile (see
+            // `load_tile`), lt x nk of the task's own `ss` (transposed).
+            unsafe {
+                matmul(
+                    lt,
+                    nk,
+                    d,
+                    ss.as_mut_ptr(),
+                    [1, lt],
+                    false,
+                    qs.as_ptr(),
+                    [1, lt],
+                    t.k,
+                    [1, t.k_ld],
+                )
+            };
         } else {
             // SAFETY: the first nk pointers are rows of dim_pad floats (gather_rows).
-            unsafe { direct_scores::<FMA>(qs, dp, rows_pad, &k_rows[..nk], ss, bk) };
+            unsafe { direct_scores::<FMA>(qs, dp, rows_pad, &k_rows[..nk], ss, lt) };
+            // Lanes the direct product leaves alone: zero scores, like zero queries.
+            for jj in 0..nk {
+                ss[jj * lt + rows_pad..(jj + 1) * lt].fill(0.0);
+            }
         }
 
-        // Mask, causal cut, and the online softmax update; S becomes P.
+        // Options, mask and causal cut, one row at a time (strided over the keys).
         for r in 0..rows {
             let i = query_of(r);
-            let s = &mut ss[r * bk..r * bk + nk_pad];
             if let Some(o) = &plan.opts {
-                o.shape_scores(&mut s[..nk], head_of(r), plan.aligned(seq_k, i), j0);
+                o.shape_scores(&mut ss[r..], lt, nk, head_of(r), plan.aligned(seq_k, i), j0);
             }
             if let Some(mst) = plan.mask {
                 let off = b * mst.batch + head_of(r) * mst.head + i * mst.query + j0;
                 // SAFETY: nk keys of one mask row inside the mask view.
                 let m = unsafe { std::slice::from_raw_parts(raw.mask.add(off), nk) };
                 // A select, not a sum: NaN or inf scores of removed keys are dropped.
-                for (x, &a) in s.iter_mut().zip(m) {
+                for (jj, &a) in m.iter().enumerate() {
+                    let x = &mut ss[jj * lt + r];
                     *x = if a == f32::NEG_INFINITY {
                         f32::NEG_INFINITY
                     } else {
@@ -1593,28 +1686,31 @@ unsafe fn task<T: Element, const FMA: bool>(
                 }
             }
             let valid = plan.visible_end_in(seq_k, i).saturating_sub(j0).min(nk);
-            s[valid..].fill(f32::NEG_INFINITY);
+            for jj in valid..nk {
+                ss[jj * lt + r] = f32::NEG_INFINITY;
+            }
             if plan.opts.is_some() {
                 let first = plan.visible_start_in(seq_k, i).saturating_sub(j0).min(nk);
-                s[..first].fill(f32::NEG_INFINITY);
-            }
-
-            let m_old = ms[r];
-            // NaN scores are passed over here and poison the row through the sum below.
-            let m_new = m_old.max(row_max(s));
-            if m_new == f32::NEG_INFINITY {
-                // Nothing visible yet: contributes nothing, keeps the zero output. A NaN
-                // score among removed ones (a NaN mask value) still poisons the row.
-                if s.iter().any(|x| x.is_nan()) {
-                    ls[r] = f64::NAN;
+                for jj in 0..first {
+                    ss[jj * lt + r] = f32::NEG_INFINITY;
                 }
-                s.fill(0.0);
+            }
+        }
+        // The online softmax update, across rows in vector lanes; S becomes P.
+        let (m_new, sums) = lanes.split_at_mut(lt);
+        let sums = &mut sums[..lt];
+        online_softmax::<FMA>(&mut ss[..nk * lt], &ms[..lt], m_new, sums);
+        for r in 0..rows {
+            if m_new[r] == f32::NEG_INFINITY {
+                // Nothing visible yet: contributes nothing (the weights are 0), keeps the
+                // zero output. A NaN score among removed ones (a NaN mask value) still
+                // poisons the row: its weight, and so the sum, is NaN.
+                ls[r] += sums[r] as f64;
                 continue;
             }
-            let alpha = exp2::<FMA>((m_old - m_new) * LOG2_E);
-            let sum = exp_in_place::<FMA>(s, m_new);
-            ls[r] = ls[r] * alpha as f64 + sum as f64;
-            ms[r] = m_new;
+            let alpha = exp2::<FMA>((ms[r] - m_new[r]) * LOG2_E);
+            ls[r] = ls[r] * alpha as f64 + sums[r] as f64;
+            ms[r] = m_new[r];
             if alpha != 1.0 {
                 for x in &mut ps[r * dp..(r + 1) * dp] {
                     *x *= alpha;
@@ -1627,28 +1723,28 @@ unsafe fn task<T: Element, const FMA: bool>(
                 }
             }
         }
-        // Padding rows: zero weights (their queries are zero, so the scores were finite).
-        ss[rows * bk..rows_pad * bk].fill(0.0);
 
         // O += P V, in the f32 partial; every MERGE_TILES tiles it is added to the f64 sum.
-        if let Some((_, vt)) = packed {
-            for rb in (0..rows_pad).step_by(MR) {
-                for db in (0..dp).step_by(NR) {
-                    let mut acc = [[0.0f32; NR]; MR];
-                    for (r, row) in acc.iter_mut().enumerate() {
-                        let at = (rb + r) * dp + db;
-                        row.copy_from_slice(&ps[at..at + NR]);
-                    }
-                    micro_kernel::<FMA>(&ss[rb * bk..], bk, &vt[db..], dp, nk_pad, &mut acc);
-                    for (r, row) in acc.iter().enumerate() {
-                        let at = (rb + r) * dp + db;
-                        ps[at..at + NR].copy_from_slice(row);
-                    }
-                }
-            }
+        if let Some(t) = tile {
+            // SAFETY: rows x nk of `ss` (transposed), nk x head_dim of the tile, rows x
+            // head_dim of the task's own `ps` (dp apart).
+            unsafe {
+                matmul(
+                    rows,
+                    d,
+                    nk,
+                    ps.as_mut_ptr(),
+                    [dp, 1],
+                    true,
+                    ss.as_ptr(),
+                    [1, lt],
+                    t.v,
+                    [t.v_ld, 1],
+                )
+            };
         } else {
             // SAFETY: as for the scores; rows holding NaN/inf point at zeros.
-            unsafe { direct_pv::<FMA>(ss, bk, rows_pad, &v_rows[..nk], ps, dp) };
+            unsafe { direct_pv::<FMA>(ss, lt, rows_pad, &v_rows[..nk], ps, dp) };
         }
 
         // V rows holding NaN/inf were zeroed in the tile: add them for the rows that keep
@@ -1668,8 +1764,8 @@ unsafe fn task<T: Element, const FMA: bool>(
                     rows,
                     &head_of,
                     &query_of,
-                    &ss[jj..],
-                    bk,
+                    &ss[jj * lt..],
+                    1,
                     ps,
                 )
             };
@@ -1739,9 +1835,6 @@ unsafe fn task<T: Element, const FMA: bool>(
         }
     }
 }
-
-/// A widened K/V tile: K transposed (`[dim_pad, block_k]`), then V (`[block_k, dim_pad]`).
-type PackedTile<'a> = (&'a [f32], &'a [f32]);
 
 /// `o += p; p = 0` (`o = p` when `o` holds nothing yet): the f32 partial output into the
 /// f64 one.
@@ -1815,67 +1908,47 @@ fn fmadd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
     }
 }
 
-/// `acc[r][c] += sum_k a[r*lda + k] * b[k*ldb + c]` for an `MR x NR` block: the inner
-/// product of both matrix products (Q K^T with K transposed, and P V). Each step loads one
-/// row of `b` and reuses it for `MR` rows, with `MR*NR` independent accumulators.
+/// One tile's online softmax step over transposed scores `s` (`s[jj * lt + r]`, `lt =
+/// m_old.len()`, a multiple of [`NR`]), lane-wise so it vectorizes: `m_new[r]` becomes the
+/// larger of `m_old[r]` and row r's scores (NaN scores are passed over and poison the row
+/// through its weights), each score its weight `e^(s - m_new)` and `sums[r]` their sum. A
+/// row whose `m_new` is `-inf` (nothing visible yet) is weighed against 0 instead: its
+/// `-inf` scores give 0, a NaN one NaN. The difference is taken before the scaling to log2
+/// units, so scores near `-f32::MAX` do not overflow to `-inf` first.
 #[inline(always)]
-fn micro_kernel<const FMA: bool>(
-    a: &[f32],
-    lda: usize,
-    b: &[f32],
-    ldb: usize,
-    k: usize,
-    acc: &mut [[f32; NR]; MR],
+fn online_softmax<const FMA: bool>(
+    s: &mut [f32],
+    m_old: &[f32],
+    m_new: &mut [f32],
+    sums: &mut [f32],
 ) {
-    if k == 0 {
-        return;
-    }
-    // One check up front keeps bounds checks (and their registers) out of the loop.
-    assert!((MR - 1) * lda + k <= a.len() && (k - 1) * ldb + NR <= b.len());
-    let (a, b) = (a.as_ptr(), b.as_ptr());
-    for kk in 0..k {
-        // SAFETY: kk < k, so both reads are inside the slices checked above.
-        let brow = unsafe { &*(b.add(kk * ldb) as *const [f32; NR]) };
-        for (r, acc_r) in acc.iter_mut().enumerate() {
-            // SAFETY: as above.
-            let x = unsafe { *a.add(r * lda + kk) };
+    let lt = m_old.len();
+    let cols = s.len() / lt;
+    // NR rows at a time down the keys, their maxima and sums held in registers.
+    for c0 in (0..lt).step_by(NR) {
+        let mut m = [0.0f32; NR];
+        m.copy_from_slice(&m_old[c0..c0 + NR]);
+        for jj in 0..cols {
+            let x = &s[jj * lt + c0..jj * lt + c0 + NR];
             for c in 0..NR {
-                acc_r[c] = fmadd::<FMA>(x, brow[c], acc_r[c]);
+                m[c] = if x[c] > m[c] { x[c] } else { m[c] };
             }
         }
-    }
-}
-
-/// Largest element of `s` (length a multiple of [`NR`]), lane-wise so it vectorizes.
-#[inline(always)]
-fn row_max(s: &[f32]) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; NR];
-    for chunk in s.chunks_exact(NR) {
+        let mut u = [0.0f32; NR];
         for c in 0..NR {
-            lanes[c] = if chunk[c] > lanes[c] {
-                chunk[c]
-            } else {
-                lanes[c]
-            };
+            u[c] = if m[c] == f32::NEG_INFINITY { 0.0 } else { m[c] };
         }
-    }
-    lanes
-        .iter()
-        .fold(f32::NEG_INFINITY, |a, &b| if b > a { b } else { a })
-}
-
-/// `s[j] = e^(s[j] - m)` in place; returns the sum. The difference is taken before the
-/// scaling to log2 units, so scores near `-f32::MAX` do not overflow to `-inf` first.
-#[inline(always)]
-fn exp_in_place<const FMA: bool>(s: &mut [f32], m: f32) -> f32 {
-    let mut lanes = [0.0f32; NR];
-    for chunk in s.chunks_exact_mut(NR) {
-        for c in 0..NR {
-            chunk[c] = exp2::<FMA>((chunk[c] - m) * LOG2_E);
-            lanes[c] += chunk[c];
+        let mut sum = [0.0f32; NR];
+        for jj in 0..cols {
+            let x = &mut s[jj * lt + c0..jj * lt + c0 + NR];
+            for c in 0..NR {
+                x[c] = exp2::<FMA>((x[c] - u[c]) * LOG2_E);
+                sum[c] += x[c];
+            }
         }
+        m_new[c0..c0 + NR].copy_from_slice(&m);
+        sums[c0..c0 + NR].copy_from_slice(&sum);
     }
-    lanes.iter().sum()
 }
 
 /// `2^x` for `x <= 0`, branch-free so loops over it vectorize (libm's `exp2` would not).
@@ -1999,45 +2072,39 @@ mod tests {
         relative_l2_error(&out.to_f32_vec().unwrap(), &want)
     }
 
-    /// Every instruction set and shared-tile budget a call can run under.
+    /// Every instruction set and tile source (f32 rows in place or copied) a call can run
+    /// under.
     fn tunings() -> Vec<Tuning> {
         let mut tunings = vec![
             Tuning::detect(),
-            // Every task widens its own tiles.
             Tuning {
                 isa: Isa::detect(),
-                shared_bytes: 1,
-            },
-            // One (batch, kv head) pair per chunk of shared tiles: 3 key tiles of head_dim
-            // 72 padded to 80.
-            Tuning {
-                isa: Isa::detect(),
-                shared_bytes: 3 * 2 * BLOCK_K * 80 * 4,
+                in_place: false,
             },
             Tuning {
                 isa: Isa::Portable,
-                shared_bytes: SHARED_TILES_BYTES,
+                in_place: true,
+            },
+            Tuning {
+                isa: Isa::Portable,
+                in_place: false,
             },
         ];
         #[cfg(target_arch = "x86_64")]
         if Isa::detect() == Isa::Avx2Fma {
             tunings.push(Tuning {
                 isa: Isa::Avx2Fma,
-                shared_bytes: 1,
-            });
-            tunings.push(Tuning {
-                isa: Isa::Portable,
-                shared_bytes: 1,
+                in_place: false,
             });
         }
         tunings
     }
 
     #[test]
-    fn every_isa_and_shared_tile_chunking_agree_with_the_reference() {
+    fn every_isa_and_tile_source_agree_with_the_reference() {
         for tuning in tunings() {
             for layout in [Layout::Bshd, Layout::Bhsd] {
-                // 150 queries: several query blocks (shared tiles); 1 query: private tiles.
+                // 150 queries: several query blocks (matrix products); 1 query: direct.
                 for (sq, sk) in [(150, 170), (1, 130), (170, 150)] {
                     let err = error_under(tuning, DType::F32, layout, sq, sk);
                     assert!(err < 1e-5, "{tuning:?} {layout:?} {sq}x{sk}: {err:e}");
@@ -2049,9 +2116,9 @@ mod tests {
     }
 
     /// NaN/inf in K and V at keys a `-inf` mask removes (every 5th key and the whole
-    /// second tile) give the clean result under every tuning: shared tiles, tiles widened
-    /// per task, rows read in place (one query, head_dim 64: the direct path on f32 rows)
-    /// or widened (head_dim 72), and both instruction sets.
+    /// second tile) give the clean result under every tuning: f32 tiles read in place (V
+    /// then copied with the poisoned rows zeroed) or copied, the direct path's rows read in
+    /// place (one query, head_dim 64) or widened (head_dim 72), and both instruction sets.
     #[test]
     fn poison_at_removed_keys_is_dropped_under_every_tuning() {
         let (b, h, hk) = (2, 4, 2);
@@ -2121,20 +2188,20 @@ mod tests {
     /// bounded by the tile and row budgets.
     #[test]
     fn tiling_shrinks_for_large_head_dims() {
-        let plan = Plan::new(&problem(128, 8, 2, 512, 512), HeadStrides::default(), 1);
+        let plan = Plan::new(&problem(128, 8, 2, 512, 512), HeadStrides::default());
         assert_eq!(
             (plan.block_k, plan.heads_per_task, plan.head_chunks),
             (BLOCK_K, 4, 1)
         );
         assert_eq!(plan.block_q, ROWS_TARGET / 4);
-        let plan = Plan::new(&problem(65_536, 16, 1, 4, 4), HeadStrides::default(), 1);
+        let plan = Plan::new(&problem(65_536, 16, 1, 4, 4), HeadStrides::default());
         assert_eq!(
             (plan.block_k, plan.heads_per_task, plan.head_chunks),
             (NR, 10, 2)
         );
         assert_eq!(plan.block_q, 1);
         for d in [65_536, 1 << 20, 1 << 24] {
-            let plan = Plan::new(&problem(d, 64, 1, 4, 4), HeadStrides::default(), 1);
+            let plan = Plan::new(&problem(d, 64, 1, 4, 4), HeadStrides::default());
             let dp = plan.dim_pad;
             assert!(plan.heads_per_task * plan.head_chunks >= 64);
             assert!(
@@ -2157,7 +2224,7 @@ mod tests {
 
     #[test]
     fn visible_end_is_bottom_right_without_wrapping() {
-        let mut plan = Plan::new(&problem(16, 1, 1, 3, 5), HeadStrides::default(), 1);
+        let mut plan = Plan::new(&problem(16, 1, 1, 3, 5), HeadStrides::default());
         plan.causal = true;
         assert_eq!(
             (0..3).map(|i| plan.visible_end(i)).collect::<Vec<_>>(),
@@ -2191,6 +2258,38 @@ mod tests {
             let x = bf16::from_bits(bits);
             let (got, want) = (x.widen(), x.to_f32());
             assert!(got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()));
+        }
+    }
+
+    /// Transposed scores of 16 rows over 3 keys: row 0 plain, row 1 all removed (`-inf`),
+    /// row 2 removed but for a NaN, row 3 with an earlier max above its scores.
+    #[test]
+    fn online_softmax_weighs_each_row_against_its_max() {
+        let lt = NR;
+        let mut s = vec![0.0f32; 3 * lt];
+        let mut m_old = vec![f32::NEG_INFINITY; lt];
+        m_old[3] = 5.0;
+        for (jj, x) in [1.0f32, 2.0, 3.0].iter().enumerate() {
+            s[jj * lt] = *x;
+            s[jj * lt + 1] = f32::NEG_INFINITY;
+            s[jj * lt + 2] = if jj == 1 { f32::NAN } else { f32::NEG_INFINITY };
+            s[jj * lt + 3] = *x;
+        }
+        for fma in [false, true] {
+            let (mut t, mut m_new, mut sums) = (s.clone(), vec![0.0; lt], vec![0.0; lt]);
+            if fma {
+                online_softmax::<true>(&mut t, &m_old, &mut m_new, &mut sums);
+            } else {
+                online_softmax::<false>(&mut t, &m_old, &mut m_new, &mut sums);
+            }
+            assert_eq!(m_new[..4], [3.0, f32::NEG_INFINITY, f32::NEG_INFINITY, 5.0]);
+            let want0: f64 = [-2.0f64, -1.0, 0.0].iter().map(|x| x.exp()).sum();
+            let want3: f64 = [-4.0f64, -3.0, -2.0].iter().map(|x| x.exp()).sum();
+            assert!((sums[0] as f64 - want0).abs() < 1e-6 * want0, "{}", sums[0]);
+            assert!((sums[3] as f64 - want3).abs() < 1e-6 * want3, "{}", sums[3]);
+            assert_eq!((sums[1], t[lt + 1]), (0.0, 0.0));
+            assert!(sums[2].is_nan() && t[lt + 2].is_nan());
+            assert!((t[2 * lt] - 1.0).abs() < 1e-6, "{}", t[2 * lt]);
         }
     }
 

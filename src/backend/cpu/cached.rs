@@ -216,7 +216,7 @@ fn cached_plan(
     lens: &[usize],
     paging: Option<Paging>,
 ) -> Plan {
-    let mut plan = Plan::new(p, out, 0);
+    let mut plan = Plan::new(p, out);
     let max_rows = (ROWS_BYTES / (12 * plan.dim_pad)).max(1);
     plan.block_q = (ROWS_TARGET / plan.group)
         .max(CACHED_BLOCK_Q)
@@ -288,15 +288,7 @@ unsafe fn run<T: Element>(
     if splits == 1 {
         for_each_task(&mut workers, tasks, |sc, t| {
             // SAFETY: forwarded from `run`'s contract.
-            unsafe {
-                isa.task::<T>(
-                    plan,
-                    raw,
-                    work_of(plan, splits, split_keys, t, None),
-                    None,
-                    sc,
-                )
-            }
+            unsafe { isa.task::<T>(plan, raw, work_of(plan, splits, split_keys, t, None), sc) }
         });
         return Ok(());
     }
@@ -314,7 +306,7 @@ unsafe fn run<T: Element>(
         let partial = Partial { o, m, l };
         let work = work_of(plan, splits, split_keys, t, Some(partial));
         // SAFETY: forwarded from `run`'s contract; the partial holds every row.
-        unsafe { isa.task::<T>(plan, raw, work, None, sc) }
+        unsafe { isa.task::<T>(plan, raw, work, sc) }
     });
     partials
         .par_chunks_mut(splits * per)
@@ -347,6 +339,7 @@ fn work_of<'a>(
             s * split_keys..(s + 1) * split_keys
         },
         partial,
+        v_bad: None,
     }
 }
 
