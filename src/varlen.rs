@@ -21,8 +21,9 @@ use crate::tensor::DeviceTensor;
 ///
 /// `cu_seqlens_q` and `cu_seqlens_k` are I32 tensors of `batch + 1` offsets on the call's
 /// device: the first is 0, they never decrease, the last is the number of packed rows, and
-/// no sequence is longer than `max_seqlen_q` (resp. `max_seqlen_k`). A backend reads them
-/// where they are (the CPU backend directly; a GPU would read them on the device).
+/// no sequence is longer than `max_seqlen_q` (resp. `max_seqlen_k`). A backend checks them
+/// on the host before anything runs (a download for device tensors) and reads them where
+/// they are (the GPU kernels on the device).
 #[derive(Debug, Clone)]
 pub struct VarlenBatch {
     /// I32 `[batch + 1]` query offsets.

@@ -222,7 +222,7 @@ pub trait DeviceAttentionBackend: Send + Sync {
     /// `config.max_sequence_length` does not bound the lengths (`batch`'s maxima do).
     ///
     /// Everything is checked before anything is written. The default refuses with
-    /// [`AttentionError::NotSupported`]; the CPU backend runs it.
+    /// [`AttentionError::NotSupported`]; the CPU and GPU backends run it.
     #[allow(clippy::too_many_arguments)]
     fn forward_varlen(
         &self,
@@ -250,7 +250,8 @@ pub trait DeviceAttentionBackend: Send + Sync {
     /// given, receives f32 `[B, H, Sq]`; `options` as in [`forward_with`](Self::forward_with).
     ///
     /// Everything is checked ([`PagedKv::validate`] included) before anything is written.
-    /// The default refuses with [`AttentionError::NotSupported`]; the CPU backend runs it.
+    /// The default refuses with [`AttentionError::NotSupported`]; the CPU and GPU backends
+    /// run it.
     fn forward_paged(
         &self,
         config: &AttentionConfig,
@@ -273,7 +274,7 @@ pub trait DeviceAttentionBackend: Send + Sync {
     /// rows `cu_seqlens_q[b] .. cu_seqlens_q[b + 1]` (I32 `[B + 1]` offsets as in
     /// [`VarlenBatch`], at most `max_seqlen_q` each) against its `L` paged tokens, causal
     /// aligned bottom-right; `lse` f32 `[H, total_q]`. The default refuses with
-    /// [`AttentionError::NotSupported`]; the CPU backend runs it.
+    /// [`AttentionError::NotSupported`]; the CPU and GPU backends run it.
     #[allow(clippy::too_many_arguments)]
     fn forward_paged_varlen(
         &self,
