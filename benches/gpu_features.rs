@@ -124,32 +124,7 @@ fn run_all(backend: &GpuAttentionBackend, dtype: DType, reps: usize) -> forge_at
             causal as u8,
             tflops(flops, plain)
         );
-        let sets: Vec<(&str, AttentionOptions, bool)> = vec![
-            ("lse", AttentionOptions::new(), true),
-            (
-                "softcap 30",
-                AttentionOptions::new().with_softcap(30.0),
-                false,
-            ),
-            (
-                "alibi",
-                AttentionOptions::new().with_alibi_slopes(slopes.clone()),
-                false,
-            ),
-            (
-                "sinks",
-                AttentionOptions::new().with_sinks(sinks.clone()),
-                false,
-            ),
-            (
-                "all + lse",
-                AttentionOptions::new()
-                    .with_softcap(30.0)
-                    .with_alibi_slopes(slopes.clone())
-                    .with_sinks(sinks.clone()),
-                true,
-            ),
-        ];
+        let sets = option_sets(&slopes, &sinks);
         for (name, o, with_lse) in sets {
             let ms = time(dev, reps, || {
                 let l = if with_lse { Some(&mut lse) } else { None };
@@ -304,32 +279,7 @@ fn run_decode(backend: &GpuAttentionBackend, dtype: DType, reps: usize) -> forge
         DType::F32,
         dev,
     )?;
-    let sets: Vec<(&str, AttentionOptions, bool)> = vec![
-        ("lse", AttentionOptions::new(), true),
-        (
-            "softcap 30",
-            AttentionOptions::new().with_softcap(30.0),
-            false,
-        ),
-        (
-            "alibi",
-            AttentionOptions::new().with_alibi_slopes(slopes.clone()),
-            false,
-        ),
-        (
-            "sinks",
-            AttentionOptions::new().with_sinks(sinks.clone()),
-            false,
-        ),
-        (
-            "all + lse",
-            AttentionOptions::new()
-                .with_softcap(30.0)
-                .with_alibi_slopes(slopes)
-                .with_sinks(sinks),
-            true,
-        ),
-    ];
+    let sets = option_sets(&slopes, &sinks);
     for (name, o, with_lse) in sets {
         let ms = time(dev, reps, || {
             let lo = if with_lse { Some(&mut lse) } else { None };
@@ -356,4 +306,38 @@ fn run_decode(backend: &GpuAttentionBackend, dtype: DType, reps: usize) -> forge
         (pg / plain - 1.0) * 100.0
     );
     Ok(())
+}
+
+/// The options each section measures against its plain call: (name, options, with an lse
+/// output); `slopes` and `sinks` are the f32 `[H]` tensors.
+fn option_sets(
+    slopes: &DeviceTensor,
+    sinks: &DeviceTensor,
+) -> Vec<(&'static str, AttentionOptions, bool)> {
+    vec![
+        ("lse", AttentionOptions::new(), true),
+        (
+            "softcap 30",
+            AttentionOptions::new().with_softcap(30.0),
+            false,
+        ),
+        (
+            "alibi",
+            AttentionOptions::new().with_alibi_slopes(slopes.clone()),
+            false,
+        ),
+        (
+            "sinks",
+            AttentionOptions::new().with_sinks(sinks.clone()),
+            false,
+        ),
+        (
+            "all + lse",
+            AttentionOptions::new()
+                .with_softcap(30.0)
+                .with_alibi_slopes(slopes.clone())
+                .with_sinks(sinks.clone()),
+            true,
+        ),
+    ]
 }

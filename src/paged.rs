@@ -72,6 +72,38 @@ pub struct PagedGeometry {
 }
 
 impl PagedGeometry {
+    /// Reads and checks the packed query offsets of a paged call over this geometry
+    /// (`cu_seqlens_q`: I32 `[batch + 1]` on `device`, as [`VarlenBatch`](crate::VarlenBatch)
+    /// checks them against `total_q` rows and `max_seqlen_q`, one entry more than the block
+    /// table has sequences).
+    pub(crate) fn query_offsets(
+        &self,
+        cu_seqlens_q: &DeviceTensor,
+        total_q: usize,
+        max_seqlen_q: usize,
+        device: Device,
+    ) -> Result<Vec<usize>> {
+        let offs = crate::varlen::read_offsets(
+            "cu_seqlens_q",
+            cu_seqlens_q,
+            total_q,
+            "max_seqlen_q",
+            max_seqlen_q,
+            device,
+        )?;
+        if offs.len() != self.batch + 1 {
+            return Err(AttentionError::shape(
+                "cu_seqlens_q",
+                format!(
+                    "[{}] (one more than the block table's sequences)",
+                    self.batch + 1
+                ),
+                format!("[{}]", offs.len()),
+            ));
+        }
+        Ok(offs)
+    }
+
     /// Page id and position within it of token `j` of sequence `b` (`j < lens[b]`).
     pub fn locate(&self, b: usize, j: usize, page_size: usize) -> (usize, usize) {
         let id = self.table[b * self.max_pages + j / page_size];

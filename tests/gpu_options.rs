@@ -16,7 +16,7 @@ use forge_attn::{
 };
 
 mod common;
-use common::{cpu_f32, gpu_half_bound, random_tensor, F32_BOUND};
+use common::{cpu_f32, gpu_half_bound, options_on_host, per_head, random_tensor, F32_BOUND};
 
 const H: usize = 4;
 const HKV: usize = 2;
@@ -32,16 +32,11 @@ fn config(d: usize, causal: bool, layout: Layout) -> AttentionConfig {
         .with_scale(0.5 / (d as f32 / 16.0).sqrt())
 }
 
-/// Per-head tensors on `dev`.
-fn per_head(values: [f32; H], dev: Device) -> DeviceTensor {
-    DeviceTensor::from_f32(&values, &[H], DType::F32, dev).unwrap()
-}
-
 /// Each option alone, pairs, and all together; window sizes around the 64- and 128-key
 /// tiles so that some tiles are skipped whole and others cut.
 fn option_sets(dev: Device) -> Vec<(&'static str, AttentionOptions)> {
-    let slopes = || per_head([0.5, 0.25, 0.125, 0.0625], dev);
-    let sinks = || per_head([0.3, -1.0, 2.0, 0.0], dev);
+    let slopes = || per_head(&[0.5, 0.25, 0.125, 0.0625], dev);
+    let sinks = || per_head(&[0.3, -1.0, 2.0, 0.0], dev);
     vec![
         ("lse only", AttentionOptions::new()),
         (
@@ -86,14 +81,6 @@ fn option_sets(dev: Device) -> Vec<(&'static str, AttentionOptions)> {
                 .with_sinks(sinks()),
         ),
     ]
-}
-
-/// `o` with its per-head tensors copied to the host, for the reference.
-fn on_host(o: &AttentionOptions) -> AttentionOptions {
-    let mut h = o.clone();
-    h.alibi_slopes = o.alibi_slopes.as_ref().map(common::cpu_copy);
-    h.sinks = o.sinks.as_ref().map(common::cpu_copy);
-    h
 }
 
 /// A GPU copy of a CPU tensor (same values, same dtype, contiguous).
@@ -198,7 +185,7 @@ fn check_dense(
         assert_eq!(plan.implementation(), Some(case.expect), "{what}: {plan:?}");
     }
     assert_eq!(plan.path, path, "{what}");
-    let host = on_host(options);
+    let host = options_on_host(options);
     let (want, want_lse) = attention_f64_with(&cfg, &host, &qc, &kc, &vc, mask).unwrap();
     let err = relative_l2_error(&out.to_f32_vec().unwrap(), &want);
     let bound = match case.dtype {
@@ -379,7 +366,7 @@ fn check_varlen(
         .unwrap_or_else(|e| panic!("{what}: {e}"));
     assert!(matches!(path, AttentionPath::Flash(_)), "{what}: {path:?}");
     let (want, want_lse) =
-        varlen_attention_f64(&cfg, &on_host(options), &qc, &kc, &vc, &batch_cpu).unwrap();
+        varlen_attention_f64(&cfg, &options_on_host(options), &qc, &kc, &vc, &batch_cpu).unwrap();
     let err = relative_l2_error(&out.to_f32_vec().unwrap(), &want);
     let bound = if dtype == DType::F32 { F32_BOUND } else { 1e-2 };
     assert!(err <= bound, "{what}: error {err:e} > {bound:e}");
@@ -422,7 +409,7 @@ fn a_packed_sequence_without_keys_gives_zeros_and_its_sink() {
     let k = random_tensor(&[4, HKV, d], DType::BF16, dev, 2);
     let batch = VarlenBatch::from_lengths(&[2, 3], &[4, 0], dev).unwrap();
     let sinks = [0.3f32, -1.0, 2.0, 0.0];
-    let o = AttentionOptions::new().with_sinks(per_head(sinks, dev));
+    let o = AttentionOptions::new().with_sinks(per_head(&sinks, dev));
     let mut out =
         DeviceTensor::from_f32(&vec![9.0; 5 * H * d], &[5, H, d], DType::BF16, dev).unwrap();
     let mut lse = DeviceTensor::zeros(&[H, 5], DType::F32, dev).unwrap();
@@ -477,7 +464,7 @@ fn refused_calls_change_nothing() {
     assert!(matches!(&e, AttentionError::ShapeMismatch { .. }), "{e:?}");
     untouched(&out, &lse);
     // Sinks on the host.
-    let bad = AttentionOptions::new().with_sinks(per_head([0.0; H], Device::Cpu));
+    let bad = AttentionOptions::new().with_sinks(per_head(&[0.0; H], Device::Cpu));
     let e = backend
         .forward_with(&cfg, &bad, &q, &k, &k, None, &mut out, Some(&mut lse))
         .unwrap_err();

@@ -13,7 +13,7 @@ use forge_attn::{
 };
 
 mod common;
-use common::{cpu_copy, paged_on_host, paged_pools, random_tensor, F32_BOUND};
+use common::{options_on_host, paged_on_host, paged_pools, per_head, random_tensor, F32_BOUND};
 
 const H: usize = 4;
 const HKV: usize = 2;
@@ -26,18 +26,6 @@ fn config(d: usize, causal: bool, layout: Layout) -> AttentionConfig {
         .with_scale(0.5 / (d as f32 / 16.0).sqrt())
 }
 
-fn per_head(values: [f32; H], dev: Device) -> DeviceTensor {
-    DeviceTensor::from_f32(&values, &[H], DType::F32, dev).unwrap()
-}
-
-/// `o` with its per-head tensors on the host, for the reference.
-fn on_host(o: &AttentionOptions) -> AttentionOptions {
-    let mut h = o.clone();
-    h.alibi_slopes = o.alibi_slopes.as_ref().map(cpu_copy);
-    h.sinks = o.sinks.as_ref().map(cpu_copy);
-    h
-}
-
 fn options(dev: Device) -> Vec<(&'static str, AttentionOptions)> {
     vec![
         ("plain", AttentionOptions::new()),
@@ -46,8 +34,8 @@ fn options(dev: Device) -> Vec<(&'static str, AttentionOptions)> {
             AttentionOptions::new()
                 .with_window(Some(90), Some(4))
                 .with_softcap(2.5)
-                .with_alibi_slopes(per_head([0.5, 0.25, 0.125, 0.0625], dev))
-                .with_sinks(per_head([0.3, -1.0, 2.0, 0.0], dev)),
+                .with_alibi_slopes(per_head(&[0.5, 0.25, 0.125, 0.0625], dev))
+                .with_sinks(per_head(&[0.3, -1.0, 2.0, 0.0], dev)),
         ),
     ]
 }
@@ -103,7 +91,7 @@ fn check(
         .forward_paged(cfg, o, &q, kv, &mut out, Some(&mut lse))
         .unwrap_or_else(|e| panic!("{what}: {e}"));
     let host = paged_on_host(kv);
-    let (want, want_lse) = paged_attention_f64(cfg, &on_host(o), &qc, &host).unwrap();
+    let (want, want_lse) = paged_attention_f64(cfg, &options_on_host(o), &qc, &host).unwrap();
     let err = relative_l2_error(&out.to_f32_vec().unwrap(), &want);
     assert!(
         err < bound(dtype),
@@ -195,7 +183,7 @@ fn packed_queries_over_pages_match_the_reference() {
                         .unwrap_or_else(|e| panic!("{what}: {e}"));
                     let (want, want_lse) = paged_varlen_attention_f64(
                         &cfg,
-                        &on_host(&o),
+                        &options_on_host(&o),
                         &qc,
                         &cu_host,
                         &paged_on_host(&kv),

@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use forge_attn::reference::random_values;
-use forge_attn::{DType, Device, DeviceTensor, KvCacheSpec, PageLayout, PagedKv};
+use forge_attn::{AttentionOptions, DType, Device, DeviceTensor, KvCacheSpec, PageLayout, PagedKv};
 
 /// The GPU the ignored tests run on; fails the test where there is none.
 pub fn gpu() -> Device {
@@ -210,4 +210,17 @@ pub fn paged_on_host(kv: &PagedKv) -> PagedKv {
         kv.page_size,
         kv.layout,
     )
+}
+
+/// An f32 per-head tensor (ALiBi slopes, sinks) on `dev`.
+pub fn per_head(values: &[f32], dev: Device) -> DeviceTensor {
+    DeviceTensor::from_f32(values, &[values.len()], DType::F32, dev).unwrap()
+}
+
+/// `o` with its per-head tensors copied to the host, for the reference.
+pub fn options_on_host(o: &AttentionOptions) -> AttentionOptions {
+    let mut h = o.clone();
+    h.alibi_slopes = o.alibi_slopes.as_ref().map(cpu_copy);
+    h.sinks = o.sinks.as_ref().map(cpu_copy);
+    h
 }

@@ -7,7 +7,7 @@ use super::{execute, Isa, Paging, Tuning};
 use crate::backend::AttentionPath;
 use crate::config::AttentionConfig;
 use crate::device::Device;
-use crate::error::{AttentionError, Result};
+use crate::error::Result;
 use crate::options::{AttentionOptions, LseStrides};
 use crate::paged::{PagedGeometry, PagedKv};
 use crate::problem::{AttentionProblem, CachedKeys, HeadStrides};
@@ -258,24 +258,7 @@ pub(super) fn forward_paged_varlen(
     )?;
     on_host("cu_seqlens_q", cu_seqlens_q)?;
     let g = check_pages(config, q, kv)?;
-    let offs = crate::varlen::read_offsets(
-        "cu_seqlens_q",
-        cu_seqlens_q,
-        q.shape()[0],
-        "max_seqlen_q",
-        max_seqlen_q,
-        Device::Cpu,
-    )?;
-    if offs.len() != g.batch + 1 {
-        return Err(AttentionError::shape(
-            "cu_seqlens_q",
-            format!(
-                "[{}] (one more than the block table's sequences)",
-                g.batch + 1
-            ),
-            format!("[{}]", offs.len()),
-        ));
-    }
+    let offs = g.query_offsets(cu_seqlens_q, q.shape()[0], max_seqlen_q, Device::Cpu)?;
     let (ks, vs) = (kv.strides_of(&kv.k_pages), kv.strides_of(&kv.v_pages));
     let lse = lse.map(|l| &*l);
     let mp = g.max_pages;

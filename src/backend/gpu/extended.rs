@@ -131,22 +131,13 @@ impl GpuAttentionBackend {
         };
         // The grid's problem: every sequence padded to the longest; the kernels stop at
         // each sequence's own length.
-        let p = AttentionProblem {
-            batch: nb,
-            seq_q: max_q,
-            seq_k: max_k,
-            num_heads: config.num_heads,
-            num_kv_heads: hkv,
-            head_dim: d,
-            scale: config.effective_scale(),
-            causal: config.is_causal,
-            dtype,
-            device: dev,
-            q: packed(pq.q),
-            k: packed(ks),
-            v: packed(vs),
-            mask: None,
-        };
+        let p = grid_problem(
+            config,
+            q,
+            nb,
+            (max_q, max_k),
+            [packed(pq.q), packed(ks), packed(vs)],
+        );
         let choice = self.ext_choice(&PlanInput {
             tf32: self.allow_tf32,
             qkv_aligned: dispatch::chunk_aligned(&p, q, k, v),
@@ -358,46 +349,16 @@ impl GpuAttentionBackend {
         )?;
         check_extension_tensors(options, lse.as_deref(), out)?;
         let total_q = q.shape()[0];
-        let offs = crate::varlen::read_offsets(
-            "cu_seqlens_q",
-            cu_seqlens_q,
-            total_q,
-            "max_seqlen_q",
-            max_seqlen_q,
-            dev,
-        )?;
-        if offs.len() != g.batch + 1 {
-            return Err(AttentionError::shape(
-                "cu_seqlens_q",
-                format!(
-                    "[{}] (one more than the block table's sequences)",
-                    g.batch + 1
-                ),
-                format!("[{}]", offs.len()),
-            ));
-        }
+        let offs = g.query_offsets(cu_seqlens_q, total_q, max_seqlen_q, dev)?;
         let max_q = offs.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
         let max_len = g.lens.iter().copied().max().unwrap_or(0).max(1);
-        let p = AttentionProblem {
-            batch: g.batch,
-            seq_q: max_q,
-            seq_k: max_len,
-            num_heads: config.num_heads,
-            num_kv_heads: config.num_kv_heads,
-            head_dim: config.head_dim,
-            scale: config.effective_scale(),
-            causal: config.is_causal,
-            dtype: q.dtype(),
-            device: dev,
-            q: HeadStrides {
-                batch: 0,
-                head: pq.q.1,
-                seq: pq.q.0,
-            },
-            k: kv.strides_of(&kv.k_pages),
-            v: kv.strides_of(&kv.v_pages),
-            mask: None,
+        let qs = HeadStrides {
+            batch: 0,
+            head: pq.q.1,
+            seq: pq.q.0,
         };
+        let kvs = [kv.strides_of(&kv.k_pages), kv.strides_of(&kv.v_pages)];
+        let p = grid_problem(config, q, g.batch, (max_q, max_len), [qs, kvs[0], kvs[1]]);
         self.check_paged_limits(&p, kv, &g)?;
         let (k, v) = (&kv.k_pages, &kv.v_pages);
         let choice = self.ext_choice(&PlanInput {
@@ -429,5 +390,33 @@ impl GpuAttentionBackend {
         let params = AttnParams::new(&p, q, k, v, None, out, os).with_ext(&ext);
         flash::forward_flash(&self.runtime, &p, &params, &choice)?;
         Ok(AttentionPath::Flash(choice.kernel))
+    }
+}
+
+/// The problem a packed call's grid is sized by: `batch` sequences padded to the longest
+/// (`seq_q`, `seq_k`) (the kernels stop at each sequence's own length), Q / K / V element
+/// strides `[q, k, v]`, `q`'s dtype and device, no mask.
+fn grid_problem(
+    config: &AttentionConfig,
+    q: &DeviceTensor,
+    batch: usize,
+    (seq_q, seq_k): (usize, usize),
+    [qs, ks, vs]: [HeadStrides; 3],
+) -> AttentionProblem {
+    AttentionProblem {
+        batch,
+        seq_q,
+        seq_k,
+        num_heads: config.num_heads,
+        num_kv_heads: config.num_kv_heads,
+        head_dim: config.head_dim,
+        scale: config.effective_scale(),
+        causal: config.is_causal,
+        dtype: q.dtype(),
+        device: q.device(),
+        q: qs,
+        k: ks,
+        v: vs,
+        mask: None,
     }
 }

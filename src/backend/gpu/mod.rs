@@ -764,20 +764,7 @@ impl DeviceAttentionBackend for GpuAttentionBackend {
         let params = || AttnParams::new(&p, q, k, v, mask, out, out_strides);
         match plan.flash {
             Some(choice) if choice.kernel == FlashKernel::Decode => {
-                let cache = decode::CacheView {
-                    k: k.device_ptr(),
-                    v: v.device_ptr(),
-                    k_strides: p.k,
-                    v_strides: p.v,
-                    seq_lens: 0,
-                    block_table: 0,
-                    max_pages: 0,
-                    page_size: 1,
-                    append: None,
-                    // Dense K/V: every replay has the same keys.
-                    capacity: p.seq_k,
-                    num_pages: 0,
-                };
+                let cache = decode::CacheView::dense(&p, k, v);
                 decode::forward_decode(
                     &self.runtime,
                     &self.decode_workspace,
