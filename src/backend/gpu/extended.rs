@@ -420,3 +420,45 @@ fn grid_problem(
         mask: None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::Device;
+    use crate::dtype::DType;
+
+    #[test]
+    fn an_output_over_a_per_head_tensor_is_refused() {
+        let out = DeviceTensor::zeros(&[8], DType::F32, Device::Cpu).unwrap();
+        let slopes = out.narrow(0, 0, 4).unwrap();
+        let o = AttentionOptions::new().with_alibi_slopes(slopes);
+        let e = check_extension_tensors(&o, None, &out).unwrap_err();
+        assert!(
+            matches!(&e, AttentionError::UnsupportedLayout { what, reason } if what == "out" && reason.contains("per-head")),
+            "{e:?}"
+        );
+        let own = DeviceTensor::zeros(&[4], DType::F32, Device::Cpu).unwrap();
+        let o = AttentionOptions::new().with_sinks(own);
+        assert!(check_extension_tensors(&o, None, &out).is_ok());
+    }
+
+    #[test]
+    fn the_grid_problem_takes_the_longest_sequence_and_the_given_strides() {
+        let config = AttentionConfig::new(4 * 16, 4, 64)
+            .with_num_kv_heads(2)
+            .with_causal(true)
+            .with_scale(0.25);
+        let q = DeviceTensor::zeros(&[10, 4, 16], DType::BF16, Device::Cpu).unwrap();
+        let s = |head, seq| HeadStrides {
+            batch: 0,
+            head,
+            seq,
+        };
+        let p = grid_problem(&config, &q, 3, (7, 40), [s(16, 64), s(16, 32), s(1, 2)]);
+        assert_eq!((p.batch, p.seq_q, p.seq_k), (3, 7, 40));
+        assert_eq!((p.num_heads, p.num_kv_heads, p.head_dim), (4, 2, 16));
+        assert_eq!((p.scale, p.causal, p.dtype), (0.25, true, DType::BF16));
+        assert_eq!((p.q, p.k, p.v), (s(16, 64), s(16, 32), s(1, 2)));
+        assert!(p.mask.is_none());
+    }
+}
