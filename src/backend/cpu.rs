@@ -17,7 +17,7 @@
 //! a time into the task's own f32 buffer, so no f32 copy of K/V is ever made. The
 //! element-wise work (mask, causal cut, options, online softmax) is compiled for AVX2+FMA
 //! as well and picked at run time. Tasks of few rows (a decode step) take their scores and
-//! P V from the K/V rows directly instead (see [`DIRECT_ROWS`]).
+//! P V from the K/V rows directly instead (up to `DIRECT_ROWS` rows).
 //!
 //! Cached attention (`cached.rs`) runs the same task over a `KvCache`'s storage: per-sequence
 //! lengths, page lookups for each key row, and optionally one key range per task with the
