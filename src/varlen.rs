@@ -60,6 +60,12 @@ impl VarlenOffsets {
     pub fn k_range(&self, b: usize) -> std::ops::Range<usize> {
         self.k[b]..self.k[b + 1]
     }
+
+    /// The longest sequence's query and key rows (0 for an empty side).
+    pub fn longest(&self) -> (usize, usize) {
+        let longest = |o: &[usize]| o.windows(2).map(|w| w[1] - w[0]).max().unwrap_or(0);
+        (longest(&self.q), longest(&self.k))
+    }
 }
 
 impl VarlenBatch {
@@ -246,6 +252,28 @@ pub(crate) fn check_packed_queries(
         out: os,
         lse,
     })
+}
+
+/// Checks the packed key side of a varlen call on `device`: k and v `[total_k, Hkv, D]`
+/// of `q`'s dtype (the config's KV heads and head_dim) and both offset tensors there.
+/// Returns the (row, head) strides of k and v; the offsets' values are checked by
+/// [`VarlenBatch::validate`].
+pub(crate) fn check_packed_keys(
+    config: &AttentionConfig,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+    batch: &VarlenBatch,
+    device: Device,
+) -> Result<((usize, usize), (usize, usize))> {
+    on_device("k", k, device)?;
+    on_device("v", v, device)?;
+    let (hkv, d) = (config.num_kv_heads, config.head_dim);
+    let ks = check_packed("k", k, None, hkv, d, q.dtype(), device)?;
+    let vs = check_packed("v", v, Some(k.shape()[0]), hkv, d, q.dtype(), device)?;
+    on_device("cu_seqlens_q", &batch.cu_seqlens_q, device)?;
+    on_device("cu_seqlens_k", &batch.cu_seqlens_k, device)?;
+    Ok((ks, vs))
 }
 
 /// Checks one offset tensor (I32 `[batch + 1]` on `device`, from 0, non-decreasing, up to

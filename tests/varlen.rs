@@ -345,3 +345,16 @@ fn the_default_refuses_varlen_calls() {
         "{e}"
     );
 }
+
+#[test]
+fn offsets_give_their_ranges_and_longest_sequences() {
+    let batch = VarlenBatch::from_lengths(&Q_LENS, &K_LENS, Device::Cpu).unwrap();
+    let (tq, tk) = (Q_LENS.iter().sum(), K_LENS.iter().sum());
+    let offs = batch.validate(tq, tk, Device::Cpu).unwrap();
+    assert_eq!(offs.batch(), Q_LENS.len());
+    assert_eq!(offs.q_range(3), 6..76);
+    assert_eq!(offs.k_range(2), 4..4);
+    assert_eq!(offs.longest(), (130, 200));
+    let empty = VarlenBatch::from_lengths(&[0, 0], &[0, 0], Device::Cpu).unwrap();
+    assert_eq!(empty.validate(0, 0, Device::Cpu).unwrap().longest(), (0, 0));
+}

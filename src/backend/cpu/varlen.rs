@@ -12,7 +12,9 @@ use crate::options::{AttentionOptions, LseStrides};
 use crate::paged::{PagedGeometry, PagedKv};
 use crate::problem::{AttentionProblem, CachedKeys, HeadStrides};
 use crate::tensor::DeviceTensor;
-use crate::varlen::{check_packed, check_packed_queries, on_device, PackedQueries, VarlenBatch};
+use crate::varlen::{
+    check_packed_keys, check_packed_queries, on_device, PackedQueries, VarlenBatch,
+};
 
 /// Refuses a tensor that is not on the host.
 fn on_host(what: &str, t: &DeviceTensor) -> Result<()> {
@@ -103,20 +105,8 @@ pub(super) fn forward_varlen(
         lse.as_deref(),
         Device::Cpu,
     )?;
-    for (what, t) in [("k", k), ("v", v)] {
-        on_host(what, t)?;
-    }
-    let (hkv, d) = (config.num_kv_heads, config.head_dim);
-    let ks = check_packed("k", k, None, hkv, d, q.dtype(), Device::Cpu)?;
-    let total_k = k.shape()[0];
-    let vs = check_packed("v", v, Some(total_k), hkv, d, q.dtype(), Device::Cpu)?;
-    for (what, t) in [
-        ("cu_seqlens_q", &batch.cu_seqlens_q),
-        ("cu_seqlens_k", &batch.cu_seqlens_k),
-    ] {
-        on_host(what, t)?;
-    }
-    let offs = batch.validate(q.shape()[0], total_k, Device::Cpu)?;
+    let (ks, vs) = check_packed_keys(config, q, k, v, batch, Device::Cpu)?;
+    let offs = batch.validate(q.shape()[0], k.shape()[0], Device::Cpu)?;
     let strides = |(seq, head): (usize, usize)| HeadStrides {
         batch: 0,
         head,

@@ -17,9 +17,27 @@ use crate::options::AttentionOptions;
 use crate::paged::{PagedGeometry, PagedKv};
 use crate::problem::{AttentionProblem, CachedKeys, HeadStrides};
 use crate::tensor::{check_usable, DeviceTensor};
-use crate::varlen::{check_packed, check_packed_queries, on_device, VarlenBatch};
+use crate::varlen::{check_packed_keys, check_packed_queries, on_device, VarlenBatch};
 
 impl GpuAttentionBackend {
+    /// Queues the extended flash variant `choice` for `p`: the argument block of the
+    /// operands with `ext` filled in.
+    #[allow(clippy::too_many_arguments)]
+    fn launch_ext(
+        &self,
+        p: &AttentionProblem,
+        choice: &FlashChoice,
+        [q, k, v]: [&DeviceTensor; 3],
+        mask: Option<&DeviceTensor>,
+        out: &DeviceTensor,
+        out_strides: HeadStrides,
+        ext: &ParamsExt,
+    ) -> Result<AttentionPath> {
+        let params = AttnParams::new(p, q, k, v, mask, out, out_strides).with_ext(ext);
+        flash::forward_flash(&self.runtime, p, &params, choice)?;
+        Ok(AttentionPath::Flash(choice.kernel))
+    }
+
     /// The extended flash variant that runs `input` (`input.ext` set), or the refusal.
     pub(crate) fn ext_choice(&self, input: &PlanInput) -> Result<FlashChoice> {
         let input = PlanInput {
@@ -77,9 +95,7 @@ impl GpuAttentionBackend {
             .zip(lse_strides)
             .map(|(l, st)| (l.device_ptr(), Strides3::new(st.batch, st.head, st.query)));
         let ext = ParamsExt::new(options, lse);
-        let params = AttnParams::new(&p, q, k, v, mask, out, out_strides).with_ext(&ext);
-        flash::forward_flash(&self.runtime, &p, &params, &choice)?;
-        Ok(AttentionPath::Flash(choice.kernel))
+        self.launch_ext(&p, &choice, [q, k, v], mask, out, out_strides, &ext)
     }
 
     /// [`DeviceAttentionBackend::forward_varlen`]: one launch over every sequence, each
@@ -99,31 +115,22 @@ impl GpuAttentionBackend {
     ) -> Result<AttentionPath> {
         let dev = self.device;
         let pq = check_packed_queries(config, options, q, &[q, k, v], out, lse.as_deref(), dev)?;
-        let (hkv, d, dtype) = (config.num_kv_heads, config.head_dim, q.dtype());
-        on_device("k", k, dev)?;
-        on_device("v", v, dev)?;
-        let ks = check_packed("k", k, None, hkv, d, dtype, dev)?;
-        let total_k = k.shape()[0];
-        let vs = check_packed("v", v, Some(total_k), hkv, d, dtype, dev)?;
-        on_device("cu_seqlens_q", &batch.cu_seqlens_q, dev)?;
-        on_device("cu_seqlens_k", &batch.cu_seqlens_k, dev)?;
+        let (ks, vs) = check_packed_keys(config, q, k, v, batch, dev)?;
         check_usable(
             &[q, k, v, &batch.cu_seqlens_q, &batch.cu_seqlens_k],
             &[&*out],
         )?;
         check_extension_tensors(options, lse.as_deref(), out)?;
-        let total_q = q.shape()[0];
-        let offs = batch.validate(total_q, total_k, dev)?;
+        // The borrows are checked above, before the offsets are read.
+        let offs = batch.validate(q.shape()[0], k.shape()[0], dev)?;
         let nb = offs.batch();
-        let longest = |r: &dyn Fn(usize) -> std::ops::Range<usize>| {
-            (0..nb).map(|b| r(b).len()).max().unwrap_or(0)
-        };
-        let (max_q, max_k) = (longest(&|b| offs.q_range(b)), longest(&|b| offs.k_range(b)));
+        let (max_q, max_k) = offs.longest();
         let unsupported = |reason: String| AttentionError::NotSupported {
             backend: self.name().into(),
             reason,
         };
-        dispatch::check_sizes(nb, max_q, max_k, config.num_heads, d).map_err(unsupported)?;
+        dispatch::check_sizes(nb, max_q, max_k, config.num_heads, config.head_dim)
+            .map_err(unsupported)?;
         let packed = |(seq, head): (usize, usize)| HeadStrides {
             batch: 0,
             head,
@@ -155,9 +162,7 @@ impl GpuAttentionBackend {
             batch.cu_seqlens_q.device_ptr(),
             batch.cu_seqlens_k.device_ptr(),
         );
-        let params = AttnParams::new(&p, q, k, v, None, out, packed(pq.out)).with_ext(&ext);
-        flash::forward_flash(&self.runtime, &p, &params, &choice)?;
-        Ok(AttentionPath::Flash(choice.kernel))
+        self.launch_ext(&p, &choice, [q, k, v], None, out, packed(pq.out), &ext)
     }
 }
 
@@ -312,9 +317,7 @@ impl GpuAttentionBackend {
             g.max_pages,
             kv.page_size,
         );
-        let params = AttnParams::new(&p, q, k, v, None, out, os).with_ext(&ext);
-        flash::forward_flash(&self.runtime, &p, &params, &choice)?;
-        Ok(AttentionPath::Flash(choice.kernel))
+        self.launch_ext(&p, &choice, [q, k, v], None, out, os, &ext)
     }
 
     /// [`DeviceAttentionBackend::forward_paged_varlen`]: packed queries against paged K / V
@@ -387,9 +390,7 @@ impl GpuAttentionBackend {
             head: pq.out.1,
             seq: pq.out.0,
         };
-        let params = AttnParams::new(&p, q, k, v, None, out, os).with_ext(&ext);
-        flash::forward_flash(&self.runtime, &p, &params, &choice)?;
-        Ok(AttentionPath::Flash(choice.kernel))
+        self.launch_ext(&p, &choice, [q, k, v], None, out, os, &ext)
     }
 }
 
