@@ -49,4 +49,7 @@ typedef struct {
                               // bound keeps every key: a_i >= len - Sq), so a_i + right fits
     float softcap;            // cap * log2(e): the softcap in the log2 domain; 0: none
     float softcap_inv;        // 1 / softcap (0: none)
+    int page_shift;           // log2(page_size) when that is a power of two, else -1
+    int tensor_cores;         // 1: the tensor-core body (16-bit, head dims 64 and 128, CUDA
+                              // sm_80+); 0: the register or shared-memory path
 } DecodeParams;

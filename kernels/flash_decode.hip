@@ -26,6 +26,7 @@
 #include "compat.h"
 #include "decode_params.h"
 #include "kv_append.h"
+#include "mma_ops.h"
 
 // Timeline hook of scripts/decode_probe.cu (thread 0 of each block records phase n there);
 // nothing in the library.
@@ -143,12 +144,21 @@ FA_DEVICE float dec_row_final(const DecodeParams& p, int b, int h, int qi, float
     return inv;
 }
 
+// Page of key j in its sequence's block-table row and its position within the page: a
+// shift and a mask for power-of-two page sizes (page_shift >= 0), a division otherwise.
+FA_DEVICE int dec_page_index(const DecodeParams& p, int j) {
+    return p.page_shift >= 0 ? j >> p.page_shift : j / p.page_size;
+}
+FA_DEVICE int dec_page_offset(const DecodeParams& p, int j) {
+    return p.page_shift >= 0 ? j & (p.page_size - 1) : j % p.page_size;
+}
+
 // Page (or sequence, for a contiguous cache) and position within it of key j of sequence b;
 // false for a page the block table does not hold (a negative entry).
 FA_DEVICE bool dec_locate(const DecodeParams& p, int b, int j, fa_i64& page, fa_i64& within) {
     if (p.block_table) {
-        page = p.block_table[(fa_i64)b * p.max_pages + j / p.page_size];
-        within = j % p.page_size;
+        page = p.block_table[(fa_i64)b * p.max_pages + dec_page_index(p, j)];
+        within = dec_page_offset(p, j);
         return page >= 0;
     }
     page = b;
@@ -640,16 +650,20 @@ template <typename T, int HD, int VPR, int G, int RB, bool OPT>
 FA_DEVICE void dec_finish(const DecodeParams& p, const float* s_acc, const float* s_m, const float* s_l,
                           int rows, int row0, int kvh, int b, int split, int rg, int row_groups,
                           int tid) {
+    // Items (row, 4 dims); with fewer items than threads each gets PARTS adjacent threads,
+    // with more each thread takes every (DEC_THREADS / PARTS)-th: either way every thread
+    // runs the same number of iterations, so the shuffles below see whole warps.
     constexpr int ITEMS = RB * (HD / 4);
-    constexpr int PARTS = DEC_THREADS / ITEMS;
-    static_assert(ITEMS * PARTS == DEC_THREADS && PARTS <= 32 && (PARTS & (PARTS - 1)) == 0 && G % PARTS == 0,
+    constexpr int PARTS = ITEMS >= DEC_THREADS ? 1 : DEC_THREADS / ITEMS;
+    constexpr int STRIDE = DEC_THREADS / PARTS;
+    static_assert(ITEMS % STRIDE == 0 && PARTS <= 32 && (PARTS & (PARTS - 1)) == 0 && G % PARTS == 0,
                   "the merges give each (row, 4 dims) a power-of-two number of adjacent threads");
     const int group = p.num_heads / p.num_kv_heads;
-    const int idx = tid / PARTS, part = tid % PARTS;
-    const int r = idx / (HD / 4);
-    const int rr = row0 + r;
-    const int h = kvh * group + rr / p.seq_q, qi = rr % p.seq_q;
-    {
+    const int part = tid % PARTS;
+    for (int idx = tid / PARTS; idx < ITEMS; idx += STRIDE) {
+        const int r = idx / (HD / 4);
+        const int rr = row0 + r;
+        const int h = kvh * group + rr / p.seq_q, qi = rr % p.seq_q;
         // Key groups part, part + PARTS, ... weighed by 2^(m_g - row max). Padding rows and
         // dims hold zeros (m = -inf), so every thread computes and only the stores are guarded.
         // Chunk c4 of a group row holds dims dec_chunk_dim(c4).
@@ -714,54 +728,59 @@ FA_DEVICE void dec_finish(const DecodeParams& p, const float* s_acc, const float
     // each batch's partial rows and log-sum-exps are loaded together (one round trip to L2),
     // then folded into a running max, sum and weighted sum; then the parts are folded.
     const int S = p.num_splits;
-    const int d = (idx % (HD / 4)) * 4;
-    const bool active = r < rows && d < p.head_dim;
-    float mx = FA_NEG_INF, den = 0.f;
-    fa_float4 a = {0.f, 0.f, 0.f, 0.f};
-    if (active) {
-        const fa_i64 base = (((fa_i64)b * p.num_heads + h) * p.seq_q + qi) * S;
-        const float* lse = p.partial_lse + base;
-        const float* po = p.partial_o + base * p.head_dim + d;
-        for (int s0 = part; s0 < S; s0 += PARTS * DEC_MERGE_BATCH) {
-            float x[DEC_MERGE_BATCH];
-            fa_float4 v[DEC_MERGE_BATCH];
+    for (int idx = tid / PARTS; idx < ITEMS; idx += STRIDE) {
+        const int r = idx / (HD / 4);
+        const int rr = row0 + r;
+        const int h = kvh * group + rr / p.seq_q, qi = rr % p.seq_q;
+        const int d = (idx % (HD / 4)) * 4;
+        const bool active = r < rows && d < p.head_dim;
+        float mx = FA_NEG_INF, den = 0.f;
+        fa_float4 a = {0.f, 0.f, 0.f, 0.f};
+        if (active) {
+            const fa_i64 base = (((fa_i64)b * p.num_heads + h) * p.seq_q + qi) * S;
+            const float* lse = p.partial_lse + base;
+            const float* po = p.partial_o + base * p.head_dim + d;
+            for (int s0 = part; s0 < S; s0 += PARTS * DEC_MERGE_BATCH) {
+                float x[DEC_MERGE_BATCH];
+                fa_float4 v[DEC_MERGE_BATCH];
 #pragma unroll
-            for (int u = 0; u < DEC_MERGE_BATCH; ++u) {
-                const int sp = s0 + u * PARTS;
-                x[u] = sp < S ? dec_load_cg(lse + sp) : FA_NEG_INF;
-                v[u] = sp < S ? dec_load_cg4(po + (fa_i64)sp * p.head_dim) : fa_float4{0.f, 0.f, 0.f, 0.f};
+                for (int u = 0; u < DEC_MERGE_BATCH; ++u) {
+                    const int sp = s0 + u * PARTS;
+                    x[u] = sp < S ? dec_load_cg(lse + sp) : FA_NEG_INF;
+                    v[u] = sp < S ? dec_load_cg4(po + (fa_i64)sp * p.head_dim) : fa_float4{0.f, 0.f, 0.f, 0.f};
+                }
+                float bm = mx;
+#pragma unroll
+                for (int u = 0; u < DEC_MERGE_BATCH; ++u) bm = fmaxf(bm, x[u]);
+                if (bm == FA_NEG_INF) continue;
+                const float rescale = fa_exp2f(mx - bm);
+                den *= rescale;
+                a.x *= rescale;
+                a.y *= rescale;
+                a.z *= rescale;
+                a.w *= rescale;
+#pragma unroll
+                for (int u = 0; u < DEC_MERGE_BATCH; ++u) {
+                    const float wu = fa_exp2f(x[u] - bm);
+                    den += wu;
+                    a.x += wu * v[u].x;
+                    a.y += wu * v[u].y;
+                    a.z += wu * v[u].z;
+                    a.w += wu * v[u].w;
+                }
+                mx = bm;
             }
-            float bm = mx;
-#pragma unroll
-            for (int u = 0; u < DEC_MERGE_BATCH; ++u) bm = fmaxf(bm, x[u]);
-            if (bm == FA_NEG_INF) continue;
-            const float rescale = fa_exp2f(mx - bm);
-            den *= rescale;
-            a.x *= rescale;
-            a.y *= rescale;
-            a.z *= rescale;
-            a.w *= rescale;
-#pragma unroll
-            for (int u = 0; u < DEC_MERGE_BATCH; ++u) {
-                const float wu = fa_exp2f(x[u] - bm);
-                den += wu;
-                a.x += wu * v[u].x;
-                a.y += wu * v[u].y;
-                a.z += wu * v[u].z;
-                a.w += wu * v[u].w;
-            }
-            mx = bm;
         }
-    }
-    dec_fold_lanes(mx, den, a, PARTS);
-    DEC_MARK(5);
-    if (part == 0 && active) {
-        const float inv = dec_row_final<OPT>(p, b, h, qi, mx, den, d == 0);
-        T* o = reinterpret_cast<T*>(p.out) + (fa_i64)b * p.o_sb + (fa_i64)h * p.o_sh + (fa_i64)qi * p.o_ss + d;
-        fa_store(o, a.x * inv);
-        fa_store(o + 1, a.y * inv);
-        fa_store(o + 2, a.z * inv);
-        fa_store(o + 3, a.w * inv);
+        dec_fold_lanes(mx, den, a, PARTS);
+        DEC_MARK(5);
+        if (part == 0 && active) {
+            const float inv = dec_row_final<OPT>(p, b, h, qi, mx, den, d == 0);
+            T* o = reinterpret_cast<T*>(p.out) + (fa_i64)b * p.o_sb + (fa_i64)h * p.o_sh + (fa_i64)qi * p.o_ss + d;
+            fa_store(o, a.x * inv);
+            fa_store(o + 1, a.y * inv);
+            fa_store(o + 2, a.z * inv);
+            fa_store(o + 3, a.w * inv);
+        }
     }
     if (tid == 0) p.counters[counter] = 0;
     DEC_MARK(6);
@@ -980,11 +999,293 @@ FA_DEVICE void flash_decode_reg_body(const DecodeParams& p) {
     dec_finish<T, HD, VPR, G, RB, OPT>(p, s_acc, s_m, s_l, rows, row0, kvh, b, split, rg, row_groups, tid);
 }
 
+// ------------------------------------------------------------------ tensor-core path
+// 16-bit caches with head dims 64 and 128 on CUDA sm_80+ when the host asks for it
+// (p.tensor_cores; see decode_plan.rs): the query rows of a KV head, up to 16 (the GQA group
+// times the queries), are the M dimension of mma.sync m16n8k16, so the math per K/V byte is a
+// few instructions whatever the group, and a draft of several queries reads K/V once too.
+//  * Each of the 8 warps owns 16 consecutive keys of every 128-key tile: it copies them
+//    (cp.async) into its own slots of a two-stage ring and reads them back with ldmatrix, so
+//    the key loop has no block barrier, only warp ones.
+//  * S = Q K^T (16 rows x 16 keys, Q from shared memory), the online softmax on the
+//    accumulator fragments (rows g and g + 8 of each lane, reduced over its quad), then
+//    O += P V with P packed into A fragments straight from S; O is rescaled only when some
+//    row's max moved.
+//  * The warps' rows are merged, and the splits, as on the register path (dec_finish).
+#define DEC_MWARPS (DEC_THREADS / 32)
+#define DEC_MKEYS 16  // keys per warp per tile
+#define DEC_MSTAGES 2
+
+template <typename T, int HD> struct DecMma {
+    static constexpr bool OK = FA_HAS_MMA && sizeof(T) == 2 && (HD == 64 || HD == 128);
+    static constexpr int ROW = HD + 8;  // shared row in elements: a 16-byte pad keeps ldmatrix conflict-free
+    static constexpr int N = DEC_MWARPS * DEC_MKEYS;  // keys per block tile
+    static constexpr int WARP_ELEMS = 2 * DEC_MKEYS * ROW;  // one warp's K then V rows of one stage
+    static constexpr int CPR = HD / 8;  // 16-byte chunks per row
+    static constexpr int CPL = DEC_MKEYS * CPR / 32;  // chunks of K (and of V) per lane per tile
+};
+
+#if FA_HAS_MMA
+// Copies keys key0 .. key0 + 15 (this warp's of one tile) into the warp's stage slots `ks`
+// (K rows, then V rows), zero-filled past key_end; keys past the cached ones come from this
+// launch's new rows (fused append). A negative block-table entry reads page 0 (in bounds).
+template <typename T, int HD>
+FA_DEVICE void dec_mma_issue(const DecodeParams& p, T* ks, int b, int kvh, int key0, int key_end, int len_old,
+                             int lane) {
+    using M = DecMma<T, HD>;
+    T* vs = ks + DEC_MKEYS * M::ROW;
+    const T* kbase = reinterpret_cast<const T*>(p.k);
+    const T* vbase = reinterpret_cast<const T*>(p.v);
+    // With pages of a multiple of 16 keys and an aligned start the 16 keys share one page.
+    const bool one_page = p.block_table && (p.page_size & 15) == 0 && (key0 & 15) == 0;
+    fa_i64 page0 = 0;
+    if (one_page && key0 < len_old) page0 = max(p.block_table[(fa_i64)b * p.max_pages + dec_page_index(p, key0)], 0);
+#pragma unroll 2
+    for (int i = 0; i < M::CPL; ++i) {
+        const int c = lane + 32 * i;
+        const int kk = c / M::CPR, col = (c % M::CPR) * 8;
+        const int j = key0 + kk;
+        const bool valid = j < key_end && col < p.head_dim;
+        const T* ksrc = kbase;
+        const T* vsrc = vbase;
+        if (valid && j >= len_old) {
+            const fa_i64 t = j - len_old;
+            ksrc = reinterpret_cast<const T*>(p.k_new) + (fa_i64)b * p.kn_sb + t * p.kn_ss + (fa_i64)kvh * p.kn_sh + col;
+            vsrc = reinterpret_cast<const T*>(p.v_new) + (fa_i64)b * p.vn_sb + t * p.vn_ss + (fa_i64)kvh * p.vn_sh + col;
+        } else if (valid) {
+            fa_i64 page, within;
+            if (p.block_table) {
+                page = one_page ? page0 : max(p.block_table[(fa_i64)b * p.max_pages + dec_page_index(p, j)], 0);
+                within = dec_page_offset(p, j);
+            } else {
+                page = b;
+                within = j;
+            }
+            ksrc = kbase + page * p.k_sb + (fa_i64)kvh * p.k_sh + within * p.k_ss + col;
+            vsrc = vbase + page * p.v_sb + (fa_i64)kvh * p.v_sh + within * p.v_ss + col;
+        }
+        dec_copy16(ks + kk * M::ROW + col, ksrc, valid);
+        dec_copy16(vs + kk * M::ROW + col, vsrc, valid);
+    }
+}
+
+// Shared memory (decode_smem_bytes on the host): Q [16][ROW] in T, then the ring,
+// DEC_MSTAGES x DEC_MWARPS x WARP_ELEMS in T. After the key loop the ring's bytes hold the
+// warps' rows [DEC_MWARPS][16][HD] f32 and their max and sum [DEC_MWARPS][16] f32.
+template <typename T, int HD, bool OPT>
+FA_DEVICE void flash_decode_mma_body(const DecodeParams& p) {
+    using M = DecMma<T, HD>;
+    using Mma = FaMma<T>;
+    constexpr int ROW = M::ROW, N = M::N, KS = HD / 16, NT = HD / 8;
+    constexpr int RB = 16;
+    FA_DYNAMIC_SMEM(smem);
+    T* s_q = reinterpret_cast<T*>(smem);
+    T* ring = s_q + RB * ROW;
+    float* s_acc = reinterpret_cast<float*>(smem);
+    float* s_m = s_acc + DEC_MWARPS * RB * HD;
+    float* s_l = s_m + DEC_MWARPS * RB;
+
+    const int group = p.num_heads / p.num_kv_heads;
+    const int rows_total = group * p.seq_q;
+    const int row_groups = (rows_total + RB - 1) / RB;
+    const int split = blockIdx.x / row_groups;
+    const int rg = blockIdx.x % row_groups;
+    const int row0 = rg * RB;
+    const int rows = min(RB, rows_total - row0);
+    const int kvh = blockIdx.y;
+    const int b = blockIdx.z;
+    DEC_MARK(0);
+    const int len_old = p.seq_lens ? p.seq_lens[b] : p.seq_k;
+    const int len = len_old + p.n_new;
+    int key_begin, key_end;
+    dec_key_range<OPT>(p, split, len, key_begin, key_end);
+    const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+    const int g = lane / 4, t4 = lane % 4;
+    const float scale2 = p.scale * FA_LOG2E;
+    const int tiles = key_end > key_begin ? (key_end - key_begin + N - 1) / N : 0;
+    T* my_ring = ring + warp * M::WARP_ELEMS;
+    constexpr int STAGE = DEC_MWARPS * M::WARP_ELEMS;
+
+    // The first tile's copies go out before anything else.
+    if (tiles > 0) dec_mma_issue<T, HD>(p, my_ring, b, kvh, key_begin + warp * DEC_MKEYS, key_end, len_old, lane);
+    dec_commit();
+    // Query rows r = (head within group) * Sq + query index; padding rows and dims are zero.
+    for (int idx = tid; idx < RB * HD; idx += DEC_THREADS) {
+        const int r = idx / HD, d = idx % HD;
+        float val = 0.f;
+        if (r < rows && d < p.head_dim) {
+            const int rr = row0 + r;
+            const int h = kvh * group + rr / p.seq_q, i = rr % p.seq_q;
+            val = fa_load_f32(reinterpret_cast<const T*>(p.q) + (fa_i64)b * p.q_sb + (fa_i64)h * p.q_sh + (fa_i64)i * p.q_ss + d);
+        }
+        fa_store(s_q + r * ROW + d, val);
+    }
+    // Fused append: the first block of each sequence writes its new tokens into the cache;
+    // its page scratch is warp 0's slot of the second stage, not in use yet.
+    if (p.n_new > 0 && blockIdx.x == 0 && blockIdx.y == 0)
+        dec_append<T>(p, b, len_old, reinterpret_cast<fa_i64*>(ring + STAGE));
+    __syncthreads();  // s_q written (and the append's scratch released)
+
+    // Rows g and g + 8 of this lane: what each keeps.
+    int last[2];
+    DecRowOpt opt[2];
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+        const int r = g + 8 * u;
+        last[u] = -1;
+        opt[u] = dec_row_none();
+        if (r < rows) {
+            const int rr = row0 + r;
+            last[u] = p.causal ? rr % p.seq_q + len - p.seq_q : 0x7fffffff;
+            if (OPT) opt[u] = dec_row_opt(p, kvh * group + rr / p.seq_q, rr % p.seq_q, len);
+        }
+    }
+    // ldmatrix row addresses of this lane: Q and K in 16 x 16 blocks (matrix l / 8 of an x4
+    // load: rows (l / 8 & 1) * 8 + l % 8 for Q, (l / 16) * 8 + l % 8 for K), V transposed.
+    const int mat = lane / 8, mrow = lane % 8;
+    const unsigned int q_addr = fa_smem_u32(s_q + ((mat & 1) * 8 + mrow) * ROW + (mat >> 1) * 8);
+    const int k_off = ((mat >> 1) * 8 + mrow) * ROW + (mat & 1) * 8;
+    const int v_off = DEC_MKEYS * ROW + ((mat & 1) * 8 + mrow) * ROW + (mat >> 1) * 8;
+
+    float o[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+    float m[2] = {FA_NEG_INF, FA_NEG_INF}, l[2] = {0.f, 0.f};
+
+    for (int t = 0; t < tiles; ++t) {
+        const int st = t & 1;
+        if (t + 1 < tiles)
+            dec_mma_issue<T, HD>(p, my_ring + (st ^ 1) * STAGE, b, kvh, key_begin + (t + 1) * N + warp * DEC_MKEYS,
+                                 key_end, len_old, lane);
+        dec_commit();
+        dec_wait<1>();
+        __syncwarp();  // the warp's copies of this stage are visible to all its lanes
+        const T* tile = my_ring + st * STAGE;
+        const unsigned int k_addr = fa_smem_u32(tile + k_off);
+        const unsigned int v_addr = fa_smem_u32(tile + v_off);
+        const int key0 = key_begin + t * N + warp * DEC_MKEYS;
+
+        // S = Q K^T: keys 0-7 (s[0]) and 8-15 (s[1]) of the warp's 16.
+        float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+        for (int k = 0; k < KS; ++k) {
+            unsigned int qa[4], kb[4];
+            fa_ldsm_x4(q_addr + k * 32, qa);
+            fa_ldsm_x4(k_addr + k * 32, kb);
+            Mma::mma(s[0], qa, kb[0], kb[1]);
+            Mma::mma(s[1], qa, kb[2], kb[3]);
+        }
+        // Lane holds s[n][e]: row g + 8 * (e / 2), key key0 + 8n + 2 t4 + e % 2.
+        bool moved = false;
+        float alpha[2];
+#pragma unroll
+        for (int u = 0; u < 2; ++u) {
+            float mx = FA_NEG_INF;
+#pragma unroll
+            for (int n = 0; n < 2; ++n)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const int j = key0 + 8 * n + 2 * t4 + e;
+                    float x = s[n][2 * u + e] * scale2;
+                    if (OPT)
+                        x = j >= key_end ? FA_NEG_INF : dec_opt_score(p, opt[u], x, j);
+                    else
+                        x = j >= key_end || j > last[u] ? FA_NEG_INF : x;
+                    s[n][2 * u + e] = x;
+                    mx = fmaxf(mx, x);
+                }
+            mx = fmaxf(mx, fa_shfl_xor(mx, 1, 32));
+            mx = fmaxf(mx, fa_shfl_xor(mx, 2, 32));
+            const float m_new = fmaxf(m[u], mx);
+            // A row that has seen no visible key keeps m = -inf; use 0 to avoid inf - inf.
+            const float m_use = m_new == FA_NEG_INF ? 0.f : m_new;
+            alpha[u] = fa_exp2f(m[u] - m_use);
+            moved |= m_new != m[u];
+            float sum = 0.f;
+#pragma unroll
+            for (int n = 0; n < 2; ++n)
+#pragma unroll
+                for (int e = 0; e < 2; ++e) {
+                    const float pe = fa_exp2f(s[n][2 * u + e] - m_use);
+                    s[n][2 * u + e] = pe;
+                    sum += pe;
+                }
+            l[u] = l[u] * alpha[u] + sum;
+            m[u] = m_new;
+        }
+        if (__any_sync(0xffffffffu, moved)) {
+#pragma unroll
+            for (int n = 0; n < NT; ++n) {
+                o[n][0] *= alpha[0];
+                o[n][1] *= alpha[0];
+                o[n][2] *= alpha[1];
+                o[n][3] *= alpha[1];
+            }
+        }
+        // P as the A fragment of one k-step of 16 keys.
+        const unsigned int pa[4] = {Mma::pack(s[0][0], s[0][1]), Mma::pack(s[0][2], s[0][3]),
+                                    Mma::pack(s[1][0], s[1][1]), Mma::pack(s[1][2], s[1][3])};
+#pragma unroll
+        for (int n = 0; n < NT / 2; ++n) {
+            unsigned int vb[4];
+            fa_ldsm_x4_trans(v_addr + n * 32, vb);
+            Mma::mma(o[2 * n], pa, vb[0], vb[1]);
+            Mma::mma(o[2 * n + 1], pa, vb[2], vb[3]);
+        }
+        __syncwarp();  // every lane is done with this stage before it is refilled
+    }
+    dec_wait<0>();
+    DEC_MARK(2);
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+        l[u] += fa_shfl_xor(l[u], 1, 32);
+        l[u] += fa_shfl_xor(l[u], 2, 32);
+    }
+    __syncthreads();  // the ring's bytes are reused below
+    // Fused append: the last block of the sequence to get here advances the length.
+    if (p.n_new > 0 && tid == 0) {
+        fa_fence_acq_rel_device();
+        if (atomicAdd(p.arrivals + b, 1) == (int)(gridDim.x * gridDim.y) - 1) {
+            const_cast<int*>(p.seq_lens)[b] = len;
+            p.arrivals[b] = 0;
+        }
+    }
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+        const int d = n * 8 + 2 * t4;
+        *reinterpret_cast<fa_float2*>(s_acc + (warp * RB + g) * HD + d) = fa_float2{o[n][0], o[n][1]};
+        *reinterpret_cast<fa_float2*>(s_acc + (warp * RB + g + 8) * HD + d) = fa_float2{o[n][2], o[n][3]};
+    }
+    if (t4 == 0) {
+        s_m[warp * RB + g] = m[0];
+        s_l[warp * RB + g] = l[0];
+        s_m[warp * RB + g + 8] = m[1];
+        s_l[warp * RB + g + 8] = l[1];
+    }
+    __syncthreads();
+    DEC_MARK(7);
+    dec_finish<T, HD, HD / 4, DEC_MWARPS, RB, OPT>(p, s_acc, s_m, s_l, rows, row0, kvh, b, split, rg, row_groups, tid);
+}
+#endif
+
 template <typename T, int HD, bool REG, bool OPT> struct DecPath {
     static FA_DEVICE void run(const DecodeParams& p) { flash_decode_body<T, HD, OPT>(p); }
 };
-template <typename T, int HD, bool OPT> struct DecPath<T, HD, true, OPT> {
+template <typename T, int HD, bool OPT, bool MMA = DecMma<T, HD>::OK> struct DecRegPath {
     static FA_DEVICE void run(const DecodeParams& p) { flash_decode_reg_body<T, HD, OPT>(p); }
+};
+#if FA_HAS_MMA
+template <typename T, int HD, bool OPT> struct DecRegPath<T, HD, OPT, true> {
+    static FA_DEVICE void run(const DecodeParams& p) {
+        if (p.tensor_cores)
+            flash_decode_mma_body<T, HD, OPT>(p);
+        else
+            flash_decode_reg_body<T, HD, OPT>(p);
+    }
+};
+#endif
+template <typename T, int HD, bool OPT> struct DecPath<T, HD, true, OPT> {
+    static FA_DEVICE void run(const DecodeParams& p) { DecRegPath<T, HD, OPT>::run(p); }
 };
 
 // Merges the splits of one (batch, head, query) row: weights 2^(lse_s - max lse).

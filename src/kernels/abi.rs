@@ -100,6 +100,16 @@ pub(crate) struct AttnParams {
     pub pad_: i32,
 }
 
+/// log2 of a power-of-two page size (shift and mask in the kernels), else -1 (division):
+/// the `page_shift` of [`AttnParams`] and [`DecodeParams`].
+pub(crate) fn page_shift(page_size: i32) -> i32 {
+    if page_size > 0 && (page_size as u32).is_power_of_two() {
+        page_size.trailing_zeros() as i32
+    } else {
+        -1
+    }
+}
+
 /// `DecodeParams` of kernels/decode_params.h: the split-KV decode and combine kernels.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
@@ -155,6 +165,10 @@ pub(crate) struct DecodeParams {
     pub softcap: f32,
     /// `1 / softcap`, or 0.
     pub softcap_inv: f32,
+    /// `log2(page_size)` for a power-of-two page size, else -1 (see [`page_shift`]).
+    pub page_shift: i32,
+    /// 1: the tensor-core body runs (16-bit, head dims 64 and 128, CUDA sm_80+).
+    pub tensor_cores: i32,
 }
 
 /// `AppendParams` of kernels/kv_append.h: the KV-cache append kernels.
@@ -346,7 +360,7 @@ mod tests {
             num_splits, split_keys, scale, causal, n_new, num_pages,
             alibi, sinks, lse,
             lse_strides => bhs("lse"),
-            window_left, window_right, softcap, softcap_inv);
+            window_left, window_right, softcap, softcap_inv, page_shift, tensor_cores);
         assert_layout::<DecodeParams>("decode_params.h", "DecodeParams", &rust);
     }
 

@@ -6,14 +6,14 @@
 use std::sync::Arc;
 
 use super::decode_plan::{
-    plan_launch_over, window_span, DecodeLaunch, MAX_DECODE_QUERIES, THREADS,
+    plan_launch_over, tensor_cores_fit, window_span, DecodeLaunch, MAX_DECODE_QUERIES, THREADS,
 };
 use super::dispatch::MAX_KERNEL_SEQ;
 use super::grid::{for_each_slice, offset_ptr, HeadAxis, MAX_GRID_X};
 use super::workspace::DeviceScratch;
 use crate::device::{gpu::GpuRuntime, launch::LaunchDims};
 use crate::error::{AttentionError, Result};
-use crate::kernels::abi::{DecodeParams, Strides3, TokenStrides};
+use crate::kernels::abi::{page_shift, DecodeParams, Strides3, TokenStrides};
 use crate::kernels::catalog;
 use crate::kv_cache::KvCache;
 use crate::options::{AttentionOptions, LseStrides};
@@ -236,11 +236,13 @@ fn decode_params(
         head_dim: p.head_dim as i32,
         max_pages: cache.max_pages as i32,
         page_size: cache.page_size.max(1) as i32,
+        page_shift: page_shift(cache.page_size.max(1) as i32),
         num_splits: launch.split.num_splits as i32,
         split_keys: launch.split.split_keys as i32,
         scale: p.scale,
         causal: p.causal as i32,
         num_pages: cache.num_pages as i32,
+        tensor_cores: launch.tensor_cores as i32,
         ..Default::default()
     };
     if let Some(a) = &cache.append {
@@ -312,6 +314,7 @@ pub(crate) fn forward_decode_with(
     }
     let launch = plan_launch_over(
         rt.multiprocessor_count() as usize,
+        tensor_cores_fit(rt.has_mma(), rt.max_shared_bytes_per_block(), p),
         p,
         cache.capacity,
         rt.is_capturing(),

@@ -53,6 +53,16 @@ pub(crate) fn fuses_append(dtype: DType, head_dim: usize) -> bool {
     decode_bucket(head_dim).is_some_and(|b| reg_lanes(dtype, b).is_some())
 }
 
+/// Key granularity of a split of the body that runs: a tensor-core block's tile
+/// (MMA_WARPS x MMA_KEYS keys), else [`split_granularity`].
+fn granularity(tensor_cores: bool, dtype: DType, bucket: usize) -> usize {
+    if tensor_cores {
+        MMA_WARPS * MMA_KEYS
+    } else {
+        split_granularity(dtype, bucket)
+    }
+}
+
 /// Key granularity of a split: a whole number of tiles of whichever path runs.
 pub(super) fn split_granularity(dtype: DType, bucket: usize) -> usize {
     let smem = tile_keys(dtype, bucket);
@@ -61,6 +71,56 @@ pub(super) fn split_granularity(dtype: DType, bucket: usize) -> usize {
         Some(vpr) => smem.max(REG_PER * THREADS as usize / vpr),
         None => smem,
     }
+}
+
+/// Warps of a tensor-core block (`DEC_MWARPS`) and the keys each takes per tile (`DEC_MKEYS`).
+const MMA_WARPS: usize = THREADS as usize / 32;
+const MMA_KEYS: usize = 16;
+/// Query rows of a tensor-core block: the M dimension of its products.
+const MMA_ROWS: usize = 16;
+/// Stages of the tensor-core body's copy ring (`DEC_MSTAGES`).
+const MMA_STAGES: usize = 2;
+/// Keys a tensor-core split should hold at least before that body is chosen over the
+/// register path for one query row group (shorter splits spend their time in the fixed
+/// costs, where the register path's two blocks per multiprocessor do better).
+const MMA_MIN_SPLIT_KEYS: usize = 1024;
+
+/// Whether the tensor-core body (kernels/flash_decode.hip, `DecMma`) exists for this dtype
+/// and bucket: 16-bit caches with head dims 64 and 128 (CUDA sm_80+ only).
+pub(crate) fn tensor_core_body(dtype: DType, bucket: usize) -> bool {
+    dtype.size_in_bytes() == 2 && (bucket == 64 || bucket == 128)
+}
+
+/// Dynamic shared memory of a tensor-core block: the query rows, then the copy ring of
+/// MMA_STAGES x MMA_WARPS x (K and V of MMA_KEYS keys), rows padded by 16 bytes.
+pub(crate) fn tensor_core_smem_bytes(dtype: DType, bucket: usize) -> u32 {
+    let row = (bucket + 8) * dtype.size_in_bytes();
+    ((MMA_ROWS + MMA_STAGES * MMA_WARPS * 2 * MMA_KEYS) * row) as u32
+}
+
+/// Whether a device with mma.sync (`has_mma`) and `max_shared` bytes of shared memory per
+/// block runs the tensor-core body of `p`'s dtype and head dim.
+pub(crate) fn tensor_cores_fit(has_mma: bool, max_shared: u32, p: &AttentionProblem) -> bool {
+    has_mma
+        && decode_bucket(p.head_dim).is_some_and(|b| {
+            tensor_core_body(p.dtype, b) && tensor_core_smem_bytes(p.dtype, b) <= max_shared
+        })
+}
+
+/// `FORGE_ATTN_DECODE_TENSOR_CORES=0|1` forces the register path or the tensor-core body
+/// where both could run (tuning runs).
+fn tensor_cores_override() -> Option<bool> {
+    static V: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+    *V.get_or_init(|| {
+        match std::env::var("FORGE_ATTN_DECODE_TENSOR_CORES")
+            .ok()?
+            .as_str()
+        {
+            "0" => Some(false),
+            "1" => Some(true),
+            _ => None,
+        }
+    })
 }
 
 /// Query rows per block for this dtype and head-dim bucket.
@@ -95,19 +155,22 @@ pub struct SplitPlan {
     pub split_keys: usize,
 }
 
-/// Blocks per multiprocessor a split plan aims for. The register path's budget allows two
-/// resident blocks (`DEC_REG_BLOCKS`), but one longer block per multiprocessor measured as
-/// fast or faster on the H100 (bf16, 8 KV heads, D = 128; 16 vs 32 chunks at B = 1:
-/// L = 4096 14.5 vs 15.2 us, L = 32768 54.9 vs 55.0 us; 2 vs 4 chunks at B = 8, L = 16384:
-/// 186 vs 188 us): each chunk pays a fixed cost (query load, group merge, its share of the
-/// split merge) that fewer chunks pay less often.
-const BLOCKS_PER_SM: usize = 1;
+/// Blocks of each body resident per multiprocessor: the register path's launch bounds
+/// (`DEC_REG_BLOCKS`) and 48 KiB of shared memory allow two; the shared-memory path's
+/// bounds promise one; a tensor-core block's 140 KiB leave room for one. The H100 plan
+/// aimed for one register block per multiprocessor; on the H200 two measured faster where
+/// the cache is long (bf16, 8 KV heads, D = 128, B = 8, L = 32768: 4 chunks 273.5 us, 2
+/// chunks 352.0 us; B = 1, L = 4096 alike at 16 and 32 chunks, 12.0 / 12.1 us).
+fn blocks_per_sm(tensor_cores: bool, dtype: DType, bucket: usize) -> usize {
+    if tensor_cores || reg_lanes(dtype, bucket).is_none() {
+        1
+    } else {
+        2
+    }
+}
 
-/// Chooses the split so the grid fills whole waves of [`BLOCKS_PER_SM`] blocks per
-/// multiprocessor (a last, partly filled wave costs about as much as a full one), with at
-/// least one wave's worth of blocks where the cache is long enough, never giving a block
-/// fewer than 128 keys (64 in short caches); among equally good cuts, the one with the
-/// fewest splits.
+/// The split of [`split_plan_for`] for the register or shared-memory path.
+#[cfg(test)]
 pub(crate) fn split_plan(
     multiprocessors: usize,
     batch: usize,
@@ -117,8 +180,36 @@ pub(crate) fn split_plan(
     dtype: DType,
     bucket: usize,
 ) -> SplitPlan {
+    split_plan_for(
+        false,
+        multiprocessors,
+        batch,
+        kv_heads,
+        row_groups,
+        max_len,
+        dtype,
+        bucket,
+    )
+}
+
+/// Chooses the split so the grid fills whole waves of the body's resident blocks
+/// ([`blocks_per_sm`]; a last, partly filled wave costs about as much as a full one), with
+/// at least one wave's worth of blocks where the cache is long enough, never giving a block
+/// fewer than 128 keys (64 in short caches); among equally good cuts, the one with the
+/// fewest splits. `tensor_cores`: for the tensor-core body.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn split_plan_for(
+    tensor_cores: bool,
+    multiprocessors: usize,
+    batch: usize,
+    kv_heads: usize,
+    row_groups: usize,
+    max_len: usize,
+    dtype: DType,
+    bucket: usize,
+) -> SplitPlan {
     let base = (batch * kv_heads * row_groups).max(1);
-    let slots = BLOCKS_PER_SM * multiprocessors.max(1);
+    let slots = blocks_per_sm(tensor_cores, dtype, bucket) * multiprocessors.max(1);
     let by_occupancy = slots.div_ceil(base);
     let by_length = max_len
         .div_ceil(MIN_SPLIT_KEYS)
@@ -128,7 +219,7 @@ pub(crate) fn split_plan(
                 .min(SHORT_CACHE_SPLITS),
         )
         .max(1);
-    let tile = split_granularity(dtype, bucket);
+    let tile = granularity(tensor_cores, dtype, bucket);
     let cut = |want: usize| cut_into(want, max_len, tile);
     let efficiency = |s: &SplitPlan| {
         let blocks = base * s.num_splits;
@@ -167,14 +258,16 @@ fn splits_override() -> Option<usize> {
 /// [`split_plan`].
 pub(super) fn chosen_split(
     multiprocessors: usize,
+    tensor_cores: bool,
     p: &AttentionProblem,
     bucket: usize,
     row_groups: usize,
     len: usize,
 ) -> SplitPlan {
     match splits_override() {
-        Some(n) => cut_into(n, len, split_granularity(p.dtype, bucket)),
-        None => split_plan(
+        Some(n) => cut_into(n, len, granularity(tensor_cores, p.dtype, bucket)),
+        None => split_plan_for(
+            tensor_cores,
             multiprocessors,
             p.batch,
             p.num_kv_heads,
@@ -192,8 +285,11 @@ pub(super) fn chosen_split(
 pub(super) struct DecodeLaunch {
     /// The decode head-dim bucket ([`decode_bucket`]).
     pub bucket: usize,
-    /// Whether the register path runs (else the shared-memory path).
+    /// Whether the register path or the tensor-core body runs (both merge the splits in
+    /// the kernel), else the shared-memory path.
     pub reg: bool,
+    /// Whether the tensor-core body runs.
+    pub tensor_cores: bool,
     /// Blocks per (sequence, KV head) along the query rows of the group.
     pub row_groups: usize,
     /// The cut of this launch.
@@ -227,14 +323,26 @@ fn unsupported(reason: String) -> AttentionError {
 /// (the kernel reads the lengths from the device), so it is cut for the longest cache it may
 /// see; the workspace always fits that cut too, so recording never needs more than the
 /// calls before it had. `append`: the launch appends new tokens itself (register path only).
+/// `tensor_cores`: the device runs the tensor-core body (CUDA sm_80+ with room for its
+/// shared memory, see [`tensor_core_smem_bytes`]); it then runs where it exists and is
+/// faster.
 pub(super) fn plan_launch(
     multiprocessors: usize,
+    tensor_cores: bool,
     p: &AttentionProblem,
     capacity: usize,
     capturing: bool,
     append: bool,
 ) -> Result<DecodeLaunch> {
-    plan_launch_over(multiprocessors, p, capacity, capturing, append, None)
+    plan_launch_over(
+        multiprocessors,
+        tensor_cores,
+        p,
+        capacity,
+        capturing,
+        append,
+        None,
+    )
 }
 
 /// Keys of each sequence that some query's window reaches, with `seq_q` queries and a left
@@ -248,8 +356,10 @@ pub(crate) fn window_span(seq_q: usize, left: Option<usize>) -> Option<usize> {
 /// [`plan_launch`] whose splits cover at most `span` keys per sequence
 /// ([`window_span`]; the kernel lays them over the window's keys): a window's cost
 /// follows the window, not the cache length. `None`: every key.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn plan_launch_over(
     multiprocessors: usize,
+    tensor_cores: bool,
     p: &AttentionProblem,
     capacity: usize,
     capturing: bool,
@@ -266,33 +376,58 @@ pub(super) fn plan_launch_over(
         )));
     }
     let rows = (p.num_heads / p.num_kv_heads.max(1)).saturating_mul(p.seq_q);
-    let row_groups = rows.div_ceil(block_rows(p.dtype, bucket));
-    // Grid x holds splits x row groups.
-    if row_groups > MAX_GRID_X {
-        return Err(unsupported(format!(
-            "{rows} query rows per KV head need {row_groups} row groups, grid x allows {MAX_GRID_X}"
-        )));
-    }
-    let max_splits = MAX_GRID_X / row_groups.max(1);
-    let cut = |len: usize| {
-        let s = chosen_split(multiprocessors, p, bucket, row_groups, len);
-        if s.num_splits <= max_splits {
-            s
-        } else {
-            cut_into(max_splits, len, split_granularity(p.dtype, bucket))
-        }
-    };
     let keys = |len: usize| span.map_or(len, |w| w.min(len));
-    let full = cut(keys(capacity.max(p.seq_k)));
-    let split = if capturing { full } else { cut(keys(p.seq_k)) };
-    Ok(DecodeLaunch {
-        bucket,
-        reg,
-        row_groups,
-        split,
-        workspace_splits: split.num_splits.max(full.num_splits),
-        smem: decode_smem_bytes(p.dtype, bucket),
-    })
+    let plan = |tc: bool| -> Result<DecodeLaunch> {
+        let row_groups = rows.div_ceil(if tc {
+            MMA_ROWS
+        } else {
+            block_rows(p.dtype, bucket)
+        });
+        // Grid x holds splits x row groups.
+        if row_groups > MAX_GRID_X {
+            return Err(unsupported(format!(
+                "{rows} query rows per KV head need {row_groups} row groups, grid x allows {MAX_GRID_X}"
+            )));
+        }
+        let max_splits = MAX_GRID_X / row_groups.max(1);
+        let cut = |len: usize| {
+            let s = chosen_split(multiprocessors, tc, p, bucket, row_groups, len);
+            if s.num_splits <= max_splits {
+                s
+            } else {
+                cut_into(max_splits, len, granularity(tc, p.dtype, bucket))
+            }
+        };
+        let full = cut(keys(capacity.max(p.seq_k)));
+        let split = if capturing { full } else { cut(keys(p.seq_k)) };
+        Ok(DecodeLaunch {
+            bucket,
+            reg,
+            tensor_cores: tc,
+            row_groups,
+            split,
+            workspace_splits: split.num_splits.max(full.num_splits),
+            smem: if tc {
+                tensor_core_smem_bytes(p.dtype, bucket)
+            } else {
+                decode_smem_bytes(p.dtype, bucket)
+            },
+        })
+    };
+    if !(tensor_cores && reg && tensor_core_body(p.dtype, bucket)) {
+        return plan(false);
+    }
+    let tc = plan(true)?;
+    // The tensor-core body reads K/V once for up to 16 rows, the register path once per 4:
+    // it takes every call with more rows than one register block holds, and the others
+    // whose splits are long enough for its fixed costs not to show.
+    let take = tensor_cores_override()
+        .unwrap_or(rows > REG_ROWS || tc.split.split_keys >= MMA_MIN_SPLIT_KEYS);
+    if take {
+        Ok(tc)
+    } else {
+        plan(false)
+    }
 }
 
 impl DecodeLaunch {
@@ -371,7 +506,7 @@ mod tests {
         for dtype in FLOATS {
             for hd in [1, 64, 100, 128, 256] {
                 let p = problem(2, 3, 4000, hd, dtype);
-                let l = plan_launch(132, &p, 4000, false, false).unwrap();
+                let l = plan_launch(132, false, &p, 4000, false, false).unwrap();
                 let bucket = decode_bucket(hd).unwrap();
                 assert_eq!(l.bucket, bucket);
                 assert_eq!(l.reg, reg_lanes(dtype, bucket).is_some());
@@ -380,7 +515,10 @@ mod tests {
                     (4 * 3usize).div_ceil(block_rows(dtype, bucket))
                 );
                 assert_eq!(l.smem, decode_smem_bytes(dtype, bucket));
-                assert_eq!(l.split, chosen_split(132, &p, bucket, l.row_groups, 4000));
+                assert_eq!(
+                    l.split,
+                    chosen_split(132, false, &p, bucket, l.row_groups, 4000)
+                );
                 assert_eq!(l.workspace_splits, l.split.num_splits);
                 match l.workspace(&p).unwrap() {
                     None => assert_eq!(l.split.num_splits, 1),
@@ -408,13 +546,22 @@ mod tests {
     #[test]
     fn a_windowed_launch_cuts_only_the_window_s_keys() {
         let p = problem(1, 1, 32768, 128, DType::BF16);
-        let full = plan_launch(132, &p, 32768, false, false).unwrap();
+        let full = plan_launch(132, false, &p, 32768, false, false).unwrap();
         assert_eq!(
-            plan_launch_over(132, &p, 32768, false, false, None).unwrap(),
+            plan_launch_over(132, false, &p, 32768, false, false, None).unwrap(),
             full
         );
         // A window of 1024 keys: the splits cover 1024 keys, not 32768.
-        let w = plan_launch_over(132, &p, 32768, false, false, window_span(1, Some(1023))).unwrap();
+        let w = plan_launch_over(
+            132,
+            false,
+            &p,
+            32768,
+            false,
+            false,
+            window_span(1, Some(1023)),
+        )
+        .unwrap();
         let covered = w.split.num_splits * w.split.split_keys;
         assert!(covered >= 1024, "{w:?}");
         assert!(
@@ -422,17 +569,28 @@ mod tests {
             "{w:?}"
         );
         assert!(covered < full.split.num_splits * full.split.split_keys);
-        assert_eq!(w.split, chosen_split(132, &p, w.bucket, w.row_groups, 1024));
+        assert_eq!(
+            w.split,
+            chosen_split(132, false, &p, w.bucket, w.row_groups, 1024)
+        );
         // A window wider than the cache changes nothing; a recorded call cuts
         // min(window, capacity).
-        let wide = plan_launch_over(132, &p, 32768, false, false, Some(1 << 40)).unwrap();
+        let wide = plan_launch_over(132, false, &p, 32768, false, false, Some(1 << 40)).unwrap();
         assert_eq!(wide, full);
         let small = problem(1, 4, 100, 128, DType::BF16);
-        let rec =
-            plan_launch_over(132, &small, 65536, true, false, window_span(4, Some(2000))).unwrap();
+        let rec = plan_launch_over(
+            132,
+            false,
+            &small,
+            65536,
+            true,
+            false,
+            window_span(4, Some(2000)),
+        )
+        .unwrap();
         assert_eq!(
             rec.split,
-            chosen_split(132, &small, rec.bucket, rec.row_groups, 2004)
+            chosen_split(132, false, &small, rec.bucket, rec.row_groups, 2004)
         );
         assert!(rec.split.num_splits * rec.split.split_keys >= 2004);
         // The workspace follows the cut too.
@@ -442,11 +600,13 @@ mod tests {
     #[test]
     fn a_recorded_launch_is_cut_for_the_capacity() {
         let p = problem(1, 1, 100, 128, DType::BF16);
-        let now = plan_launch(132, &p, 32768, false, false).unwrap();
-        let recorded = plan_launch(132, &p, 32768, true, false).unwrap();
+        let now = plan_launch(132, false, &p, 32768, false, false).unwrap();
+        let recorded = plan_launch(132, false, &p, 32768, true, false).unwrap();
         assert_eq!(
             now.split,
-            plan_launch(132, &p, 100, false, false).unwrap().split
+            plan_launch(132, false, &p, 100, false, false)
+                .unwrap()
+                .split
         );
         assert!(recorded.split.num_splits * recorded.split.split_keys >= 32768);
         assert!(recorded.split.num_splits > now.split.num_splits);
@@ -465,21 +625,46 @@ mod tests {
             other => panic!("expected NotSupported, got {other:?}"),
         };
         unsupported(
-            plan_launch(132, &problem(1, 1, 10, 257, DType::F16), 10, false, false),
+            plan_launch(
+                132,
+                false,
+                &problem(1, 1, 10, 257, DType::F16),
+                10,
+                false,
+                false,
+            ),
             "head_dim 257",
         );
         // A fused append needs the register path: f16 head_dim 32 takes the other one.
         assert!(!fuses_append(DType::F16, 32));
         unsupported(
-            plan_launch(132, &problem(1, 1, 10, 32, DType::F16), 10, false, true),
+            plan_launch(
+                132,
+                false,
+                &problem(1, 1, 10, 32, DType::F16),
+                10,
+                false,
+                true,
+            ),
             "register path",
         );
-        plan_launch(132, &problem(1, 1, 10, 128, DType::F16), 10, false, true).unwrap();
+        plan_launch(
+            132,
+            false,
+            &problem(1, 1, 10, 128, DType::F16),
+            10,
+            false,
+            true,
+        )
+        .unwrap();
         // More row groups than grid x holds.
         let mut many = problem(1, 1, 10, 128, DType::F32);
         many.num_heads = usize::MAX / 2;
         many.num_kv_heads = 1;
-        unsupported(plan_launch(132, &many, 10, false, false), "row groups");
+        unsupported(
+            plan_launch(132, false, &many, 10, false, false),
+            "row groups",
+        );
         // A workspace whose size overflows.
         let mut wide = problem(usize::MAX / 64, 1, 1 << 20, 128, DType::BF16);
         wide.num_kv_heads = 32;
@@ -489,7 +674,15 @@ mod tests {
                 split_keys: 1 << 18,
             },
             workspace_splits: 4,
-            ..plan_launch(132, &problem(1, 1, 10, 128, DType::BF16), 10, false, false).unwrap()
+            ..plan_launch(
+                132,
+                false,
+                &problem(1, 1, 10, 128, DType::BF16),
+                10,
+                false,
+                false,
+            )
+            .unwrap()
         };
         match l.workspace(&wide) {
             Err(AttentionError::NotSupported { reason, .. }) => {
@@ -524,9 +717,11 @@ mod tests {
             split_plan(132, 1, 8, 1, 1024, DType::BF16, 128).num_splits,
             16
         );
+        // 32 chunks: one wave of two blocks per multiprocessor (16 and 32 measured alike
+        // on the H200, 12.0 / 12.1 us).
         assert_eq!(
             split_plan(132, 1, 8, 1, 4096, DType::BF16, 128).num_splits,
-            16
+            32
         );
         // A short cache still gets two blocks per head when they fit in the first wave.
         assert_eq!(
@@ -537,23 +732,38 @@ mod tests {
 
     #[test]
     fn split_plan_fills_whole_waves() {
-        let slots = BLOCKS_PER_SM * 132;
-        for (b, len, dtype) in [
-            (8, 16384, DType::BF16),
-            (32, 16384, DType::BF16),
-            (8, 16384, DType::F32),
-            (32, 16384, DType::F32),
-            (1, 32768, DType::BF16),
+        for (b, len, dtype, tc) in [
+            (8, 16384, DType::BF16, false),
+            (32, 16384, DType::BF16, false),
+            (8, 16384, DType::F32, false),
+            (32, 16384, DType::F32, false),
+            (1, 32768, DType::BF16, false),
+            (8, 16384, DType::BF16, true),
+            (1, 32768, DType::BF16, true),
         ] {
-            let s = split_plan(132, b, 8, 1, len, dtype, 128);
+            let slots = blocks_per_sm(tc, dtype, 128) * 132;
+            let s = split_plan_for(tc, 132, b, 8, 1, len, dtype, 128);
             let blocks = b * 8 * s.num_splits;
             let waves = blocks.div_ceil(slots);
             assert!(blocks * 10 >= waves * slots * 9, "{b} {len} {dtype}: {s:?}");
         }
-        // 32 x 8 heads already fill two waves of 132 blocks.
+        // 32 x 8 heads already fill one wave of 264 register blocks, two of 132
+        // tensor-core blocks.
+        for tc in [false, true] {
+            assert_eq!(
+                split_plan_for(tc, 132, 32, 8, 1, 16384, DType::BF16, 128).num_splits,
+                1
+            );
+        }
+        // Two register blocks fit a multiprocessor: B = 8 takes 4 chunks (256 blocks), the
+        // tensor-core body 2 (128 blocks of one per multiprocessor).
         assert_eq!(
-            split_plan(132, 32, 8, 1, 16384, DType::BF16, 128).num_splits,
-            1
+            split_plan(132, 8, 8, 1, 32768, DType::BF16, 128).num_splits,
+            4
+        );
+        assert_eq!(
+            split_plan_for(true, 132, 8, 8, 1, 32768, DType::BF16, 128).num_splits,
+            2
         );
     }
 
@@ -681,6 +891,72 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn the_tensor_core_body_runs_where_it_exists_fits_and_pays() {
+        // Its shared memory: Q rows and two stages of 8 warps x 16 keys of K and V, rows
+        // padded by 16 bytes (the kernel's layout).
+        assert_eq!(tensor_core_smem_bytes(DType::BF16, 128), 143_616);
+        assert_eq!(tensor_core_smem_bytes(DType::F16, 64), 76_032);
+        for dtype in FLOATS {
+            for b in DECODE_BUCKETS {
+                assert_eq!(
+                    tensor_core_body(dtype, b),
+                    dtype != DType::F32 && (b == 64 || b == 128),
+                    "{dtype} {b}"
+                );
+            }
+        }
+        let p = problem(8, 1, 32768, 128, DType::BF16);
+        assert!(tensor_cores_fit(true, 227 * 1024, &p));
+        assert!(!tensor_cores_fit(false, 227 * 1024, &p));
+        assert!(!tensor_cores_fit(true, 99 * 1024, &p), "a 99 KiB device");
+        assert!(!tensor_cores_fit(
+            true,
+            227 * 1024,
+            &problem(8, 1, 32768, 128, DType::F32)
+        ));
+        assert!(!tensor_cores_fit(
+            true,
+            227 * 1024,
+            &problem(8, 1, 32768, 256, DType::BF16)
+        ));
+        if tensor_cores_override().is_some() {
+            return;
+        }
+        // A long cache: the tensor-core body, cut in its 128-key tiles, 16 rows per block.
+        let long = plan_launch(132, true, &p, 32768, false, false).unwrap();
+        assert!(long.tensor_cores && long.reg);
+        assert_eq!(long.row_groups, 1);
+        assert_eq!(long.split.split_keys % 128, 0);
+        assert_eq!(long.smem, tensor_core_smem_bytes(DType::BF16, 128));
+        // Without tensor cores, or with a short cache, the register path.
+        let simt = plan_launch(132, false, &p, 32768, false, false).unwrap();
+        assert!(!simt.tensor_cores && simt.reg && simt.row_groups == 1);
+        let short = problem(1, 1, 4096, 128, DType::BF16);
+        assert!(
+            !plan_launch(132, true, &short, 4096, false, false)
+                .unwrap()
+                .tensor_cores
+        );
+        // A draft of 4 queries (16 rows per KV head): one tensor-core row group, where the
+        // register path needs four.
+        let draft = problem(1, 4, 4096, 128, DType::BF16);
+        let d = plan_launch(132, true, &draft, 4096, false, false).unwrap();
+        assert!(d.tensor_cores && d.row_groups == 1);
+        assert_eq!(
+            plan_launch(132, false, &draft, 4096, false, false)
+                .unwrap()
+                .row_groups,
+            4
+        );
+        // The fused append runs on it too.
+        assert!(
+            plan_launch(132, true, &p, 32768, false, true)
+                .unwrap()
+                .tensor_cores
+        );
     }
 
     #[test]

@@ -354,7 +354,12 @@ impl GpuAttentionBackend {
     ) -> Result<SplitPlan> {
         let (p, _) = self.prepare_cached(config, q, cache, out, 0)?;
         let sms = self.runtime.multiprocessor_count() as usize;
-        Ok(decode_plan::plan_launch(sms, &p, cache.capacity(), false, false)?.split)
+        let tc = decode_plan::tensor_cores_fit(
+            self.runtime.has_mma(),
+            self.runtime.max_shared_bytes_per_block(),
+            &p,
+        );
+        Ok(decode_plan::plan_launch(sms, tc, &p, cache.capacity(), false, false)?.split)
     }
 
     /// Runs the unfused path regardless of the plan (for comparisons and tests).

@@ -2,7 +2,7 @@
 //! and what a call with per-call extensions adds to it ([`ParamsExt`]).
 
 use super::dispatch::MAX_KERNEL_SEQ;
-use crate::kernels::abi::{AttnParams, Strides3};
+use crate::kernels::abi::{page_shift, AttnParams, Strides3};
 use crate::options::AttentionOptions;
 use crate::problem::{AttentionProblem, HeadStrides};
 use crate::tensor::DeviceTensor;
@@ -112,15 +112,6 @@ impl ParamsExt {
             page_size: page_size as i32,
             ..self
         }
-    }
-}
-
-/// log2 of a power-of-two page size (shift and mask in the kernels), else -1 (division).
-fn page_shift(page_size: i32) -> i32 {
-    if page_size > 0 && (page_size as u32).is_power_of_two() {
-        page_size.trailing_zeros() as i32
-    } else {
-        -1
     }
 }
 
