@@ -14,7 +14,7 @@ use super::workspace::DeviceScratch;
 use crate::device::{gpu::GpuRuntime, launch::LaunchDims};
 use crate::error::{AttentionError, Result};
 use crate::kernels::abi::{DecodeParams, Strides3, TokenStrides};
-use crate::kernels::catalog;
+use crate::kernels::KernelId;
 use crate::kv_cache::KvCache;
 use crate::options::{AttentionOptions, LseStrides};
 use crate::problem::{AttentionProblem, HeadStrides};
@@ -355,16 +355,17 @@ pub(crate) fn forward_decode_with(
         scratch = Some((buf, counters));
     }
     let _scratch = scratch;
-    let (main, combine) = if with_options {
-        (
-            catalog::decode_with_options(p.dtype, bucket),
-            catalog::decode_combine_with_options(p.dtype, bucket),
-        )
-    } else {
-        (
-            catalog::decode(p.dtype, bucket),
-            catalog::decode_combine(p.dtype, bucket),
-        )
+    // Ids, not specs: the launches below find their functions in the driver's fixed table.
+    let kernel_ids = KernelId::decode(p.dtype, bucket, with_options).zip(KernelId::decode_combine(
+        p.dtype,
+        bucket,
+        with_options,
+    ));
+    let Some((main, combine)) = kernel_ids else {
+        return Err(AttentionError::NotSupported {
+            backend: "gpu (decode)".into(),
+            reason: format!("no decode kernel for {} head_dim bucket {bucket}", p.dtype),
+        });
     };
     let es = p.dtype.size_in_bytes();
     let paged = cache.block_table != 0;
@@ -407,11 +408,11 @@ pub(crate) fn forward_decode_with(
             sl.kv_heads as u32,
             sl.batch as u32,
         );
-        rt.launch(&main, LaunchDims::new(grid, (THREADS, 1, 1), smem), &sp)?;
+        rt.launch_kernel(main, LaunchDims::new(grid, (THREADS, 1, 1), smem), &sp)?;
         if split.num_splits > 1 && !reg {
             let slice_rows = (sl.batch * sl.heads * p.seq_q).min(MAX_GRID_X);
-            rt.launch(
-                &combine,
+            rt.launch_kernel(
+                combine,
                 LaunchDims::new((slice_rows as u32, 1, 1), (128, 1, 1), 0),
                 &sp,
             )?;
