@@ -289,6 +289,31 @@ pub(crate) fn forward_dense_with(
     forward_decode_with(rt, ws, p, q, out, out_strides, &cache, options)
 }
 
+/// The plan of the launch [`forward_decode_with`] queues for these arguments on `rt` now
+/// (a recording is cut for the cache's capacity): the one place it is computed, so what
+/// reports a call's split reports the launched one.
+pub(crate) fn plan_decode(
+    rt: &GpuRuntime,
+    p: &AttentionProblem,
+    cache: &CacheView,
+    options: &DecodeOptions,
+) -> Result<DecodeLaunch> {
+    if !options.is_plain() && cache.append.is_some() {
+        return Err(AttentionError::NotSupported {
+            backend: "gpu (decode)".into(),
+            reason: "per-call options with a fused append".into(),
+        });
+    }
+    plan_launch_over(
+        rt.multiprocessor_count() as usize,
+        p,
+        cache.capacity,
+        rt.is_capturing(),
+        cache.append.is_some(),
+        options.span(p.seq_q),
+    )
+}
+
 /// [`forward_decode`] with per-call options: plain ones launch the plain kernel exactly as
 /// `forward_decode` does, others the option variant (`flash_decode_opt_*`) with its splits
 /// laid over the window's keys. Options do not combine with a fused append.
@@ -304,20 +329,7 @@ pub(crate) fn forward_decode_with(
     options: &DecodeOptions,
 ) -> Result<()> {
     let with_options = !options.is_plain();
-    if with_options && cache.append.is_some() {
-        return Err(AttentionError::NotSupported {
-            backend: "gpu (decode)".into(),
-            reason: "per-call options with a fused append".into(),
-        });
-    }
-    let launch = plan_launch_over(
-        rt.multiprocessor_count() as usize,
-        p,
-        cache.capacity,
-        rt.is_capturing(),
-        cache.append.is_some(),
-        options.span(p.seq_q),
-    )?;
+    let launch = plan_decode(rt, p, cache, options)?;
     let workspace = launch.workspace(p)?;
     let DecodeLaunch {
         bucket,
