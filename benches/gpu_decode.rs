@@ -197,6 +197,8 @@ fn attention_only(
         "  host queues one call in {:.1} us (median)",
         host[host.len() / 2]
     );
+    // The cut these calls launched (FORGE_ATTN_DECODE_SPLITS included): decode_split plans
+    // with the launch's own function.
     let splits = backend.decode_split(&cfg, &q, &caches[0], &out)?.num_splits;
     let graph = dev.capture_graph(|| {
         for c in &caches {

@@ -11,7 +11,7 @@ use crate::device::{Device, GpuStream};
 use crate::dtype::DType;
 use crate::error::{AttentionError, Result};
 use crate::kernels::abi::{AppendParams, TokenStrides};
-use crate::kernels::catalog;
+use crate::kernels::KernelId;
 use crate::paged::{PageLayout, PagedKv};
 use crate::problem::{AttentionProblem, CachedKeys, HeadStrides};
 use crate::tensor::{check_usable, try_host_vec, DeviceTensor, HostAccess};
@@ -583,12 +583,12 @@ impl KvCache {
             pad_: 0,
         };
         let es = self.dtype().size_in_bytes();
-        let spec = catalog::kv_append(es).ok_or_else(|| AttentionError::NotSupported {
+        let kernel = KernelId::kv_append(es).ok_or_else(|| AttentionError::NotSupported {
             backend: "kv cache append".into(),
             reason: format!("element size 2 or 4 bytes expected, got {es}"),
         })?;
-        rt.launch(
-            &spec,
+        rt.launch_kernel(
+            kernel,
             LaunchDims::new((self.batch as u32, 1, 1), (256, 1, 1), 0),
             &params,
         )

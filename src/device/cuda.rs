@@ -11,9 +11,10 @@ use cudarc::driver::result::{self, DriverError};
 use cudarc::driver::sys;
 
 use super::driver::{GpuDriver, PointerInfo, RawStream};
+use super::kernel_table::KernelTable;
 use super::launch::LaunchDims;
 use crate::error::{AttentionError, ErrorSource, Result};
-use crate::kernels::{self, KernelSpec};
+use crate::kernels::{self, KernelId, KernelSpec};
 
 fn runtime_err(op: &str, e: DriverError) -> AttentionError {
     let name = e
@@ -62,6 +63,8 @@ pub(crate) struct CudaRuntime {
     max_smem_optin: u32,
     /// Shared by every stream of the device: modules belong to the context.
     functions: Arc<Mutex<HashMap<KernelSpec, Function>>>,
+    /// The catalog's fixed kernels by id, filled from `functions`; shared the same way.
+    table: Arc<KernelTable>,
 }
 
 // SAFETY: the context and stream handles are usable from any thread once the context is
@@ -116,6 +119,7 @@ impl CudaRuntime {
             cc,
             max_smem_optin,
             functions: Arc::new(Mutex::new(HashMap::new())),
+            table: Arc::default(),
         })
     }
 }
@@ -148,6 +152,12 @@ impl GpuDriver for CudaRuntime {
     }
 
     fn bind(&self) -> Result<()> {
+        // Asked rather than remembered: other code on the thread (the caller's own CUDA
+        // work) may have made another context current since.
+        let current = result::ctx::get_current().map_err(|e| runtime_err("cuCtxGetCurrent", e))?;
+        if current == Some(self.ctx) {
+            return Ok(());
+        }
         // SAFETY: the context lives as long as the runtime (primary contexts are never released).
         unsafe { result::ctx::set_current(self.ctx) }.map_err(|e| runtime_err("cuCtxSetCurrent", e))
     }
@@ -265,16 +275,21 @@ impl GpuDriver for CudaRuntime {
         Ok(f.func)
     }
 
+    fn function_of(&self, id: KernelId, shared_bytes: u32) -> Result<sys::CUfunction> {
+        self.table
+            .get_or_load(id, shared_bytes, || self.function(&id.spec(), shared_bytes))
+    }
+
     fn launch_function(
         &self,
         func: sys::CUfunction,
-        spec: &KernelSpec,
+        name: &str,
         dims: LaunchDims,
         params: &[u8],
     ) -> Result<()> {
-        // The kernel's one by-value argument: cuLaunchKernel copies it before returning.
-        let mut arg = params.to_vec();
-        let mut args = [arg.as_mut_ptr() as *mut c_void];
+        // The kernel's one by-value argument, read (never written) by cuLaunchKernel, which
+        // copies it before returning.
+        let mut args = [params.as_ptr() as *mut c_void];
         // SAFETY: the argument block matches the kernel's parameter struct (mirrored repr(C)).
         unsafe {
             result::launch_kernel(
@@ -286,7 +301,7 @@ impl GpuDriver for CudaRuntime {
                 &mut args,
             )
         }
-        .map_err(|e| runtime_err(&format!("cuLaunchKernel({})", spec.name), e))?;
+        .map_err(|e| runtime_err(&format!("cuLaunchKernel({name})"), e))?;
         Ok(())
     }
 
@@ -387,6 +402,7 @@ impl GpuDriver for CudaRuntime {
             cc: self.cc,
             max_smem_optin: self.max_smem_optin,
             functions: self.functions.clone(),
+            table: self.table.clone(),
         })
     }
 

@@ -13,7 +13,7 @@ use std::ffi::c_void;
 
 use super::launch::LaunchDims;
 use crate::error::Result;
-use crate::kernels::KernelSpec;
+use crate::kernels::{KernelId, KernelSpec};
 
 /// A vendor stream handle (`CUstream`, `hipStream_t`) as an untyped pointer.
 pub(crate) type RawStream = *mut c_void;
@@ -33,7 +33,8 @@ pub(crate) struct PointerInfo {
 /// queued on, in order. Device addresses are plain `u64`s.
 ///
 /// Every operation that touches the device first makes it current on the calling thread
-/// ([`bind`](Self::bind)), so a driver may be used from any thread.
+/// ([`bind`](Self::bind), which asks before it sets), so a driver may be used from any
+/// thread.
 pub(crate) trait GpuDriver: Send + Sync {
     /// A kernel entry point, ready to launch.
     type Function: Copy;
@@ -51,7 +52,8 @@ pub(crate) trait GpuDriver: Send + Sync {
     /// Whether the device runs the warpgroup MMA (wgmma) kernels.
     fn has_wgmma(&self) -> bool;
 
-    /// Makes the device current on the calling thread.
+    /// Makes the device current on the calling thread, where it is not already (the
+    /// common case: asking is cheaper than setting).
     fn bind(&self) -> Result<()>;
 
     /// Allocates `bytes` (at least one byte) and zeroes them on the stream before any
@@ -73,12 +75,15 @@ pub(crate) trait GpuDriver: Send + Sync {
     /// [`AttentionError::NotSupported`](crate::AttentionError::NotSupported) past the
     /// device's limit).
     fn function(&self, spec: &KernelSpec, shared_bytes: u32) -> Result<Self::Function>;
+    /// [`function`](Self::function) of the catalog kernel `id`, from a fixed table once
+    /// loaded (no spec, no hash, no lock).
+    fn function_of(&self, id: KernelId, shared_bytes: u32) -> Result<Self::Function>;
     /// Queues `func` with its one by-value argument block `params` (copied before this
-    /// returns); `spec` names the kernel in errors.
+    /// returns); `name` names the kernel in errors.
     fn launch_function(
         &self,
         func: Self::Function,
-        spec: &KernelSpec,
+        name: &str,
         dims: LaunchDims,
         params: &[u8],
     ) -> Result<()>;
@@ -87,7 +92,14 @@ pub(crate) trait GpuDriver: Send + Sync {
     fn launch(&self, spec: &KernelSpec, dims: LaunchDims, params: &[u8]) -> Result<()> {
         self.bind()?;
         let func = self.function(spec, dims.shared_bytes)?;
-        self.launch_function(func, spec, dims, params)
+        self.launch_function(func, &spec.name, dims, params)
+    }
+    /// [`launch`](Self::launch) of the catalog kernel `id` through
+    /// [`function_of`](Self::function_of).
+    fn launch_id(&self, id: KernelId, dims: LaunchDims, params: &[u8]) -> Result<()> {
+        self.bind()?;
+        let func = self.function_of(id, dims.shared_bytes)?;
+        self.launch_function(func, id.name(), dims, params)
     }
 
     /// Runs `f` between two events recorded on the stream and returns the device

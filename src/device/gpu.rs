@@ -25,7 +25,7 @@ use super::graph::GraphUse;
 use super::launch::LaunchDims;
 use super::{gpu_unavailable, Device, Lease};
 use crate::error::{AttentionError, Result};
-use crate::kernels::KernelSpec;
+use crate::kernels::{KernelId, KernelSpec};
 
 /// The vendor runtime behind a device. An enum rather than a trait object so that a launch
 /// costs one branch and no indirect call, and each vendor's graph type stays its own.
@@ -435,21 +435,46 @@ impl GpuRuntime {
         dims: LaunchDims,
         params: &P,
     ) -> Result<()> {
-        let bytes = bytemuck::bytes_of(params);
+        self.launch_with(
+            || spec.name.as_str(),
+            |d| on_driver!(*d, d => { d.bind()?; d.function(spec, dims.shared_bytes).map(|_| ()) }),
+            |d| on_driver!(*d, d => d.launch(spec, dims, bytemuck::bytes_of(params))),
+        )
+    }
+
+    /// [`launch`](Self::launch) of the catalog kernel `id`: its function comes from the
+    /// driver's fixed table, and nothing is allocated or formatted unless the launch fails.
+    pub fn launch_kernel<P: bytemuck::Pod>(
+        &self,
+        id: KernelId,
+        dims: LaunchDims,
+        params: &P,
+    ) -> Result<()> {
+        self.launch_with(
+            || id.name(),
+            |d| on_driver!(*d, d => { d.bind()?; d.function_of(id, dims.shared_bytes).map(|_| ()) }),
+            |d| on_driver!(*d, d => d.launch_id(id, dims, bytemuck::bytes_of(params))),
+        )
+    }
+
+    /// A launch: `queue` it, or under [`dry_run`](Self::dry_run) only `load` it (and opt it
+    /// into its shared memory) so that a later recording of the same call needs neither;
+    /// synchronized after when `FORGE_ATTN_SYNC_LAUNCH` asks, the error naming the kernel.
+    #[inline]
+    fn launch_with<'n>(
+        &self,
+        name: impl FnOnce() -> &'n str,
+        load: impl FnOnce(&Driver) -> Result<()>,
+        queue: impl FnOnce(&Driver) -> Result<()>,
+    ) -> Result<()> {
         if DRY_RUN.with(|d| d.get()) {
-            // Loaded (and its shared memory opted into) so that a later recording of the
-            // same call needs neither.
-            on_driver!(self.driver, d => {
-                d.bind()?;
-                d.function(spec, dims.shared_bytes)?;
-            });
-            return Ok(());
+            return load(&self.driver);
         }
-        on_driver!(self.driver, d => d.launch(spec, dims, bytes)?);
+        queue(&self.driver)?;
         // A recorded launch runs later, at the graph's launch.
         if sync_after_launch() && !self.is_capturing() {
             self.synchronize().map_err(|e| AttentionError::Runtime {
-                op: format!("kernel {}", spec.name),
+                op: format!("kernel {}", name()),
                 detail: e.to_string(),
                 source: Some(crate::error::ErrorSource::new(e)),
             })?;

@@ -16,9 +16,10 @@ use hip_runtime_sys::{
 
 use super::driver::{GpuDriver, PointerInfo, RawStream};
 use super::hip_sys as ffi;
+use super::kernel_table::KernelTable;
 use super::launch::LaunchDims;
 use crate::error::{AttentionError, ErrorSource, Result};
-use crate::kernels::{self, KernelFile, KernelSpec};
+use crate::kernels::{self, KernelFile, KernelId, KernelSpec};
 
 /// The name of a HIP status code (`hipErrorNoDevice`, ...).
 fn status_name(status: c_int) -> String {
@@ -104,6 +105,8 @@ pub(crate) struct HipRuntime {
     /// Shared by every stream of the device: modules and their functions are device-wide.
     modules: Arc<Mutex<HashMap<KernelFile, hipModule_t>>>,
     functions: Arc<Mutex<HashMap<KernelSpec, hipFunction_t>>>,
+    /// The catalog's fixed kernels by id, filled from `functions`; shared the same way.
+    table: Arc<KernelTable>,
 }
 
 // SAFETY: HIP handles are process-wide; every entry point selects the device first.
@@ -170,6 +173,7 @@ impl HipRuntime {
             modules: Arc::new(Mutex::new(HashMap::new())),
             #[allow(clippy::arc_with_non_send_sync)]
             functions: Arc::new(Mutex::new(HashMap::new())),
+            table: Arc::default(),
         })
     }
 
@@ -261,6 +265,14 @@ impl GpuDriver for HipRuntime {
     }
 
     fn bind(&self) -> Result<()> {
+        // Asked rather than remembered: other code on the thread may have selected
+        // another device since.
+        let mut current: c_int = -1;
+        // SAFETY: valid out-pointer.
+        check("hipGetDevice", unsafe { ffi::hipGetDevice(&mut current) })?;
+        if current == self.ordinal as c_int {
+            return Ok(());
+        }
         // SAFETY: the ordinal was validated in `new`.
         check("hipSetDevice", unsafe {
             ffi::hipSetDevice(self.ordinal as c_int)
@@ -393,15 +405,30 @@ impl GpuDriver for HipRuntime {
         Ok(func)
     }
 
+    fn function_of(&self, id: KernelId, shared_bytes: u32) -> Result<hipFunction_t> {
+        self.table
+            .get_or_load(id, shared_bytes, || self.function(&id.spec(), shared_bytes))
+    }
+
     fn launch_function(
         &self,
         func: hipFunction_t,
-        spec: &KernelSpec,
+        name: &str,
         dims: LaunchDims,
         params: &[u8],
     ) -> Result<()> {
-        // The one by-value argument as a kernel-argument buffer (8-byte aligned copy).
-        let mut arg = vec![0u64; params.len().div_ceil(8).max(1)];
+        // The one by-value argument as a kernel-argument buffer (8-byte aligned copy), on
+        // the stack for every argument block of the crate.
+        const ON_STACK: usize = 128;
+        let words = params.len().div_ceil(8).max(1);
+        let mut stack = [0u64; ON_STACK];
+        let mut heap = Vec::new();
+        let arg: &mut [u64] = if words <= ON_STACK {
+            &mut stack[..words]
+        } else {
+            heap.resize(words, 0u64);
+            &mut heap
+        };
         // SAFETY: `arg` holds at least params.len() bytes.
         unsafe {
             std::ptr::copy_nonoverlapping(params.as_ptr(), arg.as_mut_ptr().cast(), params.len())
@@ -432,7 +459,9 @@ impl GpuDriver for HipRuntime {
                 extra.as_mut_ptr(),
             )
         };
-        check(&format!("hipModuleLaunchKernel({})", spec.name), status)?;
+        if status != ffi::SUCCESS {
+            return check(&format!("hipModuleLaunchKernel({name})"), status);
+        }
         Ok(())
     }
 
@@ -526,6 +555,7 @@ impl GpuDriver for HipRuntime {
             max_smem: self.max_smem,
             modules: self.modules.clone(),
             functions: self.functions.clone(),
+            table: self.table.clone(),
         })
     }
 

@@ -27,6 +27,7 @@ pub const LAUNCH_PARAM_END: *mut c_void = std::ptr::without_provenance_mut(0x03)
 extern "C" {
     pub fn hipGetDeviceCount(count: *mut c_int) -> c_int;
     pub fn hipSetDevice(device: c_int) -> c_int;
+    pub fn hipGetDevice(device: *mut c_int) -> c_int;
     pub fn hipGetDeviceProperties(prop: *mut hipDeviceProp_t, device: c_int) -> c_int;
     pub fn hipDeviceGetAttribute(
         value: *mut c_int,

@@ -24,6 +24,7 @@ mod graph;
 pub(crate) mod hip;
 #[cfg(feature = "rocm")]
 mod hip_sys;
+mod kernel_table;
 pub(crate) mod launch;
 mod stream;
 

@@ -382,27 +382,36 @@ pub fn traditional(kernel: TraditionalKernel, dtype: DType) -> KernelSpec {
     )
 }
 
-/// `<stem>_b2` / `<stem>_b4` of `file` (no defines) for 2- and 4-byte elements; `None` for
-/// other sizes.
-fn by_elem_size(file: KernelFile, stem: &str, elem_bytes: usize) -> Option<KernelSpec> {
+/// `<stem>_b<elem_bytes>` of `kernel` (no defines).
+fn elem_spec(kernel: ElemKernel, elem_bytes: usize) -> KernelSpec {
+    let (file, stem) = match kernel {
+        ElemKernel::CopyStrided => (KernelFile::TensorOps, "copy_strided"),
+        ElemKernel::Fill => (KernelFile::TensorOps, "fill"),
+        ElemKernel::KvAppend => (KernelFile::KvCache, "kv_append"),
+    };
+    KernelSpec::new(file, format!("{stem}_b{elem_bytes}"), vec![])
+}
+
+/// [`elem_spec`] for 2- and 4-byte elements; `None` for other sizes.
+fn by_elem_size(kernel: ElemKernel, elem_bytes: usize) -> Option<KernelSpec> {
     ELEM_SIZES
         .contains(&elem_bytes)
-        .then(|| KernelSpec::new(file, format!("{stem}_b{elem_bytes}"), vec![]))
+        .then(|| elem_spec(kernel, elem_bytes))
 }
 
 /// The strided copy of `tensor_ops.hip` for `elem_bytes`-byte elements (2 or 4).
 pub fn copy_strided(elem_bytes: usize) -> Option<KernelSpec> {
-    by_elem_size(KernelFile::TensorOps, "copy_strided", elem_bytes)
+    by_elem_size(ElemKernel::CopyStrided, elem_bytes)
 }
 
 /// The fill of `tensor_ops.hip` for `elem_bytes`-byte elements (2 or 4).
 pub fn fill(elem_bytes: usize) -> Option<KernelSpec> {
-    by_elem_size(KernelFile::TensorOps, "fill", elem_bytes)
+    by_elem_size(ElemKernel::Fill, elem_bytes)
 }
 
 /// The KV-cache append of `kv_cache.hip` for `elem_bytes`-byte elements (2 or 4).
 pub fn kv_append(elem_bytes: usize) -> Option<KernelSpec> {
-    by_elem_size(KernelFile::KvCache, "kv_append", elem_bytes)
+    by_elem_size(ElemKernel::KvAppend, elem_bytes)
 }
 
 /// The compile unit of `flash_decode.hip` for `dtype` and head-dim `bucket`, with the
@@ -461,6 +470,164 @@ pub fn decode_combine_with_options(dtype: DType, bucket: usize) -> KernelSpec {
         bucket,
         true,
     )
+}
+
+/// Decode entries per dtype and bucket: plain and option units, each a kernel and its merge.
+const DECODE_PER_BUCKET: usize = 4;
+/// Ids of the decode kernels, first in the table.
+const DECODE_IDS: usize = DTYPES.len() * DECODE_BUCKETS.len() * DECODE_PER_BUCKET;
+/// First id of `attention_traditional.hip`: scores per dtype, the one softmax, P V per dtype.
+const TRADITIONAL_BASE: usize = DECODE_IDS;
+const TRADITIONAL_IDS: usize = 2 * DTYPES.len() + 1;
+/// First id of the dtype-blind kernels: copy, fill, KV append, each per element size.
+const ELEM_BASE: usize = TRADITIONAL_BASE + TRADITIONAL_IDS;
+
+/// The dtype-blind kernels (`<stem>_b2` / `<stem>_b4`), in id order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ElemKernel {
+    /// `copy_strided` of `tensor_ops.hip`.
+    CopyStrided,
+    /// `fill` of `tensor_ops.hip`.
+    Fill,
+    /// `kv_append` of `kv_cache.hip`.
+    KvAppend,
+}
+
+const ELEM_KERNELS: [ElemKernel; 3] = [
+    ElemKernel::CopyStrided,
+    ElemKernel::Fill,
+    ElemKernel::KvAppend,
+];
+
+/// A kernel of the fixed part of the catalog (every variant but the flash ones, whose rows
+/// come from `flash_config.h`) as a small dense index. A launch by id looks its loaded
+/// function up in a fixed table ([`KernelId::index`]) and builds no [`KernelSpec`] and no
+/// name; [`KernelId::spec`] is the variant the id stands for, built only to load it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct KernelId(u16);
+
+fn dtype_index(dtype: DType) -> Option<usize> {
+    DTYPES.iter().position(|&d| d == dtype)
+}
+
+fn elem_index(elem_bytes: usize) -> Option<usize> {
+    ELEM_SIZES.iter().position(|&b| b == elem_bytes)
+}
+
+impl KernelId {
+    /// Number of ids: every id's [`index`](Self::index) is below it.
+    pub const COUNT: usize = ELEM_BASE + ELEM_KERNELS.len() * ELEM_SIZES.len();
+
+    fn at(index: usize) -> KernelId {
+        debug_assert!(index < Self::COUNT);
+        // COUNT is far below u16::MAX.
+        KernelId(index as u16)
+    }
+
+    /// The index of this id in a table of [`KernelId::COUNT`] entries.
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+
+    /// Every id, in index order.
+    pub fn all() -> impl Iterator<Item = KernelId> {
+        (0..Self::COUNT).map(KernelId::at)
+    }
+
+    fn decode_entry(
+        dtype: DType,
+        bucket: usize,
+        with_options: bool,
+        combine: bool,
+    ) -> Option<KernelId> {
+        let d = dtype_index(dtype)?;
+        let b = DECODE_BUCKETS.iter().position(|&x| x == bucket)?;
+        let unit = (d * DECODE_BUCKETS.len() + b) * DECODE_PER_BUCKET;
+        Some(KernelId::at(
+            unit + 2 * usize::from(with_options) + usize::from(combine),
+        ))
+    }
+
+    /// [`decode`] (or [`decode_with_options`]) of a float `dtype` and a `bucket` of
+    /// [`DECODE_BUCKETS`]; `None` for any other.
+    pub fn decode(dtype: DType, bucket: usize, with_options: bool) -> Option<KernelId> {
+        Self::decode_entry(dtype, bucket, with_options, false)
+    }
+
+    /// [`decode_combine`] (or [`decode_combine_with_options`]) from the compile unit of
+    /// [`KernelId::decode`] with the same arguments.
+    pub fn decode_combine(dtype: DType, bucket: usize, with_options: bool) -> Option<KernelId> {
+        Self::decode_entry(dtype, bucket, with_options, true)
+    }
+
+    /// [`traditional`] of a float `dtype` (the softmax has one id, whatever the dtype).
+    pub fn traditional(kernel: TraditionalKernel, dtype: DType) -> Option<KernelId> {
+        let d = dtype_index(dtype)?;
+        let offset = match kernel {
+            TraditionalKernel::Scores => d,
+            TraditionalKernel::Softmax => DTYPES.len(),
+            TraditionalKernel::Pv => DTYPES.len() + 1 + d,
+        };
+        Some(KernelId::at(TRADITIONAL_BASE + offset))
+    }
+
+    fn elem(kernel: ElemKernel, elem_bytes: usize) -> Option<KernelId> {
+        let k = ELEM_KERNELS.iter().position(|&x| x == kernel)?;
+        let e = elem_index(elem_bytes)?;
+        Some(KernelId::at(ELEM_BASE + k * ELEM_SIZES.len() + e))
+    }
+
+    /// [`copy_strided`] for `elem_bytes`-byte elements (2 or 4).
+    pub fn copy_strided(elem_bytes: usize) -> Option<KernelId> {
+        Self::elem(ElemKernel::CopyStrided, elem_bytes)
+    }
+
+    /// [`fill`] for `elem_bytes`-byte elements (2 or 4).
+    pub fn fill(elem_bytes: usize) -> Option<KernelId> {
+        Self::elem(ElemKernel::Fill, elem_bytes)
+    }
+
+    /// [`kv_append`] for `elem_bytes`-byte elements (2 or 4).
+    pub fn kv_append(elem_bytes: usize) -> Option<KernelId> {
+        Self::elem(ElemKernel::KvAppend, elem_bytes)
+    }
+
+    /// The variant this id stands for, from the catalog's functions above (built anew on
+    /// every call: for loading, not for launching).
+    pub fn spec(self) -> KernelSpec {
+        let i = self.index();
+        if i < DECODE_IDS {
+            let unit = i / DECODE_PER_BUCKET;
+            let dtype = DTYPES[unit / DECODE_BUCKETS.len()];
+            let bucket = DECODE_BUCKETS[unit % DECODE_BUCKETS.len()];
+            return match i % DECODE_PER_BUCKET {
+                0 => decode(dtype, bucket),
+                1 => decode_combine(dtype, bucket),
+                2 => decode_with_options(dtype, bucket),
+                _ => decode_combine_with_options(dtype, bucket),
+            };
+        }
+        if i < ELEM_BASE {
+            let t = i - TRADITIONAL_BASE;
+            let n = DTYPES.len();
+            return match t {
+                _ if t < n => traditional(TraditionalKernel::Scores, DTYPES[t]),
+                _ if t == n => traditional(TraditionalKernel::Softmax, DType::F32),
+                _ => traditional(TraditionalKernel::Pv, DTYPES[t - n - 1]),
+            };
+        }
+        let e = i - ELEM_BASE;
+        let kernel = ELEM_KERNELS[e / ELEM_SIZES.len()];
+        elem_spec(kernel, ELEM_SIZES[e % ELEM_SIZES.len()])
+    }
+
+    /// The entry-point name of [`spec`](Self::spec), from a table built once per process
+    /// (no allocation after the first call).
+    pub fn name(self) -> &'static str {
+        static NAMES: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+        let names = NAMES.get_or_init(|| KernelId::all().map(|id| id.spec().name).collect());
+        &names[self.index()]
+    }
 }
 
 /// Every variant of every file, as NVRTC builds them: flash (3 files x every `FA_TILE` and

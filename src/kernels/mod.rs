@@ -31,7 +31,9 @@ mod source;
 mod tests;
 mod tiles;
 
-pub use catalog::{all_nvrtc_variants, all_variants, FlashExt, FlashImpl, KernelFile, KernelSpec};
+pub use catalog::{
+    all_nvrtc_variants, all_variants, FlashExt, FlashImpl, KernelFile, KernelId, KernelSpec,
+};
 #[cfg(feature = "rocm")]
 pub use hsaco::{hip_archs_built, hsaco_path};
 #[cfg(feature = "cuda")]

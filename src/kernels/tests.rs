@@ -949,3 +949,82 @@ mod nvrtc_tests {
         }
     }
 }
+
+#[test]
+fn every_kernel_id_names_its_catalog_variant_once() {
+    let mut specs = HashSet::new();
+    let mut names = HashSet::new();
+    for (i, id) in KernelId::all().enumerate() {
+        assert_eq!(id.index(), i);
+        let spec = id.spec();
+        assert_eq!(id.name(), spec.name, "{id:?}");
+        // A combine kernel has one id per compile unit (bucket); every other name one id.
+        if !spec.name.starts_with("flash_decode_combine") {
+            assert!(names.insert(spec.name.clone()), "{} twice", spec.name);
+        }
+        assert!(specs.insert(spec.clone()), "{spec:?} twice");
+    }
+    assert_eq!(specs.len(), KernelId::COUNT);
+    // Every id stands for a variant the build provides, with its defines.
+    let listed: Vec<KernelSpec> = all_variants(TileVendor::Cuda);
+    for id in KernelId::all() {
+        let spec = id.spec();
+        let same_name: Vec<&KernelSpec> = listed.iter().filter(|s| s.name == spec.name).collect();
+        assert!(!same_name.is_empty(), "{} not in the catalog", spec.name);
+        // The combine kernels are listed from one bucket's unit; their ids name each unit.
+        if !spec.name.starts_with("flash_decode_combine") {
+            assert_eq!(same_name, [&spec]);
+        }
+    }
+}
+
+#[test]
+fn kernel_ids_map_to_the_catalog_functions() {
+    for dt in DTYPES {
+        for b in BUCKETS {
+            for opts in [false, true] {
+                let main = KernelId::decode(dt, b, opts).unwrap();
+                let merge = KernelId::decode_combine(dt, b, opts).unwrap();
+                let (want_main, want_merge) = if opts {
+                    (
+                        catalog::decode_with_options(dt, b),
+                        catalog::decode_combine_with_options(dt, b),
+                    )
+                } else {
+                    (catalog::decode(dt, b), catalog::decode_combine(dt, b))
+                };
+                assert_eq!(main.spec(), want_main);
+                assert_eq!(merge.spec(), want_merge);
+            }
+        }
+        for k in TraditionalKernel::ALL {
+            let id = KernelId::traditional(k, dt).unwrap();
+            assert_eq!(id.spec(), catalog::traditional(k, dt));
+        }
+    }
+    for bytes in [2, 4] {
+        assert_eq!(
+            KernelId::copy_strided(bytes).unwrap().spec(),
+            catalog::copy_strided(bytes).unwrap()
+        );
+        assert_eq!(
+            KernelId::fill(bytes).unwrap().spec(),
+            catalog::fill(bytes).unwrap()
+        );
+        assert_eq!(
+            KernelId::kv_append(bytes).unwrap().spec(),
+            catalog::kv_append(bytes).unwrap()
+        );
+    }
+    // Outside the catalog: no id.
+    assert_eq!(KernelId::decode(DType::I32, 128, false), None);
+    assert_eq!(KernelId::decode(DType::F16, 100, false), None);
+    assert_eq!(KernelId::decode_combine(DType::F16, 512, true), None);
+    assert_eq!(
+        KernelId::traditional(TraditionalKernel::Pv, DType::U32),
+        None
+    );
+    assert_eq!(KernelId::copy_strided(8), None);
+    assert_eq!(KernelId::fill(1), None);
+    assert_eq!(KernelId::kv_append(3), None);
+}

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use crate::device::{gpu::GpuRuntime, launch::LaunchDims};
 use crate::error::{AttentionError, Result};
 use crate::kernels::abi::CopyParams;
-use crate::kernels::catalog;
+use crate::kernels::KernelId;
 
 use super::DeviceTensor;
 
@@ -130,7 +130,7 @@ pub(crate) fn gpu_copy(rt: &Arc<GpuRuntime>, src: &DeviceTensor, dst: &DeviceTen
         };
         (s, d, esize, copies) = (sh, dh, 4, n);
     }
-    let spec = catalog::copy_strided(esize).ok_or_else(|| AttentionError::NotSupported {
+    let kernel = KernelId::copy_strided(esize).ok_or_else(|| AttentionError::NotSupported {
         backend: "device copy".into(),
         reason: format!(
             "element size 2, 4 or 8 bytes expected, got {esize} ({})",
@@ -146,8 +146,8 @@ pub(crate) fn gpu_copy(rt: &Arc<GpuRuntime>, src: &DeviceTensor, dst: &DeviceTen
         numel: copies as i64,
     };
     let blocks = copies.div_ceil(256).min(4096) as u32;
-    rt.launch(
-        &spec,
+    rt.launch_kernel(
+        kernel,
         LaunchDims::new((blocks, 1, 1), (256, 1, 1), 0),
         &params,
     )

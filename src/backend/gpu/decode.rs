@@ -14,7 +14,7 @@ use super::workspace::DeviceScratch;
 use crate::device::{gpu::GpuRuntime, launch::LaunchDims};
 use crate::error::{AttentionError, Result};
 use crate::kernels::abi::{page_shift, DecodeParams, Strides3, TokenStrides};
-use crate::kernels::catalog;
+use crate::kernels::KernelId;
 use crate::kv_cache::KvCache;
 use crate::options::{AttentionOptions, LseStrides};
 use crate::problem::{AttentionProblem, HeadStrides};
@@ -291,6 +291,32 @@ pub(crate) fn forward_dense_with(
     forward_decode_with(rt, ws, p, q, out, out_strides, &cache, options)
 }
 
+/// The plan of the launch [`forward_decode_with`] queues for these arguments on `rt` now
+/// (a recording is cut for the cache's capacity): the one place it is computed, so what
+/// reports a call's split reports the launched one.
+pub(crate) fn plan_decode(
+    rt: &GpuRuntime,
+    p: &AttentionProblem,
+    cache: &CacheView,
+    options: &DecodeOptions,
+) -> Result<DecodeLaunch> {
+    if !options.is_plain() && cache.append.is_some() {
+        return Err(AttentionError::NotSupported {
+            backend: "gpu (decode)".into(),
+            reason: "per-call options with a fused append".into(),
+        });
+    }
+    plan_launch_over(
+        rt.multiprocessor_count() as usize,
+        tensor_cores_fit(rt.has_mma(), rt.max_shared_bytes_per_block(), p),
+        p,
+        cache.capacity,
+        rt.is_capturing(),
+        cache.append.is_some(),
+        options.span(p.seq_q),
+    )
+}
+
 /// [`forward_decode`] with per-call options: plain ones launch the plain kernel exactly as
 /// `forward_decode` does, others the option variant (`flash_decode_opt_*`) with its splits
 /// laid over the window's keys. Options do not combine with a fused append.
@@ -306,21 +332,7 @@ pub(crate) fn forward_decode_with(
     options: &DecodeOptions,
 ) -> Result<()> {
     let with_options = !options.is_plain();
-    if with_options && cache.append.is_some() {
-        return Err(AttentionError::NotSupported {
-            backend: "gpu (decode)".into(),
-            reason: "per-call options with a fused append".into(),
-        });
-    }
-    let launch = plan_launch_over(
-        rt.multiprocessor_count() as usize,
-        tensor_cores_fit(rt.has_mma(), rt.max_shared_bytes_per_block(), p),
-        p,
-        cache.capacity,
-        rt.is_capturing(),
-        cache.append.is_some(),
-        options.span(p.seq_q),
-    )?;
+    let launch = plan_decode(rt, p, cache, options)?;
     let workspace = launch.workspace(p)?;
     let DecodeLaunch {
         bucket,
@@ -358,16 +370,17 @@ pub(crate) fn forward_decode_with(
         scratch = Some((buf, counters));
     }
     let _scratch = scratch;
-    let (main, combine) = if with_options {
-        (
-            catalog::decode_with_options(p.dtype, bucket),
-            catalog::decode_combine_with_options(p.dtype, bucket),
-        )
-    } else {
-        (
-            catalog::decode(p.dtype, bucket),
-            catalog::decode_combine(p.dtype, bucket),
-        )
+    // Ids, not specs: the launches below find their functions in the driver's fixed table.
+    let kernel_ids = KernelId::decode(p.dtype, bucket, with_options).zip(KernelId::decode_combine(
+        p.dtype,
+        bucket,
+        with_options,
+    ));
+    let Some((main, combine)) = kernel_ids else {
+        return Err(AttentionError::NotSupported {
+            backend: "gpu (decode)".into(),
+            reason: format!("no decode kernel for {} head_dim bucket {bucket}", p.dtype),
+        });
     };
     let es = p.dtype.size_in_bytes();
     let paged = cache.block_table != 0;
@@ -410,11 +423,11 @@ pub(crate) fn forward_decode_with(
             sl.kv_heads as u32,
             sl.batch as u32,
         );
-        rt.launch(&main, LaunchDims::new(grid, (THREADS, 1, 1), smem), &sp)?;
+        rt.launch_kernel(main, LaunchDims::new(grid, (THREADS, 1, 1), smem), &sp)?;
         if split.num_splits > 1 && !reg {
             let slice_rows = (sl.batch * sl.heads * p.seq_q).min(MAX_GRID_X);
-            rt.launch(
-                &combine,
+            rt.launch_kernel(
+                combine,
                 LaunchDims::new((slice_rows as u32, 1, 1), (128, 1, 1), 0),
                 &sp,
             )?;

@@ -326,6 +326,7 @@ fn unsupported(reason: String) -> AttentionError {
 /// `tensor_cores`: the device runs the tensor-core body (CUDA sm_80+ with room for its
 /// shared memory, see [`tensor_core_smem_bytes`]); it then runs where it exists and is
 /// faster.
+#[cfg(test)]
 pub(super) fn plan_launch(
     multiprocessors: usize,
     tensor_cores: bool,
@@ -391,7 +392,7 @@ pub(super) fn plan_launch_over(
         }
         let max_splits = MAX_GRID_X / row_groups.max(1);
         let cut = |len: usize| {
-            let s = chosen_split(multiprocessors, tc, p, bucket, row_groups, len);
+            let s = remembered_split(multiprocessors, tc, p, bucket, row_groups, len);
             if s.num_splits <= max_splits {
                 s
             } else {
@@ -468,6 +469,67 @@ impl DecodeLaunch {
             counters,
         }))
     }
+}
+
+/// Argument sets [`remembered_split`] keeps per thread.
+const REMEMBERED_SPLITS: usize = 4;
+
+/// One remembered [`chosen_split`] answer: the problem (its `seq_k` zeroed: the length is
+/// `len`), the other arguments, the answer.
+#[derive(Clone)]
+struct RememberedSplit {
+    p: AttentionProblem,
+    args: (usize, bool, usize, usize, usize),
+    split: SplitPlan,
+}
+
+thread_local! {
+    /// The last [`REMEMBERED_SPLITS`] answers of this thread, and the next slot to replace.
+    static SPLITS: std::cell::RefCell<([Option<RememberedSplit>; REMEMBERED_SPLITS], usize)> =
+        const { std::cell::RefCell::new(([None, None, None, None], 0)) };
+}
+
+/// [`chosen_split`], remembered per thread for the last few argument sets: a decode loop
+/// asks the same ones for every layer (the cut of the cache's length and the one of its
+/// capacity), and the plan's search is the larger part of a call's host time. Exact:
+/// `chosen_split` is a pure function of its arguments and of `FORGE_ATTN_DECODE_SPLITS`,
+/// which is read once per process; the key is every argument and every field of `p` but
+/// `seq_k`, whose part is `len`.
+pub(super) fn remembered_split(
+    multiprocessors: usize,
+    tensor_cores: bool,
+    p: &AttentionProblem,
+    bucket: usize,
+    row_groups: usize,
+    len: usize,
+) -> SplitPlan {
+    let args = (multiprocessors, tensor_cores, bucket, row_groups, len);
+    let key = AttentionProblem {
+        seq_k: 0,
+        ..p.clone()
+    };
+    let found = SPLITS.with(|m| {
+        m.borrow()
+            .0
+            .iter()
+            .flatten()
+            .find(|e| e.args == args && e.p == key)
+            .map(|e| e.split)
+    });
+    if let Some(split) = found {
+        return split;
+    }
+    let split = chosen_split(multiprocessors, tensor_cores, p, bucket, row_groups, len);
+    SPLITS.with(|m| {
+        let (slots, next) = &mut *m.borrow_mut();
+        slots[*next] = Some(RememberedSplit {
+            p: key,
+            args,
+            split,
+        });
+        *next = (*next + 1) % REMEMBERED_SPLITS;
+    });
+    split
 }
 
 #[cfg(test)]
@@ -971,5 +1033,54 @@ mod tests {
         }
         let s = split_plan(132, 1, 8, 1, 0, DType::BF16, 128);
         assert_eq!(s.num_splits, 1, "{s:?}");
+    }
+
+    #[test]
+    fn remembered_splits_are_the_chosen_ones_for_every_argument_set() {
+        // More argument sets than the memory keeps, asked twice in turn, in two orders:
+        // every answer (first, remembered or recomputed after eviction) is chosen_split's.
+        let mut cases = Vec::new();
+        for dtype in FLOATS {
+            for (b, len) in [(1, 4096), (8, 16384), (32, 1024), (1, 100), (3, 70_000)] {
+                for seq_k in [len, len / 2 + 1] {
+                    let p = problem(b, 1, seq_k, 128, dtype);
+                    cases.push((p, len));
+                }
+            }
+        }
+        for pass in 0..2 {
+            for (p, len) in cases.iter().chain(cases.iter().rev()) {
+                for (sms, tc) in [(132, false), (78, false), (132, true)] {
+                    for row_groups in [1, 2] {
+                        assert_eq!(
+                            remembered_split(sms, tc, p, 128, row_groups, *len),
+                            chosen_split(sms, tc, p, 128, row_groups, *len),
+                            "pass {pass}: {sms} SMs, {row_groups} row groups, {len} keys, {p:?}"
+                        );
+                    }
+                }
+            }
+        }
+        // A field that chosen_split may read tells two problems apart; seq_k does not.
+        let p = problem(8, 1, 4096, 128, DType::BF16);
+        let q = AttentionProblem {
+            num_kv_heads: 4,
+            ..p.clone()
+        };
+        let a = remembered_split(132, false, &p, 128, 1, 4096);
+        assert_eq!(
+            remembered_split(132, false, &q, 128, 1, 4096),
+            chosen_split(132, false, &q, 128, 1, 4096)
+        );
+        let grown = AttentionProblem {
+            seq_k: 4097,
+            ..p.clone()
+        };
+        assert_eq!(remembered_split(132, false, &grown, 128, 1, 4096), a);
+        // The body is part of the key: its tile and resident blocks differ.
+        assert_eq!(
+            remembered_split(132, true, &p, 128, 1, 4096),
+            chosen_split(132, true, &p, 128, 1, 4096)
+        );
     }
 }

@@ -343,8 +343,9 @@ impl GpuAttentionBackend {
     }
 
     /// How the decode kernel would cut `cache` for `q` right now (the chunks per sequence
-    /// and KV head, `FORGE_ATTN_DECODE_SPLITS` included): what [`forward_cached`](Self::forward_cached)
-    /// launches. Errors as `forward_cached` would refuse the call.
+    /// and KV head, `FORGE_ATTN_DECODE_SPLITS` included, the capacity's cut while the
+    /// stream is recorded): what [`forward_cached`](Self::forward_cached) launches, planned
+    /// by the same function. Errors as `forward_cached` would refuse the call.
     pub fn decode_split(
         &self,
         config: &AttentionConfig,
@@ -353,13 +354,9 @@ impl GpuAttentionBackend {
         out: &DeviceTensor,
     ) -> Result<SplitPlan> {
         let (p, _) = self.prepare_cached(config, q, cache, out, 0)?;
-        let sms = self.runtime.multiprocessor_count() as usize;
-        let tc = decode_plan::tensor_cores_fit(
-            self.runtime.has_mma(),
-            self.runtime.max_shared_bytes_per_block(),
-            &p,
-        );
-        Ok(decode_plan::plan_launch(sms, tc, &p, cache.capacity(), false, false)?.split)
+        let view = decode::CacheView::of_cache(cache);
+        let plain = decode::DecodeOptions::default();
+        Ok(decode::plan_decode(&self.runtime, &p, &view, &plain)?.split)
     }
 
     /// Runs the unfused path regardless of the plan (for comparisons and tests).

@@ -8,7 +8,8 @@ use super::workspace::DeviceScratch;
 use crate::device::{gpu::GpuRuntime, launch::LaunchDims};
 use crate::error::{AttentionError, Result};
 use crate::kernels::abi::AttnParams;
-use crate::kernels::catalog::{self, TraditionalKernel};
+use crate::kernels::catalog::TraditionalKernel;
+use crate::kernels::KernelId;
 use crate::problem::AttentionProblem;
 
 /// Queues the three launches.
@@ -30,6 +31,15 @@ pub(crate) fn forward_traditional(
                 p.batch, p.num_heads, p.seq_q, p.seq_k
             ),
         })?;
+    // Float dtypes only reach here (the problem refuses the others); checked before the
+    // workspace grows all the same.
+    let kernel = |k: TraditionalKernel| {
+        KernelId::traditional(k, p.dtype).ok_or_else(|| AttentionError::NotSupported {
+            backend: "gpu (traditional)".into(),
+            reason: format!("no unfused kernel for {}", p.dtype),
+        })
+    };
+    kernel(TraditionalKernel::Scores)?;
     let scores = ws.get(rt, elems)?;
     let mut params = *params;
     params.workspace = scores.device_ptr();
@@ -38,18 +48,18 @@ pub(crate) fn forward_traditional(
     let bh = (p.batch * p.num_heads).min(MAX_GRID_YZ) as u32;
     let tiles = |n: usize| n.div_ceil(64) as u32;
     let q_tiles = p.seq_q.div_ceil(64).min(MAX_GRID_YZ) as u32;
-    rt.launch(
-        &catalog::traditional(TraditionalKernel::Scores, p.dtype),
+    rt.launch_kernel(
+        kernel(TraditionalKernel::Scores)?,
         LaunchDims::new((tiles(p.seq_k), q_tiles, bh), (256, 1, 1), 0),
         &params,
     )?;
-    rt.launch(
-        &catalog::traditional(TraditionalKernel::Softmax, p.dtype),
+    rt.launch_kernel(
+        kernel(TraditionalKernel::Softmax)?,
         LaunchDims::new((rows, 1, 1), (256, 1, 1), 0),
         &params,
     )?;
-    rt.launch(
-        &catalog::traditional(TraditionalKernel::Pv, p.dtype),
+    rt.launch_kernel(
+        kernel(TraditionalKernel::Pv)?,
         LaunchDims::new((tiles(p.head_dim), q_tiles, bh), (256, 1, 1), 0),
         &params,
     )
