@@ -219,6 +219,17 @@ fn check_pages(
     Ok(())
 }
 
+/// The plan of a cached call over `p` with every sequence full (for tests of the paths).
+#[cfg(test)]
+pub(super) fn plan_for_tests(p: &AttentionProblem) -> Plan {
+    let os = crate::problem::HeadStrides {
+        batch: p.seq_q * p.num_heads * p.head_dim,
+        head: p.head_dim,
+        seq: p.num_heads * p.head_dim,
+    };
+    cached_plan(p, os, &vec![p.seq_k; p.batch], None)
+}
+
 /// The tiling of `forward_into`, with the cache's lengths and paging, and query blocks of
 /// at least [`CACHED_BLOCK_Q`] queries where the rows allow.
 fn cached_plan(

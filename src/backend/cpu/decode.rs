@@ -801,11 +801,364 @@ unsafe fn task<T: Element, const FMA: bool, const K: u8>(
 
 #[cfg(test)]
 pub(super) mod tests {
-    use super::Kernel;
+    use super::{key_splits, Kernel, BLOCK};
+    use crate::backend::cpu::{cached, Isa, Plan};
+    use crate::config::{AttentionConfig, Layout};
+    use crate::device::Device;
+    use crate::dtype::DType;
+    use crate::kv_cache::{KvCache, KvCacheSpec};
+    use crate::options::AttentionOptions;
+    use crate::reference::{
+        attention_f64_with, attention_naive_in_dtype_with, random_values, relative_l2_error,
+    };
+    use crate::tensor::DeviceTensor;
+    use crate::KvCacheLayout;
     use std::cell::Cell;
 
     thread_local! {
         /// The kernel a test makes this thread's calls use (`None`: as detected).
         pub(in super::super) static FORCED: Cell<Option<Kernel>> = const { Cell::new(None) };
+    }
+
+    /// Every kernel this CPU can run, with the instruction set that leads to it.
+    fn kernels() -> Vec<(Isa, Kernel)> {
+        let mut all = vec![(Isa::Portable, Kernel::Portable)];
+        #[cfg(target_arch = "x86_64")]
+        if Isa::detect() == Isa::Avx2Fma && is_x86_feature_detected!("f16c") {
+            all.push((Isa::Avx2Fma, Kernel::Avx2));
+        }
+        all
+    }
+
+    /// A small deterministic generator for the drawn cases.
+    struct Draw(u64);
+
+    impl Draw {
+        fn below(&mut self, n: usize) -> usize {
+            self.0 = self
+                .0
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((self.0 >> 33) % n as u64) as usize
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    struct Case {
+        group: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        seq_q: usize,
+        lens: Vec<usize>,
+        causal: bool,
+        dtype: DType,
+        layout: Layout,
+        page: Option<usize>,
+        window: Option<(Option<usize>, Option<usize>)>,
+        softcap: bool,
+        alibi: bool,
+        sinks: bool,
+        lse: bool,
+    }
+
+    fn draw(d: &mut Draw) -> Case {
+        let group = [1, 2, 4, 8, 16][d.below(5)];
+        let seq_q = 1 + d.below(16 / group);
+        let batch = 1 + d.below(3);
+        let mut lens: Vec<usize> = (0..batch)
+            .map(|_| [0, 1, 5, 31, 33, 200, 700][d.below(7)])
+            .collect();
+        // A cache holding no token at all is refused before any path runs.
+        if lens.iter().all(|&l| l == 0) {
+            lens[0] = 33;
+        }
+        Case {
+            group,
+            kv_heads: 1 + d.below(2),
+            head_dim: [8, 24, 64, 72, 128][d.below(5)],
+            seq_q,
+            lens,
+            causal: d.below(2) == 0,
+            dtype: [DType::F32, DType::F16, DType::BF16][d.below(3)],
+            layout: [Layout::Bshd, Layout::Bhsd][d.below(2)],
+            page: [None, Some(3), Some(16)][d.below(3)],
+            window: match d.below(4) {
+                0 => Some((Some(d.below(40)), None)),
+                1 => Some((Some(d.below(300)), Some(d.below(3)))),
+                _ => None,
+            },
+            softcap: d.below(4) == 0,
+            alibi: d.below(4) == 0,
+            sinks: d.below(3) == 0,
+            lse: d.below(2) == 0,
+        }
+    }
+
+    fn per_head(h: usize, seed: u64, scale: f32) -> DeviceTensor {
+        let v: Vec<f32> = random_values(h, seed).iter().map(|x| x * scale).collect();
+        DeviceTensor::from_host(&v, &[h], Device::Cpu).unwrap()
+    }
+
+    /// Runs `c` through the cached path under `kernel` with ranges of `min_split` keys and
+    /// returns the output's and the log-sum-exp's errors against the f64 reference on each
+    /// sequence's own keys, with the naive in-dtype error (0 for f32).
+    fn run_case(
+        c: &Case,
+        isa: Isa,
+        kernel: Kernel,
+        min_split: usize,
+        seed: u64,
+    ) -> (f64, f64, f64) {
+        let (hk, d, sq) = (c.kv_heads, c.head_dim, c.seq_q);
+        let h = hk * c.group;
+        let b = c.lens.len();
+        let max = c.lens.iter().copied().max().unwrap_or(0);
+        let spec = KvCacheSpec {
+            batch: b,
+            num_kv_heads: hk,
+            head_dim: d,
+            capacity: max.max(1),
+            dtype: c.dtype,
+        };
+        let mut cache = match c.page {
+            None => KvCache::contiguous(spec, KvCacheLayout::Contiguous, Device::Cpu).unwrap(),
+            Some(ps) => KvCache::paged(spec, ps, b * max.max(1).div_ceil(ps), Device::Cpu).unwrap(),
+        };
+        let n = max.max(1);
+        let kv = |s: u64| {
+            DeviceTensor::from_f32(
+                &random_values(b * n * hk * d, s),
+                &[b, n, hk, d],
+                c.dtype,
+                Device::Cpu,
+            )
+            .unwrap()
+        };
+        let (kt, vt) = (kv(seed + 1), kv(seed + 2));
+        if max > 0 {
+            cache.append_ragged(&kt, &vt, &c.lens).unwrap();
+        }
+        let q_shape = |bb: usize| match c.layout {
+            Layout::Bshd => [bb, sq, h, d],
+            Layout::Bhsd => [bb, h, sq, d],
+        };
+        let qv = random_values(b * sq * h * d, seed + 3);
+        let q = DeviceTensor::from_f32(&qv, &q_shape(b), c.dtype, Device::Cpu).unwrap();
+        let mut o = AttentionOptions::new();
+        if let Some((l, r)) = c.window {
+            o = o.with_window(l, r);
+        }
+        if c.softcap {
+            o = o.with_softcap(2.0);
+        }
+        if c.alibi {
+            o = o.with_alibi_slopes(per_head(h, seed + 4, 0.1));
+        }
+        if c.sinks {
+            o = o.with_sinks(per_head(h, seed + 5, 2.0));
+        }
+        let config = AttentionConfig::new(h * d, h, max.max(1))
+            .with_num_kv_heads(hk)
+            .with_causal(c.causal)
+            .with_layout(c.layout);
+        let mut out = DeviceTensor::zeros(&q_shape(b), c.dtype, Device::Cpu).unwrap();
+        let mut lse = DeviceTensor::zeros(&[b, h, sq], DType::F32, Device::Cpu).unwrap();
+        FORCED.with(|f| f.set(Some(kernel)));
+        let ran = cached::forward(
+            &config,
+            &o,
+            &q,
+            &cache,
+            &mut out,
+            c.lse.then_some(&mut lse),
+            isa,
+            min_split,
+        );
+        FORCED.with(|f| f.set(None));
+        ran.unwrap();
+        let (got, got_lse) = (out.to_f32_vec().unwrap(), lse.to_f32_vec().unwrap());
+        let (kh, vh) = (kt.to_f32_vec().unwrap(), vt.to_f32_vec().unwrap());
+        let (mut want, mut want_lse, mut naive, mut got_rows, mut got_lses) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let row = sq * h * d;
+        for (bb, &len) in c.lens.iter().enumerate() {
+            let qb = DeviceTensor::from_f32(
+                &qv[bb * row..(bb + 1) * row],
+                &q_shape(1),
+                c.dtype,
+                Device::Cpu,
+            )
+            .unwrap();
+            got_rows.extend_from_slice(&got[bb * row..(bb + 1) * row]);
+            got_lses.extend_from_slice(&got_lse[bb * h * sq..(bb + 1) * h * sq]);
+            if len == 0 {
+                // No key: zeros, and the sink (or -inf) as log-sum-exp.
+                want.extend(std::iter::repeat_n(0.0, row));
+                naive.extend(std::iter::repeat_n(0.0, row));
+                let sinks = c.sinks.then(|| random_values(h, seed + 5));
+                for hh in 0..h {
+                    let l = sinks
+                        .as_ref()
+                        .map_or(f64::NEG_INFINITY, |s| (s[hh] * 2.0) as f64);
+                    want_lse.extend(std::iter::repeat_n(l, sq));
+                }
+                continue;
+            }
+            let take = |x: &[f32]| {
+                let per = n * hk * d;
+                DeviceTensor::from_f32(
+                    &x[bb * per..bb * per + len * hk * d],
+                    &[1, len, hk, d],
+                    c.dtype,
+                    Device::Cpu,
+                )
+                .unwrap()
+            };
+            let (kb, vb) = (take(&kh), take(&vh));
+            let cfg = AttentionConfig::new(h * d, h, len)
+                .with_num_kv_heads(hk)
+                .with_causal(c.causal)
+                .with_layout(c.layout);
+            // K/V as the layout names them (a permuted view for BHSD).
+            let (kb, vb) = match c.layout {
+                Layout::Bshd => (kb, vb),
+                Layout::Bhsd => (
+                    kb.permute(&[0, 2, 1, 3]).unwrap(),
+                    vb.permute(&[0, 2, 1, 3]).unwrap(),
+                ),
+            };
+            let (w, wl) = attention_f64_with(&cfg, &o, &qb, &kb, &vb, None).unwrap();
+            want.extend(w);
+            want_lse.extend(wl);
+            naive.extend(
+                attention_naive_in_dtype_with(&cfg, &o, &qb, &kb, &vb, None)
+                    .unwrap()
+                    .into_iter()
+                    .map(|x| x as f64),
+            );
+        }
+        let err = relative_l2_error(&got_rows, &want);
+        let naive32: Vec<f32> = naive.iter().map(|&x| x as f32).collect();
+        let naive_err = relative_l2_error(&naive32, &want);
+        let lse_err = if c.lse {
+            got_lses
+                .iter()
+                .zip(&want_lse)
+                .map(|(&g, &w)| {
+                    if w == f64::NEG_INFINITY {
+                        if g == f32::NEG_INFINITY {
+                            0.0
+                        } else {
+                            f64::INFINITY
+                        }
+                    } else {
+                        (g as f64 - w).abs() / w.abs().max(1.0)
+                    }
+                })
+                .fold(0.0, f64::max)
+        } else {
+            0.0
+        };
+        (err, lse_err, naive_err)
+    }
+
+    /// Drawn shapes (groups, query counts up to 16 rows, head_dims off the chunk size,
+    /// ragged and empty sequences, paged and contiguous, both layouts, every dtype and
+    /// option) under every kernel, with and without short key ranges, against the f64
+    /// reference.
+    #[test]
+    fn drawn_decode_cases_agree_with_the_reference() {
+        let mut d = Draw(7);
+        for i in 0..60 {
+            let c = draw(&mut d);
+            for (isa, kernel) in kernels() {
+                for min_split in [cached::MIN_SPLIT_KEYS, 32] {
+                    let (err, lse_err, naive) = run_case(&c, isa, kernel, min_split, i);
+                    let bound = match c.dtype {
+                        DType::F32 => 1e-5,
+                        _ => (2.0 * naive).clamp(1e-3, 1e-2),
+                    };
+                    assert!(
+                        err <= bound,
+                        "{c:?} {kernel:?} {min_split}: {err:e} > {bound:e}"
+                    );
+                    assert!(
+                        lse_err < 1e-4,
+                        "{c:?} {kernel:?} {min_split}: lse {lse_err:e}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// A long f32 cache split into many short ranges stays within the contract's 1e-5.
+    #[test]
+    fn many_ranges_over_a_long_cache_stay_within_the_contract() {
+        let c = Case {
+            group: 4,
+            kv_heads: 2,
+            head_dim: 128,
+            seq_q: 1,
+            lens: vec![9000, 4100],
+            causal: true,
+            dtype: DType::F32,
+            layout: Layout::Bshd,
+            page: None,
+            window: None,
+            softcap: false,
+            alibi: false,
+            sinks: false,
+            lse: true,
+        };
+        for (isa, kernel) in kernels() {
+            for min_split in [64, 1 << 20] {
+                let (err, lse_err, _) = run_case(&c, isa, kernel, min_split, 3);
+                assert!(err < 1e-5, "{kernel:?} {min_split}: {err:e}");
+                assert!(lse_err < 1e-5, "{kernel:?} {min_split}: lse {lse_err:e}");
+            }
+        }
+    }
+
+    fn plan(group: usize, seq_q: usize, seq_k: usize) -> Plan {
+        let (b, hk, d) = (2, 2, 64);
+        let h = group * hk;
+        let config = AttentionConfig::new(h * d, h, seq_k).with_num_kv_heads(hk);
+        let q = DeviceTensor::zeros(&[b, seq_q, h, d], DType::F32, Device::Cpu).unwrap();
+        let k = DeviceTensor::zeros(&[b, seq_k, hk, d], DType::F32, Device::Cpu).unwrap();
+        let p = crate::problem::AttentionProblem::new(&config, &q, &k, &k, None).unwrap();
+        cached::plan_for_tests(&p)
+    }
+
+    /// The decode path takes every call of at most 16 rows per kv head, no other.
+    #[test]
+    fn the_path_takes_up_to_sixteen_rows_per_kv_head() {
+        assert!(super::eligible(&plan(4, 1, 100)));
+        assert!(super::eligible(&plan(4, 4, 100)));
+        assert!(super::eligible(&plan(16, 1, 100)));
+        assert!(super::eligible(&plan(1, 16, 100)));
+        assert!(!super::eligible(&plan(4, 5, 100)));
+        assert!(!super::eligible(&plan(1, 17, 100)));
+    }
+
+    /// Ranges cover the keys in whole blocks, at least `min_split_keys` each, enough for
+    /// every thread when the keys allow, one when they do not.
+    #[test]
+    fn key_ranges_cover_the_keys_and_use_every_thread() {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(16)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let p = plan(4, 1, 16384);
+            let (splits, keys) = key_splits(&p, 512);
+            assert!(splits * 4 >= 8 * 16, "{splits}");
+            assert!(splits * keys >= 16384 && (splits - 1) * keys < 16384);
+            assert!(keys >= 512 && keys % BLOCK == 0);
+            assert_eq!(key_splits(&p, 1 << 20), (1, 16384));
+            let short = plan(4, 1, 100);
+            assert_eq!(key_splits(&short, 512), (1, 100));
+            let (s, k) = key_splits(&short, 10);
+            assert!(s > 1 && s * k >= 100 && k % BLOCK == 0);
+        });
     }
 }
