@@ -9,10 +9,11 @@
 //! With `CPU_VS_TORCH` set (a substring of the shape names, or empty for all), only the
 //! shapes that `scripts/bench_torch_cpu.py` times for torch run instead, each printed as
 //! the median of a few calls: prefill with B*S = 16384 and H = 2048/D (f32 at D = 64 and
-//! 128, S = 512 to 4096, causal and not; bf16 at D = 128), and a GQA decode step over a
-//! cache next to a streaming read of the cache's bytes. The lines have the torch script's
-//! form (`ours NAME MS RATE` against `torch NAME MS RATE`); the script's `--ours FILE`
-//! joins the two into one table. On another machine the bench runs as a plain binary:
+//! 128, S = 512 to 4096, causal and not; bf16 at D = 128), and GQA decode steps (B = 8,
+//! 32/8 heads, D = 128, f32 and bf16 caches of 4096 and 16384 tokens), each next to a
+//! streaming read of the same bytes in the same run and the decode's fraction of it
+//! (`fraction NAME F`). The lines have the torch script's form (`ours NAME MS RATE`
+//! against `torch NAME MS RATE`); the script's `--ours FILE` joins the two into one table. On another machine the bench runs as a plain binary:
 //! `cargo bench --bench cpu_backend --no-run` prints its path, and
 //! `RAYON_NUM_THREADS=N CPU_VS_TORCH= path/to/cpu_backend-HASH` runs it.
 
@@ -243,71 +244,122 @@ fn against_torch(filter: &str) {
         println!("ours {name} {:.2} {:.1}", secs * 1e3, flops / secs / 1e9);
     }
 
-    let (b, h, hk, d, len) = (8usize, 32usize, 8usize, 128usize, 4096usize);
-    let name = format!("decode_f32_b{b}_h{h}_kv{hk}_d{d}_l{len}");
+    for dtype in [DType::F32, DType::BF16] {
+        for len in DECODE_LENS {
+            decode_against_stream(&backend, filter, dtype, len);
+        }
+    }
+}
+
+/// The decode step's shape compared with torch: batch, query heads, kv heads, head_dim.
+const DECODE_SHAPE: (usize, usize, usize, usize) = (8, 32, 8, 128);
+/// Cached keys of the decode steps compared with torch.
+const DECODE_LENS: [usize; 2] = [4096, 16384];
+
+/// One decode step (one query per sequence) over a contiguous cache of `len` tokens of
+/// `dtype`, then a streaming read of the same bytes (the host K and V the cache was filled
+/// from) on the same threads: `ours NAME MS GB/s` for both, then the decode's fraction of
+/// the streaming read's bandwidth.
+fn decode_against_stream(backend: &CpuAttentionBackend, filter: &str, dtype: DType, len: usize) {
+    let (b, h, hk, d) = DECODE_SHAPE;
+    let kind = if dtype == DType::F32 { "f32" } else { "bf16" };
+    let name = format!("decode_{kind}_b{b}_h{h}_kv{hk}_d{d}_l{len}");
     if !name.contains(filter) {
         return;
     }
+    let n = b * len * hk * d;
+    let (kf, vf) = (random_values(n, 2), random_values(n, 3));
+    let secs = match dtype {
+        DType::F32 => decode_and_stream(backend, &name, len, kf, vf, |x| x),
+        _ => {
+            let narrow = |x: Vec<f32>| x.into_iter().map(half::bf16::from_f32).collect();
+            let widen = |x: half::bf16| f32::from_bits((x.to_bits() as u32) << 16);
+            decode_and_stream(backend, &name, len, narrow(kf), narrow(vf), widen)
+        }
+    };
+    let Some((decode, stream)) = secs else {
+        return;
+    };
+    let bytes = 2.0 * (n * dtype.size_in_bytes()) as f64;
+    println!(
+        "ours {name} {:.3} {:.1}",
+        decode * 1e3,
+        bytes / decode / 1e9
+    );
+    println!(
+        "ours stream_read_{name} {:.3} {:.1}",
+        stream * 1e3,
+        bytes / stream / 1e9
+    );
+    println!("fraction {name} {:.2}", stream / decode);
+}
+
+/// Median seconds of the decode step over a cache filled with `kh` and `vh` (`[B, L, Hkv,
+/// D]`), then of the streaming read of `kh` and `vh`; `None` when the cache cannot be had.
+fn decode_and_stream<T: forge_attn::HostElement>(
+    backend: &CpuAttentionBackend,
+    name: &str,
+    len: usize,
+    kh: Vec<T>,
+    vh: Vec<T>,
+    widen: impl Fn(T) -> f32 + Sync,
+) -> Option<(f64, f64)> {
+    let (b, h, hk, d) = DECODE_SHAPE;
+    let dtype = T::DTYPE;
     let spec = KvCacheSpec {
         batch: b,
         num_kv_heads: hk,
         head_dim: d,
         capacity: len,
-        dtype: DType::F32,
+        dtype,
     };
     let kv_shape = [b, len, hk, d];
-    let n = kv_shape.iter().product();
-    let t = |sh: &[usize], seed| {
-        let n: usize = sh.iter().product();
-        DeviceTensor::from_f32(&random_values(n, seed), sh, DType::F32, Device::Cpu)
-    };
     let built = (|| {
         let mut cache = KvCache::contiguous(spec, KvCacheLayout::FlashAttention, Device::Cpu)?;
-        cache.append(&t(&kv_shape, 2)?, &t(&kv_shape, 3)?)?;
-        let q = t(&[b, 1, h, d], 1)?;
-        let out = DeviceTensor::zeros(&[b, 1, h, d], DType::F32, Device::Cpu)?;
+        cache.append(
+            &DeviceTensor::from_host(&kh, &kv_shape, Device::Cpu)?,
+            &DeviceTensor::from_host(&vh, &kv_shape, Device::Cpu)?,
+        )?;
+        let q = DeviceTensor::from_f32(
+            &random_values(b * h * d, 1),
+            &[b, 1, h, d],
+            dtype,
+            Device::Cpu,
+        )?;
+        let out = DeviceTensor::zeros(&[b, 1, h, d], dtype, Device::Cpu)?;
         forge_attn::Result::Ok((cache, q, out))
     })();
-    let Ok((cache, q, mut out)) = built else {
-        eprintln!("{name}: could not build the cache");
-        return;
+    let (cache, q, mut out) = match built {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("{name}: could not build the cache: {e}");
+            return None;
+        }
     };
     let config = AttentionConfig::new(h * d, h, len).with_num_kv_heads(hk);
-    let bytes = 2.0 * (n * 4) as f64;
-    let secs = median_secs(10, || backend.forward_cached(&config, &q, &cache, &mut out));
-    println!("ours {name} {:.3} {:.1}", secs * 1e3, bytes / secs / 1e9);
-    // The same bytes read once, split over the threads (K and V as two arrays).
-    let (Ok(kd), Ok(vd)) = (
-        DeviceTensor::from_f32(&random_values(n, 4), &kv_shape, DType::F32, Device::Cpu),
-        DeviceTensor::from_f32(&random_values(n, 5), &kv_shape, DType::F32, Device::Cpu),
-    ) else {
-        return;
-    };
-    let (Ok(kh), Ok(vh)) = (kd.to_f32_vec(), vd.to_f32_vec()) else {
-        return;
-    };
-    let secs = median_secs(10, || {
+    let decode = median_secs(10, || backend.forward_cached(&config, &q, &cache, &mut out));
+    drop(cache);
+    // Every element is loaded, widened and summed into 16 independent lanes per chunk of
+    // 64k elements, the chunks spread over rayon's pool (the threads the decode ran on);
+    // the sum is kept (black_box), so no read can be left out.
+    let stream = median_secs(10, || {
         use rayon::prelude::*;
-        let sum = |x: &Vec<f32>| {
+        let sum = |x: &[T]| {
             x.par_chunks(1 << 16)
                 .map(|c| {
                     let mut lanes = [0.0f32; 16];
                     for w in c.chunks_exact(16) {
                         for i in 0..16 {
-                            lanes[i] += w[i];
+                            lanes[i] += widen(w[i]);
                         }
                     }
                     lanes.iter().sum::<f32>()
                 })
                 .sum::<f32>()
         };
-        std::hint::black_box(sum(&kh) + sum(&vh))
+        std::hint::black_box(sum(std::hint::black_box(&kh)) + sum(std::hint::black_box(&vh)))
     });
-    println!(
-        "ours stream_read_{name} {:.3} {:.1}",
-        secs * 1e3,
-        bytes / secs / 1e9
-    );
+    Some((decode, stream))
 }
 
 criterion_group!(benches, bench_cpu);

@@ -7,11 +7,15 @@ Prints `torch NAME MEDIAN_MS GFLOP/s` (GB/s for the decode step and the streamin
 median of a few calls after one warm-up call. Prefill: B*S = 16384, H = 2048/D, layout
 [B, H, S, D]; f32 at D = 64 and 128, S = 512 to 4096, causal and not; bf16 at D = 128,
 S = 512 and 2048. Decode: one query per sequence, B=8, 32 query heads over 8 KV heads
-(enable_gqa), D=128, 4096 cached keys, f32.
+(enable_gqa), D=128, 4096 and 16384 cached keys, f32 and bf16, each followed by a
+streaming read of the same bytes (K and V summed) and the decode's fraction of its
+bandwidth (`fraction NAME F`).
 
 With `--ours FILE` (the output of `CPU_VS_TORCH= cargo bench --bench cpu_backend`, or of
 the bench binary, run with the same thread count), a markdown table follows: each shape's
-time on both sides and the speed of ours relative to torch (torch ms / ours ms).
+time on both sides and the speed of ours relative to torch (torch ms / ours ms), then the
+decode steps' GB/s on both sides with each one's fraction of the streaming read of its
+own run.
 """
 import argparse
 import statistics
@@ -19,6 +23,11 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+
+# The decode steps: batch, query heads, kv heads, head_dim; cached keys.
+DECODE_SHAPE = (8, 32, 8, 128)
+DECODE_LENS = (4096, 16384)
 
 
 def median_secs(reps, f):
@@ -64,7 +73,30 @@ def table(path, torch_ms):
     for name, t in torch_ms.items():
         if name in ours:
             print(f"| {name} | {ours[name]:.2f} | {t:.2f} | {t / ours[name]:.2f}x |")
+    # Decode steps against the streaming read of the same bytes, each side in its own run.
+    decodes = [n for n in ours if n.startswith("decode_") and f"stream_read_{n}" in ours]
+    if not decodes:
+        return
+    print()
+    print("| decode | ours (GB/s) | ours / its streaming read | torch (GB/s) | torch / its streaming read |")
+    print("|---|---:|---:|---:|---:|")
+    for name in decodes:
+        nbytes = decode_bytes(name)
+        gbs = lambda ms: nbytes / (ms * 1e-3) / 1e9
+        ours_frac = ours[f"stream_read_{name}"] / ours[name]
+        if name in torch_ms and f"stream_read_{name}" in torch_ms:
+            t = torch_ms[name]
+            torch_cols = f"{gbs(t):.1f} | {torch_ms[f'stream_read_{name}'] / t:.2f}"
+        else:
+            torch_cols = "- | -"
+        print(f"| {name} | {gbs(ours[name]):.1f} | {ours_frac:.2f} | {torch_cols} |")
 
+
+def decode_bytes(name):
+    """Bytes of K and V of a decode shape named `decode_KIND_bB_hH_kvK_dD_lL`."""
+    fields = dict((f[:2], f[2:]) if f.startswith("kv") else (f[0], f[1:]) for f in name.split("_")[2:])
+    size = 4 if name.split("_")[1] == "f32" else 2
+    return 2.0 * int(fields["b"]) * int(fields["kv"]) * int(fields["l"]) * int(fields["d"]) * size
 
 def run(a, results):
     torch.set_num_threads(a.threads)
@@ -89,23 +121,30 @@ def run(a, results):
             print(f"torch {name} {secs * 1e3:.2f} {flops / secs / 1e9:.1f}", flush=True)
             results[name] = secs * 1e3
 
-        b, h, hk, d, length = 8, 32, 8, 128, 4096
-        name = f"decode_f32_b{b}_h{h}_kv{hk}_d{d}_l{length}"
-        if a.filter not in name:
-            return
-        q = torch.randn(b, h, 1, d)
-        k = torch.randn(b, hk, length, d)
-        v = torch.randn(b, hk, length, d)
-        nbytes = 2.0 * k.numel() * 4
-        secs = median_secs(
-            10, lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-        )
-        print(f"torch {name} {secs * 1e3:.3f} {nbytes / secs / 1e9:.1f}")
-        results[name] = secs * 1e3
-        secs = median_secs(10, lambda: (k.sum(), v.sum()))
-        print(f"torch stream_read_{name} {secs * 1e3:.3f} {nbytes / secs / 1e9:.1f}")
-        results[f"stream_read_{name}"] = secs * 1e3
-
+        b, h, hk, d = DECODE_SHAPE
+        for dtype in (torch.float32, torch.bfloat16):
+            for length in DECODE_LENS:
+                kind = "f32" if dtype == torch.float32 else "bf16"
+                name = f"decode_{kind}_b{b}_h{h}_kv{hk}_d{d}_l{length}"
+                if a.filter not in name:
+                    continue
+                q = torch.randn(b, h, 1, d, dtype=dtype)
+                k = torch.randn(b, hk, length, d, dtype=dtype)
+                v = torch.randn(b, hk, length, d, dtype=dtype)
+                nbytes = 2.0 * k.numel() * k.element_size()
+                secs = median_secs(
+                    10, lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+                )
+                print(f"torch {name} {secs * 1e3:.3f} {nbytes / secs / 1e9:.1f}")
+                results[name] = secs * 1e3
+                # The same bytes read once (summed in f32 for both dtypes).
+                stream = median_secs(
+                    10, lambda: (k.sum(dtype=torch.float32), v.sum(dtype=torch.float32))
+                )
+                print(f"torch stream_read_{name} {stream * 1e3:.3f} {nbytes / stream / 1e9:.1f}")
+                print(f"fraction {name} {stream / secs:.2f}", flush=True)
+                results[f"stream_read_{name}"] = stream * 1e3
+                del q, k, v
 
 if __name__ == "__main__":
     main()

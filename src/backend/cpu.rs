@@ -51,6 +51,7 @@ use crate::problem::{AttentionProblem, HeadStrides, MaskStrides};
 use crate::tensor::DeviceTensor;
 
 mod cached;
+mod decode;
 pub(crate) mod merge;
 mod varlen;
 

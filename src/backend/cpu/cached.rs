@@ -166,6 +166,17 @@ pub(super) fn attend(
     let mut plan = cached_plan(p, os, keys.lens, keys.paging.map(|(pg, _)| pg));
     // SAFETY: the caller checked the per-head tensors; `_access` covers them.
     plan.opts = unsafe { super::row_options(options, p.num_heads, lse_strides) }?;
+    if super::decode::eligible(&plan) {
+        // SAFETY: as for the tiled tasks below.
+        return unsafe {
+            match p.dtype {
+                DType::F32 => super::decode::run::<f32>(&plan, raw, isa, min_split_keys),
+                DType::F16 => super::decode::run::<f16>(&plan, raw, isa, min_split_keys),
+                DType::BF16 => super::decode::run::<bf16>(&plan, raw, isa, min_split_keys),
+                d @ (DType::I32 | DType::U32 | DType::I64) => d.check_attention("q"),
+            }
+        };
+    }
     let (splits, split_keys) = key_splits(&plan, min_split_keys);
     // SAFETY: `p` was checked against q, out and the keys; every key a task reads is below
     // its sequence's length, inside the key storage (pages checked by the caller); `out`
@@ -206,6 +217,17 @@ fn check_pages(
         }
     }
     Ok(())
+}
+
+/// The plan of a cached call over `p` with every sequence full (for tests of the paths).
+#[cfg(test)]
+pub(super) fn plan_for_tests(p: &AttentionProblem) -> Plan {
+    let os = crate::problem::HeadStrides {
+        batch: p.seq_q * p.num_heads * p.head_dim,
+        head: p.head_dim,
+        seq: p.num_heads * p.head_dim,
+    };
+    cached_plan(p, os, &vec![p.seq_k; p.batch], None)
 }
 
 /// The tiling of `forward_into`, with the cache's lengths and paging, and query blocks of
@@ -349,7 +371,7 @@ fn work_of<'a>(
 ///
 /// # Safety
 /// As [`run`]; `g` is a task group of `plan`, whose rows no other thread writes.
-unsafe fn merge<T: Element>(plan: &Plan, raw: RawPtrs, g: usize, ranges: &mut [f64]) {
+pub(super) unsafe fn merge<T: Element>(plan: &Plan, raw: RawPtrs, g: usize, ranges: &mut [f64]) {
     let per_pair = plan.tasks_per_pair();
     let (pair, hc, qb) = (
         g / per_pair,
