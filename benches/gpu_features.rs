@@ -6,7 +6,7 @@
 //! the plain cached call, and a paged cache (page 16) against a contiguous one. bf16 and
 //! f16, layout [B, H, S, D] for the dense calls.
 //!
-//! `cargo bench --bench gpu_features -- [--dtypes bf16,f16] [--reps N]`
+//! `cargo bench --bench gpu_features -- [--dtypes bf16,f16] [--reps N] [--decode-only]`
 
 use forge_attn::reference::random_values;
 use forge_attn::{
@@ -20,6 +20,7 @@ const H: usize = 16;
 fn main() {
     let mut dtypes = vec![DType::BF16];
     let mut reps = 20usize;
+    let mut decode_only = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut v = || args.next().unwrap_or_default();
@@ -36,6 +37,7 @@ fn main() {
                     .collect()
             }
             "--reps" => reps = v().parse().unwrap_or(20),
+            "--decode-only" => decode_only = true,
             _ => {}
         }
     }
@@ -53,8 +55,10 @@ fn main() {
     };
     println!("device: {}", device.describe());
     for &dtype in &dtypes {
-        if let Err(e) = run_all(&backend, dtype, reps) {
-            println!("{dtype}: error {e}");
+        if !decode_only {
+            if let Err(e) = run_all(&backend, dtype, reps) {
+                println!("{dtype}: error {e}");
+            }
         }
         if let Err(e) = run_decode(&backend, dtype, reps) {
             println!("{dtype} decode: error {e}");

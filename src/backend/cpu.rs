@@ -2189,6 +2189,15 @@ mod tests {
     /// bounded by the tile and row budgets.
     #[test]
     fn tiling_shrinks_for_large_head_dims() {
+        // The query block also shrinks to give every thread work: fix the thread count.
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(2)
+            .build()
+            .expect("a two-thread pool")
+            .install(tiling_on_two_threads);
+    }
+
+    fn tiling_on_two_threads() {
         let plan = Plan::new(&problem(128, 8, 2, 512, 512), HeadStrides::default());
         assert_eq!(
             (plan.block_k, plan.heads_per_task, plan.head_chunks),

@@ -424,18 +424,23 @@ pub(super) fn plan_launch_over(
     // whose splits are long enough for its fixed costs not to show.
     let take = tensor_cores_override()
         .unwrap_or(rows > REG_ROWS || tc.split.split_keys >= MMA_MIN_SPLIT_KEYS);
-    if take {
-        Ok(tc)
-    } else {
-        plan(false)
-    }
+    // A recording of this call may take the other body (its cut is the capacity's): the
+    // workspace holds the splits of either, so that recording allocates nothing.
+    let reg_plan = plan(false)?;
+    let workspace_splits = tc.workspace_splits.max(reg_plan.workspace_splits);
+    Ok(DecodeLaunch {
+        workspace_splits,
+        ..if take { tc } else { reg_plan }
+    })
 }
 
 impl DecodeLaunch {
     /// The split workspace `p` needs with this plan, or `None` when the cache is not split.
     /// Refuses sizes that overflow.
     pub(super) fn workspace(&self, p: &AttentionProblem) -> Result<Option<SplitWorkspace>> {
-        if self.split.num_splits <= 1 {
+        // Sized for the capacity's cut even when this one is whole, so that a recording of
+        // the same call finds it.
+        if self.workspace_splits <= 1 {
             return Ok(None);
         }
         let too_big = || {
@@ -1019,6 +1024,25 @@ mod tests {
                 .unwrap()
                 .tensor_cores
         );
+    }
+
+    #[test]
+    fn the_workspace_holds_a_recording_of_either_body() {
+        for len in [10, 100, 3000] {
+            let p = problem(1, 1, len, 128, DType::BF16);
+            let now = plan_launch(132, true, &p, 32768, false, false).unwrap();
+            let recorded = plan_launch(132, true, &p, 32768, true, false).unwrap();
+            let reg = plan_launch(132, false, &p, 32768, true, false).unwrap();
+            for cut in [recorded.split, reg.split] {
+                assert!(
+                    now.workspace_splits >= cut.num_splits,
+                    "{len}: {now:?} {cut:?}"
+                );
+            }
+            // Even a call of one chunk gets the workspace its recording will need.
+            let w = now.workspace(&p).unwrap().expect("a workspace");
+            assert!(w.elems >= 32 * now.workspace_splits * 129);
+        }
     }
 
     #[test]
