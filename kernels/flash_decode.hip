@@ -1005,7 +1005,7 @@ FA_DEVICE void flash_decode_reg_body(const DecodeParams& p) {
 // times the queries), are the M dimension of mma.sync m16n8k16, so the math per K/V byte is a
 // few instructions whatever the group, and a draft of several queries reads K/V once too.
 //  * Each of the 8 warps owns 16 consecutive keys of every 128-key tile: it copies them
-//    (cp.async) into its own slots of a two-stage ring and reads them back with ldmatrix, so
+//    (cp.async) into its own slots of a DEC_MSTAGES-stage ring and reads them back with ldmatrix, so
 //    the key loop has no block barrier, only warp ones.
 //  * S = Q K^T (16 rows x 16 keys, Q from shared memory), the online softmax on the
 //    accumulator fragments (rows g and g + 8 of each lane, reduced over its quad), then
@@ -1014,7 +1014,9 @@ FA_DEVICE void flash_decode_reg_body(const DecodeParams& p) {
 //  * The warps' rows are merged, and the splits, as on the register path (dec_finish).
 #define DEC_MWARPS (DEC_THREADS / 32)
 #define DEC_MKEYS 16  // keys per warp per tile
+#ifndef DEC_MSTAGES
 #define DEC_MSTAGES 2
+#endif
 
 template <typename T, int HD> struct DecMma {
     static constexpr bool OK = FA_HAS_MMA && sizeof(T) == 2 && (HD == 64 || HD == 128);
@@ -1106,9 +1108,14 @@ FA_DEVICE void flash_decode_mma_body(const DecodeParams& p) {
     T* my_ring = ring + warp * M::WARP_ELEMS;
     constexpr int STAGE = DEC_MWARPS * M::WARP_ELEMS;
 
-    // The first tile's copies go out before anything else.
-    if (tiles > 0) dec_mma_issue<T, HD>(p, my_ring, b, kvh, key_begin + warp * DEC_MKEYS, key_end, len_old, lane);
-    dec_commit();
+    // The first tiles' copies go out before anything else.
+#pragma unroll
+    for (int st = 0; st < DEC_MSTAGES - 1; ++st) {
+        if (st < tiles)
+            dec_mma_issue<T, HD>(p, my_ring + st * STAGE, b, kvh, key_begin + st * N + warp * DEC_MKEYS, key_end,
+                                 len_old, lane);
+        dec_commit();
+    }
     // Query rows r = (head within group) * Sq + query index; padding rows and dims are zero.
     for (int idx = tid; idx < RB * HD; idx += DEC_THREADS) {
         const int r = idx / HD, d = idx % HD;
@@ -1121,9 +1128,9 @@ FA_DEVICE void flash_decode_mma_body(const DecodeParams& p) {
         fa_store(s_q + r * ROW + d, val);
     }
     // Fused append: the first block of each sequence writes its new tokens into the cache;
-    // its page scratch is warp 0's slot of the second stage, not in use yet.
+    // its page scratch is warp 0's slot of the last stage, not in use yet.
     if (p.n_new > 0 && blockIdx.x == 0 && blockIdx.y == 0)
-        dec_append<T>(p, b, len_old, reinterpret_cast<fa_i64*>(ring + STAGE));
+        dec_append<T>(p, b, len_old, reinterpret_cast<fa_i64*>(ring + (DEC_MSTAGES - 1) * STAGE));
     __syncthreads();  // s_q written (and the append's scratch released)
 
     // Rows g and g + 8 of this lane: what each keeps.
@@ -1153,12 +1160,13 @@ FA_DEVICE void flash_decode_mma_body(const DecodeParams& p) {
     float m[2] = {FA_NEG_INF, FA_NEG_INF}, l[2] = {0.f, 0.f};
 
     for (int t = 0; t < tiles; ++t) {
-        const int st = t & 1;
-        if (t + 1 < tiles)
-            dec_mma_issue<T, HD>(p, my_ring + (st ^ 1) * STAGE, b, kvh, key_begin + (t + 1) * N + warp * DEC_MKEYS,
-                                 key_end, len_old, lane);
+        const int st = t % DEC_MSTAGES;
+        const int ahead = t + DEC_MSTAGES - 1;
+        if (ahead < tiles)
+            dec_mma_issue<T, HD>(p, my_ring + (ahead % DEC_MSTAGES) * STAGE, b, kvh,
+                                 key_begin + ahead * N + warp * DEC_MKEYS, key_end, len_old, lane);
         dec_commit();
-        dec_wait<1>();
+        dec_wait<DEC_MSTAGES - 1>();
         __syncwarp();  // the warp's copies of this stage are visible to all its lanes
         const T* tile = my_ring + st * STAGE;
         const unsigned int k_addr = fa_smem_u32(tile + k_off);

@@ -160,7 +160,10 @@ int main(int argc, char** argv) {
     p.split_keys = (p.split_keys + gran - 1) / gran * gran;
     p.scale = 0.08838834764f; p.causal = 1;
     // decode_smem_bytes(bf16, 128) of the register and the tensor-core path
-    const size_t smem = MMA ? (size_t)(16 + 2 * 8 * 2 * 16) * (128 + 8) * 2 : (size_t)DEC_STAGES * 2 * 2 * DEC_THREADS * 16;
+#ifndef DEC_MSTAGES
+#define DEC_MSTAGES 2
+#endif
+    const size_t smem = MMA ? (size_t)(16 + DEC_MSTAGES * 8 * 2 * 16) * (128 + 8) * 2 : (size_t)DEC_STAGES * 2 * 2 * DEC_THREADS * 16;
     cudaStream_t s;
     CK(cudaStreamCreate(&s));
     const dim3 grid(splits, HKV, B);
