@@ -652,7 +652,8 @@ FA_DEVICE void dec_finish(const DecodeParams& p, const float* s_acc, const float
                           int tid) {
     // Items (row, 4 dims); with fewer items than threads each gets PARTS adjacent threads,
     // with more each thread takes every (DEC_THREADS / PARTS)-th: either way every thread
-    // runs the same number of iterations, so the shuffles below see whole warps.
+    // runs the same, compile-time number of iterations (one on the register path), so the
+    // shuffles below see whole warps.
     constexpr int ITEMS = RB * (HD / 4);
     constexpr int PARTS = ITEMS >= DEC_THREADS ? 1 : DEC_THREADS / ITEMS;
     constexpr int STRIDE = DEC_THREADS / PARTS;
@@ -660,7 +661,9 @@ FA_DEVICE void dec_finish(const DecodeParams& p, const float* s_acc, const float
                   "the merges give each (row, 4 dims) a power-of-two number of adjacent threads");
     const int group = p.num_heads / p.num_kv_heads;
     const int part = tid % PARTS;
-    for (int idx = tid / PARTS; idx < ITEMS; idx += STRIDE) {
+#pragma unroll
+    for (int it = 0; it < ITEMS / STRIDE; ++it) {
+        const int idx = tid / PARTS + it * STRIDE;
         const int r = idx / (HD / 4);
         const int rr = row0 + r;
         const int h = kvh * group + rr / p.seq_q, qi = rr % p.seq_q;
@@ -728,7 +731,9 @@ FA_DEVICE void dec_finish(const DecodeParams& p, const float* s_acc, const float
     // each batch's partial rows and log-sum-exps are loaded together (one round trip to L2),
     // then folded into a running max, sum and weighted sum; then the parts are folded.
     const int S = p.num_splits;
-    for (int idx = tid / PARTS; idx < ITEMS; idx += STRIDE) {
+#pragma unroll
+    for (int it = 0; it < ITEMS / STRIDE; ++it) {
+        const int idx = tid / PARTS + it * STRIDE;
         const int r = idx / (HD / 4);
         const int rr = row0 + r;
         const int h = kvh * group + rr / p.seq_q, qi = rr % p.seq_q;
@@ -1017,9 +1022,12 @@ FA_DEVICE void flash_decode_reg_body(const DecodeParams& p) {
 #ifndef DEC_MSTAGES
 #define DEC_MSTAGES 2
 #endif
+#ifndef DEC_NO_TENSOR_CORES  // 1: the register path alone (A/B runs of scripts/decode_probe.cu)
+#define DEC_NO_TENSOR_CORES 0
+#endif
 
 template <typename T, int HD> struct DecMma {
-    static constexpr bool OK = FA_HAS_MMA && sizeof(T) == 2 && (HD == 64 || HD == 128);
+    static constexpr bool OK = FA_HAS_MMA && !DEC_NO_TENSOR_CORES && sizeof(T) == 2 && (HD == 64 || HD == 128);
     static constexpr int ROW = HD + 8;  // shared row in elements: a 16-byte pad keeps ldmatrix conflict-free
     static constexpr int N = DEC_MWARPS * DEC_MKEYS;  // keys per block tile
     static constexpr int WARP_ELEMS = 2 * DEC_MKEYS * ROW;  // one warp's K then V rows of one stage

@@ -19,8 +19,9 @@ const REG_PER: usize = 2;
 /// Tiles in the register path's copy ring (`DEC_STAGES`).
 const REG_STAGES: usize = 3;
 pub(super) const THREADS: u32 = 256;
-/// Fewest keys worth giving a block of their own...
-const MIN_SPLIT_KEYS: usize = 128;
+/// Fewest keys worth giving a block of their own (H200, bf16, B = 1, L = 4096: 16 chunks of
+/// 256 keys 11.1 us, 32 of 128 11.7 us, the kernel alone from a graph)...
+const MIN_SPLIT_KEYS: usize = 256;
 /// ...except in short caches, where up to [`SHORT_CACHE_SPLITS`] chunks of at least this
 /// many keys still pay off (measured on the H100 with 128-thread blocks: B=1, L=1024 ran in 10.9 us with 16
 /// chunks of 64 keys, 14.1 us with 8 of 128; at L=4096, 64 chunks of 64 keys lose to 32
@@ -160,7 +161,7 @@ pub struct SplitPlan {
 /// bounds promise one; a tensor-core block's 140 KiB leave room for one. The H100 plan
 /// aimed for one register block per multiprocessor; on the H200 two measured faster where
 /// the cache is long (bf16, 8 KV heads, D = 128, B = 8, L = 32768: 4 chunks 273.5 us, 2
-/// chunks 352.0 us; B = 1, L = 4096 alike at 16 and 32 chunks, 12.0 / 12.1 us).
+/// chunks 352.0 us; short caches stay at 16 chunks through `MIN_SPLIT_KEYS`).
 fn blocks_per_sm(tensor_cores: bool, dtype: DType, bucket: usize) -> usize {
     if tensor_cores || reg_lanes(dtype, bucket).is_none() {
         1
@@ -195,7 +196,7 @@ pub(crate) fn split_plan(
 /// Chooses the split so the grid fills whole waves of the body's resident blocks
 /// ([`blocks_per_sm`]; a last, partly filled wave costs about as much as a full one), with
 /// at least one wave's worth of blocks where the cache is long enough, never giving a block
-/// fewer than 128 keys (64 in short caches); among equally good cuts, the one with the
+/// fewer than 256 keys (64 in short caches); among equally good cuts, the one with the
 /// fewest splits. `tensor_cores`: for the tensor-core body.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn split_plan_for(
@@ -784,11 +785,9 @@ mod tests {
             split_plan(132, 1, 8, 1, 1024, DType::BF16, 128).num_splits,
             16
         );
-        // 32 chunks: one wave of two blocks per multiprocessor (16 and 32 measured alike
-        // on the H200, 12.0 / 12.1 us).
         assert_eq!(
             split_plan(132, 1, 8, 1, 4096, DType::BF16, 128).num_splits,
-            32
+            16
         );
         // A short cache still gets two blocks per head when they fit in the first wave.
         assert_eq!(
