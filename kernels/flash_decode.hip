@@ -10,9 +10,11 @@
 //  * the register path can also append this step's tokens (n_new > 0): it reads them from
 //    the new rows, the first block of each sequence writes them into the cache, and the
 //    last block to finish its key loop advances the sequence's length, all in one launch.
-// Two bodies behind one entry point per dtype x head dim: the register path (below,
+// Three bodies behind one entry point per dtype x head dim: the register path (below,
 // DecReg<T, HD>::OK) for head dims that split into a power-of-two number of 16-byte lane
-// chunks, and the shared-memory path for the others. Both take the grid (num_splits *
+// chunks, the shared-memory path for the others, and for 16-bit caches at head dims 64 and
+// 128 on CUDA sm_80+ a tensor-core body (DecMma) that the host asks for per launch
+// (p.tensor_cores; decode_plan.rs says when). Both take the grid (num_splits *
 // row_groups, num_kv_heads, batch) (the host launches batches and KV heads past the y / z
 // limit in slices); DEC_THREADS threads; dynamic shared memory from decode_smem_bytes() (the
 // host computes the same formulas). K/V rows are read in 16-byte vectors: the host only
