@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs on the GPU machine (nvcc needed): builds scripts/decode_probe.cu against
-# kernels/flash_decode.hip and times the decode kernel alone for each "length:chunks:caches"
-# argument (default: the B=1 latency shapes, caches from DRAM and from L2). PROBE_FLAGS adds
+# kernels/flash_decode.hip and times the decode kernel alone for each
+# "length:chunks:caches[:batch:page:launches:tensor_cores]" argument (default: the B=1
+# latency shapes, caches from DRAM and from L2; decode_probe.cu explains each field). PROBE_FLAGS adds
 # nvcc flags (a -D of a kernel macro, or -DDEC_PROBE_KERNEL="path" for another source).
 set -euo pipefail
 cd "$(dirname "$0")"
