@@ -486,6 +486,45 @@ struct RawPtrs {
 unsafe impl Send for RawPtrs {}
 unsafe impl Sync for RawPtrs {}
 
+impl Plan {
+    /// The factor that turns row (b, head, query)'s output sum into its output, from its
+    /// max `m` and weight sum `l`: 1 / l, 0 when no key was visible (that row's output is
+    /// zero by contract), NaN for a NaN l (a poisoned row); with options the sink-aware
+    /// factor, the row's log-sum-exp then written to `raw.lse` when asked for.
+    ///
+    /// # Safety
+    /// The caller is the one task writing that row (its lse element included).
+    unsafe fn row_scale(
+        &self,
+        raw: &RawPtrs,
+        b: usize,
+        head: usize,
+        query: usize,
+        m: f64,
+        l: f64,
+    ) -> f64 {
+        match &self.opts {
+            None => {
+                if l == 0.0 {
+                    0.0
+                } else {
+                    1.0 / l
+                }
+            }
+            Some(o) => {
+                let (inv, lse) = o.finish(m, l, head);
+                if let Some(st) = o.lse {
+                    let at = b * st.batch + head * st.head + query * st.query;
+                    // SAFETY: one element of `lse`, written by this task only (the caller's
+                    // contract).
+                    unsafe { *raw.lse.add(at) = lse as f32 };
+                }
+                inv
+            }
+        }
+    }
+}
+
 /// Everything a task needs besides the data: sizes, strides and tiling.
 struct Plan {
     batch: usize,
@@ -1801,26 +1840,8 @@ unsafe fn task<T: Element, const FMA: bool>(
     }
     let op = raw.out as *mut T;
     for r in 0..rows {
-        // l is 0 only when no key was visible: that row's output is zero by contract. A NaN
-        // l (poisoned row) gives NaN.
-        let inv = match &plan.opts {
-            None => {
-                if ls[r] == 0.0 {
-                    0.0
-                } else {
-                    1.0 / ls[r]
-                }
-            }
-            Some(o) => {
-                let (inv, lse) = o.finish(ms[r] as f64, ls[r], head_of(r));
-                if let Some(st) = o.lse {
-                    let at = b * st.batch + head_of(r) * st.head + query_of(r) * st.query;
-                    // SAFETY: one element of `lse`, written by this task only.
-                    unsafe { *raw.lse.add(at) = lse as f32 };
-                }
-                inv
-            }
-        };
+        // SAFETY: this task owns row r of sequence b (its output and its lse element).
+        let inv = unsafe { plan.row_scale(&raw, b, head_of(r), query_of(r), ms[r] as f64, ls[r]) };
         let off = b * plan.out.batch + head_of(r) * plan.out.head + query_of(r) * plan.out.seq;
         // SAFETY: one output row inside `out`, written by this task only.
         let dst = unsafe { std::slice::from_raw_parts_mut(op.add(off), d) };

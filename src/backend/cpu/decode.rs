@@ -771,25 +771,8 @@ unsafe fn task<T: Element, const FMA: bool, const K: u8>(
     }
     let op = raw.out as *mut T;
     for r in 0..rows {
-        // l is 0 only when no key was visible: that row's output is zero by contract.
-        let inv = match &plan.opts {
-            None => {
-                if ls[r] == 0.0 {
-                    0.0
-                } else {
-                    1.0 / ls[r]
-                }
-            }
-            Some(o) => {
-                let (inv, lse) = o.finish(ms[r] as f64, ls[r], head_of(r));
-                if let Some(st) = o.lse {
-                    let at = b * st.batch + head_of(r) * st.head + query_of(r) * st.query;
-                    // SAFETY: one element of `lse`, written by this task only.
-                    unsafe { *raw.lse.add(at) = lse as f32 };
-                }
-                inv
-            }
-        };
+        // SAFETY: this task owns row r of sequence b (its output and its lse element).
+        let inv = unsafe { plan.row_scale(&raw, b, head_of(r), query_of(r), ms[r] as f64, ls[r]) };
         let off = b * plan.out.batch + head_of(r) * plan.out.head + query_of(r) * plan.out.seq;
         // SAFETY: one output row inside `out`, written by this task only.
         let dst = unsafe { std::slice::from_raw_parts_mut(op.add(off), d) };
