@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rayon::prelude::*;
 
-use super::{exp2, fmadd, try_zeroed, Element, Isa, Plan, RawPtrs, LOG2_E, MR};
+use super::{exp2, fmadd, hsum, try_zeroed, Element, Isa, Plan, RawPtrs, LOG2_E, MR, NR};
 use crate::error::Result;
 
 /// Most query rows (query heads of a group times queries) a decode task takes.
@@ -39,8 +39,9 @@ const K_AHEAD: usize = 2 * BLOCK;
 /// (256 keys: as few terms as the tiled task's f32 partials hold).
 const MERGE_BLOCKS: usize = 8;
 
-/// Lanes of one chunk of a row in the portable loops (two AVX2 vectors).
-const W: usize = 16;
+/// Lanes of one chunk of a row in the portable loops (two AVX2 vectors): the tiled task's,
+/// so its pairwise lane sum serves both.
+const W: usize = NR;
 
 /// Most bytes of the partial rows of one call; beyond it the keys are cut into fewer
 /// ranges.
@@ -317,20 +318,6 @@ fn widen<T: Element>(x: &[T; W]) -> [f32; W] {
         out[l] = x[l].widen();
     }
     out
-}
-
-/// Sum of the lanes, pairwise.
-#[inline(always)]
-fn hsum(a: &[f32; W]) -> f32 {
-    let mut h = [0.0f32; W / 2];
-    for i in 0..W / 2 {
-        h[i] = a[i] + a[i + W / 2];
-    }
-    let mut g = [0.0f32; W / 4];
-    for i in 0..W / 4 {
-        g[i] = h[i] + h[i + W / 4];
-    }
-    (g[0] + g[2]) + (g[1] + g[3])
 }
 
 /// The dot products of the `MR` query rows `q[r * dp..]` (zero past `k.len()`) with the
