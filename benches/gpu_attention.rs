@@ -155,19 +155,8 @@ fn measure(
     let cfgdesc = match (path, plan.flash) {
         ("flash" | "tf32", Some(c)) => match c.tile {
             Some(t) => format!(
-                "{:?}{} BM={} BN={} threads={} smem={}",
-                c.kernel,
-                if t.tf32 {
-                    " tf32"
-                } else if t.wgmma {
-                    " wgmma"
-                } else {
-                    ""
-                },
-                t.block_m,
-                t.block_n,
-                t.threads,
-                t.smem_bytes
+                "{:?} {} BM={} BN={} threads={} smem={}",
+                c.kernel, c.implementation, t.block_m, t.block_n, t.threads, t.smem_bytes
             ),
             None => format!("{:?}", c.kernel),
         },

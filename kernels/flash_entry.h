@@ -4,7 +4,7 @@
 // and named by the catalog (src/kernels/catalog.rs), which compiles one variant at a time
 // with
 //   FA_VARIANT_NAME     the entry point's name
-//   FA_VARIANT_IMPL     simt | split | mma | tf32 | wgmma (the body below)
+//   FA_VARIANT_IMPL     simt | split | mma | tf32 | wgmma | wgws (the body below)
 //   FA_VARIANT_DT, _HD, _BM, _BN, _THREADS, _SMEM   the tile row of flash_config.h
 // Without FA_VARIANT_* (the AMD build of every FA_TILE_HIP row) each row is emitted as
 // flash_attention_<mode>_<dt>_hd<bucket> on the SIMT body.
@@ -18,6 +18,7 @@
 #include "flash_attention_mma.h"
 #include "flash_attention_tf32.h"
 #include "flash_attention_wgmma.h"
+#include "flash_attention_wgmma_ws.h"
 
 // Element type of a row's dtype token; TF32 rows hold f32.
 #define FA_ELEM_f32 float
@@ -54,7 +55,26 @@ template <typename T, int HD, int BM, int BN, int THREADS, int SMEM, int MODE>
 FA_DEVICE void fa_flash_impl_wgmma(const AttnParams& p) {
     fa_wgmma_forward<T, HD, BM, BN, THREADS, SMEM, MODE>(p);
 }
+// wgws: f16/bf16 on Hopper, warp specialized with TMA copies (an FA_TILE_SM90_WS row, plain
+// variants only); its argument carries the tensor maps (FaWsParams).
+template <typename T, int HD, int BM, int BN, int THREADS, int SMEM, int MODE>
+FA_DEVICE void fa_flash_impl_wgws(const FaWsParams& P) {
+    typedef FaWsShape<HD, BN, BM / 64, 2> WS;
+    static_assert(!FA_EXT, "the warp-specialized kernel has plain variants only");
+    static_assert(WS::BM == BM && WS::THREADS == THREADS, "FA_TILE_SM90_WS rows have THREADS = 2 * BLOCK_M + 128");
+    static_assert(WS::SMEM_BYTES <= SMEM, "warp-specialized layout exceeds the tile row's SMEM_BYTES");
+    fa_wgmma_ws_forward<T, HD, BN, BM / 64, 2, MODE>(P);
+}
 #endif
+
+// The kernel argument of each body: the argument block, or (wgws) the tensor maps ahead of
+// it, as a grid constant so that TMA can read the maps where the launch put them.
+#define FA_PARAM_simt AttnParams
+#define FA_PARAM_split AttnParams
+#define FA_PARAM_mma AttnParams
+#define FA_PARAM_tf32 AttnParams
+#define FA_PARAM_wgmma AttnParams
+#define FA_PARAM_wgws const __grid_constant__ FaWsParams
 
 // Occupancy hint. One block per SM: a 2-block cap (128 registers) makes the hd32/hd64 tiles
 // spill and measured no faster on H100.
@@ -63,7 +83,7 @@ FA_DEVICE void fa_flash_impl_wgmma(const AttnParams& p) {
 #endif
 
 #define FA_DEFINE_FLASH_KERNEL_I(fn, impl, mode, dt, hd, bm, bn, th, sm)                     \
-    FA_KERNEL void FA_LAUNCH_BOUNDS_MIN(th, FA_FLASH_MIN_BLOCKS) fn(AttnParams p) {           \
+    FA_KERNEL void FA_LAUNCH_BOUNDS_MIN(th, FA_FLASH_MIN_BLOCKS) fn(FA_PARAM_##impl p) {     \
         fa_flash_impl_##impl<FA_ELEM_##dt, hd, bm, bn, th, sm, mode>(p);                     \
     }
 #define FA_DEFINE_FLASH_KERNEL(fn, impl, mode, dt, hd, bm, bn, th, sm) \

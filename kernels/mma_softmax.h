@@ -44,14 +44,11 @@ FA_DEVICE void fa_mma_mask_tile(float (&s)[NT][4], const AttnParams& p, int b, i
 
 // Scores s (raw with mul = scale * log2(e) > 0, or already in the log2 domain with mul = 1)
 // become unnormalized probabilities; m is the reference max per row, l the per-lane partial
-// row sum (quad-reduced by the caller at the end). A row with no visible key so far keeps
-// m = -inf and l = 0; its exponentials are taken against 0 so that -inf - -inf never
-// happens. O is rescaled on every tile: keeping the old reference until some row max of
-// the warp grew by more than 2^8 (a warp vote per tile, skipping most rescales) measured 9%
-// slower at head_dim 64 on the H100 and within 1.5% at 128 and 256.
-template <int NT, int DT>
-FA_DEVICE void fa_mma_online_softmax(float (&s)[NT][4], float (&o)[DT][4], float (&m)[2], float (&l)[2],
-                                     float mul) {
+// row sum (quad-reduced by the caller at the end), alpha the factor by which the row's O
+// must be scaled to the new reference. A row with no visible key so far keeps m = -inf and
+// l = 0; its exponentials are taken against 0 so that -inf - -inf never happens.
+template <int NT>
+FA_DEVICE void fa_mma_softmax_rows(float (&s)[NT][4], float (&m)[2], float (&l)[2], float mul, float (&alpha)[2]) {
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
         float mx = s[0][2 * r];
@@ -61,7 +58,7 @@ FA_DEVICE void fa_mma_online_softmax(float (&s)[NT][4], float (&o)[DT][4], float
         mx = fmaxf(mx, fa_shfl_xor(mx, 2, 32));
         const float m_new = fmaxf(m[r], mx * mul);
         const float m_use = m_new == FA_NEG_INF ? 0.0f : m_new;
-        const float alpha = fa_exp2f(m[r] - m_use);
+        alpha[r] = fa_exp2f(m[r] - m_use);
         m[r] = m_new;
         float rs = 0.0f;
 #pragma unroll
@@ -72,13 +69,31 @@ FA_DEVICE void fa_mma_online_softmax(float (&s)[NT][4], float (&o)[DT][4], float
             s[j][2 * r + 1] = e1;
             rs += e0 + e1;
         }
-        l[r] = fmaf(l[r], alpha, rs);
-#pragma unroll
-        for (int j = 0; j < DT; ++j) {
-            o[j][2 * r] *= alpha;
-            o[j][2 * r + 1] *= alpha;
-        }
+        l[r] = fmaf(l[r], alpha[r], rs);
     }
+}
+
+// O rows scaled by their alpha (fa_mma_softmax_rows).
+template <int DT> FA_DEVICE void fa_mma_rescale(float (&o)[DT][4], const float (&alpha)[2]) {
+#pragma unroll
+    for (int j = 0; j < DT; ++j) {
+        o[j][0] *= alpha[0];
+        o[j][1] *= alpha[0];
+        o[j][2] *= alpha[1];
+        o[j][3] *= alpha[1];
+    }
+}
+
+// fa_mma_softmax_rows with O rescaled at once. O is rescaled on every tile: keeping the old
+// reference until some row max of the warp grew by more than 2^8 (a warp vote per tile,
+// skipping most rescales) measured 9% slower at head_dim 64 on the H100 and within 1.5% at
+// 128 and 256.
+template <int NT, int DT>
+FA_DEVICE void fa_mma_online_softmax(float (&s)[NT][4], float (&o)[DT][4], float (&m)[2], float (&l)[2],
+                                     float mul) {
+    float alpha[2];
+    fa_mma_softmax_rows<NT>(s, m, l, mul, alpha);
+    fa_mma_rescale<DT>(o, alpha);
 }
 
 // The FA_EXT transforms on a tile whose keys every row sees (no visibility test): raw scores

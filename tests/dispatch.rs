@@ -23,6 +23,7 @@ fn input(dtype: DType, head_dim: usize, causal: bool, has_mask: bool, seq_q: usi
         ext: false,
         packed: false,
         paged: false,
+        tma: true,
     }
 }
 

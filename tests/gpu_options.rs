@@ -530,6 +530,7 @@ fn extended_calls_plan_the_extended_variants() {
         ext,
         packed,
         paged: false,
+        tma: true,
     };
     let plan = |i: PlanInput| can_use_flash_attention(&i, true, u32::MAX, hopper);
     let plain = plan(input(DType::BF16, 1, false, false)).unwrap();

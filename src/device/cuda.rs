@@ -13,7 +13,10 @@ use cudarc::driver::sys;
 use super::driver::{GpuDriver, PointerInfo, RawStream};
 use super::kernel_table::KernelTable;
 use super::launch::LaunchDims;
+use super::tensor_map::{self, TensorMapDesc};
+use crate::dtype::DType;
 use crate::error::{AttentionError, ErrorSource, Result};
+use crate::kernels::abi::TensorMap;
 use crate::kernels::{self, KernelId, KernelSpec};
 
 fn runtime_err(op: &str, e: DriverError) -> AttentionError {
@@ -149,6 +152,52 @@ impl GpuDriver for CudaRuntime {
     /// compute_90a.
     fn has_wgmma(&self) -> bool {
         self.cc == (9, 0)
+    }
+
+    fn encode_tensor_map(&self, desc: &TensorMapDesc) -> Result<TensorMap> {
+        desc.check()
+            .map_err(|reason| AttentionError::NotSupported {
+                backend: "cuda".into(),
+                reason: format!("no TMA tensor map for this operand: {reason}"),
+            })?;
+        if self.cc.0 < 9 {
+            return Err(AttentionError::NotSupported {
+                backend: "cuda".into(),
+                reason: format!(
+                    "TMA needs sm_90 or newer, this device is sm_{}{}",
+                    self.cc.0, self.cc.1
+                ),
+            });
+        }
+        let dtype = match desc.dtype {
+            DType::BF16 => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+            _ => sys::CUtensorMapDataType::CU_TENSOR_MAP_DATA_TYPE_FLOAT16,
+        };
+        let boxes = [tensor_map::BOX_COLS, desc.box_rows, 1, 1];
+        let unit = [1u32; 4];
+        let mut map = sys::CUtensorMap { opaque: [0; 16] };
+        // SAFETY: the arrays hold rank (4) extents, rank - 1 strides and rank box and
+        // element strides; the map is written, never read, by the driver; nothing is
+        // dereferenced at the global address here (it is recorded into the map).
+        unsafe {
+            sys::cuTensorMapEncodeTiled(
+                &mut map,
+                dtype,
+                4,
+                desc.ptr as *mut c_void,
+                desc.dims.as_ptr(),
+                desc.strides.as_ptr(),
+                boxes.as_ptr(),
+                unit.as_ptr(),
+                sys::CUtensorMapInterleave::CU_TENSOR_MAP_INTERLEAVE_NONE,
+                sys::CUtensorMapSwizzle::CU_TENSOR_MAP_SWIZZLE_128B,
+                sys::CUtensorMapL2promotion::CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                sys::CUtensorMapFloatOOBfill::CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE,
+            )
+        }
+        .result()
+        .map_err(|e| runtime_err("cuTensorMapEncodeTiled", e))?;
+        Ok(TensorMap(map.opaque))
     }
 
     fn bind(&self) -> Result<()> {

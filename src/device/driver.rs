@@ -12,7 +12,9 @@
 use std::ffi::c_void;
 
 use super::launch::LaunchDims;
+use super::tensor_map::TensorMapDesc;
 use crate::error::Result;
+use crate::kernels::abi::TensorMap;
 use crate::kernels::{KernelId, KernelSpec};
 
 /// A vendor stream handle (`CUstream`, `hipStream_t`) as an untyped pointer.
@@ -51,6 +53,9 @@ pub(crate) trait GpuDriver: Send + Sync {
     fn has_mma(&self) -> bool;
     /// Whether the device runs the warpgroup MMA (wgmma) kernels.
     fn has_wgmma(&self) -> bool;
+    /// The tensor map of `desc` (checked by [`TensorMapDesc::check`] first), encoded by the
+    /// driver: host work only, nothing is queued. Refused where the device has no TMA.
+    fn encode_tensor_map(&self, desc: &TensorMapDesc) -> Result<TensorMap>;
 
     /// Makes the device current on the calling thread, where it is not already (the
     /// common case: asking is cheaper than setting).

@@ -23,8 +23,10 @@ use super::built_without;
 use super::driver::{GpuDriver, PointerInfo, RawStream};
 use super::graph::GraphUse;
 use super::launch::LaunchDims;
+use super::tensor_map::TensorMapDesc;
 use super::{gpu_unavailable, Device, Lease};
 use crate::error::{AttentionError, Result};
+use crate::kernels::abi::TensorMap;
 use crate::kernels::{KernelId, KernelSpec};
 
 /// The vendor runtime behind a device. An enum rather than a trait object so that a launch
@@ -421,6 +423,11 @@ impl GpuRuntime {
     /// (they are built for the architecture-specific target compute_90a).
     pub fn has_wgmma(&self) -> bool {
         on_driver!(self.driver, d => d.has_wgmma())
+    }
+
+    /// The TMA tensor map of `desc` ([`GpuDriver::encode_tensor_map`]).
+    pub(crate) fn encode_tensor_map(&self, desc: &TensorMapDesc) -> Result<TensorMap> {
+        on_driver!(self.driver, d => d.encode_tensor_map(desc))
     }
 
     /// Largest dynamic shared memory a block may opt into.

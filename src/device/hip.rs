@@ -18,7 +18,9 @@ use super::driver::{GpuDriver, PointerInfo, RawStream};
 use super::hip_sys as ffi;
 use super::kernel_table::KernelTable;
 use super::launch::LaunchDims;
+use super::tensor_map::TensorMapDesc;
 use crate::error::{AttentionError, ErrorSource, Result};
+use crate::kernels::abi::TensorMap;
 use crate::kernels::{self, KernelFile, KernelId, KernelSpec};
 
 /// The name of a HIP status code (`hipErrorNoDevice`, ...).
@@ -262,6 +264,13 @@ impl GpuDriver for HipRuntime {
 
     fn has_wgmma(&self) -> bool {
         false
+    }
+
+    fn encode_tensor_map(&self, _desc: &TensorMapDesc) -> Result<TensorMap> {
+        Err(AttentionError::NotSupported {
+            backend: "hip".into(),
+            reason: "TMA tensor maps are a CUDA sm_90 feature".into(),
+        })
     }
 
     fn bind(&self) -> Result<()> {

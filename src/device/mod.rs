@@ -27,6 +27,7 @@ mod hip_sys;
 mod kernel_table;
 pub(crate) mod launch;
 mod stream;
+pub(crate) mod tensor_map;
 
 /// The lifetime of memory lent to forge-attn for a borrow: ended by the guard that lent it,
 /// after which every tensor made from that memory refuses to be used.

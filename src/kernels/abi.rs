@@ -100,6 +100,27 @@ pub(crate) struct AttnParams {
     pub pad_: i32,
 }
 
+/// The driver's 128-byte tensor map (`CUtensorMap`, `FaTensorMap` of kernels/tma_ops.h),
+/// encoded on the host and read by the kernels' TMA copies.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct TensorMap(pub [u64; 16]);
+
+/// Tail padding of [`WsParams`] up to its 64-byte alignment, spelled out for `Pod`.
+const WS_PAD: usize = (64 - (3 * 128 + std::mem::size_of::<AttnParams>()) % 64) % 64;
+
+/// `FaWsParams` of kernels/flash_attention_wgmma_ws.h: the tensor maps of Q, K and V ahead
+/// of the usual argument block (the warp-specialized Hopper kernel).
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, bytemuck::Pod, bytemuck::Zeroable)]
+pub(crate) struct WsParams {
+    pub tq: TensorMap,
+    pub tk: TensorMap,
+    pub tv: TensorMap,
+    pub p: AttnParams,
+    pub pad_: [u8; WS_PAD],
+}
+
 /// log2 of a power-of-two page size (shift and mask in the kernels), else -1 (division):
 /// the `page_shift` of [`AttnParams`] and [`DecodeParams`].
 pub(crate) fn page_shift(page_size: i32) -> i32 {
@@ -379,6 +400,26 @@ mod tests {
     fn copy_params_match_the_c_struct() {
         let rust = fields!(CopyParams; src, dst, shape, src_strides, dst_strides, numel);
         assert_layout::<CopyParams>("attention_params.h", "CopyParams", &rust);
+    }
+
+    #[test]
+    fn ws_params_put_the_tensor_maps_ahead_of_the_argument_block() {
+        assert_eq!((size_of::<TensorMap>(), align_of::<TensorMap>()), (128, 64));
+        assert_eq!(offset_of!(WsParams, tk), 128);
+        assert_eq!(offset_of!(WsParams, tv), 256);
+        assert_eq!(offset_of!(WsParams, p), 384);
+        assert_eq!(align_of::<WsParams>(), 64);
+        assert_eq!(
+            size_of::<WsParams>(),
+            (384 + size_of::<AttnParams>()).next_multiple_of(64)
+        );
+        // The C declaration this mirrors, field for field.
+        let text = kernel_source("flash_attention_wgmma_ws.h").expect("kernel header");
+        assert!(text
+            .contains("struct FaWsParams {\n    FaTensorMap tq, tk, tv;\n    AttnParams p;\n};"));
+        let maps = kernel_source("tma_ops.h").expect("kernel header");
+        assert!(maps
+            .contains("struct alignas(64) FaTensorMap {\n    unsigned long long opaque[16];\n};"));
     }
 
     #[test]

@@ -20,7 +20,7 @@
 //! through a block table ([`FlashExt`]);
 //! `_b2`/`_b4` name the element size in bytes. Names are unique across all files.
 
-use super::tiles::{flash_table, FlashTile, TileVendor};
+use super::tiles::{flash_table, flash_table_ws, FlashTile, TileVendor};
 use crate::dtype::DType;
 
 /// One kernel source file in `kernels/`.
@@ -149,7 +149,7 @@ impl KernelSpec {
         match imp {
             FlashImpl::Simt | FlashImpl::SimtSplit => true,
             FlashImpl::MmaSync | FlashImpl::Tf32 => cc >= 80,
-            FlashImpl::Wgmma => cc == 90,
+            FlashImpl::Wgmma | FlashImpl::WgmmaWs => cc == 90,
         }
     }
 }
@@ -173,16 +173,21 @@ pub enum FlashImpl {
     Tf32,
     /// f16/bf16 on Hopper's warpgroup MMA (sm_90, built for compute_90a).
     Wgmma,
+    /// f16/bf16 on Hopper, warp specialized: one producer warpgroup feeding K / V by TMA
+    /// into an mbarrier ring, math warpgroups taking turns on the tensor cores (sm_90,
+    /// compute_90a; plain calls on Q / K / V that TMA can address).
+    WgmmaWs,
 }
 
 impl FlashImpl {
     /// Every implementation.
-    pub const ALL: [FlashImpl; 5] = [
+    pub const ALL: [FlashImpl; 6] = [
         FlashImpl::Simt,
         FlashImpl::SimtSplit,
         FlashImpl::MmaSync,
         FlashImpl::Tf32,
         FlashImpl::Wgmma,
+        FlashImpl::WgmmaWs,
     ];
 
     /// The `FA_VARIANT_IMPL` token that makes `flash_entry.h` compile this body.
@@ -193,18 +198,20 @@ impl FlashImpl {
             FlashImpl::MmaSync => "mma",
             FlashImpl::Tf32 => "tf32",
             FlashImpl::Wgmma => "wgmma",
+            FlashImpl::WgmmaWs => "wgws",
         }
     }
 
     /// What the entry-point name of a tile row adds for this implementation: nothing for
     /// SIMT (the names of the AMD code objects), `_split`, `_mma` (f16/bf16 and TF32 rows
-    /// alike: the row's dtype token tells them apart), `_wgmma`.
+    /// alike: the row's dtype token tells them apart), `_wgmma`, `_ws`.
     pub fn name_suffix(self) -> &'static str {
         match self {
             FlashImpl::Simt => "",
             FlashImpl::SimtSplit => "_split",
             FlashImpl::MmaSync | FlashImpl::Tf32 => "_mma",
             FlashImpl::Wgmma => "_wgmma",
+            FlashImpl::WgmmaWs => "_ws",
         }
     }
 
@@ -212,18 +219,21 @@ impl FlashImpl {
     pub fn uses_tensor_cores(self) -> bool {
         matches!(
             self,
-            FlashImpl::MmaSync | FlashImpl::Tf32 | FlashImpl::Wgmma
+            FlashImpl::MmaSync | FlashImpl::Tf32 | FlashImpl::Wgmma | FlashImpl::WgmmaWs
         )
     }
 
     /// The implementations a tile row is built for, the one for aligned inputs first:
     /// SIMT for f32 and AMD rows; the row's tensor-core kernel and the split SIMT kernel for
-    /// the f16/bf16, TF32 and `FA_TILE_SM90` rows of CUDA.
+    /// the f16/bf16, TF32 and `FA_TILE_SM90` rows of CUDA; the warp-specialized kernel
+    /// alone for an `FA_TILE_SM90_WS` row (its calls have already passed the TMA check).
     pub fn for_tile(tile: &FlashTile, vendor: TileVendor) -> &'static [FlashImpl] {
         if vendor == TileVendor::Hip {
             return &[FlashImpl::Simt];
         }
-        if tile.wgmma {
+        if tile.warp_specialized {
+            &[FlashImpl::WgmmaWs]
+        } else if tile.wgmma {
             &[FlashImpl::Wgmma, FlashImpl::SimtSplit]
         } else if tile.tf32 {
             &[FlashImpl::Tf32, FlashImpl::SimtSplit]
@@ -243,6 +253,7 @@ impl std::fmt::Display for FlashImpl {
             FlashImpl::MmaSync => "mma.sync",
             FlashImpl::Tf32 => "tf32-mma.sync",
             FlashImpl::Wgmma => "wgmma",
+            FlashImpl::WgmmaWs => "wgmma-ws",
         })
     }
 }
@@ -265,8 +276,9 @@ const COMBINE_LISTED_BUCKET: usize = 128;
 /// defines, `FA_VARIANT_IMPL` and `FA_VARIANT_NAME` (the name), `<mode>` from
 /// [`KernelFile::flash_mode`] and `<suffix>` from [`FlashImpl::name_suffix`].
 ///
-/// `<dt>` is the tile's dtype, or `tf32` for a TF32 row; an `FA_TILE_SM90` row's name has
-/// `_sm90`. A [`FlashImpl::Wgmma`] variant is [`KernelSpec::arch_specific`]. `file` should be
+/// `<dt>` is the tile's dtype, or `tf32` for a TF32 row; an `FA_TILE_SM90` or
+/// `FA_TILE_SM90_WS` row's name has `_sm90`. [`FlashImpl::Wgmma`] and
+/// [`FlashImpl::WgmmaWs`] variants are [`KernelSpec::arch_specific`]. `file` should be
 /// one of [`KernelFile::FLASH`]; otherwise the name is one no kernel file defines
 /// (`flash_attention_<file stem>_...`), so loading it fails with a
 /// [`crate::AttentionError::KernelBuild`] instead of running the wrong kernel.
@@ -317,7 +329,11 @@ pub fn flash_variant(
 ) -> KernelSpec {
     let mode = file.flash_mode().unwrap_or_else(|| file.stem());
     let dt = tile.kernel_dtype_name();
-    let row = if tile.wgmma { "_sm90" } else { "" };
+    let row = if tile.wgmma || tile.warp_specialized {
+        "_sm90"
+    } else {
+        ""
+    };
     let name = format!(
         "flash_attention_{mode}_{dt}_hd{}{row}{}{}",
         tile.head_dim,
@@ -340,7 +356,7 @@ pub fn flash_variant(
         FlashExt::Paged => defines.push(("FA_VARIANT_EXT", "2".to_string())),
     }
     KernelSpec {
-        arch_specific: implementation == FlashImpl::Wgmma,
+        arch_specific: matches!(implementation, FlashImpl::Wgmma | FlashImpl::WgmmaWs),
         implementation: Some(implementation),
         ..KernelSpec::new(file, name, defines)
     }
@@ -649,6 +665,7 @@ pub fn all_variants(vendor: TileVendor) -> Vec<KernelSpec> {
     let mut tiles = flash_table(vendor).unwrap_or(&[]).to_vec();
     if vendor == TileVendor::Cuda {
         tiles.extend_from_slice(flash_table(TileVendor::CudaSm90).unwrap_or(&[]));
+        tiles.extend_from_slice(flash_table_ws().unwrap_or(&[]));
     }
     for file in KernelFile::FLASH {
         for tile in &tiles {
@@ -656,7 +673,8 @@ pub fn all_variants(vendor: TileVendor) -> Vec<KernelSpec> {
                 specs.push(flash(file, tile, imp));
                 // The extended variants are NVRTC-built only: the AMD code objects hold
                 // the plain SIMT rows.
-                if vendor != TileVendor::Hip {
+                // The warp-specialized rows have plain variants only.
+                if vendor != TileVendor::Hip && !tile.warp_specialized {
                     specs.push(flash_variant(file, tile, imp, FlashExt::Options));
                     if file != KernelFile::FlashMasked {
                         specs.push(flash_variant(file, tile, imp, FlashExt::Paged));

@@ -40,6 +40,6 @@ pub use hsaco::{hip_archs_built, hsaco_path};
 pub use nvrtc::{compile_ptx, nvrtc_available};
 pub use source::{full_source, kernel_source, kernel_sources};
 pub use tiles::{
-    flash_table, flash_tile_for, flash_tile_for_vendor, flash_tile_tf32, flash_tiles,
-    parse_flash_config, FlashTile, TileVendor,
+    flash_table, flash_table_ws, flash_tile_for, flash_tile_for_vendor, flash_tile_tf32,
+    flash_tile_ws, flash_tiles, parse_flash_config, FlashTile, TileVendor,
 };

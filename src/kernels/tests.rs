@@ -79,6 +79,7 @@ fn table_accepts_comments_directives_and_both_vendors() {
             dtype: DType::BF16,
             tf32: false,
             wgmma: false,
+            warp_specialized: false,
             head_dim: 128,
             block_m: 64,
             block_n: 32,
@@ -210,17 +211,25 @@ fn tile_lookup_takes_the_smallest_bucket_that_fits() {
 fn variant_names_are_unique_and_follow_the_convention() {
     let specs = all_nvrtc_variants();
     let sm90 = flash_table(TileVendor::CudaSm90).unwrap();
-    let tiles: Vec<FlashTile> = flash_tiles().iter().chain(sm90).copied().collect();
+    let ws = flash_table_ws().unwrap();
+    assert!(!ws.is_empty());
+    let tiles: Vec<FlashTile> = flash_tiles()
+        .iter()
+        .chain(sm90)
+        .chain(ws)
+        .copied()
+        .collect();
     let flash_variants: usize = tiles
         .iter()
+        .filter(|t| !t.warp_specialized)
         .map(|t| FlashImpl::for_tile(t, TileVendor::Cuda).len())
         .sum();
-    // Each flash variant plain and extended; decode: 27 kernels and 3 merges, plain and
-    // with options.
+    // Each flash variant plain and extended (the warp-specialized rows plain only);
+    // decode: 27 kernels and 3 merges, plain and with options.
     assert_eq!(
         specs.len(),
         // plain and `_ext` in all three files, `_paged` in the two unmasked ones
-        (3 * 2 + 2) * flash_variants + 7 + 4 + 2 * (27 + 3) + 2
+        (3 * 2 + 2) * flash_variants + 3 * ws.len() + 7 + 4 + 2 * (27 + 3) + 2
     );
     let mut names = HashSet::new();
     for s in &specs {
@@ -239,12 +248,19 @@ fn variant_names_are_unique_and_follow_the_convention() {
                     file.flash_mode().unwrap(),
                     t.kernel_dtype_name(),
                     t.head_dim,
-                    if t.wgmma { "_sm90" } else { "" },
+                    if t.wgmma || t.warp_specialized {
+                        "_sm90"
+                    } else {
+                        ""
+                    },
                     imp.name_suffix()
                 );
                 assert_eq!(s.name, expect);
                 assert!(names.contains(&expect));
-                assert_eq!(s.arch_specific, imp == FlashImpl::Wgmma);
+                assert_eq!(
+                    s.arch_specific,
+                    matches!(imp, FlashImpl::Wgmma | FlashImpl::WgmmaWs)
+                );
                 assert_eq!(s.implementation, Some(imp));
                 let d: Vec<String> = s.defines.iter().map(|(k, v)| format!("{k}={v}")).collect();
                 let want = vec![
@@ -264,8 +280,10 @@ fn variant_names_are_unique_and_follow_the_convention() {
                 ] {
                     let x = catalog::flash_variant(file, t, imp, ext);
                     assert_eq!(x.name, format!("{expect}{suffix}"));
-                    // Paged calls take no additive mask: no masked paged variant is built.
-                    let listed = !(file == KernelFile::FlashMasked && ext == FlashExt::Paged);
+                    // Paged calls take no additive mask: no masked paged variant is built;
+                    // the warp-specialized rows have plain variants only.
+                    let listed = !(t.warp_specialized
+                        || file == KernelFile::FlashMasked && ext == FlashExt::Paged);
                     assert_eq!(names.contains(&x.name), listed, "{}", x.name);
                     let mut want_x = want.clone();
                     want_x[7] = format!("FA_VARIANT_NAME={expect}{suffix}");

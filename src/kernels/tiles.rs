@@ -1,7 +1,8 @@
 //! The flash tile table of `kernels/flash_config.h`.
 //!
 //! Each row `FA_TILE(dtype, HEAD_DIM_BUCKET, BLOCK_M, BLOCK_N, THREADS, SMEM_BYTES)` (CUDA),
-//! `FA_TILE_SM90(...)` (CUDA sm_90, Hopper's wgmma kernel, built for compute_90a) or
+//! `FA_TILE_SM90(...)` (CUDA sm_90, Hopper's wgmma kernel, built for compute_90a),
+//! `FA_TILE_SM90_WS(...)` (CUDA sm_90, the warp-specialized kernel fed by TMA) or
 //! `FA_TILE_HIP(...)` (AMD, whose workgroups get at most 64 KiB of LDS) is one flash
 //! variant per mask mode. The kernels expand the same rows (hipcc builds every
 //! `FA_TILE_HIP` row; NVRTC builds one `FA_TILE` row with `-DFA_VARIANT_*`), so the host
@@ -47,6 +48,9 @@ pub struct FlashTile {
     pub tf32: bool,
     /// An `FA_TILE_SM90` row: Hopper's warpgroup MMA kernel, built for compute_90a.
     pub wgmma: bool,
+    /// An `FA_TILE_SM90_WS` row: Hopper's warp-specialized kernel (a TMA producer
+    /// warpgroup and `block_m / 64` math warpgroups), built for compute_90a.
+    pub warp_specialized: bool,
     /// Head-dim bucket: the variant serves every head_dim up to this value.
     pub head_dim: usize,
     /// Query rows per block.
@@ -65,7 +69,8 @@ fn malformed(line_no: usize, line: &str, why: &str) -> AttentionError {
         log: format!(
             "line {line_no}: {why}: {:?} (expected FA_TILE, FA_TILE_SM90 or FA_TILE_HIP(dtype, \
              head_dim, block_m, block_n, threads, smem_bytes) with dtype f32|f16|bf16|tf32 and \
-             positive integers; FA_TILE_SM90 rows f16|bf16 with threads = 2 * block_m)",
+             positive integers; FA_TILE_SM90 rows f16|bf16 with threads = 2 * block_m, \
+             FA_TILE_SM90_WS rows f16|bf16 with block_m 128 or 192 and threads = 2 * block_m + 128)",
             line.trim()
         ),
         source: None,
@@ -137,6 +142,8 @@ pub(crate) struct TileTable {
     pub cuda: Vec<FlashTile>,
     /// `FA_TILE_SM90` rows.
     pub sm90: Vec<FlashTile>,
+    /// `FA_TILE_SM90_WS` rows.
+    pub sm90_ws: Vec<FlashTile>,
     /// `FA_TILE_HIP` rows.
     pub hip: Vec<FlashTile>,
 }
@@ -174,12 +181,14 @@ pub(crate) fn parse_table(text: &str) -> Result<TileTable> {
         if t.is_empty() || t.starts_with('#') {
             continue;
         }
-        let (vendor, rest) = if let Some(r) = t.strip_prefix("FA_TILE_HIP") {
-            (TileVendor::Hip, r)
+        let (vendor, ws, rest) = if let Some(r) = t.strip_prefix("FA_TILE_HIP") {
+            (TileVendor::Hip, false, r)
+        } else if let Some(r) = t.strip_prefix("FA_TILE_SM90_WS") {
+            (TileVendor::CudaSm90, true, r)
         } else if let Some(r) = t.strip_prefix("FA_TILE_SM90") {
-            (TileVendor::CudaSm90, r)
+            (TileVendor::CudaSm90, false, r)
         } else if let Some(r) = t.strip_prefix("FA_TILE") {
-            (TileVendor::Cuda, r)
+            (TileVendor::Cuda, false, r)
         } else {
             return Err(malformed(line_no, original, "not an FA_TILE(...) row"));
         };
@@ -216,8 +225,20 @@ pub(crate) fn parse_table(text: &str) -> Result<TileTable> {
             block_n: num(bn, "block_n")?,
             threads: num(th, "threads")?,
             smem_bytes: num(smem, "smem_bytes")?,
-            wgmma: vendor == TileVendor::CudaSm90,
+            wgmma: vendor == TileVendor::CudaSm90 && !ws,
+            warp_specialized: ws,
         };
+        if ws
+            && (tile.dtype == DType::F32
+                || !matches!(tile.block_m, 128 | 192)
+                || tile.threads != 2 * tile.block_m + 128)
+        {
+            return Err(malformed(
+                line_no,
+                original,
+                "FA_TILE_SM90_WS rows are f16 or bf16 with 2 or 3 math warpgroups of 64 rows and one producer warpgroup",
+            ));
+        }
         if tile.wgmma {
             if tile.dtype == DType::F32 {
                 return Err(malformed(
@@ -236,6 +257,7 @@ pub(crate) fn parse_table(text: &str) -> Result<TileTable> {
         }
         let rows = match vendor {
             TileVendor::Cuda => &mut table.cuda,
+            TileVendor::CudaSm90 if ws => &mut table.sm90_ws,
             TileVendor::CudaSm90 => &mut table.sm90,
             TileVendor::Hip => &mut table.hip,
         };
@@ -247,8 +269,9 @@ pub(crate) fn parse_table(text: &str) -> Result<TileTable> {
                 line_no,
                 original,
                 &format!(
-                    "duplicate {} row for {} hd{}",
+                    "duplicate {}{} row for {} hd{}",
                     vendor.macro_name(),
+                    if ws { "_WS" } else { "" },
                     tile.kernel_dtype_name(),
                     tile.head_dim
                 ),
@@ -274,6 +297,22 @@ pub(crate) fn parse_table(text: &str) -> Result<TileTable> {
             log: format!(
                 "FA_TILE_SM90 row {} hd{} has no FA_TILE row of the same dtype and head-dim \
                  bucket to replace",
+                orphan.dtype, orphan.head_dim
+            ),
+            source: None,
+        });
+    }
+    if let Some(orphan) = table.sm90_ws.iter().find(|w| {
+        !table
+            .sm90
+            .iter()
+            .any(|c| c.dtype == w.dtype && c.head_dim == w.head_dim)
+    }) {
+        return Err(AttentionError::KernelBuild {
+            kernel: FLASH_CONFIG_FILE.into(),
+            log: format!(
+                "FA_TILE_SM90_WS row {} hd{} has no FA_TILE_SM90 row of the same dtype and \
+                 head-dim bucket to stand in for",
                 orphan.dtype, orphan.head_dim
             ),
             source: None,
@@ -337,6 +376,24 @@ pub fn flash_tile_for_vendor(
         .iter()
         .find(|t| keep(t) && t.head_dim == base.head_dim);
     Some(hopper.unwrap_or(base))
+}
+
+/// The `FA_TILE_SM90_WS` rows of the embedded table (Hopper's warp-specialized kernel).
+pub fn flash_table_ws() -> Result<&'static [FlashTile]> {
+    match embedded_table() {
+        Ok(t) => Ok(&t.sm90_ws),
+        Err(e) => Err(e.clone()),
+    }
+}
+
+/// The `FA_TILE_SM90_WS` row that stands in for the sm_90 row of `dtype` and `head_dim`
+/// ([`flash_tile_for_vendor`] on [`TileVendor::CudaSm90`]), where there is one.
+pub fn flash_tile_ws(dtype: DType, head_dim: usize) -> Option<&'static FlashTile> {
+    let base = flash_tile_for_vendor(TileVendor::CudaSm90, dtype, head_dim)?;
+    flash_table_ws()
+        .ok()?
+        .iter()
+        .find(|t| t.dtype == dtype && t.head_dim == base.head_dim)
 }
 
 /// The TF32 row (f32 inputs on the tensor cores) of `vendor` for `head_dim`, if any

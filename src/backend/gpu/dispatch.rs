@@ -2,11 +2,12 @@
 //! report ask [`plan`]; nothing else chooses.
 
 use crate::backend::{AttentionPath, FlashKernel};
+use crate::device::tensor_map::TensorMapDesc;
 use crate::dtype::DType;
 use crate::kernels::{
     self, catalog, FlashExt, FlashImpl, FlashTile, KernelFile, KernelSpec, TileVendor,
 };
-use crate::problem::AttentionProblem;
+use crate::problem::{AttentionProblem, HeadStrides};
 use crate::tensor::DeviceTensor;
 
 use super::decode_plan::{decode_bucket, decode_smem_bytes, MAX_DECODE_QUERIES};
@@ -45,6 +46,10 @@ pub struct PlanInput {
     pub packed: bool,
     /// K / V through a block table: the prefill families' `_paged` variants.
     pub paged: bool,
+    /// Q, K and V can be read by Hopper's TMA copies (see [`tma_addressable`]): what the
+    /// warp-specialized kernel (`FA_TILE_SM90_WS` rows) needs; otherwise the row's wgmma
+    /// kernel runs.
+    pub tma: bool,
 }
 
 impl PlanInput {
@@ -62,6 +67,7 @@ impl PlanInput {
             ext: false,
             packed: false,
             paged: false,
+            tma: warp_specialized_enabled(),
         }
     }
 
@@ -75,6 +81,7 @@ impl PlanInput {
         PlanInput {
             kv_aligned: vectors_aligned(k) && vectors_aligned(v),
             qkv_aligned: chunk_aligned(p, q, k, v),
+            tma: warp_specialized_enabled() && tma_addressable(p, q, k, v),
             ..Self::of(p)
         }
     }
@@ -96,6 +103,43 @@ pub fn chunk_aligned(
         .iter()
         .fold(0, |acc, t| acc | t.batch | t.head | t.seq);
     addr.is_multiple_of(16) && strides.is_multiple_of(per) && p.head_dim.is_multiple_of(per)
+}
+
+/// `FORGE_ATTN_PREFILL_WS=0` keeps Hopper's prefill on the wgmma kernel of its
+/// `FA_TILE_SM90` row instead of the warp-specialized one (A/B runs).
+pub(crate) fn warp_specialized_enabled() -> bool {
+    static V: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *V.get_or_init(|| std::env::var("FORGE_ATTN_PREFILL_WS").map_or(true, |v| v != "0"))
+}
+
+/// Whether Hopper's TMA can address Q, K and V of problem `p` over these tensors, each as
+/// a `[head_dim, rows, heads, batch]` view with its launch strides
+/// ([`TensorMapDesc::check`]: 16-byte aligned bases, byte strides that are non-zero
+/// multiples of 16). Grid slices move the bases by whole strides, so it holds for each.
+pub fn tma_addressable(
+    p: &AttentionProblem,
+    q: &DeviceTensor,
+    k: &DeviceTensor,
+    v: &DeviceTensor,
+) -> bool {
+    let ok = |t: &DeviceTensor, s: &HeadStrides, rows: usize, heads: usize| {
+        let strides = [s.seq, s.head, s.batch].map(|x| i64::try_from(x).unwrap_or(-1));
+        TensorMapDesc::operand(
+            t.device_ptr(),
+            p.dtype,
+            p.head_dim,
+            rows,
+            heads,
+            p.batch,
+            strides,
+            64,
+        )
+        .check()
+        .is_ok()
+    };
+    ok(q, &p.q, p.seq_q, p.num_heads)
+        && ok(k, &p.k, p.seq_k, p.num_kv_heads)
+        && ok(v, &p.v, p.seq_k, p.num_kv_heads)
 }
 
 /// Whether every row of `t` (dims before the last) starts on a 16-byte boundary and its
@@ -230,6 +274,7 @@ pub fn select_flash_kernel(input: &PlanInput) -> FlashKernel {
 /// | AMD | any | `FA_TILE_HIP` | SIMT |
 /// | CUDA | f32, TF32 asked for, mma.sync | `FA_TILE` tf32 | TF32 if Q/K/V aligned, else split SIMT |
 /// | CUDA | f32 otherwise | `FA_TILE` f32 | SIMT |
+/// | CUDA sm_90 | f16/bf16, plain call, TMA can address Q/K/V | `FA_TILE_SM90_WS` | warp-specialized wgmma |
 /// | CUDA sm_90 | f16/bf16 with an `FA_TILE_SM90` row | that row | wgmma if aligned, else split SIMT |
 /// | CUDA sm_80+ | f16/bf16 otherwise | `FA_TILE` | mma.sync if aligned, else split SIMT |
 /// | CUDA before sm_80 | f16/bf16 | `FA_TILE` | split SIMT |
@@ -251,6 +296,11 @@ pub fn prefill_choice(
         }
         let tile = kernels::flash_tile_for_vendor(TileVendor::Cuda, dtype, hd)?;
         return Some((tile, FlashImpl::Simt));
+    }
+    if target.has_wgmma && aligned && input.tma && !input.ext && !input.paged {
+        if let Some(tile) = kernels::flash_tile_ws(dtype, hd) {
+            return Some((tile, FlashImpl::WgmmaWs));
+        }
     }
     let tile = kernels::flash_tile_for_vendor(target.tile_vendor(), dtype, hd)?;
     let imp = if tile.wgmma {
@@ -409,6 +459,7 @@ mod tests {
             ext: false,
             packed: false,
             paged: false,
+            tma: true,
         }
     }
 
@@ -506,9 +557,10 @@ mod tests {
             (SM90, DType::F32, 64, true, false, Simt, false, false),
             (SM90, DType::F32, 64, true, true, Tf32, true, false),
             (SM90, DType::F32, 64, false, true, SimtSplit, true, false),
-            (SM90, DType::F16, 128, true, false, Wgmma, false, true),
+            (SM90, DType::F16, 128, true, false, WgmmaWs, false, true),
             (SM90, DType::F16, 128, false, false, SimtSplit, false, true),
-            (SM90, DType::BF16, 256, true, false, Wgmma, false, true),
+            (SM90, DType::BF16, 256, true, false, WgmmaWs, false, true),
+            (SM90, DType::BF16, 64, true, false, WgmmaWs, false, true),
             // Buckets 80 and 96 have no FA_TILE_SM90 row: mma.sync on Hopper too.
             (SM90, DType::BF16, 96, true, false, MmaSync, false, false),
             (SM90, DType::F16, 80, false, false, SimtSplit, false, false),
@@ -519,7 +571,9 @@ mod tests {
             let tile = c.tile.unwrap();
             let case = format!("{target:?} {dtype} hd{hd} aligned={aligned} tf32={tf32}");
             assert_eq!(c.implementation, want, "{case}");
-            assert_eq!((tile.tf32, tile.wgmma), (tf32_row, sm90_row), "{case}");
+            let hopper_row = tile.wgmma || tile.warp_specialized;
+            assert_eq!((tile.tf32, hopper_row), (tf32_row, sm90_row), "{case}");
+            assert_eq!(tile.warp_specialized, want == WgmmaWs, "{case}");
             assert_eq!(tile.head_dim, hd, "{case}");
             assert_eq!(tile.dtype, dtype, "{case}");
             let p = plan(&i, true, u32::MAX, target);
@@ -566,6 +620,39 @@ mod tests {
         }
     }
 
+    /// The warp-specialized kernel takes plain calls that TMA can address; calls with
+    /// extensions, over pages or on operands TMA cannot read take the row's wgmma kernel.
+    #[test]
+    fn warp_specialized_needs_tma_and_a_plain_call() {
+        let base = prefill(DType::BF16, 128, true, false);
+        let c = can_use_flash_attention(&base, true, u32::MAX, SM90).unwrap();
+        assert_eq!(c.implementation, FlashImpl::WgmmaWs);
+        let tile = c.tile.unwrap();
+        assert!(tile.warp_specialized && !tile.wgmma);
+        assert_eq!(tile.threads, 2 * tile.block_m + 128);
+        assert_eq!(
+            c.spec().unwrap().name,
+            "flash_attention_nocausal_bf16_hd128_sm90_ws"
+        );
+        for other in [
+            PlanInput { tma: false, ..base },
+            PlanInput { ext: true, ..base },
+            PlanInput {
+                paged: true,
+                ..base
+            },
+        ] {
+            let c = can_use_flash_attention(&other, true, u32::MAX, SM90).unwrap();
+            assert_eq!(c.implementation, FlashImpl::Wgmma, "{other:?}");
+            assert!(c.tile.unwrap().wgmma);
+        }
+        // Never on another target, whatever the input says.
+        for target in [SM80, AMD] {
+            let c = can_use_flash_attention(&base, true, u32::MAX, target).unwrap();
+            assert_ne!(c.implementation, FlashImpl::WgmmaWs);
+        }
+    }
+
     #[test]
     fn decode_reports_simt_and_has_no_prefill_spec() {
         let c = can_use_flash_attention(&input(1, true), true, u32::MAX, SM90).unwrap();
@@ -580,7 +667,7 @@ mod tests {
         assert_eq!(c.file(), Some(KernelFile::FlashMasked));
         assert_eq!(
             c.spec().unwrap().name,
-            "flash_attention_masked_f16_hd128_sm90_wgmma"
+            "flash_attention_masked_f16_hd128_sm90_ws"
         );
     }
 

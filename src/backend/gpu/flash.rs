@@ -5,9 +5,11 @@ use std::sync::Arc;
 
 use super::dispatch::FlashChoice;
 use super::grid::{for_each_slice, offset_ptr, HeadAxis, Slice};
+use crate::device::tensor_map::TensorMapDesc;
 use crate::device::{gpu::GpuRuntime, launch::LaunchDims};
 use crate::error::{AttentionError, Result};
-use crate::kernels::abi::AttnParams;
+use crate::kernels::abi::{AttnParams, Strides3, WsParams};
+use crate::kernels::{FlashImpl, FlashTile};
 use crate::problem::AttentionProblem;
 
 /// Queues the flash launches: grid (ceil(Sq / BLOCK_M), H, B), one launch per slice of the
@@ -28,11 +30,59 @@ pub(crate) fn forward_flash(
     for_each_slice(p.batch, p.num_heads, p.num_kv_heads, HeadAxis::Query, |s| {
         let sliced = slice_params(params, p, &s);
         let grid = (tiles, s.heads as u32, s.batch as u32);
-        rt.launch(
-            &spec,
-            LaunchDims::new(grid, (tile.threads, 1, 1), tile.smem_bytes),
-            &sliced,
-        )
+        let dims = LaunchDims::new(grid, (tile.threads, 1, 1), tile.smem_bytes);
+        if choice.implementation == FlashImpl::WgmmaWs {
+            rt.launch(&spec, dims, &ws_params(rt, p, &sliced, tile)?)
+        } else {
+            rt.launch(&spec, dims, &sliced)
+        }
+    })
+}
+
+/// The warp-specialized kernel's argument: tensor maps of the slice's Q, K and V (boxes of
+/// BLOCK_M query rows and BLOCK_N key rows), ahead of its argument block.
+fn ws_params(
+    rt: &GpuRuntime,
+    p: &AttentionProblem,
+    params: &AttnParams,
+    tile: &FlashTile,
+) -> Result<WsParams> {
+    let map = |ptr: u64, s: &Strides3, rows: i32, heads: i32, box_rows: u32| {
+        rt.encode_tensor_map(&TensorMapDesc::operand(
+            ptr,
+            p.dtype,
+            params.head_dim as usize,
+            rows as usize,
+            heads as usize,
+            params.batch as usize,
+            [s.s, s.h, s.b],
+            box_rows,
+        ))
+    };
+    Ok(WsParams {
+        tq: map(
+            params.q,
+            &params.q_strides,
+            params.seq_q,
+            params.num_heads,
+            tile.block_m,
+        )?,
+        tk: map(
+            params.k,
+            &params.k_strides,
+            params.seq_k,
+            params.num_kv_heads,
+            tile.block_n,
+        )?,
+        tv: map(
+            params.v,
+            &params.v_strides,
+            params.seq_k,
+            params.num_kv_heads,
+            tile.block_n,
+        )?,
+        p: *params,
+        pad_: bytemuck::Zeroable::zeroed(),
     })
 }
 

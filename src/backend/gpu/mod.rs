@@ -339,6 +339,7 @@ impl GpuAttentionBackend {
             ext: false,
             packed: false,
             paged: false,
+            tma: dispatch::warp_specialized_enabled(),
         }
     }
 

@@ -1,0 +1,274 @@
+// FlashAttention forward pass on Hopper, warp specialized: f16/bf16 inputs, CUDA sm_90a, the
+// plain (non-FA_EXT) variants on dense K / V whose rows TMA can address (16-byte aligned base
+// and strides; the host checks, others take flash_attention_wgmma.h).
+//
+// Same contract as the other flash kernels: bottom-right causal, additive f32 mask (MODE 2),
+// GQA, any head_dim <= bucket (zero padded), rows with no visible key give zeros and
+// lse = -inf, 64-bit offsets.
+//
+// Roles. THREADS = 128 * (NC + 1): warpgroup 0 is the producer, warpgroups 1 .. NC do the
+// math, each on 64 query rows of the block's BLOCK_M = 64 * NC.
+// - One producer thread issues TMA copies (tma_ops.h): the block's Q tile once, then K_t and
+//   V_t of each key tile into a STAGES-deep ring of shared-memory slots, each slot with a
+//   "full" mbarrier (completed by the bytes TMA delivers) and an "empty" one (completed when
+//   every math warp is done with the slot). The producer keeps few registers (setmaxnreg)
+//   and the math warpgroups take them.
+// - A math warpgroup overlaps its own work (intra-warpgroup): it issues S_t = Q K_t^T and
+//   O += P_{t-1} V_{t-1} together, waits for S_t only, runs the masking and softmax of S_t
+//   while P_{t-1} V_{t-1} is still on the tensor cores, then waits for that and rescales O.
+// - The math warpgroups take turns issuing their GEMMs (ping-pong on named barriers, a ring
+//   of NC turns), so one warpgroup's softmax runs under another's GEMMs.
+// Copies, GEMMs and softmax therefore overlap; no block-wide barrier runs in the key loop.
+#pragma once
+
+#include "mma_ops.h"
+#include "mma_softmax.h"
+#include "mma_block_io.h"
+#include "wgmma_ops.h"
+#include "tma_ops.h"
+
+// Layout of a block on this kernel (plain constants: the host side of a build sees them too).
+template <int HD, int BN, int NC, int STAGES>
+struct FaWsShape {
+    static constexpr int BM = 64 * NC;
+    static constexpr int THREADS = 128 * (NC + 1);
+    static constexpr int DP = (HD + 63) / 64 * 64;  // computed head dim: whole 64-column atoms
+    static constexpr int KA = DP / 64;              // atoms per row (one TMA box each)
+    static constexpr int CPR = DP / 8;              // 16-byte chunks per row
+    static constexpr int Q_BYTES = BM * DP * 2;
+    static constexpr int KV_BYTES = BN * DP * 2;    // one K or V slot
+    static constexpr int Q_OFF = 0;
+    static constexpr int K_OFF = Q_OFF + Q_BYTES;
+    static constexpr int V_OFF = K_OFF + STAGES * KV_BYTES;
+    static constexpr int BAR_OFF = V_OFF + STAGES * KV_BYTES;
+    static constexpr int NBAR = 1 + 4 * STAGES;     // Q full; K full, K empty, V full, V empty
+    static constexpr int END = BAR_OFF + 8 * NBAR;
+    static constexpr int SMEM_BYTES = END + 1024;   // slack to align the atoms to 1024 bytes
+    static constexpr int OSTR = DP + 8;             // epilogue staging row, elements
+    static constexpr int NT = BN / 8;               // S n-tiles per warp
+    static constexpr int DT = DP / 8;               // O n-tiles per warp
+    static constexpr int KQ = DP / 16;              // k-steps of Q K^T
+    static constexpr int KP = BN / 16;              // k-steps of P V
+    // Registers per thread after the hand-over (setmaxnreg): what the launch bound gives every
+    // thread (65536 / THREADS, in steps of 8) moves from the producer to the math warpgroups.
+    static constexpr int REG_PRODUCER = 24;
+    static constexpr int REG_MATH = NC == 2 ? 240 : 160;
+
+    static_assert(NC >= 2 && NC <= 3, "two or three math warpgroups");
+    static_assert(BN % 16 == 0 && BN <= 256, "BLOCK_N must be a multiple of 16, <= 256");
+    static_assert(DP <= 256, "head-dim bucket must be <= 256");
+    static_assert(BM <= 256, "a TMA box holds at most 256 rows");
+    static_assert(BM * OSTR * 2 <= 2 * STAGES * KV_BYTES, "epilogue staging must fit the K / V slots");
+    static_assert(128 * REG_PRODUCER + 128 * NC * REG_MATH <= 65536, "register hand-over exceeds the file");
+};
+
+// The kernel's one argument: tensor maps of Q, K and V ([B, H, S, D] boxes of 64 columns x
+// BLOCK_M or BLOCK_N rows, 128-byte swizzle, zero fill outside) ahead of the usual block.
+struct FaWsParams {
+    FaTensorMap tq, tk, tv;
+    AttnParams p;
+};
+
+#if FA_HAS_WGMMA
+
+template <typename T, int HD, int BN, int NC, int STAGES, int MODE>
+FA_DEVICE void fa_wgmma_ws_forward(const FaWsParams& P) {
+    typedef FaWsShape<HD, BN, NC, STAGES> WS;
+    typedef FaMma<T> MM;
+    constexpr int BM = WS::BM;
+    const AttnParams& p = P.p;
+
+    const int q0 = fa_block_q0(p, BM, MODE);
+    FA_BLOCK_EXIT(MODE, p, q0);
+
+    FA_DYNAMIC_SMEM(fa_smem);
+    const unsigned int raw = fa_smem_u32(fa_smem);
+    const unsigned int pad = (1024u - (raw & 1023u)) & 1023u;
+    unsigned char* sm = fa_smem + pad;
+    const unsigned int sbase = raw + pad;
+
+    FA_LANE_SETUP();
+    // Read back through a shuffle from lane 0 so that the compiler sees it warp-uniform: the
+    // role branches below are then not divergent paths, and wgmma is not serialized in them.
+    const int wg = __shfl_sync(0xffffffffu, tid >> 7, 0);
+    FA_BLOCK_SETUP(unsigned short, BM, BN, MODE, p, q0);
+    (void)qg;
+    (void)kg;
+    (void)vg;
+    const int n = ntiles - tbeg;  // key tiles this block visits (may be none)
+
+    const unsigned int bar_q = sbase + WS::BAR_OFF;
+    const unsigned int bar_kf = bar_q + 8, bar_ke = bar_kf + 8 * STAGES;
+    const unsigned int bar_vf = bar_ke + 8 * STAGES, bar_ve = bar_vf + 8 * STAGES;
+    if (tid == 0) {
+        fa_mbar_init(bar_q, 1);
+        for (int s = 0; s < STAGES; ++s) {
+            fa_mbar_init(bar_kf + 8 * s, 1);
+            fa_mbar_init(bar_vf + 8 * s, 1);
+            fa_mbar_init(bar_ke + 8 * s, 4 * NC);  // one arrival per math warp
+            fa_mbar_init(bar_ve + 8 * s, 4 * NC);
+        }
+        fa_mbar_init_fence();
+    }
+    fa_syncthreads();
+
+    if (wg == 0) {
+        // Producer.
+        fa_setmaxnreg_dec<WS::REG_PRODUCER>();
+        if (tid == 0 && n > 0) {
+            fa_tma_prefetch_map(&P.tq);
+            fa_tma_prefetch_map(&P.tk);
+            fa_tma_prefetch_map(&P.tv);
+            fa_mbar_arrive_tx(bar_q, WS::Q_BYTES);
+#pragma unroll
+            for (int a = 0; a < WS::KA; ++a)
+                fa_tma_load_4d(sbase + WS::Q_OFF + a * BM * 128, &P.tq, 64 * a, q_row0 + q0, h, b, bar_q);
+            for (int i = 0; i < n; ++i) {
+                const int s = i % STAGES;
+                const unsigned int ph = (unsigned int)(i / STAGES) & 1u;
+                const int kv0 = k_row0 + (tbeg + i) * BN;
+                fa_mbar_wait(bar_ke + 8 * s, ph ^ 1u);
+                fa_mbar_arrive_tx(bar_kf + 8 * s, WS::KV_BYTES);
+#pragma unroll
+                for (int a = 0; a < WS::KA; ++a)
+                    fa_tma_load_4d(sbase + WS::K_OFF + s * WS::KV_BYTES + a * BN * 128, &P.tk, 64 * a, kv0, kvh, b,
+                                   bar_kf + 8 * s);
+                fa_mbar_wait(bar_ve + 8 * s, ph ^ 1u);
+                fa_mbar_arrive_tx(bar_vf + 8 * s, WS::KV_BYTES);
+#pragma unroll
+                for (int a = 0; a < WS::KA; ++a)
+                    fa_tma_load_4d(sbase + WS::V_OFF + s * WS::KV_BYTES + a * BN * 128, &P.tv, 64 * a, kv0, kvh, b,
+                                   bar_vf + 8 * s);
+            }
+        }
+        return;
+    }
+
+    // Math warpgroups.
+    fa_setmaxnreg_inc<WS::REG_MATH>();
+    const int cw = wg - 1;              // math warpgroup
+    const int cwarp = warp - 4;         // math warp
+    const int wrow0 = q0 + 16 * cwarp;  // this warp's first query
+    const float sl2 = p.scale * FA_LOG2E;
+    const int turn = 1 + cw;             // named barrier of this warpgroup's GEMM turn
+    const int next = 1 + (cw + 1) % NC;  // ... and of the next one's
+
+    float o[WS::DT][4];
+#pragma unroll
+    for (int j = 0; j < WS::DT; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+    float m_i[2] = {FA_NEG_INF, FA_NEG_INF};
+    float l_i[2] = {0.0f, 0.0f};
+    unsigned int pf[WS::KP][4];
+
+    // Descriptors as in flash_attention_wgmma.h: Q's rows of this warpgroup in every atom,
+    // K K-major over BN rows, V MN-major; a slot is KV_BYTES further.
+    const fa_u64 q_desc = fa_wgmma_desc(sbase + WS::Q_OFF + cw * 64 * 128, 16, 1024);
+    const fa_u64 k_desc = fa_wgmma_desc(sbase + WS::K_OFF, 16, 1024);
+    const fa_u64 v_desc = fa_wgmma_desc(sbase + WS::V_OFF, BN * 128, 1024);
+    constexpr fa_u64 SLOT_UNITS = WS::KV_BYTES >> 4;  // descriptor address units
+
+    // Every tile of the block runs on both warpgroups: a causal warpgroup whose rows see none
+    // of a diagonal tile masks it whole (one tile per block at most), which keeps the
+    // tensor-core code free of branches the compiler would have to serialize around.
+    auto issue_s = [&](float (&sc)[WS::NT][4], int st) {
+#pragma unroll
+        for (int j = 0; j < WS::NT; ++j) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
+        fa_wgmma_hold(sc);
+        fa_wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < WS::KQ; ++kk) {
+            const fa_u64 atom = (fa_u64)(kk >> 2);
+            const fa_u64 off = (fa_u64)((kk & 3) * 2);  // 32 bytes
+            FaWgmma<T, BN>::ss(sc, q_desc + atom * (BM * 128 / 16) + off,
+                               k_desc + (fa_u64)st * SLOT_UNITS + atom * (BN * 128 / 16) + off, kk > 0 ? 1 : 0);
+        }
+        fa_wgmma_commit();
+    };
+    auto issue_pv = [&](int st) {
+        fa_wgmma_hold(o);
+        fa_wgmma_hold(pf);
+        fa_wgmma_fence();
+#pragma unroll
+        for (int kk = 0; kk < WS::KP; ++kk)
+            FaWgmma<T, WS::DP>::rs(o, pf[kk], v_desc + (fa_u64)st * SLOT_UNITS + (fa_u64)(kk * 16 * 128 / 16), 1);
+        fa_wgmma_commit();
+    };
+    // Scores of tile kv0 to probabilities (into pf), alpha the rescale O still owes.
+    auto softmax = [&](float (&sc)[WS::NT][4], int kv0, float (&alpha)[2]) {
+        const float mul = fa_mma_scale_mask<BN>(sc, p, b, h, wrow0, g, c4, kv0, seq_q, seq_k, diag, causal, has_mask, sl2);
+        fa_mma_softmax_rows<WS::NT>(sc, m_i, l_i, mul, alpha);
+    };
+    auto pack = [&](const float (&sc)[WS::NT][4]) {
+#pragma unroll
+        for (int kk = 0; kk < WS::KP; ++kk) {
+            pf[kk][0] = MM::pack(sc[2 * kk][0], sc[2 * kk][1]);
+            pf[kk][1] = MM::pack(sc[2 * kk][2], sc[2 * kk][3]);
+            pf[kk][2] = MM::pack(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+            pf[kk][3] = MM::pack(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+        }
+    };
+
+    if (cw == NC - 1) fa_named_arrive(1, 256);  // the first warpgroup's first turn
+    if (n > 0) {
+        fa_mbar_wait(bar_q, 0);
+        // Tile 0: S_0 alone.
+        {
+            float s[WS::NT][4];
+            fa_named_sync(turn, 256);
+            fa_mbar_wait(bar_kf, 0);
+            issue_s(s, 0);
+            fa_named_arrive(next, 256);
+            fa_wgmma_wait<0>();
+            fa_wgmma_hold(s);
+            fa_mbar_arrive_warp(bar_ke);
+            float alpha[2];
+            softmax(s, tbeg * BN, alpha);
+            pack(s);
+        }
+        // Tile t: S_t and P_{t-1} V_{t-1} issued together; the softmax of S_t runs while
+        // P_{t-1} V_{t-1} is on the tensor cores.
+        for (int i = 1; i < n; ++i) {
+            const int st = i % STAGES, sp = (i - 1) % STAGES;
+            const unsigned int ph = (unsigned int)(i / STAGES) & 1u;
+            const unsigned int pp = (unsigned int)((i - 1) / STAGES) & 1u;
+            float s[WS::NT][4];
+            fa_named_sync(turn, 256);
+            fa_mbar_wait(bar_kf + 8 * st, ph);
+            fa_mbar_wait(bar_vf + 8 * sp, pp);
+            issue_s(s, st);
+            issue_pv(sp);
+            fa_named_arrive(next, 256);
+            fa_wgmma_wait<1>();  // S_t done
+            fa_wgmma_hold(s);
+            fa_mbar_arrive_warp(bar_ke + 8 * st);  // this warp is done with K_t
+            float alpha[2];
+            softmax(s, (tbeg + i) * BN, alpha);
+            fa_wgmma_wait<0>();  // P_{t-1} V_{t-1} done
+            fa_wgmma_hold(o);
+            fa_mbar_arrive_warp(bar_ve + 8 * sp);  // ... and with V_{t-1}
+            fa_mma_rescale<WS::DT>(o, alpha);
+            pack(s);
+        }
+        const int sl = (n - 1) % STAGES;
+        fa_mbar_wait(bar_vf + 8 * sl, (unsigned int)((n - 1) / STAGES) & 1u);
+        issue_pv(sl);
+        fa_wgmma_wait<0>();
+        fa_wgmma_hold(o);
+    }
+    // The last warpgroup's last turn hand-over, so no arrival is left pending on the first's barrier.
+    if (cw == 0) fa_named_sync(turn, 256);
+
+    // Epilogue: every math warp is done with every slot (and every copy has landed: each was
+    // waited for), so O / l is staged over the K / V slots, then stored in 16-byte chunks.
+    fa_named_sync(1 + NC, 128 * NC);
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) inv[r] = fa_mma_quad_sum_inv(p, h, m_i[r], l_i[r]);
+    unsigned short* ow = reinterpret_cast<unsigned short*>(sm + WS::K_OFF) + 16 * cwarp * WS::OSTR;
+    fa_mma_stage_o16<T>(ow, WS::OSTR, o, inv, g, c4);
+    __syncwarp();
+    fa_mma_store_rows16<16, WS::CPR>(p, ow, WS::OSTR, wrow0, o_off, seq_q, lane);
+    fa_mma_store_lse(p, b, h, q_row0, seq_q, wrow0, g, c4, m_i, l_i);
+}
+
+#endif  // FA_HAS_WGMMA
