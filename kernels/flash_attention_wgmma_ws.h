@@ -1,10 +1,14 @@
-// FlashAttention forward pass on Hopper, warp specialized: f16/bf16 inputs, CUDA sm_90a, the
-// plain (non-FA_EXT) variants on dense K / V whose rows TMA can address (16-byte aligned base
-// and strides; the host checks, others take flash_attention_wgmma.h).
+// FlashAttention forward pass on Hopper, warp specialized: f16/bf16 inputs, CUDA sm_90a, on
+// dense Q / K / V that TMA can address (16-byte aligned bases, strides in whole 16-byte
+// units and non-zero; the host checks, others take flash_attention_wgmma.h). Packed ragged
+// batches and paged K / V are not taken: a TMA box stops at the tensor's end, not at a
+// sequence's, and reads no block table.
 //
 // Same contract as the other flash kernels: bottom-right causal, additive f32 mask (MODE 2),
 // GQA, any head_dim <= bucket (zero padded), rows with no visible key give zeros and
-// lse = -inf, 64-bit offsets.
+// lse = -inf, 64-bit offsets; the FA_EXT variants add the window, softcap, ALiBi, sinks and
+// strided lse (flash_common.h, mma_softmax.h), with every tile of the window's range on
+// both math warpgroups and the masking step cutting each row to its own keys.
 //
 // Roles. THREADS = 128 * (NC + 1): warpgroup 0 is the producer, warpgroups 1 .. NC do the
 // math, each on 64 query rows of the block's BLOCK_M = 64 * NC.

@@ -218,12 +218,13 @@ fn check_dense(
     err
 }
 
-/// The implementations of the H200 (and any sm_80+ device): wgmma for f16/bf16 at head
+/// The implementations of the H200 (and any sm_80+ device): the warp-specialized wgmma kernel for f16/bf16 at head
 /// dims with an sm_90 row (mma.sync elsewhere), mma.sync at head_dim 32, TF32, SIMT f32,
 /// and the split SIMT kernel for unaligned 16-bit inputs.
 fn cases(backend: &GpuAttentionBackend) -> Vec<Case> {
+    // Dense calls: the warp-specialized kernel on Hopper.
     let half = if backend.flash_target().has_wgmma {
-        FlashImpl::Wgmma
+        FlashImpl::WgmmaWs
     } else {
         FlashImpl::MmaSync
     };
@@ -542,7 +543,13 @@ fn extended_calls_plan_the_extended_variants() {
     for (seq_q, packed) in [(1, true), (16, true), (17, false), (4096, false)] {
         let c = plan(input(DType::BF16, seq_q, true, packed)).unwrap();
         assert_eq!(c.kernel, FlashKernel::Causal, "seq_q {seq_q}");
-        assert_eq!(c.implementation, FlashImpl::Wgmma);
+        // Packed batches stay on the wgmma kernel (TMA boxes end at the tensor's end).
+        let want = if packed {
+            FlashImpl::Wgmma
+        } else {
+            FlashImpl::WgmmaWs
+        };
+        assert_eq!(c.implementation, want, "seq_q {seq_q} packed {packed}");
         assert!(c.ext);
         let spec = c.spec().unwrap();
         assert!(spec.name.ends_with("_ext"), "{}", spec.name);

@@ -55,6 +55,7 @@ fn warp_specialized_prefill_matches_the_reference() {
         (2, 4, 1, 300, 500, 128, true, false),
         (1, 2, 2, 300, 200, 128, true, false),
         (1, 2, 2, 64, 200, 72, false, false),
+        (1, 2, 2, 64, 200, 120, false, false),
         (1, 2, 2, 150, 260, 128, true, true),
         (1, 2, 1, 1100, 1300, 128, true, false),
         (1, 2, 2, 333, 333, 64, true, false),
@@ -88,8 +89,11 @@ fn warp_specialized_prefill_matches_the_reference() {
             });
             let what = format!("{dtype} case {i} {:?}", cases[i]);
             let imp = check(&backend, &cfg, &q, &k, &v, mask.as_ref(), &what);
-            if hopper {
+            // Buckets without a warp-specialized row (80, 96) stay on mma.sync.
+            if hopper && forge_attn::kernels::flash_tile_ws(dtype, d).is_some() {
                 assert_eq!(imp, FlashImpl::WgmmaWs, "{what}");
+            } else if hopper {
+                assert_eq!(imp, FlashImpl::MmaSync, "{what}");
             }
         }
     }

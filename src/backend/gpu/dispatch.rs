@@ -274,7 +274,7 @@ pub fn select_flash_kernel(input: &PlanInput) -> FlashKernel {
 /// | AMD | any | `FA_TILE_HIP` | SIMT |
 /// | CUDA | f32, TF32 asked for, mma.sync | `FA_TILE` tf32 | TF32 if Q/K/V aligned, else split SIMT |
 /// | CUDA | f32 otherwise | `FA_TILE` f32 | SIMT |
-/// | CUDA sm_90 | f16/bf16, plain call, TMA can address Q/K/V | `FA_TILE_SM90_WS` | warp-specialized wgmma |
+/// | CUDA sm_90 | f16/bf16, dense Q/K/V that TMA can address | `FA_TILE_SM90_WS` | warp-specialized wgmma |
 /// | CUDA sm_90 | f16/bf16 with an `FA_TILE_SM90` row | that row | wgmma if aligned, else split SIMT |
 /// | CUDA sm_80+ | f16/bf16 otherwise | `FA_TILE` | mma.sync if aligned, else split SIMT |
 /// | CUDA before sm_80 | f16/bf16 | `FA_TILE` | split SIMT |
@@ -297,7 +297,7 @@ pub fn prefill_choice(
         let tile = kernels::flash_tile_for_vendor(TileVendor::Cuda, dtype, hd)?;
         return Some((tile, FlashImpl::Simt));
     }
-    if target.has_wgmma && aligned && input.tma && !input.ext && !input.paged {
+    if target.has_wgmma && aligned && input.tma && !input.packed && !input.paged {
         if let Some(tile) = kernels::flash_tile_ws(dtype, hd) {
             return Some((tile, FlashImpl::WgmmaWs));
         }
@@ -620,10 +620,11 @@ mod tests {
         }
     }
 
-    /// The warp-specialized kernel takes plain calls that TMA can address; calls with
-    /// extensions, over pages or on operands TMA cannot read take the row's wgmma kernel.
+    /// The warp-specialized kernel takes dense calls that TMA can address, with or without
+    /// options; packed batches, calls over pages and operands TMA cannot read take the
+    /// row's wgmma kernel.
     #[test]
-    fn warp_specialized_needs_tma_and_a_plain_call() {
+    fn warp_specialized_needs_tma_and_dense_operands() {
         let base = prefill(DType::BF16, 128, true, false);
         let c = can_use_flash_attention(&base, true, u32::MAX, SM90).unwrap();
         assert_eq!(c.implementation, FlashImpl::WgmmaWs);
@@ -634,13 +635,21 @@ mod tests {
             c.spec().unwrap().name,
             "flash_attention_nocausal_bf16_hd128_sm90_ws"
         );
+        // Per-call options on dense operands run on it too.
+        let ext = PlanInput { ext: true, ..base };
+        let c = can_use_flash_attention(&ext, true, u32::MAX, SM90).unwrap();
+        assert_eq!(c.implementation, FlashImpl::WgmmaWs);
+        assert_eq!(
+            c.spec().unwrap().name,
+            "flash_attention_nocausal_bf16_hd128_sm90_ws_ext"
+        );
         for other in [
             PlanInput { tma: false, ..base },
-            PlanInput { ext: true, ..base },
             PlanInput {
-                paged: true,
-                ..base
+                packed: true,
+                ..ext
             },
+            PlanInput { paged: true, ..ext },
         ] {
             let c = can_use_flash_attention(&other, true, u32::MAX, SM90).unwrap();
             assert_eq!(c.implementation, FlashImpl::Wgmma, "{other:?}");
