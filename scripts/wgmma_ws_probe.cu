@@ -213,6 +213,7 @@ int main(int argc, char** argv) {
     check("ws64 st3", ws<64, 128, 2, 3, 0>(), Prob{2, 2, 2, 333, 900, 64, false, false});
     check("ws256 causal", ws<256, 64, 2, 2, 1>(), Prob{2, 4, 2, 300, 333, 256, true, false});
     check("ws256 hd200", ws<256, 64, 2, 2, 1>(), Prob{1, 2, 2, 130, 130, 200, true, false});
+    check("ws192 causal", ws<192, 96, 2, 2, 1>(), Prob{2, 3, 1, 257, 385, 192, true, false});
     printf("checks: %d failed\n", fails);
     if (argc > 1 && atoi(argv[1]) == 0) return fails != 0;
     std::vector<int> dims;
