@@ -262,14 +262,7 @@ FA_DEVICE void fa_mma_forward(const AttnParams& p) {
             for (int mt = 0; mt < MT; ++mt) fa_mma_online_softmax<MS::NT, MS::DT>(s[mt], o[mt], m_i[mt], l_i[mt], mul);
             // P to 16 bits now: half the registers of S across the V copy and P V.
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-                for (int kk = 0; kk < MS::KP; ++kk) {
-                    pf[mt][kk][0] = MM::pack(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-                    pf[mt][kk][1] = MM::pack(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-                    pf[mt][kk][2] = MM::pack(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-                    pf[mt][kk][3] = MM::pack(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-                }
+            for (int mt = 0; mt < MT; ++mt) fa_mma_pack_p<T, MS::KP>(pf[mt], s[mt]);
         }
 
         fa_cp_async_wait<1>();

@@ -103,17 +103,12 @@ FA_DEVICE void fa_wgmma_copy_tile(unsigned char* dst, const FaRows<unsigned shor
 template <typename T, int HD, int BM, int BN, int THREADS, int SMEM, int MODE>
 FA_DEVICE void fa_wgmma_forward(const AttnParams& p) {
     typedef FaWgShape<HD, BM, BN, THREADS> WS;
-    typedef FaMma<T> MM;
     static_assert(WS::SMEM_BYTES <= SMEM, "wgmma layout exceeds the tile row's SMEM_BYTES");
 
     const int q0 = fa_block_q0(p, BM, MODE);
     FA_BLOCK_EXIT(MODE, p, q0);
 
-    FA_DYNAMIC_SMEM(fa_smem);
-    const unsigned int raw = fa_smem_u32(fa_smem);
-    const unsigned int pad = (1024u - (raw & 1023u)) & 1023u;
-    unsigned char* sm = fa_smem + pad;
-    const unsigned int sbase = raw + pad;
+    FA_SMEM_ALIGNED_1024(sm, sbase);
 
     FA_LANE_SETUP();
     const int wg = tid >> 7;
@@ -180,13 +175,7 @@ FA_DEVICE void fa_wgmma_forward(const AttnParams& p) {
 
             const float mul = fa_mma_scale_mask<BN>(s, p, b, h, wrow0, g, c4, kv0, seq_q, seq_k, diag, causal, has_mask, sl2);
             fa_mma_online_softmax<WS::NT, WS::DT>(s, o, m_i, l_i, mul);
-#pragma unroll
-            for (int kk = 0; kk < WS::KP; ++kk) {
-                pf[kk][0] = MM::pack(s[2 * kk][0], s[2 * kk][1]);
-                pf[kk][1] = MM::pack(s[2 * kk][2], s[2 * kk][3]);
-                pf[kk][2] = MM::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-                pf[kk][3] = MM::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-            }
+            fa_mma_pack_p<T, WS::KP>(pf, s);
         }
 
         // An inactive group may still have P V_{t-1} in flight, reading the buffer the copy

@@ -78,18 +78,13 @@ struct FaWsParams {
 template <typename T, int HD, int BN, int NC, int STAGES, int MODE>
 FA_DEVICE void fa_wgmma_ws_forward(const FaWsParams& P) {
     typedef FaWsShape<HD, BN, NC, STAGES> WS;
-    typedef FaMma<T> MM;
     constexpr int BM = WS::BM;
     const AttnParams& p = P.p;
 
     const int q0 = fa_block_q0(p, BM, MODE);
     FA_BLOCK_EXIT(MODE, p, q0);
 
-    FA_DYNAMIC_SMEM(fa_smem);
-    const unsigned int raw = fa_smem_u32(fa_smem);
-    const unsigned int pad = (1024u - (raw & 1023u)) & 1023u;
-    unsigned char* sm = fa_smem + pad;
-    const unsigned int sbase = raw + pad;
+    FA_SMEM_ALIGNED_1024(sm, sbase);
 
     FA_LANE_SETUP();
     // Read back through a shuffle from lane 0 so that the compiler sees it warp-uniform: the
@@ -202,15 +197,6 @@ FA_DEVICE void fa_wgmma_ws_forward(const FaWsParams& P) {
         const float mul = fa_mma_scale_mask<BN>(sc, p, b, h, wrow0, g, c4, kv0, seq_q, seq_k, diag, causal, has_mask, sl2);
         fa_mma_softmax_rows<WS::NT>(sc, m_i, l_i, mul, alpha);
     };
-    auto pack = [&](const float (&sc)[WS::NT][4]) {
-#pragma unroll
-        for (int kk = 0; kk < WS::KP; ++kk) {
-            pf[kk][0] = MM::pack(sc[2 * kk][0], sc[2 * kk][1]);
-            pf[kk][1] = MM::pack(sc[2 * kk][2], sc[2 * kk][3]);
-            pf[kk][2] = MM::pack(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
-            pf[kk][3] = MM::pack(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
-        }
-    };
 
     if (cw == NC - 1) fa_named_arrive(1, 256);  // the first warpgroup's first turn
     if (n > 0) {
@@ -227,7 +213,7 @@ FA_DEVICE void fa_wgmma_ws_forward(const FaWsParams& P) {
             fa_mbar_arrive_warp(bar_ke);
             float alpha[2];
             softmax(s, tbeg * BN, alpha);
-            pack(s);
+            fa_mma_pack_p<T, WS::KP>(pf, s);
         }
         // Tile t: S_t and P_{t-1} V_{t-1} issued together; the softmax of S_t runs while
         // P_{t-1} V_{t-1} is on the tensor cores.
@@ -251,7 +237,7 @@ FA_DEVICE void fa_wgmma_ws_forward(const FaWsParams& P) {
             fa_wgmma_hold(o);
             fa_mbar_arrive_warp(bar_ve + 8 * sp);  // ... and with V_{t-1}
             fa_mma_rescale<WS::DT>(o, alpha);
-            pack(s);
+            fa_mma_pack_p<T, WS::KP>(pf, s);
         }
         const int sl = (n - 1) % STAGES;
         fa_mbar_wait(bar_vf + 8 * sl, (unsigned int)((n - 1) / STAGES) & 1u);

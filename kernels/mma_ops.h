@@ -57,6 +57,19 @@ template <> struct FaMma<fa_bf16> {
     }
 };
 
+// A tile of probabilities in the accumulator layout (2 * KP n-tiles of 8 columns) as the KP
+// A fragments (m16k16) of the product with V: n-tiles 2kk and 2kk + 1 make k-step kk.
+template <typename T, int KP>
+FA_DEVICE void fa_mma_pack_p(unsigned int (&pf)[KP][4], const float (&s)[2 * KP][4]) {
+#pragma unroll
+    for (int kk = 0; kk < KP; ++kk) {
+        pf[kk][0] = FaMma<T>::pack(s[2 * kk][0], s[2 * kk][1]);
+        pf[kk][1] = FaMma<T>::pack(s[2 * kk][2], s[2 * kk][3]);
+        pf[kk][2] = FaMma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        pf[kk][3] = FaMma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+}
+
 #else
 #define FA_HAS_MMA 0
 #endif

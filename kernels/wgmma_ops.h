@@ -51,6 +51,16 @@ template <int NT> FA_DEVICE void fa_wgmma_hold(unsigned int (&a)[NT][4]) {
         for (int e = 0; e < 4; ++e) asm volatile("" : "+r"(a[j][e])::"memory");
 }
 
+// The block's dynamic shared memory from its first 1024-byte boundary, where the swizzle
+// atoms must start: `sm` (generic pointer) and `sbase` (shared-space address). Layouts keep
+// 1024 bytes of slack for it.
+#define FA_SMEM_ALIGNED_1024(sm, sbase)                               \
+    FA_DYNAMIC_SMEM(fa_smem);                                         \
+    const unsigned int fa_smem_raw = fa_smem_u32(fa_smem);            \
+    const unsigned int fa_smem_pad = (1024u - (fa_smem_raw & 1023u)) & 1023u; \
+    unsigned char* sm = fa_smem + fa_smem_pad;                        \
+    const unsigned int sbase = fa_smem_raw + fa_smem_pad
+
 // Byte offset of 16-byte chunk `chunk` (of 8 per 128-byte atom row) in row `row`.
 FA_DEVICE unsigned int fa_wgmma_swz(int row, int chunk) {
     return (unsigned int)(row * 128 + (((chunk ^ row) & 7) << 4));
