@@ -141,3 +141,41 @@ fn tf32_picks_the_tf32_rows_for_f32_only() {
         assert!(!p.flash.unwrap().tile.unwrap().tf32);
     }
 }
+
+/// Which operands Hopper's TMA copies can address follows their strides: packed and
+/// strided views can, a broadcast (zero stride) or a row stride off the 16-byte grid
+/// cannot, and the plan input carries the answer.
+#[test]
+fn tma_addressability_follows_the_operands_strides() {
+    use forge_attn::backend::gpu::dispatch::tma_addressable;
+    use forge_attn::problem::AttentionProblem;
+    use forge_attn::{AttentionConfig, Device, DeviceTensor};
+    let t = |shape: &[usize]| DeviceTensor::zeros(shape, DType::BF16, Device::Cpu).unwrap();
+    let (b, s, h, d) = (2, 128, 4, 64);
+    let cfg = AttentionConfig::new(h * d, h, s).with_batch_size(b);
+    let check = |q: &DeviceTensor, k: &DeviceTensor, v: &DeviceTensor| {
+        let p = AttentionProblem::new(&cfg, q, k, v, None).unwrap();
+        let addressable = tma_addressable(&p, q, k, v);
+        if std::env::var("FORGE_ATTN_PREFILL_WS").as_deref() != Ok("0") {
+            assert_eq!(PlanInput::of_call(&p, q, k, v).tma, addressable);
+        }
+        addressable
+    };
+    let dense = || t(&[b, s, h, d]);
+    assert!(check(&dense(), &dense(), &dense()));
+    // Every second head of a wider tensor: head stride 2 * D, still on the 16-byte grid.
+    let every_second = || t(&[b, s, 2 * h, d]).narrow(2, 0, h).unwrap();
+    assert!(check(&every_second(), &every_second(), &every_second()));
+    // K / V shared by the batch entries: a zero batch stride.
+    let shared = || t(&[1, s, h, d]).broadcast_dim(0, b).unwrap();
+    assert!(!check(&dense(), &shared(), &shared()));
+    // Rows of 68 elements (136 bytes): the head stride is off the 16-byte grid.
+    let padded = || t(&[b, s, h, d + 4]).narrow(3, 0, d).unwrap();
+    assert!(!check(&padded(), &dense(), &dense()));
+    // One sequence, one head: the unused strides do not matter.
+    let cfg1 = AttentionConfig::new(d, 1, s);
+    let one = || t(&[1, s, 1, d]);
+    let (q, k, v) = (one(), one(), one());
+    let p = AttentionProblem::new(&cfg1, &q, &k, &v, None).unwrap();
+    assert!(tma_addressable(&p, &q, &k, &v));
+}
