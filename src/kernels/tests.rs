@@ -152,6 +152,73 @@ fn sm90_rows_replace_their_bucket_and_are_checked() {
 }
 
 #[test]
+fn warp_specialized_rows_stand_in_for_an_sm90_row_and_are_checked() {
+    let text = "FA_TILE(bf16, 64, 128, 64, 128, 1024)\nFA_TILE(bf16, 128, 128, 64, 128, 2048)\n\
+                FA_TILE_SM90(bf16, 128, 128, 128, 256, 4096)\n";
+    let table = tiles::parse_table(&format!(
+        "{text}FA_TILE_SM90_WS(bf16, 128, 128, 128, 384, 8192)\n"
+    ))
+    .expect("valid");
+    assert_eq!(table.sm90.len(), 1);
+    let ws = &table.sm90_ws;
+    assert_eq!(ws.len(), 1);
+    assert!(ws[0].warp_specialized && !ws[0].wgmma && !table.sm90[0].warp_specialized);
+    assert_eq!(
+        (ws[0].block_m, ws[0].block_n, ws[0].threads),
+        (128, 128, 384)
+    );
+    // The public parse keeps its three row sets; the warp-specialized rows are extra.
+    let (cuda, sm90, _) = parse_flash_config(&format!(
+        "{text}FA_TILE_SM90_WS(bf16, 128, 192, 128, 512, 8192)\n"
+    ))
+    .unwrap();
+    assert_eq!((cuda.len(), sm90.len()), (2, 1));
+    let bad = [
+        ("FA_TILE_SM90_WS(f32, 128, 128, 128, 384, 8192)", "f16 or bf16"),
+        ("FA_TILE_SM90_WS(bf16, 128, 128, 128, 256, 8192)", "one producer warpgroup"),
+        ("FA_TILE_SM90_WS(bf16, 128, 64, 128, 256, 8192)", "one producer warpgroup"),
+        ("FA_TILE_SM90_WS(bf16, 128, 256, 128, 640, 8192)", "one producer warpgroup"),
+        ("FA_TILE_SM90_WS(bf16, 64, 128, 128, 384, 8192)", "no FA_TILE_SM90 row"),
+        (
+            "FA_TILE_SM90_WS(bf16, 128, 128, 128, 384, 8192)\nFA_TILE_SM90_WS(bf16, 128, 128, 64, 384, 8192)",
+            "duplicate FA_TILE_SM90_WS row",
+        ),
+    ];
+    for (row, why) in bad {
+        match parse_flash_config(&format!("{text}{row}\n")) {
+            Err(AttentionError::KernelBuild { log, .. }) => {
+                assert!(log.contains(why), "{row}: {log}")
+            }
+            other => panic!("{row}: expected KernelBuild, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn warp_specialized_lookup_follows_the_sm90_bucket() {
+    for dt in [DType::F16, DType::BF16] {
+        for hd in 1..=256 {
+            let sm90 = flash_tile_for_vendor(TileVendor::CudaSm90, dt, hd).unwrap();
+            match flash_tile_ws(dt, hd) {
+                // A warp-specialized row exactly where the bucket has a Hopper row.
+                Some(ws) => {
+                    assert!(sm90.wgmma, "{dt} hd{hd}");
+                    assert_eq!((ws.dtype, ws.head_dim), (dt, sm90.head_dim));
+                    assert_eq!(ws.threads, 2 * ws.block_m + 128);
+                }
+                None => assert!(
+                    !sm90.wgmma,
+                    "{dt} hd{hd}: Hopper row without a warp-specialized one"
+                ),
+            }
+        }
+    }
+    assert!(flash_tile_ws(DType::F32, 128).is_none());
+    assert!(flash_tile_ws(DType::BF16, 0).is_none());
+    assert!(flash_tile_ws(DType::BF16, 257).is_none());
+}
+
+#[test]
 fn sm90_lookup_uses_the_hopper_row_of_the_same_bucket() {
     let sm90 = flash_table(TileVendor::CudaSm90).expect("table parses");
     assert!(!sm90.is_empty());
