@@ -157,18 +157,7 @@ FA_DEVICE void fa_wgmma_forward(const AttnParams& p) {
         float s[WS::NT][4];
         unsigned int pf[WS::KP][4];
         if (active) {
-#pragma unroll
-            for (int j = 0; j < WS::NT; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-            fa_wgmma_hold(s);
-            fa_wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < WS::KQ; ++kk) {
-                const fa_u64 atom = (fa_u64)(kk >> 2);
-                const fa_u64 off = (fa_u64)((kk & 3) * 2);  // 32 bytes
-                FaWgmma<T, BN>::ss(s, q_desc + atom * (BM * 128 / 16) + off,
-                                   k_desc + buf + atom * (BN * 128 / 16) + off, kk > 0 ? 1 : 0);
-            }
-            fa_wgmma_commit();
+            fa_wgmma_issue_qk<T, BM, BN, WS::KQ>(s, q_desc, k_desc + buf);
             fa_wgmma_wait<0>();  // also retires the previous tile's P V
             fa_wgmma_hold(s);
             fa_wgmma_hold(o);
@@ -189,15 +178,9 @@ FA_DEVICE void fa_wgmma_forward(const AttnParams& p) {
         fa_cp_async_commit();
 
         if (active) {
-            fa_wgmma_hold(o);
-            fa_wgmma_hold(pf);
-            fa_wgmma_fence();
-#pragma unroll
-            for (int kk = 0; kk < WS::KP; ++kk)
-                FaWgmma<T, WS::DP>::rs(o, pf[kk], v_desc + buf + (fa_u64)(kk * 16 * 128 / 16), 1);
             // Left in flight: it overlaps the next tile's barrier, copy issue and Q K^T; the
             // wait there (or below) retires it before O is touched (+2-6% at D = 64 and 192).
-            fa_wgmma_commit();
+            fa_wgmma_issue_pv<T, WS::DP, WS::KP>(o, pf, v_desc + buf);
         }
     }
     fa_wgmma_wait<0>();

@@ -169,29 +169,11 @@ FA_DEVICE void fa_wgmma_ws_forward(const FaWsParams& P) {
     // Every tile of the block runs on both warpgroups: a causal warpgroup whose rows see none
     // of a diagonal tile masks it whole (one tile per block at most), which keeps the
     // tensor-core code free of branches the compiler would have to serialize around.
+    // The two products of a tile on ring slot st (wgmma_ops.h), each one commit group.
     auto issue_s = [&](float (&sc)[WS::NT][4], int st) {
-#pragma unroll
-        for (int j = 0; j < WS::NT; ++j) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
-        fa_wgmma_hold(sc);
-        fa_wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < WS::KQ; ++kk) {
-            const fa_u64 atom = (fa_u64)(kk >> 2);
-            const fa_u64 off = (fa_u64)((kk & 3) * 2);  // 32 bytes
-            FaWgmma<T, BN>::ss(sc, q_desc + atom * (BM * 128 / 16) + off,
-                               k_desc + (fa_u64)st * SLOT_UNITS + atom * (BN * 128 / 16) + off, kk > 0 ? 1 : 0);
-        }
-        fa_wgmma_commit();
+        fa_wgmma_issue_qk<T, BM, BN, WS::KQ>(sc, q_desc, k_desc + (fa_u64)st * SLOT_UNITS);
     };
-    auto issue_pv = [&](int st) {
-        fa_wgmma_hold(o);
-        fa_wgmma_hold(pf);
-        fa_wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < WS::KP; ++kk)
-            FaWgmma<T, WS::DP>::rs(o, pf[kk], v_desc + (fa_u64)st * SLOT_UNITS + (fa_u64)(kk * 16 * 128 / 16), 1);
-        fa_wgmma_commit();
-    };
+    auto issue_pv = [&](int st) { fa_wgmma_issue_pv<T, WS::DP, WS::KP>(o, pf, v_desc + (fa_u64)st * SLOT_UNITS); };
     // Scores of tile kv0 to probabilities (into pf), alpha the rescale O still owes.
     auto softmax = [&](float (&sc)[WS::NT][4], int kv0, float (&alpha)[2]) {
         const float mul = fa_mma_scale_mask<BN>(sc, p, b, h, wrow0, g, c4, kv0, seq_q, seq_k, diag, causal, has_mask, sl2);

@@ -209,6 +209,38 @@ template <typename T, int N> struct FaWgmma;
 FA_DEFINE_WGMMA(fa_f16, "f16")
 FA_DEFINE_WGMMA(fa_bf16, "bf16")
 
+// S = Q K^T of one key tile on a warpgroup, as one commit group: Q in atoms of BM rows
+// (q_desc names this warpgroup's rows), K in atoms of BN rows at k_desc; KQ k-steps of 16
+// columns, four per 64-column atom (32 bytes apart).
+template <typename T, int BM, int BN, int KQ>
+FA_DEVICE void fa_wgmma_issue_qk(float (&s)[BN / 8][4], fa_u64 q_desc, fa_u64 k_desc) {
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+    fa_wgmma_hold(s);
+    fa_wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < KQ; ++kk) {
+        const fa_u64 atom = (fa_u64)(kk >> 2);
+        const fa_u64 off = (fa_u64)((kk & 3) * 2);  // 32 bytes
+        FaWgmma<T, BN>::ss(s, q_desc + atom * (BM * 128 / 16) + off, k_desc + atom * (BN * 128 / 16) + off,
+                           kk > 0 ? 1 : 0);
+    }
+    fa_wgmma_commit();
+}
+
+// O += P V of one key tile on a warpgroup, as one commit group: P from registers (KP A
+// fragments), V MN-major at v_desc (k-step kk is keys 16 kk .. 16 kk + 15, 16 rows of 128
+// bytes further).
+template <typename T, int DP, int KP>
+FA_DEVICE void fa_wgmma_issue_pv(float (&o)[DP / 8][4], unsigned int (&pf)[KP][4], fa_u64 v_desc) {
+    fa_wgmma_hold(o);
+    fa_wgmma_hold(pf);
+    fa_wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < KP; ++kk) FaWgmma<T, DP>::rs(o, pf[kk], v_desc + (fa_u64)(kk * 16 * 128 / 16), 1);
+    fa_wgmma_commit();
+}
+
 #else
 #define FA_HAS_WGMMA 0
 #endif

@@ -8,6 +8,7 @@
 #include "../kernels/compat.h"
 #include "../kernels/attention_params.h"
 #include "../kernels/flash_entry.h"
+#include "probe_host.h"
 #include "../kernels/flash_attention_wgmma_ws.h"
 #include <cuda.h>
 #include <cudaTypedefs.h>
@@ -18,7 +19,6 @@
 #include <vector>
 #include <algorithm>
 
-#define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e)); exit(1); } } while (0)
 
 template <int HD, int BM, int BN, int TH, int SM, int MODE>
 __global__ void __launch_bounds__(TH, 1) k_wg(AttnParams p) {
@@ -33,8 +33,6 @@ __global__ void __launch_bounds__(128 * (NC + 1), 1) k_ws(const __grid_constant_
 #endif
 }
 
-static unsigned short f2bf(float f) { unsigned u; memcpy(&u, &f, 4); u += 0x7fff + ((u >> 16) & 1); return (unsigned short)(u >> 16); }
-static float bf2f(unsigned short b) { unsigned u = (unsigned)b << 16; float f; memcpy(&f, &u, 4); return f; }
 
 struct Prob { int B, H, HKV, Sq, Sk, D; bool causal; bool mask; };
 
@@ -126,32 +124,9 @@ void check(const char* name, const Kern& kern, Prob pr) {
     std::vector<float> hl((size_t)pr.B * pr.H * pr.Sq);
     CK(cudaMemcpy(ho.data(), o, nq * 2, cudaMemcpyDeviceToHost));
     CK(cudaMemcpy(hl.data(), lse, hl.size() * 4, cudaMemcpyDeviceToHost));
-    double maxe = 0, maxl = 0;
-    int G = pr.H / pr.HKV, diag = pr.Sk - pr.Sq;
-    std::vector<double> sc(pr.Sk);
-    for (int b = 0; b < pr.B; ++b) for (int h = 0; h < pr.H; ++h) for (int i = 0; i < pr.Sq; ++i) {
-        const unsigned short* qi = &hq[(((size_t)b * pr.Sq + i) * pr.H + h) * pr.D];
-        double mx = -INFINITY;
-        for (int j = 0; j < pr.Sk; ++j) {
-            double mv = nm ? hm[(((size_t)b * pr.H + h) * pr.Sq + i) * pr.Sk + j] : 0.0;
-            if ((pr.causal && j > i + diag) || mv == -INFINITY) { sc[j] = -INFINITY; continue; }
-            const unsigned short* kj = &hk[(((size_t)b * pr.Sk + j) * pr.HKV + h / G) * pr.D];
-            double s = 0; for (int d = 0; d < pr.D; ++d) s += (double)bf2f(qi[d]) * bf2f(kj[d]);
-            sc[j] = s * p.scale + mv; mx = std::max(mx, sc[j]);
-        }
-        double l = 0; for (int j = 0; j < pr.Sk; ++j) { sc[j] = (sc[j] == -INFINITY) ? 0 : exp(sc[j] - mx); l += sc[j]; }
-        for (int d = 0; d < pr.D; ++d) {
-            double acc = 0;
-            for (int j = 0; j < pr.Sk; ++j) if (sc[j] != 0) acc += sc[j] * bf2f(hv[(((size_t)b * pr.Sk + j) * pr.HKV + h / G) * pr.D + d]);
-            double ref = l > 0 ? acc / l : 0;
-            double got = bf2f(ho[(((size_t)b * pr.Sq + i) * pr.H + h) * pr.D + d]);
-            maxe = std::max(maxe, std::fabs(got - ref));
-            if (!(got == got)) maxe = 1e30;
-        }
-        double lref = l > 0 ? mx + log(l) : -INFINITY;
-        double lg = hl[((size_t)b * pr.H + h) * pr.Sq + i];
-        if (l > 0) maxl = std::max(maxl, std::fabs(lg - lref)); else if (lg != -INFINITY) maxl = 1e30;
-    }
+    const RefErr re = reference_error(pr.B, pr.H, pr.HKV, pr.Sq, pr.Sk, pr.D, pr.causal, p.scale, hq, hk, hv,
+                                      nm ? &hm : nullptr, ho, hl);
+    const double maxe = re.out, maxl = re.lse;
     const bool ok = maxe < 2e-2 && maxl < 1e-3;
     fails += !ok;
     printf("check %-24s B=%d H=%d Hkv=%d Sq=%d Sk=%d D=%d causal=%d mask=%d  max|err| %.3e  lse %.3e  %s\n", name, pr.B, pr.H,

@@ -108,6 +108,19 @@ fn table_accepts_comments_directives_and_both_vendors() {
     assert_eq!(cuda, hip);
 }
 
+/// Each `(row, why)`: `text` with `row` added is refused with a KernelBuild error whose log
+/// contains `why`.
+fn assert_refused(text: &str, bad: &[(&str, &str)]) {
+    for (row, why) in bad {
+        match parse_flash_config(&format!("{text}{row}\n")) {
+            Err(AttentionError::KernelBuild { log, .. }) => {
+                assert!(log.contains(why), "{row}: {log}")
+            }
+            other => panic!("{row}: expected KernelBuild, got {other:?}"),
+        }
+    }
+}
+
 #[test]
 fn sm90_rows_replace_their_bucket_and_are_checked() {
     let text = "FA_TILE(bf16, 64, 128, 64, 128, 1024)\nFA_TILE(bf16, 128, 128, 64, 128, 2048)\n\
@@ -141,14 +154,7 @@ fn sm90_rows_replace_their_bucket_and_are_checked() {
             "no FA_TILE row",
         ),
     ];
-    for (row, why) in bad {
-        match parse_flash_config(&format!("{text}{row}\n")) {
-            Err(AttentionError::KernelBuild { log, .. }) => {
-                assert!(log.contains(why), "{row}: {log}")
-            }
-            other => panic!("{row}: expected KernelBuild, got {other:?}"),
-        }
-    }
+    assert_refused(text, &bad);
 }
 
 #[test]
@@ -184,14 +190,7 @@ fn warp_specialized_rows_stand_in_for_an_sm90_row_and_are_checked() {
             "duplicate FA_TILE_SM90_WS row",
         ),
     ];
-    for (row, why) in bad {
-        match parse_flash_config(&format!("{text}{row}\n")) {
-            Err(AttentionError::KernelBuild { log, .. }) => {
-                assert!(log.contains(why), "{row}: {log}")
-            }
-            other => panic!("{row}: expected KernelBuild, got {other:?}"),
-        }
-    }
+    assert_refused(text, &bad);
 }
 
 #[test]
