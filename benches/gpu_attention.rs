@@ -11,6 +11,8 @@
 
 use std::io::Write;
 
+mod common;
+
 use forge_attn::reference::random_values;
 use forge_attn::{
     AttentionConfig, CpuAttentionBackend, DType, Device, DeviceAttentionBackend, DeviceTensor,
@@ -19,19 +21,6 @@ use forge_attn::{
 
 fn rayon_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
-fn list<T>(s: &str, f: impl Fn(&str) -> Option<T>) -> Vec<T> {
-    s.split(',').filter_map(|x| f(x.trim())).collect()
-}
-
-fn parse_dtype(s: &str) -> Option<DType> {
-    match s {
-        "f32" => Some(DType::F32),
-        "f16" => Some(DType::F16),
-        "bf16" => Some(DType::BF16),
-        _ => None,
-    }
 }
 
 fn main() {
@@ -46,10 +35,10 @@ fn main() {
     while let Some(a) = args.next() {
         let mut v = || args.next().unwrap_or_default();
         match a.as_str() {
-            "--dtypes" => dtypes = list(&v(), parse_dtype),
-            "--dims" => dims = list(&v(), |x| x.parse().ok()),
-            "--seqs" => seqs = list(&v(), |x| x.parse().ok()),
-            "--paths" => paths = list(&v(), |x| Some(x.to_string())),
+            "--dtypes" => dtypes = common::dtypes(&v()),
+            "--dims" => dims = common::numbers(&v()),
+            "--seqs" => seqs = common::numbers(&v()),
+            "--paths" => paths = common::list(&v(), |x| Some(x.to_string())),
             "--csv" => csv_path = Some(v()),
             "--max-traditional-seq" => max_traditional_seq = v().parse().unwrap_or(8192),
             "--max-cpu-seq" => max_cpu_seq = v().parse().unwrap_or(2048),

@@ -9,6 +9,8 @@
 use std::io::Write;
 use std::time::Instant;
 
+mod common;
+
 use forge_attn::reference::random_values;
 use forge_attn::{
     AttentionConfig, DType, Device, DeviceAttentionBackend, DeviceTensor, GpuAttentionBackend,
@@ -28,19 +30,9 @@ fn main() {
     while let Some(a) = args.next() {
         let mut v = || args.next().unwrap_or_default();
         match a.as_str() {
-            "--dtypes" => {
-                dtypes = v()
-                    .split(',')
-                    .filter_map(|x| match x {
-                        "f32" => Some(DType::F32),
-                        "f16" => Some(DType::F16),
-                        "bf16" => Some(DType::BF16),
-                        _ => None,
-                    })
-                    .collect()
-            }
-            "--batches" => batches = v().split(',').filter_map(|x| x.parse().ok()).collect(),
-            "--lens" => lens = v().split(',').filter_map(|x| x.parse().ok()).collect(),
+            "--dtypes" => dtypes = common::dtypes(&v()),
+            "--batches" => batches = common::numbers(&v()),
+            "--lens" => lens = common::numbers(&v()),
             "--csv" => csv_path = Some(v()),
             _ => {}
         }

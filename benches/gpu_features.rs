@@ -8,6 +8,8 @@
 //!
 //! `cargo bench --bench gpu_features -- [--dtypes bf16,f16] [--reps N] [--decode-only]`
 
+mod common;
+
 use forge_attn::reference::random_values;
 use forge_attn::{
     AttentionConfig, AttentionOptions, DType, Device, DeviceAttentionBackend, DeviceTensor,
@@ -25,17 +27,7 @@ fn main() {
     while let Some(a) = args.next() {
         let mut v = || args.next().unwrap_or_default();
         match a.as_str() {
-            "--dtypes" => {
-                dtypes = v()
-                    .split(',')
-                    .filter_map(|x| match x.trim() {
-                        "bf16" => Some(DType::BF16),
-                        "f16" => Some(DType::F16),
-                        "f32" => Some(DType::F32),
-                        _ => None,
-                    })
-                    .collect()
-            }
+            "--dtypes" => dtypes = common::dtypes(&v()),
             "--reps" => reps = v().parse().unwrap_or(20),
             "--decode-only" => decode_only = true,
             _ => {}
