@@ -31,28 +31,17 @@
 
 // Layout of a tile row on this kernel (plain constants: the host side of a build sees them too).
 template <int HD, int BM, int BN, int THREADS>
-struct FaWgShape {
+struct FaWgShape : FaWgTile<HD, BM, BN> {
+    typedef FaWgTile<HD, BM, BN> Tile;
     static constexpr int NWG = THREADS / 128;
-    static constexpr int DP = (HD + 63) / 64 * 64;  // computed head dim: whole 64-column atoms
-    static constexpr int KA = DP / 64;              // atoms per row
-    static constexpr int CPR = DP / 8;              // 16-byte chunks per row
-    static constexpr int Q_BYTES = BM * DP * 2;
-    static constexpr int KV_BYTES = BN * DP * 2;    // one K or V buffer
     static constexpr int Q_OFF = 0;
-    static constexpr int K_OFF = Q_OFF + Q_BYTES;
-    static constexpr int V_OFF = K_OFF + 2 * KV_BYTES;
-    static constexpr int END = V_OFF + 2 * KV_BYTES;
+    static constexpr int K_OFF = Q_OFF + Tile::Q_BYTES;
+    static constexpr int V_OFF = K_OFF + 2 * Tile::KV_BYTES;
+    static constexpr int END = V_OFF + 2 * Tile::KV_BYTES;
     static constexpr int SMEM_BYTES = END + 1024;   // slack to align the atoms to 1024 bytes
-    static constexpr int OSTR = DP + 8;             // epilogue staging row, elements
-    static constexpr int NT = BN / 8;               // S n-tiles per warp
-    static constexpr int DT = DP / 8;               // O n-tiles per warp
-    static constexpr int KQ = DP / 16;              // k-steps of Q K^T
-    static constexpr int KP = BN / 16;              // k-steps of P V
 
     static_assert(THREADS % 128 == 0 && BM == 64 * NWG, "BLOCK_M must be 64 rows per warpgroup");
-    static_assert(BN % 16 == 0 && BN <= 256, "BLOCK_N must be a multiple of 16, <= 256");
-    static_assert(DP <= 256, "head-dim bucket must be <= 256");
-    static_assert(BM * OSTR * 2 <= END, "epilogue staging must fit the tile buffers");
+    static_assert(BM * Tile::OSTR * 2 <= END, "epilogue staging must fit the tile buffers");
 };
 
 #if FA_HAS_WGMMA

@@ -32,37 +32,28 @@
 #include "tma_ops.h"
 
 // Layout of a block on this kernel (plain constants: the host side of a build sees them too).
+// The tile geometry is FaWgTile's (wgmma_ops.h): one TMA box per 64-column atom, a K or V
+// slot of KV_BYTES.
 template <int HD, int BN, int NC, int STAGES>
-struct FaWsShape {
+struct FaWsShape : FaWgTile<HD, 64 * NC, BN> {
+    typedef FaWgTile<HD, 64 * NC, BN> Tile;
     static constexpr int BM = 64 * NC;
     static constexpr int THREADS = 128 * (NC + 1);
-    static constexpr int DP = (HD + 63) / 64 * 64;  // computed head dim: whole 64-column atoms
-    static constexpr int KA = DP / 64;              // atoms per row (one TMA box each)
-    static constexpr int CPR = DP / 8;              // 16-byte chunks per row
-    static constexpr int Q_BYTES = BM * DP * 2;
-    static constexpr int KV_BYTES = BN * DP * 2;    // one K or V slot
     static constexpr int Q_OFF = 0;
-    static constexpr int K_OFF = Q_OFF + Q_BYTES;
-    static constexpr int V_OFF = K_OFF + STAGES * KV_BYTES;
-    static constexpr int BAR_OFF = V_OFF + STAGES * KV_BYTES;
+    static constexpr int K_OFF = Q_OFF + Tile::Q_BYTES;
+    static constexpr int V_OFF = K_OFF + STAGES * Tile::KV_BYTES;
+    static constexpr int BAR_OFF = V_OFF + STAGES * Tile::KV_BYTES;
     static constexpr int NBAR = 1 + 4 * STAGES;     // Q full; K full, K empty, V full, V empty
     static constexpr int END = BAR_OFF + 8 * NBAR;
     static constexpr int SMEM_BYTES = END + 1024;   // slack to align the atoms to 1024 bytes
-    static constexpr int OSTR = DP + 8;             // epilogue staging row, elements
-    static constexpr int NT = BN / 8;               // S n-tiles per warp
-    static constexpr int DT = DP / 8;               // O n-tiles per warp
-    static constexpr int KQ = DP / 16;              // k-steps of Q K^T
-    static constexpr int KP = BN / 16;              // k-steps of P V
     // Registers per thread after the hand-over (setmaxnreg): what the launch bound gives every
     // thread (65536 / THREADS, in steps of 8) moves from the producer to the math warpgroups.
     static constexpr int REG_PRODUCER = 24;
     static constexpr int REG_MATH = NC == 2 ? 240 : 160;
 
     static_assert(NC >= 2 && NC <= 3, "two or three math warpgroups");
-    static_assert(BN % 16 == 0 && BN <= 256, "BLOCK_N must be a multiple of 16, <= 256");
-    static_assert(DP <= 256, "head-dim bucket must be <= 256");
     static_assert(BM <= 256, "a TMA box holds at most 256 rows");
-    static_assert(BM * OSTR * 2 <= 2 * STAGES * KV_BYTES, "epilogue staging must fit the K / V slots");
+    static_assert(BM * Tile::OSTR * 2 <= 2 * STAGES * Tile::KV_BYTES, "epilogue staging must fit the K / V slots");
     static_assert(128 * REG_PRODUCER + 128 * NC * REG_MATH <= 65536, "register hand-over exceeds the file");
 };
 
@@ -122,22 +113,21 @@ FA_DEVICE void fa_wgmma_ws_forward(const FaWsParams& P) {
 #pragma unroll
             for (int a = 0; a < WS::KA; ++a)
                 fa_tma_load_4d(sbase + WS::Q_OFF + a * BM * 128, &P.tq, 64 * a, q_row0 + q0, h, b, bar_q);
+            // Rows kv0 .. of `map` into slot s of the ring at `off`, once the slot is free.
+            auto load_kv = [&](const FaTensorMap* map, int off, unsigned int full, unsigned int empty, int s,
+                               unsigned int ph, int kv0) {
+                fa_mbar_wait(empty + 8 * s, ph ^ 1u);
+                fa_mbar_arrive_tx(full + 8 * s, WS::KV_BYTES);
+#pragma unroll
+                for (int a = 0; a < WS::KA; ++a)
+                    fa_tma_load_4d(sbase + off + s * WS::KV_BYTES + a * BN * 128, map, 64 * a, kv0, kvh, b, full + 8 * s);
+            };
             for (int i = 0; i < n; ++i) {
                 const int s = i % STAGES;
                 const unsigned int ph = (unsigned int)(i / STAGES) & 1u;
                 const int kv0 = k_row0 + (tbeg + i) * BN;
-                fa_mbar_wait(bar_ke + 8 * s, ph ^ 1u);
-                fa_mbar_arrive_tx(bar_kf + 8 * s, WS::KV_BYTES);
-#pragma unroll
-                for (int a = 0; a < WS::KA; ++a)
-                    fa_tma_load_4d(sbase + WS::K_OFF + s * WS::KV_BYTES + a * BN * 128, &P.tk, 64 * a, kv0, kvh, b,
-                                   bar_kf + 8 * s);
-                fa_mbar_wait(bar_ve + 8 * s, ph ^ 1u);
-                fa_mbar_arrive_tx(bar_vf + 8 * s, WS::KV_BYTES);
-#pragma unroll
-                for (int a = 0; a < WS::KA; ++a)
-                    fa_tma_load_4d(sbase + WS::V_OFF + s * WS::KV_BYTES + a * BN * 128, &P.tv, 64 * a, kv0, kvh, b,
-                                   bar_vf + 8 * s);
+                load_kv(&P.tk, WS::K_OFF, bar_kf, bar_ke, s, ph, kv0);
+                load_kv(&P.tv, WS::V_OFF, bar_vf, bar_ve, s, ph, kv0);
             }
         }
         return;

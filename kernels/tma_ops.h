@@ -36,9 +36,6 @@ FA_DEVICE void fa_mbar_init_fence() { asm volatile("fence.mbarrier_init.release.
 FA_DEVICE void fa_mbar_arrive_tx(unsigned int bar, unsigned int bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
 }
-FA_DEVICE void fa_mbar_arrive(unsigned int bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
 // One arrival for the whole (converged) warp, from one elected lane: a predicated instruction,
 // not a branch, so no divergent path opens while a warpgroup MMA is in flight.
 FA_DEVICE void fa_mbar_arrive_warp(unsigned int bar) {

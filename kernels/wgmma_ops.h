@@ -26,6 +26,25 @@
 
 #include "compat.h"
 
+// What a wgmma tile of BM query rows and BN keys over head dim HD is made of, for every
+// kernel built on these blocks (plain constants: the host side of a build sees them too).
+template <int HD, int BM, int BN>
+struct FaWgTile {
+    static constexpr int DP = (HD + 63) / 64 * 64;  // computed head dim: whole 64-column atoms
+    static constexpr int KA = DP / 64;              // atoms per row
+    static constexpr int CPR = DP / 8;              // 16-byte chunks per row
+    static constexpr int Q_BYTES = BM * DP * 2;
+    static constexpr int KV_BYTES = BN * DP * 2;    // one K or V buffer
+    static constexpr int OSTR = DP + 8;             // epilogue staging row, elements
+    static constexpr int NT = BN / 8;               // S n-tiles per warp
+    static constexpr int DT = DP / 8;               // O n-tiles per warp
+    static constexpr int KQ = DP / 16;              // k-steps of Q K^T
+    static constexpr int KP = BN / 16;              // k-steps of P V
+
+    static_assert(BN % 16 == 0 && BN <= 256, "BLOCK_N must be a multiple of 16, <= 256");
+    static_assert(DP <= 256, "head-dim bucket must be <= 256");
+};
+
 #if FA_CUDA && defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define FA_HAS_WGMMA 1
 
