@@ -2,7 +2,8 @@
 //! run: options (softcap, ALiBi, sinks, the log-sum-exp output) at D = 128, S = 8192; a
 //! sliding window of 4096 against full causal attention at S = 32768; a packed batch of
 //! mixed lengths (64 .. 8192, 16384 tokens) against the same sequences run one dense call
-//! each (no padding anywhere); decode (B = 8, GQA 32/8, L = 16384) with each option against
+//! each (no padding anywhere); paged K / V (page 16) under the dense S = 8192 queries against
+//! the dense call; decode (B = 8, GQA 32/8, L = 16384) with each option against
 //! the plain cached call, and a paged cache (page 16) against a contiguous one. bf16 and
 //! f16, layout [B, H, S, D] for the dense calls.
 //!
@@ -13,7 +14,8 @@ mod common;
 use forge_attn::reference::random_values;
 use forge_attn::{
     AttentionConfig, AttentionOptions, DType, Device, DeviceAttentionBackend, DeviceTensor,
-    GpuAttentionBackend, KvCache, KvCacheLayout, KvCacheSpec, Layout, VarlenBatch,
+    GpuAttentionBackend, KvCache, KvCacheLayout, KvCacheSpec, Layout, PageLayout, PagedKv,
+    VarlenBatch,
 };
 
 const D: usize = 128;
@@ -162,6 +164,36 @@ fn run_all(backend: &GpuAttentionBackend, dtype: DType, reps: usize) -> forge_at
         "{dtype:5} D={D} S={s} causal=1: full {full:8.3} ms, window 4096 {win:8.3} ms: {:.3} of full (bar 1/6 = 0.167)",
         win / full
     );
+
+    // Paged K / V (page 16, the pages in scattered order) under the same queries, against
+    // the dense figure.
+    let page = 16;
+    let pages = b * s / page;
+    let kp = tensor(&[pages, page, H, D], dtype, dev, 21)?;
+    let vp = tensor(&[pages, page, H, D], dtype, dev, 22)?;
+    // An odd stride is a permutation of a power-of-two pool.
+    let order: Vec<i32> = (0..pages).map(|i| ((i * 7919) % pages) as i32).collect();
+    let table = DeviceTensor::from_host(&order, &[b, s / page], dev)?;
+    let seq_lens = DeviceTensor::from_host(&vec![s as i32; b], &[b], dev)?;
+    let kv = PagedKv::new(kp, vp, table, seq_lens, page, PageLayout::Nhd);
+    for causal in [false, true] {
+        let cfg = AttentionConfig::new(H * D, H, s)
+            .with_causal(causal)
+            .with_layout(Layout::Bhsd);
+        let flops = 4.0 * (b * s * s * H * D) as f64 * if causal { 0.5 } else { 1.0 };
+        let ms = time(dev, reps, || {
+            backend
+                .forward_paged(&cfg, &AttentionOptions::new(), &q, &kv, &mut out, None)
+                .map(|_| ())
+        })?;
+        println!(
+            "{dtype:5} D={D} S={s} B={b} causal={}: paged K/V (page {page}) {ms:8.3} ms {:6.1} TFLOP/s ({:.3} of dense)",
+            causal as u8,
+            tflops(flops, ms),
+            tflops(flops, ms) / dense_tflops[causal as usize]
+        );
+    }
+    drop(kv);
 
     // A packed batch of mixed lengths against one dense call per sequence.
     let lens = [8192usize, 4096, 2048, 1024, 512, 256, 128, 64, 64];

@@ -1,8 +1,8 @@
 // FlashAttention forward pass on Hopper, warp specialized: f16/bf16 inputs, CUDA sm_90a, on
-// dense Q / K / V that TMA can address (16-byte aligned bases, strides in whole 16-byte
-// units and non-zero; the host checks, others take flash_attention_wgmma.h). Packed ragged
-// batches and paged K / V are not taken: a TMA box stops at the tensor's end, not at a
-// sequence's, and reads no block table.
+// Q / K / V that TMA can address (16-byte aligned bases, strides in whole 16-byte units and
+// non-zero; the host checks, others take flash_attention_wgmma.h): dense, packed ragged
+// batches (FA_EXT: one map over all rows, each block at its sequence's first row) and paged
+// K / V (FA_PAGED: one box per page, power-of-two pages that divide or are divided by BN).
 //
 // Same contract as the other flash kernels: bottom-right causal, additive f32 mask (MODE 2),
 // GQA, any head_dim <= bucket (zero padded), rows with no visible key give zeros and
@@ -15,8 +15,10 @@
 // - One producer thread issues TMA copies (tma_ops.h): the block's Q tile once, then K_t and
 //   V_t of each key tile into a STAGES-deep ring of shared-memory slots, each slot with a
 //   "full" mbarrier (completed by the bytes TMA delivers) and an "empty" one (completed when
-//   every math warp is done with the slot). The producer keeps few registers (setmaxnreg)
-//   and the math warpgroups take them.
+//   every math warp is done with the slot). Where a V tile reaches past its sequence into
+//   rows that are not zeros (packed or paged), the producer warp zeroes those rows before
+//   completing the slot. The producer keeps few registers (setmaxnreg) and the math
+//   warpgroups take them.
 // - A math warpgroup overlaps its own work (intra-warpgroup): it issues S_t = Q K_t^T and
 //   O += P_{t-1} V_{t-1} together, waits for S_t only, runs the masking and softmax of S_t
 //   while P_{t-1} V_{t-1} is still on the tensor cores, then waits for that and rescales O.
@@ -43,7 +45,7 @@ struct FaWsShape : FaWgTile<HD, 64 * NC, BN> {
     static constexpr int K_OFF = Q_OFF + Tile::Q_BYTES;
     static constexpr int V_OFF = K_OFF + STAGES * Tile::KV_BYTES;
     static constexpr int BAR_OFF = V_OFF + STAGES * Tile::KV_BYTES;
-    static constexpr int NBAR = 1 + 4 * STAGES;     // Q full; K full, K empty, V full, V empty
+    static constexpr int NBAR = 2 + 4 * STAGES;     // Q full, zero fill; K full, K empty, V full, V empty
     static constexpr int END = BAR_OFF + 8 * NBAR;
     static constexpr int SMEM_BYTES = END + 1024;   // slack to align the atoms to 1024 bytes
     // Registers per thread after the hand-over (setmaxnreg): what the launch bound gives every
@@ -88,10 +90,12 @@ FA_DEVICE void fa_wgmma_ws_forward(const FaWsParams& P) {
     const int n = ntiles - tbeg;  // key tiles this block visits (may be none)
 
     const unsigned int bar_q = sbase + WS::BAR_OFF;
-    const unsigned int bar_kf = bar_q + 8, bar_ke = bar_kf + 8 * STAGES;
+    const unsigned int bar_z = bar_q + 8;  // a V tile's copies before its tail is zeroed
+    const unsigned int bar_kf = bar_z + 8, bar_ke = bar_kf + 8 * STAGES;
     const unsigned int bar_vf = bar_ke + 8 * STAGES, bar_ve = bar_vf + 8 * STAGES;
     if (tid == 0) {
         fa_mbar_init(bar_q, 1);
+        fa_mbar_init(bar_z, 1);
         for (int s = 0; s < STAGES; ++s) {
             fa_mbar_init(bar_kf + 8 * s, 1);
             fa_mbar_init(bar_vf + 8 * s, 1);
@@ -103,31 +107,91 @@ FA_DEVICE void fa_wgmma_ws_forward(const FaWsParams& P) {
     fa_syncthreads();
 
     if (wg == 0) {
-        // Producer.
+        // Producer: its first warp. Lane 0 issues the copies and barrier operations; the whole
+        // warp zero fills a V tile's rows past the sequence's end (below).
         fa_setmaxnreg_dec<WS::REG_PRODUCER>();
-        if (tid == 0 && n > 0) {
-            fa_tma_prefetch_map(&P.tq);
-            fa_tma_prefetch_map(&P.tk);
-            fa_tma_prefetch_map(&P.tv);
-            fa_mbar_arrive_tx(bar_q, WS::Q_BYTES);
-#pragma unroll
-            for (int a = 0; a < WS::KA; ++a)
-                fa_tma_load_4d(sbase + WS::Q_OFF + a * BM * 128, &P.tq, 64 * a, q_row0 + q0, h, b, bar_q);
-            // Rows kv0 .. of `map` into slot s of the ring at `off`, once the slot is free.
-            auto load_kv = [&](const FaTensorMap* map, int off, unsigned int full, unsigned int empty, int s,
-                               unsigned int ph, int kv0) {
-                fa_mbar_wait(empty + 8 * s, ph ^ 1u);
-                fa_mbar_arrive_tx(full + 8 * s, WS::KV_BYTES);
+        if (warp == 0 && n > 0) {
+            // Packed batches are one map entry whose rows run through every sequence; paged
+            // K / V are maps of [page_size rows, heads, pages] read in boxes of
+            // min(page_size, BN) rows, one per page (the host checks that one divides the other).
+            const bool packed_q = FA_EXT && p.cu_q != nullptr;
+            const bool packed_k = FA_EXT && p.cu_k != nullptr;
+            const bool paged = FA_PAGED && p.block_table != nullptr;
+            const int box = paged && p.page_size < BN ? p.page_size : BN;
+            const int* table = paged ? p.block_table + (fa_i64)b * p.max_pages : nullptr;
+            const unsigned int box_bytes = (unsigned int)box * 128u * WS::KA;
+            if (lane == 0) {
+                fa_tma_prefetch_map(&P.tq);
+                fa_tma_prefetch_map(&P.tk);
+                fa_tma_prefetch_map(&P.tv);
+                fa_mbar_arrive_tx(bar_q, WS::Q_BYTES);
 #pragma unroll
                 for (int a = 0; a < WS::KA; ++a)
-                    fa_tma_load_4d(sbase + off + s * WS::KV_BYTES + a * BN * 128, map, 64 * a, kv0, kvh, b, full + 8 * s);
+                    fa_tma_load_4d(sbase + WS::Q_OFF + a * BM * 128, &P.tq, 64 * a, q_row0 + q0, h,
+                                   packed_q ? 0 : b, bar_q);
+            }
+            // Keys kv0 .. of `map` (the rows that exist: a paged tile stops at the last page
+            // the sequence has) into the slot at `dst`, completing on `bar`.
+            auto load_kv = [&](const FaTensorMap* map, unsigned int dst, unsigned int bar, int kv0) {
+                if (!paged) {
+                    fa_mbar_arrive_tx(bar, WS::KV_BYTES);
+#pragma unroll
+                    for (int a = 0; a < WS::KA; ++a)
+                        fa_tma_load_4d(dst + a * BN * 128, map, 64 * a, k_row0 + kv0, kvh, packed_k ? 0 : b, bar);
+                    return;
+                }
+                const int keys = seq_k - kv0 < BN ? seq_k - kv0 : BN;
+                const int boxes = (keys + box - 1) / box;
+                fa_mbar_arrive_tx(bar, (unsigned int)boxes * box_bytes);
+                for (int j = 0; j < boxes; ++j) {
+                    const int key = kv0 + j * box;
+                    const int pg = p.page_shift >= 0 ? key >> p.page_shift : key / p.page_size;
+                    const int in = key - pg * p.page_size;
+                    const int page = table[pg];
+#pragma unroll
+                    for (int a = 0; a < WS::KA; ++a)
+                        fa_tma_load_4d(dst + a * BN * 128 + j * box * 128, map, 64 * a, in, kvh, page, bar);
+                }
             };
+            unsigned int zph = 0;  // parity of the zero-fill barrier's next phase
             for (int i = 0; i < n; ++i) {
                 const int s = i % STAGES;
                 const unsigned int ph = (unsigned int)(i / STAGES) & 1u;
-                const int kv0 = k_row0 + (tbeg + i) * BN;
-                load_kv(&P.tk, WS::K_OFF, bar_kf, bar_ke, s, ph, kv0);
-                load_kv(&P.tv, WS::V_OFF, bar_vf, bar_ve, s, ph, kv0);
+                const int kv0 = (tbeg + i) * BN;
+                const unsigned int kdst = sbase + WS::K_OFF + s * WS::KV_BYTES;
+                const unsigned int vdst = sbase + WS::V_OFF + s * WS::KV_BYTES;
+                if (lane == 0) {
+                    fa_mbar_wait(bar_ke + 8 * s, ph ^ 1u);
+                    load_kv(&P.tk, kdst, bar_kf + 8 * s, kv0);
+                }
+                // K rows past the sequence's end only give scores the masking step replaces;
+                // V rows there meet probabilities of 0, so they must be finite: rows of the
+                // next packed sequence or an unused page slot may not be, and are zeroed.
+                // (Past the tensor's end TMA fills zeros itself.)
+                const bool zero_tail = (packed_k || paged) && kv0 + BN > seq_k;
+                if (!zero_tail) {
+                    if (lane == 0) {
+                        fa_mbar_wait(bar_ve + 8 * s, ph ^ 1u);
+                        load_kv(&P.tv, vdst, bar_vf + 8 * s, kv0);
+                    }
+                } else {
+                    if (lane == 0) {
+                        fa_mbar_wait(bar_ve + 8 * s, ph ^ 1u);
+                        load_kv(&P.tv, vdst, bar_z, kv0);
+                    }
+                    __syncwarp();
+                    fa_mbar_wait(bar_z, zph);
+                    zph ^= 1u;
+                    const int keep = seq_k - kv0;  // >= 1: a visited tile starts inside
+                    const int chunks = (BN - keep) * 8;  // 16-byte chunks of the rows past it, per atom
+#pragma unroll
+                    for (int a = 0; a < WS::KA; ++a)
+                        for (int c = lane; c < chunks; c += 32)
+                            fa_st_shared_zero16(vdst + a * BN * 128 + keep * 128 + c * 16);
+                    fa_fence_proxy_async();  // before wgmma reads them
+                    __syncwarp();
+                    if (lane == 0) fa_mbar_arrive(bar_vf + 8 * s);
+                }
             }
         }
         return;

@@ -114,25 +114,25 @@ FA_TILE_SM90(bf16, 256, 128, 64, 256, 202752)
 // (flash_attention_wgmma_ws.h: a TMA producer warpgroup and BLOCK_M / 64 math warpgroups,
 // THREADS = 2 * BLOCK_M + 128), for plain calls whose Q, K and V TMA can address; it takes the
 // place of the FA_TILE_SM90 row of its dtype and bucket there. Shared memory is
-//   2 * DP * (BLOCK_M + 4 * BLOCK_N) + 72 + 1024   (two K / V stages, mbarriers, alignment)
+//   2 * DP * (BLOCK_M + 4 * BLOCK_N) + 80 + 1024   (two K / V stages, mbarriers, alignment)
 // Measured on H200 with scripts/wgmma_ws_probe.cu (bf16, B*S = 16384, H = 2048/D, S = 8192,
 // TFLOP/s non-causal / causal; the FA_TILE_SM90 kernel in the same run):
 //   D = 64:  192 x 128: 555 / 496; 128 x 128: 451 / 420 (wgmma 319 / 312)
 //   D = 128: 128 x 128: 697 / 635; 128 x 192: 665 / 649; 128 x 96, 3 stages: 591 / 569
 //            (wgmma 451 / 417)
 //   D = 256: 128 x 64: 736 / 646 (wgmma 543 / 481)
-FA_TILE_SM90_WS(f16, 64, 192, 128, 512, 91208)
-FA_TILE_SM90_WS(f16, 128, 128, 128, 384, 164936)
-FA_TILE_SM90_WS(f16, 160, 128, 96, 384, 197704)
-FA_TILE_SM90_WS(f16, 192, 128, 96, 384, 197704)
-FA_TILE_SM90_WS(f16, 224, 128, 64, 384, 197704)
-FA_TILE_SM90_WS(f16, 256, 128, 64, 384, 197704)
-FA_TILE_SM90_WS(bf16, 64, 192, 128, 512, 91208)
-FA_TILE_SM90_WS(bf16, 128, 128, 128, 384, 164936)
-FA_TILE_SM90_WS(bf16, 160, 128, 96, 384, 197704)
-FA_TILE_SM90_WS(bf16, 192, 128, 96, 384, 197704)
-FA_TILE_SM90_WS(bf16, 224, 128, 64, 384, 197704)
-FA_TILE_SM90_WS(bf16, 256, 128, 64, 384, 197704)
+FA_TILE_SM90_WS(f16, 64, 192, 128, 512, 91216)
+FA_TILE_SM90_WS(f16, 128, 128, 128, 384, 164944)
+FA_TILE_SM90_WS(f16, 160, 128, 96, 384, 197712)
+FA_TILE_SM90_WS(f16, 192, 128, 96, 384, 197712)
+FA_TILE_SM90_WS(f16, 224, 128, 64, 384, 197712)
+FA_TILE_SM90_WS(f16, 256, 128, 64, 384, 197712)
+FA_TILE_SM90_WS(bf16, 64, 192, 128, 512, 91216)
+FA_TILE_SM90_WS(bf16, 128, 128, 128, 384, 164944)
+FA_TILE_SM90_WS(bf16, 160, 128, 96, 384, 197712)
+FA_TILE_SM90_WS(bf16, 192, 128, 96, 384, 197712)
+FA_TILE_SM90_WS(bf16, 224, 128, 64, 384, 197712)
+FA_TILE_SM90_WS(bf16, 256, 128, 64, 384, 197712)
 
 FA_TILE_HIP(f32, 32, 64, 64, 256, 44032)
 FA_TILE_HIP(f32, 64, 64, 32, 256, 43008)

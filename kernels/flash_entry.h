@@ -55,13 +55,11 @@ template <typename T, int HD, int BM, int BN, int THREADS, int SMEM, int MODE>
 FA_DEVICE void fa_flash_impl_wgmma(const AttnParams& p) {
     fa_wgmma_forward<T, HD, BM, BN, THREADS, SMEM, MODE>(p);
 }
-// wgws: f16/bf16 on Hopper, warp specialized with TMA copies (an FA_TILE_SM90_WS row; plain
-// and option variants on dense K / V, no paged ones); its argument carries the tensor maps
-// (FaWsParams).
+// wgws: f16/bf16 on Hopper, warp specialized with TMA copies (an FA_TILE_SM90_WS row; plain,
+// option and paged variants); its argument carries the tensor maps (FaWsParams).
 template <typename T, int HD, int BM, int BN, int THREADS, int SMEM, int MODE>
 FA_DEVICE void fa_flash_impl_wgws(const FaWsParams& P) {
     typedef FaWsShape<HD, BN, BM / 64, 2> WS;
-    static_assert(!FA_PAGED, "the warp-specialized kernel reads dense K / V only");
     static_assert(WS::BM == BM && WS::THREADS == THREADS, "FA_TILE_SM90_WS rows have THREADS = 2 * BLOCK_M + 128");
     static_assert(WS::SMEM_BYTES <= SMEM, "warp-specialized layout exceeds the tile row's SMEM_BYTES");
     fa_wgmma_ws_forward<T, HD, BN, BM / 64, 2, MODE>(P);

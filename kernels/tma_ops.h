@@ -42,6 +42,10 @@ FA_DEVICE void fa_mbar_arrive_warp(unsigned int bar) {
     asm volatile("{\n.reg .pred e;\nelect.sync _|e, 0xffffffff;\n@e mbarrier.arrive.shared::cta.b64 _, [%0];\n}\n" ::"r"(bar)
                  : "memory");
 }
+// One plain arrival (no transaction bytes): completes a phase whose data a thread wrote.
+FA_DEVICE void fa_mbar_arrive(unsigned int bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
 // Waits until the phase of parity `parity` of the barrier has completed.
 FA_DEVICE void fa_mbar_wait(unsigned int bar, unsigned int parity) {
     unsigned int done;
@@ -63,6 +67,10 @@ FA_DEVICE void fa_tma_load_4d(unsigned int dst, const FaTensorMap* map, int c0, 
         "%5}], [%6];\n" ::"r"(dst),
         "l"(reinterpret_cast<fa_u64>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(bar)
         : "memory");
+}
+// 16 zero bytes at shared-memory address `dst`.
+FA_DEVICE void fa_st_shared_zero16(unsigned int dst) {
+    asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(dst), "r"(0u) : "memory");
 }
 FA_DEVICE void fa_tma_prefetch_map(const FaTensorMap* map) {
     asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<fa_u64>(map)) : "memory");

@@ -543,13 +543,12 @@ fn extended_calls_plan_the_extended_variants() {
     for (seq_q, packed) in [(1, true), (16, true), (17, false), (4096, false)] {
         let c = plan(input(DType::BF16, seq_q, true, packed)).unwrap();
         assert_eq!(c.kernel, FlashKernel::Causal, "seq_q {seq_q}");
-        // Packed batches stay on the wgmma kernel (TMA boxes end at the tensor's end).
-        let want = if packed {
-            FlashImpl::Wgmma
-        } else {
-            FlashImpl::WgmmaWs
-        };
-        assert_eq!(c.implementation, want, "seq_q {seq_q} packed {packed}");
+        // Packed batches too run on the warp-specialized kernel where TMA reads them.
+        assert_eq!(
+            c.implementation,
+            FlashImpl::WgmmaWs,
+            "seq_q {seq_q} packed {packed}"
+        );
         assert!(c.ext);
         let spec = c.spec().unwrap();
         assert!(spec.name.ends_with("_ext"), "{}", spec.name);

@@ -673,10 +673,9 @@ pub fn all_variants(vendor: TileVendor) -> Vec<KernelSpec> {
                 specs.push(flash(file, tile, imp));
                 // The extended variants are NVRTC-built only: the AMD code objects hold
                 // the plain SIMT rows.
-                // The warp-specialized rows have no paged variants.
                 if vendor != TileVendor::Hip {
                     specs.push(flash_variant(file, tile, imp, FlashExt::Options));
-                    if file != KernelFile::FlashMasked && !tile.warp_specialized {
+                    if file != KernelFile::FlashMasked {
                         specs.push(flash_variant(file, tile, imp, FlashExt::Paged));
                     }
                 }

@@ -287,15 +287,14 @@ fn variant_names_are_unique_and_follow_the_convention() {
         .collect();
     let flash_variants: usize = tiles
         .iter()
-        .filter(|t| !t.warp_specialized)
         .map(|t| FlashImpl::for_tile(t, TileVendor::Cuda).len())
         .sum();
-    // Each flash variant plain and extended (the warp-specialized rows without `_paged`);
-    // decode: 27 kernels and 3 merges, plain and with options.
+    // Each flash variant plain and extended; decode: 27 kernels and 3 merges, plain and
+    // with options.
     assert_eq!(
         specs.len(),
         // plain and `_ext` in all three files, `_paged` in the two unmasked ones
-        (3 * 2 + 2) * flash_variants + 3 * 2 * ws.len() + 7 + 4 + 2 * (27 + 3) + 2
+        (3 * 2 + 2) * flash_variants + 7 + 4 + 2 * (27 + 3) + 2
     );
     let mut names = HashSet::new();
     for s in &specs {
@@ -346,10 +345,8 @@ fn variant_names_are_unique_and_follow_the_convention() {
                 ] {
                     let x = catalog::flash_variant(file, t, imp, ext);
                     assert_eq!(x.name, format!("{expect}{suffix}"));
-                    // Paged calls take no additive mask: no masked paged variant is built;
-                    // the warp-specialized rows have none at all.
-                    let listed = !(ext == FlashExt::Paged
-                        && (t.warp_specialized || file == KernelFile::FlashMasked));
+                    // Paged calls take no additive mask: no masked paged variant is built.
+                    let listed = !(ext == FlashExt::Paged && file == KernelFile::FlashMasked);
                     assert_eq!(names.contains(&x.name), listed, "{}", x.name);
                     let mut want_x = want.clone();
                     want_x[7] = format!("FA_VARIANT_NAME={expect}{suffix}");

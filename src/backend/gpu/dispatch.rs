@@ -1,13 +1,13 @@
 //! The one decision of which GPU path runs a problem. `forward`, `supports` and every
 //! report ask [`plan`]; nothing else chooses.
 
+use super::tma_operands::{TmaLayout, TmaOperands};
 use crate::backend::{AttentionPath, FlashKernel};
-use crate::device::tensor_map::TensorMapDesc;
 use crate::dtype::DType;
 use crate::kernels::{
     self, catalog, FlashExt, FlashImpl, FlashTile, KernelFile, KernelSpec, TileVendor,
 };
-use crate::problem::{AttentionProblem, HeadStrides};
+use crate::problem::AttentionProblem;
 use crate::tensor::DeviceTensor;
 
 use super::decode_plan::{decode_bucket, decode_smem_bytes, MAX_DECODE_QUERIES};
@@ -114,32 +114,31 @@ pub(crate) fn warp_specialized_enabled() -> bool {
 
 /// Whether Hopper's TMA can address Q, K and V of problem `p` over these tensors, each as
 /// a `[head_dim, rows, heads, batch]` view with its launch strides
-/// ([`TensorMapDesc::check`]: 16-byte aligned bases, byte strides that are non-zero
-/// multiples of 16). Grid slices move the bases by whole strides, so it holds for each.
+/// ([`TensorMapDesc::check`](crate::device::tensor_map::TensorMapDesc::check): 16-byte
+/// aligned bases, byte strides that are non-zero multiples of 16), in the boxes of the
+/// call's warp-specialized tile. Grid slices move the bases by whole strides, so it holds
+/// for each.
 pub fn tma_addressable(
     p: &AttentionProblem,
     q: &DeviceTensor,
     k: &DeviceTensor,
     v: &DeviceTensor,
 ) -> bool {
-    let ok = |t: &DeviceTensor, s: &HeadStrides, rows: usize, heads: usize| {
-        let strides = [s.seq, s.head, s.batch].map(|x| i64::try_from(x).unwrap_or(-1));
-        TensorMapDesc::operand(
-            t.device_ptr(),
-            p.dtype,
-            p.head_dim,
-            rows,
-            heads,
-            p.batch,
-            strides,
-            64,
-        )
-        .check()
-        .is_ok()
-    };
-    ok(q, &p.q, p.seq_q, p.num_heads)
-        && ok(k, &p.k, p.seq_k, p.num_kv_heads)
-        && ok(v, &p.v, p.seq_k, p.num_kv_heads)
+    tma_addressable_as(p, [q, k, v], TmaLayout::DENSE)
+}
+
+/// [`tma_addressable`] for operands whose rows lie as `layout` says (packed ragged
+/// batches, paged K / V: [`TmaOperands::check`]).
+pub(crate) fn tma_addressable_as(
+    p: &AttentionProblem,
+    tensors: [&DeviceTensor; 3],
+    layout: TmaLayout,
+) -> bool {
+    kernels::flash_tile_ws(p.dtype, p.head_dim).is_some_and(|t| {
+        TmaOperands::of_problem(p, tensors, layout)
+            .check(t.block_m, t.block_n)
+            .is_ok()
+    })
 }
 
 /// Whether every row of `t` (dims before the last) starts on a 16-byte boundary and its
@@ -297,7 +296,7 @@ pub fn prefill_choice(
         let tile = kernels::flash_tile_for_vendor(TileVendor::Cuda, dtype, hd)?;
         return Some((tile, FlashImpl::Simt));
     }
-    if target.has_wgmma && aligned && input.tma && !input.packed && !input.paged {
+    if target.has_wgmma && aligned && input.tma {
         if let Some(tile) = kernels::flash_tile_ws(dtype, hd) {
             return Some((tile, FlashImpl::WgmmaWs));
         }
@@ -620,11 +619,11 @@ mod tests {
         }
     }
 
-    /// The warp-specialized kernel takes dense calls that TMA can address, with or without
-    /// options; packed batches, calls over pages and operands TMA cannot read take the
-    /// row's wgmma kernel.
+    /// The warp-specialized kernel takes every call whose operands TMA can address (the
+    /// caller's `tma`: dense, packed or over pages), with or without options; operands TMA
+    /// cannot read take the row's wgmma kernel.
     #[test]
-    fn warp_specialized_needs_tma_and_dense_operands() {
+    fn warp_specialized_needs_tma() {
         let base = prefill(DType::BF16, 128, true, false);
         let c = can_use_flash_attention(&base, true, u32::MAX, SM90).unwrap();
         assert_eq!(c.implementation, FlashImpl::WgmmaWs);
@@ -635,21 +634,33 @@ mod tests {
             c.spec().unwrap().name,
             "flash_attention_nocausal_bf16_hd128_sm90_ws"
         );
-        // Per-call options on dense operands run on it too.
+        // Per-call options, packed batches and pages run on it too.
         let ext = PlanInput { ext: true, ..base };
-        let c = can_use_flash_attention(&ext, true, u32::MAX, SM90).unwrap();
-        assert_eq!(c.implementation, FlashImpl::WgmmaWs);
-        assert_eq!(
-            c.spec().unwrap().name,
-            "flash_attention_nocausal_bf16_hd128_sm90_ws_ext"
-        );
+        for (input, name) in [
+            (ext, "flash_attention_nocausal_bf16_hd128_sm90_ws_ext"),
+            (
+                PlanInput {
+                    packed: true,
+                    ..ext
+                },
+                "flash_attention_nocausal_bf16_hd128_sm90_ws_ext",
+            ),
+            (
+                PlanInput { paged: true, ..ext },
+                "flash_attention_nocausal_bf16_hd128_sm90_ws_paged",
+            ),
+        ] {
+            let c = can_use_flash_attention(&input, true, u32::MAX, SM90).unwrap();
+            assert_eq!(c.implementation, FlashImpl::WgmmaWs, "{input:?}");
+            assert_eq!(c.spec().unwrap().name, name);
+        }
         for other in [
             PlanInput { tma: false, ..base },
             PlanInput {
-                packed: true,
+                paged: true,
+                tma: false,
                 ..ext
             },
-            PlanInput { paged: true, ..ext },
         ] {
             let c = can_use_flash_attention(&other, true, u32::MAX, SM90).unwrap();
             assert_eq!(c.implementation, FlashImpl::Wgmma, "{other:?}");

@@ -8,6 +8,7 @@
 
 use super::dispatch::{self, FlashChoice, PlanInput};
 use super::params::ParamsExt;
+use super::tma_operands::{TmaLayout, TmaRows};
 use super::{decode, flash, GpuAttentionBackend};
 use crate::backend::{AttentionPath, DeviceAttentionBackend, FlashKernel};
 use crate::config::AttentionConfig;
@@ -32,9 +33,10 @@ impl GpuAttentionBackend {
         out: &DeviceTensor,
         out_strides: HeadStrides,
         ext: &ParamsExt,
+        layout: TmaLayout,
     ) -> Result<AttentionPath> {
         let params = AttnParams::new(p, q, k, v, mask, out, out_strides).with_ext(ext);
-        flash::forward_flash(&self.runtime, p, &params, choice)?;
+        flash::forward_flash(&self.runtime, p, &params, choice, layout)?;
         Ok(AttentionPath::Flash(choice.kernel))
     }
 
@@ -95,7 +97,16 @@ impl GpuAttentionBackend {
             .zip(lse_strides)
             .map(|(l, st)| (l.device_ptr(), Strides3::new(st.batch, st.head, st.query)));
         let ext = ParamsExt::new(options, lse);
-        self.launch_ext(&p, &choice, [q, k, v], mask, out, out_strides, &ext)
+        self.launch_ext(
+            &p,
+            &choice,
+            [q, k, v],
+            mask,
+            out,
+            out_strides,
+            &ext,
+            TmaLayout::DENSE,
+        )
     }
 
     /// [`DeviceAttentionBackend::forward_varlen`]: one launch over every sequence, each
@@ -145,10 +156,20 @@ impl GpuAttentionBackend {
             (max_q, max_k),
             [packed(pq.q), packed(ks), packed(vs)],
         );
+        let layout = TmaLayout {
+            q: TmaRows::Packed {
+                total: q.shape()[0],
+            },
+            kv: TmaRows::Packed {
+                total: k.shape()[0],
+            },
+        };
         let choice = self.ext_choice(&PlanInput {
             tf32: self.allow_tf32,
             qkv_aligned: dispatch::chunk_aligned(&p, q, k, v),
             packed: true,
+            tma: dispatch::warp_specialized_enabled()
+                && dispatch::tma_addressable_as(&p, [q, k, v], layout),
             ..PlanInput::of(&p)
         })?;
         if max_q == 0 {
@@ -162,7 +183,16 @@ impl GpuAttentionBackend {
             batch.cu_seqlens_q.device_ptr(),
             batch.cu_seqlens_k.device_ptr(),
         );
-        self.launch_ext(&p, &choice, [q, k, v], None, out, packed(pq.out), &ext)
+        self.launch_ext(
+            &p,
+            &choice,
+            [q, k, v],
+            None,
+            out,
+            packed(pq.out),
+            &ext,
+            layout,
+        )
     }
 }
 
@@ -273,11 +303,20 @@ impl GpuAttentionBackend {
         let (p, os, lse_strides, g) =
             self.paged_problem(config, options, q, kv, out, lse.as_deref())?;
         let (k, v) = (&kv.k_pages, &kv.v_pages);
+        let layout = TmaLayout {
+            q: TmaRows::PerBatch,
+            kv: TmaRows::Paged {
+                num_pages: g.num_pages,
+                page_size: kv.page_size,
+            },
+        };
         let choice = self.ext_choice(&PlanInput {
             tf32: self.allow_tf32,
             kv_aligned: dispatch::vectors_aligned(k) && dispatch::vectors_aligned(v),
             qkv_aligned: dispatch::chunk_aligned(&p, q, k, v),
             paged: true,
+            tma: dispatch::warp_specialized_enabled()
+                && dispatch::tma_addressable_as(&p, [q, k, v], layout),
             ..PlanInput::of(&p)
         })?;
         if choice.kernel == FlashKernel::Decode {
@@ -317,7 +356,7 @@ impl GpuAttentionBackend {
             g.max_pages,
             kv.page_size,
         );
-        self.launch_ext(&p, &choice, [q, k, v], None, out, os, &ext)
+        self.launch_ext(&p, &choice, [q, k, v], None, out, os, &ext, layout)
     }
 
     /// [`DeviceAttentionBackend::forward_paged_varlen`]: packed queries against paged K / V
@@ -364,11 +403,20 @@ impl GpuAttentionBackend {
         let p = grid_problem(config, q, g.batch, (max_q, max_len), [qs, kvs[0], kvs[1]]);
         self.check_paged_limits(&p, kv, &g)?;
         let (k, v) = (&kv.k_pages, &kv.v_pages);
+        let layout = TmaLayout {
+            q: TmaRows::Packed { total: total_q },
+            kv: TmaRows::Paged {
+                num_pages: g.num_pages,
+                page_size: kv.page_size,
+            },
+        };
         let choice = self.ext_choice(&PlanInput {
             tf32: self.allow_tf32,
             qkv_aligned: dispatch::chunk_aligned(&p, q, k, v),
             packed: true,
             paged: true,
+            tma: dispatch::warp_specialized_enabled()
+                && dispatch::tma_addressable_as(&p, [q, k, v], layout),
             ..PlanInput::of(&p)
         })?;
         if max_q == 0 {
@@ -390,7 +438,7 @@ impl GpuAttentionBackend {
             head: pq.out.1,
             seq: pq.out.0,
         };
-        self.launch_ext(&p, &choice, [q, k, v], None, out, os, &ext)
+        self.launch_ext(&p, &choice, [q, k, v], None, out, os, &ext, layout)
     }
 }
 

@@ -5,20 +5,23 @@ use std::sync::Arc;
 
 use super::dispatch::FlashChoice;
 use super::grid::{for_each_slice, offset_ptr, HeadAxis, Slice};
-use crate::device::tensor_map::TensorMapDesc;
+use super::tma_operands::{TmaLayout, TmaOperands};
 use crate::device::{gpu::GpuRuntime, launch::LaunchDims};
 use crate::error::{AttentionError, Result};
-use crate::kernels::abi::{AttnParams, Strides3, WsParams};
+use crate::kernels::abi::{AttnParams, WsParams};
 use crate::kernels::{FlashImpl, FlashTile};
 use crate::problem::AttentionProblem;
 
 /// Queues the flash launches: grid (ceil(Sq / BLOCK_M), H, B), one launch per slice of the
 /// batch and heads that fits the grid's y / z limits (one launch for any usual call).
+/// `layout` is how the rows of Q and K / V lie (dense, packed or paged), for the
+/// warp-specialized kernel's tensor maps.
 pub(crate) fn forward_flash(
     rt: &Arc<GpuRuntime>,
     p: &AttentionProblem,
     params: &AttnParams,
     choice: &FlashChoice,
+    layout: TmaLayout,
 ) -> Result<()> {
     let (Some(tile), Some(spec)) = (choice.tile, choice.spec()) else {
         return Err(AttentionError::NotSupported {
@@ -32,7 +35,7 @@ pub(crate) fn forward_flash(
         let grid = (tiles, s.heads as u32, s.batch as u32);
         let dims = LaunchDims::new(grid, (tile.threads, 1, 1), tile.smem_bytes);
         if choice.implementation == FlashImpl::WgmmaWs {
-            rt.launch(&spec, dims, &ws_params(rt, p, &sliced, tile)?)
+            rt.launch(&spec, dims, &ws_params(rt, p, &sliced, tile, layout)?)
         } else {
             rt.launch(&spec, dims, &sliced)
         }
@@ -40,47 +43,20 @@ pub(crate) fn forward_flash(
 }
 
 /// The warp-specialized kernel's argument: tensor maps of the slice's Q, K and V (boxes of
-/// BLOCK_M query rows and BLOCK_N key rows), ahead of its argument block.
+/// BLOCK_M query rows and BLOCK_N key rows, or one page), ahead of its argument block.
 fn ws_params(
     rt: &GpuRuntime,
     p: &AttentionProblem,
     params: &AttnParams,
     tile: &FlashTile,
+    layout: TmaLayout,
 ) -> Result<WsParams> {
-    let map = |ptr: u64, s: &Strides3, rows: i32, heads: i32, box_rows: u32| {
-        rt.encode_tensor_map(&TensorMapDesc::operand(
-            ptr,
-            p.dtype,
-            params.head_dim as usize,
-            rows as usize,
-            heads as usize,
-            params.batch as usize,
-            [s.s, s.h, s.b],
-            box_rows,
-        ))
-    };
+    let [q, k, v] =
+        TmaOperands::of_params(params, p.dtype, layout).views(tile.block_m, tile.block_n);
     Ok(WsParams {
-        tq: map(
-            params.q,
-            &params.q_strides,
-            params.seq_q,
-            params.num_heads,
-            tile.block_m,
-        )?,
-        tk: map(
-            params.k,
-            &params.k_strides,
-            params.seq_k,
-            params.num_kv_heads,
-            tile.block_n,
-        )?,
-        tv: map(
-            params.v,
-            &params.v_strides,
-            params.seq_k,
-            params.num_kv_heads,
-            tile.block_n,
-        )?,
+        tq: rt.encode_tensor_map(&q)?,
+        tk: rt.encode_tensor_map(&k)?,
+        tv: rt.encode_tensor_map(&v)?,
         p: *params,
         pad_: bytemuck::Zeroable::zeroed(),
     })

@@ -16,6 +16,7 @@ use crate::kv_cache::KvCache;
 use crate::options::AttentionOptions;
 use crate::problem::{AttentionProblem, HeadStrides};
 use crate::tensor::{check_usable, DeviceTensor};
+use tma_operands::TmaLayout;
 
 mod decode;
 mod decode_plan;
@@ -28,6 +29,7 @@ mod extended;
 mod flash;
 mod grid;
 mod params;
+mod tma_operands;
 mod traditional;
 mod workspace;
 
@@ -778,7 +780,9 @@ impl DeviceAttentionBackend for GpuAttentionBackend {
                     &cache,
                 )?
             }
-            Some(choice) => flash::forward_flash(&self.runtime, &p, &params(), &choice)?,
+            Some(choice) => {
+                flash::forward_flash(&self.runtime, &p, &params(), &choice, TmaLayout::DENSE)?
+            }
             None => {
                 traditional::forward_traditional(&self.runtime, &self.workspace, &p, &params())?
             }
