@@ -130,55 +130,64 @@ FA_DEVICE void fa_wgmma_ws_forward(const FaWsParams& P) {
                     fa_tma_load_4d(sbase + WS::Q_OFF + a * BM * 128, &P.tq, 64 * a, q_row0 + q0, h,
                                    packed_q ? 0 : b, bar_q);
             }
+            // Paged: lane j of the warp holds the page of box j of a tile (the loads of a
+            // tile's pages run side by side, one tile ahead of its copies, instead of one
+            // dependent load per box).
+            auto tile_pages = [&](int kv0) {
+                const int key = kv0 + lane * box;
+                if (!paged || lane * box >= BN || key >= seq_k) return 0;
+                return table[p.page_shift >= 0 ? key >> p.page_shift : key / p.page_size];
+            };
             // Keys kv0 .. of `map` (the rows that exist: a paged tile stops at the last page
-            // the sequence has) into the slot at `dst`, completing on `bar`.
-            auto load_kv = [&](const FaTensorMap* map, unsigned int dst, unsigned int bar, int kv0) {
+            // the sequence has) into the slot at `dst`, completing on `bar`. The whole warp
+            // calls it, after lane 0 has seen the slot free; lane 0 issues the copies.
+            auto load_kv = [&](const FaTensorMap* map, unsigned int dst, unsigned int bar, int kv0, int pages) {
                 if (!paged) {
-                    fa_mbar_arrive_tx(bar, WS::KV_BYTES);
+                    if (lane == 0) {
+                        fa_mbar_arrive_tx(bar, WS::KV_BYTES);
 #pragma unroll
-                    for (int a = 0; a < WS::KA; ++a)
-                        fa_tma_load_4d(dst + a * BN * 128, map, 64 * a, k_row0 + kv0, kvh, packed_k ? 0 : b, bar);
+                        for (int a = 0; a < WS::KA; ++a)
+                            fa_tma_load_4d(dst + a * BN * 128, map, 64 * a, k_row0 + kv0, kvh, packed_k ? 0 : b, bar);
+                    }
                     return;
                 }
                 const int keys = seq_k - kv0 < BN ? seq_k - kv0 : BN;
                 const int boxes = (keys + box - 1) / box;
-                fa_mbar_arrive_tx(bar, (unsigned int)boxes * box_bytes);
+                if (lane == 0) fa_mbar_arrive_tx(bar, (unsigned int)boxes * box_bytes);
                 for (int j = 0; j < boxes; ++j) {
-                    const int key = kv0 + j * box;
-                    const int pg = p.page_shift >= 0 ? key >> p.page_shift : key / p.page_size;
-                    const int in = key - pg * p.page_size;
-                    const int page = table[pg];
+                    const int page = __shfl_sync(0xffffffffu, pages, j);
+                    if (lane == 0) {
+                        const int key = kv0 + j * box;
+                        const int pg = p.page_shift >= 0 ? key >> p.page_shift : key / p.page_size;
+                        const int in = key - pg * p.page_size;
 #pragma unroll
-                    for (int a = 0; a < WS::KA; ++a)
-                        fa_tma_load_4d(dst + a * BN * 128 + j * box * 128, map, 64 * a, in, kvh, page, bar);
+                        for (int a = 0; a < WS::KA; ++a)
+                            fa_tma_load_4d(dst + a * BN * 128 + j * box * 128, map, 64 * a, in, kvh, page, bar);
+                    }
                 }
             };
             unsigned int zph = 0;  // parity of the zero-fill barrier's next phase
+            int next_pages = tile_pages(tbeg * BN);
             for (int i = 0; i < n; ++i) {
                 const int s = i % STAGES;
                 const unsigned int ph = (unsigned int)(i / STAGES) & 1u;
                 const int kv0 = (tbeg + i) * BN;
                 const unsigned int kdst = sbase + WS::K_OFF + s * WS::KV_BYTES;
                 const unsigned int vdst = sbase + WS::V_OFF + s * WS::KV_BYTES;
-                if (lane == 0) {
-                    fa_mbar_wait(bar_ke + 8 * s, ph ^ 1u);
-                    load_kv(&P.tk, kdst, bar_kf + 8 * s, kv0);
-                }
+                const int pages = next_pages;
+                if (paged && i + 1 < n) next_pages = tile_pages(kv0 + BN);
+                if (lane == 0) fa_mbar_wait(bar_ke + 8 * s, ph ^ 1u);
+                load_kv(&P.tk, kdst, bar_kf + 8 * s, kv0, pages);
                 // K rows past the sequence's end only give scores the masking step replaces;
                 // V rows there meet probabilities of 0, so they must be finite: rows of the
                 // next packed sequence or an unused page slot may not be, and are zeroed.
                 // (Past the tensor's end TMA fills zeros itself.)
                 const bool zero_tail = (packed_k || paged) && kv0 + BN > seq_k;
+                if (lane == 0) fa_mbar_wait(bar_ve + 8 * s, ph ^ 1u);
                 if (!zero_tail) {
-                    if (lane == 0) {
-                        fa_mbar_wait(bar_ve + 8 * s, ph ^ 1u);
-                        load_kv(&P.tv, vdst, bar_vf + 8 * s, kv0);
-                    }
+                    load_kv(&P.tv, vdst, bar_vf + 8 * s, kv0, pages);
                 } else {
-                    if (lane == 0) {
-                        fa_mbar_wait(bar_ve + 8 * s, ph ^ 1u);
-                        load_kv(&P.tv, vdst, bar_z, kv0);
-                    }
+                    load_kv(&P.tv, vdst, bar_z, kv0, pages);
                     __syncwarp();
                     fa_mbar_wait(bar_z, zph);
                     zph ^= 1u;

@@ -89,7 +89,7 @@ fn warp_specialized_prefill_matches_the_reference() {
             });
             let what = format!("{dtype} case {i} {:?}", cases[i]);
             let imp = check(&backend, &cfg, &q, &k, &v, mask.as_ref(), &what);
-            // Buckets without a warp-specialized row (80, 96) stay on mma.sync.
+            // A bucket without a warp-specialized row (32) stays on mma.sync.
             if hopper && forge_attn::kernels::flash_tile_ws(dtype, d).is_some() {
                 assert_eq!(imp, FlashImpl::WgmmaWs, "{what}");
             } else if hopper {

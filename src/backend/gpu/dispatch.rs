@@ -560,9 +560,11 @@ mod tests {
             (SM90, DType::F16, 128, false, false, SimtSplit, false, true),
             (SM90, DType::BF16, 256, true, false, WgmmaWs, false, true),
             (SM90, DType::BF16, 64, true, false, WgmmaWs, false, true),
-            // Buckets 80 and 96 have no FA_TILE_SM90 row: mma.sync on Hopper too.
-            (SM90, DType::BF16, 96, true, false, MmaSync, false, false),
-            (SM90, DType::F16, 80, false, false, SimtSplit, false, false),
+            // Buckets 80 and 96 compute 128 columns on Hopper's rows.
+            (SM90, DType::BF16, 96, true, false, WgmmaWs, false, true),
+            (SM90, DType::F16, 80, false, false, SimtSplit, false, true),
+            // Bucket 32 has no FA_TILE_SM90 row: mma.sync on Hopper too.
+            (SM90, DType::BF16, 32, true, false, MmaSync, false, false),
         ];
         for (target, dtype, hd, aligned, tf32, want, tf32_row, sm90_row) in table {
             let i = prefill(dtype, hd, aligned, tf32);
