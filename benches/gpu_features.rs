@@ -2,7 +2,7 @@
 //! run: options (softcap, ALiBi, sinks, the log-sum-exp output) at D = 128, S = 8192; a
 //! sliding window of 4096 against full causal attention at S = 32768; a packed batch of
 //! mixed lengths (64 .. 8192, 16384 tokens) against the same sequences run one dense call
-//! each (no padding anywhere); paged K / V (page 16) under the dense S = 8192 queries against
+//! each (no padding anywhere); paged K / V (pages of 16, 64 and 256) under the dense S = 8192 queries against
 //! the dense call; decode (B = 8, GQA 32/8, L = 16384) with each option against
 //! the plain cached call, and a paged cache (page 16) against a contiguous one. bf16 and
 //! f16, layout [B, H, S, D] for the dense calls.
@@ -139,35 +139,72 @@ fn run_all(backend: &GpuAttentionBackend, dtype: DType, reps: usize) -> forge_at
         }
     }
 
-    // Paged K / V (page 16, the pages in scattered order) under the same queries, against
-    // the dense figure.
-    let page = 16;
-    let pages = b * s / page;
-    let kp = tensor(&[pages, page, H, D], dtype, dev, 21)?;
-    let vp = tensor(&[pages, page, H, D], dtype, dev, 22)?;
-    // An odd stride is a permutation of a power-of-two pool.
-    let order: Vec<i32> = (0..pages).map(|i| ((i * 7919) % pages) as i32).collect();
-    let table = DeviceTensor::from_host(&order, &[b, s / page], dev)?;
-    let seq_lens = DeviceTensor::from_host(&vec![s as i32; b], &[b], dev)?;
-    let kv = PagedKv::new(kp, vp, table, seq_lens, page, PageLayout::Nhd);
-    for causal in [false, true] {
-        let cfg = AttentionConfig::new(H * D, H, s)
-            .with_causal(causal)
-            .with_layout(Layout::Bhsd);
-        let flops = 4.0 * (b * s * s * H * D) as f64 * if causal { 0.5 } else { 1.0 };
-        let ms = time(dev, reps, || {
-            backend
-                .forward_paged(&cfg, &AttentionOptions::new(), &q, &kv, &mut out, None)
-                .map(|_| ())
-        })?;
-        println!(
-            "{dtype:5} D={D} S={s} B={b} causal={}: paged K/V (page {page}) {ms:8.3} ms {:6.1} TFLOP/s ({:.3} of dense)",
-            causal as u8,
-            tflops(flops, ms),
-            tflops(flops, ms) / dense_tflops[causal as usize]
+    // The same call on [B, S, H, D] operands (rows of one head H * D apart), the layout
+    // of the `Nhd` pools below.
+    {
+        let shape = [b, s, H, D];
+        let (q, k, v) = (
+            tensor(&shape, dtype, dev, 1)?,
+            tensor(&shape, dtype, dev, 2)?,
+            tensor(&shape, dtype, dev, 3)?,
         );
+        let mut out = DeviceTensor::zeros(&shape, dtype, dev)?;
+        for causal in [false, true] {
+            let cfg = AttentionConfig::new(H * D, H, s).with_causal(causal);
+            let flops = 4.0 * (b * s * s * H * D) as f64 * if causal { 0.5 } else { 1.0 };
+            let ms = time(dev, reps, || {
+                backend
+                    .forward_into(&cfg, &q, &k, &v, None, &mut out)
+                    .map(|_| ())
+            })?;
+            println!(
+                "{dtype:5} D={D} S={s} B={b} causal={}: plain [B, S, H, D] {ms:8.3} ms {:6.1} TFLOP/s ({:.3} of [B, H, S, D])",
+                causal as u8,
+                tflops(flops, ms),
+                tflops(flops, ms) / dense_tflops[causal as usize]
+            );
+        }
     }
-    drop(kv);
+
+    // Paged K / V (pages in scattered order, both pool layouts) under the same queries,
+    // against the dense figure.
+    for (page, layout) in [
+        (16, PageLayout::Nhd),
+        (16, PageLayout::Hnd),
+        (64, PageLayout::Nhd),
+        (256, PageLayout::Nhd),
+        (256, PageLayout::Hnd),
+    ] {
+        let pages = b * s / page;
+        let pool = match layout {
+            PageLayout::Nhd => [pages, page, H, D],
+            PageLayout::Hnd => [pages, H, page, D],
+        };
+        let kp = tensor(&pool, dtype, dev, 21)?;
+        let vp = tensor(&pool, dtype, dev, 22)?;
+        // An odd stride is a permutation of a power-of-two pool.
+        let order: Vec<i32> = (0..pages).map(|i| ((i * 7919) % pages) as i32).collect();
+        let table = DeviceTensor::from_host(&order, &[b, s / page], dev)?;
+        let seq_lens = DeviceTensor::from_host(&vec![s as i32; b], &[b], dev)?;
+        let kv = PagedKv::new(kp, vp, table, seq_lens, page, layout);
+        for causal in [false, true] {
+            let cfg = AttentionConfig::new(H * D, H, s)
+                .with_causal(causal)
+                .with_layout(Layout::Bhsd);
+            let flops = 4.0 * (b * s * s * H * D) as f64 * if causal { 0.5 } else { 1.0 };
+            let ms = time(dev, reps, || {
+                backend
+                    .forward_paged(&cfg, &AttentionOptions::new(), &q, &kv, &mut out, None)
+                    .map(|_| ())
+            })?;
+            println!(
+                "{dtype:5} D={D} S={s} B={b} causal={}: paged K/V (page {page} {layout:?}) {ms:8.3} ms {:6.1} TFLOP/s ({:.3} of dense)",
+                causal as u8,
+                tflops(flops, ms),
+                tflops(flops, ms) / dense_tflops[causal as usize]
+            );
+        }
+    }
 
     // Sliding window 4096 at S = 32768, causal, B = 1.
     let s = 32768;

@@ -50,7 +50,8 @@ struct FaWsShape : FaWgTile<HD, 64 * NC, BN> {
     static constexpr int SMEM_BYTES = END + 1024;   // slack to align the atoms to 1024 bytes
     // Registers per thread after the hand-over (setmaxnreg): what the launch bound gives every
     // thread (65536 / THREADS, in steps of 8) moves from the producer to the math warpgroups.
-    static constexpr int REG_PRODUCER = 24;
+    // The paged producer keeps 32: its page arithmetic spills in 24.
+    static constexpr int REG_PRODUCER = FA_PAGED ? 32 : 24;
     static constexpr int REG_MATH = NC == 2 ? 240 : 160;
 
     static_assert(NC >= 2 && NC <= 3, "two or three math warpgroups");
@@ -131,8 +132,7 @@ FA_DEVICE void fa_wgmma_ws_forward(const FaWsParams& P) {
                                    packed_q ? 0 : b, bar_q);
             }
             // Paged: lane j of the warp holds the page of box j of a tile (the loads of a
-            // tile's pages run side by side, one tile ahead of its copies, instead of one
-            // dependent load per box).
+            // tile's pages run side by side, one tile ahead of its copies) and issues its copies.
             auto tile_pages = [&](int kv0) {
                 const int key = kv0 + lane * box;
                 if (!paged || lane * box >= BN || key >= seq_k) return 0;
@@ -140,7 +140,7 @@ FA_DEVICE void fa_wgmma_ws_forward(const FaWsParams& P) {
             };
             // Keys kv0 .. of `map` (the rows that exist: a paged tile stops at the last page
             // the sequence has) into the slot at `dst`, completing on `bar`. The whole warp
-            // calls it, after lane 0 has seen the slot free; lane 0 issues the copies.
+            // calls it, after lane 0 has seen the slot free.
             auto load_kv = [&](const FaTensorMap* map, unsigned int dst, unsigned int bar, int kv0, int pages) {
                 if (!paged) {
                     if (lane == 0) {
@@ -154,16 +154,15 @@ FA_DEVICE void fa_wgmma_ws_forward(const FaWsParams& P) {
                 const int keys = seq_k - kv0 < BN ? seq_k - kv0 : BN;
                 const int boxes = (keys + box - 1) / box;
                 if (lane == 0) fa_mbar_arrive_tx(bar, (unsigned int)boxes * box_bytes);
-                for (int j = 0; j < boxes; ++j) {
-                    const int page = __shfl_sync(0xffffffffu, pages, j);
-                    if (lane == 0) {
-                        const int key = kv0 + j * box;
-                        const int pg = p.page_shift >= 0 ? key >> p.page_shift : key / p.page_size;
-                        const int in = key - pg * p.page_size;
+                __syncwarp();
+                // Lane j copies box j: the boxes of a tile are issued side by side.
+                if (lane < boxes) {
+                    const int key = kv0 + lane * box;
+                    const int pg = p.page_shift >= 0 ? key >> p.page_shift : key / p.page_size;
+                    const int in = key - pg * p.page_size;
 #pragma unroll
-                        for (int a = 0; a < WS::KA; ++a)
-                            fa_tma_load_4d(dst + a * BN * 128 + j * box * 128, map, 64 * a, in, kvh, page, bar);
-                    }
+                    for (int a = 0; a < WS::KA; ++a)
+                        fa_tma_load_4d(dst + a * BN * 128 + lane * box * 128, map, 64 * a, in, kvh, pages, bar);
                 }
             };
             unsigned int zph = 0;  // parity of the zero-fill barrier's next phase
