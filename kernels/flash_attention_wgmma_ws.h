@@ -12,9 +12,9 @@
 //
 // Roles. THREADS = 128 * (NC + 1): warpgroup 0 is the producer, warpgroups 1 .. NC do the
 // math, each on 64 query rows of the block's BLOCK_M = 64 * NC.
-// - One producer thread issues TMA copies (tma_ops.h): the block's Q tile once, then K_t and
-//   V_t of each key tile into a STAGES-deep ring of shared-memory slots, each slot with a
-//   "full" mbarrier (completed by the bytes TMA delivers) and an "empty" one (completed when
+// - The producer warp issues TMA copies (tma_ops.h; lane 0, or for paged K / V one lane per
+//   page box): the block's Q tile once, then K_t and V_t of each key tile into a
+//   STAGES-deep ring of shared-memory slots, each slot with a "full" mbarrier (completed by the bytes TMA delivers) and an "empty" one (completed when
 //   every math warp is done with the slot). Where a V tile reaches past its sequence into
 //   rows that are not zeros (packed or paged), the producer warp zeroes those rows before
 //   completing the slot. The producer keeps few registers (setmaxnreg) and the math
@@ -48,16 +48,19 @@ struct FaWsShape : FaWgTile<HD, 64 * NC, BN> {
     static constexpr int NBAR = 2 + 4 * STAGES;     // Q full, zero fill; K full, K empty, V full, V empty
     static constexpr int END = BAR_OFF + 8 * NBAR;
     static constexpr int SMEM_BYTES = END + 1024;   // slack to align the atoms to 1024 bytes
-    // Registers per thread after the hand-over (setmaxnreg): what the launch bound gives every
-    // thread (65536 / THREADS, in steps of 8) moves from the producer to the math warpgroups.
-    // The paged producer keeps 32: its page arithmetic spills in 24.
-    static constexpr int REG_PRODUCER = FA_PAGED ? 32 : 24;
-    static constexpr int REG_MATH = NC == 2 ? 240 : 160;
+    // Registers per thread after the hand-over (setmaxnreg): the block holds what the launch
+    // bound gave every thread (65536 / THREADS, in steps of 8); the producer gives its
+    // surplus to the math warpgroups, and the two together must stay within that (a larger
+    // request waits forever). The paged producer keeps 40: its page arithmetic spills in 24.
+    static constexpr int REG_LAUNCH = 65536 / THREADS / 8 * 8;
+    static constexpr int REG_PRODUCER = FA_PAGED ? 40 : 24;
+    static constexpr int REG_MATH = NC == 2 ? (FA_PAGED ? 232 : 240) : (FA_PAGED ? 152 : 160);
 
     static_assert(NC >= 2 && NC <= 3, "two or three math warpgroups");
     static_assert(BM <= 256, "a TMA box holds at most 256 rows");
     static_assert(BM * Tile::OSTR * 2 <= 2 * STAGES * Tile::KV_BYTES, "epilogue staging must fit the K / V slots");
-    static_assert(128 * REG_PRODUCER + 128 * NC * REG_MATH <= 65536, "register hand-over exceeds the file");
+    static_assert(128 * REG_PRODUCER + 128 * NC * REG_MATH <= THREADS * REG_LAUNCH,
+                  "register hand-over exceeds what the launch bound gives the block");
 };
 
 // The kernel's one argument: tensor maps of Q, K and V ([B, H, S, D] boxes of 64 columns x
