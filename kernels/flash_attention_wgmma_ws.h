@@ -136,10 +136,11 @@ FA_DEVICE void fa_wgmma_ws_forward(const FaWsParams& P) {
             }
             // Paged: lane j of the warp holds the page of box j of a tile (the loads of a
             // tile's pages run side by side, one tile ahead of its copies) and issues its copies.
+            auto page_of = [&](int key) { return p.page_shift >= 0 ? key >> p.page_shift : key / p.page_size; };
             auto tile_pages = [&](int kv0) {
                 const int key = kv0 + lane * box;
                 if (!paged || lane * box >= BN || key >= seq_k) return 0;
-                return table[p.page_shift >= 0 ? key >> p.page_shift : key / p.page_size];
+                return table[page_of(key)];
             };
             // Keys kv0 .. of `map` (the rows that exist: a paged tile stops at the last page
             // the sequence has) into the slot at `dst`, completing on `bar`. The whole warp
@@ -161,8 +162,7 @@ FA_DEVICE void fa_wgmma_ws_forward(const FaWsParams& P) {
                 // Lane j copies box j: the boxes of a tile are issued side by side.
                 if (lane < boxes) {
                     const int key = kv0 + lane * box;
-                    const int pg = p.page_shift >= 0 ? key >> p.page_shift : key / p.page_size;
-                    const int in = key - pg * p.page_size;
+                    const int in = key - page_of(key) * p.page_size;
 #pragma unroll
                     for (int a = 0; a < WS::KA; ++a)
                         fa_tma_load_4d(dst + a * BN * 128 + lane * box * 128, map, 64 * a, in, kvh, pages, bar);
