@@ -97,6 +97,8 @@ fn run_all(backend: &GpuAttentionBackend, dtype: DType, reps: usize) -> forge_at
 
     // Options at S = 8192, B = 2.
     let (b, s) = (2, 8192);
+    let dense_flops =
+        |causal: bool| 4.0 * (b * s * s * H * D) as f64 * if causal { 0.5 } else { 1.0 };
     let shape = [b, H, s, D];
     let q = tensor(&shape, dtype, dev, 1)?;
     let k = tensor(&shape, dtype, dev, 2)?;
@@ -110,7 +112,7 @@ fn run_all(backend: &GpuAttentionBackend, dtype: DType, reps: usize) -> forge_at
         let cfg = AttentionConfig::new(H * D, H, s)
             .with_causal(causal)
             .with_layout(Layout::Bhsd);
-        let flops = 4.0 * (b * s * s * H * D) as f64 * if causal { 0.5 } else { 1.0 };
+        let flops = dense_flops(causal);
         let plain = time(dev, reps, || {
             backend
                 .forward_into(&cfg, &q, &k, &v, None, &mut out)
@@ -151,7 +153,7 @@ fn run_all(backend: &GpuAttentionBackend, dtype: DType, reps: usize) -> forge_at
         let mut out = DeviceTensor::zeros(&shape, dtype, dev)?;
         for causal in [false, true] {
             let cfg = AttentionConfig::new(H * D, H, s).with_causal(causal);
-            let flops = 4.0 * (b * s * s * H * D) as f64 * if causal { 0.5 } else { 1.0 };
+            let flops = dense_flops(causal);
             let ms = time(dev, reps, || {
                 backend
                     .forward_into(&cfg, &q, &k, &v, None, &mut out)
@@ -191,7 +193,7 @@ fn run_all(backend: &GpuAttentionBackend, dtype: DType, reps: usize) -> forge_at
             let cfg = AttentionConfig::new(H * D, H, s)
                 .with_causal(causal)
                 .with_layout(Layout::Bhsd);
-            let flops = 4.0 * (b * s * s * H * D) as f64 * if causal { 0.5 } else { 1.0 };
+            let flops = dense_flops(causal);
             let ms = time(dev, reps, || {
                 backend
                     .forward_paged(&cfg, &AttentionOptions::new(), &q, &kv, &mut out, None)

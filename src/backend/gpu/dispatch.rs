@@ -81,7 +81,7 @@ impl PlanInput {
         PlanInput {
             kv_aligned: vectors_aligned(k) && vectors_aligned(v),
             qkv_aligned: chunk_aligned(p, q, k, v),
-            tma: warp_specialized_enabled() && tma_addressable(p, q, k, v),
+            tma: tma_plan_flag(p, [q, k, v], TmaLayout::DENSE),
             ..Self::of(p)
         }
     }
@@ -125,6 +125,17 @@ pub fn tma_addressable(
     v: &DeviceTensor,
 ) -> bool {
     tma_addressable_as(p, [q, k, v], TmaLayout::DENSE)
+}
+
+/// [`PlanInput::tma`] for a call over these tensors, whose rows lie as `layout` says: the
+/// warp-specialized kernel is switched on ([`warp_specialized_enabled`]) and TMA can address
+/// the operands ([`tma_addressable_as`]).
+pub(crate) fn tma_plan_flag(
+    p: &AttentionProblem,
+    tensors: [&DeviceTensor; 3],
+    layout: TmaLayout,
+) -> bool {
+    warp_specialized_enabled() && tma_addressable_as(p, tensors, layout)
 }
 
 /// [`tma_addressable`] for operands whose rows lie as `layout` says (packed ragged

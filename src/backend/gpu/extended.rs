@@ -168,8 +168,7 @@ impl GpuAttentionBackend {
             tf32: self.allow_tf32,
             qkv_aligned: dispatch::chunk_aligned(&p, q, k, v),
             packed: true,
-            tma: dispatch::warp_specialized_enabled()
-                && dispatch::tma_addressable_as(&p, [q, k, v], layout),
+            tma: dispatch::tma_plan_flag(&p, [q, k, v], layout),
             ..PlanInput::of(&p)
         })?;
         if max_q == 0 {
@@ -315,8 +314,7 @@ impl GpuAttentionBackend {
             kv_aligned: dispatch::vectors_aligned(k) && dispatch::vectors_aligned(v),
             qkv_aligned: dispatch::chunk_aligned(&p, q, k, v),
             paged: true,
-            tma: dispatch::warp_specialized_enabled()
-                && dispatch::tma_addressable_as(&p, [q, k, v], layout),
+            tma: dispatch::tma_plan_flag(&p, [q, k, v], layout),
             ..PlanInput::of(&p)
         })?;
         if choice.kernel == FlashKernel::Decode {
@@ -415,8 +413,7 @@ impl GpuAttentionBackend {
             qkv_aligned: dispatch::chunk_aligned(&p, q, k, v),
             packed: true,
             paged: true,
-            tma: dispatch::warp_specialized_enabled()
-                && dispatch::tma_addressable_as(&p, [q, k, v], layout),
+            tma: dispatch::tma_plan_flag(&p, [q, k, v], layout),
             ..PlanInput::of(&p)
         })?;
         if max_q == 0 {
