@@ -1,5 +1,5 @@
 //! Cost of the per-call extensions on the GPU, each against plain attention in the same
-//! run: options (softcap, ALiBi, sinks, the log-sum-exp output) at D = 128, S = 8192; a
+//! run: options (softcap, ALiBi, sinks, the log-sum-exp output) at S = 8192; a
 //! sliding window of 4096 against full causal attention at S = 32768; a packed batch of
 //! mixed lengths (64 .. 8192, 16384 tokens) against the same sequences run one dense call
 //! each (no padding anywhere); paged K / V (pages of 16, 64 and 256) under the dense S = 8192 queries against
@@ -7,7 +7,9 @@
 //! the plain cached call, and a paged cache (page 16) against a contiguous one. bf16 and
 //! f16, layout [B, H, S, D] for the dense calls.
 //!
-//! `cargo bench --bench gpu_features -- [--dtypes bf16,f16] [--reps N] [--decode-only]`
+//! `cargo bench --bench gpu_features -- [--dtypes bf16,f16] [--reps N] [--decode-only]
+//! [--head-dims 64,128]` (the dense, paged and varlen sections at each head dimension, with
+//! 2048 / D heads; 128 by default)
 
 mod common;
 
@@ -18,13 +20,14 @@ use forge_attn::{
     VarlenBatch,
 };
 
+/// Head dimension of the decode section.
 const D: usize = 128;
-const H: usize = 16;
 
 fn main() {
     let mut dtypes = vec![DType::BF16];
     let mut reps = 20usize;
     let mut decode_only = false;
+    let mut head_dims = vec![128usize];
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut v = || args.next().unwrap_or_default();
@@ -32,6 +35,13 @@ fn main() {
             "--dtypes" => dtypes = common::dtypes(&v()),
             "--reps" => reps = v().parse().unwrap_or(20),
             "--decode-only" => decode_only = true,
+            "--head-dims" => {
+                head_dims = v()
+                    .split(',')
+                    .filter_map(|d| d.trim().parse().ok())
+                    .filter(|&d| d > 0 && 2048 % d == 0)
+                    .collect()
+            }
             _ => {}
         }
     }
@@ -50,8 +60,10 @@ fn main() {
     println!("device: {}", device.describe());
     for &dtype in &dtypes {
         if !decode_only {
-            if let Err(e) = run_all(&backend, dtype, reps) {
-                println!("{dtype}: error {e}");
+            for &hd in &head_dims {
+                if let Err(e) = run_all(&backend, dtype, reps, hd) {
+                    println!("{dtype} D={hd}: error {e}");
+                }
             }
         }
         if let Err(e) = run_decode(&backend, dtype, reps) {
@@ -86,30 +98,41 @@ fn tensor(
     DeviceTensor::from_f32(&random_values(n, seed), shape, dtype, dev)
 }
 
-fn per_head(values: impl Fn(usize) -> f32, dev: Device) -> forge_attn::Result<DeviceTensor> {
-    let v: Vec<f32> = (0..H).map(values).collect();
-    DeviceTensor::from_f32(&v, &[H], DType::F32, dev)
+fn per_head(
+    n: usize,
+    values: impl Fn(usize) -> f32,
+    dev: Device,
+) -> forge_attn::Result<DeviceTensor> {
+    let v: Vec<f32> = (0..n).map(values).collect();
+    DeviceTensor::from_f32(&v, &[n], DType::F32, dev)
 }
 
-fn run_all(backend: &GpuAttentionBackend, dtype: DType, reps: usize) -> forge_attn::Result<()> {
+fn run_all(
+    backend: &GpuAttentionBackend,
+    dtype: DType,
+    reps: usize,
+    hd: usize,
+) -> forge_attn::Result<()> {
     let dev = backend.device();
+    // The model width stays at 2048 whatever the head dimension.
+    let nh = 2048 / hd;
     let tflops = |flops: f64, ms: f64| flops / (ms * 1e-3) / 1e12;
 
     // Options at S = 8192, B = 2.
     let (b, s) = (2, 8192);
     let dense_flops =
-        |causal: bool| 4.0 * (b * s * s * H * D) as f64 * if causal { 0.5 } else { 1.0 };
-    let shape = [b, H, s, D];
+        |causal: bool| 4.0 * (b * s * s * nh * hd) as f64 * if causal { 0.5 } else { 1.0 };
+    let shape = [b, nh, s, hd];
     let q = tensor(&shape, dtype, dev, 1)?;
     let k = tensor(&shape, dtype, dev, 2)?;
     let v = tensor(&shape, dtype, dev, 3)?;
     let mut out = DeviceTensor::zeros(&shape, dtype, dev)?;
-    let mut lse = DeviceTensor::zeros(&[b, H, s], DType::F32, dev)?;
-    let slopes = per_head(|h| 2f32.powf(-8.0 * (h + 1) as f32 / H as f32), dev)?;
+    let mut lse = DeviceTensor::zeros(&[b, nh, s], DType::F32, dev)?;
+    let slopes = per_head(nh, |h| 2f32.powf(-8.0 * (h + 1) as f32 / nh as f32), dev)?;
     let mut dense_tflops = [0.0f64; 2];
-    let sinks = per_head(|h| h as f32 * 0.1, dev)?;
+    let sinks = per_head(nh, |h| h as f32 * 0.1, dev)?;
     for causal in [false, true] {
-        let cfg = AttentionConfig::new(H * D, H, s)
+        let cfg = AttentionConfig::new(nh * hd, nh, s)
             .with_causal(causal)
             .with_layout(Layout::Bhsd);
         let flops = dense_flops(causal);
@@ -120,7 +143,7 @@ fn run_all(backend: &GpuAttentionBackend, dtype: DType, reps: usize) -> forge_at
         })?;
         dense_tflops[causal as usize] = tflops(flops, plain);
         println!(
-            "{dtype:5} D={D} S={s} B={b} causal={}: plain {plain:8.3} ms {:6.1} TFLOP/s",
+            "{dtype:5} D={hd} S={s} B={b} causal={}: plain {plain:8.3} ms {:6.1} TFLOP/s",
             causal as u8,
             tflops(flops, plain)
         );
@@ -133,7 +156,7 @@ fn run_all(backend: &GpuAttentionBackend, dtype: DType, reps: usize) -> forge_at
                     .map(|_| ())
             })?;
             println!(
-                "{dtype:5} D={D} S={s} B={b} causal={}: {name:10} {ms:8.3} ms {:6.1} TFLOP/s  {:+.1}% vs plain",
+                "{dtype:5} D={hd} S={s} B={b} causal={}: {name:10} {ms:8.3} ms {:6.1} TFLOP/s  {:+.1}% vs plain",
                 causal as u8,
                 tflops(flops, ms),
                 (ms / plain - 1.0) * 100.0
@@ -141,10 +164,10 @@ fn run_all(backend: &GpuAttentionBackend, dtype: DType, reps: usize) -> forge_at
         }
     }
 
-    // The same call on [B, S, H, D] operands (rows of one head H * D apart), the layout
+    // The same call on [B, S, nh, hd] operands (rows of one head nh * hd apart), the layout
     // of the `Nhd` pools below.
     {
-        let shape = [b, s, H, D];
+        let shape = [b, s, nh, hd];
         let (q, k, v) = (
             tensor(&shape, dtype, dev, 1)?,
             tensor(&shape, dtype, dev, 2)?,
@@ -152,7 +175,7 @@ fn run_all(backend: &GpuAttentionBackend, dtype: DType, reps: usize) -> forge_at
         );
         let mut out = DeviceTensor::zeros(&shape, dtype, dev)?;
         for causal in [false, true] {
-            let cfg = AttentionConfig::new(H * D, H, s).with_causal(causal);
+            let cfg = AttentionConfig::new(nh * hd, nh, s).with_causal(causal);
             let flops = dense_flops(causal);
             let ms = time(dev, reps, || {
                 backend
@@ -160,7 +183,7 @@ fn run_all(backend: &GpuAttentionBackend, dtype: DType, reps: usize) -> forge_at
                     .map(|_| ())
             })?;
             println!(
-                "{dtype:5} D={D} S={s} B={b} causal={}: plain [B, S, H, D] {ms:8.3} ms {:6.1} TFLOP/s ({:.3} of [B, H, S, D])",
+                "{dtype:5} D={hd} S={s} B={b} causal={}: plain [B, S, H, D] {ms:8.3} ms {:6.1} TFLOP/s ({:.3} of [B, H, S, D])",
                 causal as u8,
                 tflops(flops, ms),
                 tflops(flops, ms) / dense_tflops[causal as usize]
@@ -179,8 +202,8 @@ fn run_all(backend: &GpuAttentionBackend, dtype: DType, reps: usize) -> forge_at
     ] {
         let pages = b * s / page;
         let pool = match layout {
-            PageLayout::Nhd => [pages, page, H, D],
-            PageLayout::Hnd => [pages, H, page, D],
+            PageLayout::Nhd => [pages, page, nh, hd],
+            PageLayout::Hnd => [pages, nh, page, hd],
         };
         let kp = tensor(&pool, dtype, dev, 21)?;
         let vp = tensor(&pool, dtype, dev, 22)?;
@@ -190,7 +213,7 @@ fn run_all(backend: &GpuAttentionBackend, dtype: DType, reps: usize) -> forge_at
         let seq_lens = DeviceTensor::from_host(&vec![s as i32; b], &[b], dev)?;
         let kv = PagedKv::new(kp, vp, table, seq_lens, page, layout);
         for causal in [false, true] {
-            let cfg = AttentionConfig::new(H * D, H, s)
+            let cfg = AttentionConfig::new(nh * hd, nh, s)
                 .with_causal(causal)
                 .with_layout(Layout::Bhsd);
             let flops = dense_flops(causal);
@@ -200,7 +223,7 @@ fn run_all(backend: &GpuAttentionBackend, dtype: DType, reps: usize) -> forge_at
                     .map(|_| ())
             })?;
             println!(
-                "{dtype:5} D={D} S={s} B={b} causal={}: paged K/V (page {page} {layout:?}) {ms:8.3} ms {:6.1} TFLOP/s ({:.3} of dense)",
+                "{dtype:5} D={hd} S={s} B={b} causal={}: paged K/V (page {page} {layout:?}) {ms:8.3} ms {:6.1} TFLOP/s ({:.3} of dense)",
                 causal as u8,
                 tflops(flops, ms),
                 tflops(flops, ms) / dense_tflops[causal as usize]
@@ -210,12 +233,12 @@ fn run_all(backend: &GpuAttentionBackend, dtype: DType, reps: usize) -> forge_at
 
     // Sliding window 4096 at S = 32768, causal, B = 1.
     let s = 32768;
-    let shape = [1, H, s, D];
+    let shape = [1, nh, s, hd];
     let q = tensor(&shape, dtype, dev, 4)?;
     let k = tensor(&shape, dtype, dev, 5)?;
     let v = tensor(&shape, dtype, dev, 6)?;
     let mut out = DeviceTensor::zeros(&shape, dtype, dev)?;
-    let cfg = AttentionConfig::new(H * D, H, s)
+    let cfg = AttentionConfig::new(nh * hd, nh, s)
         .with_causal(true)
         .with_layout(Layout::Bhsd);
     let full = time(dev, reps.min(10), || {
@@ -230,23 +253,23 @@ fn run_all(backend: &GpuAttentionBackend, dtype: DType, reps: usize) -> forge_at
             .map(|_| ())
     })?;
     println!(
-        "{dtype:5} D={D} S={s} causal=1: full {full:8.3} ms, window 4096 {win:8.3} ms: {:.3} of full (bar 1/6 = 0.167)",
+        "{dtype:5} D={hd} S={s} causal=1: full {full:8.3} ms, window 4096 {win:8.3} ms: {:.3} of full (bar 1/6 = 0.167)",
         win / full
     );
 
     // A packed batch of mixed lengths against one dense call per sequence.
     let lens = [8192usize, 4096, 2048, 1024, 512, 256, 128, 64, 64];
     let total: usize = lens.iter().sum();
-    let q = tensor(&[total, H, D], dtype, dev, 7)?;
-    let k = tensor(&[total, H, D], dtype, dev, 8)?;
-    let v = tensor(&[total, H, D], dtype, dev, 9)?;
-    let mut out = DeviceTensor::zeros(&[total, H, D], dtype, dev)?;
+    let q = tensor(&[total, nh, hd], dtype, dev, 7)?;
+    let k = tensor(&[total, nh, hd], dtype, dev, 8)?;
+    let v = tensor(&[total, nh, hd], dtype, dev, 9)?;
+    let mut out = DeviceTensor::zeros(&[total, nh, hd], dtype, dev)?;
     let batch = VarlenBatch::from_lengths(&lens, &lens, dev)?;
     for causal in [false, true] {
-        let cfg = AttentionConfig::new(H * D, H, 8192).with_causal(causal);
+        let cfg = AttentionConfig::new(nh * hd, nh, 8192).with_causal(causal);
         let flops: f64 = lens
             .iter()
-            .map(|&l| 4.0 * (l * l * H * D) as f64 * if causal { 0.5 } else { 1.0 })
+            .map(|&l| 4.0 * (l * l * nh * hd) as f64 * if causal { 0.5 } else { 1.0 })
             .sum();
         let packed = time(dev, reps, || {
             backend
@@ -262,7 +285,7 @@ fn run_all(backend: &GpuAttentionBackend, dtype: DType, reps: usize) -> forge_at
                 )
                 .map(|_| ())
         })?;
-        // The same sequences as dense [1, S, H, D] views of the packed tensors.
+        // The same sequences as dense [1, S, nh, hd] views of the packed tensors.
         let mut starts = Vec::new();
         let mut at = 0;
         for &l in &lens {
@@ -271,7 +294,7 @@ fn run_all(backend: &GpuAttentionBackend, dtype: DType, reps: usize) -> forge_at
         }
         let views = |t: &DeviceTensor, i: usize| -> forge_attn::Result<DeviceTensor> {
             t.narrow(0, starts[i], lens[i])?
-                .reshape(&[1, lens[i], H, D])
+                .reshape(&[1, lens[i], nh, hd])
         };
         let mut dense_ms = 0.0;
         for i in 0..lens.len() {
@@ -284,7 +307,7 @@ fn run_all(backend: &GpuAttentionBackend, dtype: DType, reps: usize) -> forge_at
             })?;
         }
         println!(
-            "{dtype:5} D={D} varlen {lens:?} causal={}: packed {packed:8.3} ms {:6.1} TFLOP/s ({:.3} of dense B=2 S=8192); one dense call per sequence {dense_ms:8.3} ms {:6.1} TFLOP/s ({:.3}x of that time)",
+            "{dtype:5} D={hd} varlen {lens:?} causal={}: packed {packed:8.3} ms {:6.1} TFLOP/s ({:.3} of dense B=2 S=8192); one dense call per sequence {dense_ms:8.3} ms {:6.1} TFLOP/s ({:.3}x of that time)",
             causal as u8,
             tflops(flops, packed),
             tflops(flops, packed) / dense_tflops[causal as usize],

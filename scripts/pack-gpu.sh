@@ -5,8 +5,14 @@ set -euo pipefail
 cd "$(git rev-parse --show-toplevel)"
 ../shared/tools/gpu-pack "$@" | tail -2
 mkdir -p .gpu/benches
-for b in gpu_attention gpu_decode gpu_features; do
-  f=$(ls -t target/release/deps/$b-* | grep -v '\.d$' | head -1)
-  cp "$f" ".gpu/benches/$b" && strip ".gpu/benches/$b"
-done
+# The bench executables by cargo's own account (a test target may share a bench's name).
+cargo bench --no-run --message-format=json 2>/dev/null | python3 -c '
+import json, shutil, subprocess, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m["target"]["kind"] == ["bench"] and m.get("executable"):
+        dst = ".gpu/benches/" + m["target"]["name"]
+        shutil.copy(m["executable"], dst)
+        subprocess.run(["strip", dst], check=True)
+'
 ls .gpu/benches
