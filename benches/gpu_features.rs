@@ -9,7 +9,7 @@
 //!
 //! `cargo bench --bench gpu_features -- [--dtypes bf16,f16] [--reps N] [--decode-only]
 //! [--head-dims 64,128]` (the dense, paged and varlen sections at each head dimension, with
-//! 2048 / D heads; 128 by default)
+//! 2048 / D heads, rounded down, as in `gpu_attention`; 128 by default)
 
 mod common;
 
@@ -36,10 +36,9 @@ fn main() {
             "--reps" => reps = v().parse().unwrap_or(20),
             "--decode-only" => decode_only = true,
             "--head-dims" => {
-                head_dims = v()
-                    .split(',')
-                    .filter_map(|d| d.trim().parse().ok())
-                    .filter(|&d| d > 0 && 2048 % d == 0)
+                head_dims = common::numbers(&v())
+                    .into_iter()
+                    .filter(|d| (1..=2048).contains(d))
                     .collect()
             }
             _ => {}
@@ -114,7 +113,7 @@ fn run_all(
     hd: usize,
 ) -> forge_attn::Result<()> {
     let dev = backend.device();
-    // The model width stays at 2048 whatever the head dimension.
+    // About 2048 columns per token whatever the head dimension (as `gpu_attention`).
     let nh = 2048 / hd;
     let tflops = |flops: f64, ms: f64| flops / (ms * 1e-3) / 1e12;
 
@@ -164,7 +163,7 @@ fn run_all(
         }
     }
 
-    // The same call on [B, S, nh, hd] operands (rows of one head nh * hd apart), the layout
+    // The same call on [B, S, H, D] operands (rows of one head H * D apart), the layout
     // of the `Nhd` pools below.
     {
         let shape = [b, s, nh, hd];
@@ -285,7 +284,7 @@ fn run_all(
                 )
                 .map(|_| ())
         })?;
-        // The same sequences as dense [1, S, nh, hd] views of the packed tensors.
+        // The same sequences as dense [1, S, H, D] views of the packed tensors.
         let mut starts = Vec::new();
         let mut at = 0;
         for &l in &lens {

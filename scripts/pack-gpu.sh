@@ -6,7 +6,8 @@ cd "$(git rev-parse --show-toplevel)"
 ../shared/tools/gpu-pack "$@" | tail -2
 mkdir -p .gpu/benches
 # The bench executables by cargo's own account (a test target may share a bench's name).
-cargo bench --no-run --message-format=json 2>/dev/null | python3 -c '
+# The same arguments as gpu-pack's build, so nothing is rebuilt with other features.
+cargo bench --no-run --message-format=json "$@" | python3 -c '
 import json, shutil, subprocess, sys
 for line in sys.stdin:
     m = json.loads(line)
