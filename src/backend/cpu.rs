@@ -50,6 +50,8 @@ use crate::options::{AttentionOptions, LseStrides};
 use crate::problem::{AttentionProblem, HeadStrides, MaskStrides};
 use crate::tensor::DeviceTensor;
 
+#[cfg(target_arch = "x86_64")]
+mod amx;
 mod cached;
 mod decode;
 pub(crate) mod merge;
@@ -866,7 +868,10 @@ impl Plan {
     /// Bytes of one worker's [`Scratch`].
     fn scratch_bytes(&self) -> usize {
         let (r, d, k, t) = (self.rows_pad, self.dim_pad, self.block_k, self.lanes());
-        4 * (self.q_floats() + r * d + 2 * d * k + t * k + 3 * t + d) + 8 * (r * d + t) + 10 * 64
+        4 * (self.q_floats() + t * d + 2 * d * k + t * k + 3 * t + d)
+            + 2 * t * k
+            + 8 * (r * d + t)
+            + 11 * 64
     }
 
     /// Rows of a task rounded up to [`NR`]: the lanes of the transposed scores.
@@ -910,7 +915,7 @@ struct Scratch {
     /// Scores, then probabilities, transposed: `[block_k, lanes]`.
     s: Vec<f32>,
     /// Unnormalised output of the last few key tiles (at most [`MERGE_TILES`]),
-    /// `[rows_pad, dim_pad]`.
+    /// `[lanes, dim_pad]` (the AMX product stores whole 16-row tiles).
     p: Vec<f32>,
     /// Unnormalised output, `[rows_pad, dim_pad]`, in f64 so that adding the partials
     /// loses nothing as the keys add up.
@@ -923,6 +928,9 @@ struct Scratch {
     lanes: Vec<f32>,
     /// `[dim_pad]` zeros: the V row of a key whose V holds NaN/inf on the direct path.
     zero: Vec<f32>,
+    /// bf16 weights of the AMX product, `[lanes, block_k]` (unused elsewhere).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    w: Vec<u16>,
 }
 
 impl Scratch {
@@ -941,12 +949,13 @@ impl Scratch {
             kt: f32s(dim * bk)?,
             v: f32s(bk * dim)?,
             s: f32s(lanes * bk)?,
-            p: f32s(rows * dim)?,
+            p: f32s(lanes * dim)?,
             o: f64s(rows * dim)?,
             m: f32s(lanes)?,
             l: f64s(lanes)?,
             lanes: f32s(2 * lanes)?,
             zero: f32s(dim)?,
+            w: try_zeroed::<u16>(lanes * bk + 64 / 2, what)?,
         })
     }
 }
@@ -1502,15 +1511,28 @@ enum Isa {
     Portable,
     #[cfg(target_arch = "x86_64")]
     Avx2Fma,
+    /// AVX2+FMA, and bf16 tasks on AMX tiles where they fit (`amx.rs`).
+    #[cfg(target_arch = "x86_64")]
+    Amx,
 }
 
 impl Isa {
     fn detect() -> Isa {
         #[cfg(target_arch = "x86_64")]
+        if amx::usable() {
+            return Isa::Amx;
+        }
+        #[cfg(target_arch = "x86_64")]
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
             return Isa::Avx2Fma;
         }
         Isa::Portable
+    }
+
+    /// Whether the element-wise code may use AVX2 and FMA.
+    #[cfg(all(test, target_arch = "x86_64"))]
+    fn has_avx2(self) -> bool {
+        matches!(self, Isa::Avx2Fma | Isa::Amx)
     }
 
     /// Runs [`task`] in this instruction set.
@@ -1525,6 +1547,16 @@ impl Isa {
                 Isa::Portable => task_portable::<T>(plan, raw, work, sc),
                 #[cfg(target_arch = "x86_64")]
                 Isa::Avx2Fma => task_avx2::<T>(plan, raw, work, sc),
+                // Amx is only chosen when the CPU has AMX-BF16 and AVX-512, and `fits`
+                // only holds for bf16 (so the task's elements are bf16).
+                #[cfg(target_arch = "x86_64")]
+                Isa::Amx => {
+                    if amx::fits(plan, T::DTYPE) {
+                        amx::task(plan, raw, work, sc)
+                    } else {
+                        task_avx2::<T>(plan, raw, work, sc)
+                    }
+                }
             }
         }
     }
@@ -1597,6 +1629,7 @@ unsafe fn task<T: Element, const FMA: bool>(
         l: ls,
         lanes,
         zero,
+        ..
     } = sc;
     // Few rows: scores and P V from K/V rows as they lie (see [`DIRECT_ROWS`]).
     let direct = rows_pad <= DIRECT_ROWS;
@@ -1820,6 +1853,38 @@ unsafe fn task<T: Element, const FMA: bool>(
         }
     }
 
+    // SAFETY: forwarded.
+    unsafe {
+        finish_rows::<T>(
+            plan, raw, b, rows, &head_of, &query_of, ps, os, ms, ls, merged, partial,
+        )
+    };
+}
+
+/// The end of a task: its `rows` rows' unnormalised output (`ps`, plus `os` when
+/// `merged`), max `ms` and sum `ls` into `partial`, or normalised into the output (and
+/// lse).
+///
+/// # Safety
+/// See [`task`]: the task owns these rows of batch `b`; `ps`/`os` hold `rows` rows of
+/// `dim_pad`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn finish_rows<T: Element>(
+    plan: &Plan,
+    raw: RawPtrs,
+    b: usize,
+    rows: usize,
+    head_of: &impl Fn(usize) -> usize,
+    query_of: &impl Fn(usize) -> usize,
+    ps: &[f32],
+    os: &[f64],
+    ms: &[f32],
+    ls: &[f64],
+    merged: bool,
+    partial: Option<Partial<'_>>,
+) {
+    let (d, dp) = (plan.head_dim, plan.dim_pad);
     if let Some(Partial { o, m, l }) = partial {
         for r in 0..rows {
             let dst = &mut o[r * d..(r + 1) * d];
@@ -2113,7 +2178,7 @@ mod tests {
             },
         ];
         #[cfg(target_arch = "x86_64")]
-        if Isa::detect() == Isa::Avx2Fma {
+        if Isa::detect().has_avx2() {
             tunings.push(Tuning {
                 isa: Isa::Avx2Fma,
                 in_place: false,

@@ -74,7 +74,7 @@ impl Kernel {
         match isa {
             Isa::Portable => Kernel::Portable,
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2Fma => {
+            Isa::Avx2Fma | Isa::Amx => {
                 if is_x86_feature_detected!("f16c") {
                     Kernel::Avx2
                 } else {
@@ -794,7 +794,7 @@ pub(super) mod tests {
     fn kernels() -> Vec<(Isa, Kernel)> {
         let mut all = vec![(Isa::Portable, Kernel::Portable)];
         #[cfg(target_arch = "x86_64")]
-        if Isa::detect() == Isa::Avx2Fma && is_x86_feature_detected!("f16c") {
+        if Isa::detect().has_avx2() && is_x86_feature_detected!("f16c") {
             all.push((Isa::Avx2Fma, Kernel::Avx2));
         }
         all
