@@ -2133,7 +2133,19 @@ mod tests {
 
     /// Runs one problem under `tuning` and returns its error against the reference.
     fn error_under(tuning: Tuning, dtype: DType, layout: Layout, sq: usize, sk: usize) -> f64 {
-        let (b, h, hk, d) = (2, 4, 2, 72);
+        error_at(tuning, dtype, layout, 72, sq, sk)
+    }
+
+    /// [`error_under`] at head_dim `d`.
+    fn error_at(
+        tuning: Tuning,
+        dtype: DType,
+        layout: Layout,
+        d: usize,
+        sq: usize,
+        sk: usize,
+    ) -> f64 {
+        let (b, h, hk) = (2, 4, 2);
         let shape = |s: usize, heads: usize| match layout {
             Layout::Bshd => [b, s, heads, d],
             Layout::Bhsd => [b, heads, s, d],
@@ -2202,6 +2214,104 @@ mod tests {
         }
     }
 
+    /// bf16 tasks on AMX tiles (where this CPU has them) at every head dim they take, both
+    /// layouts, query blocks of one and several tiles, a causal cut and a `-inf` mask, next
+    /// to the same problems on the AVX2 products.
+    #[test]
+    fn amx_tasks_agree_with_the_reference() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if Isa::detect() != Isa::Amx {
+                eprintln!("no AMX on this CPU: the AMX task is not run");
+                return;
+            }
+            let amx = Tuning::detect();
+            let avx2 = Tuning {
+                isa: Isa::Avx2Fma,
+                in_place: true,
+            };
+            for d in [32, 64, 128, 256] {
+                for layout in [Layout::Bshd, Layout::Bhsd] {
+                    for (sq, sk) in [(150, 170), (40, 300), (170, 150), (20, 1)] {
+                        let err = error_at(amx, DType::BF16, layout, d, sq, sk);
+                        let base = error_at(avx2, DType::BF16, layout, d, sq, sk);
+                        let what = format!("d {d} {layout:?} {sq}x{sk}: {err:e} (avx2 {base:e})");
+                        assert!(err < 4e-3 && err < 2.0 * base + 1e-3, "{what}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Every per-call option (window, softcap, ALiBi, sinks) and the lse output on the AMX
+    /// task, against the f64 reference and the AVX2 products on the same problem.
+    #[test]
+    fn amx_tasks_honour_every_option() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if Isa::detect() != Isa::Amx {
+                eprintln!("no AMX on this CPU: the AMX task is not run");
+                return;
+            }
+            let (b, h, hk, d, sq, sk) = (2, 4, 2, 64, 130, 200);
+            let t = |n: usize, sh: &[usize], seed: u64| {
+                DeviceTensor::from_f32(&random_values(n, seed), sh, DType::BF16, Device::Cpu)
+                    .unwrap()
+            };
+            let q = t(b * sq * h * d, &[b, sq, h, d], 1);
+            let k = t(b * sk * hk * d, &[b, sk, hk, d], 2);
+            let v = t(b * sk * hk * d, &[b, sk, hk, d], 3);
+            let per_head = |x: [f32; 4]| DeviceTensor::from_host(&x, &[4], Device::Cpu).unwrap();
+            let options = AttentionOptions::new()
+                .with_window(Some(70), Some(9))
+                .with_softcap(3.0)
+                .with_alibi_slopes(per_head([0.5, 0.25, 0.125, 0.0625]))
+                .with_sinks(per_head([0.0, -1.0, 2.0, f32::NEG_INFINITY]));
+            let config = AttentionConfig::new(h * d, h, 512)
+                .with_num_kv_heads(hk)
+                .with_causal(true);
+            let (want, want_lse) =
+                crate::reference::attention_f64_with(&config, &options, &q, &k, &v, None).unwrap();
+            let avx2 = Tuning {
+                isa: Isa::Avx2Fma,
+                in_place: true,
+            };
+            let mut errs = Vec::new();
+            for tuning in [Tuning::detect(), avx2] {
+                let mut out =
+                    DeviceTensor::zeros(&[b, sq, h, d], DType::BF16, Device::Cpu).unwrap();
+                let mut lse = DeviceTensor::zeros(&[b, h, sq], DType::F32, Device::Cpu).unwrap();
+                forward_opts(
+                    &config,
+                    &options,
+                    &q,
+                    &k,
+                    &v,
+                    None,
+                    &mut out,
+                    Some(&mut lse),
+                    tuning,
+                )
+                .unwrap();
+                let err = relative_l2_error(&out.to_f32_vec().unwrap(), &want);
+                let lse_gap = lse
+                    .to_f32_vec()
+                    .unwrap()
+                    .iter()
+                    .zip(&want_lse)
+                    .map(|(&a, &w)| (a as f64 - w).abs())
+                    .fold(0.0, f64::max);
+                errs.push((err, lse_gap));
+            }
+            let (amx, base) = (errs[0], errs[1]);
+            assert!(
+                amx.0 < 4e-3 && amx.0 < 2.0 * base.0 + 1e-3,
+                "{amx:?} vs avx2 {base:?}"
+            );
+            assert!(amx.1 < 1e-2, "lse {amx:?} vs avx2 {base:?}");
+        }
+    }
+
     /// NaN/inf in K and V at keys a `-inf` mask removes (every 5th key and the whole
     /// second tile) give the clean result under every tuning: f32 tiles read in place (V
     /// then copied with the poisoned rows zeroed) or copied, the direct path's rows read in
@@ -2209,7 +2319,14 @@ mod tests {
     #[test]
     fn poison_at_removed_keys_is_dropped_under_every_tuning() {
         let (b, h, hk) = (2, 4, 2);
-        for (tuning, d) in tunings().into_iter().flat_map(|t| [(t, 72), (t, 64)]) {
+        let cases = tunings().into_iter().flat_map(|t| {
+            [
+                (t, 72, DType::F32),
+                (t, 64, DType::F32),
+                (t, 64, DType::BF16),
+            ]
+        });
+        for (tuning, d, dtype) in cases {
             for (sq, sk) in [(150, 170), (1, 130)] {
                 let removed = |j: usize| j.is_multiple_of(5) || (BLOCK_K..2 * BLOCK_K).contains(&j);
                 let shape = |s: usize, heads: usize| [b, s, heads, d];
@@ -2233,7 +2350,7 @@ mod tests {
                     })
                     .collect();
                 let t = |vals: &[f32], sh: [usize; 4]| {
-                    DeviceTensor::from_f32(vals, &sh, DType::F32, Device::Cpu).unwrap()
+                    DeviceTensor::from_f32(vals, &sh, dtype, Device::Cpu).unwrap()
                 };
                 let mask = DeviceTensor::from_host(&m, &[sq, sk], Device::Cpu).unwrap();
                 let config = AttentionConfig::new(h * d, h, 512)
@@ -2241,12 +2358,13 @@ mod tests {
                     .with_causal(true);
                 let q = t(&random_values(b * sq * h * d, 1), shape(sq, h));
                 let (k, v) = (t(&pk, shape(sk, hk)), t(&pv, shape(sk, hk)));
-                let mut out = DeviceTensor::zeros(&shape(sq, h), DType::F32, Device::Cpu).unwrap();
+                let mut out = DeviceTensor::zeros(&shape(sq, h), dtype, Device::Cpu).unwrap();
                 forward_tuned(&config, &q, &k, &v, Some(&mask), &mut out, tuning).unwrap();
                 let (ck, cv) = (t(&clean_k, shape(sk, hk)), t(&clean_v, shape(sk, hk)));
                 let want = attention_f64(&config, &q, &ck, &cv, Some(&mask)).unwrap();
                 let err = relative_l2_error(&out.to_f32_vec().unwrap(), &want);
-                assert!(err < 1e-5, "{tuning:?} d {d} {sq}x{sk}: {err:e}");
+                let bound = if dtype == DType::F32 { 1e-5 } else { 4e-3 };
+                assert!(err < bound, "{tuning:?} {dtype:?} d {d} {sq}x{sk}: {err:e}");
             }
         }
     }

@@ -454,8 +454,8 @@ unsafe fn pack_values(
 ) -> u64 {
     // Word i of the result: value i / 2 of the first row (i even) or the second (odd).
     let idx = _mm512_set_epi16(
-        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20,
-        4, 19, 3, 18, 2, 17, 1, 16, 0,
+        31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4,
+        19, 3, 18, 2, 17, 1, 16, 0,
     );
     let exp = _mm512_set1_epi16(0x7f80);
     let mut bad = 0u64;
@@ -675,10 +675,10 @@ pub(super) unsafe fn task(plan: &Plan, raw: RawPtrs, work: Work<'_>, sc: &mut Sc
             if jj < nk {
                 // SAFETY: key j0 + jj < kv_end <= seq_k of this pair.
                 unsafe {
-                    k_rows[jj] = (raw.k as *const u16)
-                        .add(plan.key_row(raw, plan.k, b, kvh, j0 + jj));
-                    v_rows[jj] = (raw.v as *const u16)
-                        .add(plan.key_row(raw, plan.v, b, kvh, j0 + jj));
+                    k_rows[jj] =
+                        (raw.k as *const u16).add(plan.key_row(raw, plan.k, b, kvh, j0 + jj));
+                    v_rows[jj] =
+                        (raw.v as *const u16).add(plan.key_row(raw, plan.v, b, kvh, j0 + jj));
                 }
             } else {
                 k_rows[jj] = zero16;
@@ -844,10 +844,22 @@ mod tests {
         let v: Vec<u16> = vals(keys * d, 3).iter().map(|&x| bf(x)).collect();
         let zero = vec![0u16; d];
         let k_rows: Vec<*const u16> = (0..keys)
-            .map(|j| if j < real { k[j * d..].as_ptr() } else { zero.as_ptr() })
+            .map(|j| {
+                if j < real {
+                    k[j * d..].as_ptr()
+                } else {
+                    zero.as_ptr()
+                }
+            })
             .collect();
         let v_rows: Vec<*const u16> = (0..keys)
-            .map(|j| if j < real { v[j * d..].as_ptr() } else { zero.as_ptr() })
+            .map(|j| {
+                if j < real {
+                    v[j * d..].as_ptr()
+                } else {
+                    zero.as_ptr()
+                }
+            })
             .collect();
         let mut kt = vec![0u32; d / 2 * keys];
         let mut vv = vec![0u32; keys / 2 * d];
@@ -860,12 +872,32 @@ mod tests {
             pack_keys(&k_rows, d, kt.as_mut_ptr(), keys);
             let bad = pack_values(&v_rows, real, d, zero.as_ptr(), vv.as_mut_ptr(), d);
             assert_eq!(bad, 0);
-            scores(q.as_ptr(), d, kt.as_ptr(), keys, d, rows, keys, s.as_mut_ptr(), keys);
+            scores(
+                q.as_ptr(),
+                d,
+                kt.as_ptr(),
+                keys,
+                d,
+                rows,
+                keys,
+                s.as_mut_ptr(),
+                keys,
+            );
             for x in s.iter_mut() {
                 *x *= 0.125;
             }
             pack_weights(s.as_ptr(), keys, rows, real, keys, w.as_mut_ptr(), keys);
-            pv(w.as_ptr(), keys, vv.as_ptr(), d, keys, rows, d, o.as_mut_ptr(), d);
+            pv(
+                w.as_ptr(),
+                keys,
+                vv.as_ptr(),
+                d,
+                keys,
+                rows,
+                d,
+                o.as_mut_ptr(),
+                d,
+            );
             release();
         }
         for r in 0..rows {
@@ -875,7 +907,10 @@ mod tests {
                 assert!((got - want).abs() < 1e-4, "score {r},{j}: {got} vs {want}");
             }
             for x in 0..d {
-                let want: f64 = 0.5 + (0..real).map(|j| f(w[r * keys + j]) * f(v[j * d + x])).sum::<f64>();
+                let want: f64 = 0.5
+                    + (0..real)
+                        .map(|j| f(w[r * keys + j]) * f(v[j * d + x]))
+                        .sum::<f64>();
                 let got = o[r * d + x] as f64;
                 assert!((got - want).abs() < 1e-4, "output {r},{x}: {got} vs {want}");
             }
