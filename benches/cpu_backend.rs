@@ -9,7 +9,7 @@
 //! With `CPU_VS_TORCH` set (a substring of the shape names, or empty for all), only the
 //! shapes that `scripts/bench_torch_cpu.py` times for torch run instead, each printed as
 //! the median of a few calls: prefill with B*S = 16384 and H = 2048/D (f32 at D = 64 and
-//! 128, S = 512 to 4096, causal and not; bf16 at D = 128), and GQA decode steps (B = 8,
+//! 128, S = 512 to 4096, causal and not; bf16 the same), and GQA decode steps (B = 8,
 //! 32/8 heads, D = 128, f32 and bf16 caches of 4096 and 16384 tokens), each next to a
 //! streaming read of the same bytes in the same run and the decode's fraction of it
 //! (`fraction NAME F`). The lines have the torch script's form (`ours NAME MS RATE`
@@ -208,9 +208,11 @@ fn against_torch(filter: &str) {
             }
         }
     }
-    for s in [512usize, 2048] {
-        for causal in [false, true] {
-            prefill.push((DType::BF16, 128, s, causal));
+    for d in [64usize, 128] {
+        for s in PREFILL_SEQS {
+            for causal in [false, true] {
+                prefill.push((DType::BF16, d, s, causal));
+            }
         }
     }
     for (dtype, d, s, causal) in prefill {

@@ -5,10 +5,9 @@
 Usage: python3 scripts/bench_torch_cpu.py [--threads N] [--ours FILE] [FILTER]
 Prints `torch NAME MEDIAN_MS GFLOP/s` (GB/s for the decode step and the streaming read),
 median of a few calls after one warm-up call. Prefill: B*S = 16384, H = 2048/D, layout
-[B, H, S, D]; f32 at D = 64 and 128, S = 512 to 4096, causal and not; bf16 at D = 128,
-S = 512 and 2048. Decode: one query per sequence, B=8, 32 query heads over 8 KV heads
-(enable_gqa), D=128, 4096 and 16384 cached keys, f32 and bf16, each followed by a
-streaming read of the same bytes (K and V summed) and the decode's fraction of its
+[B, H, S, D]; f32 and bf16 at D = 64 and 128, S = 512 to 4096, causal and not.
+Decode: one query per sequence, B=8, 32 query heads over 8 KV heads (enable_gqa),
+D=128, 4096 and 16384 cached keys, f32 and bf16, each followed by a streaming read of the same bytes (K and V summed) and the decode's fraction of its
 bandwidth (`fraction NAME F`).
 
 With `--ours FILE` (the output of `CPU_VS_TORCH= cargo bench --bench cpu_backend`, or of
@@ -104,7 +103,7 @@ def run(a, results):
     torch.manual_seed(0)
     seqs = (512, 1024, 2048, 4096)
     shapes = [(torch.float32, d, s, c) for d in (64, 128) for s in seqs for c in (False, True)]
-    shapes += [(torch.bfloat16, 128, s, c) for s in (512, 2048) for c in (False, True)]
+    shapes += [(torch.bfloat16, d, s, c) for d in (64, 128) for s in seqs for c in (False, True)]
     with torch.inference_mode():
         for dtype, d, s, causal in shapes:
             kind = "f32" if dtype == torch.float32 else "bf16"

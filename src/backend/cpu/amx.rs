@@ -492,104 +492,73 @@ unsafe fn pack_values(
     bad
 }
 
-/// Rounds the weights of keys `0..real` of rows `0..rows` of `s` (f32, `ls` apart) to bf16
-/// rows of `p` (`ldp` apart), keys `real..keys` (to a multiple of 32) zero.
-///
-/// # Safety
-/// `s` holds `rows` rows of `keys` values, `p` rows of `keys` words.
-#[target_feature(enable = "avx512f,avx512bf16")]
-#[inline]
-unsafe fn pack_weights(
-    s: *const f32,
-    ls: usize,
-    rows: usize,
-    real: usize,
-    keys: usize,
-    p: *mut u16,
-    ldp: usize,
-) {
-    let lanes = |from: usize| -> __mmask16 {
-        let n = real.saturating_sub(from).min(16);
-        ((1u32 << n) - 1) as __mmask16
-    };
-    for kc in (0..keys).step_by(32) {
-        let (lo_mask, hi_mask) = (lanes(kc), lanes(kc + 16));
-        for r in 0..rows {
-            // SAFETY: keys kc..kc + 32 of row r of both buffers (masked reads stop at real).
-            unsafe {
-                let at = s.add(r * ls + kc);
-                let lo = _mm512_maskz_loadu_ps(lo_mask, at);
-                let hi = _mm512_maskz_loadu_ps(hi_mask, at.add(16));
-                let w: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
-                _mm512_storeu_si512(p.add(r * ldp + kc) as *mut _, w);
-            }
-        }
-    }
-}
-
-/// One row's online softmax step over its scores `s` (row-major), as
+/// One row's online softmax step over its scores `scale * s` (row-major), as
 /// [`super::online_softmax`] does it across rows: returns the row's new max (the larger
 /// of `m_old` and its scores, NaN passed over) and the sum of the weights
-/// `e^(s - m_new)` that replace the scores (`m_new = -inf`: weighed against 0).
-#[target_feature(enable = "avx512f")]
+/// `e^(scale * s - m_new)` (`m_new = -inf`: weighed against 0), which are written to `w`
+/// rounded to bf16, with zeros from `s.len()` to `keys`.
+///
+/// # Safety
+/// `w` holds `keys >= s.len()` values, `keys` a multiple of 16; `scale > 0`.
+#[target_feature(enable = "avx512f,avx512bf16")]
 #[inline]
-fn softmax_row(s: &mut [f32], m_old: f32) -> (f32, f32) {
+unsafe fn softmax_row(s: &[f32], scale: f32, m_old: f32, w: *mut u16, keys: usize) -> (f32, f32) {
     let n = s.len();
-    let mask = |c: usize| -> __mmask16 { ((1u32 << (n - c).min(16)) - 1) as __mmask16 };
+    let mask = |c: usize| -> __mmask16 { ((1u32 << n.saturating_sub(c).min(16)) - 1) as __mmask16 };
     let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
-    let mut m = _mm512_set1_ps(m_old);
+    let mut m = ninf;
     for c in (0..n).step_by(16) {
         // SAFETY: the masked lanes lie inside `s`.
         let x = unsafe { _mm512_mask_loadu_ps(ninf, mask(c), s.as_ptr().add(c)) };
         // `x > m ? x : m`: a NaN score is passed over.
         m = _mm512_max_ps(x, m);
     }
-    let top = _mm512_reduce_max_ps(m);
-    let u = _mm512_set1_ps(if top == f32::NEG_INFINITY { 0.0 } else { top });
-    let log2e = _mm512_set1_ps(LOG2_E);
+    // A positive scale keeps the order, so the raw max scales to the scaled one.
+    let raw = _mm512_reduce_max_ps(m) * scale;
+    let top = if raw > m_old { raw } else { m_old };
+    let u = if top == f32::NEG_INFINITY { 0.0 } else { top };
+    let (c1, c0) = (_mm512_set1_ps(scale * LOG2_E), _mm512_set1_ps(-u * LOG2_E));
     let mut sum = _mm512_setzero_ps();
-    for c in (0..n).step_by(16) {
+    for c in (0..keys).step_by(16) {
         let k = mask(c);
-        // SAFETY: as above.
+        // SAFETY: as above; values c..c + 16 of `w`.
         unsafe {
             let x = _mm512_maskz_loadu_ps(k, s.as_ptr().add(c));
-            let w = exp2_lanes(_mm512_mul_ps(_mm512_sub_ps(x, u), log2e));
-            _mm512_mask_storeu_ps(s.as_mut_ptr().add(c), k, w);
-            sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(k, w));
+            let e = _mm512_maskz_mov_ps(k, exp2_lanes(_mm512_fmadd_ps(x, c1, c0)));
+            sum = _mm512_add_ps(sum, e);
+            let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(e));
+            _mm256_storeu_si256(w.add(c) as *mut __m256i, h);
         }
     }
     (top, _mm512_reduce_add_ps(sum))
 }
 
-/// [`super::exp2`] on 16 lanes: the same polynomial and bit construction, the same 0 below
-/// 2^-126 (including `-inf`) and NaN for NaN.
+/// `2^x` on 16 lanes for `x <= 0` (to bf16 precision and better: relative error about
+/// 3e-6): a degree-5 Taylor polynomial of `2^f`, `f` in [-0.5, 0.5], scaled by `2^n`
+/// (`vscalefps`). Below 2^-126 it returns 0, as [`super::exp2`] does (`-inf` included);
+/// those lanes are masked out of the scaling, whose subnormal results would each cost a
+/// microcode assist. NaN stays NaN.
 #[target_feature(enable = "avx512f")]
 #[inline]
 fn exp2_lanes(x: __m512) -> __m512 {
-    const C: [f32; 8] = [
+    const C: [f32; 6] = [
         1.0,
         std::f32::consts::LN_2,
         0.240_226_5,
         0.055_504_11,
         0.009_618_129,
         0.001_333_355_8,
-        0.000_154_035_3,
-        0.000_015_252_734,
     ];
-    let low = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_set1_ps(-126.0));
-    let xc = _mm512_mask_mov_ps(x, low, _mm512_set1_ps(-126.0));
+    // NaN compares false, so it is kept (and stays NaN through the polynomial).
+    let keep = _mm512_cmp_ps_mask::<_CMP_NLT_UQ>(x, _mm512_set1_ps(-126.0));
+    let xc = _mm512_maskz_mov_ps(keep, x);
     let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(xc);
     let f = _mm512_sub_ps(xc, n);
-    let pow2n = _mm512_slli_epi32::<23>(_mm512_add_epi32(
-        _mm512_cvtps_epi32(n),
-        _mm512_set1_epi32(127),
-    ));
-    let mut p = _mm512_set1_ps(C[7]);
-    for &c in C[..7].iter().rev() {
+    let mut p = _mm512_set1_ps(C[5]);
+    for &c in C[..5].iter().rev() {
         p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
     }
-    let y = _mm512_mul_ps(p, _mm512_castsi512_ps(pow2n));
-    _mm512_mask_mov_ps(y, low, _mm512_setzero_ps())
+    _mm512_maskz_scalef_ps(keep, p, n)
 }
 
 /// [`super::task`] for bf16 on AMX tiles (see the module docs).
@@ -694,11 +663,16 @@ pub(super) unsafe fn task(plan: &Plan, raw: RawPtrs, work: Work<'_>, sc: &mut Sc
         // SAFETY: lt rows of the Q buffer, n32 <= bk keys, lt * bk scores.
         unsafe { scores(q16, d, kt32, bk, d, lt, n32, ss.as_mut_ptr(), bk) };
 
+        // Plain calls scale inside the softmax step; options and masks need the scores in
+        // natural units first.
+        let shaped = plan.opts.is_some() || plan.mask.is_some();
         for r in 0..rows {
             let i = query_of(r);
             let row = &mut ss[r * bk..r * bk + nk];
-            for x in row.iter_mut() {
-                *x *= plan.q_scale;
+            if shaped {
+                for x in row.iter_mut() {
+                    *x *= plan.q_scale;
+                }
             }
             if let Some(o) = &plan.opts {
                 o.shape_scores(row, 1, nk, head_of(r), plan.aligned(seq_k, i), j0);
@@ -715,14 +689,17 @@ pub(super) unsafe fn task(plan: &Plan, raw: RawPtrs, work: Work<'_>, sc: &mut Sc
                     };
                 }
             }
+            // -inf whatever the scale.
             let valid = plan.visible_end_in(seq_k, i).saturating_sub(j0).min(nk);
             row[valid..].fill(f32::NEG_INFINITY);
             if plan.opts.is_some() {
                 let first = plan.visible_start_in(seq_k, i).saturating_sub(j0).min(nk);
                 row[..first].fill(f32::NEG_INFINITY);
             }
-            // SAFETY: AVX-512 F (this function's features).
-            let (m_new, sum) = softmax_row(row, ms[r]);
+            let scale = if shaped { 1.0 } else { plan.q_scale };
+            // SAFETY: row r of the weights holds bk >= n32 values.
+            let (m_new, sum) =
+                unsafe { softmax_row(row, scale, ms[r], ws.as_mut_ptr().add(r * bk), n32) };
             if m_new == f32::NEG_INFINITY {
                 ls[r] += sum as f64;
                 continue;
@@ -742,16 +719,16 @@ pub(super) unsafe fn task(plan: &Plan, raw: RawPtrs, work: Work<'_>, sc: &mut Sc
                 }
             }
         }
-        // SAFETY: rows x n32 weights (masked at nk) into the lt x bk weight buffer; the
-        // product's operands as sized above, lt x d of the partial.
-        unsafe {
-            pack_weights(ss.as_ptr(), bk, rows, nk, n32, ws.as_mut_ptr(), bk);
-            pv(ws.as_ptr(), bk, vv32, d, n32, lt, d, ps.as_mut_ptr(), d);
-        }
+        // SAFETY: the product's operands as sized above, lt x d of the partial.
+        unsafe { pv(ws.as_ptr(), bk, vv32, d, n32, lt, d, ps.as_mut_ptr(), d) };
         let mut pending = bad & (u64::MAX >> (64 - nk));
         while pending != 0 {
             let jj = pending.trailing_zeros() as usize;
             pending &= pending - 1;
+            // The key's weights, as the product used them, where the scores were.
+            for r in 0..rows {
+                ss[r * bk + jj] = bf16::from_bits(ws[r * bk + jj]).to_f32();
+            }
             // SAFETY: forwarded; j0 + jj < kv_end <= seq_k.
             unsafe {
                 add_non_finite_key::<bf16>(
@@ -822,6 +799,43 @@ mod tests {
         }
     }
 
+    #[test]
+    fn exp2_lanes_is_accurate_and_keeps_the_special_values() {
+        if !usable() {
+            return;
+        }
+        let xs: Vec<f32> = (0..4000).map(|i| -(i as f32) * 0.037).collect();
+        for chunk in xs.chunks_exact(16) {
+            let mut out = [0f32; 16];
+            // SAFETY: usable() implies AVX-512 F; 16 values each way.
+            unsafe {
+                let y = exp2_lanes(_mm512_loadu_ps(chunk.as_ptr()));
+                _mm512_storeu_ps(out.as_mut_ptr(), y);
+            }
+            for (&x, &y) in chunk.iter().zip(&out) {
+                let want = (x as f64).exp2();
+                let err = (y as f64 - want).abs();
+                // Below 2^-126 the result is 0.
+                assert!(
+                    err <= 4e-6 * want + f32::MIN_POSITIVE as f64,
+                    "2^{x}: {y} vs {want}"
+                );
+            }
+        }
+        let special = [f32::NEG_INFINITY, f32::NAN, 0.0, -1e30];
+        let mut v = [0f32; 16];
+        v[..4].copy_from_slice(&special);
+        // SAFETY: as above.
+        unsafe {
+            let y = exp2_lanes(_mm512_loadu_ps(v.as_ptr()));
+            _mm512_storeu_ps(v.as_mut_ptr(), y);
+        }
+        assert_eq!(v[0], 0.0);
+        assert!(v[1].is_nan());
+        assert_eq!(v[2], 1.0);
+        assert_eq!(v[3], 0.0);
+    }
+
     fn bf(x: f32) -> u16 {
         bf16::from_f32(x).to_bits()
     }
@@ -883,10 +897,26 @@ mod tests {
                 s.as_mut_ptr(),
                 keys,
             );
-            for x in s.iter_mut() {
-                *x *= 0.125;
+            for r in 0..rows {
+                let row = &s[r * keys..r * keys + real];
+                let (m, l) = softmax_row(
+                    row,
+                    0.125,
+                    f32::NEG_INFINITY,
+                    w.as_mut_ptr().add(r * keys),
+                    keys,
+                );
+                let want_m = row.iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)) * 0.125;
+                let want_l: f64 = row
+                    .iter()
+                    .map(|&x| ((x * 0.125 - want_m) as f64).exp())
+                    .sum();
+                assert_eq!(m, want_m);
+                assert!(
+                    (l as f64 - want_l).abs() < 1e-5 * want_l,
+                    "row {r}: {l} vs {want_l}"
+                );
             }
-            pack_weights(s.as_ptr(), keys, rows, real, keys, w.as_mut_ptr(), keys);
             pv(
                 w.as_ptr(),
                 keys,
@@ -903,7 +933,7 @@ mod tests {
         for r in 0..rows {
             for j in 0..real {
                 let want: f64 = (0..d).map(|x| f(q[r * d + x]) * f(k[j * d + x])).sum();
-                let got = s[r * keys + j] as f64 / 0.125;
+                let got = s[r * keys + j] as f64;
                 assert!((got - want).abs() < 1e-4, "score {r},{j}: {got} vs {want}");
             }
             for x in 0..d {
