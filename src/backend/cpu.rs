@@ -658,6 +658,50 @@ struct Work<'a> {
     /// `t * block_k + jj`), found ahead of the tasks for f32 V read in place; `None`: each
     /// task checks the rows of the tiles it reads.
     v_bad: Option<&'a [u64]>,
+    /// The pair's key tiles already in the AMX products' layouts (see [`PackedTiles`]);
+    /// `None`: the AMX task packs each tile it reads.
+    packed: Option<PairTiles<'a>>,
+}
+
+/// K and V of every key tile of every (batch, kv head) pair in the AMX products' layouts
+/// (`amx.rs`), packed once per call ahead of the tasks, so the query blocks that share a
+/// tile do not each pack it again. Tile `t` of pair `p` is entry `p * tiles + t`.
+#[derive(Default)]
+struct PackedTiles {
+    /// K in pairs of values, `words` per tile.
+    k: Vec<u32>,
+    /// V in pairs of keys, `words` per tile.
+    v: Vec<u32>,
+    /// Rows of V holding NaN or inf, per tile (bit `jj` for key `t * block_k + jj`).
+    bad: Vec<u64>,
+    tiles: usize,
+    words: usize,
+}
+
+impl PackedTiles {
+    /// Pair `pair`'s tiles.
+    fn of_pair(&self, pair: usize) -> Option<PairTiles<'_>> {
+        if self.tiles == 0 {
+            return None;
+        }
+        let (t, w) = (self.tiles, self.words);
+        Some(PairTiles {
+            k: &self.k[pair * t * w..(pair + 1) * t * w],
+            v: &self.v[pair * t * w..(pair + 1) * t * w],
+            bad: &self.bad[pair * t..(pair + 1) * t],
+            words: w,
+        })
+    }
+}
+
+/// One pair's share of [`PackedTiles`].
+#[derive(Clone, Copy)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+struct PairTiles<'a> {
+    k: &'a [u32],
+    v: &'a [u32],
+    bad: &'a [u64],
+    words: usize,
 }
 
 /// A task's unnormalised result over its key range: per row `r`, the output sum `o[r*d..]`,
@@ -996,6 +1040,21 @@ fn for_each_task(workers: &mut [Scratch], tasks: usize, f: impl Fn(&mut Scratch,
     });
 }
 
+/// The key tiles packed ahead for the AMX task where it runs and more than one task reads
+/// each tile (empty otherwise, or when the copy would pass [`SCRATCH_BYTES`]).
+///
+/// # Safety
+/// See [`run`].
+#[allow(unused_variables)]
+unsafe fn packed_tiles<T: Element>(plan: &Plan, raw: RawPtrs, isa: Isa) -> Result<PackedTiles> {
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Amx && amx::fits(plan, T::DTYPE) && plan.tasks_per_pair() > 1 {
+        // SAFETY: forwarded; Amx is only chosen where `amx::usable()`.
+        return unsafe { amx::pack_ahead(plan, raw) };
+    }
+    Ok(PackedTiles::default())
+}
+
 /// Runs every task of `plan` on rayon's pool. Fails only when scratch cannot be allocated,
 /// and then before writing any output.
 ///
@@ -1024,6 +1083,8 @@ unsafe fn run<T: Element>(plan: &Plan, raw: RawPtrs, isa: Isa) -> Result<()> {
         *bad = unsafe { v_non_finite(plan, raw, pair, j0) };
     });
     let v_bad = &v_bad;
+    let packed = packed_tiles::<T>(plan, raw, isa)?;
+    let packed = &packed;
     // Task indices are handed out from the last, so each (batch, kv head) pair's query
     // blocks run from the last one down: neighbouring tasks share the pair's K/V in the
     // cache, and under a causal mask every pair's long tasks come before its short ones.
@@ -1040,6 +1101,7 @@ unsafe fn run<T: Element>(plan: &Plan, raw: RawPtrs, isa: Isa) -> Result<()> {
                 let p = t / per_task;
                 Some(&v_bad[p * k_tiles..(p + 1) * k_tiles])
             },
+            packed: packed.of_pair(t / per_task),
         };
         // SAFETY: forwarded from `run`'s contract.
         unsafe { isa.task::<T>(plan, raw, work, sc) }
@@ -1604,6 +1666,7 @@ unsafe fn task<T: Element, const FMA: bool>(
         keys,
         partial,
         v_bad,
+        packed: _,
     } = work;
     let kvh = pair % plan.num_kv_heads;
     let (b, h0, nh, q0, nq) = plan.rows_of(pair, hc, qb);

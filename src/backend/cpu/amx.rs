@@ -25,9 +25,11 @@ use std::sync::OnceLock;
 
 use half::bf16;
 
+use rayon::prelude::*;
+
 use super::{
-    add_non_finite_key, exp2, finish_rows, merge_partial, Plan, RawPtrs, Scratch, Work, BLOCK_K,
-    LOG2_E, MERGE_TILES,
+    add_non_finite_key, exp2, finish_rows, merge_partial, try_zeroed, PackedTiles, Plan, RawPtrs,
+    Result, Scratch, Work, BLOCK_K, LOG2_E, MERGE_TILES, SCRATCH_BYTES,
 };
 
 /// Keys (and head-dim values) one tile row holds: 64 bytes of bf16.
@@ -517,14 +519,21 @@ unsafe fn softmax_row(s: &[f32], scale: f32, m_old: f32, w: *mut u16, keys: usiz
     let raw = _mm512_reduce_max_ps(m) * scale;
     let top = if raw > m_old { raw } else { m_old };
     let u = if top == f32::NEG_INFINITY { 0.0 } else { top };
-    let (c1, c0) = (_mm512_set1_ps(scale * LOG2_E), _mm512_set1_ps(-u * LOG2_E));
+    // The difference is taken before the scaling to log2 units, so scores near -f32::MAX
+    // (a huge negative mask value) do not overflow to -inf first.
+    let (sc, u, log2e) = (
+        _mm512_set1_ps(scale),
+        _mm512_set1_ps(u),
+        _mm512_set1_ps(LOG2_E),
+    );
     let mut sum = _mm512_setzero_ps();
     for c in (0..keys).step_by(16) {
         let k = mask(c);
         // SAFETY: as above; values c..c + 16 of `w`.
         unsafe {
             let x = _mm512_maskz_loadu_ps(k, s.as_ptr().add(c));
-            let e = _mm512_maskz_mov_ps(k, exp2_lanes(_mm512_fmadd_ps(x, c1, c0)));
+            let t = _mm512_mul_ps(_mm512_fmsub_ps(x, sc, u), log2e);
+            let e = _mm512_maskz_mov_ps(k, exp2_lanes(t));
             sum = _mm512_add_ps(sum, e);
             let h: __m256i = std::mem::transmute(_mm512_cvtneps_pbh(e));
             _mm256_storeu_si256(w.add(c) as *mut __m256i, h);
@@ -561,6 +570,101 @@ fn exp2_lanes(x: __m512) -> __m512 {
     _mm512_maskz_scalef_ps(keep, p, n)
 }
 
+/// Points `k_rows` / `v_rows` at the K and V rows of keys `j0..j0 + nk` of pair
+/// (`b`, `kvh`), and the rows from `nk` to `nk` rounded up to 32 at `zero`; returns that
+/// rounded count.
+///
+/// # Safety
+/// `j0 + nk <= seq_k_of(b)`; see [`super::run`].
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn tile_rows(
+    plan: &Plan,
+    raw: RawPtrs,
+    b: usize,
+    kvh: usize,
+    j0: usize,
+    nk: usize,
+    zero: *const u16,
+    k_rows: &mut [*const u16; BLOCK_K],
+    v_rows: &mut [*const u16; BLOCK_K],
+) -> usize {
+    let n32 = nk.next_multiple_of(K_STEP);
+    for jj in 0..n32 {
+        if jj < nk {
+            // SAFETY: key j0 + jj < seq_k of this pair.
+            unsafe {
+                k_rows[jj] = (raw.k as *const u16).add(plan.key_row(raw, plan.k, b, kvh, j0 + jj));
+                v_rows[jj] = (raw.v as *const u16).add(plan.key_row(raw, plan.v, b, kvh, j0 + jj));
+            }
+        } else {
+            k_rows[jj] = zero;
+            v_rows[jj] = zero;
+        }
+    }
+    n32
+}
+
+/// Every key tile of every pair of `plan`, packed for the products (see
+/// [`PackedTiles`]); empty when the copy would pass [`SCRATCH_BYTES`].
+///
+/// # Safety
+/// [`usable`] returned true and [`fits`] holds; see [`super::run`].
+pub(super) unsafe fn pack_ahead(plan: &Plan, raw: RawPtrs) -> Result<PackedTiles> {
+    let (d, bk) = (plan.head_dim, plan.block_k);
+    let pairs = plan.batch * plan.num_kv_heads;
+    let tiles = plan.seq_k.div_ceil(bk);
+    let words = d / 2 * bk;
+    let entries = pairs.saturating_mul(tiles);
+    if entries.saturating_mul(words).saturating_mul(8) > SCRATCH_BYTES {
+        return Ok(PackedTiles::default());
+    }
+    let what = "cpu attention packed K/V tiles";
+    let mut k = try_zeroed::<u32>(entries * words, what)?;
+    let mut v = try_zeroed::<u32>(entries * words, what)?;
+    let mut bad = try_zeroed::<u64>(entries, what)?;
+    let zero = vec![0u16; d];
+    k.par_chunks_mut(words)
+        .zip(v.par_chunks_mut(words))
+        .zip(bad.par_iter_mut())
+        .enumerate()
+        .for_each(|(e, ((kt, vv), bad))| {
+            let (pair, j0) = (e / tiles, e % tiles * bk);
+            let (b, kvh) = (pair / plan.num_kv_heads, pair % plan.num_kv_heads);
+            let seq_k = plan.seq_k_of(b);
+            if j0 >= seq_k {
+                return;
+            }
+            let nk = bk.min(seq_k - j0);
+            let mut k_rows = [zero.as_ptr(); BLOCK_K];
+            let mut v_rows = [zero.as_ptr(); BLOCK_K];
+            // SAFETY: keys j0..j0 + nk of pair (b, kvh) lie inside the problem (the
+            // caller's contract); the tile buffers hold `words` words each.
+            unsafe {
+                let n32 = tile_rows(
+                    plan,
+                    raw,
+                    b,
+                    kvh,
+                    j0,
+                    nk,
+                    zero.as_ptr(),
+                    &mut k_rows,
+                    &mut v_rows,
+                );
+                pack_keys(&k_rows[..n32], d, kt.as_mut_ptr(), bk);
+                *bad = pack_values(&v_rows[..n32], nk, d, zero.as_ptr(), vv.as_mut_ptr(), d);
+            }
+        });
+    Ok(PackedTiles {
+        k,
+        v,
+        bad,
+        tiles,
+        words,
+    })
+}
+
 /// [`super::task`] for bf16 on AMX tiles (see the module docs).
 ///
 /// # Safety
@@ -575,6 +679,7 @@ pub(super) unsafe fn task(plan: &Plan, raw: RawPtrs, work: Work<'_>, sc: &mut Sc
         keys,
         partial,
         v_bad: _,
+        packed,
     } = work;
     let kvh = pair % plan.num_kv_heads;
     let (b, h0, nh, q0, nq) = plan.rows_of(pair, hc, qb);
@@ -640,28 +745,26 @@ pub(super) unsafe fn task(plan: &Plan, raw: RawPtrs, work: Work<'_>, sc: &mut Sc
             continue;
         }
         let n32 = nk.next_multiple_of(K_STEP);
-        for jj in 0..n32 {
-            if jj < nk {
-                // SAFETY: key j0 + jj < kv_end <= seq_k of this pair.
-                unsafe {
-                    k_rows[jj] =
-                        (raw.k as *const u16).add(plan.key_row(raw, plan.k, b, kvh, j0 + jj));
-                    v_rows[jj] =
-                        (raw.v as *const u16).add(plan.key_row(raw, plan.v, b, kvh, j0 + jj));
-                }
-            } else {
-                k_rows[jj] = zero16;
-                v_rows[jj] = zero16;
+        let (kt_at, vv_at, bad) = match packed {
+            Some(pt) => {
+                let t = j0 / bk;
+                let w = pt.words;
+                (pt.k[t * w..].as_ptr(), pt.v[t * w..].as_ptr(), pt.bad[t])
             }
-        }
-        // SAFETY: rows of d values (zero holds dim_pad f32, so 2 d zero words); kt holds
-        // dim_pad * bk f32 >= d / 2 * bk words, vv bk * dim_pad >= bk / 2 * d.
-        let bad = unsafe {
-            pack_keys(&k_rows[..n32], d, kt32, bk);
-            pack_values(&v_rows[..n32], nk, d, zero16, vv32, d)
+            None => {
+                // SAFETY: j0 + nk <= kv_end <= seq_k; rows of d values (zero holds
+                // dim_pad f32, so 2 d zero words); kt holds dim_pad * bk f32 >= d / 2 * bk
+                // words, vv bk * dim_pad >= bk / 2 * d.
+                let bad = unsafe {
+                    tile_rows(plan, raw, b, kvh, j0, nk, zero16, &mut k_rows, &mut v_rows);
+                    pack_keys(&k_rows[..n32], d, kt32, bk);
+                    pack_values(&v_rows[..n32], nk, d, zero16, vv32, d)
+                };
+                (kt32 as *const u32, vv32 as *const u32, bad)
+            }
         };
         // SAFETY: lt rows of the Q buffer, n32 <= bk keys, lt * bk scores.
-        unsafe { scores(q16, d, kt32, bk, d, lt, n32, ss.as_mut_ptr(), bk) };
+        unsafe { scores(q16, d, kt_at, bk, d, lt, n32, ss.as_mut_ptr(), bk) };
 
         // Plain calls scale inside the softmax step; options and masks need the scores in
         // natural units first.
@@ -720,7 +823,7 @@ pub(super) unsafe fn task(plan: &Plan, raw: RawPtrs, work: Work<'_>, sc: &mut Sc
             }
         }
         // SAFETY: the product's operands as sized above, lt x d of the partial.
-        unsafe { pv(ws.as_ptr(), bk, vv32, d, n32, lt, d, ps.as_mut_ptr(), d) };
+        unsafe { pv(ws.as_ptr(), bk, vv_at, d, n32, lt, d, ps.as_mut_ptr(), d) };
         let mut pending = bad & (u64::MAX >> (64 - nk));
         while pending != 0 {
             let jj = pending.trailing_zeros() as usize;

@@ -362,6 +362,7 @@ fn work_of<'a>(
         },
         partial,
         v_bad: None,
+        packed: None,
     }
 }
 
