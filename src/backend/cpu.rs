@@ -16,7 +16,9 @@
 //! V rows are read where they lie (any row stride); f16 and bf16 rows are widened a tile at
 //! a time into the task's own f32 buffer, so no f32 copy of K/V is ever made. The
 //! element-wise work (mask, causal cut, options, online softmax) is compiled for AVX2+FMA
-//! as well and picked at run time. Tasks of few rows (a decode step) take their scores and
+//! as well and picked at run time. On CPUs with AMX (bf16 tiles) bf16 tasks of head dims
+//! that are multiples of 32 run both products as tile products instead (`amx.rs`), with
+//! each key tile packed once per call for the tile unit. Tasks of few rows (a decode step) take their scores and
 //! P V from the K/V rows directly instead (up to `DIRECT_ROWS` rows).
 //!
 //! Cached attention (`cached.rs`) runs the same task over a `KvCache`'s storage: per-sequence
