@@ -5,16 +5,20 @@
 //! AVX-512 FMA. Their operands take the tile unit's layouts:
 //! - `S = Q K^T`: Q as bf16 rows (copied once per task, unscaled, so no value is rounded
 //!   twice); K transposed into pairs, `kt[p][j] = (K[j][2p], K[j][2p + 1])` (a 16 x 16
-//!   transpose of 32-bit words per block, once per tile for every row of the task);
+//!   transpose of 32-bit words per block);
 //! - `O += P V`: P rounded to bf16 rows, V interleaved into pairs of keys,
 //!   `vv[p][x] = (V[2p][x], V[2p + 1][x])`.
 //!
-//! Scores are kept row-major (`s[r * block_k + j]`), so the softmax runs along a row's keys.
+//! K and V tiles are packed once per call for all the query blocks that read them
+//! ([`pack_ahead`]), or by each task when that copy would be too large or no other task
+//! shares it. Scores are kept row-major (`s[r * block_k + j]`), so the softmax runs along a
+//! row's keys, 16 lanes at a time, and writes the weights as bf16 for the second product.
 //! Everything else is [`super::task`]'s contract: f32 scores and softmax, the f32 partial
 //! output merged into f64 every few tiles, removed keys never read, V rows holding NaN/inf
-//! taken out of the product and added back where the key is kept. The one difference is
+//! taken out of the product and added back where the key is kept. The differences are
 //! P's rounding to bf16 in the second product (the row sums use the f32 weights), an error
-//! of at most 2^-9 per weight, below the bf16 output's own rounding.
+//! of at most 2^-9 per weight, and exponentials good to about 3e-6 (not 1e-7): both below
+//! the bf16 output's own rounding.
 //!
 //! The tile registers are enabled per process (Linux `arch_prctl`), configured per thread
 //! at the start of each task and released at its end.
